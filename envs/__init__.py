@@ -1,0 +1,1 @@
+"""rlchat envs package."""

@@ -1,0 +1,200 @@
+"""The ``rlchat`` command line: parses arguments and dispatches, nothing else.
+
+Each subcommand names the library function that implements it (``module:function``); that function receives the
+parsed arguments as keyword arguments and returns an exit code. Imports are lazy so ``rlchat --help`` and
+``rlchat config show`` start in well under a second, without torch or Ray.
+
+    rlchat demo                                  # the built-in end-to-end demo
+    rlchat config show --config configs/demo.yaml ppo.clip_coef=0.1
+    rlchat data prepare data/*.jsonl --out prepared/
+    rlchat sft --config configs/demo.yaml
+    rlchat train --config configs/demo.yaml --resume runs/...
+    rlchat serve runs/.../checkpoints/best
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rlchat import __version__
+from rlchat.errors import RLChatError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="YAML config file (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. ppo.clip_coef=0.1")
+
+
+def _add_run_args(p: argparse.ArgumentParser, resume: bool = True) -> None:
+    _add_config_args(p)
+    p.add_argument("--run-dir", default=None, help="run directory (default: runs/<stage>-<timestamp>)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    if resume:
+        p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+
+
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--beams", type=int, default=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlchat", description="Distributed PPO for chat language models on Ray.")
+    parser.add_argument("--version", action="version", version=f"rlchat {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("RLCHAT_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, target: str, help: str, parent: Any = sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(_target=target)
+        return p
+
+    # config
+    config = sub.add_parser("config", help="inspect the configuration schema").add_subparsers(
+        dest="config_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = cmd("show", "rlchat.cli:config_show", "print the resolved config as YAML", config)
+    _add_config_args(p)
+    p = cmd("keys", "rlchat.cli:config_keys", "list every config key with its default and meaning", config)
+
+    # data
+    data = sub.add_parser("data", help="prepare and inspect conversation data").add_subparsers(
+        dest="data_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = cmd("prepare", "rlchat.prepare:prepare_command", "normalise, validate, filter and split data (Ray Data)", data)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl / .jsonl.gz files or directories")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--format", default="auto", choices=["auto", "messages", "sharegpt", "alpaca", "pair", "preference"]
+    )
+    p.add_argument("--on-error", default=None, choices=["fail", "skip"])
+    p.add_argument("--config", "-c", default=None)
+    p.add_argument("--address", default=None)
+    p = cmd("stats", "rlchat.prepare:stats_command", "print a table of a prepared dataset's statistics", data)
+    p.add_argument("path", help="prepared directory (or its stats.json)")
+
+    # training stages
+    p = cmd("sft", "rlchat.stages:sft_command", "supervised fine-tuning on Ray Train")
+    _add_run_args(p)
+    p = cmd("rm", "rlchat.stages:rm_command", "reward-model training on preference pairs (Ray Train)")
+    _add_run_args(p)
+    p = cmd("train", "rlchat.trainer:train_command", "PPO: rollout workers + central learner on Ray")
+    _add_run_args(p)
+    p = cmd("demo", "rlchat.demo:demo_command", "built-in demo: prepare data, SFT, RM and PPO, then compare")
+    _add_run_args(p, resume=False)
+    p.add_argument("--quick", action="store_true", help="a reduced run (used by tests)")
+
+    p = cmd("eval", "rlchat.evaluation:eval_command", "evaluate a checkpoint on held-out prompts")
+    p.add_argument("checkpoint")
+    p.add_argument("--baseline", default=None, help="checkpoint to compare against (win rate by the reward model)")
+    p.add_argument("--data", default=None, help="held-out data (default: the checkpoint config's prompts)")
+    p.add_argument("--config", "-c", default=None)
+    p.add_argument("--out", default=None, help="where eval.json goes (default: next to the checkpoint)")
+    p.add_argument("--samples", type=int, default=3, help="sample conversations to show")
+    p.add_argument("--max-prompts", type=int, default=128)
+
+    p = cmd("plot", "rlchat.metrics:plot_command", "write PNG curves of a run's metrics to RUN_DIR/plots/")
+    p.add_argument("run_dir")
+
+    # serving and chat
+    p = cmd("serve", "serve.app:serve_command", "serve a checkpoint behind an OpenAI-compatible HTTP API")
+    p.add_argument("checkpoint", nargs="?", default=None)
+    p.add_argument("--from-run", default=None, metavar="RUN_DIR", help="serve this run's best checkpoint")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--host", default=None)
+    p.add_argument("--replicas", type=int, default=None)
+    p.add_argument("--config", "-c", default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--address", default=None)
+    p.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True)
+
+    p = cmd("chat", "rlchat.chat:chat_command", "interactive terminal chat with a checkpoint or an endpoint URL")
+    p.add_argument("target", metavar="CKPT_OR_URL")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--system", default=None)
+    _add_decoding_args(p)
+
+    p = cmd("tune", "tune.sweep:tune_command", "Ray Tune hyperparameter sweep over config keys")
+    _add_run_args(p)
+    p.add_argument("--space", required=True, help="search-space YAML (e.g. tune/spaces/demo.yaml)")
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--scheduler", default="asha", choices=["asha", "pbt"])
+    p.add_argument("--deploy", action="store_true", help="serve the best checkpoint when the sweep ends")
+
+    p = cmd("generate", "rlchat.batch_generate:generate_command", "batch generation over many prompts (Ray Data)")
+    p.add_argument("checkpoint")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--jsonl", action="store_true")
+    p.add_argument("--logprobs", action="store_true")
+    p.add_argument("--rewards", action="store_true")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"])
+    p.add_argument("--address", default=None)
+    _add_decoding_args(p)
+
+    p = cmd("doctor", "rlchat.doctor:doctor_command", "check the installation and the machine")
+    p.add_argument("--address", default=None)
+    p.add_argument("--run-dir", default="runs")
+    p = cmd("tokenize", "rlchat.tokenize_cmd:tokenize_command", "show how text is tokenized")
+    p.add_argument("text", metavar="TEXT_OR_FILE")
+    p.add_argument("--encoding", default=None)
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="render as a chat and mark the loss mask")
+    return parser
+
+
+def _resolve(target: str) -> Callable[..., int]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def config_show(config: str | None, overrides: list[str], **_: Any) -> int:
+    from rlchat.config import load_config, to_yaml
+
+    sys.stdout.write(to_yaml(load_config(config, overrides)))
+    return 0
+
+
+def config_keys(**_: Any) -> int:
+    from rlchat.config import describe_keys
+
+    rows = describe_keys()
+    width = max(len(k) for k, _, _ in rows)
+    for key, default, doc in rows:
+        print(f"{key:<{width}}  {default:<14} {doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    kwargs = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("log_level",)}
+    for k in ("command", "config_command", "data_command"):
+        kwargs.pop(k, None)
+    try:
+        return int(_resolve(args._target)(**kwargs) or 0)
+    except RLChatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,754 @@
+"""The one configuration schema of rlchat.
+
+Nested frozen dataclasses, one per concern. YAML files in ``configs/``, dotted ``key=value`` CLI overrides,
+Ray Tune ``param_space`` keys and checkpoint ``meta.json`` all use the same dotted names (``ppo.clip_coef``).
+Every field is documented by the docstring right under it; :func:`field_docs` reads those docstrings from this
+file's source so that ``rlchat config show --help``-style listings and error messages never drift from the code.
+
+Hyperparameter names follow cleanrl / TRL (see ``docs/config.md`` for the mapping to TRL, RLlib and SB3).
+
+Usage::
+
+    cfg = load_config("configs/demo.yaml", ["ppo.clip_coef=0.1"])
+    cfg.ppo.clip_coef  # 0.1
+    save_config(cfg, "run/config.yaml")
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlchat.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where conversations come from and how they are cleaned (``rlchat data prepare`` and every stage)."""
+
+    sft: str = "builtin:chat"
+    """Conversations for SFT: a prepared dir, a .jsonl/.jsonl.gz/.parquet file, or builtin:{chat,task,prefs}."""
+    preferences: str = "builtin:prefs"
+    """Preference pairs for reward-model training (same path forms as data.sft)."""
+    prompts: str = "builtin:task"
+    """Prompts (with optional reference answers) that PPO rollouts start from (same path forms as data.sft)."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "pair", "preference"] = "auto"
+    """Input record format; auto detects it per record."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """fail: the first bad record stops with file:line; skip: bad records are skipped and each one reported."""
+    val_fraction: float = 0.1
+    """Fraction of records held out for validation (seeded split)."""
+    min_turn_tokens: int = 0
+    """Drop conversations with a turn shorter than this many tokens (0 = no limit)."""
+    max_turn_tokens: int = 0
+    """Drop conversations with a turn longer than this many tokens (0 = no limit)."""
+    min_conversation_tokens: int = 0
+    """Drop conversations shorter than this many tokens in total (0 = no limit)."""
+    max_conversation_tokens: int = 0
+    """Drop conversations longer than this many tokens in total (0 = no limit)."""
+    min_quality: float = float("-inf")
+    """Drop records whose quality score is below this (records without a score are kept)."""
+    dedup: bool = True
+    """Remove exact duplicates (after normalisation)."""
+    near_dedup_threshold: float = 0.0
+    """Jaccard threshold for MinHash near-duplicate removal (0 = off, e.g. 0.85)."""
+    blocklist: tuple[str, ...] = ()
+    """Case-insensitive phrases; a record containing one is dropped."""
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """The tiktoken encoding and the chat special tokens (see rlchat/tokenizer.py)."""
+
+    encoding: str = "cl100k_base"
+    """A tiktoken encoding name (cl100k_base, o200k_base, r50k_base, gpt2, p50k_base) or a path to a .tiktoken file."""
+    vocab_size: int = 0
+    """If > 0, keep only the first (vocab_size - specials) BPE ranks: a small, valid BPE for tiny CPU models."""
+    pattern: str = ""
+    """Pre-tokenisation regex for .tiktoken files (empty = cl100k's pattern, also used by Llama 3)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy: any HF causal LM, or a tiny one built from these sizes."""
+
+    name_or_path: str = ""
+    """HF model id or local path for AutoModelForCausalLM.from_pretrained; empty = build a tiny model from arch."""
+    arch: Literal["gpt2", "llama", "qwen2"] = "gpt2"
+    """Architecture family of the tiny model built when name_or_path is empty."""
+    n_layer: int = 2
+    """Transformer layers of the tiny model."""
+    n_embd: int = 64
+    """Hidden width of the tiny model."""
+    n_head: int = 4
+    """Attention heads of the tiny model."""
+    n_positions: int = 512
+    """Context length (positions) of the tiny model."""
+    critic: Literal["shared", "separate"] = "shared"
+    """shared: value head on the policy trunk; separate: a second model of the same config is the critic."""
+    reinit_embeddings: bool = False
+    """Allow a pretrained model whose vocabulary does not match the tokenizer by re-initialising its embeddings."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on GPU and on CPUs with bf16 matrix units (AMX/AVX512-BF16); fp32 master weights."""
+    dropout: float = 0.0
+    """Dropout of the tiny model (0 keeps PPO ratios exact)."""
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """The Gymnasium chat environment rlchat/Chat-v0."""
+
+    max_turn_tokens: int = 64
+    """Token budget of one assistant turn; reaching it truncates the episode."""
+    max_context: int = 512
+    """Context limit in tokens (observation buffer size); reaching it truncates the episode."""
+    multi_turn: bool = False
+    """Continue after the assistant's turn with the next user message."""
+    max_turns: int = 3
+    """Assistant turns per episode in multi-turn mode."""
+    user: Literal["replay", "scripted"] = "replay"
+    """Simulated user for multi-turn: replay the dataset's next user message, or a scripted user with goals."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward components and their weights (rlchat/rewards.py). A weight of 0 disables a component."""
+
+    verifiable: float = 1.0
+    """Weight of the exact checked answer of the demo task (1 if the answer is right, else 0)."""
+    reference_f1: float = 0.0
+    """Weight of token F1 against the record's reference answer."""
+    rouge_l: float = 0.0
+    """Weight of ROUGE-L F against the record's reference answer."""
+    length: float = 0.0
+    """Weight of the length-target penalty (0 inside [length_min, length_max], negative outside)."""
+    length_min: int = 1
+    """Lower end of the target response length in tokens."""
+    length_max: int = 64
+    """Upper end of the target response length in tokens."""
+    diversity: float = 0.0
+    """Weight of distinct-n within the response."""
+    repetition: float = 0.0
+    """Weight of the repeated-n-gram penalty."""
+    ngram: int = 2
+    """n of the diversity and repetition components."""
+    coherence: float = 0.0
+    """Weight of embedding similarity between prompt and response (needs coherence_model)."""
+    coherence_model: str = ""
+    """Path or id of a Hugging Face sentence encoder for the coherence component."""
+    safety: float = 0.0
+    """Weight of the safety penalty (-1 when the blocklist/regex or classifier flags the response)."""
+    safety_patterns: tuple[str, ...] = ()
+    """Regexes (case-insensitive) that flag a response as unsafe."""
+    safety_classifier: str = ""
+    """Optional path of a sequence-classification model whose label 1 means unsafe."""
+    model: float = 0.0
+    """Weight of the learned reward-model score."""
+    model_path: str = ""
+    """Checkpoint directory of a reward model trained by `rlchat rm`."""
+    plugins: dict[str, float] = field(default_factory=dict)
+    """User reward functions by import path with their weights, e.g. {"mypkg.rewards:score": 0.5}."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Rollout workers: Ray actors that step envs with the generation engine."""
+
+    num_workers: int = 1
+    """Number of rollout worker actors."""
+    envs_per_worker: int = 32
+    """Environments each worker steps in lock-step (the generation batch size)."""
+    num_cpus_per_worker: float = 1.0
+    """CPUs reserved per rollout worker."""
+    num_gpus_per_worker: float = 0.0
+    """GPUs reserved per rollout worker."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per worker, e.g. {"rollout": 1} to pin workers to rollout nodes."""
+    torch_threads: int = 1
+    """Torch intra-op threads per worker (budget threads so all processes sum to the cores they own)."""
+    temperature: float = 1.0
+    """Sampling temperature during rollouts."""
+    top_k: int = 0
+    """Top-k filter during rollouts (0 = off)."""
+    top_p: float = 1.0
+    """Top-p filter during rollouts (1 = off)."""
+    max_staleness: int = 1
+    """Largest accepted gap between the learner's weights version and a batch's version."""
+    overlap: bool = False
+    """Sample the next batch while the learner updates (one-step off-policy)."""
+    max_restarts: int = 3
+    """Times a dead rollout worker is restarted before the run fails."""
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO hyperparameters (cleanrl / TRL names)."""
+
+    iterations: int = 40
+    """PPO iterations (sample -> update -> sync)."""
+    learning_rate: float = 3e-4
+    """Adam learning rate."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up."""
+    gamma: float = 1.0
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_coef: float = 0.2
+    """Surrogate clipping coefficient epsilon."""
+    clip_vloss: bool = True
+    """Clip the value loss around the old values."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    update_epochs: int = 4
+    """Epochs over each rollout batch."""
+    num_minibatches: int = 4
+    """Minibatches per epoch."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step within a minibatch."""
+    norm_adv: bool = True
+    """Whiten advantages over the action tokens of the batch."""
+    target_kl: float = 0.0
+    """Stop the epoch loop when approx KL > 1.5 * target_kl (0 = off)."""
+    kl_coef: float = 0.05
+    """Initial coefficient of the per-token KL penalty to the frozen reference."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """KL estimator of the penalty (http://joschu.net/blog/kl-approx.html)."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target sequence-level KL of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive KL controller."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    eval_every: int = 10
+    """Held-out evaluation every this many iterations (0 = off)."""
+    eval_prompts: int = 64
+    """Held-out prompts per evaluation."""
+    max_ref_kl: float = 0.0
+    """Guardrail: ref-KL above this trips (0 = off)."""
+    min_entropy: float = 0.0
+    """Guardrail: mean entropy below this trips (0 = off)."""
+    max_length_drift: float = 0.0
+    """Guardrail: relative change of mean response length vs the first iteration above this trips (0 = off)."""
+    max_repetition: float = 0.0
+    """Guardrail: fraction of repeated n-grams above this trips (0 = off)."""
+    guardrail_action: Literal["warn", "rollback", "stop"] = "warn"
+    """What a tripped guardrail does: warn; roll back to the last good checkpoint and halve the LR; or stop."""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning (rlchat sft)."""
+
+    epochs: int = 3
+    """Passes over the training conversations."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    batch_size: int = 16
+    """Conversations per optimizer step (global, across workers)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    learning_rate: float = 1e-3
+    """AdamW learning rate."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    max_seq_len: int = 256
+    """Conversations are truncated to this many tokens."""
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    """Reward-model training on preference pairs (rlchat rm)."""
+
+    name_or_path: str = ""
+    """HF encoder or causal LM for the reward model; empty = a tiny model of model.arch."""
+    epochs: int = 3
+    """Passes over the preference pairs."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    batch_size: int = 16
+    """Pairs per optimizer step (global)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    learning_rate: float = 1e-3
+    """AdamW learning rate."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    max_seq_len: int = 256
+    """Pairs are truncated to this many tokens."""
+    feedback: tuple[str, ...] = ()
+    """Extra preference JSONL files, e.g. the feedback file the Serve endpoint writes."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and with what the distributed parts run."""
+
+    address: str = ""
+    """Ray cluster address; empty = RAY_ADDRESS or a local Ray instance started on demand."""
+    num_cpus: int = 0
+    """CPUs of the local Ray instance (0 = all)."""
+    learner_workers: int = 1
+    """Ray Train workers of the learner / SFT / RM stages (DDP when > 1)."""
+    learner_use_gpu: bool = False
+    """Give each learner worker a GPU."""
+    learner_cpus: float = 1.0
+    """CPUs per learner worker."""
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources per learner worker, e.g. {"learner": 1}."""
+    learner_threads: int = 1
+    """Torch threads per learner worker."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoint cadence and retention."""
+
+    every: int = 10
+    """Save every this many iterations / epochs (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best one."""
+    best_metric: str = ""
+    """Metric key that picks the best checkpoint (empty = the stage's default)."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a larger or a smaller best_metric is better."""
+    init_from: str = ""
+    """Start the policy from this checkpoint directory (PPO starts from the SFT checkpoint)."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The Ray Serve chat endpoint."""
+
+    host: str = "127.0.0.1"
+    """HTTP host."""
+    port: int = 8000
+    """HTTP port."""
+    replicas: int = 1
+    """Minimum replicas."""
+    max_replicas: int = 1
+    """Maximum replicas (autoscaling when > replicas)."""
+    target_ongoing_requests: float = 16.0
+    """Autoscaling target of ongoing requests per replica."""
+    max_batch_size: int = 16
+    """Largest dynamic batch of concurrent requests (1 = no batching)."""
+    batch_wait_timeout_s: float = 0.01
+    """Longest wait to fill a dynamic batch."""
+    api_key: str = ""
+    """If set, requests need Authorization: Bearer <api_key>."""
+    max_messages: int = 64
+    """Most messages per request."""
+    max_chars: int = 32000
+    """Most characters over all messages of a request."""
+    max_tokens: int = 512
+    """Largest max_tokens a request may ask for."""
+    safety_filter: bool = False
+    """Withhold replies that the reward library's safety component flags."""
+    feedback_path: str = "feedback.jsonl"
+    """Where POST /v1/feedback appends preference records."""
+    log_bodies: bool = False
+    """Log message bodies (off by default for privacy)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of one run."""
+
+    seed: int = 0
+    """Global seed (data split, init, sampling)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Episodes sampled per PPO iteration over all workers."""
+        return self.rollout.num_workers * self.rollout.envs_per_worker
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (lists instead of tuples), ready for YAML / JSON."""
+        return _plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, the form Tune param spaces and metrics use."""
+        return flatten(self.to_dict())
+
+    def replace(self, **dotted: Any) -> Config:
+        """A copy with dotted keys replaced: ``cfg.replace(**{"ppo.clip_coef": 0.1})``."""
+        return from_dict(self.to_dict(), dotted)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation (what / value / why / fix)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check(ok: bool, key: str, value: Any, expected: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {expected}; {fix}")
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field and range checks that types alone cannot express."""
+    p, r = cfg.ppo, cfg.rollout
+    for key in ("ppo.learning_rate", "sft.learning_rate", "rm.learning_rate"):
+        v = _get(cfg, key)
+        _check(v > 0, key, v, "a positive learning rate", "use e.g. 1e-4")
+    _check(0 < p.clip_coef < 1, "ppo.clip_coef", p.clip_coef, "a value in (0, 1)", "use 0.1-0.3")
+    _check(0 <= p.gamma <= 1, "ppo.gamma", p.gamma, "a value in [0, 1]", "use 1.0 for episodic chat")
+    _check(0 <= p.gae_lambda <= 1, "ppo.gae_lambda", p.gae_lambda, "a value in [0, 1]", "use 0.95")
+    _check(p.kl_coef >= 0, "ppo.kl_coef", p.kl_coef, "a non-negative coefficient", "use 0 to disable the KL penalty")
+    _check(p.update_epochs >= 1, "ppo.update_epochs", p.update_epochs, "at least 1", "use 1-4")
+    _check(p.num_minibatches >= 1, "ppo.num_minibatches", p.num_minibatches, "at least 1", "use 1-8")
+    _check(p.iterations >= 1, "ppo.iterations", p.iterations, "at least 1", "set a positive number of iterations")
+    _check(
+        r.envs_per_worker % p.num_minibatches == 0 or cfg.rollout_batch_size % p.num_minibatches == 0,
+        "ppo.num_minibatches",
+        p.num_minibatches,
+        f"a divisor of the rollout batch size ({cfg.rollout_batch_size} = num_workers x envs_per_worker)",
+        "change ppo.num_minibatches or rollout.envs_per_worker",
+    )
+    _check(r.num_workers >= 1, "rollout.num_workers", r.num_workers, "at least 1", "use 1 on a laptop")
+    _check(r.envs_per_worker >= 1, "rollout.envs_per_worker", r.envs_per_worker, "at least 1", "use 8-64")
+    _check(r.temperature > 0, "rollout.temperature", r.temperature, "a positive temperature", "use 1.0 for PPO")
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "a value in (0, 1]", "use 1.0 to disable")
+    _check(0 <= cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "a value in [0, 1)", "use 0.1")
+    _check(
+        0 <= cfg.data.near_dedup_threshold <= 1,
+        "data.near_dedup_threshold",
+        cfg.data.near_dedup_threshold,
+        "a Jaccard threshold in [0, 1]",
+        "use 0 to disable or e.g. 0.85",
+    )
+    m = cfg.model
+    if not m.name_or_path:
+        _check(
+            m.n_embd % m.n_head == 0,
+            "model.n_embd",
+            m.n_embd,
+            f"a multiple of model.n_head ({m.n_head})",
+            "change model.n_embd or model.n_head",
+        )
+    _check(
+        cfg.env.max_turn_tokens < cfg.env.max_context,
+        "env.max_turn_tokens",
+        cfg.env.max_turn_tokens,
+        f"fewer tokens than env.max_context ({cfg.env.max_context})",
+        "raise env.max_context or lower env.max_turn_tokens",
+    )
+    _check(cfg.tokenizer.vocab_size >= 0, "tokenizer.vocab_size", cfg.tokenizer.vocab_size, ">= 0", "use 0 or 4096")
+    if 0 < cfg.tokenizer.vocab_size < 300:
+        _check(False, "tokenizer.vocab_size", cfg.tokenizer.vocab_size, ">= 300 (256 bytes + specials)", "use 4096")
+    _check(
+        cfg.reward.length_min <= cfg.reward.length_max,
+        "reward.length_min",
+        cfg.reward.length_min,
+        f"<= reward.length_max ({cfg.reward.length_max})",
+        "swap the two values",
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Field docs, typing and coercion
+# --------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written right under each field of a config dataclass."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = node.value.value.strip()
+    return docs
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list of " + _describe(typing.get_args(tp)[0]) + "s"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"a mapping of {_describe(k)} to {_describe(v)}"
+    return {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML-parsed value to the field's type, or raise a ConfigError naming key, value and type."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}={value!r}: expected {_describe(tp)}; fix the value in the YAML file or override")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (elem,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(f"{key}[{i}]", v, elem) for i, v in enumerate(value))
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad
+        kt, vt = typing.get_args(tp)
+        return {_coerce(key, k, kt): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise bad  # no unions in the schema
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML 1.1 reads "1e-4" as a string
+                except ValueError:
+                    raise bad from None
+            raise bad
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def _unknown(key: str, cls: type) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    import difflib
+
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=1)
+    hint = f"did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(names)}. {hint}".strip())
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}={data!r}: expected a mapping of keys to values")
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown(prefix + str(key), cls)
+        tp = hints[key]
+        if _is_section(tp):
+            kwargs[key] = _build(tp, value or {}, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(prefix + key, value, tp)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dotted keys, YAML
+# --------------------------------------------------------------------------------------------------------------
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys. Dict-valued fields (e.g. reward.plugins) stay values, not sections."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = prefix + k
+        if isinstance(v, dict) and _section_of(key) is not None:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _section_of(dotted: str) -> type | None:
+    cls: Any = Config
+    for part in dotted.split("."):
+        hints = _hints(cls)
+        if part not in hints or not _is_section(hints[part]):
+            return None
+        cls = hints[part]
+    return cls
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"ppo.clip_coef=0.1"`` -> ``("ppo.clip_coef", 0.1)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. ppo.clip_coef=0.1")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cls: Any = Config
+    node = d
+    for i, part in enumerate(parts[:-1]):
+        hints = _hints(cls)
+        if part not in hints or not _is_section(hints[part]):
+            raise _unknown(".".join(parts[: i + 1]), cls)
+        cls = hints[part]
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is a section; expected a mapping")
+    if parts[-1] not in _hints(cls):
+        raise _unknown(key, cls)
+    node[parts[-1]] = value
+
+
+def from_dict(data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build and validate a Config from a nested dict plus dotted-key overrides."""
+    import copy
+
+    merged = copy.deepcopy(data or {})
+    for key, value in (overrides or {}).items():
+        _set_dotted(merged, key, value)
+    return _build(Config, merged)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key, bad value, unreadable or invalid YAML (with file and line).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found; pass an existing YAML file, e.g. configs/demo.yaml")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+            raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{p}: expected a mapping of config sections at the top level, found {type(data).__name__}"
+            )
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    try:
+        return from_dict(data, overrides)
+    except ConfigError as e:
+        if path is not None:
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what `rlchat config show` prints and run dirs store)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg), encoding="utf-8")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf field: the reference table in docs and `--help` listings."""
+    rows: list[tuple[str, str, str]] = []
+    defaults = Config().flat()
+
+    def walk(cls: type, prefix: str) -> None:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            tp = _hints(cls)[f.name]
+            if _is_section(tp):
+                walk(tp, prefix + f.name + ".")
+            else:
+                rows.append((prefix + f.name, repr(defaults[prefix + f.name]), docs.get(f.name, "")))
+
+    walk(Config, "")
+    return rows

@@ -1,0 +1,1 @@
+"""rlchat tune package."""
