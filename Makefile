@@ -1,0 +1,37 @@
+# rlchat developer entry points. `make demo` and `make test` set everything up on a fresh machine first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# The CPU build of torch on this disk; a bare `torch` requirement may pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/rlchat demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" --timeout=300
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) bench/tokenizer_throughput.py
+	$(PY) bench/generation.py
+	$(PY) bench/env_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
