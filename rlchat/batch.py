@@ -102,8 +102,9 @@ class RolloutBatch:
         """Tensors for the learner (bool masks stay bool; ids int64; floats float32)."""
         import torch
 
-        out = {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(device) for name in TOKEN_COLUMNS}
-        out[TRUNCATED] = torch.from_numpy(self.truncated).to(device)
+        # torch.tensor copies: arrays read from Ray's object store are read-only views
+        out = {name: torch.tensor(getattr(self, name), device=device) for name in TOKEN_COLUMNS}
+        out[TRUNCATED] = torch.tensor(self.truncated, device=device)
         return out
 
     @staticmethod

@@ -1,0 +1,310 @@
+"""The PPO driver: sample -> update -> sync -> log, each timed (``rlchat train``).
+
+    rlchat train --config configs/demo.yaml [key=value ...] [--run-dir DIR] [--resume RUN_DIR] [--address ADDR]
+
+The driver owns the loop and is the only process that writes metrics; rollout workers and learner ranks return
+them. Every random draw of iteration ``i`` derives from ``(seed, i, ...)`` (rollout seeds, minibatch permutations),
+so ``--resume`` after a SIGKILL continues step-exactly from the last checkpoint: the next iteration's metrics equal
+the uninterrupted run's (tested).
+
+Guardrails act, not just log: ref-KL above ``ppo.max_ref_kl``, entropy below ``ppo.min_entropy``, response-length
+drift above ``ppo.max_length_drift`` or n-gram repetition above ``ppo.max_repetition`` trip them; then, by
+``ppo.guardrail_action``, the run warns (once per cause, with the fix), rolls back to the last good checkpoint and
+halves the learning rate, or stops. Every trip is recorded in the metrics (``guard/*``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlchat import ppo
+from rlchat.config import Config, load_config
+from rlchat.errors import RLChatError
+from rlchat.rollout import batch_metrics
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_S = "perf/sample_s"
+UPDATE_S = "perf/update_s"
+SYNC_S = "perf/sync_s"
+TOKENS_PER_S = "perf/tokens_per_s"
+ITER_S = "perf/iter_s"
+GUARD_TRIPPED = "guard/tripped"
+GUARD_ROLLBACKS = "guard/rollbacks"
+EVAL_PREFIX = "eval/"
+
+# Test hook: SIGKILL the driver right after this iteration's checkpoint (resume tests use it; never set in use).
+_KILL_AFTER_ENV = "RLCHAT_TEST_KILL_AFTER_ITERATION"
+
+
+def repetition_rate(batch: Any, n: int = 2) -> float:
+    """Fraction of the responses' n-grams that repeat an earlier n-gram of the same response."""
+    rep = tot = 0
+    for i in range(len(batch)):
+        toks = batch.input_ids[i][batch.action_mask[i]].tolist()
+        grams = [tuple(toks[j : j + n]) for j in range(len(toks) - n + 1)]
+        tot += len(grams)
+        rep += len(grams) - len(set(grams))
+    return rep / tot if tot else 0.0
+
+
+class Guardrails:
+    """Training-health bounds from the ``ppo`` config; warns once per cause with the fix."""
+
+    FIXES = {
+        "ref_kl": "lower ppo.learning_rate or raise ppo.kl_coef (or enable ppo.adaptive_kl)",
+        "entropy": "raise ppo.ent_coef or rollout.temperature, or lower ppo.learning_rate",
+        "length_drift": "add a length reward (reward.length) or raise ppo.kl_coef",
+        "repetition": "add reward.repetition or raise ppo.kl_coef",
+    }
+
+    def __init__(self, cfg: Config) -> None:
+        self.p = cfg.ppo
+        self.first_length: float | None = None
+        self.warned: set[str] = set()
+
+    def check(self, metrics: dict[str, float]) -> list[str]:
+        p = self.p
+        length = metrics.get("rollout/response_length", 0.0)
+        if self.first_length is None:
+            self.first_length = max(length, 1.0)
+        tripped = []
+        if p.max_ref_kl > 0 and metrics.get(ppo.KL_REF, 0.0) > p.max_ref_kl:
+            tripped.append("ref_kl")
+        if p.min_entropy > 0 and metrics.get(ppo.ENTROPY, np.inf) < p.min_entropy:
+            tripped.append("entropy")
+        if p.max_length_drift > 0 and abs(length - self.first_length) / self.first_length > p.max_length_drift:
+            tripped.append("length_drift")
+        if p.max_repetition > 0 and metrics.get("rollout/repetition", 0.0) > p.max_repetition:
+            tripped.append("repetition")
+        for cause in tripped:
+            if cause not in self.warned:
+                self.warned.add(cause)
+                logger.warning(
+                    "guardrail '%s' tripped at %s; fix: %s", cause, _guard_value(cause, metrics), self.FIXES[cause]
+                )
+        return tripped
+
+
+def _guard_value(cause: str, m: dict[str, float]) -> str:
+    key = {
+        "ref_kl": ppo.KL_REF,
+        "entropy": ppo.ENTROPY,
+        "length_drift": "rollout/response_length",
+        "repetition": "rollout/repetition",
+    }[cause]
+    return f"{key}={m.get(key, float('nan')):.4g}"
+
+
+class PPOTrainer:
+    """The driver of one PPO run (see the module docstring)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, address: str | None = None, quiet: bool = False) -> None:
+        from rlchat.cluster import init_ray
+        from rlchat.learner import LearnerGroup
+        from rlchat.rollout import RolloutGroup
+        from rlchat.tokenizer import ChatTokenizer
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.quiet = quiet
+        init_ray(address or cfg.ray.address or None, cfg.ray.num_cpus)
+        self.tokenizer = ChatTokenizer.from_config(cfg.tokenizer)
+        self.rollouts = RolloutGroup(cfg)
+        self.learner = LearnerGroup(cfg, str(run_dir))
+        self.guard = Guardrails(cfg)
+        self.rollbacks = 0
+        self._eval_conversations: list[list[dict[str, str]]] | None = None
+
+    def _eval_set(self) -> list[list[dict[str, str]]]:
+        if self._eval_conversations is None:
+            from rlchat.data import load_records
+
+            records = load_records(self.cfg.data.prompts, split="val", cfg=self.cfg)[: self.cfg.ppo.eval_prompts]
+            self._eval_conversations = [
+                [dict(m) for m in r.messages] for r in records if any(m["role"] == "assistant" for m in r.messages)
+            ]
+        return self._eval_conversations
+
+    def evaluate(self, iteration: int, weights_ref: Any, version: int) -> dict[str, float]:
+        """Held-out evaluation: greedy reward (+ components) on validation prompts, perplexity/accuracy on
+        their reference answers."""
+        batch = self.rollouts.evaluate(
+            iteration, weights_ref, version, self.cfg.ppo.eval_prompts, self.tokenizer.pad_id
+        )
+        out = {EVAL_PREFIX + k.split("/", 1)[1]: v for k, v in batch_metrics(batch).items()}
+        conversations = self._eval_set()
+        if conversations:
+            out.update({EVAL_PREFIX + k: v for k, v in self.learner.evaluate(conversations).items()})
+        return out
+
+    def run(self, resume: bool = False) -> dict[str, float]:
+        import ray
+
+        from rlchat.checkpoint import CheckpointManager
+        from rlchat.metrics import MetricsWriter, format_progress
+
+        cfg, p = self.cfg, self.cfg.ppo
+        writer = MetricsWriter(self.run_dir, cfg)
+        manager = CheckpointManager.from_config(self.run_dir, cfg, "ppo")
+        start = 1
+        if resume and manager.latest() is not None:
+            latest = manager.latest()
+            from rlchat.checkpoint import read_checkpoint
+
+            step = read_checkpoint(latest).step
+            weights_ref, version = self.learner.load(str(latest))
+            writer.rewind(step)
+            start = step + 1
+            self._say(f"resumed from {latest} (iteration {step})")
+        else:
+            weights_ref, version = self.learner.weights()
+        last_good: str | None = str(manager.latest()) if manager.latest() else None
+        t_start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        pending = None
+        try:
+            for it in range(start, p.iterations + 1):
+                t0 = time.perf_counter()
+                # 1. sample (or collect the batch sampled during the previous update, when overlapping)
+                if pending is not None:
+                    batch = _concat(ray.get(pending), self.tokenizer.pad_id)
+                else:
+                    batch = self.rollouts.sample(it, weights_ref, version, self.tokenizer.pad_id)
+                sample_s = time.perf_counter() - t0
+                staleness = version - batch.weights_version
+                if staleness > cfg.rollout.max_staleness:
+                    raise RLChatError(
+                        f"iteration {it}: batch sampled with weights v{batch.weights_version} but the learner is at "
+                        f"v{version} (staleness {staleness} > rollout.max_staleness={cfg.rollout.max_staleness})"
+                    )
+                batch_ref = ray.put(batch)
+                # 2. update (overlap: start sampling the next batch with the current weights first)
+                pending = (
+                    self.rollouts.sample_async(it + 1, weights_ref, version)
+                    if cfg.rollout.overlap and it < p.iterations
+                    else None
+                )
+                t1 = time.perf_counter()
+                metrics, weights_ref, version = self.learner.update(batch_ref, it)
+                update_s = time.perf_counter() - t1
+                # 3. sync: one ray.put of the new weights (done by the learner); workers load them now
+                t2 = time.perf_counter()
+                if pending is None:
+                    self.rollouts.sync(weights_ref, version)
+                sync_s = time.perf_counter() - t2
+                # 4. metrics
+                metrics.update(batch_metrics(batch))
+                metrics["rollout/repetition"] = repetition_rate(batch)
+                metrics["rollout/weights_staleness"] = float(staleness)
+                iter_s = time.perf_counter() - t0
+                metrics.update(
+                    {
+                        SAMPLE_S: sample_s,
+                        UPDATE_S: update_s,
+                        SYNC_S: sync_s,
+                        ITER_S: iter_s,
+                        TOKENS_PER_S: batch.num_action_tokens / iter_s,
+                    }
+                )
+                if p.eval_every and (it % p.eval_every == 0 or it == p.iterations):
+                    metrics.update(self.evaluate(it, weights_ref, version))
+                tripped = self.guard.check(metrics)
+                metrics[GUARD_TRIPPED] = float(len(tripped))
+                metrics[GUARD_ROLLBACKS] = float(self.rollbacks)
+                writer.log(it, metrics)
+                self._say(format_progress(it, p.iterations, metrics, time.perf_counter() - t_start))
+                # 5. checkpoint, then act on guardrails
+                due = (cfg.checkpoint.every and it % cfg.checkpoint.every == 0) or it == p.iterations
+                if due and not tripped:
+                    last_good = self.learner.save(str(self.run_dir), it, metrics)
+                if tripped and p.guardrail_action == "stop":
+                    self._say(f"stopping: guardrail(s) {', '.join(tripped)} tripped (ppo.guardrail_action=stop)")
+                    break
+                if tripped and p.guardrail_action == "rollback" and last_good:
+                    self.rollbacks += 1
+                    weights_ref, version = self.learner.load(last_good, lr_scale=0.5)
+                    self.rollouts.sync(weights_ref, version)
+                    self._say(f"rolled back to {last_good} and halved the learning rate")
+                if os.environ.get(_KILL_AFTER_ENV) == str(it):
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            writer.close()
+        return metrics
+
+    def shutdown(self) -> None:
+        self.learner.shutdown()
+        self.rollouts.shutdown()
+
+    def _say(self, line: str) -> None:
+        if not self.quiet:
+            print(line, flush=True)
+
+
+def _concat(batches: list[Any], pad_id: int) -> Any:
+    from rlchat.batch import RolloutBatch
+
+    return RolloutBatch.concat(batches, pad_id=pad_id)
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    quiet: bool = False,
+) -> tuple[Path, dict[str, float]]:
+    """Run PPO; returns (run_dir, last iteration's metrics)."""
+    from rlchat.metrics import make_run_dir, write_run_config
+
+    path = make_run_dir(str(run_dir) if run_dir else None, "train")
+    if not resume:
+        write_run_config(path, cfg)
+    if not quiet:
+        print(f"run directory: {path.resolve()}", flush=True)
+    trainer = PPOTrainer(cfg, path, address=address, quiet=quiet)
+    try:
+        metrics = trainer.run(resume=resume)
+    finally:
+        trainer.shutdown()
+    return path, metrics
+
+
+def train_command(
+    config: str | None,
+    overrides: list[str],
+    run_dir: str | None,
+    address: str | None,
+    resume: str | None,
+    **_: Any,
+) -> int:
+    """``rlchat train``: PPO from a config (or ``--resume RUN_DIR`` with the run's own config.yaml)."""
+    if resume:
+        run_path = Path(resume)
+        saved = run_path / "config.yaml"
+        if not saved.is_file():
+            raise RLChatError(
+                f"--resume {resume}: no config.yaml there; expected a run directory written by rlchat train"
+            )
+        cfg = load_config(saved, overrides)
+        run_dir = str(run_path)
+    else:
+        cfg = load_config(config, overrides)
+    path, metrics = train(cfg, run_dir, resume=bool(resume), address=address)
+    print(f"done: {path.resolve()}  reward {metrics.get('rollout/reward_mean', float('nan')):.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from rlchat.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
