@@ -39,16 +39,14 @@ from rlchat import ppo
 from rlchat.batch import RolloutBatch
 from rlchat.config import Config
 from rlchat.errors import RLChatError
+from rlchat.metrics import PPO_BEHAVIOUR_LOGPROB_MAXDIFF as BEHAVIOUR_DIFF
+from rlchat.metrics import PPO_EARLY_STOPPED as EARLY_STOPPED
+from rlchat.metrics import PPO_EPOCHS_RUN as EPOCHS_RUN
+from rlchat.metrics import PPO_GRAD_NORM as GRAD_NORM
+from rlchat.metrics import PPO_LR as LR
 from rlchat.model import PolicyValueModel
 
 logger = logging.getLogger(__name__)
-
-LR = "ppo/lr"
-GRAD_NORM = "ppo/grad_norm"
-EPOCHS_RUN = "ppo/epochs_run"
-EARLY_STOPPED = "ppo/early_stopped"
-BEHAVIOUR_DIFF = "ppo/behaviour_logprob_maxdiff"
-STALENESS = "rollout/weights_staleness"
 
 
 def _derive_seed(*parts: int) -> int:

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlchat import ppo as _ppo
 from rlchat.errors import RLChatError
 
 if TYPE_CHECKING:
@@ -71,23 +72,29 @@ ROLLOUT_REWARD_PREFIX = "rollout/reward/"
 ROLLOUT_RESPONSE_LEN = "rollout/response_len"
 ROLLOUT_TRUNCATED_FRAC = "rollout/truncated_frac"
 ROLLOUT_WEIGHTS_STALENESS = "rollout/weights_staleness"
-# PPO update (cleanrl names)
-PPO_POLICY_LOSS = "ppo/policy_loss"
-PPO_VALUE_LOSS = "ppo/value_loss"
-PPO_ENTROPY = "ppo/entropy"
-PPO_APPROX_KL = "ppo/approx_kl"
-PPO_CLIPFRAC = "ppo/clipfrac"
-PPO_EXPLAINED_VARIANCE = "ppo/explained_variance"
+ROLLOUT_REPETITION = "rollout/repetition"
+GUARD_TRIPPED = "guard/tripped"
+GUARD_ROLLBACKS = "guard/rollbacks"
+# PPO update (cleanrl names; the keys are defined where they are computed, in rlchat/ppo.py)
+PPO_POLICY_LOSS = _ppo.POLICY_LOSS
+PPO_VALUE_LOSS = _ppo.VALUE_LOSS
+PPO_ENTROPY = _ppo.ENTROPY
+PPO_APPROX_KL = _ppo.APPROX_KL
+PPO_CLIPFRAC = _ppo.CLIPFRAC
+PPO_EXPLAINED_VARIANCE = _ppo.EXPLAINED_VARIANCE
 PPO_LR = "ppo/lr"
 PPO_GRAD_NORM = "ppo/grad_norm"
 PPO_EPOCHS_RUN = "ppo/epochs_run"
+PPO_EARLY_STOPPED = "ppo/early_stopped"
+PPO_BEHAVIOUR_LOGPROB_MAXDIFF = "ppo/behaviour_logprob_maxdiff"
 # KL to the frozen reference
-KL_REF_KL = "kl/ref_kl"
-KL_COEF = "kl/coef"
+KL_REF_KL = _ppo.KL_REF
+KL_COEF = _ppo.KL_COEF
 # performance / timing
 PERF_TOKENS_PER_S = "perf/tokens_per_s"
 PERF_STEP_S = "perf/step_s"
-PERF_ROLLOUT_S = "perf/rollout_s"
+PERF_SAMPLE_S = "perf/sample_s"
+PERF_ITER_S = "perf/iter_s"
 PERF_UPDATE_S = "perf/update_s"
 PERF_SYNC_S = "perf/sync_s"
 PERF_MFU = "perf/mfu"

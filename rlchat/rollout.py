@@ -36,10 +36,7 @@ from rlchat.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 
-# Metric keys (the driver logs them; the learner adds ppo/* and kl/*).
-REWARD_MEAN = "rollout/reward_mean"
-RESPONSE_LENGTH = "rollout/response_length"
-TRUNCATED_FRAC = "rollout/truncated_frac"
+# Worker-side metric keys (the driver logs rollout/* from rlchat.metrics; the learner adds ppo/* and kl/*).
 SAMPLE_TOKENS = "perf/sample_tokens"
 SAMPLE_S = "perf/worker_sample_s"
 
@@ -147,7 +144,8 @@ class Sampler:
         scores = np.zeros((n, cap), dtype=np.float32)
         truncated = np.zeros(n, dtype=bool)
         done = np.zeros(n, dtype=bool)
-        components: dict[str, np.ndarray] = {}
+        names = list(getattr(envs[0].reward_fn, "component_names", []))
+        components: dict[str, np.ndarray] = {k: np.zeros(n, np.float32) for k in [*names, "total"]}
         params = SamplingParams(
             max_new_tokens=self.cfg.env.max_turn_tokens,
             temperature=0.0 if greedy else r.temperature,
@@ -227,10 +225,14 @@ class Sampler:
 
 def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
     """Driver-side rollout metrics: reward mean and every component, response length, truncation."""
-    out = {f"rollout/{k}": float(np.mean(v)) for k, v in batch.reward_components.items() if k != "total"}
-    out[REWARD_MEAN] = float(np.mean(batch.reward_components.get("total", batch.episode_rewards)))
-    out[RESPONSE_LENGTH] = float(np.mean(batch.response_lengths))
-    out[TRUNCATED_FRAC] = float(np.mean(batch.truncated))
+    from rlchat import metrics as M
+
+    out = {M.ROLLOUT_REWARD_PREFIX + k: float(np.mean(v)) for k, v in batch.reward_components.items() if k != "total"}
+    total = batch.reward_components.get("total", batch.episode_rewards)
+    out[M.ROLLOUT_REWARD_MEAN] = float(np.mean(total))
+    out[M.ROLLOUT_REWARD_STD] = float(np.std(total))
+    out[M.ROLLOUT_RESPONSE_LEN] = float(np.mean(batch.response_lengths))
+    out[M.ROLLOUT_TRUNCATED_FRAC] = float(np.mean(batch.truncated))
     return out
 
 

@@ -28,17 +28,22 @@ import numpy as np
 from rlchat import ppo
 from rlchat.config import Config, load_config
 from rlchat.errors import RLChatError
+from rlchat.metrics import (
+    GUARD_ROLLBACKS,
+    GUARD_TRIPPED,
+    PERF_ITER_S,
+    PERF_SAMPLE_S,
+    PERF_SYNC_S,
+    PERF_TOKENS_PER_S,
+    PERF_UPDATE_S,
+    ROLLOUT_REPETITION,
+    ROLLOUT_RESPONSE_LEN,
+    ROLLOUT_WEIGHTS_STALENESS,
+)
 from rlchat.rollout import batch_metrics
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_S = "perf/sample_s"
-UPDATE_S = "perf/update_s"
-SYNC_S = "perf/sync_s"
-TOKENS_PER_S = "perf/tokens_per_s"
-ITER_S = "perf/iter_s"
-GUARD_TRIPPED = "guard/tripped"
-GUARD_ROLLBACKS = "guard/rollbacks"
 EVAL_PREFIX = "eval/"
 
 # Test hook: SIGKILL the driver right after this iteration's checkpoint (resume tests use it; never set in use).
@@ -73,7 +78,7 @@ class Guardrails:
 
     def check(self, metrics: dict[str, float]) -> list[str]:
         p = self.p
-        length = metrics.get("rollout/response_length", 0.0)
+        length = metrics.get(ROLLOUT_RESPONSE_LEN, 0.0)
         if self.first_length is None:
             self.first_length = max(length, 1.0)
         tripped = []
@@ -83,7 +88,7 @@ class Guardrails:
             tripped.append("entropy")
         if p.max_length_drift > 0 and abs(length - self.first_length) / self.first_length > p.max_length_drift:
             tripped.append("length_drift")
-        if p.max_repetition > 0 and metrics.get("rollout/repetition", 0.0) > p.max_repetition:
+        if p.max_repetition > 0 and metrics.get(ROLLOUT_REPETITION, 0.0) > p.max_repetition:
             tripped.append("repetition")
         for cause in tripped:
             if cause not in self.warned:
@@ -98,8 +103,8 @@ def _guard_value(cause: str, m: dict[str, float]) -> str:
     key = {
         "ref_kl": ppo.KL_REF,
         "entropy": ppo.ENTROPY,
-        "length_drift": "rollout/response_length",
-        "repetition": "rollout/repetition",
+        "length_drift": ROLLOUT_RESPONSE_LEN,
+        "repetition": ROLLOUT_REPETITION,
     }[cause]
     return f"{key}={m.get(key, float('nan')):.4g}"
 
@@ -203,16 +208,16 @@ class PPOTrainer:
                 sync_s = time.perf_counter() - t2
                 # 4. metrics
                 metrics.update(batch_metrics(batch))
-                metrics["rollout/repetition"] = repetition_rate(batch)
-                metrics["rollout/weights_staleness"] = float(staleness)
+                metrics[ROLLOUT_REPETITION] = repetition_rate(batch)
+                metrics[ROLLOUT_WEIGHTS_STALENESS] = float(staleness)
                 iter_s = time.perf_counter() - t0
                 metrics.update(
                     {
-                        SAMPLE_S: sample_s,
-                        UPDATE_S: update_s,
-                        SYNC_S: sync_s,
-                        ITER_S: iter_s,
-                        TOKENS_PER_S: batch.num_action_tokens / iter_s,
+                        PERF_SAMPLE_S: sample_s,
+                        PERF_UPDATE_S: update_s,
+                        PERF_SYNC_S: sync_s,
+                        PERF_ITER_S: iter_s,
+                        PERF_TOKENS_PER_S: batch.num_action_tokens / iter_s,
                     }
                 )
                 if p.eval_every and (it % p.eval_every == 0 or it == p.iterations):

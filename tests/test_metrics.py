@@ -154,7 +154,7 @@ def test_metric_groups():
     assert M.metric_group(M.ROLLOUT_REWARD_MEAN) == M.metric_group("rollout/reward/verifiable") == "reward"
     assert M.metric_group(M.KL_REF_KL) == M.metric_group(M.PPO_APPROX_KL) == M.metric_group(M.KL_COEF) == "kl"
     assert M.metric_group(M.PPO_ENTROPY) == "entropy" and M.metric_group(M.SFT_LR) == "lr"
-    assert M.metric_group(M.PERF_TOKENS_PER_S) == M.metric_group(M.PERF_ROLLOUT_S) == "throughput"
+    assert M.metric_group(M.PERF_TOKENS_PER_S) == M.metric_group(M.PERF_SAMPLE_S) == "throughput"
     assert M.metric_group(M.PPO_CLIPFRAC) == "ppo"
 
 

@@ -74,7 +74,8 @@ def test_batch_shapes_dtypes_and_masks(setup):
     assert (batch.response_lengths[batch.truncated] == cfg.env.max_turn_tokens).all()
     assert "total" in batch.reward_components and batch.reward_components["total"].shape == (b,)
     m = batch_metrics(batch)
-    assert set(m) >= {"rollout/reward_mean", "rollout/response_length", "rollout/truncated_frac"}
+    assert set(m) >= {"rollout/reward_mean", "rollout/response_len", "rollout/truncated_frac"}
+    assert any(k.startswith("rollout/reward/") for k in m) or cfg.reward.verifiable == 0
 
 
 def test_sampling_is_deterministic_per_iteration(setup):
@@ -84,7 +85,8 @@ def test_sampling_is_deterministic_per_iteration(setup):
     a, b, c = s1.sample(3), s2.sample(3), s1.sample(4)
     np.testing.assert_array_equal(a.input_ids, b.input_ids)
     np.testing.assert_array_equal(a.behaviour_logprobs, b.behaviour_logprobs)
-    assert not np.array_equal(a.input_ids, c.input_ids[:, : a.input_ids.shape[1]]) or a.input_ids.shape != c.input_ids.shape
+    differs = a.input_ids.shape != c.input_ids.shape or not np.array_equal(a.input_ids, c.input_ids)
+    assert differs
 
 
 def test_learner_recomputes_behaviour_logprobs(setup):
