@@ -168,7 +168,7 @@ class RolloutConfig:
     """Rollout workers: Ray actors that step envs with the generation engine."""
 
     num_workers: int = 1
-    """Number of rollout worker actors."""
+    """Number of rollout worker actors (0 = sample inside the driver process, no actors: small sweeps and tests)."""
     envs_per_worker: int = 32
     """Environments each worker steps in lock-step (the generation batch size)."""
     num_cpus_per_worker: float = 1.0
@@ -322,7 +322,7 @@ class RayConfig:
     num_cpus: int = 0
     """CPUs of the local Ray instance (0 = all)."""
     learner_workers: int = 1
-    """Ray Train workers of the learner / SFT / RM stages (DDP when > 1)."""
+    """Ray Train workers of the learner / SFT / RM stages (DDP when > 1; 0 = PPO learns inside the driver process)."""
     learner_use_gpu: bool = False
     """Give each learner worker a GPU."""
     learner_cpus: float = 1.0
@@ -408,7 +408,7 @@ class Config:
     @property
     def rollout_batch_size(self) -> int:
         """Episodes sampled per PPO iteration over all workers."""
-        return self.rollout.num_workers * self.rollout.envs_per_worker
+        return max(1, self.rollout.num_workers) * self.rollout.envs_per_worker
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (lists instead of tuples), ready for YAML / JSON."""
@@ -453,7 +453,8 @@ def _validate(cfg: Config) -> None:
         f"a divisor of the rollout batch size ({cfg.rollout_batch_size} = num_workers x envs_per_worker)",
         "change ppo.num_minibatches or rollout.envs_per_worker",
     )
-    _check(r.num_workers >= 1, "rollout.num_workers", r.num_workers, "at least 1", "use 1 on a laptop")
+    _check(r.num_workers >= 0, "rollout.num_workers", r.num_workers, ">= 0", "use 1 on a laptop (0 = in-process)")
+    _check(cfg.ray.learner_workers >= 0, "ray.learner_workers", cfg.ray.learner_workers, ">= 0", "use 1 on a laptop")
     _check(r.envs_per_worker >= 1, "rollout.envs_per_worker", r.envs_per_worker, "at least 1", "use 8-64")
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "a positive temperature", "use 1.0 for PPO")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "a value in (0, 1]", "use 1.0 to disable")

@@ -312,6 +312,49 @@ class RolloutWorker:
         return self.eval_sampler.sample(iteration, greedy=True, record_indices=indices)
 
 
+class LocalRollouts:
+    """Sampling in the driver process (``rollout.num_workers=0``): same interface as :class:`RolloutGroup`."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.sampler = build_sampler(cfg.to_dict(), 0)
+        self.eval_sampler: Sampler | None = None
+
+    def sync(self, weights: Any, version: int) -> None:
+        if version != self.sampler.weights_version:
+            self.sampler.set_weights(weights, version)
+
+    def sample(self, iteration: int, weights: Any, version: int, pad_id: int) -> RolloutBatch:
+        self.sync(weights, version)
+        return self.sampler.sample(iteration)
+
+    def sample_async(self, iteration: int, weights: Any, version: int) -> list[Any]:
+        raise RuntimeError("rollout.overlap needs rollout.num_workers >= 1 (a sampler in another process)")
+
+    def evaluate(self, iteration: int, weights: Any, version: int, n_prompts: int, pad_id: int) -> RolloutBatch:
+        from rlchat.data import load_records
+
+        self.sync(weights, version)
+        if self.eval_sampler is None:
+            records = load_records(self.cfg.data.prompts, split="val", cfg=self.cfg)
+            s = self.sampler
+            self.eval_sampler = Sampler(self.cfg, s.tokenizer, s.model, records, worker_id=0)
+        self.eval_sampler.weights_version = self.sampler.weights_version
+        n = min(n_prompts, len(self.eval_sampler.records))
+        return self.eval_sampler.sample(iteration, greedy=True, record_indices=list(range(n)))
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def shutdown(self) -> None:
+        return None
+
+
+def make_rollouts(cfg: Config) -> RolloutGroup | LocalRollouts:
+    """Rollout worker actors, or in-process sampling when ``rollout.num_workers == 0``."""
+    return LocalRollouts(cfg) if cfg.rollout.num_workers == 0 else RolloutGroup(cfg)
+
+
 class RolloutGroup:
     """N RolloutWorker actors with fault tolerance (Ray actor restarts + task retries).
 

@@ -114,17 +114,18 @@ class PPOTrainer:
 
     def __init__(self, cfg: Config, run_dir: Path, address: str | None = None, quiet: bool = False) -> None:
         from rlchat.cluster import init_ray
-        from rlchat.learner import LearnerGroup
-        from rlchat.rollout import RolloutGroup
+        from rlchat.learner import make_learner
+        from rlchat.rollout import make_rollouts
         from rlchat.tokenizer import ChatTokenizer
 
         self.cfg = cfg
         self.run_dir = run_dir
         self.quiet = quiet
-        init_ray(address or cfg.ray.address or None, cfg.ray.num_cpus)
+        if cfg.rollout.num_workers or cfg.ray.learner_workers:
+            init_ray(address or cfg.ray.address or None, cfg.ray.num_cpus)
         self.tokenizer = ChatTokenizer.from_config(cfg.tokenizer)
-        self.rollouts = RolloutGroup(cfg)
-        self.learner = LearnerGroup(cfg, str(run_dir))
+        self.rollouts = make_rollouts(cfg)
+        self.learner = make_learner(cfg, str(run_dir))
         self.guard = Guardrails(cfg)
         self.rollbacks = 0
         self._eval_conversations: list[list[dict[str, str]]] | None = None
@@ -151,7 +152,9 @@ class PPOTrainer:
             out.update({EVAL_PREFIX + k: v for k, v in self.learner.evaluate(conversations).items()})
         return out
 
-    def run(self, resume: bool = False) -> dict[str, float]:
+    def run(self, resume: bool = False, on_iteration: Any = None) -> dict[str, float]:
+        """The loop. ``on_iteration(iteration, metrics, checkpoint_path_or_None)`` is called after each iteration
+        (Ray Tune's trainable reports through it)."""
         import ray
 
         from rlchat.checkpoint import CheckpointManager
@@ -191,7 +194,7 @@ class PPOTrainer:
                         f"iteration {it}: batch sampled with weights v{batch.weights_version} but the learner is at "
                         f"v{version} (staleness {staleness} > rollout.max_staleness={cfg.rollout.max_staleness})"
                     )
-                batch_ref = ray.put(batch)
+                batch_ref = ray.put(batch) if cfg.ray.learner_workers else batch
                 # 2. update (overlap: start sampling the next batch with the current weights first)
                 pending = (
                     self.rollouts.sample_async(it + 1, weights_ref, version)
@@ -231,6 +234,8 @@ class PPOTrainer:
                 due = (cfg.checkpoint.every and it % cfg.checkpoint.every == 0) or it == p.iterations
                 if due and not tripped:
                     last_good = self.learner.save(str(self.run_dir), it, metrics)
+                if on_iteration is not None:
+                    on_iteration(it, metrics, last_good if due and not tripped else None)
                 if tripped and p.guardrail_action == "stop":
                     self._say(f"stopping: guardrail(s) {', '.join(tripped)} tripped (ppo.guardrail_action=stop)")
                     break
@@ -267,6 +272,7 @@ def train(
     resume: bool = False,
     address: str | None = None,
     quiet: bool = False,
+    on_iteration: Any = None,
 ) -> tuple[Path, dict[str, float]]:
     """Run PPO; returns (run_dir, last iteration's metrics)."""
     from rlchat.metrics import make_run_dir, write_run_config
@@ -278,7 +284,7 @@ def train(
         print(f"run directory: {path.resolve()}", flush=True)
     trainer = PPOTrainer(cfg, path, address=address, quiet=quiet)
     try:
-        metrics = trainer.run(resume=resume)
+        metrics = trainer.run(resume=resume, on_iteration=on_iteration)
     finally:
         trainer.shutdown()
     return path, metrics
