@@ -175,7 +175,9 @@ def demo_command(
 
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
     if quick:
-        cfg = cfg.replace(**{k: v for k, v in QUICK_OVERRIDES.items() if not any(o.startswith(k + "=") for o in overrides)})
+        cfg = cfg.replace(
+            **{k: v for k, v in QUICK_OVERRIDES.items() if not any(o.startswith(k + "=") for o in overrides)}
+        )
     path = make_run_dir(run_dir, "demo")
     print(f"run directory: {path.resolve()}", flush=True)
     run_demo(cfg, path, address=address)
