@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("show", "rlchat.cli:config_show", "print the resolved config as YAML", config)
     _add_config_args(p)
     p = cmd("keys", "rlchat.cli:config_keys", "list every config key with its default and meaning", config)
+    p.add_argument("--markdown", action="store_true", help="print the table of docs/config.md")
 
     # data
     data = sub.add_parser("data", help="prepare and inspect conversation data").add_subparsers(
@@ -170,10 +171,15 @@ def config_show(config: str | None, overrides: list[str], **_: Any) -> int:
     return 0
 
 
-def config_keys(**_: Any) -> int:
+def config_keys(markdown: bool = False, **_: Any) -> int:
     from rlchat.config import describe_keys
 
     rows = describe_keys()
+    if markdown:
+        print("| key | default | meaning |\n|---|---|---|")
+        for key, default, doc in rows:
+            print(f"| `{key}` | `{default}` | {doc.replace('|', '/')} |")
+        return 0
     width = max(len(k) for k, _, _ in rows)
     for key, default, doc in rows:
         print(f"{key:<{width}}  {default:<14} {doc}")

@@ -46,7 +46,7 @@ class DataConfig:
     prompts: str = "builtin:task"
     """Prompts (with optional reference answers) that PPO rollouts start from (same path forms as data.sft)."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "pair", "preference"] = "auto"
-    """Input record format; auto detects it per record."""
+    """Input record format; auto detects it per file (from its first record)."""
     on_error: Literal["fail", "skip"] = "fail"
     """fail: the first bad record stops with file:line; skip: bad records are skipped and each one reported."""
     val_fraction: float = 0.1

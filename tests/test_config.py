@@ -117,3 +117,9 @@ def test_cli_config_show_from_any_directory(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "ppo.clip_coef=9" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_docs_config_table_lists_every_key():
+    text = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    missing = [key for key, _, _ in describe_keys() if f"| `{key}` |" not in text]
+    assert missing == [], f"docs/config.md is missing {missing}; regenerate the table from `rlchat config keys`"
