@@ -219,6 +219,22 @@ def prepare(
     return PrepareResult(out, stats, collector.skipped)
 
 
+def merge_prepared(sources: Sequence[str | Path], out: str | Path) -> Path:
+    """Concatenate the train and val splits of several prepared directories into one (e.g. chat + task for SFT).
+
+    Each source keeps its own seeded split, so a record held out in one source stays held out in the merge.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        tables = [pq.read_table(Path(s) / f"{split}.parquet") for s in sources]
+        pq.write_table(pa.concat_tables(tables, promote_options="default"), out / f"{split}.parquet")
+    return out
+
+
 def build_stats(
     files: Sequence[Path],
     fmt: str,

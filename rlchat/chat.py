@@ -1,0 +1,684 @@
+"""``rlchat chat CKPT_OR_URL``: an interactive terminal chat with a checkpoint (in-process) or a running endpoint.
+
+    rlchat chat runs/<run>/checkpoints/best --temperature 0.7
+    rlchat chat http://127.0.0.1:8000 --api-key "$RLCHAT_API_KEY"
+
+Replies stream as they are generated; the conversation is kept and sent again each turn. A line ending in ``\\``
+continues on the next line, and a line of ``\"\"\"`` opens (and closes) a multi-line block. Commands start with
+``/`` (``/help`` lists them); a bad argument prints one line saying what was expected, never a traceback.
+
+Introspection (local checkpoints): ``/probs [K]`` shows, for each token of the last reply, its probability and the
+K most likely alternatives under the model (one teacher-forced forward over prompt + reply, see
+:func:`token_alternatives`); ``/why`` shows the reward components of the last reply under the checkpoint's
+``reward`` config.
+
+This module also holds :class:`TextStreamer`, the stop-string- and UTF-8-aware incremental text of one reply that
+the Serve endpoint uses too, so a reply reads the same in the terminal, over HTTP and in the web page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from rlchat.errors import RLChatError
+
+if TYPE_CHECKING:
+    import torch
+
+    from rlchat.tokenizer import ChatTokenizer
+
+Message = dict[str, str]
+
+HELP = """commands:
+  /help              this list
+  /reset             start a new conversation (the system prompt stays)
+  /system TEXT       set the system prompt (/system alone shows it, /system none clears it)
+  /temp X            sampling temperature, 0 (greedy) to 2
+  /top_p X           nucleus sampling mass in (0, 1]
+  /top_k N           sample among the N most likely tokens (0 = off)
+  /max_tokens N      longest reply in tokens
+  /beams N           beam search with N beams (1 = sampling)
+  /settings          show the decoding settings
+  /regenerate        replace the last reply with a new one
+  /history           show the conversation
+  /save FILE         save the conversation as {"messages": [...]} (a .jsonl FILE gets it appended as one line:
+                     a data set `rlchat data` reads)
+  /load FILE         load a conversation saved with /save (from a .jsonl FILE: its last line)
+  /probs [K]         top-K alternatives and probabilities at each token of the last reply (local checkpoint)
+  /why               reward components of the last reply under the checkpoint's reward config (local checkpoint)
+  /quit              leave (Ctrl-D works too)
+input: a line ending in \\ continues on the next line; a line of \"\"\" starts and ends a multi-line block"""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streaming text (shared with serve/app.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TextStreamer:
+    """The visible text of one reply, released incrementally as tokens arrive.
+
+    Args:
+        tokenizer: decodes tokens incrementally (never half a UTF-8 character; special tokens are not shown).
+        stop_strings: the reply is cut before the first occurrence of any of them (stop strings are never shown,
+            as on OpenAI's API); text that could still become a stop string is held back until it cannot.
+        holdback: characters kept unsent at the end until :meth:`finish` (the Serve safety filter's window).
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer, stop_strings: Sequence[str] = (), holdback: int = 0) -> None:
+        self._dec = tokenizer.stream_decoder()
+        self._stops = [s for s in stop_strings if s]
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self._holdback = holdback
+        self._text = ""
+        self._sent = 0
+        self.stopped = False
+        """True once a stop string was found (the text is cut there and later tokens are ignored)."""
+
+    @property
+    def text(self) -> str:
+        """All text so far (sent or held back), cut at a stop string."""
+        return self._text
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly releasable text (possibly empty)."""
+        if self.stopped:
+            return ""
+        self._text += self._dec.push(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """End of the reply: the rest of the text (an incomplete UTF-8 tail becomes U+FFFD)."""
+        if not self.stopped:
+            self._text += self._dec.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self._stops:
+            start = max(0, self._sent - self._longest)
+            hits = [i for i in (self._text.find(s, start) for s in self._stops) if i >= 0]
+            if hits:
+                self._text = self._text[: min(hits)]
+                self.stopped = True
+                final = True
+        limit = len(self._text)
+        if not final:
+            limit -= max(self._stop_prefix_len(), self._holdback)
+        piece = self._text[self._sent : limit] if limit > self._sent else ""
+        self._sent = max(self._sent, limit)
+        return piece
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest end of the text that could still grow into a stop string."""
+        best = 0
+        for s in self._stops:
+            for k in range(min(len(s) - 1, len(self._text)), best, -1):
+                if self._text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Introspection: /probs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenProbs:
+    """One position of a reply under the model: the token, its probability and the top alternatives."""
+
+    token_id: int
+    text: str
+    prob: float
+    alternatives: list[tuple[int, str, float]]
+    """(token id, text, probability) of the k most likely tokens at this position, most likely first."""
+
+
+def token_text(tokenizer: ChatTokenizer, token_id: int) -> str:
+    """A token's text for display: special tokens by name, bytes that are not whole UTF-8 characters as ``<0xNN>``."""
+    if tokenizer.is_special(token_id):
+        return tokenizer.decode([token_id])
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(chr(b) if b < 0x80 else f"<0x{b:02X}>" for b in raw)
+
+
+def token_alternatives(
+    model: Any, tokenizer: ChatTokenizer, prompt_ids: Sequence[int], reply_ids: Sequence[int], k: int = 5
+) -> list[TokenProbs]:
+    """The model's distribution at every reply position, from one teacher-forced forward over prompt + reply.
+
+    Independent of the generation engine: it reads the policy's plain causal-LM logits, so the probabilities are
+    the model's own (temperature 1, before top-k / top-p / repetition penalty), whatever decoding produced the reply.
+
+    Args:
+        model: a :class:`~rlchat.model.PolicyValueModel` (its ``lm`` is used) or any ``transformers`` causal LM.
+        tokenizer: the model's tokenizer.
+        prompt_ids: the rendered prompt (ends with the assistant start token).
+        reply_ids: the reply's tokens as generated (the end-of-turn token included, if it was generated).
+        k: alternatives per position.
+
+    Returns:
+        One :class:`TokenProbs` per reply token.
+    """
+    import torch
+
+    if not reply_ids:
+        return []
+    lm = getattr(model, "lm", model)
+    vocab = int(getattr(model, "vocab_size", 0) or tokenizer.n_vocab)
+    ids = torch.tensor([list(prompt_ids) + list(reply_ids)], dtype=torch.long, device=_device(lm))
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            logits = lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]  # (T, V)
+    finally:
+        lm.train(was_training)
+    start = len(prompt_ids) - 1  # logits at position t predict token t + 1
+    probs = torch.softmax(logits[start : start + len(reply_ids), :vocab].float(), dim=-1)  # (R, V)
+    top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)  # (R, k)
+    out = []
+    for pos, tid in enumerate(reply_ids):
+        alts = [
+            (int(i), token_text(tokenizer, int(i)), float(p)) for i, p in zip(top_i[pos].tolist(), top_p[pos].tolist())
+        ]
+        out.append(TokenProbs(int(tid), token_text(tokenizer, int(tid)), float(probs[pos, tid]), alts))
+    return out
+
+
+def _device(module: Any) -> torch.device:
+    return next(module.parameters()).device
+
+
+def format_probs(rows: Sequence[TokenProbs]) -> str:
+    """A table: position, token, its probability, and the alternatives with theirs."""
+    lines = [f"{'#':>3}  {'token':<16} {'p':>8}   alternatives"]
+    for n, r in enumerate(rows, 1):
+        alts = "  ".join(f"{json.dumps(t, ensure_ascii=False)} {p:.3g}" for _, t, p in r.alternatives)
+        lines.append(f"{n:>3}  {json.dumps(r.text, ensure_ascii=False):<16} {r.prob:8.3g}   {alts}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backends: a local checkpoint or an HTTP endpoint
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The decoding settings the chat's commands change."""
+
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    beams: int = 1
+
+    def describe(self) -> str:
+        seed = "random" if self.seed is None else self.seed
+        stop = ", ".join(json.dumps(s) for s in self.stop) or "none"
+        return (
+            f"temperature={self.temperature} top_k={self.top_k} top_p={self.top_p} "
+            f"repetition_penalty={self.repetition_penalty} max_tokens={self.max_tokens} beams={self.beams} "
+            f"seed={seed} stop={stop}"
+        )
+
+
+@dataclass
+class Reply:
+    """The last reply: its text, why it ended and (local backend) its token ids."""
+
+    text: str = ""
+    finish_reason: str = ""
+    token_ids: list[int] = field(default_factory=list)
+
+
+class LocalBackend:
+    """Generates in this process with the checkpoint's policy and the generation engine."""
+
+    def __init__(self, path: str) -> None:
+        import torch
+
+        from rlchat.checkpoint import load_policy
+        from rlchat.generation import GenerationEngine
+
+        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+        self.model, self.tokenizer, self.checkpoint = load_policy(path)
+        self.model.eval()
+        self.engine = GenerationEngine(self.model, self.tokenizer, precision=self.checkpoint.config.model.precision)
+        self.max_positions = int(self.engine.max_positions or self.checkpoint.config.model.n_positions)
+        self.last = Reply()
+        self.last_prompt: list[int] = []
+
+    def describe(self) -> str:
+        c = self.checkpoint
+        return f"{c.path} ({c.stage} checkpoint, step {c.step})"
+
+    def stream(self, messages: list[Message], d: Decoding) -> Iterator[str]:
+        from rlchat.generation import FINISH_LENGTH, FINISH_STOP, SamplingParams
+
+        prompt = self.tokenizer.render_prompt(messages)
+        room = self.max_positions - len(prompt)
+        if room < 1:
+            raise RLChatError(
+                f"the conversation is {len(prompt)} tokens, the model's context is {self.max_positions}; /reset"
+            )
+        params = SamplingParams(
+            max_new_tokens=min(d.max_tokens, room),
+            temperature=d.temperature,
+            top_k=d.top_k,
+            top_p=d.top_p,
+            repetition_penalty=d.repetition_penalty,
+            stop_strings=d.stop,
+            num_beams=d.beams,
+            seed=d.seed,
+        )
+        streamer = TextStreamer(self.tokenizer, d.stop)
+        self.last, self.last_prompt = Reply(), prompt
+        tokens = self.last.token_ids
+        gen = self.engine.stream(prompt, params)
+        try:
+            for token, _ in gen:
+                tokens.append(token)
+                piece = streamer.push(token)
+                if piece:
+                    yield piece
+                if streamer.stopped:
+                    break
+            tail = streamer.finish()
+            if tail:
+                yield tail
+        finally:
+            getattr(gen, "close", lambda: None)()  # a generator: stop the engine's stream now
+            self.last.text = streamer.text
+            ended = streamer.stopped or (tokens and tokens[-1] == self.tokenizer.eot_id)
+            self.last.finish_reason = FINISH_STOP if ended else FINISH_LENGTH
+
+    def probs(self, k: int) -> list[TokenProbs]:
+        return token_alternatives(self.model, self.tokenizer, self.last_prompt, self.last.token_ids, k)
+
+    def why(self, messages: list[Message]) -> tuple[float, dict[str, float], dict[str, float]]:
+        """(total, components, weights) of the last reply under the checkpoint's reward config."""
+        from rlchat.rewards import RewardFunction
+
+        fn = RewardFunction(self.checkpoint.config.reward, self.tokenizer)
+        res = fn(messages, self.last.text, self.last.token_ids)
+        return res.total, res.components, fn.weights
+
+
+class RemoteBackend:
+    """Talks to a running rlchat (or any OpenAI-compatible) endpoint over HTTP with server-sent events."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        import requests
+
+        self.url = url.rstrip("/")
+        if self.url.endswith("/v1"):
+            self.url = self.url[: -len("/v1")]
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        self.last = Reply()
+        try:
+            r = self.session.get(f"{self.url}/v1/models", timeout=10)
+        except requests.RequestException as e:
+            raise RLChatError(
+                f"{self.url}: cannot connect ({e.__class__.__name__}); is `rlchat serve` running?"
+            ) from None
+        if r.status_code != 200:
+            raise RLChatError(f"{self.url}/v1/models: {_error_message(r)}")
+        cards = r.json().get("data") or [{}]
+        self.model = str(cards[0].get("id", "rlchat"))
+        self.info = cards[0]
+
+    def describe(self) -> str:
+        step = f", step {self.info['step']}" if "step" in self.info else ""
+        return f"{self.url} (model {self.model}{step})"
+
+    def stream(self, messages: list[Message], d: Decoding) -> Iterator[str]:
+        import requests
+
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "temperature": d.temperature,
+            "top_p": d.top_p,
+            "max_tokens": d.max_tokens,
+        }
+        if d.top_k:
+            body["top_k"] = d.top_k
+        if d.repetition_penalty != 1.0:
+            body["repetition_penalty"] = d.repetition_penalty
+        if d.beams > 1:
+            body["num_beams"] = d.beams
+        if d.stop:
+            body["stop"] = list(d.stop)
+        if d.seed is not None:
+            body["seed"] = d.seed
+        self.last = Reply()
+        try:
+            r = self.session.post(f"{self.url}/v1/chat/completions", json=body, stream=True, timeout=300)
+        except requests.RequestException as e:
+            raise RLChatError(f"{self.url}: request failed ({e.__class__.__name__})") from None
+        with r:
+            if r.status_code != 200:
+                raise RLChatError(_error_message(r))
+            for raw in r.iter_lines(decode_unicode=False):
+                line = raw.decode("utf-8")
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RLChatError(str(chunk["error"].get("message", chunk["error"])))
+                for c in chunk.get("choices", []):
+                    piece = (c.get("delta") or {}).get("content")
+                    if piece:
+                        self.last.text += piece
+                        yield piece
+                    if c.get("finish_reason"):
+                        self.last.finish_reason = c["finish_reason"]
+
+
+def _error_message(r: Any) -> str:
+    try:
+        return f"HTTP {r.status_code}: {r.json()['error']['message']}"
+    except Exception:  # noqa: BLE001 - any non-OpenAI error body
+        return f"HTTP {r.status_code}: {r.text[:200]}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The REPL
+# --------------------------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A command was used wrongly: its message is printed as one line."""
+
+
+def _number(arg: str, cmd: str, kind: type, lo: float, hi: float, lo_open: bool = False, example: str = "") -> Any:
+    """Parse a command argument as ``kind`` within ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), else UsageError."""
+    rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    expected = f"{cmd} expects {'an integer' if kind is int else 'a number'} in {rng}, e.g. {cmd} {example}"
+    try:
+        value = kind(arg)
+    except (TypeError, ValueError):
+        raise UsageError(f"{expected} (got {arg!r})" if arg else expected) from None
+    if (kind is float and not math.isfinite(value)) or value < lo or value > hi or (lo_open and value == lo):
+        raise UsageError(f"{expected} (got {arg})")
+    return value
+
+
+class ChatSession:
+    """The conversation, the decoding settings and the commands; I/O through ``out`` and an input function."""
+
+    def __init__(self, backend: LocalBackend | RemoteBackend, decoding: Decoding, system: str | None, out: TextIO):
+        self.backend = backend
+        self.decoding = decoding
+        self.system = system or ""
+        self.turns: list[Message] = []
+        self.out = out
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def messages(self) -> list[Message]:
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
+        return sys_msg + self.turns
+
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def reply(self) -> None:
+        """Stream the assistant's answer to the conversation so far and append it."""
+        self.out.write("assistant> ")
+        self.out.flush()
+        gen = self.backend.stream(self.messages(), self.decoding)
+        interrupted = False
+        try:
+            for piece in gen:
+                self.out.write(piece)
+                self.out.flush()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            getattr(gen, "close", lambda: None)()
+        last = self.backend.last
+        note = " [interrupted]" if interrupted else ""
+        if not interrupted and last.finish_reason == "length":
+            note = " [max_tokens reached]"
+        elif not interrupted and last.finish_reason == "content_filter":
+            note = " [withheld by the safety filter]"
+        self.say(note)
+        if interrupted and not last.text:
+            return  # nothing was said: the question stays unanswered (/regenerate asks again)
+        self.turns.append({"role": "assistant", "content": last.text})
+
+    def _local(self, cmd: str) -> LocalBackend:
+        if not isinstance(self.backend, LocalBackend):
+            raise UsageError(f"{cmd} needs a local checkpoint (it reads the model itself): rlchat chat CKPT_DIR")
+        if not self.turns or self.turns[-1]["role"] != "assistant" or not self.backend.last.token_ids:
+            raise UsageError(f"{cmd} explains the last reply; there is none yet")
+        return self.backend
+
+    # ---------------------------------------------------------------------------------------------- commands
+    def command(self, line: str) -> bool:
+        """Run one /command; return False when the chat should end."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        name = name.lower()
+        d = self.decoding
+        if name in ("/quit", "/exit", "/q"):
+            return False
+        if name == "/help":
+            self.say(HELP)
+        elif name == "/reset":
+            self.turns = []
+            self.say("(new conversation)")
+        elif name == "/system":
+            if not arg:
+                self.say(
+                    f"system prompt: {self.system!r}" if self.system else "no system prompt (/system TEXT sets one)"
+                )
+            elif arg.lower() == "none":
+                self.system = ""
+                self.say("(system prompt cleared)")
+            else:
+                self.system = arg
+                self.say("(system prompt set)")
+        elif name == "/temp":
+            self.decoding = replace(d, temperature=_number(arg, "/temp", float, 0, 2, example="0.7"))
+            self.say(f"(temperature {self.decoding.temperature})")
+        elif name == "/top_p":
+            self.decoding = replace(d, top_p=_number(arg, "/top_p", float, 0, 1, lo_open=True, example="0.9"))
+            self.say(f"(top_p {self.decoding.top_p})")
+        elif name == "/top_k":
+            self.decoding = replace(d, top_k=_number(arg, "/top_k", int, 0, 100000, example="40"))
+            self.say(f"(top_k {self.decoding.top_k})")
+        elif name == "/max_tokens":
+            self.decoding = replace(d, max_tokens=_number(arg, "/max_tokens", int, 1, 100000, example="128"))
+            self.say(f"(max_tokens {self.decoding.max_tokens})")
+        elif name == "/beams":
+            self.decoding = replace(d, beams=_number(arg, "/beams", int, 1, 8, example="4"))
+            self.say(f"(beams {self.decoding.beams})")
+        elif name == "/settings":
+            self.say(self.decoding.describe())
+        elif name == "/regenerate":
+            if self.turns and self.turns[-1]["role"] == "assistant":
+                self.turns.pop()
+            if not self.turns or self.turns[-1]["role"] != "user":
+                raise UsageError("/regenerate needs a message to answer; type one first")
+            self.reply()
+        elif name == "/history":
+            msgs = self.messages()
+            if not msgs:
+                self.say("(empty conversation)")
+            for i, m in enumerate(msgs, 1):
+                self.say(f"{i:>3} {m['role']}: {m['content']}")
+        elif name == "/save":
+            self._save(arg)
+        elif name == "/load":
+            self._load(arg)
+        elif name == "/probs":
+            k = _number(arg, "/probs", int, 1, 50, example="5") if arg else 5
+            self.say(format_probs(self._local("/probs").probs(k)))
+            self.say("(the model's own probabilities: temperature 1, before top-k/top-p/repetition penalty)")
+        elif name == "/why":
+            backend = self._local("/why")
+            total, comps, weights = backend.why(self.messages()[:-1])
+            self.say(f"reward {total:+.4f} = sum of weight x component")
+            for c, v in comps.items():
+                self.say(f"  {c:<16} {v:+.4f}  x {weights.get(c, 0.0):g}")
+            if not comps:
+                self.say("  (no reward component is enabled in the checkpoint's reward config)")
+            self.say("(components that need a reference answer score 0 here: a chat has none)")
+        else:
+            raise UsageError(f"unknown command {name}; /help lists the commands")
+        return True
+
+    def _save(self, arg: str) -> None:
+        if not arg:
+            raise UsageError("/save expects a file name, e.g. /save chat.json")
+        path = Path(arg).expanduser()
+        line = json.dumps({"messages": self.messages()}, ensure_ascii=False) + "\n"
+        append = path.name.endswith(".jsonl")  # a .jsonl file collects chats: one record per line
+        try:
+            with open(path, "a" if append else "w", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as e:
+            raise UsageError(f"/save: cannot write {path}: {e.strerror or e}") from None
+        self.say(f"({'appended' if append else 'saved'} {len(self.messages())} messages to {path})")
+
+    def _load(self, arg: str) -> None:
+        if not arg:
+            raise UsageError("/load expects a file name, e.g. /load chat.json")
+        path = Path(arg).expanduser()
+        try:
+            text = path.read_text("utf-8")
+            if path.name.endswith(".jsonl"):  # the last chat appended to a collection
+                text = ([x for x in text.splitlines() if x.strip()] or [""])[-1]
+            data = json.loads(text)
+        except OSError as e:
+            raise UsageError(f"/load: cannot read {path}: {e.strerror or e}") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(f"/load: {path} is not JSON ({e})") from None
+        msgs = data.get("messages") if isinstance(data, dict) else data
+        if not isinstance(msgs, list):
+            raise UsageError(f'/load: {path}: expected {{"messages": [...]}} as written by /save')
+        for i, m in enumerate(msgs):
+            ok = isinstance(m, dict) and isinstance(m.get("content"), str)
+            if not ok or m.get("role") not in ("system", "user", "assistant"):
+                raise UsageError(
+                    f"/load: {path}: message {i} must be {{'role': system|user|assistant, 'content': text}}"
+                )
+        system = [m["content"] for m in msgs if m["role"] == "system"]
+        self.system = system[0] if system else self.system
+        self.turns = [{"role": m["role"], "content": m["content"]} for m in msgs if m["role"] != "system"]
+        self.say(f"(loaded {len(self.turns)} messages from {path})")
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def run(self, read: Any = input) -> int:
+        self.say(f"rlchat chat with {self.backend.describe()}")
+        self.say("type a message; /help lists the commands, /quit leaves")
+        while True:
+            try:
+                line = self._read_message(read)
+            except EOFError:
+                self.say()
+                return 0
+            except KeyboardInterrupt:
+                self.say("\n(/quit or Ctrl-D leaves)")
+                continue
+            if line is None or not line.strip():
+                continue
+            try:
+                if line.lstrip().startswith("/"):
+                    if not self.command(line):
+                        return 0
+                    continue
+                self.turns.append({"role": "user", "content": line})
+                try:
+                    self.reply()
+                except RLChatError:
+                    self.turns.pop()
+                    raise
+            except UsageError as e:
+                self.say(str(e))
+            except RLChatError as e:
+                self.say(f"error: {e}")
+
+    def _read_message(self, read: Any) -> str | None:
+        """One message: a line, a ``\\``-continued line, or a ``\"\"\"`` block."""
+        first = read("you> ")
+        if first.strip() == '"""':
+            block: list[str] = []
+            while (line := read("...> ")).strip() != '"""':
+                block.append(line)
+            return "\n".join(block)
+        lines = [first]
+        while lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1]
+            lines.append(read("...> "))
+        return "\n".join(lines)
+
+
+def chat_command(
+    target: str,
+    api_key: str | None = None,
+    system: str | None = None,
+    temperature: float = 0.7,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    max_tokens: int = 64,
+    stop: Sequence[str] | None = None,
+    seed: int | None = None,
+    beams: int = 1,
+    **_: Any,
+) -> int:
+    """``rlchat chat``: chat with a checkpoint directory (in-process) or an endpoint URL.
+
+    Returns:
+        0 when the user leaves.
+
+    Raises:
+        RLChatError: the checkpoint cannot be loaded, the endpoint cannot be reached, or a decoding flag is out of
+            range (the CLI prints it as one line).
+    """
+    import os
+
+    checks = [
+        (0 <= temperature <= 2, "--temperature", temperature, "a number in [0, 2]"),
+        (top_k >= 0, "--top-k", top_k, "an integer >= 0"),
+        (0 < top_p <= 1, "--top-p", top_p, "a number in (0, 1]"),
+        (repetition_penalty > 0, "--repetition-penalty", repetition_penalty, "a number > 0"),
+        (max_tokens >= 1, "--max-tokens", max_tokens, "an integer >= 1"),
+        (1 <= beams <= 8, "--beams", beams, "an integer in [1, 8]"),
+    ]
+    for ok, flag, value, expected in checks:
+        if not ok:
+            raise RLChatError(f"{flag}={value}: expected {expected}")
+    decoding = Decoding(temperature, top_k, top_p, repetition_penalty, max_tokens, tuple(stop or ()), seed, beams)
+    if target.startswith(("http://", "https://")):
+        backend: LocalBackend | RemoteBackend = RemoteBackend(target, api_key or os.environ.get("RLCHAT_API_KEY"))
+    else:
+        backend = LocalBackend(target)
+    with contextlib.suppress(ImportError):  # not on every platform
+        import readline  # noqa: F401 - line editing and history for input()
+    return ChatSession(backend, decoding, system, sys.stdout).run()

@@ -1,0 +1,1166 @@
+"""The Ray Serve chat endpoint: an OpenAI-compatible HTTP API, a web chat page, and user feedback.
+
+Run it::
+
+    rlchat serve runs/<run>/checkpoints/best --port 8000          # or: rlchat serve --from-run runs/<run>
+    serve run serve/serve_config.yaml                               # Ray's CLI (edit the checkpoint path first)
+    curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "rlchat", "messages": [{"role": "user", "content": "hi"}]}'
+
+Routes (one FastAPI app, the ingress of one deployment, ``ChatServer``):
+
+============================== ================================================================================
+route                          what
+============================== ================================================================================
+``POST /v1/chat/completions``  OpenAI chat completions, plain or SSE streaming (``stream: true``, ends with
+                               ``data: [DONE]``); ``n``, ``seed``, ``stop``, ``max_tokens`` /
+                               ``max_completion_tokens``, ``temperature``, ``top_p``; extensions ``top_k``,
+                               ``repetition_penalty``, ``num_beams``
+``GET /v1/models``             the served model (id, checkpoint, stage, step)
+``POST /v1/feedback``          thumbs up/down or a preference, appended to ``serve.feedback_path`` in the
+                               preference format ``rlchat rm`` reads (closing the loop back to the reward model)
+``GET /healthz``               liveness
+``GET /readyz``                readiness: the checkpoint, its stage and step, the replica's pid, batching counters
+``GET /``                      the web chat page (``serve/static/index.html``)
+============================== ================================================================================
+
+How requests are served, and why:
+
+- **Dynamic batching.** Every request, plain or streamed, goes through ``@serve.batch``
+  (``serve.max_batch_size``, ``serve.batch_wait_timeout_s``): concurrent requests become one lock-step generation
+  batch (:class:`BatchRun`), advanced one token per step; each request receives its share of every step (an async
+  generator batch), so streams stream and a short request leaves the batch when its own reply ends. Requests whose
+  settings differ only in their token budgets share one stream (each row ends at its own budget); other settings
+  form sub-batches. Per-row seeds make a seeded reply independent of what it was batched with.
+  ``serve.max_batch_size=1`` is batch-1 serving (the benchmark's "off").
+- **One generation thread per replica.** Every forward runs on a single-thread executor, so the event loop stays
+  free to accept requests (and to fill the next batch) while the model computes, and torch gets a fixed thread
+  budget (the replica's CPUs) instead of fighting other processes for the cores.
+- **UTF-8-safe, stop-aware streaming.** :class:`rlchat.chat.TextStreamer` decodes tokens incrementally (never half
+  a character), holds back text that may be the start of a stop string (stop strings are never shown, as on
+  OpenAI), and, with the safety filter on, holds back a window of text so a flagged phrase is withheld before any
+  of it is sent. Plain and streamed replies use the same streamer, so they are identical for the same seed. Chunks
+  are coalesced to one per ``STREAM_INTERVAL_S`` (20 ms) per choice: each SSE event is a hop through Serve's proxy,
+  and one event per token per client made that hop the bottleneck under load (bench/README.md).
+- **Safety filter (optional, ``serve.safety_filter``).** The reward library's safety component
+  (``reward.safety_patterns`` / ``reward.safety_classifier``) checks every reply; a flagged reply is withheld,
+  ``finish_reason`` is ``content_filter`` and the content says so.
+- **Limits and errors.** API key (``Authorization: Bearer``) -> 401; message count, characters, ``max_tokens``,
+  context length, temperature range -> 400 with an OpenAI-style ``{"error": {...}}`` body; unsupported OpenAI
+  parameters (``tools``, ``logit_bias``, ...) -> 400 naming them. A malformed body is a 400, never a 500.
+- **Logs.** One line per request (id, status, token counts, finish reasons, latency) without message bodies
+  unless ``serve.log_bodies`` is set.
+- **Crashes.** A replica whose process dies is replaced by Serve's controller; ``/readyz`` reports the new pid.
+
+Our top-level package is also called ``serve``: Ray Serve is always ``from ray import serve as ray_serve`` here.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` annotations of the routes
+# that Serve's ingress rewrites (string annotations made it read ``request`` as a query parameter).
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import hmac
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve as ray_serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rlchat.chat import TextStreamer
+from rlchat.config import Config, RewardConfig, load_config, parse_override
+from rlchat.errors import ConfigError, RLChatError
+from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
+from rlchat.tokenizer import ChatTokenizer
+from serve.schemas import (
+    APIError,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    FeedbackRef,
+    ModelCard,
+    ModelList,
+    Usage,
+    error_body,
+    parse_chat_request,
+    parse_feedback_request,
+)
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+
+logger = logging.getLogger("ray.serve").getChild("rlchat")
+
+APP_NAME = "rlchat"
+"""Serve application name used by ``rlchat serve`` (and ``serve_config.yaml``)."""
+DEPLOYMENT_NAME = "ChatServer"
+DEFAULT_MODEL_NAME = "rlchat"
+WITHHELD_NOTICE = "[withheld: the safety filter flagged this reply]"
+SAFETY_HOLDBACK_CHARS = 64
+"""With the safety filter on, streaming keeps this many characters unsent until the filter has seen them."""
+MAX_CONCURRENT_BATCHES = 1
+"""Batches in flight per replica. Serve forms the next batch while one runs, so 2 split the load into two half-size
+batches whose steps alternate on the one generation thread: measured slower (24 vs 28 streamed req/s at 16
+clients) than running the formed batches one after the other."""
+STREAM_INTERVAL_S = 0.02
+"""Streamed text is sent at most this often per choice (the first piece at once): each SSE event costs a hop from
+the replica through Serve's proxy, and under load one event per token per client made that hop the bottleneck."""
+COMPLETION_CACHE_SIZE = 2048
+"""Recent completions a replica remembers so feedback can refer to them by id."""
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure pieces (no Ray; unit-tested directly)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SafetyFilter:
+    """The reward library's safety component as a yes/no check on reply text.
+
+    Args:
+        reward: the reward config whose ``safety_patterns`` / ``safety_classifier`` define "unsafe".
+        tokenizer: the policy's tokenizer (the reward function wants one).
+    """
+
+    def __init__(self, reward: RewardConfig, tokenizer: ChatTokenizer) -> None:
+        from rlchat.rewards import RewardFunction
+
+        only_safety = RewardConfig(
+            verifiable=0.0,
+            safety=1.0,
+            safety_patterns=reward.safety_patterns,
+            safety_classifier=reward.safety_classifier,
+        )
+        self._fn = RewardFunction(only_safety, tokenizer)
+
+    def flagged(self, text: str) -> bool:
+        return bool(text) and self._fn([], text, []).components["safety"] < 0
+
+
+@dataclass
+class StreamControl:
+    """What the request side tells the batch loop between steps: choices to end now (stop string seen, reply
+    flagged by the safety filter, client gone). Ended rows report ``finish_reason`` ``stop``."""
+
+    finish: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One request as the batcher sees it: a prompt, its sampling settings and one seed per choice."""
+
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    seeds: tuple[int, ...]
+    control: StreamControl = field(default_factory=StreamControl, compare=False)
+
+
+@dataclass
+class JobOutput:
+    """The generated tokens (stop token included) and finish reason of each choice of a job."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+
+
+@dataclass
+class StepItem:
+    """One job's share of one batch step: the new tokens of each choice, and its result once it is complete."""
+
+    tokens: list[list[int]]
+    done: JobOutput | Exception | None = None
+
+
+@dataclass
+class BatchStats:
+    """Counters reported by ``/readyz`` (how well batching works under the current load)."""
+
+    batches: int = 0
+    rows: int = 0
+    largest: int = 0
+    requests: int = 0
+    streams: int = 0
+    errors: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)
+
+    def add_batch(self, n_jobs: int, n_rows: int) -> None:
+        self.batches += 1
+        self.rows += n_rows
+        self.largest = max(self.largest, n_jobs)
+        self.sizes[n_jobs] = self.sizes.get(n_jobs, 0) + 1
+
+
+def _group_key(params: SamplingParams) -> SamplingParams:
+    """Jobs whose settings differ only in their budget (and base seed) share one lock-step stream."""
+    if params.num_beams > 1:
+        return params
+    return dataclasses.replace(params, max_new_tokens=1, seed=None)
+
+
+class _Group:
+    """The jobs of a batch that share sampling settings: one lock-step stream (or one beam search)."""
+
+    def __init__(self, engine: GenerationEngine, jobs: Sequence[GenerationJob], idx: Sequence[int]) -> None:
+        self.engine = engine
+        self.jobs = jobs
+        self.rows = [(j, c) for j in idx for c in range(len(jobs[j].seeds))]  # stream row -> (job, choice)
+        self.prompts = [list(jobs[j].prompt) for j, _ in self.rows]
+        self.seeds = [jobs[j].seeds[c] for j, c in self.rows]
+        self.budgets = np.array([jobs[j].params.max_new_tokens for j, _ in self.rows])
+        self.params = jobs[idx[0]].params
+        self.stop_ids = {engine.tokenizer.eot_id, *self.params.stop_token_ids}
+        self.max = int(self.budgets.max())
+        self.done = False
+        self.stream = None
+        if self.params.num_beams > 1:
+            engine._check_prompts(self.prompts, self.params)  # noqa: SLF001 - fail at batch start, not mid-batch
+        else:  # the prefill runs here; a prompt beyond the context raises now
+            run_params = dataclasses.replace(self.params, max_new_tokens=self.max, seed=None)
+            self.stream = engine.steps(self.prompts, run_params, self.seeds)
+
+    def step(self, run: "BatchRun") -> None:  # noqa: UP037 - defined below; no __future__ annotations here
+        """Generate one token per live row (a beam search runs whole) and record tokens and finish reasons."""
+        if self.stream is None:
+            res = self.engine.generate(self.prompts, self.params, self.seeds)
+            for r, (j, c) in enumerate(self.rows):
+                run.tokens[j][c] = list(res.tokens[r])
+                run.new[j][c] = list(res.tokens[r])
+                run.reasons[j][c] = res.finish_reasons[r]
+            self.done = True
+            return
+        stream = self.stream
+        # 1. rows the request side asked to end (their reply is complete for the client)
+        asked = [
+            r for r, (j, c) in enumerate(self.rows) if c in self.jobs[j].control.finish and run.reasons[j][c] is None
+        ]
+        if asked:
+            stream.finish(asked, FINISH_STOP)
+            for r in asked:
+                j, c = self.rows[r]
+                run.reasons[j][c] = FINISH_STOP
+        # 2. one batched forward
+        out = next(stream, None)
+        if out is not None:
+            for r in np.flatnonzero(out.active).tolist():
+                j, c = self.rows[r]
+                t = int(out.tokens[r])
+                run.tokens[j][c].append(t)
+                run.new[j][c].append(t)
+            # 3. rows at their own budget end with "length" (the stream runs to the group's largest budget)
+            over = np.flatnonzero(stream.active & (stream.num_steps >= self.budgets))
+            if len(over):
+                stream.finish(over, FINISH_LENGTH)
+                for r in over.tolist():
+                    j, c = self.rows[r]
+                    run.reasons[j][c] = FINISH_LENGTH
+        # 4. rows the engine ended itself: a stop token or stop string ("stop"), or the group's last step
+        active = stream.active
+        for r, (j, c) in enumerate(self.rows):
+            if run.reasons[j][c] is None and not active[r]:
+                toks = run.tokens[j][c]
+                at_limit = len(toks) >= self.max and not (toks and toks[-1] in self.stop_ids)
+                run.reasons[j][c] = FINISH_LENGTH if at_limit else FINISH_STOP
+        self.done = not active.any()
+
+
+class BatchRun:
+    """Lock-step generation of one dynamic batch, advanced one token per :meth:`step` (on the generation thread).
+
+    Jobs are grouped by sampling settings (:func:`_group_key`); each step advances every group once. A job is
+    reported complete (:attr:`StepItem.done`) at the step its last choice ends, so a short request does not wait
+    for the longest one of its batch. A group that cannot start (e.g. a prompt beyond the context) is retried job by
+    job, so one bad request never fails the others; a job's own failure is its result.
+
+    Args:
+        engine: the generation engine.
+        jobs: the batch.
+    """
+
+    def __init__(self, engine: GenerationEngine, jobs: Sequence[GenerationJob]) -> None:
+        self.jobs = jobs
+        self.tokens: list[list[list[int]]] = [[[] for _ in job.seeds] for job in jobs]
+        self.reasons: list[list[str | None]] = [[None] * len(job.seeds) for job in jobs]
+        self.new: list[list[list[int]]] = [[[] for _ in job.seeds] for job in jobs]
+        self.errors: list[Exception | None] = [None] * len(jobs)
+        self.reported = [False] * len(jobs)
+        self.groups: list[_Group] = []
+        keyed: dict[SamplingParams, list[int]] = {}
+        for i, job in enumerate(jobs):
+            keyed.setdefault(_group_key(job.params), []).append(i)
+        for idx in keyed.values():
+            try:
+                self.groups.append(_Group(engine, jobs, idx))
+            except Exception as e:  # noqa: BLE001 - retried / reported per job
+                for i in idx:
+                    try:
+                        self.groups.append(_Group(engine, jobs, [i]))
+                    except Exception as e1:  # noqa: BLE001
+                        self.errors[i] = e1 if len(idx) > 1 else e
+
+    @property
+    def rows(self) -> int:
+        return sum(len(job.seeds) for job in self.jobs)
+
+    def step(self) -> list[StepItem | None] | None:
+        """Advance every group by one token.
+
+        Returns:
+            Per job: its new tokens (and its result once complete), or None once it was reported complete;
+            None when every job has been reported.
+        """
+        if all(self.reported):
+            return None
+        self.new = [[[] for _ in job.seeds] for job in self.jobs]
+        for g in self.groups:
+            if not g.done:
+                try:
+                    g.step(self)
+                except Exception as e:  # noqa: BLE001 - e.g. a failed beam search: its jobs fail, not the batch
+                    g.done = True
+                    for j, _ in g.rows:
+                        self.errors[j] = self.errors[j] or e
+        items: list[StepItem | None] = []
+        for j in range(len(self.jobs)):
+            if self.reported[j]:
+                items.append(None)
+                continue
+            item = StepItem(self.new[j])
+            if self.errors[j] is not None:
+                item.done = self.errors[j]
+            elif all(r is not None for r in self.reasons[j]):
+                item.done = JobOutput(self.tokens[j], [str(r) for r in self.reasons[j]])
+            self.reported[j] = item.done is not None
+            items.append(item)
+        return items
+
+
+def run_jobs(engine: GenerationEngine, jobs: Sequence[GenerationJob]) -> list[JobOutput | Exception]:
+    """Run a batch to completion (what a replica does step by step): one result or exception per job, in order."""
+    run = BatchRun(engine, jobs)
+    results: list[JobOutput | Exception | None] = [None] * len(jobs)
+    while (items := run.step()) is not None:
+        for j, item in enumerate(items):
+            if item is not None and item.done is not None:
+                results[j] = item.done
+    return [r if r is not None else RuntimeError("job produced no result") for r in results]
+
+
+def row_seeds(seed: int | None, n: int) -> tuple[int, ...]:
+    """One seed per choice: derived from the request's seed (reproducible), or random."""
+    if seed is None:
+        return tuple(secrets.randbits(62) for _ in range(n))
+    return tuple(int(seed) * 1_000_003 + i for i in range(n))
+
+
+class FeedbackLog:
+    """Appends user feedback to ``path`` as preference records ``{"prompt", "chosen", "rejected", ...}``.
+
+    Thumbs ratings are kept in ``<path>.ratings`` (not a data-file suffix, so ``rlchat rm`` never reads it); a
+    rating becomes a preference record when the same prompt has an opposite rating on a different reply (e.g. a
+    regenerated answer rated the other way). Every record is checked with :func:`rlchat.data.parse_record` before
+    it is written, so the file always reads back with ``rlchat rm``'s reader. Appends hold an exclusive
+    ``flock``: several replicas on one node may share the file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.ratings_path = self.path.with_name(self.path.name + ".ratings")
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield f
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @staticmethod
+    def preference_record(prompt: list[dict[str, str]], chosen: str, rejected: str, **extra: Any) -> dict[str, Any]:
+        """A checked preference record (normalised the way ``rlchat data`` reads it).
+
+        Raises:
+            APIError: 400 when the record would not read back (empty reply, identical replies, bad prompt).
+        """
+        from rlchat.data import parse_record
+
+        obj = {"prompt": prompt, "chosen": chosen, "rejected": rejected, **extra}
+        try:
+            rec = parse_record(obj, source="feedback", fmt="preference")
+        except ValueError as e:
+            raise APIError(400, f"this feedback does not make a usable preference pair: {e}", None) from None
+        assert rec.chosen is not None and rec.rejected is not None
+        out: dict[str, Any] = {"prompt": rec.messages}
+        for side, msgs in (("chosen", rec.chosen), ("rejected", rec.rejected)):
+            out[side] = msgs[0]["content"] if len(msgs) == 1 else msgs
+        out.update(extra)
+        return out
+
+    def append_preference(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with self._locked() as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def add_rating(
+        self, completion_id: str, choice_index: int, rating: str, prompt: list[dict[str, str]], content: str
+    ) -> dict[str, Any] | None:
+        """Record a thumbs rating; return the preference record it completed (and wrote), if any."""
+        entry = {
+            "time": time.time(),
+            "completion_id": completion_id,
+            "choice_index": choice_index,
+            "rating": rating,
+            "prompt": prompt,
+            "content": content,
+        }
+        with self._locked() as f:
+            partner = None
+            if self.ratings_path.is_file():
+                with open(self.ratings_path, encoding="utf-8") as r:
+                    for line in r:
+                        try:
+                            old = json.loads(line)
+                        except ValueError:
+                            continue
+                        if (
+                            old.get("prompt") == prompt
+                            and old.get("rating") != rating
+                            and old.get("content") != content
+                        ):
+                            partner = old  # the most recent opposite rating of the same prompt wins
+            with open(self.ratings_path, "a", encoding="utf-8") as r:
+                r.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            if partner is None:
+                return None
+            up, down = (entry, partner) if rating == "up" else (partner, entry)
+            try:
+                record = self.preference_record(
+                    prompt,
+                    str(up["content"]),
+                    str(down["content"]),
+                    feedback={
+                        "kind": "thumbs",
+                        "chosen_id": up["completion_id"],
+                        "rejected_id": down["completion_id"],
+                    },
+                )
+            except APIError:
+                return None  # e.g. an empty reply: the rating is kept, no pair is formed
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            return record
+
+
+# --------------------------------------------------------------------------------------------------------------
+# App configuration (shared by build_app, serve_command and tests)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Everything a replica needs, resolved on the driver (paths absolute, config validated)."""
+
+    checkpoint: str
+    config: Config
+    model_name: str = DEFAULT_MODEL_NAME
+    num_cpus: float = 1.0
+
+
+def resolve_settings(args: dict[str, Any]) -> AppSettings:
+    """Build :class:`AppSettings` from builder args (``serve run`` / YAML ``args`` / :func:`serve_command`).
+
+    Args:
+        args: ``checkpoint`` (or ``from_run``), optional ``config`` (a YAML file; default: the checkpoint's own
+            config), ``model_name``, ``num_cpus``; flat keys naming a ``serve.*`` field (``api_key``,
+            ``max_batch_size``, ...) and dotted keys (``reward.safety_patterns``) override the config. String values
+            (from ``serve run app key=value``) are parsed as YAML.
+
+    Raises:
+        ConfigError / CheckpointError: no or a bad checkpoint, an unknown key, a bad value.
+    """
+    from rlchat.checkpoint import POLICY_STAGES, find_best_checkpoint, read_checkpoint
+    from rlchat.config import ServeConfig
+
+    args = dict(args)
+    ckpt, run = args.pop("checkpoint", None), args.pop("from_run", None)
+    if bool(ckpt) == bool(run):
+        raise ConfigError(
+            "serve: expected exactly one of a checkpoint directory or --from-run RUN_DIR; "
+            f"got checkpoint={ckpt!r}, from_run={run!r}"
+        )
+    path = find_best_checkpoint(run) if run else Path(ckpt)
+    info = read_checkpoint(path, expect_stage=POLICY_STAGES)
+    config_path = args.pop("config", None)
+    cfg = load_config(config_path) if config_path else info.config
+    model_name = str(args.pop("model_name", DEFAULT_MODEL_NAME))
+    num_cpus = float(args.pop("num_cpus", 1.0))
+    serve_fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    overrides: dict[str, Any] = {}
+    for key, value in args.items():
+        if value is None:
+            continue
+        dotted = key if "." in key else f"serve.{key}"
+        if "." not in key and key not in serve_fields:
+            raise ConfigError(
+                f"serve app argument {key!r}: unknown; expected checkpoint, from_run, config, model_name, num_cpus, "
+                f"a serve.* field ({', '.join(sorted(serve_fields))}) or a dotted config key"
+            )
+        if isinstance(value, str) and not key.endswith("api_key"):
+            value = parse_override(f"{dotted}={value}")[1]
+        overrides[dotted] = value
+    if not cfg.serve.api_key and "serve.api_key" not in overrides and os.environ.get("RLCHAT_API_KEY"):
+        overrides["serve.api_key"] = os.environ["RLCHAT_API_KEY"]
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    s = cfg.serve
+    if s.max_batch_size < 1:
+        raise ConfigError(f"serve.max_batch_size={s.max_batch_size}: expected at least 1 (1 = no batching)")
+    if s.batch_wait_timeout_s < 0:
+        raise ConfigError(f"serve.batch_wait_timeout_s={s.batch_wait_timeout_s}: expected >= 0, e.g. 0.01")
+    if s.replicas < 1:
+        raise ConfigError(f"serve.replicas={s.replicas}: expected at least 1")
+    if s.max_replicas < s.replicas:
+        cfg = cfg.replace(**{"serve.max_replicas": s.replicas})
+    feedback = Path(cfg.serve.feedback_path).expanduser()
+    if not feedback.is_absolute():  # replicas run in other working directories: resolve on the driver
+        cfg = cfg.replace(**{"serve.feedback_path": str(Path.cwd() / feedback)})
+    return AppSettings(str(info.path.resolve()), cfg, model_name, num_cpus)
+
+
+def deployment_options(settings: AppSettings) -> dict[str, Any]:
+    """Serve deployment options from ``cfg.serve``: fixed replicas, or autoscaling when max_replicas > replicas."""
+    s = settings.config.serve
+    opts: dict[str, Any] = {
+        # room for a full batch plus the next one filling while it runs (Serve's default of 5 would cap batching)
+        "max_ongoing_requests": max(64, 4 * s.max_batch_size),
+        "ray_actor_options": {"num_cpus": settings.num_cpus},
+        "health_check_period_s": 5.0,
+    }
+    if s.max_replicas > s.replicas:
+        opts["autoscaling_config"] = {
+            "min_replicas": s.replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        }
+    else:
+        opts["num_replicas"] = s.replicas
+    return opts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The deployment
+# --------------------------------------------------------------------------------------------------------------
+
+api = FastAPI(
+    title="rlchat",
+    description="OpenAI-compatible chat completions from an rlchat checkpoint.",
+    version="1",
+)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    msg = f"{request.method} {request.url.path}: {e.detail}"
+    code = "not_found" if e.status_code == 404 else None
+    return JSONResponse(error_body(msg, "invalid_request_error", None, code), status_code=e.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body(f"invalid request: {e.errors()[:1]}"), status_code=400)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    logger.exception("internal error on %s %s", request.method, request.url.path)
+    return JSONResponse(
+        error_body(f"internal server error ({e.__class__.__name__}); see the replica log", "server_error"),
+        status_code=500,
+    )
+
+
+def _chunk(cid: str, created: int, model: str, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+    body = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage).model_dump()
+    for choice in body["choices"]:  # as OpenAI: a delta carries only the fields it sets; finish_reason stays (null)
+        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    if usage is None:
+        del body["usage"]
+    return json.dumps(body, ensure_ascii=False)
+
+
+@ray_serve.deployment(name=DEPLOYMENT_NAME)
+@ray_serve.ingress(api)
+class ChatServer:
+    """One replica: the policy, its tokenizer, the generation engine and the HTTP routes.
+
+    Args:
+        settings: resolved by :func:`resolve_settings` on the driver.
+    """
+
+    def __init__(self, settings: AppSettings) -> None:
+        import torch
+
+        from rlchat.checkpoint import load_policy
+
+        torch.set_num_threads(max(1, int(settings.num_cpus)))
+        self.settings = settings
+        self.cfg = settings.config.serve
+        model, tok, ckpt = load_policy(settings.checkpoint)
+        model.eval()
+        self.tokenizer = tok
+        self.checkpoint = ckpt
+        self.engine = GenerationEngine(model, tok, precision=settings.config.model.precision)
+        self.max_positions = int(self.engine.max_positions or settings.config.model.n_positions)
+        self.model_name = settings.model_name
+        self.created = int(time.time())
+        self.safety = SafetyFilter(settings.config.reward, tok) if self.cfg.safety_filter else None
+        if self.safety is not None and not (
+            settings.config.reward.safety_patterns or settings.config.reward.safety_classifier
+        ):
+            logger.warning(
+                "serve.safety_filter is on but reward.safety_patterns and reward.safety_classifier are empty, so "
+                "nothing is ever flagged; set one of them (e.g. reward.safety_patterns=['badword'])"
+            )
+        self.feedback = FeedbackLog(self.cfg.feedback_path)
+        self._completions: OrderedDict[str, tuple[list[dict[str, str]], list[str | None]]] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-generate")
+        self.stats = BatchStats()
+        self._batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        logger.info(
+            "loaded %s (stage %s, step %d); max_batch_size=%d, safety_filter=%s, auth=%s",
+            ckpt.path,
+            ckpt.stage,
+            ckpt.step,
+            self.cfg.max_batch_size,
+            self.cfg.safety_filter,
+            bool(self.cfg.api_key),
+        )
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _auth(self, request: Request) -> None:
+        key = self.cfg.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            what = "no API key was sent" if not header else "the API key is not valid"
+            raise APIError(
+                401,
+                f"{what}; send the server's key as 'Authorization: Bearer <key>'",
+                None,
+                "invalid_api_key",
+            )
+
+    async def _body(self, request: Request) -> bytes:
+        limit = 4 * self.cfg.max_chars + 65536
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limit:
+            raise APIError(413, f"the request body has {size} bytes; the limit is {limit}", None, "body_too_large")
+        body = await request.body()
+        if len(body) > limit:
+            raise APIError(
+                413, f"the request body has {len(body)} bytes; the limit is {limit}", None, "body_too_large"
+            )
+        return body
+
+    def _check_limits(self, req: ChatCompletionRequest) -> tuple[list[dict[str, str]], list[int], SamplingParams]:
+        """Server limits, the prompt, and the sampling settings of a valid request (400 otherwise)."""
+
+        s = self.cfg
+        if req.model is not None and req.model not in (self.model_name, DEFAULT_MODEL_NAME):
+            raise APIError(
+                404,
+                f"the model {req.model!r} does not exist on this server; it serves {self.model_name!r} "
+                "(GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
+        if len(req.messages) > s.max_messages:
+            raise APIError(
+                400,
+                f"messages has {len(req.messages)} entries; this server accepts at most {s.max_messages}",
+                "messages",
+                "too_many_messages",
+            )
+        messages = [m.as_message() for m in req.messages]
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > s.max_chars:
+            raise APIError(
+                400,
+                f"the messages hold {chars} characters; this server accepts at most {s.max_chars}",
+                "messages",
+                "too_many_characters",
+            )
+        prompt = self.tokenizer.render_prompt(messages)
+        room = self.max_positions - len(prompt)
+        if room < 1:
+            raise APIError(
+                400,
+                f"the conversation is {len(prompt)} tokens; the model's context is {self.max_positions} tokens; "
+                "shorten or drop earlier messages",
+                "messages",
+                "context_length_exceeded",
+            )
+        budget = req.budget()
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        if budget is None:
+            budget = min(s.max_tokens, room)
+        elif budget > s.max_tokens:
+            raise APIError(
+                400, f"{param}={budget} exceeds this server's limit of {s.max_tokens}", param, "invalid_value"
+            )
+        elif budget > room:
+            raise APIError(
+                400,
+                f"the conversation is {len(prompt)} tokens and {param}={budget}: together more than the model's "
+                f"context of {self.max_positions} tokens; lower {param} to at most {room} or shorten the messages",
+                param,
+                "context_length_exceeded",
+            )
+        beams = req.num_beams or 1
+        if beams > 1 and req.n > 1:
+            raise APIError(400, "num_beams > 1 is deterministic: use n=1 with it", "n", "invalid_value")
+        try:
+            params = SamplingParams(
+                max_new_tokens=budget,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_k=req.top_k or 0,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                repetition_penalty=req.repetition_penalty or 1.0,
+                stop_strings=req.stop_strings(),
+                num_beams=beams,
+            )
+        except ConfigError as e:
+            raise APIError(400, str(e), None, "invalid_value") from None
+        return messages, prompt, params
+
+    def _finish_text(self, tokens: Sequence[int], stops: Sequence[str]) -> tuple[str, bool, bool]:
+        """The visible text of a whole reply, whether the safety filter withholds it, and whether a stop string
+        ended it."""
+        st = TextStreamer(self.tokenizer, stops)
+        for t in tokens:
+            st.push(t)
+        st.finish()
+        flagged = self.safety is not None and self.safety.flagged(st.text)
+        return (WITHHELD_NOTICE if flagged else st.text), flagged, st.stopped
+
+    def _remember(self, cid: str, messages: list[dict[str, str]], texts: list[str | None]) -> None:
+        self._completions[cid] = (messages, texts)
+        while len(self._completions) > COMPLETION_CACHE_SIZE:
+            self._completions.popitem(last=False)
+
+    def _log(self, cid: str, status: int, t0: float, **fields: Any) -> None:
+        parts = " ".join(f"{k}={v}" for k, v in fields.items())
+        logger.info("chat id=%s status=%d latency_ms=%.0f %s", cid, status, (time.perf_counter() - t0) * 1e3, parts)
+
+    # ------------------------------------------------------------------------------------------------ batching
+    @ray_serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
+    async def _batch(self, jobs: list[GenerationJob]) -> AsyncIterator[list[StepItem | type[StopIteration]]]:
+        """The dynamic batch: one :class:`BatchRun`, one step per yield; each caller iterates its own items."""
+        loop = asyncio.get_running_loop()
+        run = await loop.run_in_executor(self._pool, BatchRun, self.engine, jobs)
+        self.stats.add_batch(len(jobs), run.rows)
+        while (items := await loop.run_in_executor(self._pool, run.step)) is not None:
+            yield [StopIteration if item is None else item for item in items]
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index(self) -> HTMLResponse:
+        return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> dict[str, Any]:
+        ctx = ray_serve.get_replica_context()
+        st = self.stats
+        return {
+            "status": "ready",
+            "model": self.model_name,
+            "checkpoint": str(self.checkpoint.path),
+            "stage": self.checkpoint.stage,
+            "step": self.checkpoint.step,
+            "replica": ctx.replica_id.unique_id,
+            "pid": os.getpid(),
+            "auth": bool(self.cfg.api_key),
+            "safety_filter": self.cfg.safety_filter,
+            "batching": {
+                "max_batch_size": self.cfg.max_batch_size,
+                "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
+            },
+            "stats": {
+                "requests": st.requests,
+                "streams": st.streams,
+                "errors": st.errors,
+                "batches": st.batches,
+                "batched_rows": st.rows,
+                "largest_batch": st.largest,
+                "batch_sizes": {str(k): v for k, v in sorted(st.sizes.items())},
+            },
+        }
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        card = ModelCard(
+            id=self.model_name,
+            created=self.created,
+            checkpoint=str(self.checkpoint.path),
+            stage=self.checkpoint.stage,
+            step=self.checkpoint.step,
+        )
+        return ModelList(data=[card]).model_dump()
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            self._auth(request)
+            req = parse_chat_request(await self._body(request))
+            messages, prompt, params = self._check_limits(req)
+        except APIError as e:
+            self.stats.errors += 1
+            self._log(cid, e.status, t0, error=e.code or e.type)
+            raise
+        seeds = row_seeds(req.seed, req.n)
+        created = int(time.time())
+        if self.cfg.log_bodies:
+            logger.info("chat id=%s messages=%s", cid, json.dumps(messages, ensure_ascii=False))
+        if req.stream:
+            self.stats.streams += 1
+            from sse_starlette.sse import EventSourceResponse
+
+            events = self._stream(req, cid, created, messages, prompt, params, seeds, t0)
+            return EventSourceResponse(events, ping=15, headers={"X-Request-Id": cid})
+
+        self.stats.requests += 1
+        out: JobOutput | Exception = RuntimeError("the batch ended without a result")
+        async for item in self._batch(GenerationJob(tuple(prompt), params, seeds)):
+            if item.done is not None:
+                out = item.done
+                break
+        if isinstance(out, Exception):
+            status = 400 if isinstance(out, RLChatError) else 500
+            self.stats.errors += 1
+            self._log(cid, status, t0, error=out.__class__.__name__)
+            if status == 400:
+                raise APIError(400, str(out), None, "invalid_value")
+            raise out
+        choices: list[Choice] = []
+        texts: list[str | None] = []
+        for i, (tokens, reason) in enumerate(zip(out.tokens, out.finish_reasons)):
+            text, flagged, stopped = self._finish_text(tokens, params.stop_strings)
+            if flagged:
+                reason = "content_filter"
+            elif stopped:
+                reason = FINISH_STOP
+            choices.append(Choice(index=i, message=AssistantMessage(content=text), finish_reason=reason))  # type: ignore[arg-type]
+            texts.append(None if flagged else text)
+        n_out = sum(len(t) for t in out.tokens)
+        usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_out, total_tokens=len(prompt) + n_out)
+        self._remember(cid, messages, texts)
+        body = ChatCompletion(id=cid, created=created, model=self.model_name, choices=choices, usage=usage)
+        self._log(
+            cid,
+            200,
+            t0,
+            stream=False,
+            n=req.n,
+            messages=len(messages),
+            prompt_tokens=len(prompt),
+            completion_tokens=n_out,
+            finish=",".join(c.finish_reason for c in choices),
+        )
+        if self.cfg.log_bodies:
+            logger.info("chat id=%s replies=%s", cid, json.dumps(texts, ensure_ascii=False))
+        return JSONResponse(body.model_dump(), headers={"X-Request-Id": cid})
+
+    async def _stream(
+        self,
+        req: ChatCompletionRequest,
+        cid: str,
+        created: int,
+        messages: list[dict[str, str]],
+        prompt: list[int],
+        params: SamplingParams,
+        seeds: tuple[int, ...],
+        t0: float,
+    ) -> AsyncIterator[dict[str, str]]:
+        """SSE events of one streamed completion (OpenAI chunk format, then ``[DONE]``)."""
+
+        n, model = len(seeds), self.model_name
+        holdback = SAFETY_HOLDBACK_CHARS if self.safety is not None else 0
+        streamers = [TextStreamer(self.tokenizer, params.stop_strings, holdback) for _ in range(n)]
+        withheld = [False] * n
+        counts = [0] * n
+        reasons: list[str] = [FINISH_LENGTH] * n
+        job = GenerationJob(tuple(prompt), params, seeds)
+        done = False
+        first_token_ms = None
+
+        def delta(i: int, text: str) -> dict[str, str]:
+            return {"data": _chunk(cid, created, model, [ChunkChoice(index=i, delta=Delta(content=text))])}
+
+        try:
+            yield {
+                "data": _chunk(
+                    cid,
+                    created,
+                    model,
+                    [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)],
+                )
+            }
+            result: JobOutput | Exception = RuntimeError("the batch ended without a result")
+            pending = [""] * n  # text not sent yet: chunks are coalesced to one per STREAM_INTERVAL_S per choice
+            last_sent = [0.0] * n
+            async for item in self._batch(job):
+                now = time.perf_counter()
+                if first_token_ms is None and any(item.tokens):
+                    first_token_ms = (now - t0) * 1e3
+                for i, toks in enumerate(item.tokens):
+                    counts[i] += len(toks)
+                    for t in toks:
+                        if withheld[i] or streamers[i].stopped:
+                            break
+                        piece = streamers[i].push(t)
+                        if self.safety is not None and self.safety.flagged(streamers[i].text):
+                            withheld[i] = True  # the hold-back window kept the flagged text unsent
+                            pending[i] = ""
+                        else:
+                            pending[i] += piece
+                    if withheld[i] or streamers[i].stopped:
+                        job.control.finish.add(i)  # no more tokens needed: the batch ends this row
+                    if pending[i] and now - last_sent[i] >= STREAM_INTERVAL_S:
+                        yield delta(i, pending[i])
+                        pending[i], last_sent[i] = "", now
+                if item.done is not None:
+                    result = item.done
+                    break
+            for i in range(n):
+                if pending[i]:
+                    yield delta(i, pending[i])
+            if isinstance(result, Exception):
+                raise result
+            reasons = list(result.finish_reasons)
+            done = True
+            finals = []
+            for i in range(n):
+                if not withheld[i]:
+                    tail = streamers[i].finish()
+                    if self.safety is not None and self.safety.flagged(streamers[i].text):
+                        withheld[i] = True
+                    elif tail:
+                        yield delta(i, tail)
+                if withheld[i]:
+                    yield delta(i, ("\n" if streamers[i].text else "") + WITHHELD_NOTICE)
+                    reasons[i] = "content_filter"
+                elif streamers[i].stopped:
+                    reasons[i] = FINISH_STOP
+                finals.append(ChunkChoice(index=i, delta=Delta(), finish_reason=reasons[i]))  # type: ignore[arg-type]
+            yield {"data": _chunk(cid, created, model, finals)}
+            n_out = sum(counts)
+            if req.stream_options is not None and req.stream_options.include_usage:
+                usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_out, total_tokens=len(prompt) + n_out)
+                yield {"data": _chunk(cid, created, model, [], usage)}
+            yield {"data": "[DONE]"}
+            self._remember(cid, messages, [None if withheld[i] else streamers[i].text for i in range(n)])
+            self._log(
+                cid,
+                200,
+                t0,
+                stream=True,
+                n=n,
+                messages=len(messages),
+                prompt_tokens=len(prompt),
+                completion_tokens=n_out,
+                first_token_ms=f"{first_token_ms or 0:.0f}",
+                finish=",".join(reasons),
+            )
+        except Exception as e:  # noqa: BLE001 - the response has started: report in-band, as OpenAI does
+            done = True
+            self.stats.errors += 1
+            user_error = isinstance(e, RLChatError)
+            if not user_error:
+                logger.exception("chat id=%s: generation failed", cid)
+            self._log(cid, 400 if user_error else 500, t0, stream=True, error=e.__class__.__name__)
+            kind = "invalid_request_error" if user_error else "server_error"
+            msg = str(e) if user_error else f"generation failed ({e.__class__.__name__}); see the replica log"
+            yield {"data": json.dumps(error_body(msg, kind))}
+            yield {"data": "[DONE]"}
+        finally:
+            if not done:  # the client went away: the batch ends this request's rows at its next step
+                job.control.finish.update(range(n))
+                self._log(cid, 499, t0, stream=True, error="client_disconnected", completion_tokens=sum(counts))
+
+    @api.post("/v1/feedback")
+    async def feedback_route(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        fb = parse_feedback_request(await self._body(request))
+        loop = asyncio.get_running_loop()
+        if fb.rating is not None:
+            assert fb.completion_id is not None
+            prompt, content = self._lookup(fb.completion_id, fb.choice_index, fb.messages, fb.content)
+            record = await loop.run_in_executor(
+                None, self.feedback.add_rating, fb.completion_id, fb.choice_index, fb.rating, prompt, content
+            )
+            logger.info("feedback rating=%s id=%s pair_written=%s", fb.rating, fb.completion_id, record is not None)
+            return {"recorded": True, "kind": "rating", "preference_written": record is not None}
+        if isinstance(fb.chosen, FeedbackRef) and isinstance(fb.rejected, FeedbackRef):
+            p1, chosen = self._lookup(fb.chosen.completion_id, fb.chosen.choice_index, None, None)
+            p2, rejected = self._lookup(fb.rejected.completion_id, fb.rejected.choice_index, None, None)
+            if p1 != p2:
+                raise APIError(
+                    400,
+                    "chosen and rejected answer different conversations; compare replies to one prompt",
+                    "rejected",
+                )
+            ids = {"chosen_id": fb.chosen.completion_id, "rejected_id": fb.rejected.completion_id}
+            prompt = p1
+        else:
+            assert fb.prompt is not None and isinstance(fb.chosen, str) and isinstance(fb.rejected, str)
+            prompt, chosen, rejected, ids = [m.as_message() for m in fb.prompt], fb.chosen, fb.rejected, {}
+        record = FeedbackLog.preference_record(prompt, chosen, rejected, feedback={"kind": "preference", **ids})
+        await loop.run_in_executor(None, self.feedback.append_preference, record)
+        logger.info("feedback preference written")
+        return {"recorded": True, "kind": "preference", "preference_written": True}
+
+    def _lookup(
+        self, cid: str, index: int, messages: list[Any] | None, content: str | None
+    ) -> tuple[list[dict[str, str]], str]:
+        """(prompt messages, reply text) of a completion choice: this replica's cache, else the request's copy."""
+        hit = self._completions.get(cid)
+        if hit is not None:
+            prompt, texts = hit
+            if index >= len(texts):
+                raise APIError(
+                    400, f"completion {cid} has {len(texts)} choice(s); choice_index={index}", "choice_index"
+                )
+            text = texts[index]
+            if text is None:
+                raise APIError(
+                    400, f"completion {cid} choice {index} was withheld by the safety filter", "completion_id"
+                )
+            return prompt, text
+        if messages is not None and content is not None:
+            return [m.as_message() for m in messages], content
+        raise APIError(
+            404,
+            f"unknown completion id {cid!r} (expired, or served by another replica); send messages and content "
+            "with the rating",
+            "completion_id",
+            "completion_not_found",
+        )
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: the generation thread must still accept work."""
+        if self._pool._shutdown:  # noqa: SLF001 - ThreadPoolExecutor has no public flag
+            raise RuntimeError("the generation thread pool is shut down")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_app(args: dict[str, Any]) -> "Application":
+    """The Serve application builder (``serve run serve.app:build_app checkpoint=...`` / ``serve_config.yaml``).
+
+    Args:
+        args: see :func:`resolve_settings`.
+    """
+    settings = resolve_settings(args)
+    return ChatServer.options(**deployment_options(settings)).bind(settings)
+
+
+def serve_command(
+    checkpoint: str | None = None,
+    from_run: str | None = None,
+    port: int | None = None,
+    host: str | None = None,
+    replicas: int | None = None,
+    config: str | None = None,
+    api_key: str | None = None,
+    address: str | None = None,
+    blocking: bool = True,
+    **_: Any,
+) -> int:
+    """``rlchat serve``: deploy a checkpoint (or a run's best) and print how to talk to it.
+
+    Returns:
+        0 after Ctrl-C (blocking) or once deployed (``--no-blocking``, the app keeps running on the cluster).
+    """
+    from rlchat.cluster import init_ray
+
+    args: dict[str, Any] = {"checkpoint": checkpoint, "from_run": from_run, "config": config}
+    if host is not None:
+        args["host"] = host
+    if port is not None:
+        args["port"] = port
+    if api_key is not None:
+        args["api_key"] = api_key
+    if replicas is not None:
+        args["replicas"] = replicas
+    settings = resolve_settings(args)
+    s = settings.config.serve
+    init_ray(address, settings.config.ray.num_cpus)
+    try:
+        ray_serve.start(http_options={"host": s.host, "port": s.port})
+        app = ChatServer.options(**deployment_options(settings)).bind(settings)
+        ray_serve.run(app, name=APP_NAME, route_prefix="/")
+        url = f"http://{s.host}:{s.port}"
+        auth = ' -H "Authorization: Bearer $RLCHAT_API_KEY"' if s.api_key else ""
+        body = f'{{"model": "{settings.model_name}", "messages": [{{"role": "user", "content": "hi"}}]}}'
+        print(f"serving {settings.checkpoint} as model {settings.model_name!r} at {url}")
+        print(f"  web chat:      {url}/")
+        print(f"  terminal chat: rlchat chat {url}" + (" --api-key $RLCHAT_API_KEY" if s.api_key else ""))
+        print(f"  curl:          curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'")
+        print(f"  openai:        OpenAI(base_url='{url}/v1', api_key=...)")
+        if s.safety_filter:
+            print("  safety filter: on")
+        print(f"  feedback file: {s.feedback_path}", flush=True)
+        if not blocking:
+            return 0
+        print("Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the shutdown
+        print("stopping: shutting Serve down", flush=True)
+        with contextlib.suppress(Exception):
+            ray_serve.shutdown()
+    return 0

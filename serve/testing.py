@@ -1,0 +1,159 @@
+"""Helpers for the Serve app's tests and benchmark: tiny checkpoints and one shared local app.
+
+Starting Serve costs ~9 s on 2 cores, so every test module of a pytest session shares one app through
+:func:`shared_app` (the first caller deploys it, later callers get the same URL); :func:`shutdown` tears Serve down
+and is safe to call more than once. Everything listens on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TEST_API_KEY = "test-key"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_tiny_checkpoint(
+    directory: str | Path,
+    n_layer: int = 1,
+    n_embd: int = 32,
+    n_head: int = 2,
+    n_positions: int = 256,
+    vocab_size: int = 4096,
+    seed: int = 0,
+    step: int = 1,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write an untrained policy checkpoint (stage ``sft``) of a tiny GPT-2 with a small cl100k vocabulary.
+
+    Args:
+        directory: where the checkpoint goes.
+        overrides: extra dotted config keys stored in the checkpoint's config (e.g. ``serve.*``, ``reward.*``).
+
+    Returns:
+        The checkpoint directory.
+    """
+    from rlchat.checkpoint import save_checkpoint
+    from rlchat.config import Config
+    from rlchat.model import PolicyValueModel
+    from rlchat.tokenizer import ChatTokenizer
+
+    cfg = Config().replace(
+        **{
+            "seed": seed,
+            "tokenizer.encoding": "cl100k_base",
+            "tokenizer.vocab_size": vocab_size,
+            "model.n_layer": n_layer,
+            "model.n_embd": n_embd,
+            "model.n_head": n_head,
+            "model.n_positions": n_positions,
+            "model.precision": "fp32",
+            **(overrides or {}),
+        }
+    )
+    tok = ChatTokenizer.from_config(cfg.tokenizer)
+    model = PolicyValueModel.build(cfg, tok)
+    return save_checkpoint(directory, model=model, tokenizer=tok, config=cfg, stage="sft", step=step)
+
+
+def wait_ready(url: str, timeout_s: float = 120.0, not_pid: int | None = None) -> dict[str, Any]:
+    """Poll ``GET url/readyz`` until it answers 200 (and, with ``not_pid``, from another process)."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(f"{url}/readyz", timeout=5)
+            if r.status_code == 200:
+                info = r.json()
+                if not_pid is None or info.get("pid") != not_pid:
+                    return info
+            last = r.status_code
+        except requests.RequestException as e:
+            last = e
+        time.sleep(0.25)
+    raise TimeoutError(f"{url}/readyz did not become ready within {timeout_s:.0f} s (last: {last!r})")
+
+
+@dataclass(frozen=True)
+class TestApp:
+    """A deployed app: its base URL, checkpoint, API key and feedback file."""
+
+    __test__ = False  # not a pytest test class
+
+    url: str
+    checkpoint: Path
+    api_key: str
+    feedback_path: Path
+    port: int
+
+
+_SHARED: dict[str, Any] = {}
+
+
+def start_serve(port: int | None = None) -> int:
+    """Start Serve (HTTP on 127.0.0.1:port) on the connected Ray; returns the port."""
+    from ray import serve as ray_serve
+
+    if "port" in _SHARED:
+        return int(_SHARED["port"])
+    port = port or free_port()
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _SHARED["port"] = port
+    return port
+
+
+def deploy(checkpoint: str | Path, name: str = "rlchat", route_prefix: str = "/", **args: Any) -> str:
+    """Deploy (or redeploy) an app of the checkpoint under ``route_prefix``; returns its base URL once ready."""
+    from ray import serve as ray_serve
+
+    from serve.app import build_app
+
+    port = start_serve()
+    ray_serve.run(build_app({"checkpoint": str(checkpoint), **args}), name=name, route_prefix=route_prefix)
+    url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+    wait_ready(url)
+    return url
+
+
+def shared_app(root: str | Path) -> TestApp:
+    """The session's shared test app (deployed on first use under ``root``): API key, batching up to 8."""
+    if "app" in _SHARED:
+        return _SHARED["app"]
+    root = Path(root)
+    ckpt = make_tiny_checkpoint(root / "tiny_ckpt")
+    feedback = root / "feedback.jsonl"
+    url = deploy(
+        ckpt,
+        api_key=TEST_API_KEY,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.05,
+        feedback_path=str(feedback),
+        max_tokens=64,
+        num_cpus=0.5,
+    )
+    app = TestApp(url=url, checkpoint=ckpt, api_key=TEST_API_KEY, feedback_path=feedback, port=_SHARED["port"])
+    _SHARED["app"] = app
+    return app
+
+
+def shutdown() -> None:
+    """Shut Serve down (idempotent)."""
+    from ray import serve as ray_serve
+
+    if _SHARED:
+        _SHARED.clear()
+        with contextlib.suppress(Exception):  # Ray may already be gone at session end
+            ray_serve.shutdown()

@@ -1,0 +1,279 @@
+"""`rlchat chat`: the commands (in-process), /probs against the engine's own log-probs, and the real program driven
+through a pseudo-terminal (pexpect) with a local checkpoint and with the running Serve endpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from rlchat.chat import (
+    ChatSession,
+    Decoding,
+    LocalBackend,
+    Reply,
+    chat_command,
+    format_probs,
+    token_alternatives,
+)
+from rlchat.data import read_records
+from rlchat.errors import RLChatError
+from rlchat.generation import SamplingParams
+from serve import testing
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return testing.make_tiny_checkpoint(tmp_path_factory.mktemp("chat") / "ckpt", n_positions=128)
+
+
+@pytest.fixture(scope="module")
+def local(ckpt) -> LocalBackend:
+    return LocalBackend(str(ckpt))
+
+
+class FakeBackend:
+    """Echoes the last user message: the commands are tested without a model."""
+
+    def __init__(self) -> None:
+        self.last = Reply()
+        self.calls: list[tuple[list[dict[str, str]], Decoding]] = []
+
+    def describe(self) -> str:
+        return "fake"
+
+    def stream(self, messages, d):
+        self.calls.append((messages, d))
+        self.last = Reply(text=f"echo: {messages[-1]['content']}", finish_reason="stop")
+        yield self.last.text
+
+
+def _session(system: str | None = None) -> tuple[ChatSession, io.StringIO, FakeBackend]:
+    out = io.StringIO()
+    backend = FakeBackend()
+    return ChatSession(backend, Decoding(), system, out), out, backend  # type: ignore[arg-type]
+
+
+def _run(session: ChatSession, lines: list[str]) -> int:
+    it = iter(lines)
+
+    def read(prompt: str) -> str:
+        session.out.write(prompt)
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    return session.run(read)
+
+
+def test_commands_change_settings_and_bad_arguments_get_one_line(tmp_path):
+    s, out, backend = _session()
+    lines = [
+        "/temp 0.3",
+        "/top_p 0.9",
+        "/top_k 40",
+        "/max_tokens 20",
+        "/beams 3",
+        "/temp warm",
+        "/temp 9",
+        "/top_p 0",
+        "/top_k -1",
+        "/max_tokens 1.5",
+        "/beams",
+        "/nope",
+        "/regenerate",
+        "hello",
+    ]
+    assert _run(s, lines) == 0
+    text = out.getvalue()
+    assert s.decoding == Decoding(temperature=0.3, top_k=40, top_p=0.9, max_tokens=20, beams=3)
+    assert backend.calls[-1][1] == s.decoding  # the reply used the changed settings
+    for expected in (
+        "/temp expects a number in [0, 2], e.g. /temp 0.7 (got 'warm')",
+        "/temp expects a number in [0, 2], e.g. /temp 0.7 (got 9)",
+        "/top_p expects a number in (0, 1]",
+        "/top_k expects an integer in [0, 100000]",
+        "/max_tokens expects an integer in [1, 100000], e.g. /max_tokens 128 (got '1.5')",
+        "/beams expects an integer in [1, 8], e.g. /beams 4",
+        "unknown command /nope; /help lists the commands",
+        "/regenerate needs a message to answer",
+    ):
+        assert expected in text, expected
+    assert "Traceback" not in text
+
+
+def test_conversation_system_regenerate_history_save_load(tmp_path):
+    s, out, backend = _session(system="be brief")
+    path = tmp_path / "conv.jsonl"
+    assert _run(s, ["hi", "second\\", "line", "/regenerate", "/history", f"/save {path}", "/reset", "/history"]) == 0
+    assert backend.calls[1][0] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "echo: hi"},
+        {"role": "user", "content": "second\nline"},  # a line ending in \ continues
+    ]
+    assert len(backend.calls) == 3 and backend.calls[2][0] == backend.calls[1][0]  # /regenerate re-asks
+    saved = json.loads(path.read_text())["messages"]  # one line
+    assert [m["role"] for m in saved] == ["system", "user", "assistant", "user", "assistant"]
+    assert read_records([path]).records[0].messages == saved  # a saved chat is a data record for `rlchat data`
+    assert "(empty conversation)" not in out.getvalue().split("(new conversation)")[0]
+
+    s2, out2, _ = _session()
+    assert _run(s2, [f"/load {path}", "/history", '"""', "multi", "line", '"""', "/system", "/system none"]) == 0
+    assert s2.system == "" and s2.turns[:4] == saved[1:]
+    assert s2.turns[4] == {"role": "user", "content": "multi\nline"}
+    assert "system prompt: 'be brief'" in out2.getvalue()
+
+    _run(s2, [f"/save {path}"])  # .jsonl: appended
+    assert len(read_records([path]).records) == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"messages": [{"role": "robot", "content": "x"}]}')
+    s3, out3, _ = _session()
+    _run(s3, [f"/load {bad}", f"/load {tmp_path / 'missing.json'}", "/save", f"/save {tmp_path}/no/such/dir/x"])
+    text = out3.getvalue()
+    assert "message 0 must be" in text and "cannot read" in text and "/save expects a file name" in text
+    assert "cannot write" in text and "Traceback" not in text
+
+
+def test_probs_and_why_need_a_local_checkpoint_and_a_reply():
+    s, out, _ = _session()
+    _run(s, ["/probs", "hi", "/why", "/probs 0"])
+    text = out.getvalue()
+    assert "/probs needs a local checkpoint" in text and "/why needs a local checkpoint" in text
+    assert "/probs expects an integer in [1, 50]" in text
+
+
+def test_token_alternatives_match_the_engines_greedy_logprobs(local):
+    tok = local.tokenizer
+    prompt = tok.render_prompt([{"role": "user", "content": "Name a fruit."}])
+    res = local.engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.0))
+    reply, logprobs = res.tokens[0], res.logprobs[0]
+    rows = token_alternatives(local.model, tok, prompt, reply, k=4)
+    assert [r.token_id for r in rows] == reply
+    for r, lp in zip(rows, logprobs):
+        assert math.isclose(r.prob, math.exp(lp), rel_tol=1e-4)  # greedy log-probs are the model's own
+        assert r.alternatives[0][0] == r.token_id  # greedy picked the most likely token
+        probs = [p for _, _, p in r.alternatives]
+        assert probs == sorted(probs, reverse=True) and len(probs) == 4 and sum(probs) <= 1 + 1e-6
+    table = format_probs(rows)
+    assert table.splitlines()[0].split() == ["#", "token", "p", "alternatives"] and len(table.splitlines()) == 9
+
+
+def test_chat_command_rejects_bad_flags_and_targets(tmp_path):
+    with pytest.raises(RLChatError, match="--temperature=3"):
+        chat_command(str(tmp_path), temperature=3.0)
+    with pytest.raises(RLChatError, match="--beams=0"):
+        chat_command(str(tmp_path), beams=0)
+    with pytest.raises(RLChatError, match="no such checkpoint"):
+        chat_command(str(tmp_path / "missing"))
+    with pytest.raises(RLChatError, match="cannot connect"):
+        chat_command(f"http://127.0.0.1:{testing.free_port()}")
+
+
+def _spawn(*args: str) -> pexpect.spawn:
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "rlchat.cli", "chat", *args],
+        cwd=str(ROOT),
+        env={**os.environ, "TERM": "dumb", "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"},
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 200),
+    )
+    child.expect("type a message")
+    child.banner = child.before  # type: ignore[attr-defined]
+    child.expect("you> ")
+    return child
+
+
+def _say(child: pexpect.spawn, line: str, until: str = "you> ") -> str:
+    child.sendline(line)
+    child.expect_exact(until)
+    return child.before
+
+
+def test_terminal_chat_with_a_local_checkpoint_through_a_pty(ckpt, tmp_path):
+    child = _spawn(str(ckpt), "--max-tokens", "6", "--seed", "0", "--system", "You are terse.")
+    try:
+        assert f"rlchat chat with {ckpt} (sft checkpoint, step 1)" in child.banner
+        out = _say(child, "Hello there")
+        assert "assistant> " in out
+        assert "[max_tokens reached]" in out or out.strip()
+        out = _say(child, "/temp hot")
+        assert "/temp expects a number" in out
+        out = _say(child, "/probs 3")
+        assert "alternatives" in out and len([x for x in out.splitlines() if x.strip()[:1].isdigit()]) >= 1
+        out = _say(child, "/why")
+        assert "reward" in out and "verifiable" in out
+        child.sendline("first line\\")
+        child.expect_exact("...> ")
+        _say(child, "second line")
+        out = _say(child, "/history")
+        assert "1 system: You are terse." in out and "first line" in out and "second line" in out
+        path = tmp_path / "c.json"
+        out = _say(child, f"/save {path}")
+        assert "saved 5 messages" in out
+        out = _say(child, "/beams 2")
+        out = _say(child, "/regenerate")
+        assert "assistant> " in out
+        out = _say(child, "/load /nonexistent/file.json")
+        assert "cannot read" in out
+        assert "Traceback" not in child.before
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert json.loads(path.read_text())["messages"][2]["role"] == "assistant"
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_local, tmp_path_factory) -> testing.TestApp:
+    """The session's shared Serve app (deployed once, whichever test module asks first)."""
+    yield testing.shared_app(tmp_path_factory.mktemp("serve_app"))
+    testing.shutdown()
+
+
+@pytest.mark.slow
+def test_terminal_chat_with_the_endpoint_through_a_pty(serve_app):
+    app = serve_app
+    child = _spawn(app.url, "--api-key", app.api_key, "--max-tokens", "5", "--seed", "1", "--stop", "zzqq")
+    try:
+        assert f"rlchat chat with {app.url} (model rlchat, step 1)" in child.banner
+        out = _say(child, "Hi!")
+        assert "assistant> " in out and "error" not in out
+        out = _say(child, "/top_k 5")
+        out = _say(child, "again")
+        assert "assistant> " in out and "error" not in out
+        out = _say(child, "/probs")
+        assert "/probs needs a local checkpoint" in out
+        out = _say(child, "/max_tokens 500")  # over the server's limit: its error, one line
+        out = _say(child, "once more")
+        assert "error: HTTP 400" in out and "max_tokens=500 exceeds" in out and "Traceback" not in out
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+    bad = pexpect.spawn(
+        sys.executable,
+        ["-m", "rlchat.cli", "chat", app.url, "--api-key", "wrong"],
+        cwd=str(ROOT),
+        env={**os.environ, "TERM": "dumb"},
+        encoding="utf-8",
+        timeout=120,
+    )
+    bad.expect(pexpect.EOF)
+    bad.close()
+    assert bad.exitstatus == 2
+    assert "error:" in bad.before and "HTTP 401" in bad.before and "Traceback" not in bad.before

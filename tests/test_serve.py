@@ -1,0 +1,573 @@
+"""The Serve chat endpoint: OpenAI shape (official client, plain and streaming), errors over raw HTTP, batching,
+feedback into `rlchat rm`'s reader, auth, request logs without bodies, the safety filter and replica recovery.
+
+The pure pieces (streaming text, batch grouping, request parsing, the feedback log, settings) are tested in-process;
+the rest runs against ONE shared app (serve.testing.shared_app) on the session's local Ray, because starting Serve
+costs ~10-40 s on 2 shared cores. The safety test deploys a second application on the same Serve instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from rlchat.chat import TextStreamer
+from rlchat.config import Config
+from rlchat.data import normalize_text, read_records
+from rlchat.errors import CheckpointError, ConfigError
+from rlchat.generation import FINISH_LENGTH, GenerationEngine, SamplingParams
+from rlchat.model import PolicyValueModel
+from rlchat.tokenizer import ChatTokenizer
+from serve import testing
+from serve.app import (
+    DEPLOYMENT_NAME,
+    WITHHELD_NOTICE,
+    BatchRun,
+    FeedbackLog,
+    GenerationJob,
+    JobOutput,
+    deployment_options,
+    resolve_settings,
+    run_jobs,
+)
+from serve.schemas import APIError, parse_chat_request, parse_feedback_request
+
+VOCAB = 4096
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok() -> ChatTokenizer:
+    return ChatTokenizer("cl100k_base", VOCAB)
+
+
+@pytest.fixture(scope="module")
+def engine(tok) -> GenerationEngine:
+    sizes = {"tokenizer.vocab_size": VOCAB, "model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2}
+    cfg = Config().replace(**sizes)
+    return GenerationEngine(PolicyValueModel.build(cfg, tok).eval(), tok, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return testing.make_tiny_checkpoint(tmp_path_factory.mktemp("serve_unit") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def app(ray_local, tmp_path_factory) -> testing.TestApp:
+    a = testing.shared_app(tmp_path_factory.mktemp("serve_app"))
+    yield a
+    testing.shutdown()
+
+
+def _auth(app: testing.TestApp) -> dict[str, str]:
+    return {"Authorization": f"Bearer {app.api_key}"}
+
+
+def _post(app: testing.TestApp, body, path: str = "/v1/chat/completions", **kw) -> requests.Response:
+    headers = kw.pop("headers", _auth(app))
+    if isinstance(body, (bytes, str)):
+        return requests.post(app.url + path, data=body, headers=headers, timeout=120, **kw)
+    return requests.post(app.url + path, json=body, headers=headers, timeout=120, **kw)
+
+
+def _sse(resp: requests.Response) -> list[str]:
+    """The data fields of an SSE response, in order."""
+    return [line[5:].strip() for line in resp.iter_lines(decode_unicode=True) if line.startswith("data:")]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_text_streamer_never_splits_a_character(tok):
+    text = "héllo 😀 wörld 日本語 ✓"
+    ids = tok.encode(text)
+    st = TextStreamer(tok)
+    pieces = [st.push(t) for t in ids] + [st.finish()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    # the test is only meaningful if some token ended inside a character (the streamer held it back)
+    assert any(p == "" for p in pieces[:-1]), "no token split a UTF-8 character; pick other text"
+    assert len(ids) > len([p for p in pieces if p])
+
+
+def test_text_streamer_cuts_stop_strings_and_holds_back_their_prefix(tok):
+    st = TextStreamer(tok, stop_strings=["STOP"])
+    out = []
+    for t in tok.encode("abc STO"):
+        out.append(st.push(t))
+    assert "".join(out) == "abc "  # "STO" may become STOP: held back
+    for t in tok.encode("P and more"):
+        out.append(st.push(t))
+    out.append(st.finish())
+    assert "".join(out) == "abc " and st.stopped and st.text == "abc "
+    # a near miss is released in the end
+    st = TextStreamer(tok, stop_strings=["STOP"])
+    pieces = [st.push(t) for t in tok.encode("a STOIC b")] + [st.finish()]
+    assert "".join(pieces) == "a STOIC b" and not st.stopped
+
+
+def test_text_streamer_holdback_window(tok):
+    st = TextStreamer(tok, holdback=5)
+    sent = "".join(st.push(t) for t in tok.encode("0123456789 abcdefghij"))
+    assert sent == "0123456789 abcdefghij"[:-5]
+    assert st.finish() == "fghij"
+
+
+def test_run_jobs_batches_by_settings_and_ends_rows_at_their_budgets(engine, tok):
+    prompt = tuple(tok.render_prompt([{"role": "user", "content": "hi there"}]))
+    other = tuple(tok.render_prompt([{"role": "user", "content": "a longer question here?"}]))
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0)
+    jobs = [
+        GenerationJob(prompt, sampled, (11, 12)),
+        GenerationJob(other, SamplingParams(max_new_tokens=5, temperature=1.0), (13,)),
+        GenerationJob(prompt, SamplingParams(max_new_tokens=7, temperature=0.0), (14,)),  # its own group
+        GenerationJob(prompt, SamplingParams(max_new_tokens=600, temperature=1.0), (15,)),  # beyond the context
+    ]
+    outs = run_jobs(engine, jobs)
+    assert isinstance(outs[3], Exception) and "exceeds" in str(outs[3])
+    for job, out in zip(jobs[:3], outs[:3]):
+        assert isinstance(out, JobOutput) and len(out.tokens) == len(job.seeds)
+        alone = engine.generate([list(job.prompt)] * len(job.seeds), job.params, list(job.seeds))
+        assert out.tokens == alone.tokens  # batching never changes a seeded reply
+        assert out.finish_reasons == alone.finish_reasons
+        for toks, reason in zip(out.tokens, out.finish_reasons):
+            assert len(toks) <= job.params.max_new_tokens
+            assert reason == FINISH_LENGTH or toks[-1] == tok.eot_id
+
+
+def test_batch_run_reports_each_job_when_it_ends_and_obeys_stream_control(engine, tok):
+    prompt = tuple(tok.render_prompt([{"role": "user", "content": "hello"}]))
+    short = GenerationJob(prompt, SamplingParams(max_new_tokens=3, temperature=1.0), (1,))
+    long = GenerationJob(prompt, SamplingParams(max_new_tokens=10, temperature=1.0), (2, 3))
+    run = BatchRun(engine, [short, long])
+    assert run.rows == 3
+    steps = 0
+    done_at: dict[int, int] = {}
+    while (items := run.step()) is not None:
+        steps += 1
+        for j, item in enumerate(items):
+            if item is not None and item.done is not None:
+                done_at[j] = steps
+        if steps == 2:
+            long.control.finish.add(1)  # the request side saw a stop string in choice 1
+    assert done_at[0] <= 3 < done_at[1]  # the short job did not wait for the long one
+    out = run_jobs(engine, [short])[0]
+    assert isinstance(out, JobOutput) and len(out.tokens[0]) <= 3
+    tokens, reasons = run.tokens[1], run.reasons[1]
+    assert reasons[1] == "stop" and len(tokens[1]) == 2  # ended before its next token
+    assert len(tokens[0]) == 10 or reasons[0] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        (b"{bad json", None, None),
+        (b"[1, 2]", None, None),
+        (b"", None, None),
+        (b"\xff\xfe\x00", None, None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "tools": []}', "tools", "unsupported_parameter"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 2}}', "logit_bias", None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}', "presence_penalty", None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}', "logprobs", None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "colour": 1}', "colour", "unrecognized_parameter"),
+        (b'{"messages": [{"role": "bot", "content": "x"}]}', "messages[0].role", "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "messages[0].content[0]", None),
+        (b'{"messages": []}', "messages", "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "0.5"}', "temperature", "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}', "temperature", "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "n": 0}', "n", "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}', "stop", None),
+        (b'{"temperature": 1}', "messages", "missing_required_parameter"),
+    ],
+)
+def test_parse_chat_request_rejects_with_openai_errors(body, param, code):
+    with pytest.raises(APIError) as info:
+        parse_chat_request(body)
+    e = info.value
+    assert e.status == 400 and e.param == param and e.message
+    if code:
+        assert e.code == code
+    assert set(e.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_parse_chat_request_accepts_openai_and_extension_fields():
+    req = parse_chat_request(
+        json.dumps(
+            {
+                "model": "rlchat",
+                "messages": [
+                    {"role": "developer", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "llo"}]},
+                ],
+                "max_completion_tokens": 9,
+                "max_tokens": 30,
+                "stop": "END",
+                "seed": 3,
+                "n": 2,
+                "top_k": 5,
+                "repetition_penalty": 1.2,
+                "presence_penalty": 0,
+                "stream_options": {"include_usage": True},
+            }
+        ).encode()
+    )
+    assert [m.as_message() for m in req.messages] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"},
+    ]
+    assert req.budget() == 9 and req.stop_strings() == ("END",) and req.top_k == 5
+
+
+def test_feedback_log_pairs_opposite_ratings_and_reads_back_with_rm_reader(tmp_path):
+    log = FeedbackLog(tmp_path / "fb" / "feedback.jsonl")
+    prompt = [{"role": "user", "content": "What is 2+2?"}]
+    assert log.add_rating("c1", 0, "down", prompt, "five") is None  # nothing to pair with yet
+    assert log.add_rating("c9", 0, "up", [{"role": "user", "content": "other"}], "x") is None  # other prompt
+    assert log.add_rating("c3", 0, "down", prompt, "five") is None  # same reply: not a pair
+    rec = log.add_rating("c2", 0, "up", prompt, "4")
+    assert rec is not None and rec["chosen"] == "4" and rec["rejected"] == "five"
+    log.append_preference(FeedbackLog.preference_record(prompt, "four", "4 apples", feedback={"kind": "preference"}))
+    read = read_records([log.path])
+    assert [(r.messages, r.chosen, r.rejected) for r in read.records] == [
+        (prompt, [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "five"}]),
+        (prompt, [{"role": "assistant", "content": "four"}], [{"role": "assistant", "content": "4 apples"}]),
+    ]
+    assert read.records[0].meta["feedback"]["chosen_id"] == "c2"
+    # the ratings side file is not a data file, so `rlchat rm` pointed at the directory reads only the pairs
+    assert len(read_records([log.path.parent]).records) == 2
+    with pytest.raises(APIError, match="usable preference"):
+        FeedbackLog.preference_record(prompt, "same", "same")
+
+
+def test_parse_feedback_request_shapes():
+    assert parse_feedback_request(b'{"completion_id": "c", "rating": "up"}').rating == "up"
+    fb = parse_feedback_request(
+        b'{"chosen": {"completion_id": "a"}, "rejected": {"completion_id": "b", "choice_index": 1}}'
+    )
+    assert fb.rejected.choice_index == 1
+    for bad in (
+        b"{}",
+        b'{"rating": "up"}',
+        b'{"completion_id": "c", "rating": "meh"}',
+        b'{"chosen": "a", "rejected": "b"}',
+        b'{"chosen": {"completion_id": "a"}}',
+    ):
+        with pytest.raises(APIError) as info:
+            parse_feedback_request(bad)
+        assert info.value.status == 400
+
+
+def test_resolve_settings_and_deployment_options(ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = resolve_settings(
+        {"checkpoint": str(ckpt), "max_batch_size": "4", "max_replicas": "3", "reward.safety_patterns": ["x"]}
+    )
+    assert s.config.serve.max_batch_size == 4 and s.config.reward.safety_patterns == ("x",)
+    assert Path(s.config.serve.feedback_path) == tmp_path / "feedback.jsonl"  # resolved on the driver
+    opts = deployment_options(s)
+    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16.0}
+    assert opts["max_ongoing_requests"] >= 4 and "num_replicas" not in opts
+    fixed = deployment_options(resolve_settings({"checkpoint": str(ckpt), "replicas": 2}))
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    monkeypatch.setenv("RLCHAT_API_KEY", "from-env")
+    assert resolve_settings({"checkpoint": str(ckpt)}).config.serve.api_key == "from-env"
+    with pytest.raises(ConfigError, match="unknown"):
+        resolve_settings({"checkpoint": str(ckpt), "max_batchsize": 4})
+    with pytest.raises(ConfigError, match="exactly one"):
+        resolve_settings({"checkpoint": str(ckpt), "from_run": str(tmp_path)})
+    # --from-run: the run's best checkpoint
+    run = tmp_path / "run"
+    best = testing.make_tiny_checkpoint(run / "checkpoints" / "step_000003", step=3)
+    s = resolve_settings({"from_run": str(run)})
+    assert Path(s.checkpoint) == best.resolve()
+    with pytest.raises(CheckpointError):
+        resolve_settings({"checkpoint": str(tmp_path / "missing")})
+
+
+def test_serve_config_yaml_is_a_valid_serve_deploy_config(ckpt, tmp_path, monkeypatch):
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+
+    raw = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    (app_schema,) = schema.applications
+    assert app_schema.import_path == "serve.app:build_app"
+    (dep,) = app_schema.deployments
+    assert dep.name == DEPLOYMENT_NAME
+    assert dep.autoscaling_config["max_replicas"] >= dep.autoscaling_config["min_replicas"]
+    assert set(app_schema.args) >= {"checkpoint", "max_batch_size", "batch_wait_timeout_s"}
+    # the builder accepts the YAML's args the way `serve run` passes them
+    monkeypatch.chdir(tmp_path)
+    app = call_user_app_builder_with_args_if_necessary(build_app, {**app_schema.args, "checkpoint": str(ckpt)})
+    assert isinstance(app, Application)
+
+
+def test_serve_command_needs_a_checkpoint():
+    from serve.app import serve_command
+
+    with pytest.raises(ConfigError, match="exactly one"):
+        serve_command(checkpoint=None, from_run=None, blocking=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Against the running app
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_openai_client_plain_and_streaming(app, tok):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=app.url + "/v1", api_key=app.api_key, max_retries=0, timeout=120)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["rlchat"]
+    messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "Tell me a story."}]
+    kw = dict(model="rlchat", messages=messages, max_tokens=12, temperature=1.0, seed=7)
+    r1 = client.chat.completions.create(n=2, **kw)
+    assert r1.id.startswith("chatcmpl-") and r1.object == "chat.completion" and r1.model == "rlchat"
+    assert [c.index for c in r1.choices] == [0, 1]
+    assert all(c.finish_reason in ("stop", "length") for c in r1.choices)
+    assert r1.usage.prompt_tokens == len(tok.render_prompt(messages))
+    assert 2 <= r1.usage.completion_tokens <= 24
+    assert r1.usage.total_tokens == r1.usage.prompt_tokens + r1.usage.completion_tokens
+    r2 = client.chat.completions.create(n=2, **kw)
+    assert [c.message.content for c in r2.choices] == [c.message.content for c in r1.choices]  # seeded
+    assert r2.id != r1.id
+
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == r1.choices[0].message.content  # same seed, same reply, plain or streamed
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [r1.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == r1.usage.prompt_tokens
+    assert {c.id for c in chunks} == {chunks[0].id}
+    # n=2 streamed: the choices interleave by index and equal the plain ones
+    texts = ["", ""]
+    for c in client.chat.completions.create(stream=True, n=2, **kw):
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert texts == [c.message.content for c in r1.choices]
+
+
+@pytest.mark.slow
+def test_streamed_chunks_are_whole_characters_and_end_with_done(app):
+    for seed in range(4):
+        user = [{"role": "user", "content": "日本語で"}]
+        body = {"messages": user, "max_tokens": 48, "temperature": 2.0, "seed": seed}
+        plain = _post(app, body).json()["choices"][0]["message"]["content"]
+        resp = _post(app, {**body, "stream": True}, stream=True)
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        data = _sse(resp)
+        assert data[-1] == "[DONE]"
+        pieces = [json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-1]]
+        # a split character would show up as U+FFFD in a chunk and make the concatenation differ from the plain reply
+        assert "".join(pieces) == plain
+
+
+@pytest.mark.slow
+def test_stop_strings_end_the_reply_and_are_not_shown(app):
+    base = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 24, "temperature": 0.0}
+    full = _post(app, base).json()["choices"][0]["message"]["content"]
+    assert len(full) > 8, full
+    stop = full[4:7]
+    expected = full[: full.index(stop)]
+    r = _post(app, {**base, "stop": [stop, "zzzz-not-there"]}).json()
+    assert r["choices"][0]["message"]["content"] == expected
+    assert r["choices"][0]["finish_reason"] == "stop"
+    data = _sse(_post(app, {**base, "stop": stop, "stream": True}, stream=True))
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.slow
+def test_error_cases_over_raw_http(app):
+    user = [{"role": "user", "content": "hi"}]
+    cases = [
+        ("no key", {"messages": user}, {}, 401, "invalid_api_key"),
+        ("wrong key", {"messages": user}, {"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
+        ("bad json", b'{"messages": [', None, 400, None),
+        ("not an object", b'"hello"', None, 400, None),
+        ("not utf-8", b"\xff\xfe{}", None, 400, None),
+        ("empty body", b"", None, 400, None),
+        ("tools", {"messages": user, "tools": [{"type": "function"}]}, None, 400, "unsupported_parameter"),
+        ("logit_bias", {"messages": user, "logit_bias": {"50": 5}}, None, 400, "unsupported_parameter"),
+        ("unknown", {"messages": user, "frobnicate": True}, None, 400, "unrecognized_parameter"),
+        ("wrong type", {"messages": "hi"}, None, 400, "invalid_value"),
+        ("temperature", {"messages": user, "temperature": -0.5}, None, 400, "invalid_value"),
+        ("too many messages", {"messages": user * 65}, None, 400, "too_many_messages"),
+        ("too many chars", {"messages": [{"role": "user", "content": "a" * 32001}]}, None, 400, "too_many_characters"),
+        ("max_tokens", {"messages": user, "max_tokens": 65}, None, 400, "invalid_value"),
+        ("context", {"messages": [{"role": "user", "content": "word " * 300}]}, None, 400, "context_length_exceeded"),
+        ("context+budget", {"messages": [{"role": "user", "content": "word " * 220}], "max_tokens": 60}, None, 400,
+         "context_length_exceeded"),
+        ("model", {"messages": user, "model": "gpt-4o"}, None, 404, "model_not_found"),
+        ("beams with n", {"messages": user, "num_beams": 2, "n": 2}, None, 400, "invalid_value"),
+        ("too large", b"{" + b" " * 300_000 + b"}", None, 413, "body_too_large"),
+    ]  # fmt: skip
+    for name, body, headers, status, code in cases:
+        r = _post(app, body, headers=_auth(app) if headers is None else headers)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert isinstance(err["message"], str) and err["message"] and err["type"], name
+        if code:
+            assert err["code"] == code, (name, err)
+    # routes: unknown path, wrong method, auth on models and feedback, open health endpoints
+    assert requests.get(app.url + "/v1/nothing", timeout=30).status_code == 404
+    r = requests.get(app.url + "/v1/chat/completions", headers=_auth(app), timeout=30)
+    assert r.status_code == 405 and "error" in r.json()
+    assert requests.get(app.url + "/v1/models", timeout=30).status_code == 401
+    assert _post(app, {"completion_id": "x", "rating": "up"}, "/v1/feedback", headers={}).status_code == 401
+    assert requests.get(app.url + "/healthz", timeout=30).json() == {"status": "ok"}
+    ready = requests.get(app.url + "/readyz", timeout=30).json()
+    assert ready["checkpoint"] == str(app.checkpoint) and ready["step"] == 1 and ready["stage"] == "sft"
+    # the server still answers after all that
+    assert _post(app, {"messages": user, "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched_without_changing_seeded_replies(app):
+    bodies = [
+        {"messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 4 + i, "seed": 100 + i}
+        for i in range(8)
+    ]
+    alone = [_post(app, b).json()["choices"][0]["message"]["content"] for b in bodies]
+    before = requests.get(app.url + "/readyz", timeout=30).json()["stats"]
+    together: list[str | None] = [None] * len(bodies)
+    start = threading.Barrier(len(bodies))
+
+    def send(i: int) -> None:
+        start.wait()
+        if i % 2:  # streamed and plain requests share the batches
+            data = _sse(_post(app, {**bodies[i], "stream": True}, stream=True))
+            together[i] = "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-1])
+        else:
+            together[i] = _post(app, bodies[i]).json()["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    after = requests.get(app.url + "/readyz", timeout=30).json()["stats"]
+    assert together == alone
+    assert after["requests"] - before["requests"] == 4 and after["streams"] - before["streams"] == 4
+    assert after["batches"] - before["batches"] < len(bodies)  # fewer generation batches than requests
+    assert after["largest_batch"] > 1 and after["largest_batch"] <= 8  # bounded by serve.max_batch_size
+
+
+@pytest.mark.slow
+def test_feedback_round_trip_into_the_reward_model_reader(app):
+    messages = [{"role": "user", "content": "Pick a colour."}]
+    r = _post(app, {"messages": messages, "n": 2, "max_tokens": 8, "seed": 5, "temperature": 1.0}).json()
+    a, b = (c["message"]["content"] for c in r["choices"])
+    assert a.strip() and b.strip() and a != b
+    fb = "/v1/feedback"
+    first = _post(app, {"completion_id": r["id"], "choice_index": 0, "rating": "up"}, fb).json()
+    assert first == {"recorded": True, "kind": "rating", "preference_written": False}
+    second = _post(app, {"completion_id": r["id"], "choice_index": 1, "rating": "down"}, fb).json()
+    assert second["preference_written"] is True
+    third = _post(
+        app,
+        {"chosen": {"completion_id": r["id"], "choice_index": 1}, "rejected": {"completion_id": r["id"]}},
+        fb,
+    ).json()
+    assert third["preference_written"] is True
+    by_text = {"prompt": messages, "chosen": "Blue.", "rejected": "I refuse."}
+    assert _post(app, by_text, fb).json()["preference_written"] is True
+    # any replica can take a rating when the client sends the text along (the web page does); this "down" pairs
+    # with the most recent "up" of the same prompt (reply a)
+    other = {"completion_id": "chatcmpl-elsewhere", "rating": "down", "messages": messages, "content": "Grey?"}
+    assert _post(app, other, fb).json()["preference_written"] is True
+
+    recs = read_records([app.feedback_path]).records
+    got = [(r.messages, r.chosen[0]["content"], r.rejected[0]["content"]) for r in recs[-4:]]
+    a, b = normalize_text(a), normalize_text(b)  # what `rlchat data` makes of any text
+    assert got == [
+        (messages, a, b),  # thumbs up on choice 0 + thumbs down on choice 1
+        (messages, b, a),  # explicit preference by completion ids
+        (messages, "Blue.", "I refuse."),  # explicit preference by text
+        (messages, a, "Grey?"),
+    ]
+    assert recs[-4].meta["feedback"] == {"kind": "thumbs", "chosen_id": r["id"], "rejected_id": r["id"]}
+    assert all(r.is_preference for r in recs)
+
+    assert _post(app, {"completion_id": "chatcmpl-unknown", "rating": "up"}, fb).status_code == 404
+    assert _post(app, {"completion_id": r["id"], "choice_index": 5, "rating": "up"}, fb).status_code == 400
+    assert _post(app, b"{nope", fb).status_code == 400
+    assert _post(app, {"prompt": messages, "chosen": "same", "rejected": "same"}, fb).status_code == 400
+
+
+@pytest.mark.slow
+def test_request_logs_carry_ids_but_no_message_bodies(app, ray_local):
+    secret = "purple-elephant-4471"
+    r = _post(app, {"messages": [{"role": "user", "content": f"my secret is {secret}"}], "max_tokens": 3})
+    cid = r.json()["id"]
+    logs_dir = Path(ray_local._private.worker._global_node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 30
+    text = ""
+    while time.monotonic() < deadline:
+        text = "\n".join(p.read_text(errors="replace") for p in logs_dir.glob("replica_*.log"))
+        if cid in text:
+            break
+        time.sleep(0.5)
+    line = next(x for x in text.splitlines() if cid in x)
+    assert "status=200" in line and "prompt_tokens=" in line and "completion_tokens=" in line
+    assert secret not in text
+
+
+@pytest.mark.slow
+def test_safety_filter_withholds_flagged_replies(app):
+    from ray import serve as ray_serve
+
+    url = testing.deploy(
+        app.checkpoint,
+        name="filtered",
+        route_prefix="/filtered",
+        safety_filter=True,
+        **{"reward.safety_patterns": [r"\S"]},  # flags any visible character: every non-empty reply
+        api_key=app.api_key,
+        num_cpus=0.25,
+    )
+    try:
+        body = {"messages": [{"role": "user", "content": "say something"}], "max_tokens": 8, "seed": 1}
+        r = requests.post(url + "/v1/chat/completions", json=body, headers=_auth(app), timeout=120).json()
+        choice = r["choices"][0]
+        assert choice["finish_reason"] == "content_filter" and choice["message"]["content"] == WITHHELD_NOTICE
+        resp = requests.post(
+            url + "/v1/chat/completions", json={**body, "stream": True}, headers=_auth(app), timeout=120, stream=True
+        )
+        chunks = [json.loads(d) for d in _sse(resp)[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text.strip() == WITHHELD_NOTICE  # nothing of the flagged reply left the server
+        assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+    finally:
+        ray_serve.delete("filtered")
+    # the main app is unaffected
+    r = _post(app, {"messages": [{"role": "user", "content": "say something"}], "max_tokens": 8, "seed": 1}).json()
+    assert r["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_killed_replica_is_replaced_and_the_endpoint_answers_again(app):
+    old = testing.wait_ready(app.url)
+    os.kill(old["pid"], signal.SIGKILL)
+    new = testing.wait_ready(app.url, timeout_s=180, not_pid=old["pid"])
+    assert new["pid"] != old["pid"] and new["replica"] != old["replica"] and new["step"] == 1
+    r = _post(app, {"messages": [{"role": "user", "content": "still there?"}], "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")

@@ -1,0 +1,109 @@
+"""The web chat page at "/": served by the app, and driven in headless Chromium (Debian's `chromium` package through
+Playwright's Python API; `playwright install` is never run): send a message, wait for the streamed reply, rate two
+replies to the same prompt into a preference pair, reset, and show a clear error for a wrong API key.
+
+Skipped, with the reason, only when no Chromium binary is installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+
+from rlchat.data import normalize_text, read_records
+from serve import testing
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_local, tmp_path_factory) -> testing.TestApp:
+    """The session's shared Serve app (deployed once, whichever test module asks first)."""
+    yield testing.shared_app(tmp_path_factory.mktemp("serve_app"))
+    testing.shutdown()
+
+
+@pytest.mark.slow
+def test_page_is_served_as_plain_html(serve_app):
+    r = requests.get(serve_app.url + "/", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    for element in ('id="input"', 'id="send"', 'id="temperature"', 'id="max-tokens"', 'id="reset"', 'id="api-key"'):
+        assert element in html
+    assert "v1/chat/completions" in html and "v1/feedback" in html
+    assert "http://" not in html.split("<script>")[1] and "https://" not in html  # no external resources
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_chat_page_in_headless_chromium(serve_app, tmp_path: Path):
+    from playwright import sync_api  # in the `test` extra: a missing package is a failure, not a skip
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 700})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(serve_app.url + "/")
+            sync_api.expect(page.locator("#status")).to_contain_text("step 1")
+            sync_api.expect(page.locator("#status")).to_contain_text("API key required")
+
+            # a wrong key: the error is shown, nothing crashes
+            page.fill("#api-key", "wrong")
+            page.fill("#input", "Hello?")
+            page.press("#input", "Enter")
+            sync_api.expect(page.locator(".msg.error")).to_contain_text("401")
+
+            # the right key, a fresh conversation, controls set, a streamed reply
+            page.fill("#api-key", serve_app.api_key)
+            page.dispatch_event("#api-key", "change")
+            page.click("#reset")
+            sync_api.expect(page.locator(".msg.user")).to_have_count(0)
+            page.locator("#temperature").fill("1.2")
+            sync_api.expect(page.locator("#temperature-value")).to_have_text("1.20")
+            page.fill("#max-tokens", "12")
+            page.fill("#input", "Tell me about the sea.")
+            page.click("#send")
+            sync_api.expect(page.locator(".msg.user")).to_have_text("Tell me about the sea.")
+            first = page.locator(".msg.assistant").nth(0)
+            sync_api.expect(first).to_have_attribute("data-state", "done", timeout=60_000)
+            assert first.get_attribute("data-finish") in ("stop", "length")
+            assert first.get_attribute("data-completion-id").startswith("chatcmpl-")
+            reply = first.locator(".text").inner_text()
+            assert reply.strip(), "the streamed reply is empty"
+            page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+
+            # rate it, regenerate, rate the other reply the other way: a preference pair in the feedback file
+            first.locator(".thumb-up").click()
+            sync_api.expect(first.locator(".meta")).to_contain_text("thanks")
+            page.click("#regenerate")
+            second = page.locator(".msg.assistant").nth(1)
+            sync_api.expect(second).to_have_attribute("data-state", "done", timeout=60_000)
+            second.locator(".thumb-down").click()
+            sync_api.expect(second.locator(".meta")).to_contain_text("preference pair")
+            page.screenshot(path=str(tmp_path / "feedback.png"), full_page=True)
+            last = read_records([serve_app.feedback_path]).records[-1]
+            assert last.messages == [{"role": "user", "content": "Tell me about the sea."}]
+            assert last.chosen[0]["content"] == normalize_text(reply)
+
+            page.click("#reset")
+            sync_api.expect(page.locator(".msg.assistant")).to_have_count(0)
+            sync_api.expect(page.locator(".msg.system")).to_have_text("new conversation")
+            assert errors == []
+        finally:
+            browser.close()
+    assert (tmp_path / "chat.png").stat().st_size > 10_000
