@@ -5,7 +5,7 @@ PYTHON ?= python3
 # The CPU build of torch on this disk; a bare `torch` requirement may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup browser demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -16,10 +16,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,minilm]"
 	touch $@
 
+# Debian's Chromium drives the web-page test (Playwright uses it; it never downloads a browser). Best effort:
+# without root or apt the test is skipped with its reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 || echo "note: chromium not installed; the web-page test will be skipped"; }
+
 demo: setup
 	$(VENV)/bin/rlchat demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 
 test-fast: setup
@@ -32,6 +37,10 @@ bench: setup
 	$(PY) bench/tokenizer_throughput.py
 	$(PY) bench/generation.py
 	$(PY) bench/env_step.py
+	$(PY) bench/sft_step.py
+	$(PY) bench/ppo_throughput.py
+	$(PY) bench/serve_load.py
+	$(PY) bench/batch_generate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -233,6 +233,7 @@ def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
     out[M.ROLLOUT_REWARD_STD] = float(np.std(total))
     out[M.ROLLOUT_RESPONSE_LEN] = float(np.mean(batch.response_lengths))
     out[M.ROLLOUT_TRUNCATED_FRAC] = float(np.mean(batch.truncated))
+    out[M.ROLLOUT_CONTEXT_LEN] = float(np.mean(batch.attention_mask.sum(axis=1)))
     return out
 
 
