@@ -1,0 +1,884 @@
+"""Models: the policy with its value head, tiny demo models, vocabulary bridging and the reward model.
+
+- :class:`PolicyValueModel` wraps any ``transformers`` causal LM (a local path, a hub id, or a tiny model built from
+  :class:`~rlchat.config.ModelConfig`) plus a scalar value head, either on the policy's own trunk (``critic: shared``)
+  or on a second trunk of the same config (``critic: separate``). One causal forward gives log-probs, entropy and
+  values for every position, aligned so that position ``t`` holds the quantities *for generating token t*.
+- :func:`load_lm` bridges vocabularies: chat special tokens the model lacks get new embedding rows initialised
+  from the mean embedding (tied weights stay tied); a pretrained model whose vocabulary is not the chosen tiktoken
+  encoding is refused, unless ``model.reinit_embeddings`` asks to re-initialise the embeddings.
+- :class:`RewardModel` puts a scalar head on any ``AutoModel``: encoders (BERT, DistilBERT, RoBERTa, MiniLM) score
+  from the first token, causal LMs from the last real token.
+
+Why log-probs are computed the way they are (measured on this 2-core CPU, see docs/ARCHITECTURE.md "Costs"):
+the vocabulary dominates, so log-probs and entropy are computed **only at action positions** and **in row chunks**
+by :class:`ChunkedLogprobs`, a custom autograd function that never keeps ``(rows, V)`` logits alive: its backward
+recomputes each chunk's logits instead of storing them (like fused linear-cross-entropy kernels). The maths is
+checked against plain autograd ``log_softmax`` of the full logits (values and gradients) in tests/test_model.py;
+no ``out=`` arguments are used, because ``torch._log_softmax(out=<non-contiguous view>)`` silently wrote wrong
+values in torch 2.13.
+
+Precision: weights stay fp32 (master weights); :func:`resolve_precision` picks a bf16 autocast dtype on GPUs and
+on CPUs with bf16 matrix units (AMX / AVX512-BF16), where 2048^2 matmuls ran ~6x faster than fp32 - on CPUs only
+for models at least :data:`CPU_BF16_MIN_HIDDEN` wide (narrower ones measured slower in bf16).
+
+No Ray import here: this module runs in one plain process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rlchat.errors import CheckpointError, ConfigError, TokenizerError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from rlchat.config import Config, ModelConfig
+    from rlchat.tokenizer import ChatTokenizer
+
+logger = logging.getLogger(__name__)
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+SCORE_HEAD_FILE = "score_head.safetensors"
+POLICY_META_FILE = "rlchat_policy.json"
+REWARD_META_FILE = "rlchat_reward_model.json"
+CRITIC_DIR = "critic"
+
+# Text whose ids must agree between a pretrained model's own tokenizer and ours for the vocabularies to match:
+# words, digits, punctuation, whitespace runs and multi-byte characters exercise every branch of the BPE regex.
+_PROBE_TEXT = "Hello world! The quick brown fox jumps over 13 lazy dogs.\n  Naïve café, 東京, emoji 🙂 -- ok?"
+
+# Encoder-only model types: the reward model scores them from the first ([CLS]) token, not the last one.
+ENCODER_MODEL_TYPES = frozenset(
+    {
+        "albert",
+        "bert",
+        "camembert",
+        "deberta",
+        "deberta-v2",
+        "distilbert",
+        "electra",
+        "ernie",
+        "modernbert",
+        "mpnet",
+        "roberta",
+        "roberta-prelayernorm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+    }
+)
+
+# --------------------------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (Intel AMX-BF16 or AVX512-BF16), read from ``/proc/cpuinfo`` flags.
+
+    On CPUs without them PyTorch emulates bf16 matmuls, which is slower than fp32, so ``precision: auto`` must not
+    pick bf16 there. Non-Linux systems report False (no cpuinfo to read).
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return bool(flags & {"amx_bf16", "avx512_bf16"})
+    return False
+
+
+CPU_BF16_MIN_HIDDEN = 128
+"""Narrowest model for which ``precision: auto`` uses bf16 on a CPU. Measured here (1 thread, AMX, 4096 vocab): at
+width 64 bf16 autocast was slower (learner step 225 vs 154 ms; generation 0.4-0.9x) because per-op casts cost more
+than the tiny matmuls save; at 128 it broke even (290 vs 300 ms, 1.08x generation); at 256 and 512 it was 1.6-2x
+faster for the learner and 1.15-1.4x for generation."""
+
+
+def resolve_precision(precision: str, device: torch.device, hidden_size: int | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``model.precision`` on ``device``, or None for plain fp32.
+
+    Args:
+        precision: ``auto`` (bf16 on GPUs that support it and on CPUs with bf16 matrix units, else fp32), ``bf16``
+            (always, even where it is emulated) or ``fp32``.
+        device: where the model runs.
+        hidden_size: the model's width; with ``auto`` on a CPU, models narrower than :data:`CPU_BF16_MIN_HIDDEN`
+            stay fp32 (None = no width rule). The policy and the generation engine both pass it, so rollouts and
+            the learner always run at the same precision.
+
+    Returns:
+        ``torch.bfloat16`` when autocast should be used, else None. Weights always stay fp32.
+
+    Raises:
+        ConfigError: an unknown precision name.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ConfigError(f"model.precision={precision!r}: expected one of 'auto', 'bf16', 'fp32'")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        wide_enough = hidden_size is None or hidden_size >= CPU_BF16_MIN_HIDDEN
+        return torch.bfloat16 if cpu_has_bf16() and wide_enough else None
+    return None
+
+
+def autocast_context(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only, so left- and right-padded copies of a row get the same positions.
+
+    Args:
+        attention_mask: (B, T) 1 for real tokens, 0 for padding.
+
+    Returns:
+        (B, T) int64: 0 for the first real token, +1 per real token; padding positions get 0 (they are masked out).
+    """
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last real token of each row, for left or right padding (0 for an all-padding row)."""
+    mask = attention_mask.long()
+    t = mask.shape[1]
+    return (t - 1 - mask.flip(1).argmax(1)).clamp_(min=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building and loading models
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_tiny_lm(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
+    """A small randomly initialised causal LM of ``cfg.arch`` sized by ``cfg`` (the demo and test models).
+
+    Args:
+        cfg: ``arch`` (gpt2 / llama / qwen2), ``n_layer``, ``n_embd``, ``n_head``, ``n_positions``, ``dropout``.
+        vocab_size: embedding rows, normally ``tokenizer.n_vocab``.
+
+    Returns:
+        A ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` in fp32 with tied input/output
+        embeddings (at a small width the embedding is most of the parameters) and SDPA attention.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(
+            f"model.n_embd={cfg.n_embd}: expected a multiple of model.n_head ({cfg.n_head}); change either value"
+        )
+    common: dict[str, Any] = {"vocab_size": vocab_size, "tie_word_embeddings": True, "use_cache": True}
+    if cfg.arch == "gpt2":
+        config = GPT2Config(
+            n_positions=cfg.n_positions,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=None,
+            eos_token_id=None,
+            **common,
+        )
+        model_cls: Any = GPT2LMHeadModel
+    elif cfg.arch in ("llama", "qwen2"):
+        config_cls: Any = LlamaConfig if cfg.arch == "llama" else Qwen2Config
+        config = config_cls(
+            hidden_size=cfg.n_embd,
+            intermediate_size=4 * cfg.n_embd,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head,
+            max_position_embeddings=cfg.n_positions,
+            attention_dropout=cfg.dropout,
+            bos_token_id=None,
+            eos_token_id=None,
+            **common,
+        )
+        model_cls = LlamaForCausalLM if cfg.arch == "llama" else Qwen2ForCausalLM
+    else:
+        raise ConfigError(f"model.arch={cfg.arch!r}: expected one of 'gpt2', 'llama', 'qwen2'")
+    config._attn_implementation = "sdpa"
+    return model_cls(config).float()
+
+
+def _embedding_rows(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
+
+
+def _vocabulary_matches(path: str, tokenizer: ChatTokenizer) -> bool | None:
+    """Whether the tokenizer shipped next to a pretrained model agrees with ours; None when it cannot be told.
+
+    Our own checkpoints carry ``rlchat_tokenizer.json`` (compared by encoding and special ids); other models are
+    compared by encoding a probe text with their Hugging Face tokenizer and with ours.
+    """
+    d = Path(path)
+    if (d / "rlchat_tokenizer.json").is_file():
+        from rlchat.tokenizer import ChatTokenizer
+
+        other = ChatTokenizer.load(d)
+        return other.enc.name == tokenizer.enc.name and other.special_ids == tokenizer.special_ids
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+    if d.is_dir() and not any((d / f).is_file() for f in tokenizer_files):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(path)
+        theirs = list(hf(_PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    except Exception as e:  # no tokenizer files, offline hub id, unsupported tokenizer class
+        logger.info("could not load the tokenizer of %s to compare vocabularies (%s)", path, e.__class__.__name__)
+        return None
+    return theirs == tokenizer.encode(_PROBE_TEXT)
+
+
+def _mean_resize(model: PreTrainedModel, n_vocab: int) -> None:
+    """Grow the embeddings to ``n_vocab`` rows; new rows (input and untied output) = the mean of the old rows.
+
+    The mean keeps the next-token distribution nearly unchanged for the new ids (Hewitt 2021,
+    https://nlp.stanford.edu/~johnhew/vocab-expansion.html); ``resize_token_embeddings`` re-ties tied weights.
+    """
+    old = _embedding_rows(model)
+    model.resize_token_embeddings(n_vocab, mean_resizing=False)
+    with torch.no_grad():
+        emb: torch.Tensor = model.get_input_embeddings().weight  # type: ignore[assignment]
+        emb[old:] = emb[:old].mean(0)
+        out: Any = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+            out.weight[old:] = out.weight[:old].mean(0)
+            if getattr(out, "bias", None) is not None:
+                out.bias[old:] = out.bias[:old].mean()
+
+
+def _reinit_embeddings(model: PreTrainedModel, n_vocab: int) -> None:
+    """Resize to ``n_vocab`` rows and draw every embedding row afresh (the model must relearn them)."""
+    model.resize_token_embeddings(n_vocab, mean_resizing=False)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    with torch.no_grad():
+        emb: torch.Tensor = model.get_input_embeddings().weight  # type: ignore[assignment]
+        emb.normal_(0.0, std)
+        out: Any = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+            out.weight.normal_(0.0, std)
+            if getattr(out, "bias", None) is not None:
+                out.bias.zero_()
+
+
+def bridge_vocabulary(model: PreTrainedModel, tokenizer: ChatTokenizer, source: str, reinit: bool) -> None:
+    """Make ``model``'s embedding cover every id of ``tokenizer`` (see the module docstring).
+
+    Args:
+        model: a model loaded from ``source``.
+        tokenizer: the chat tokenizer the model will be fed.
+        source: the path / hub id the model came from (for the vocabulary check and error messages).
+        reinit: ``model.reinit_embeddings``: re-initialise the embeddings instead of refusing a mismatch.
+
+    Raises:
+        TokenizerError: the pretrained vocabulary is not the tokenizer's encoding and ``reinit`` is False.
+    """
+    rows = _embedding_rows(model)
+    n_ranks = len(tokenizer.enc._mergeable_ranks)
+    matches = _vocabulary_matches(source, tokenizer)
+    if matches is None:
+        # Nothing to compare with: a model whose embedding cannot even hold the ordinary BPE tokens is not ours.
+        matches = rows >= n_ranks
+    if not matches:
+        if reinit:
+            logger.warning(
+                "%s: vocabulary does not match %s; re-initialising all %d embedding rows (model.reinit_embeddings)",
+                source,
+                tokenizer.enc.name,
+                tokenizer.n_vocab,
+            )
+            _reinit_embeddings(model, tokenizer.n_vocab)
+            return
+        raise TokenizerError(
+            f"model.name_or_path={source!r}: its vocabulary ({rows} embedding rows, its own tokenizer) does not match "
+            f"the tokenizer {tokenizer.enc.name} ({n_ranks} BPE ranks + chat specials); token ids would be "
+            "meaningless. Fix: set tokenizer.encoding to the model's own encoding (e.g. a .tiktoken file), or set "
+            "model.reinit_embeddings=true to re-initialise the embeddings (the model must then relearn them)"
+        )
+    if rows < tokenizer.n_vocab:
+        logger.info(
+            "%s: adding %d embedding rows for chat tokens (mean-initialised)", source, tokenizer.n_vocab - rows
+        )
+        _mean_resize(model, tokenizer.n_vocab)
+
+
+def load_lm(cfg: ModelConfig, tokenizer: ChatTokenizer) -> PreTrainedModel:
+    """The policy LM: a tiny model built from ``cfg`` when ``name_or_path`` is empty, else a pretrained one.
+
+    Args:
+        cfg: the model section of the config.
+        tokenizer: the chat tokenizer (its ``n_vocab`` sizes the embedding; its pad id is recorded in the config).
+
+    Returns:
+        An fp32 causal LM whose embedding covers every tokenizer id.
+
+    Raises:
+        TokenizerError: vocabulary mismatch (see :func:`bridge_vocabulary`).
+        CheckpointError: ``name_or_path`` cannot be loaded.
+    """
+    if not cfg.name_or_path:
+        model = build_tiny_lm(cfg, tokenizer.n_vocab)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"model.name_or_path={cfg.name_or_path!r}: cannot load a causal LM ({e}); expected a local directory "
+                "with config.json + weights, or a hub id available in the local Hugging Face cache"
+            ) from None
+        bridge_vocabulary(model, tokenizer, cfg.name_or_path, cfg.reinit_embeddings)
+    model.config.pad_token_id = tokenizer.pad_id
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chunked log-probs and entropy
+# --------------------------------------------------------------------------------------------------------------
+
+
+def logit_transform(config: Any) -> tuple[float, float]:
+    """``(scale, softcap)`` that a model applies to ``lm_head`` outputs (1.0 and 0.0 for plain models).
+
+    Cohere multiplies logits by ``logit_scale``, Granite divides them by ``logits_scaling`` and Gemma 2/3 soft-cap
+    them with ``final_logit_softcapping``; the learner and the generation engine both apply this so their log-probs
+    agree with the model's own forward.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    if getattr(text, "logit_scale", None):
+        scale *= float(text.logit_scale)
+    if getattr(text, "logits_scaling", None):
+        scale /= float(text.logits_scaling)
+    return scale, float(getattr(text, "final_logit_softcapping", None) or 0.0)
+
+
+def _chunk_logits(
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """fp32 logits (c, V) of hidden rows (c, H) under weight (V, H), matmul in ``dtype`` (bf16) when given."""
+    if dtype is not None:
+        z = (h.to(dtype) @ w.to(dtype).t()).float()
+    else:
+        z = h.float() @ w.float().t()
+    if b is not None:
+        z = z + b.float()
+    if scale != 1.0:
+        z = z * scale
+    return z
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """Log-probs of target ids and entropies from hidden rows, ``chunk_size`` rows at a time.
+
+    Forward keeps only ``(N,)`` results and per-row log-sum-exp; backward recomputes each chunk's logits, so peak
+    memory is one ``(chunk_size, V)`` block instead of ``(N, V)`` logits plus autograd's saved softmax.
+
+    Gradients (``z`` = logits, ``p = softmax(z)``, ``y`` = target)::
+
+        d logp_y / dz = onehot(y) - p
+        d H / dz      = -p * (log p + H)
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk_size: int,
+        compute_entropy: bool,
+        matmul_dtype: torch.dtype | None,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        w = weight.to(matmul_dtype) if matmul_dtype is not None else weight
+        for i in range(0, n, chunk_size):
+            z = _chunk_logits(hidden[i : i + chunk_size], w, bias, scale, matmul_dtype)
+            lse = torch.logsumexp(z, dim=-1)
+            lse_all[i : i + chunk_size] = lse
+            logprobs[i : i + chunk_size] = z.gather(1, targets[i : i + chunk_size, None]).squeeze(1) - lse
+            if compute_entropy:
+                p = torch.exp(z - lse[:, None])
+                entropy[i : i + chunk_size] = lse - (p * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all, entropy)
+        ctx.chunk_size, ctx.compute_entropy, ctx.matmul_dtype, ctx.scale = (
+            chunk_size,
+            compute_entropy,
+            matmul_dtype,
+            scale,
+        )
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        hidden, weight, bias, targets, lse_all, entropy = ctx.saved_tensors
+        chunk, dtype, scale = ctx.chunk_size, ctx.matmul_dtype, ctx.scale
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        use_entropy = ctx.compute_entropy and grad_entropy is not None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        w = weight.to(dtype) if dtype is not None else weight
+        for i in range(0, hidden.shape[0], chunk):
+            h = hidden[i : i + chunk]
+            z = _chunk_logits(h, w, bias, scale, dtype)
+            lse = lse_all[i : i + chunk, None]
+            p = torch.exp(z - lse)
+            g_lp = grad_logprobs[i : i + chunk].float()
+            gz = p * (-g_lp[:, None])
+            gz.scatter_add_(1, targets[i : i + chunk, None], g_lp[:, None])
+            if use_entropy:
+                g_h = grad_entropy[i : i + chunk].float()[:, None]
+                gz -= g_h * p * ((z - lse) + entropy[i : i + chunk, None])
+            if scale != 1.0:
+                gz *= scale
+            if grad_b is not None:
+                grad_b += gz.sum(0)
+            if dtype is not None:
+                gz_m, h_m = gz.to(dtype), h.to(dtype)
+            else:
+                gz_m, h_m = gz, h.float()
+            if grad_h is not None:
+                grad_h[i : i + chunk] = (gz_m @ w.to(gz_m.dtype)).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += (gz_m.t() @ h_m).float()
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    compute_entropy: bool = True,
+    matmul_dtype: torch.dtype | None = None,
+    transform: tuple[float, float] = (1.0, 0.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of ``targets`` and entropies of the LM head's distributions at ``hidden`` rows.
+
+    Args:
+        hidden: (N, H) final hidden states (after the trunk's last norm).
+        weight: (V, H) LM-head weight (possibly tied to the input embedding).
+        bias: (V,) LM-head bias or None.
+        targets: (N,) int64 token ids.
+        chunk_size: rows per block; peak extra memory is ``chunk_size * V`` floats.
+        compute_entropy: False skips the entropy (returned as zeros).
+        matmul_dtype: bf16 to run the head matmul in bf16 (fp32 accumulation and softmax), None for fp32.
+        transform: ``(scale, softcap)`` from :func:`logit_transform`.
+
+    Returns:
+        logprobs (N,) and entropy (N,), float32, differentiable w.r.t. ``hidden`` and the head's parameters.
+    """
+    scale, softcap = transform
+    if softcap <= 0.0:
+        return ChunkedLogprobs.apply(hidden, weight, bias, targets, chunk_size, compute_entropy, matmul_dtype, scale)
+    # Soft-capped logits (Gemma 2/3): plain autograd per chunk (stores chunk logits; rare in our use).
+    lps, ents = [], []
+    for i in range(0, hidden.shape[0], chunk_size):
+        z = _chunk_logits(hidden[i : i + chunk_size], weight, bias, scale, matmul_dtype)
+        z = softcap * torch.tanh(z / softcap)
+        logp = torch.log_softmax(z, dim=-1)
+        lps.append(logp.gather(1, targets[i : i + chunk_size, None]).squeeze(1))
+        ents.append(-(logp.exp() * logp).sum(-1) if compute_entropy else torch.zeros_like(lps[-1]))
+    if not lps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(lps), torch.cat(ents)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Policy + value
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PolicyOutput:
+    """What one learner forward returns; every tensor is (B, T) float32 and position t is *for generating token t*.
+
+    Attributes:
+        logprobs: ``log pi(x_t | x_<t)`` at action positions, 0 elsewhere and at t = 0.
+        entropy: ``H(pi(. | x_<t))`` at action positions (0 elsewhere, or everywhere if not computed).
+        values: ``V(x_<t)`` (the value of the state the token was chosen in); 0 at t = 0.
+    """
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor
+
+
+def _trunk_forward(
+    trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, causal: bool = True
+) -> torch.Tensor:
+    """(B, T, H) last hidden state of a base model; causal trunks get padding-independent position ids."""
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if causal:
+        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        kwargs["use_cache"] = False
+    return trunk(**kwargs).last_hidden_state
+
+
+class PolicyValueModel(nn.Module):
+    """A causal LM policy plus a value head, on a shared trunk or on a separate critic trunk.
+
+    Attributes:
+        lm: the ``transformers`` causal LM (fp32 weights).
+        value_head: ``nn.Linear(hidden, 1)``.
+        critic: the separate critic trunk (a base ``AutoModel`` of the same config) or None when shared.
+        precision: ``model.precision`` (resolved per call against the parameters' device).
+        vocab_size: ids the policy may choose: ``min(head rows, tokenizer.n_vocab)``; rows beyond (a pretrained
+            model's padded vocabulary) are never sampled and not part of the learner's softmax either.
+    """
+
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        critic: Any = None,
+        precision: str = "auto",
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.lm = lm
+        self.critic = critic
+        trunk_config: Any = (critic if critic is not None else lm).config
+        hidden = int(trunk_config.get_text_config().hidden_size)
+        self.hidden_size = int(lm.config.get_text_config().hidden_size)
+        self.value_head = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            self.value_head.weight.normal_(0.0, 1.0 / math.sqrt(hidden) * 0.1)
+            self.value_head.bias.zero_()
+        self.precision = precision
+        head_rows = int(lm.get_output_embeddings().weight.shape[0])
+        self.vocab_size = min(head_rows, vocab_size) if vocab_size else head_rows
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def build(cls, cfg: Config, tokenizer: ChatTokenizer) -> PolicyValueModel:
+        """From the config: the LM (tiny or pretrained, vocabulary bridged), the critic if separate, the value head.
+
+        Initialisation is seeded by ``cfg.seed`` (without disturbing the global RNG), so every process that builds
+        the same config gets the same weights.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            lm = load_lm(cfg.model, tokenizer)
+            critic = load_lm(cfg.model, tokenizer).base_model if cfg.model.critic == "separate" else None
+            return cls(lm, critic, precision=cfg.model.precision, vocab_size=tokenizer.n_vocab)
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The policy's base model (embeddings + blocks + final norm, no LM head)."""
+        return self.lm.base_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.weight.device
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of this model's forwards (None = fp32); see :func:`resolve_precision`."""
+        return resolve_precision(self.precision, self.device, self.hidden_size)
+
+    def head_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's (V, H) weight and optional (V,) bias, cut to :attr:`vocab_size` rows."""
+        head = self.lm.get_output_embeddings()
+        b = getattr(head, "bias", None)
+        v = self.vocab_size
+        return head.weight[:v], (b[:v] if b is not None else None)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        action_mask: torch.Tensor | None = None,
+        compute_entropy: bool = True,
+        chunk_size: int = 1024,
+    ) -> PolicyOutput:
+        """Log-probs, entropy and values of every (action) position in one causal forward.
+
+        Args:
+            input_ids: (B, T) token ids, left- or right-padded.
+            attention_mask: (B, T) 1 for real tokens.
+            action_mask: (B, T) 1 where the token was chosen by the policy; log-probs / entropy are computed only
+                there. None = every position 1..T-1.
+            compute_entropy: False skips the entropy (zeros).
+            chunk_size: rows of the LM-head block; a 100k vocabulary never materialises (B*T, V) logits.
+
+        Returns:
+            :class:`PolicyOutput` with (B, T) float32 tensors aligned as documented there.
+        """
+        b, t = input_ids.shape
+        dtype = self.autocast_dtype()
+        with autocast_context(dtype, self.device):
+            h = _trunk_forward(self.trunk, input_ids, attention_mask)  # (B, T, H)
+            hc = h if self.critic is None else _trunk_forward(self.critic, input_ids, attention_mask)
+        # 1. values: V(x_<t) is the head at position t-1
+        v = self.value_head(hc.float()).squeeze(-1)  # (B, T)
+        values = F.pad(v[:, :-1], (1, 0))
+        # 2. log-probs / entropy at action positions only
+        if action_mask is None:
+            sel = torch.ones(b, t - 1, dtype=torch.bool, device=input_ids.device)
+        else:
+            sel = action_mask[:, 1:] != 0  # (B, T-1)
+        rows_b, rows_t = sel.nonzero(as_tuple=True)
+        weight, bias = self.head_weight()
+        lp, ent = chunked_logprobs(
+            h[rows_b, rows_t],
+            weight,
+            bias,
+            input_ids[rows_b, rows_t + 1],
+            chunk_size=chunk_size,
+            compute_entropy=compute_entropy,
+            matmul_dtype=dtype,
+            transform=logit_transform(self.lm.config),
+        )
+        zeros = torch.zeros(b, t, dtype=torch.float32, device=input_ids.device)
+        logprobs = zeros.index_put((rows_b, rows_t + 1), lp)
+        entropy = zeros.index_put((rows_b, rows_t + 1), ent)
+        return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values)
+
+    def bootstrap_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) float32 ``V(state after the last real token)``: the bootstrap value of a truncated episode."""
+        with autocast_context(self.autocast_dtype(), self.device):
+            trunk = self.critic if self.critic is not None else self.trunk
+            h = _trunk_forward(trunk, input_ids, attention_mask)  # (B, T, H)
+        last = last_token_index(attention_mask)
+        return self.value_head(h[torch.arange(h.shape[0], device=h.device), last].float()).squeeze(-1)
+
+    # ---------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """HF-format LM (``config.json`` + ``model.safetensors``), ``value_head.safetensors``, ``critic/`` if
+        separate and ``rlchat_policy.json``. Safetensors only: nothing is pickled."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(d)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}, d / VALUE_HEAD_FILE
+        )
+        if self.critic is not None:
+            self.critic.save_pretrained(d / CRITIC_DIR)
+        meta = {"critic": "separate" if self.critic is not None else "shared", "vocab_size": self.vocab_size}
+        (d / POLICY_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, cfg: Config | None = None) -> PolicyValueModel:
+        """Load what :meth:`save_pretrained` wrote.
+
+        Args:
+            directory: the model directory (or a checkpoint directory holding it).
+            cfg: supplies ``model.precision`` (default ``auto``).
+
+        Raises:
+            CheckpointError: missing or unreadable files.
+        """
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        d = Path(directory)
+        if not (d / "config.json").is_file():
+            raise CheckpointError(
+                f"{d}: no config.json; expected a directory written by PolicyValueModel.save_pretrained"
+            )
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+            critic = (
+                AutoModel.from_pretrained(d / CRITIC_DIR, dtype=torch.float32) if (d / CRITIC_DIR).is_dir() else None
+            )
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{d}: cannot load the model weights ({e})") from None
+        meta_file = d / POLICY_META_FILE
+        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+        precision = cfg.model.precision if cfg is not None else "auto"
+        model = cls(lm, critic, precision=precision, vocab_size=meta.get("vocab_size"))
+        head_file = d / VALUE_HEAD_FILE
+        if not head_file.is_file():
+            raise CheckpointError(f"{d}: {VALUE_HEAD_FILE} is missing; the checkpoint is incomplete")
+        model.value_head.load_state_dict(load_file(head_file))
+        return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reward model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def is_encoder(config: Any) -> bool:
+    """Whether a model config is encoder-only (scored from its first token) rather than a causal LM."""
+    return str(getattr(config, "model_type", "")) in ENCODER_MODEL_TYPES
+
+
+class RewardModel(nn.Module):
+    """A scalar head on any ``AutoModel`` trunk, trained on preference pairs (``rlchat rm``).
+
+    Attributes:
+        trunk: the base model (encoder or causal LM trunk), fp32.
+        score_head: ``nn.Linear(hidden, 1)``.
+        causal: True for causal trunks (score at the last real token), False for encoders (first token).
+        hf_tokenizer: the pretrained model's own Hugging Face tokenizer when it has one that is not ours (e.g. a
+            BERT WordPiece); texts must then be encoded with :meth:`tokenize`, not with the chat tokenizer.
+    """
+
+    def __init__(self, trunk: Any, hf_tokenizer: Any = None) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.causal = not is_encoder(trunk.config)
+        hidden = int(trunk.config.get_text_config().hidden_size)
+        self.score_head = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            self.score_head.weight.normal_(0.0, 1.0 / math.sqrt(hidden + 1))
+            self.score_head.bias.zero_()
+        self.hf_tokenizer = hf_tokenizer
+
+    @classmethod
+    def build(cls, cfg: Config, tokenizer: ChatTokenizer) -> RewardModel:
+        """``cfg.rm.name_or_path`` (an encoder or a causal LM) or, when empty, a tiny trunk of ``cfg.model.arch``.
+
+        A pretrained model that ships its own tokenizer files (and is not an rlchat export) keeps that tokenizer
+        (:attr:`hf_tokenizer`); otherwise its embedding is bridged to the chat tokenizer like the policy's.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            path = cfg.rm.name_or_path
+            if not path:
+                return cls(build_tiny_lm(cfg.model, tokenizer.n_vocab).base_model)
+            from transformers import AutoModel, AutoTokenizer
+
+            try:
+                trunk = AutoModel.from_pretrained(path, dtype=torch.float32)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(
+                    f"rm.name_or_path={path!r}: cannot load a model ({e}); expected a local directory with "
+                    "config.json + weights, or a hub id available in the local Hugging Face cache"
+                ) from None
+            hf_tok = None
+            if not (Path(path) / "rlchat_tokenizer.json").is_file() and _vocabulary_matches(path, tokenizer) is False:
+                hf_tok = AutoTokenizer.from_pretrained(path)
+            if hf_tok is None:
+                bridge_vocabulary(trunk, tokenizer, path, cfg.model.reinit_embeddings)
+            return cls(trunk, hf_tok)
+
+    @property
+    def device(self) -> torch.device:
+        return self.score_head.weight.device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores.
+
+        Args:
+            input_ids: (B, T) ids (chat-tokenizer ids, or :attr:`hf_tokenizer` ids when set).
+            attention_mask: (B, T) 1 for real tokens; any padding side for causal trunks, right padding for encoders.
+
+        Returns:
+            (B,) float32 scores: from the last real token for causal LMs, the first token for encoders.
+        """
+        h = _trunk_forward(self.trunk, input_ids, attention_mask, causal=self.causal)  # (B, T, H)
+        if self.causal:
+            idx = last_token_index(attention_mask)
+        else:
+            idx = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+        return self.score_head(h[torch.arange(h.shape[0], device=h.device), idx].float()).squeeze(-1)
+
+    def tokenize(
+        self, texts: list[str], tokenizer: ChatTokenizer, max_length: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode plain texts for :meth:`forward`, right-padded: with :attr:`hf_tokenizer` if set, else ``tokenizer``.
+
+        Returns:
+            input_ids (B, T) and attention_mask (B, T) int64 on the model's device.
+        """
+        if self.hf_tokenizer is not None:
+            enc = self.hf_tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        rows = [tokenizer.encode(t)[:max_length] or [tokenizer.pad_id] for t in texts]
+        t = max(len(r) for r in rows)
+        ids = torch.full((len(rows), t), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), t), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """HF-format trunk, ``score_head.safetensors``, the HF tokenizer when it has one, and a small meta file."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.trunk.save_pretrained(d)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.score_head.state_dict().items()}, d / SCORE_HEAD_FILE
+        )
+        if self.hf_tokenizer is not None:
+            self.hf_tokenizer.save_pretrained(d)
+        meta = {"causal": self.causal, "hf_tokenizer": self.hf_tokenizer is not None}
+        (d / REWARD_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> RewardModel:
+        """Load what :meth:`save_pretrained` wrote.
+
+        Raises:
+            CheckpointError: missing or unreadable files.
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        d = Path(directory)
+        head_file = d / SCORE_HEAD_FILE
+        if not (d / "config.json").is_file() or not head_file.is_file():
+            raise CheckpointError(
+                f"{d}: expected config.json and {SCORE_HEAD_FILE} written by RewardModel.save_pretrained"
+            )
+        meta_file = d / REWARD_META_FILE
+        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+        try:
+            trunk = AutoModel.from_pretrained(d, dtype=torch.float32)
+            hf_tok = AutoTokenizer.from_pretrained(d) if meta.get("hf_tokenizer") else None
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{d}: cannot load the reward model ({e})") from None
+        model = cls(trunk, hf_tok)
+        model.score_head.load_state_dict(load_file(head_file))
+        return model
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
