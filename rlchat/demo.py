@@ -26,12 +26,14 @@ from rlchat.config import Config, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 QUICK_OVERRIDES = {
-    "sft.max_steps": 40,
+    "sft.max_steps": 300,
     "rm.max_steps": 20,
-    "ppo.iterations": 12,
-    "ppo.eval_every": 6,
+    "ppo.iterations": 30,
+    "ppo.eval_every": 0,
     "ppo.eval_prompts": 64,
+    "checkpoint.every": 0,
 }
+"""``--quick``: the reduced run the slow test uses (a weaker SFT policy, half the PPO iterations)."""
 
 
 def _builtin_file(name: str) -> Path:
@@ -67,8 +69,13 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
         out = run_dir / "data" / name
         prepare([_builtin_file(name)], out, cfg=cfg, progress=not quiet)
         data_dirs[name] = str(out)
+    # SFT learns the chat format and the task's answers from the task's *train* split; PPO's held-out prompts
+    # are the task's val split, never seen in SFT.
+    from rlchat.prepare import merge_prepared
+
+    sft_data = merge_prepared([data_dirs["chat"], data_dirs["task"]], run_dir / "data" / "sft")
     cfg = cfg.replace(
-        **{"data.prompts": data_dirs["task"], "data.sft": data_dirs["chat"], "data.preferences": data_dirs["prefs"]}
+        **{"data.prompts": data_dirs["task"], "data.sft": str(sft_data), "data.preferences": data_dirs["prefs"]}
     )
     timings["prepare_s"] = time.perf_counter() - t
 
@@ -94,7 +101,7 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     ppo_ckpt = find_best_checkpoint(ppo_dir)
     timings["ppo_s"] = time.perf_counter() - t
 
-    # 5. held-out comparison
+    # 5. held-out comparison: greedy metrics (evaluation code) + the sampled env reward PPO optimises
     say("== 5/5 held-out evaluation: SFT policy vs PPO policy")
     t = time.perf_counter()
     from rlchat.data import load_records
@@ -104,6 +111,7 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     n = cfg.ppo.eval_prompts
     sft_eval = evaluate_checkpoint(sft_ckpt, held_out, cfg=eval_cfg, max_prompts=n)
     ppo_eval = evaluate_checkpoint(ppo_ckpt, held_out, cfg=eval_cfg, baseline=sft_ckpt, max_prompts=n)
+    sampled = {name: sampled_reward(ck, cfg, held_out, n) for name, ck in (("sft", sft_ckpt), ("ppo", ppo_ckpt))}
     timings["eval_s"] = time.perf_counter() - t
     plots = []
     for d in (sft_dir, rm_dir, ppo_dir):
@@ -113,8 +121,11 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     summary = {
         "run_dir": str(run_dir.resolve()),
         "checkpoints": {"sft": str(sft_ckpt), "rm": str(rm_ckpt), "ppo": str(ppo_ckpt)},
-        "sft_eval": sft_eval,
-        "ppo_eval": ppo_eval,
+        "sft_eval": sft_eval["metrics"],
+        "ppo_eval": ppo_eval["metrics"],
+        "sampled_reward": sampled,
+        "win_rate": ppo_eval.get("win_rate"),
+        "sample": ppo_eval["examples"][0] if ppo_eval["examples"] else None,
         "ppo_final": {k: v for k, v in ppo_metrics.items() if not k.startswith("perf/")},
         "sft_final": sft_metrics,
         "rm_final": rm_metrics,
@@ -126,44 +137,70 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     return summary
 
 
-def _reward_keys(ev: dict[str, Any]) -> list[str]:
-    return sorted(k for k in ev if k.startswith("reward/") or k == "reward_mean")
+def sampled_reward(checkpoint: Path, cfg: Config, records: list[Any], n_prompts: int, samples: int = 4) -> dict:
+    """Mean held-out env reward when sampling at the rollout temperature: the quantity PPO maximises.
+
+    ``samples`` episodes per prompt on the first ``n_prompts`` held-out records, seeded, through the same envs and
+    rewards as training (:class:`rlchat.rollout.Sampler`).
+    """
+    from rlchat.checkpoint import load_policy
+    from rlchat.rollout import Sampler
+
+    model, tokenizer, _ = load_policy(checkpoint)
+    sampler = Sampler(cfg, tokenizer, model.lm, records)
+    n = min(n_prompts, len(records))
+    batch = sampler.sample(iteration=10**6, record_indices=list(range(n)) * samples)
+    total = batch.reward_components["total"]
+    return {"mean": float(total.mean()), "stderr": float(total.std() / max(len(total), 1) ** 0.5), "n": len(total)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The demo's closing table (plain text)."""
     sft, ppo = summary["sft_eval"], summary["ppo_eval"]
-    rows = [("metric", "SFT policy", "PPO policy")]
-    for key in _reward_keys(ppo):
-        rows.append((key, f"{sft.get(key, float('nan')):.3f}", f"{ppo.get(key, float('nan')):.3f}"))
-    for key in ("response_length", "perplexity", "accuracy", "distinct_1", "distinct_2"):
+    s_sft, s_ppo = summary["sampled_reward"]["sft"], summary["sampled_reward"]["ppo"]
+    rows = [("held-out metric", "SFT policy", "PPO policy")]
+    rows.append(
+        (
+            f"task reward, sampled T=1 ({s_ppo['n']} episodes)",
+            f"{s_sft['mean']:.3f} ± {s_sft['stderr']:.3f}",
+            f"{s_ppo['mean']:.3f} ± {s_ppo['stderr']:.3f}",
+        )
+    )
+
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    rows.append(("task reward, greedy", num(sft.get("eval/reward_mean")), num(ppo.get("eval/reward_mean"))))
+    for key in sorted(k for k in ppo if k.startswith("eval/reward/")):
+        rows.append((key.replace("eval/reward/", "  component "), num(sft.get(key)), num(ppo.get(key))))
+    for key in ("eval/perplexity", "eval/accuracy", "eval/response_len"):
         if key in ppo:
-            rows.append((key, f"{sft.get(key, float('nan')):.3f}", f"{ppo[key]:.3f}"))
-    if "win_rate" in ppo:
-        rows.append(("RM win rate vs SFT", "-", f"{ppo['win_rate']:.3f}"))
+            rows.append((key.split("/", 1)[1].replace("_", " "), num(sft.get(key)), num(ppo.get(key))))
+    if ppo.get("eval/win_rate") is not None:
+        rows.append(("reward-model win rate vs SFT", "-", num(ppo["eval/win_rate"])))
     kl = summary["ppo_final"].get("kl/ref_kl")
     if kl is not None:
-        rows.append(("KL to reference (last iter)", "0", f"{kl:.3f}"))
+        rows.append(("KL to the SFT reference (last iteration)", "0", num(kl)))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["", "Held-out task (greedy decoding):"]
+    lines = [""]
     for i, r in enumerate(rows):
         lines.append(f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}")
         if i == 0:
             lines.append("  " + "-" * (sum(w) + 4))
-    gain = ppo.get("reward_mean", 0.0) - sft.get("reward_mean", 0.0)
-    lines.append(f"\nPPO raised the held-out task reward by {gain:+.3f} over the SFT policy.")
-    samples = ppo.get("samples") or []
-    if samples:
-        s = samples[0]
-        lines.append("\nSample conversation (PPO policy):")
-        for m in s.get("messages", []):
+    gain = s_ppo["mean"] - s_sft["mean"]
+    lines.append(f"\nPPO raised the held-out task reward (sampled) by {gain:+.3f} over the SFT policy.")
+    sample = summary.get("sample")
+    if sample:
+        lines.append("\nSample conversation (PPO policy, greedy):")
+        for m in sample.get("prompt", []):
             lines.append(f"  {m['role']:>9}: {m['content']}")
-        lines.append(f"  {'assistant':>9}: {s.get('response', '')}")
+        lines.append(f"  {'assistant':>9}: {sample.get('reply', '')}   (reference: {sample.get('reference')})")
     t = summary["timings"]
     lines.append(
         f"\nTime: {t['total_s']:.0f} s (prepare {t['prepare_s']:.0f}, SFT {t['sft_s']:.0f}, RM {t['rm_s']:.0f}, "
         f"PPO {t['ppo_s']:.0f}, eval {t['eval_s']:.0f}).  Run directory: {summary['run_dir']}"
     )
+    lines.append(f"Plots: {len(summary['plots'])} PNGs under {summary['run_dir']}/*/plots/")
     return "\n".join(lines)
 
 
