@@ -461,6 +461,8 @@ def test_tune_job_runs_two_trials(ray_cluster, tmp_path):
     entrypoint = (
         "rlchat tune --config configs/demo.yaml --space tune/spaces/demo.yaml --samples 2 "
         "ppo.iterations=2 ppo.eval_every=1 ppo.eval_prompts=16 checkpoint.every=1 "
+        # the demo space samples and learns inside each trial; here trials use real rollout actors + learners
+        "rollout.num_workers=1 ray.learner_workers=1 "
         "'rollout.resources={rollout: 1}' 'ray.learner_resources={learner: 1}' "
         f"--run-dir {run_dir}"
     )

@@ -1161,7 +1161,7 @@ def tune_command(
     run_dir: str | None,
     address: str | None,
     resume: str | None,
-    space: str,
+    space: str | None,
     samples: int | None = None,
     scheduler: str = "asha",
     deploy: bool = False,
@@ -1205,6 +1205,8 @@ def tune_command(
         scheduler, address = settings.scheduler, address or settings.address
         print(f"resuming sweep {sweep_dir}")
     else:
+        if not space:
+            raise ConfigError("rlchat tune: --space is required for a new sweep (e.g. --space tune/spaces/demo.yaml)")
         space_path = resolve_space_path(space)
         base, space_obj = prepare_sweep(config, overrides, space_path)
         samples = samples if samples is not None else space_obj.samples
