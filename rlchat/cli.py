@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("tune", "tune.sweep:tune_command", "Ray Tune hyperparameter sweep over config keys")
     _add_run_args(p)
-    p.add_argument("--space", default=None, help="search-space YAML (e.g. tune/spaces/demo.yaml); optional with --resume")
+    p.add_argument("--space", default=None, help="search-space YAML, e.g. tune/spaces/demo.yaml (not with --resume)")
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--scheduler", default="asha", choices=["asha", "pbt"])
     p.add_argument("--deploy", action="store_true", help="serve the best checkpoint when the sweep ends")
