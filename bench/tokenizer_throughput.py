@@ -19,7 +19,8 @@ from rlchat.tokenizer import ChatTokenizer
 
 def make_corpus(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    words = "the of and to in is you that it he was for on are as with his they at be this from I have or by".split()
+    words = "the of and to in is you that it he was for on are as with his they at be this from I have or by"
+    words = words.split()  # noqa: SIM905
     extra = ["café", "naïve", "日本語", "🙂", "def f(x):", "return x**2", "3.14159", "  ", "\n", "résumé", "中文"]
     vocab = words * 4 + extra
     return [" ".join(rng.choice(vocab) for _ in range(rng.randint(20, 200))) for _ in range(n)]
@@ -49,7 +50,7 @@ def main() -> None:
         t_raw = best_of(lambda raw=raw: raw.encode_ordinary_batch(corpus, num_threads=8), args.repeats)
         t_chat = best_of(lambda chat=chat: chat.encode_batch(corpus), args.repeats)
         msgs = [[{"role": "user", "content": t[:80]}, {"role": "assistant", "content": t}] for t in corpus]
-        t_conv = best_of(lambda chat=chat: [chat.render_conversation(m) for m in msgs], 1)
+        t_conv = best_of(lambda chat=chat, msgs=msgs: [chat.render_conversation(m) for m in msgs], 1)
         name = "cl100k_base" if not vocab_size else f"cl100k_base@{vocab_size}"
         rows.append((name, n_tokens / t_raw, n_tokens / t_chat, t_chat / t_raw - 1, len(corpus) / t_conv))
     print(f"corpus: {len(corpus)} docs, {n_bytes / 1e6:.1f} MB; best of {args.repeats}")

@@ -28,10 +28,9 @@ def test_ray_workers_import_project_packages(ray_local, tmp_path):
         import os
 
         import envs
+        import rlchat
         import serve
         import tune
-
-        import rlchat
 
         return {
             "envs": envs.__file__,
