@@ -169,12 +169,12 @@ class PPOTrainer:
             from rlchat.checkpoint import read_checkpoint
 
             step = read_checkpoint(latest).step
-            weights_ref, version = self.learner.load(str(latest))
+            weights_ref, version = self._shared(*self.learner.load(str(latest)))
             writer.rewind(step)
             start = step + 1
             self._say(f"resumed from {latest} (iteration {step})")
         else:
-            weights_ref, version = self.learner.weights()
+            weights_ref, version = self._shared(*self.learner.weights())
         last_good: str | None = str(manager.latest()) if manager.latest() else None
         t_start = time.perf_counter()
         metrics: dict[str, float] = {}
@@ -203,6 +203,7 @@ class PPOTrainer:
                 )
                 t1 = time.perf_counter()
                 metrics, weights_ref, version = self.learner.update(batch_ref, it)
+                weights_ref, version = self._shared(weights_ref, version)
                 update_s = time.perf_counter() - t1
                 # 3. sync: one ray.put of the new weights (done by the learner); workers load them now
                 t2 = time.perf_counter()
@@ -241,7 +242,7 @@ class PPOTrainer:
                     break
                 if tripped and p.guardrail_action == "rollback" and last_good:
                     self.rollbacks += 1
-                    weights_ref, version = self.learner.load(last_good, lr_scale=0.5)
+                    weights_ref, version = self._shared(*self.learner.load(last_good, lr_scale=0.5))
                     self.rollouts.sync(weights_ref, version)
                     self._say(f"rolled back to {last_good} and halved the learning rate")
                 if os.environ.get(_KILL_AFTER_ENV) == str(it):
@@ -249,6 +250,15 @@ class PPOTrainer:
         finally:
             writer.close()
         return metrics
+
+    def _shared(self, weights: Any, version: int) -> tuple[Any, int]:
+        """Weights as rollout workers take them: an in-process learner's state dict is put into the object store
+        once per version when the samplers are actors (a Ray Train learner already hands over a ref)."""
+        import ray
+
+        if self.cfg.rollout.num_workers and not isinstance(weights, ray.ObjectRef):
+            weights = ray.put(weights)
+        return weights, version
 
     def shutdown(self) -> None:
         self.learner.shutdown()
