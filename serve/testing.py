@@ -142,7 +142,7 @@ def shared_app(root: str | Path) -> TestApp:
         batch_wait_timeout_s=0.05,
         feedback_path=str(feedback),
         max_tokens=64,
-        num_cpus=0.5,
+        num_cpus=0,  # no CPU reservation: the session app must never block later tests' Ray Train workers
     )
     app = TestApp(url=url, checkpoint=ckpt, api_key=TEST_API_KEY, feedback_path=feedback, port=_SHARED["port"])
     _SHARED["app"] = app
