@@ -44,7 +44,7 @@ def _builtin_file(name: str) -> Path:
 
 def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run the whole demo; returns the summary written to ``run_dir/summary.json``."""
-    from rlchat.checkpoint import find_best_checkpoint
+    from rlchat.checkpoint import find_best_checkpoint, resolve_checkpoint_dir
     from rlchat.cluster import init_ray
     from rlchat.evaluation import evaluate_checkpoint
     from rlchat.metrics import plot_run
@@ -98,7 +98,9 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     t = time.perf_counter()
     ppo_cfg = cfg.replace(**{"checkpoint.init_from": str(sft_ckpt)})
     ppo_dir, ppo_metrics = train(ppo_cfg, run_dir / "ppo", quiet=quiet)
-    ppo_ckpt = find_best_checkpoint(ppo_dir)
+    # The *final* PPO policy, not the run's "best": best is chosen by eval/reward_mean on held-out prompts, the
+    # same prompts the comparison below scores, and picking on the test set would inflate the stated margin.
+    ppo_ckpt = resolve_checkpoint_dir(ppo_dir / "checkpoints" / "latest")
     timings["ppo_s"] = time.perf_counter() - t
 
     # 5. held-out comparison: greedy metrics (evaluation code) + the sampled env reward PPO optimises

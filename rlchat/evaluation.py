@@ -567,7 +567,14 @@ def format_samples(result: dict[str, Any], n: int) -> str:
 
 
 def _eval_out_path(out: str | None, ckpt_path: Path) -> Path:
+    """Where ``eval.json`` goes: ``--out``, else ``<run>/eval/<step dir>/eval.json`` for a checkpoint of a run.
+
+    A checkpoint directory is written once, atomically, and its file list is recorded in ``meta.json``; results
+    computed later belong to the run, not inside the checkpoint (a loose checkpoint still gets it alongside).
+    """
     if out is None:
+        if ckpt_path.parent.name == "checkpoints":
+            return ckpt_path.parent.parent / "eval" / ckpt_path.name / EVAL_FILE
         return ckpt_path / EVAL_FILE
     p = Path(out)
     return p if p.suffix == ".json" else p / EVAL_FILE

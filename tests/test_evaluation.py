@@ -14,7 +14,7 @@ from rlchat.checkpoint import save_checkpoint
 from rlchat.config import Config, save_config
 from rlchat.data import Record
 from rlchat.errors import CheckpointError, ConfigError, DataError
-from rlchat.evaluation import eval_command, evaluate_checkpoint, teacher_forced_metrics
+from rlchat.evaluation import eval_command, evaluate_checkpoint, teacher_forced_metrics, win_rate
 from rlchat.metrics import (
     EVAL_ACCURACY,
     EVAL_DISTINCT_1,
@@ -206,3 +206,30 @@ def test_eval_baseline_without_any_reward_model_says_how_to_get_one(tmp_path, mo
 def test_eval_refuses_a_reward_model_checkpoint(runs):
     with pytest.raises(CheckpointError, match="stage"):
         eval_command(str(runs["rm"]), data=str(runs["data"]), samples=0)
+
+
+def test_win_rate_counts_wins_losses_and_ties_by_the_judges_scores():
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
+    scores = {"good": 2.0, "bad": -1.0, "same": 0.5, "also same": 0.5}
+
+    def judge(ps, replies):  # a stub judge: the score depends on the reply only
+        assert len(ps) == len(replies)
+        return [scores[r] for r in replies]
+
+    replies = ["good", "bad", "good", "same", "same"]
+    baseline = ["bad", "good", "bad", "also same", "same"]  # win, loss, win, equal scores (tie), identical (tie)
+    result = win_rate(judge, prompts, replies, baseline)
+    assert (result["wins"], result["losses"], result["ties"]) == (2, 1, 2)
+    assert result["win_rate"] == pytest.approx((2 + 0.5 * 2) / 5)
+    flipped = win_rate(judge, prompts, baseline, replies)
+    assert (flipped["wins"], flipped["losses"]) == (1, 2) and flipped["win_rate"] == pytest.approx(2 / 5)
+
+
+def test_eval_json_defaults_to_the_run_not_inside_the_checkpoint(runs, capsys):
+    """A checkpoint is written once, atomically; eval results go to <run>/eval/<step>/eval.json."""
+    rc = eval_command(str(runs["sft"]), data=str(runs["data"]), config=str(runs["config"]), samples=0, max_prompts=2)
+    assert rc == 0
+    expected = runs["root"] / "sft-a" / "eval" / "step_000001" / "eval.json"
+    assert f"wrote {expected}" in capsys.readouterr().out
+    assert json.loads(expected.read_text(encoding="utf-8"))["num_prompts"] == 2
+    assert not (runs["sft"] / "eval.json").exists()

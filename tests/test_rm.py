@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from rlchat.checkpoint import find_best_checkpoint, read_checkpoint
 from rlchat.config import Config, load_config
 from rlchat.data import load_records
 from rlchat.errors import DataError
-from rlchat.metrics import RM_ACCURACY, RM_LOSS, RM_MARGIN, RM_VAL_ACCURACY
+from rlchat.metrics import RM_ACCURACY, RM_GRAD_NORM, RM_LOSS, RM_LR, RM_MARGIN, RM_VAL_ACCURACY, RM_VAL_LOSS
 from rlchat.rewards import CheckpointRMScorer
 from rlchat.stages import RMTask, StageLearner, prepare_rm_data, run_rm
 from rlchat.tokenizer import ChatTokenizer
@@ -117,6 +118,29 @@ def test_rm_without_preference_pairs_says_why(cfg, tmp_path):
     bad = cfg.replace(**{"data.preferences": "builtin:chat"})
     with pytest.raises(DataError, match=r"no usable preference pairs.*\d+ are not preference records.*chosen"):
         run_rm(bad, run_dir=tmp_path / "run", quiet=True, use_ray=False)
+
+
+def _metric_lines(run_dir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {r["step"]: r for r in records}
+
+
+def test_rm_resume_in_process_continues_step_exactly(cfg, tmp_path):
+    """Resumed from its epoch-1 checkpoint, an interrupted RM run logs exactly the uninterrupted run's metrics."""
+    small = cfg.replace(**{"rm.max_steps": 0, "checkpoint.every": 1, "checkpoint.keep_last": 5})
+    full, _ = run_rm(small, run_dir=tmp_path / "full", quiet=True, use_ray=False)
+    half = tmp_path / "half"
+    shutil.copytree(full, half)
+    steps = sorted(int(p.name.split("_")[1]) for p in (half / "checkpoints").glob("step_*"))
+    assert len(steps) >= 2, steps  # one checkpoint per epoch
+    for s in steps[1:]:  # a crash after the first epoch's checkpoint: the later ones never happened
+        shutil.rmtree(half / "checkpoints" / f"step_{s:06d}")
+    run_rm(small, run_dir=half, resume=True, quiet=True, use_ray=False)
+    a, b = _metric_lines(full), _metric_lines(half)
+    assert sorted(a) == sorted(b) and max(a) > steps[0]
+    for step in a:
+        for key in (RM_LOSS, RM_ACCURACY, RM_GRAD_NORM, RM_LR, RM_VAL_LOSS, RM_VAL_ACCURACY):
+            assert b[step].get(key) == a[step].get(key), (step, key)
 
 
 # ------------------------------------------------------------------------------------------------ Ray Train
