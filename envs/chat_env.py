@@ -18,7 +18,8 @@ Episode (``reset`` -> ``step`` x N):
 2. ``step(token)`` appends the token. When the token is ``tokenizer.eot_id`` the assistant turn ends: the reply is
    scored by the composite reward (``reward`` = the weighted total; ``info["reward_components"]`` = every component,
    unweighted; ``info["response_ids"]`` = the reply's ids without the end-of-turn token). Every other step has
-   reward 0.
+   reward 0. A standalone env scores each reply on its own, so the across-batch component ``diversity_batch`` is 0
+   (a batch of one has nothing to compare against); see ``defer_reward`` below for batch scoring.
 3. Single-turn (``env.multi_turn: false``): the episode is ``terminated`` at the end of the turn. Multi-turn: the
    simulated user (``envs/users.py``) answers; its message is appended as observation tokens the policy did not
    choose (``render_turn("user", text)`` + the assistant start token) and the next turn begins; ``terminated`` after
@@ -38,7 +39,7 @@ steps/s at 64- and 2048-token contexts.
 Construction (every argument optional; ``gymnasium.make("rlchat/Chat-v0")`` runs the built-in demo task)::
 
     ChatEnv(records=None, tokenizer=None, config=None, reward=None, user=None, render_mode=None,
-            data=None, config_overrides=None)
+            data=None, config_overrides=None, defer_reward=False)
 
 - ``config``: a :class:`rlchat.config.Config` (default: the schema defaults); ``config_overrides``: dotted keys
   applied on top (``{"env.max_turn_tokens": 8}``) — the form RLlib's ``env_config`` and YAML can carry.
@@ -48,6 +49,11 @@ Construction (every argument optional; ``gymnasium.make("rlchat/Chat-v0")`` runs
 - ``reward``: any callable with :class:`rlchat.rewards.RewardFunction`'s ``__call__`` signature; otherwise
   ``RewardFunction(cfg.reward, tokenizer)``.
 - ``user``: a :class:`envs.users.SimulatedUser`; otherwise the one named by ``cfg.env.user``.
+- ``defer_reward``: when True the env does not score a finished turn itself: that step's reward is 0, there is no
+  ``info["reward_components"]``, and ``info["pending_turn"]`` holds a :class:`PendingTurn` (the reward's inputs)
+  for the caller to score later, together with other envs' turns, via ``RewardFunction.score_batch``. Rollout
+  workers do this so that batch-level components (``diversity_batch``) compare the replies of the whole batch and
+  model-backed components run one forward per batch. Trajectories are unchanged (users never see rewards).
 
 This module imports the rlchat core only (never Ray), so any Gymnasium library can use the env.
 """
@@ -57,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
@@ -65,7 +72,7 @@ from gymnasium import spaces
 
 from envs.users import SimulatedUser, make_user
 from rlchat.config import Config
-from rlchat.errors import DataError, RLChatError, TokenizerError
+from rlchat.errors import ActionError, DataError, RLChatError
 from rlchat.rewards import RewardFunction, RewardResult
 from rlchat.tokenizer import ChatTokenizer
 
@@ -82,6 +89,28 @@ DEMO_VOCAB_SIZE = 4096
 """The small-vocabulary demo tokenizer used when neither a tokenizer nor a config is given."""
 
 RewardFn = Callable[..., RewardResult]
+
+INFO_REWARD_COMPONENTS = "reward_components"
+"""``info`` key of a scored turn's unweighted reward components."""
+INFO_PENDING_TURN = "pending_turn"
+"""``info`` key of a finished turn left unscored (``defer_reward=True``): a :class:`PendingTurn`."""
+
+
+@dataclass(frozen=True)
+class PendingTurn:
+    """The inputs of one assistant turn's reward, exactly as the env would have passed them to ``reward_fn``.
+
+    Attributes:
+        prompt_messages: the conversation the reply answers (everything before it).
+        response_text: the reply decoded without special tokens.
+        response_ids: the reply's token ids without the end-of-turn token.
+        record: the record the turn is scored against (its ``reference`` is this turn's reference answer).
+    """
+
+    prompt_messages: list[Message]
+    response_text: str
+    response_ids: list[int]
+    record: Any
 
 
 def resolve_config(config: Config | None, config_overrides: Mapping[str, Any] | None) -> Config:
@@ -123,6 +152,7 @@ class ChatEnv(gym.Env[Obs, int]):
         render_mode: str | None = None,
         data: str | None = None,
         config_overrides: Mapping[str, Any] | None = None,
+        defer_reward: bool = False,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise RLChatError(f"render_mode={render_mode!r}: expected None or one of {self.metadata['render_modes']}")
@@ -143,6 +173,7 @@ class ChatEnv(gym.Env[Obs, int]):
             raise DataError(f"ChatEnv: no records (data={data or self.cfg.data.prompts!r}); pass a non-empty dataset")
         self.reward_fn: RewardFn = reward if reward is not None else RewardFunction(self.cfg.reward, tokenizer)
         self.user: SimulatedUser = user if user is not None else make_user(self.cfg.env.user)
+        self.defer_reward = bool(defer_reward)
 
         e = self.cfg.env
         self.max_context = e.max_context
@@ -231,11 +262,15 @@ class ChatEnv(gym.Env[Obs, int]):
         try:
             token = int(action)
         except (TypeError, ValueError):
-            raise TokenizerError(f"ChatEnv.step({action!r}): expected one integer token id") from None
+            raise ActionError(
+                f"ChatEnv.step({action!r}): expected one integer token id (the action space is "
+                f"Discrete({self._n_vocab})); pass the id of the next token, e.g. env.step(int(token))"
+            ) from None
         if not 0 <= token < self._n_vocab:
-            raise TokenizerError(
+            raise ActionError(
                 f"ChatEnv.step({token}): token id out of range; expected 0 <= id < {self._n_vocab} (the env's "
-                "tokenizer vocabulary). Does the policy use a different tokenizer than the env?"
+                "action space is Discrete(tokenizer.n_vocab)). The policy's vocabulary is probably larger than the "
+                "env's tokenizer: build both from the same tokenizer config, or mask logits beyond n_vocab"
             )
         # 1. append: O(1), no copy of the context
         self._buf[self._len] = token
@@ -277,12 +312,18 @@ class ChatEnv(gym.Env[Obs, int]):
         return {"tokens": self._buf, "length": np.array(self._len, dtype=np.int64)}
 
     def _end_turn(self, info: dict[str, Any]) -> float:
+        """Score the finished turn (or hand its reward inputs to the caller when ``defer_reward``)."""
         content = self._turn_ids[:-1]
         text = self.tokenizer.decode(content, skip_special=True)
-        result = self.reward_fn(self._conversation, text, content, self._turn_record)
-        self._conversation = self._conversation + [{"role": "assistant", "content": text}]
-        info["reward_components"] = dict(result.components)
+        prompt = self._conversation
+        # A new list, never an in-place append: a PendingTurn keeps ``prompt`` as it was when the reply was given.
+        self._conversation = prompt + [{"role": "assistant", "content": text}]
         info["response_ids"] = list(content)
+        if self.defer_reward:
+            info[INFO_PENDING_TURN] = PendingTurn(prompt, text, list(content), self._turn_record)
+            return 0.0
+        result = self.reward_fn(prompt, text, content, self._turn_record)
+        info[INFO_REWARD_COMPONENTS] = dict(result.components)
         return float(result.total)
 
     def _next_user_turn(self, info: dict[str, Any]) -> tuple[bool, bool]:

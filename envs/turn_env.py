@@ -40,7 +40,7 @@ from gymnasium import spaces
 from envs.chat_env import ChatEnv, Obs, RewardFn
 from envs.users import SimulatedUser
 from rlchat.config import Config
-from rlchat.errors import ConfigError, TokenizerError
+from rlchat.errors import ActionError, ConfigError
 from rlchat.tokenizer import ChatTokenizer
 
 if TYPE_CHECKING:
@@ -62,8 +62,11 @@ class ChatTurnEnv(gym.Env[Obs, dict[str, Any]]):
         render_mode: str | None = None,
         data: str | None = None,
         config_overrides: Mapping[str, Any] | None = None,
+        defer_reward: bool = False,
     ) -> None:
-        self.token_env = ChatEnv(records, tokenizer, config, reward, user, render_mode, data, config_overrides)
+        self.token_env = ChatEnv(
+            records, tokenizer, config, reward, user, render_mode, data, config_overrides, defer_reward=defer_reward
+        )
         self.render_mode = render_mode
         self.tokenizer = self.token_env.tokenizer
         self.cfg = self.token_env.cfg
@@ -116,20 +119,22 @@ class ChatTurnEnv(gym.Env[Obs, dict[str, Any]]):
                 length = int(action["length"])
                 tokens = np.asarray(action["tokens"]).reshape(-1)
             except (KeyError, TypeError, ValueError):
-                raise TokenizerError(
+                raise ActionError(
                     f"ChatTurnEnv.step: expected {{'tokens': int array, 'length': int}} or a list of token ids, "
                     f"got a mapping with keys {sorted(action)}"
                 ) from None
             if not 0 <= length <= min(len(tokens), self.max_reply_tokens):
-                raise TokenizerError(
+                raise ActionError(
                     f"ChatTurnEnv.step: length={length} with {len(tokens)} tokens; expected "
-                    f"0 <= length <= {min(len(tokens), self.max_reply_tokens)}"
+                    f"0 <= length <= {min(len(tokens), self.max_reply_tokens)}; set length to the number of leading "
+                    "entries of tokens that form the reply"
                 )
             return [int(x) for x in tokens[:length]]
         ids = [int(x) for x in np.asarray(action).reshape(-1)]
         if len(ids) > self.max_reply_tokens:
-            raise TokenizerError(
+            raise ActionError(
                 f"ChatTurnEnv.step: a reply of {len(ids)} tokens; expected at most {self.max_reply_tokens} "
-                "(env.max_turn_tokens - 1, the end-of-turn token takes the last slot)"
+                "(env.max_turn_tokens - 1, the end-of-turn token takes the last slot); shorten the reply or raise "
+                "env.max_turn_tokens"
             )
         return ids

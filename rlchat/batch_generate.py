@@ -82,6 +82,7 @@ import pyarrow.parquet as pq
 from rlchat import __version__
 from rlchat.data import (
     FORMATS,
+    MAX_LINE_BYTES,
     MESSAGES_TYPE,
     Collector,
     Message,
@@ -226,6 +227,7 @@ def read_prompts(
     fmt: str = "auto",
     on_error: str = "fail",
     max_prompt_tokens: int | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> PromptSet:
     """Read, validate and render the prompts of ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` files or directories.
 
@@ -235,6 +237,7 @@ def read_prompts(
         fmt: ``"auto"`` or a name from :data:`rlchat.data.FORMATS`.
         on_error: ``"fail"`` or ``"skip"`` (:class:`rlchat.data.Collector` applies it, as ``rlchat data`` does).
         max_prompt_tokens: a rendered prompt longer than this is a bad record (None = no limit).
+        max_line_bytes: a longer input line is a bad record (``data.max_line_bytes``, as ``rlchat data`` reads).
 
     Returns:
         The kept prompts in input order, the skipped lines with reasons, counts per format and the files read.
@@ -246,13 +249,13 @@ def read_prompts(
         raise DataError(f"format {fmt!r}: expected auto or one of {', '.join(FORMATS)}")
     files = expand_inputs(inputs)
     collector = Collector(on_error)
-    for chunk in iter_chunks(files):
+    for chunk in iter_chunks(files, max_line_bytes=max_line_bytes):
         path = chunk["path"]
         for line, data, size in zip(chunk["lines"], chunk["data"], chunk["sizes"]):
             source = f"{path}:{line}"
             row: dict[str, Any] = {"path": path, "line": line, "source": source, "error": None, "format": None}
             try:
-                rec = parse_prompt_record(decode_line(data, size, line), source, fmt)
+                rec = parse_prompt_record(decode_line(data, size, line, max_line_bytes), source, fmt)
                 messages, input_reply = prompt_of(rec)
                 if not messages:
                     raise ValueError(
@@ -1044,7 +1047,14 @@ def generate(
     components = _reward_components(ckpt, ckpt.tokenizer) if rewards else None
 
     # 2. read and validate every input record before any generation
-    prompts = read_prompts(inputs, ckpt.tokenizer, fmt, on_error, _max_prompt_tokens(ckpt, params.max_new_tokens))
+    prompts = read_prompts(
+        inputs,
+        ckpt.tokenizer,
+        fmt,
+        on_error,
+        _max_prompt_tokens(ckpt, params.max_new_tokens),
+        max_line_bytes=ckpt.config.data.max_line_bytes,
+    )
     if not prompts.rows:
         raise DataError(
             f"{', '.join(map(str, inputs))}: no prompt to generate from (skipped {len(prompts.skipped)} bad "

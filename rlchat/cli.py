@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="checkpoint to compare against (win rate by the reward model)")
     p.add_argument("--data", default=None, help="held-out data (default: the checkpoint config's prompts)")
     p.add_argument("--config", "-c", default=None)
-    p.add_argument("--out", default=None, help="where eval.json goes (default: RUN_DIR/eval/STEP/eval.json for a run's checkpoint)")
+    p.add_argument("--out", default=None, help="where eval.json goes (default: RUN_DIR/eval/STEP/eval.json)")
     p.add_argument("--samples", type=int, default=3, help="sample conversations to show")
     p.add_argument("--max-prompts", type=int, default=128)
 

@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class DataConfig:
     """Jaccard threshold for MinHash near-duplicate removal (0 = off, e.g. 0.85)."""
     blocklist: tuple[str, ...] = ()
     """Case-insensitive phrases; a record containing one is dropped."""
+    max_line_bytes: int = 1 << 20
+    """Longest accepted JSONL line in bytes (1 MiB); longer lines are bad records, reported without being loaded."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class ModelConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 autocast on GPU and on CPUs with bf16 matrix units (AMX/AVX512-BF16); fp32 master weights."""
     dropout: float = 0.0
-    """Dropout of the tiny model (0 keeps PPO ratios exact)."""
+    """Dropout of the tiny model (SFT / RM only: PPO refuses dropout > 0, which would make its ratios noisy)."""
 
 
 @dataclass(frozen=True)
@@ -182,9 +185,9 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature during rollouts."""
     top_k: int = 0
-    """Top-k filter during rollouts (0 = off)."""
+    """Top-k filter during rollouts; must stay 0 (off): PPO's learner cannot reproduce a truncated distribution."""
     top_p: float = 1.0
-    """Top-p filter during rollouts (1 = off)."""
+    """Top-p filter during rollouts; must stay 1 (off), for the same reason as rollout.top_k."""
     max_staleness: int = 1
     """Largest accepted gap between the learner's weights version and a batch's version."""
     overlap: bool = False
@@ -428,13 +431,15 @@ class Config:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check(ok: bool, key: str, value: Any, expected: str, fix: str) -> None:
+def _check(ok: bool, key: str, value: Any, expected: str, fix: str, why: str = "") -> None:
+    """Raise ``key=value: expected ... (why); fix`` unless ``ok``."""
     if not ok:
-        raise ConfigError(f"{key}={value!r}: expected {expected}; {fix}")
+        raise ConfigError(f"{key}={value!r}: expected {expected}{f' ({why})' if why else ''}; {fix}")
 
 
 def _validate(cfg: Config) -> None:
     """Cross-field and range checks that types alone cannot express."""
+    _check_finite(cfg)
     p, r = cfg.ppo, cfg.rollout
     for key in ("ppo.learning_rate", "sft.learning_rate", "rm.learning_rate"):
         v = _get(cfg, key)
@@ -442,7 +447,7 @@ def _validate(cfg: Config) -> None:
     _check(0 < p.clip_coef < 1, "ppo.clip_coef", p.clip_coef, "a value in (0, 1)", "use 0.1-0.3")
     _check(0 <= p.gamma <= 1, "ppo.gamma", p.gamma, "a value in [0, 1]", "use 1.0 for episodic chat")
     _check(0 <= p.gae_lambda <= 1, "ppo.gae_lambda", p.gae_lambda, "a value in [0, 1]", "use 0.95")
-    _check(p.kl_coef >= 0, "ppo.kl_coef", p.kl_coef, "a non-negative coefficient", "use 0 to disable the KL penalty")
+    _validate_ppo_coefficients(cfg)
     _check(p.update_epochs >= 1, "ppo.update_epochs", p.update_epochs, "at least 1", "use 1-4")
     _check(p.num_minibatches >= 1, "ppo.num_minibatches", p.num_minibatches, "at least 1", "use 1-8")
     _check(p.iterations >= 1, "ppo.iterations", p.iterations, "at least 1", "set a positive number of iterations")
@@ -457,8 +462,15 @@ def _validate(cfg: Config) -> None:
     _check(cfg.ray.learner_workers >= 0, "ray.learner_workers", cfg.ray.learner_workers, ">= 0", "use 1 on a laptop")
     _check(r.envs_per_worker >= 1, "rollout.envs_per_worker", r.envs_per_worker, "at least 1", "use 8-64")
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "a positive temperature", "use 1.0 for PPO")
-    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "a value in (0, 1]", "use 1.0 to disable")
+    _validate_rollout_sampling(r)
     _check(0 <= cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "a value in [0, 1)", "use 0.1")
+    _check(
+        cfg.data.max_line_bytes >= 1,
+        "data.max_line_bytes",
+        cfg.data.max_line_bytes,
+        "a positive number of bytes",
+        "use 1048576 (1 MiB, the default) or more for very long conversations",
+    )
     _check(
         0 <= cfg.data.near_dedup_threshold <= 1,
         "data.near_dedup_threshold",
@@ -491,6 +503,174 @@ def _validate(cfg: Config) -> None:
         cfg.reward.length_min,
         f"<= reward.length_max ({cfg.reward.length_max})",
         "swap the two values",
+    )
+
+
+def _validate_ppo_coefficients(cfg: Config) -> None:
+    """Signs and ranges of the PPO loss coefficients, KL control and guardrails.
+
+    Why each bound matters: these values multiply or clip gradients, so a wrong sign does not fail loudly, it
+    quietly optimises the opposite objective (a negative ``vf_coef`` maximises the value error) or disables a
+    safety rule without saying so (``should_early_stop`` treats any ``target_kl <= 0`` as off).
+    """
+    p = cfg.ppo
+    _check(
+        p.vf_coef >= 0,
+        "ppo.vf_coef",
+        p.vf_coef,
+        "a non-negative coefficient",
+        "use 0.5 (cleanrl's default); 0 leaves the value head untrained",
+        "a negative one would push the critic away from the returns",
+    )
+    _check(
+        p.ent_coef >= 0,
+        "ppo.ent_coef",
+        p.ent_coef,
+        "a non-negative coefficient",
+        "use 0.0 (off) or a small bonus such as 0.01",
+        "a negative one penalises entropy and drives the policy to collapse",
+    )
+    for key in ("ppo.max_grad_norm", "sft.max_grad_norm", "rm.max_grad_norm"):
+        v = _get(cfg, key)
+        _check(
+            v > 0,
+            key,
+            v,
+            "a positive gradient-norm bound",
+            "use 0.5-1.0 (a very large value such as 1e9 effectively turns clipping off)",
+            "gradients are rescaled to at most this norm, so 0 zeroes every update and a negative value flips it",
+        )
+    _check(
+        p.target_kl >= 0,
+        "ppo.target_kl",
+        p.target_kl,
+        "a non-negative target, 0 = off",
+        "use 0 to disable early stopping or e.g. 0.02",
+        "the epoch loop stops at approx_kl > 1.5 * target_kl; a negative value would silently disable it",
+    )
+    _check(
+        p.kl_coef >= 0,
+        "ppo.kl_coef",
+        p.kl_coef,
+        "a non-negative coefficient",
+        "use 0 to disable the KL penalty or e.g. 0.05",
+        "a negative one would reward moving away from the reference model",
+    )
+    if p.adaptive_kl:
+        _check(
+            p.kl_target > 0,
+            "ppo.kl_target",
+            p.kl_target,
+            "a positive target KL for ppo.adaptive_kl=true",
+            "use e.g. 6.0 (Ziegler et al. 2019), or set ppo.adaptive_kl=false to keep kl_coef fixed",
+            "the controller's error is KL / kl_target - 1",
+        )
+        _check(
+            p.kl_horizon >= 1,
+            "ppo.kl_horizon",
+            p.kl_horizon,
+            "a positive horizon for ppo.adaptive_kl=true",
+            "use e.g. 10000",
+            "each iteration multiplies kl_coef by 1 + error * episodes / kl_horizon",
+        )
+        _check(
+            p.kl_coef > 0,
+            "ppo.kl_coef",
+            p.kl_coef,
+            "a positive initial coefficient for ppo.adaptive_kl=true",
+            "use e.g. 0.05, or set ppo.adaptive_kl=false for no KL penalty",
+            "the adaptive controller multiplies kl_coef, so from 0 it can never move",
+        )
+    _check(p.weight_decay >= 0, "ppo.weight_decay", p.weight_decay, "a non-negative decay", "use 0.0 or e.g. 0.01")
+    for key in ("ppo.max_ref_kl", "ppo.min_entropy", "ppo.max_length_drift", "ppo.max_repetition"):
+        v = _get(cfg, key)
+        _check(
+            v >= 0,
+            key,
+            v,
+            "a non-negative guardrail bound, 0 = off",
+            "use 0 to turn this guardrail off",
+            "guardrails ignore bounds <= 0, so a negative value would silently disable it",
+        )
+    _check(
+        p.max_repetition <= 1,
+        "ppo.max_repetition",
+        p.max_repetition,
+        "a fraction in [0, 1]",
+        "use e.g. 0.5, or 0 to turn this guardrail off",
+    )
+
+
+def _validate_rollout_sampling(r: RolloutConfig) -> None:
+    """Rollout sampling must be the plain temperature-scaled softmax: no top-k / top-p filtering.
+
+    The ``rollout`` section configures only PPO's rollout workers (chat, eval, batch generation and serving take
+    their own decoding parameters), so this is the check of the PPO train config. Why: the learner recomputes the
+    log-probs of the sampled tokens under the full (temperature-scaled) softmax; a top-k / top-p sampler draws from
+    a renormalised, truncated distribution instead, so ``exp(logp_new - logp_old)`` would not be the importance
+    ratio of the policy that acted, and the PPO update and KL estimates would be biased.
+    """
+    why = (
+        "PPO's learner recomputes log-probs under the full softmax and cannot reproduce a truncated sampling "
+        "distribution, so the PPO ratio and KL would be biased"
+    )
+    fix = (
+        "set rollout.top_k=0 and rollout.top_p=1.0 (rollout.temperature is fine to change: the learner applies it "
+        "too; filtering belongs to the chat / serving decoding settings)"
+    )
+    _check(r.top_k == 0, "rollout.top_k", r.top_k, "0 (no top-k filtering) for PPO rollouts", fix, why)
+    _check(r.top_p == 1.0, "rollout.top_p", r.top_p, "1.0 (no nucleus filtering) for PPO rollouts", fix, why)
+
+
+def _check_finite(cfg: Any, prefix: str = "") -> None:
+    """Every float field (and float mapping value) of ``cfg`` is finite, or the infinite default of its field.
+
+    The parser already refuses ``.nan`` / ``inf`` from YAML and overrides; this also covers sections constructed
+    directly in Python (``PPOConfig(vf_coef=float("nan"))``), where no parser runs.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, float):
+            _require_finite(key, value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, float):
+                    _require_finite(f"{key}.{k}", v)
+
+
+def _field_default(dotted: str) -> Any:
+    """The schema default of a leaf key (``data.min_quality`` -> ``-inf``), or None when it is not a field."""
+    parent, _, name = dotted.rpartition(".")
+    cls = _section_of(parent) if parent else Config
+    if cls is None:
+        return None
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return f.default
+    return None
+
+
+def _require_finite(key: str, value: float, given: Any = None) -> float:
+    """``value`` if finite (or the field's own infinite default, e.g. ``data.min_quality=-inf`` = no threshold).
+
+    Why: NaN compares false with everything, so ``nan > 0`` checks pass it silently downstream and it turns
+    every loss it touches into NaN; infinities make thresholds that always or never trip.
+    """
+    if math.isfinite(value):
+        return value
+    default = _field_default(key)
+    if isinstance(default, float) and value == default:
+        return value
+    found = "NaN" if math.isnan(value) else "an infinity"
+    infinite_default = isinstance(default, float) and math.isinf(default)
+    allowed = f" (the only infinite value {key} accepts is its default {default!r}, = off)" if infinite_default else ""
+    shown = value if given is None else given
+    raise ConfigError(
+        f"{key}={shown!r}: expected a finite number, found {found}{allowed}; non-finite values turn losses and "
+        "thresholds into NaN or make them never trip, so set a finite number"
     )
 
 
@@ -576,11 +756,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
                 try:
-                    return float(value)  # YAML 1.1 reads "1e-4" as a string
+                    number = float(value)  # YAML 1.1 reads "1e-4" as a string
                 except ValueError:
                     raise bad from None
+                return _require_finite(key, number, value)
             raise bad
-        return float(value)
+        return _require_finite(key, float(value), value)
     if tp is str:
         if value is None:
             return ""
@@ -592,13 +773,22 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise bad
 
 
-def _unknown(key: str, cls: type) -> ConfigError:
+def _show_given(key: str, value: Any, limit: int = 80) -> str:
+    """``key=value`` as the user wrote it, shortened so a whole mistyped section does not flood the message."""
+    text = repr(value)
+    return f"{key}={text if len(text) <= limit else text[: limit - 3] + '...'}"
+
+
+def _unknown(key: str, cls: type, given: str) -> ConfigError:
+    """Unknown ``key`` (a section or a leaf) inside ``cls``; ``given`` is the ``key=value`` the user wrote."""
     names = [f.name for f in dataclasses.fields(cls)]
     import difflib
 
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=1)
     hint = f"did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(names)}. {hint}".strip())
+    return ConfigError(
+        f"unknown config key '{key}' (given {given}); valid keys here: {', '.join(names)}. {hint}".strip()
+    )
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -608,7 +798,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in hints:
-            raise _unknown(prefix + str(key), cls)
+            raise _unknown(prefix + str(key), cls, _show_given(prefix + str(key), value))
         tp = hints[key]
         if _is_section(tp):
             kwargs[key] = _build(tp, value or {}, prefix + key + ".")
@@ -669,13 +859,13 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         hints = _hints(cls)
         if part not in hints or not _is_section(hints[part]):
-            raise _unknown(".".join(parts[: i + 1]), cls)
+            raise _unknown(".".join(parts[: i + 1]), cls, _show_given(key, value))
         cls = hints[part]
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is a section; expected a mapping")
     if parts[-1] not in _hints(cls):
-        raise _unknown(key, cls)
+        raise _unknown(key, cls, _show_given(key, value))
     node[parts[-1]] = value
 
 

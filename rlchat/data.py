@@ -81,7 +81,8 @@ ROLE_ALIASES = {
 """Accepted role names (case-insensitive) and the role each one becomes."""
 
 MAX_LINE_BYTES = 1 << 20
-"""Longest accepted JSONL line (1 MiB, ~250k tokens): longer lines are reported, never loaded into memory."""
+"""Default of ``data.max_line_bytes``: the longest accepted JSONL line (1 MiB, ~250k tokens). Longer lines are
+reported as bad records and never loaded into memory; the config key raises the limit for really long records."""
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 BUILTIN = ("task", "chat", "prefs")
 """Names of the built-in demo data sets (``builtin:task`` etc., files in ``rlchat/demo_data/``)."""
@@ -425,13 +426,27 @@ def iter_chunks(
     Blank lines are dropped here. A file with no non-blank line yields a chunk whose ``file_error`` says it is
     empty; a read failure yields one with the failure (at the line reached), after the lines read before it.
 
+    Args:
+        paths: the input files.
+        chunk_lines: lines per chunk.
+        max_line_bytes: ``data.max_line_bytes``; longer lines come back as ``None`` data. Every chunk records the
+            limit it was read with, so :func:`process_chunk` reports the limit that actually applied.
+
     Yields:
         ``{"path": str, "lines": list[int], "data": list[bytes | None], "sizes": list[int],
-        "file_error": str | None, "error_line": int}``
+        "file_error": str | None, "error_line": int, "max_line_bytes": int}``
     """
 
     def chunk(path: str, lines: list[int], data: list[bytes | None], sizes: list[int]) -> dict[str, Any]:
-        return {"path": path, "lines": lines, "data": data, "sizes": sizes, "file_error": None, "error_line": 0}
+        return {
+            "path": path,
+            "lines": lines,
+            "data": data,
+            "sizes": sizes,
+            "file_error": None,
+            "error_line": 0,
+            "max_line_bytes": max_line_bytes,
+        }
 
     for path in paths:
         name = str(path)
@@ -467,6 +482,11 @@ def iter_chunks(
             }
 
 
+def _suggest_limit(size: int) -> int:
+    """A round ``data.max_line_bytes`` (a power of two) that admits a line of ``size`` bytes."""
+    return 1 << max(size - 1, 1).bit_length()
+
+
 def decode_line(data: bytes | None, size: int, line: int, max_line_bytes: int = MAX_LINE_BYTES) -> dict[str, Any]:
     """Bytes of one line -> the JSON object on it.
 
@@ -479,7 +499,9 @@ def decode_line(data: bytes | None, size: int, line: int, max_line_bytes: int = 
     if data is None:
         raise ValueError(
             f"line is {size:,} bytes; expected at most {max_line_bytes:,} bytes per record "
-            "(rlchat.data.MAX_LINE_BYTES); split the conversation or remove the line"
+            f"(data.max_line_bytes={max_line_bytes}); if such long records are intended, raise the limit in the "
+            f"config (data: {{max_line_bytes: {_suggest_limit(size)}}}, or the override "
+            f"data.max_line_bytes={_suggest_limit(size)}), otherwise split the conversation or remove the line"
         )
     if line == 1 and data.startswith(_UTF16_BOMS):
         raise ValueError("the file is UTF-16 encoded; expected UTF-8; convert it, e.g. iconv -f UTF-16 -t UTF-8")
@@ -896,7 +918,7 @@ def process_chunk(
     fmt: str = "auto",
     tok: ChatTokenizer | None = None,
     dcfg: DataConfig | None = None,
-    max_line_bytes: int = MAX_LINE_BYTES,
+    max_line_bytes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Decode, parse, validate, tokenize and filter-check every line of a chunk from :func:`iter_chunks`.
 
@@ -909,17 +931,19 @@ def process_chunk(
         fmt: ``"auto"`` or a format name forced for every line.
         tok: the chat tokenizer; None skips the token columns (then no token filter may be set).
         dcfg: filters to evaluate (None: no filters, no MinHash).
-        max_line_bytes: the limit the chunk was read with (for the error message).
+        max_line_bytes: the limit the chunk was read with, for the error message of an oversized line; the
+            limit :func:`iter_chunks` recorded in the chunk wins, so the message always names the one that applied.
 
     Returns:
         One row (:data:`WORK_SCHEMA` columns) per line, plus one for a file-level error.
     """
     path = chunk["path"]
+    limit = int(chunk.get("max_line_bytes") or max_line_bytes or MAX_LINE_BYTES)
     rows: list[dict[str, Any]] = []
     for line, data, size in zip(chunk["lines"], chunk["data"], chunk["sizes"]):
         row = _empty_row(path, line)
         try:
-            obj = decode_line(data, size, line, max_line_bytes)
+            obj = decode_line(data, size, line, limit)
             rec = parse_record(obj, row["source"], fmt)
         except ValueError as e:
             row["error"] = str(e)
@@ -1014,10 +1038,16 @@ def collect(
     on_error: str = "fail",
     tok: ChatTokenizer | None = None,
     dcfg: DataConfig | None = None,
+    max_line_bytes: int | None = None,
 ) -> Collector:
-    """The whole pipeline in this process (what the Ray Data job does in parallel)."""
+    """The whole pipeline in this process (what the Ray Data job does in parallel).
+
+    ``max_line_bytes`` defaults to ``dcfg.max_line_bytes`` (or :data:`MAX_LINE_BYTES` without a config).
+    """
+    if max_line_bytes is None:
+        max_line_bytes = dcfg.max_line_bytes if dcfg is not None else MAX_LINE_BYTES
     collector = Collector(on_error, dcfg)
-    for chunk in iter_chunks(paths):
+    for chunk in iter_chunks(paths, max_line_bytes=max_line_bytes):
         collector.add_all(process_chunk(chunk, fmt, tok, dcfg))
     return collector
 
@@ -1063,7 +1093,9 @@ def split_rows(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def read_records(paths: Sequence[str | Path], fmt: str = "auto", on_error: str = "fail") -> ReadResult:
+def read_records(
+    paths: Sequence[str | Path], fmt: str = "auto", on_error: str = "fail", max_line_bytes: int = MAX_LINE_BYTES
+) -> ReadResult:
     """Read, normalise and validate records from ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` files or directories.
 
     No filters, no dedup, no split (see :func:`load_records` for those).
@@ -1072,6 +1104,7 @@ def read_records(paths: Sequence[str | Path], fmt: str = "auto", on_error: str =
         paths: files or directories.
         fmt: ``"auto"`` (per file, from its first record) or a name from :data:`FORMATS`.
         on_error: ``"fail"`` or ``"skip"``.
+        max_line_bytes: longest accepted line (``data.max_line_bytes``); longer ones are bad records.
 
     Returns:
         The records in input order, the skipped lines with reasons, and the count of records per format.
@@ -1082,7 +1115,9 @@ def read_records(paths: Sequence[str | Path], fmt: str = "auto", on_error: str =
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"format {fmt!r}: expected auto or one of {', '.join(FORMATS)}")
-    collector = collect(expand_inputs(paths), fmt, on_error)
+    if max_line_bytes < 1:
+        raise DataError(f"max_line_bytes={max_line_bytes}: expected a positive number of bytes, e.g. {MAX_LINE_BYTES}")
+    collector = collect(expand_inputs(paths), fmt, on_error, max_line_bytes=max_line_bytes)
     records = [Record.from_row(r) for r in collector.kept]
     return ReadResult(records, collector.skipped, dict(collector.counts_by_format))
 

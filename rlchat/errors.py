@@ -30,3 +30,9 @@ class CheckpointError(RLChatError):
 
 class RewardError(RLChatError):
     """A reward component failed (bad plugin, non-finite value)."""
+
+
+class ActionError(RLChatError, ValueError):
+    """An action given to an environment is not in its action space (a token id outside the vocabulary, a reply
+    longer than the turn budget). A ``ValueError`` too, which is what Gymnasium-style callers expect for a bad
+    action."""

@@ -93,19 +93,68 @@ class SamplingParams:
     """Base seed when no per-row seeds are given (row i gets a seed derived from (seed, i)); None = random."""
 
     def __post_init__(self) -> None:
+        # (ok, field, value, expected, fix): the chat CLI, Serve and batch generation show these to users as is.
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "at least 1"),
-            (self.min_new_tokens >= 0, "min_new_tokens", self.min_new_tokens, ">= 0"),
-            (self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)"),
-            (self.top_k >= 0, "top_k", self.top_k, ">= 0 (0 = off)"),
-            (0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1] (1 = off)"),
-            (self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0 (1 = off)"),
-            (self.num_beams >= 1, "num_beams", self.num_beams, "at least 1"),
-            (all(s for s in self.stop_strings), "stop_strings", self.stop_strings, "non-empty strings"),
+            (
+                self.max_new_tokens >= 1,
+                "max_new_tokens",
+                self.max_new_tokens,
+                "at least 1",
+                "ask for at least one new token, e.g. max_new_tokens=64",
+            ),
+            (
+                self.min_new_tokens >= 0,
+                "min_new_tokens",
+                self.min_new_tokens,
+                ">= 0",
+                "use 0 to let a row stop at its first token",
+            ),
+            (
+                self.temperature >= 0,
+                "temperature",
+                self.temperature,
+                ">= 0 (0 = greedy)",
+                "use 1.0 for plain sampling, lower for less random output, or 0 for greedy decoding",
+            ),
+            (
+                self.top_k >= 0,
+                "top_k",
+                self.top_k,
+                ">= 0 (0 = off)",
+                "use 0 to sample from every token or e.g. 40 to keep the 40 most likely",
+            ),
+            (
+                0 < self.top_p <= 1,
+                "top_p",
+                self.top_p,
+                "in (0, 1] (1 = off)",
+                "use 1.0 to turn nucleus sampling off or e.g. 0.9; for deterministic output set temperature=0",
+            ),
+            (
+                self.repetition_penalty > 0,
+                "repetition_penalty",
+                self.repetition_penalty,
+                "> 0 (1 = off)",
+                "use 1.0 to turn it off or e.g. 1.1 to discourage repeats",
+            ),
+            (
+                self.num_beams >= 1,
+                "num_beams",
+                self.num_beams,
+                "at least 1",
+                "use 1 for sampling / greedy decoding or e.g. 4 for beam search",
+            ),
+            (
+                all(s for s in self.stop_strings),
+                "stop_strings",
+                self.stop_strings,
+                "non-empty strings",
+                "remove the empty string: every text contains it, so it would end each row at once",
+            ),
         ]
-        for ok, name, value, expected in checks:
+        for ok, name, value, expected, fix in checks:
             if not ok:
-                raise ConfigError(f"SamplingParams.{name}={value!r}: expected {expected}")
+                raise ConfigError(f"SamplingParams.{name}={value!r}: expected {expected}; {fix}")
 
     @property
     def greedy(self) -> bool:

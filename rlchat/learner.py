@@ -17,6 +17,19 @@ Data-parallel layout (exactly equal to one worker on the same batch; tested):
    the single-worker gradient;
 4. early stop uses the token-weighted global approx-KL.
 
+Deviations from a textbook PPO step, and why:
+
+- Log-probs, entropy and the reference's log-probs are those of the distribution the rollouts sampled from: the
+  LM's logits divided by ``rollout.temperature`` (as TRL's PPO trainer does), via
+  ``PolicyValueModel.forward(..., temperature=...)``. The generation engine records behaviour log-probs after
+  temperature, so only then do the ratio's numerator and its denominator (the behaviour log-probs, with overlapped
+  sampling) describe the same policy. Top-k / top-p truncation cannot be reproduced from a full-vocabulary
+  softmax; config validation rejects it for PPO.
+- Every PPO forward runs with dropout off (the model in eval mode), like TRL's ``disable_dropout``: the rollouts
+  sample in eval mode, so a dropout mask in the learner would make the ratio differ from 1 before any update and
+  the old log-probs (no-grad pass) disagree with the gradient pass. ``model.dropout > 0`` is refused for PPO
+  (:func:`check_ppo_config`) rather than silently ignored.
+
 :class:`LearnerGroup` is the driver's handle: a ``TorchTrainer`` whose workers serve commands (update, weights,
 save, eval) from Ray queues, so the driver keeps the loop -- sample -> update -> sync -> log -- and Ray Train is
 started once per run, not once per step (its start-up costs ~17 s on 2 cores).
@@ -38,7 +51,7 @@ from torch import nn
 from rlchat import ppo
 from rlchat.batch import RolloutBatch
 from rlchat.config import Config
-from rlchat.errors import RLChatError
+from rlchat.errors import ConfigError, RLChatError
 from rlchat.metrics import PPO_BEHAVIOUR_LOGPROB_MAXDIFF as BEHAVIOUR_DIFF
 from rlchat.metrics import PPO_EARLY_STOPPED as EARLY_STOPPED
 from rlchat.metrics import PPO_EPOCHS_RUN as EPOCHS_RUN
@@ -53,6 +66,22 @@ def _derive_seed(*parts: int) -> int:
     from rlchat.rollout import derive_seed
 
     return derive_seed(*parts)
+
+
+def check_ppo_config(cfg: Config) -> None:
+    """Refuse settings the PPO learner cannot honour (called by the learner and, before Ray starts, the driver).
+
+    Raises:
+        ConfigError: ``model.dropout > 0``. The learner runs every forward with dropout off so that its log-probs
+            equal the (eval-mode) rollouts' and the old log-probs equal the gradient pass's at the start of an
+            update; a dropout the user asked for would be silently ignored, so it is refused instead.
+    """
+    if cfg.model.dropout > 0:
+        raise ConfigError(
+            f"model.dropout={cfg.model.dropout!r}: expected 0 for PPO (rlchat train); the learner runs with dropout "
+            "off so its log-probs match the rollouts' and the PPO ratio is exactly 1 before the first step. Fix: set "
+            "model.dropout=0 for the PPO run (dropout in SFT / reward-model training is fine)"
+        )
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -72,6 +101,9 @@ class Learner:
         ref: the frozen reference policy, or None when no KL penalty is used.
         rank, world: data-parallel coordinates (``torch.distributed`` must be initialised when world > 1).
         ddp: the DDP-wrapped policy used for the gradient forward (None: ``policy`` itself).
+
+    Raises:
+        ConfigError: a setting PPO cannot honour (:func:`check_ppo_config`).
     """
 
     def __init__(
@@ -83,18 +115,26 @@ class Learner:
         world: int = 1,
         ddp: nn.Module | None = None,
     ) -> None:
+        check_ppo_config(cfg)
         self.cfg = cfg
         self.p = cfg.ppo
         self.policy = policy
         self.ref = ref
         self.rank, self.world = rank, world
+        # every log-prob is taken at the rollout temperature (module docstring); the reference's too, so the KL
+        # penalty compares the two distributions the samples could have come from. DDP passes forward kwargs on.
+        self.temperature = float(cfg.rollout.temperature)
         self.train_module = ddp if ddp is not None else policy
         self.device = policy.device
         self.params = [q for q in policy.parameters() if q.requires_grad]
         self.optimizer = make_optimizer(self.params, self.p.learning_rate, self.p.weight_decay)
         total = self.p.iterations * self.p.update_epochs * self.p.num_minibatches
+        self._lr_schedule = ppo.lr_lambda(self.p.lr_schedule, self.p.warmup_steps, total)
+        self.lr_scale = 1.0  # factor on the scheduled LR: guardrail rollbacks set 0.5 ** rollbacks (train state)
+        # The scheduler's multiplier includes lr_scale, so every scheduler.step() keeps the scale instead of
+        # recomputing the unscaled LR from base_lrs. A plain closure: LambdaLR's state_dict skips functions.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, ppo.lr_lambda(self.p.lr_schedule, self.p.warmup_steps, total)
+            self.optimizer, lambda step: self._lr_schedule(step) * self.lr_scale
         )
         self.kl_ctl = ppo.make_kl_controller(self.p)
         self.version = 0
@@ -134,8 +174,13 @@ class Learner:
         rows = torch.arange(self.rank, n, self.world)
         ids, attn, act = t["input_ids"][rows], t["attention_mask"][rows], t["action_mask"][rows]
         self.policy.eval()
-        out = self.policy(ids, attn, act, compute_entropy=False)
-        ref_lp = self.ref(ids, attn, act, compute_entropy=False).logprobs if self.ref is not None else out.logprobs
+        temp = self.temperature
+        out = self.policy(ids, attn, act, compute_entropy=False, temperature=temp)
+        ref_lp = (
+            self.ref(ids, attn, act, compute_entropy=False, temperature=temp).logprobs
+            if self.ref is not None
+            else out.logprobs
+        )
         # V(state after the last token) matters only where the episode was cut (bootstrap at truncation).
         last_values = torch.zeros(len(rows), device=self.device)
         trunc = t["truncated"][rows]
@@ -188,8 +233,10 @@ class Learner:
             self.kl_ctl.value,
         )
         old_values = stats["values"]
-        # 3. epochs x minibatches (x micro-batches), each minibatch a slice of one global permutation
-        self.policy.train()
+        # 3. epochs x minibatches (x micro-batches), each minibatch a slice of one global permutation. Eval mode on
+        # purpose (dropout off, module docstring): the forward is then deterministic, so no per-step reseeding of
+        # torch's RNG is needed for ranks, resumes and the no-grad pass to agree.
+        self.policy.eval()
         sums: dict[str, float] = {}
         count = 0
         epochs_run = 0
@@ -213,7 +260,9 @@ class Learner:
                     sync = k == len(micro) - 1
                     ctx = self.train_module.no_sync() if (self.world > 1 and not sync) else _null()
                     with ctx:
-                        out = self.train_module(t["input_ids"][rows], t["attention_mask"][rows], act[rows])
+                        out = self.train_module(
+                            t["input_ids"][rows], t["attention_mask"][rows], act[rows], temperature=self.temperature
+                        )
                         loss, m = ppo.ppo_loss(
                             out.logprobs,
                             out.entropy,
@@ -268,26 +317,51 @@ class Learner:
         """The LM's weights for rollout workers (CPU tensors; the value head stays here)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.policy.lm.state_dict().items()}
 
-    def train_state(self) -> dict[str, Any]:
+    def train_state(self, driver_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What resuming needs: optimizer, scheduler, LR scale, KL controller, weights version, and the driver's
+        own state (guardrail reference length, rollback count), which travels with the checkpoint it belongs to."""
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "lr_scale": self.lr_scale,
             "kl_controller": self.kl_ctl.state_dict(),
             "version": self.version,
+            "driver": dict(driver_state or {}),
         }
 
-    def load_train_state(self, state: dict[str, Any]) -> None:
+    def load_train_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Restore :meth:`train_state`; returns its driver state (empty for checkpoints written without one)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.version = int(state["version"])
+        self.set_learning_rate_scale(float(state.get("lr_scale", 1.0)))
+        return dict(state.get("driver") or {})
 
-    def set_learning_rate_scale(self, factor: float) -> float:
-        """Scale every param group's base LR (guardrail rollback halves it); returns the new base LR."""
-        for g in self.optimizer.param_groups:
-            g["initial_lr"] = g.get("initial_lr", g["lr"]) * factor
-        self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]
-        return float(self.scheduler.base_lrs[0])
+    def current_learning_rates(self) -> list[float]:
+        """The LR of each param group for the next optimizer step: base LR x schedule(step) x :attr:`lr_scale`."""
+        step = self.scheduler.last_epoch
+        return [base * self._lr_schedule(step) * self.lr_scale for base in self.scheduler.base_lrs]
+
+    def set_learning_rate_scale(self, scale: float) -> float:
+        """Set the factor on the scheduled LR and apply it to the param groups now; returns the next step's LR.
+
+        The scale is absolute, not multiplied into the current one: a rollback reloads a checkpoint (and its scale)
+        and then sets ``0.5 ** rollbacks``, so repeated trips go 1/2, 1/4, 1/8. It is written into
+        ``param_groups[i]["lr"]`` at once (the very next ``optimizer.step()`` uses it) and, being part of the
+        scheduler's multiplier, survives every later ``scheduler.step()``.
+
+        Raises:
+            RLChatError: a non-positive or non-finite scale.
+        """
+        if not (math.isfinite(scale) and scale > 0):
+            raise RLChatError(f"learning-rate scale {scale!r}: expected a positive finite factor")
+        self.lr_scale = float(scale)
+        lrs = self.current_learning_rates()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = list(lrs)  # what get_last_lr() (the ppo/lr metric) reports until the next step
+        return float(lrs[0])
 
 
 class _null:
@@ -368,7 +442,7 @@ def _learner_loop(config: dict[str, Any]) -> None:
                 if rank == 0:
                     from rlchat.checkpoint import CheckpointManager
 
-                    run_dir, step, metrics = args
+                    run_dir, step, metrics, driver_state = args
                     manager = CheckpointManager.from_config(run_dir, cfg, "ppo")
                     path = manager.save(
                         step,
@@ -378,11 +452,11 @@ def _learner_loop(config: dict[str, Any]) -> None:
                         stage="ppo",
                         weights_version=learner.version,
                         metrics=metrics,
-                        train_state=learner.train_state(),
+                        train_state=learner.train_state(driver_state),
                     )
                     reply("save", str(path))
             elif cmd == "load":
-                # resume / rollback: policy weights + optimizer, scheduler, KL controller, version
+                # resume / rollback: policy weights + optimizer, scheduler, LR scale, KL controller, version
                 from rlchat.checkpoint import read_checkpoint
                 from rlchat.model import PolicyValueModel as PVM
 
@@ -391,11 +465,10 @@ def _learner_loop(config: dict[str, Any]) -> None:
                 loaded = PVM.from_pretrained(ck.path, cfg)
                 policy.load_state_dict(loaded.state_dict())
                 state = ck.load_train_state()
-                if state is not None:
-                    learner.load_train_state(state)
-                if lr_scale != 1.0:
+                driver_state = learner.load_train_state(state) if state is not None else {}
+                if lr_scale is not None:
                     learner.set_learning_rate_scale(lr_scale)
-                reply("load", (ray.put(learner.policy_weights()), learner.version))
+                reply("load", (ray.put(learner.policy_weights()), learner.version, driver_state))
             elif cmd == "eval":
                 from rlchat.evaluation import teacher_forced_metrics
 
@@ -481,11 +554,19 @@ class LearnerGroup:
         self._send("update", ([batch_ref], iteration))
         return self._wait("update")
 
-    def save(self, run_dir: str, step: int, metrics: dict[str, float]) -> str:
-        self._send("save", (str(run_dir), step, metrics))
+    def save(
+        self, run_dir: str, step: int, metrics: dict[str, float], driver_state: dict[str, Any] | None = None
+    ) -> str:
+        """Checkpoint ``step`` (rank 0 writes it); ``driver_state`` is stored in its train state."""
+        self._send("save", (str(run_dir), step, metrics, dict(driver_state or {})))
         return self._wait("save")
 
-    def load(self, path: str, lr_scale: float = 1.0) -> tuple[Any, int]:
+    def load(self, path: str, lr_scale: float | None = None) -> tuple[Any, int, dict[str, Any]]:
+        """Load a checkpoint on every rank; ``lr_scale`` (None: the checkpoint's own) is set after it.
+
+        Returns:
+            (weights ref, weights version, the driver state saved with the checkpoint).
+        """
         self._send("load", (str(path), lr_scale))
         return self._wait("load")
 
@@ -527,7 +608,9 @@ class LocalLearner:
         metrics["perf/learner_update_s"] = time.perf_counter() - t0
         return metrics, self.learner.policy_weights(), self.learner.version
 
-    def save(self, run_dir: str, step: int, metrics: dict[str, float]) -> str:
+    def save(
+        self, run_dir: str, step: int, metrics: dict[str, float], driver_state: dict[str, Any] | None = None
+    ) -> str:
         from rlchat.checkpoint import CheckpointManager
 
         manager = CheckpointManager.from_config(run_dir, self.cfg, "ppo")
@@ -539,22 +622,22 @@ class LocalLearner:
             stage="ppo",
             weights_version=self.learner.version,
             metrics=metrics,
-            train_state=self.learner.train_state(),
+            train_state=self.learner.train_state(driver_state),
         )
         return str(path)
 
-    def load(self, path: str, lr_scale: float = 1.0) -> tuple[Any, int]:
+    def load(self, path: str, lr_scale: float | None = None) -> tuple[Any, int, dict[str, Any]]:
         from rlchat.checkpoint import read_checkpoint
 
         ck = read_checkpoint(path)
         loaded = PolicyValueModel.from_pretrained(ck.path, self.cfg)
         self.learner.policy.load_state_dict(loaded.state_dict())
         state = ck.load_train_state()
-        if state is not None:
-            self.learner.load_train_state(state)
-        if lr_scale != 1.0:
+        driver_state = self.learner.load_train_state(state) if state is not None else {}
+        if lr_scale is not None:
             self.learner.set_learning_rate_scale(lr_scale)
-        return self.weights()
+        weights, version = self.weights()
+        return weights, version, driver_state
 
     def evaluate(self, conversations: list[list[dict[str, str]]]) -> dict[str, float]:
         from rlchat.evaluation import teacher_forced_metrics

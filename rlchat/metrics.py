@@ -74,6 +74,11 @@ ROLLOUT_TRUNCATED_FRAC = "rollout/truncated_frac"
 ROLLOUT_CONTEXT_LEN = "rollout/context_len"
 ROLLOUT_WEIGHTS_STALENESS = "rollout/weights_staleness"
 ROLLOUT_REPETITION = "rollout/repetition"
+ROLLOUT_EPISODES = "rollout/episodes"
+"""Episodes in the iteration's batch (all workers): a killed-and-retried worker must not change it."""
+ROLLOUT_WORKER_RESTARTS = "rollout/worker_restarts"
+"""Rollout worker processes that were restarted (after a crash) and sampled again in this iteration; only logged
+when the rollouts come from Ray actors (``rollout.num_workers > 0``: in-process sampling cannot restart)."""
 GUARD_TRIPPED = "guard/tripped"
 GUARD_ROLLBACKS = "guard/rollbacks"
 # PPO update (cleanrl names; the keys are defined where they are computed, in rlchat/ppo.py)
@@ -171,6 +176,34 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> Path:
     tmp.write_text(to_yaml(cfg), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def attach_log_file(run_dir: str | Path, stage: str) -> logging.Handler:
+    """Send the ``rlchat`` loggers' records to ``run_dir/logs/<stage>.log`` (appended to, e.g. on ``--resume``).
+
+    The handler passes INFO and above, so what reaches the file is whatever the configured level (``--log-level``)
+    lets through the ``rlchat`` logger; the PPO driver also writes its own progress lines to it directly. Undo with
+    :func:`detach_log_file`.
+
+    Returns:
+        The attached ``logging.FileHandler``.
+    """
+    logs = Path(run_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / f"{stage}.log", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger("rlchat").addHandler(handler)
+    return handler
+
+
+def detach_log_file(handler: logging.Handler) -> None:
+    """Remove a handler added by :func:`attach_log_file` and close its file."""
+    logging.getLogger("rlchat").removeHandler(handler)
+    handler.close()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -393,11 +426,19 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-def format_progress(step: int, total: int, metrics: dict[str, Any], elapsed_s: float) -> str:
+def format_progress(step: int, total: int, metrics: dict[str, Any], elapsed_s: float, done: int | None = None) -> str:
     """One live status line: ``step 12/40 (30%) | reward 0.412 | KL 0.0310 | 1.2k tok/s | 00:42 < ETA 01:38``.
 
     Shows whichever of reward, KL, entropy, loss, perplexity, accuracy are present; the ETA assumes the
     remaining steps take as long as the mean step so far.
+
+    Args:
+        step: the step just finished (1-based).
+        total: the run's total steps (0: unknown, no percentage or ETA).
+        metrics: this step's metrics.
+        elapsed_s: seconds since this process started its loop.
+        done: steps run in ``elapsed_s`` -- after a resume fewer than ``step``, since the steps before the resume
+            point ran in an earlier process; None means all ``step`` of them (a fresh run).
     """
     total = max(int(total), 0)
     pct = f" ({100 * step / total:.0f}%)" if total else ""
@@ -409,8 +450,9 @@ def format_progress(step: int, total: int, metrics: dict[str, Any], elapsed_s: f
     tps = metrics.get(PERF_TOKENS_PER_S)
     if isinstance(tps, (int, float)) and math.isfinite(tps):
         parts.append(f"{tps / 1000:.1f}k tok/s" if tps >= 1000 else f"{tps:.0f} tok/s")
-    if step > 0 and total:
-        eta = elapsed_s / step * max(total - step, 0)
+    done = step if done is None else int(done)
+    if done > 0 and total:
+        eta = elapsed_s / done * max(total - step, 0)
         parts.append(f"{_duration(elapsed_s)} < ETA {_duration(eta)}")
     else:
         parts.append(f"{_duration(elapsed_s)} < ETA ?")

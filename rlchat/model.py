@@ -6,7 +6,9 @@
   values for every position, aligned so that position ``t`` holds the quantities *for generating token t*.
 - :func:`load_lm` bridges vocabularies: chat special tokens the model lacks get new embedding rows initialised
   from the mean embedding (tied weights stay tied); a pretrained model whose vocabulary is not the chosen tiktoken
-  encoding is refused, unless ``model.reinit_embeddings`` asks to re-initialise the embeddings.
+  encoding is refused, unless ``model.reinit_embeddings`` asks to re-initialise the embeddings. The vocabulary is
+  checked against the tokenizer files shipped with the model; without any, the embedding must have the tokenizer's
+  size (or the BPE's, missing only chat tokens, or that size padded to a multiple of 8-128).
 - :class:`RewardModel` puts a scalar head on any ``AutoModel``: encoders (BERT, DistilBERT, RoBERTa, MiniLM) score
   from the first token, causal LMs from the last real token.
 
@@ -73,6 +75,21 @@ ENCODER_MODEL_TYPES = frozenset(
         "electra",
         "ernie",
         "modernbert",
+        "mpnet",
+        "roberta",
+        "roberta-prelayernorm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+    }
+)
+
+# Encoders whose embeddings number positions from pad_token_id + 1 and find padding by comparing ids with the pad id
+# (fairseq's convention); newer transformers mark them with ``create_position_ids_from_input_ids`` on the class.
+OFFSET_POSITION_MODEL_TYPES = frozenset(
+    {
+        "camembert",
+        "data2vec-text",
+        "longformer",
         "mpnet",
         "roberta",
         "roberta-prelayernorm",
@@ -289,6 +306,25 @@ def _reinit_embeddings(model: PreTrainedModel, n_vocab: int) -> None:
                 out.bias.zero_()
 
 
+EMBEDDING_PAD_MULTIPLES = (8, 16, 32, 64, 128)
+"""Multiples that models round their embedding rows up to (``resize_token_embeddings(pad_to_multiple_of=...)``,
+Megatron-style padding). A model with no tokenizer files whose embedding is exactly the tokenizer's ``n_vocab``
+rounded up to one of these is accepted; :class:`PolicyValueModel` never samples the padded rows."""
+
+
+def _unverified_rows_fit(rows: int, n_ranks: int, n_vocab: int) -> bool:
+    """Whether an embedding of ``rows`` rows plausibly belongs to the tokenizer when no tokenizer file can tell.
+
+    Accepted: exactly ``n_vocab`` rows; ``n_ranks <= rows < n_vocab`` (the BPE without some or all of our chat
+    tokens, which :func:`_mean_resize` adds); ``n_vocab`` rounded up to one of :data:`EMBEDDING_PAD_MULTIPLES`.
+    Anything else, in particular a larger embedding (GPT-2's 50,257 rows under a 4,096-id tokenizer), is another
+    tokenizer's model: its rows would be read with ids that mean different text.
+    """
+    if n_ranks <= rows <= n_vocab:
+        return True
+    return any(rows == -(-n_vocab // m) * m for m in EMBEDDING_PAD_MULTIPLES)
+
+
 def bridge_vocabulary(model: PreTrainedModel, tokenizer: ChatTokenizer, source: str, reinit: bool) -> None:
     """Make ``model``'s embedding cover every id of ``tokenizer`` (see the module docstring).
 
@@ -304,9 +340,19 @@ def bridge_vocabulary(model: PreTrainedModel, tokenizer: ChatTokenizer, source: 
     rows = _embedding_rows(model)
     n_ranks = len(tokenizer.enc._mergeable_ranks)
     matches = _vocabulary_matches(source, tokenizer)
+    verified = matches is not None
     if matches is None:
-        # Nothing to compare with: a model whose embedding cannot even hold the ordinary BPE tokens is not ours.
-        matches = rows >= n_ranks
+        # No tokenizer files to compare with: only the embedding's size can tell, so it must be this tokenizer's
+        # (see _unverified_rows_fit); a merely larger embedding is another vocabulary, not spare room.
+        matches = _unverified_rows_fit(rows, n_ranks, tokenizer.n_vocab)
+        if matches:
+            logger.info(
+                "%s: no tokenizer files to compare vocabularies with; %d embedding rows fit %s (%d ids), assuming it",
+                source,
+                rows,
+                tokenizer.enc.name,
+                tokenizer.n_vocab,
+            )
     if not matches:
         if reinit:
             logger.warning(
@@ -317,11 +363,19 @@ def bridge_vocabulary(model: PreTrainedModel, tokenizer: ChatTokenizer, source: 
             )
             _reinit_embeddings(model, tokenizer.n_vocab)
             return
+        evidence = (
+            "its own tokenizer"
+            if verified
+            else f"no tokenizer files, and {rows} rows is neither {tokenizer.n_vocab} (the tokenizer's ids), "
+            f"{n_ranks}-{tokenizer.n_vocab} (its BPE without chat tokens) nor {tokenizer.n_vocab} rounded up to a "
+            f"multiple of {', '.join(map(str, EMBEDDING_PAD_MULTIPLES))}"
+        )
         raise TokenizerError(
-            f"model.name_or_path={source!r}: its vocabulary ({rows} embedding rows, its own tokenizer) does not match "
+            f"model.name_or_path={source!r}: its vocabulary ({rows} embedding rows, {evidence}) does not match "
             f"the tokenizer {tokenizer.enc.name} ({n_ranks} BPE ranks + chat specials); token ids would be "
-            "meaningless. Fix: set tokenizer.encoding to the model's own encoding (e.g. a .tiktoken file), or set "
-            "model.reinit_embeddings=true to re-initialise the embeddings (the model must then relearn them)"
+            "meaningless. Fix: set tokenizer.encoding (and tokenizer.vocab_size) to the model's own encoding (e.g. "
+            "a .tiktoken file), or set model.reinit_embeddings=true to re-initialise the embeddings (the model "
+            "must then relearn them)"
         )
     if rows < tokenizer.n_vocab:
         logger.info(
@@ -490,8 +544,12 @@ def chunked_logprobs(
     compute_entropy: bool = True,
     matmul_dtype: torch.dtype | None = None,
     transform: tuple[float, float] = (1.0, 0.0),
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of ``targets`` and entropies of the LM head's distributions at ``hidden`` rows.
+
+    The logits are transformed in the generation engine's order: head (+ bias), ``scale``, soft-cap, then
+    ``/ temperature``, so log-probs of sampled tokens equal the engine's behaviour log-probs.
 
     Args:
         hidden: (N, H) final hidden states (after the trunk's last norm).
@@ -502,18 +560,32 @@ def chunked_logprobs(
         compute_entropy: False skips the entropy (returned as zeros).
         matmul_dtype: bf16 to run the head matmul in bf16 (fp32 accumulation and softmax), None for fp32.
         transform: ``(scale, softcap)`` from :func:`logit_transform`.
+        temperature: softmax temperature (> 0) applied last; entropy is that of the tempered distribution.
 
     Returns:
         logprobs (N,) and entropy (N,), float32, differentiable w.r.t. ``hidden`` and the head's parameters.
+
+    Raises:
+        ConfigError: a temperature that is not positive and finite.
     """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(
+            f"temperature={temperature!r}: expected a positive finite softmax temperature (rollout.temperature); "
+            "use 1.0 for the model's own distribution"
+        )
     scale, softcap = transform
     if softcap <= 0.0:
+        # without a soft-cap the temperature folds into the head's scale: still no (N, V) logits kept
+        scale = scale / temperature
         return ChunkedLogprobs.apply(hidden, weight, bias, targets, chunk_size, compute_entropy, matmul_dtype, scale)
-    # Soft-capped logits (Gemma 2/3): plain autograd per chunk (stores chunk logits; rare in our use).
+    # Soft-capped logits (Gemma 2/3): plain autograd per chunk (stores chunk logits; rare in our use); the
+    # temperature comes after the cap, as in generation, so it cannot fold into the scale.
     lps, ents = [], []
     for i in range(0, hidden.shape[0], chunk_size):
         z = _chunk_logits(hidden[i : i + chunk_size], weight, bias, scale, matmul_dtype)
         z = softcap * torch.tanh(z / softcap)
+        if temperature != 1.0:
+            z = z / temperature
         logp = torch.log_softmax(z, dim=-1)
         lps.append(logp.gather(1, targets[i : i + chunk_size, None]).squeeze(1))
         ents.append(-(logp.exp() * logp).sum(-1) if compute_entropy else torch.zeros_like(lps[-1]))
@@ -551,7 +623,31 @@ def _trunk_forward(
     if causal:
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         kwargs["use_cache"] = False
+    else:
+        positions = _encoder_position_ids(trunk, attention_mask)
+        if positions is not None:
+            kwargs["position_ids"] = positions
     return trunk(**kwargs).last_hidden_state
+
+
+def _encoder_position_ids(trunk: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) position ids for RoBERTa-family encoders, from the attention mask; None for other encoders.
+
+    RoBERTa, XLM-R, CamemBERT, ... derive positions from the token ids: every id equal to ``config.pad_token_id``
+    (1) counts as padding, and real tokens are numbered from ``pad_token_id + 1``. Under the chat tokenizer id 1 is
+    an ordinary BPE token, so every position after it would be shifted. Counting real tokens from the mask keeps
+    RoBERTa's offset (real token k at ``padding_idx + k``, padding at ``padding_idx``, as HF computes it) without
+    reading the ids. BERT-style encoders number right-padded rows ``0..T-1`` by default, which is already right.
+    """
+    emb = getattr(trunk, "embeddings", None)
+    padding_idx = getattr(emb, "padding_idx", None)
+    offset_style = hasattr(type(emb), "create_position_ids_from_input_ids") or (
+        str(getattr(trunk.config, "model_type", "")) in OFFSET_POSITION_MODEL_TYPES
+    )
+    if emb is None or padding_idx is None or not offset_style:
+        return None
+    mask = attention_mask.long()
+    return mask.cumsum(-1) * mask + int(padding_idx)
 
 
 class PolicyValueModel(nn.Module):
@@ -629,6 +725,7 @@ class PolicyValueModel(nn.Module):
         action_mask: torch.Tensor | None = None,
         compute_entropy: bool = True,
         chunk_size: int = 1024,
+        temperature: float = 1.0,
     ) -> PolicyOutput:
         """Log-probs, entropy and values of every (action) position in one causal forward.
 
@@ -639,9 +736,17 @@ class PolicyValueModel(nn.Module):
                 there. None = every position 1..T-1.
             compute_entropy: False skips the entropy (zeros).
             chunk_size: rows of the LM-head block; a 100k vocabulary never materialises (B*T, V) logits.
+            temperature: the LM's logits are divided by it after the head, the model's logit scale and soft-cap --
+                the generation engine's order -- so log-probs of sampled tokens equal the behaviour log-probs of
+                rollouts at that temperature (the PPO learner passes ``rollout.temperature``). Values do not
+                depend on it.
 
         Returns:
-            :class:`PolicyOutput` with (B, T) float32 tensors aligned as documented there.
+            :class:`PolicyOutput` with (B, T) float32 tensors aligned as documented there; log-probs and entropy
+            are those of the tempered distribution.
+
+        Raises:
+            ConfigError: a temperature that is not positive and finite.
         """
         b, t = input_ids.shape
         dtype = self.autocast_dtype()
@@ -667,6 +772,7 @@ class PolicyValueModel(nn.Module):
             compute_entropy=compute_entropy,
             matmul_dtype=dtype,
             transform=logit_transform(self.lm.config),
+            temperature=temperature,
         )
         zeros = torch.zeros(b, t, dtype=torch.float32, device=input_ids.device)
         logprobs = zeros.index_put((rows_b, rows_t + 1), lp)
@@ -737,6 +843,17 @@ class PolicyValueModel(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _use_chat_pad_row(trunk: Any, tokenizer: ChatTokenizer) -> None:
+    """Make the chat tokenizer's pad id the input embedding's ``padding_idx`` (the row that gets no gradient).
+
+    Encoders set it to their own pad id (0 for BERT / DistilBERT, 1 for RoBERTa), which under the chat tokenizer is
+    an ordinary token id ("!" / '"'): ``nn.Embedding`` would never update that row, so the token could not learn.
+    """
+    emb = trunk.get_input_embeddings()
+    if getattr(emb, "padding_idx", None) is not None and emb.padding_idx != tokenizer.pad_id:
+        emb.padding_idx = tokenizer.pad_id
+
+
 def is_encoder(config: Any) -> bool:
     """Whether a model config is encoder-only (scored from its first token) rather than a causal LM."""
     return str(getattr(config, "model_type", "")) in ENCODER_MODEL_TYPES
@@ -790,6 +907,7 @@ class RewardModel(nn.Module):
                 hf_tok = AutoTokenizer.from_pretrained(path)
             if hf_tok is None:
                 bridge_vocabulary(trunk, tokenizer, path, cfg.model.reinit_embeddings)
+                _use_chat_pad_row(trunk, tokenizer)
             return cls(trunk, hf_tok)
 
     @property

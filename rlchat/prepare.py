@@ -40,7 +40,6 @@ from rlchat import __version__
 from rlchat.config import Config, DataConfig, TokenizerConfig, load_config
 from rlchat.data import (
     FORMATS,
-    MAX_LINE_BYTES,
     PREPARED_SCHEMA,
     WORK_SCHEMA,
     Collector,
@@ -135,7 +134,7 @@ def _run_ray(
                 "fmt": fmt,
                 "tokenizer": cfg.tokenizer,
                 "data": cfg.data,
-                "max_line_bytes": MAX_LINE_BYTES,
+                "max_line_bytes": cfg.data.max_line_bytes,
             },
         )
         with tqdm(total=total, unit="rec", desc="prepare", disable=not progress, dynamic_ncols=True) as bar:
@@ -193,7 +192,7 @@ def prepare(
     files = expand_inputs(inputs)
     tok = ChatTokenizer.from_config(cfg.tokenizer)  # fail on a bad tokenizer config before starting Ray
     collector = Collector(on_error, cfg.data)  # fail on a bad on_error value before reading
-    chunks = list(iter_chunks(files))
+    chunks = list(iter_chunks(files, max_line_bytes=cfg.data.max_line_bytes))  # longer lines: bad records
     total = sum(len(c["lines"]) for c in chunks)
 
     started = _ensure_ray(address, cfg)

@@ -8,13 +8,18 @@ learned reward model, the sentence encoder and the safety classifier run one for
 
 Components (config key = weight; a weight of 0 disables the component and it is never computed). Value, range:
 
-- ``verifiable``: 1 if the first number of the reply equals the reference answer (demo task), else 0. {0, 1}
+- ``verifiable``: 1 if the reply *is* the reference answer (:func:`verifiable_answer`: exact after trimming, one
+  optional "The answer is" / "Answer:" lead-in and trailing "." / "!"; numbers compared as numbers), else 0. {0, 1}
 - ``reference_f1``: SQuAD-style token F1 against ``record.reference`` (0 without a reference). [0, 1]
 - ``rouge_l``: ROUGE-L F-measure against ``record.reference`` (rouge-score package). [0, 1]
 - ``length``: 0 inside [length_min, length_max] tokens, minus the relative distance outside. (-inf, 0]
 - ``diversity``: distinct-n of the reply's token ids (unique n-grams / n-grams). [0, 1]
 - ``diversity_batch`` (weight ``diversity``): the share of the reply's distinct n-grams that no other reply of the
-  batch contains; 0 when scored alone, as there is nothing to compare against. [0, 1]
+  batch contains; 0 when scored alone, as there is nothing to compare against. In training the batch is every
+  finished (scored) assistant turn one rollout worker samples in one call (``rollout.envs_per_worker`` episodes,
+  all their turns; turns cut by a token budget are not scored and not compared): the workers' envs defer scoring
+  and the worker calls ``score_batch`` once. A standalone ``rlchat/Chat-v0`` env scores each reply alone, so there
+  the component is always 0. [0, 1]
 - ``repetition``: minus the share of the reply's tokens covered by an n-gram that occurs twice or more. [-1, 0]
 - ``coherence``: cosine similarity of sentence embeddings, last user message vs reply. [-1, 1]
 - ``safety``: -1 if a ``safety_patterns`` regex or the ``safety_classifier`` flags the reply, else 0. {-1, 0}
@@ -102,7 +107,11 @@ _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
 
 
 def first_number(text: str) -> float | None:
-    """The first number written in ``text`` (``-3``, ``1,024``, ``2.5``), or None when there is none."""
+    """The first number written in ``text`` (``-3``, ``1,024``, ``2.5``), or None when there is none.
+
+    The scripted user reads numbers out of references and its own follow-ups with it; the ``verifiable`` reward does
+    not (a reply must *be* the answer, :func:`verifiable_answer`).
+    """
     m = _NUMBER.search(text)
     if m is None:
         return None
@@ -112,20 +121,54 @@ def first_number(text: str) -> float | None:
         return None
 
 
-def verifiable_answer(response_text: str, reference: str | None) -> float:
-    """The demo task's checked answer: 1.0 if the first number in the reply equals the reference, else 0.0.
+# A whole answer that is one number: optional sign, digits with optional thousands commas, optional decimals.
+_EXACT_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# The one lead-in an answer may carry ("The answer is 7.", "Answer: 7"); anything else around the answer is junk.
+_ANSWER_LEAD_IN = re.compile(r"(?:the\s+answer\s+is\s*:?|answer\s*:)\s*", re.IGNORECASE)
+_TRAILING_PUNCTUATION = ".!"
 
-    A reference without a number (a free-text answer) is matched instead by normalised exact match (case,
-    punctuation and articles ignored). No reference means nothing can be verified: 0.0.
+
+def answer_text(text: str) -> str:
+    """The answer a reply states: trimmed, one leading "The answer is" / "Answer:" removed, trailing "." / "!" removed.
+
+    ``"The answer is 7."`` -> ``"7"``; ``" 7 "`` -> ``"7"``; ``"7 bananas"`` stays ``"7 bananas"`` (not an answer).
+    """
+    s = text.strip()
+    m = _ANSWER_LEAD_IN.match(s)
+    if m is not None and m.end() < len(s):
+        s = s[m.end() :]
+    return s.rstrip(_TRAILING_PUNCTUATION).rstrip()
+
+
+def parse_number(text: str) -> float | None:
+    """``text`` as a number when it is exactly one (``"-3"``, ``"1,024"``, ``"2.50"``), else None."""
+    if _EXACT_NUMBER.fullmatch(text) is None:
+        return None
+    return float(text.replace(",", ""))
+
+
+def verifiable_answer(response_text: str, reference: str | None) -> float:
+    """The demo task's checked answer: 1.0 if the reply is exactly the reference answer, else 0.0.
+
+    Both sides go through :func:`answer_text` (trim; one optional "The answer is" / "Answer:" lead-in; trailing
+    "." and "!"), and what remains must be the whole answer: "7", "7.", "7.0", "+7" and "The answer is 7." match
+    "7"; "7 bananas", "7 or 8", "about 7" and "The answer is probably 7" do not. A numeric reference is compared
+    numerically (so "7.0" == "7" and "1,024" == "1024"); a free-text reference by normalised exact match (case,
+    punctuation and articles ignored: "Paris." matches "paris"). No reference means nothing can be verified: 0.0.
+
+    Why exact and not "the first number matches": that rule paid full reward to replies that bury the answer in
+    hedging ("Hmm, I would guess around 7, but please double-check." -- the demo's own ``off_format`` rejected
+    replies), so PPO could not prefer the clean answer the task asks for.
     """
     if reference is None:
         return 0.0
-    want = first_number(reference)
+    want_text = answer_text(reference)
+    got_text = answer_text(response_text)
+    want = parse_number(want_text)
     if want is None:
-        return float(
-            bool(_normalize_tokens(reference)) and _normalize_tokens(response_text) == _normalize_tokens(reference)
-        )
-    got = first_number(response_text)
+        want_tokens = _normalize_tokens(want_text)
+        return float(bool(want_tokens) and _normalize_tokens(got_text) == want_tokens)
+    got = parse_number(got_text)
     return float(got is not None and math.isclose(got, want, rel_tol=0.0, abs_tol=1e-9))
 
 
@@ -550,7 +593,7 @@ class RewardFunction:
         response_ids: Sequence[int],
         record: Record | None = None,
     ) -> RewardResult:
-        """Score one assistant reply (a batch of one: ``diversity_batch`` is 0)."""
+        """Score one assistant reply (a batch of one: ``diversity_batch`` is 0; use ``score_batch`` for a batch)."""
         return self.score_batch([list(prompt_messages)], [response_text], [list(response_ids)], [record])[0]
 
     def score_batch(

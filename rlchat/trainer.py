@@ -10,7 +10,12 @@ the uninterrupted run's (tested).
 Guardrails act, not just log: ref-KL above ``ppo.max_ref_kl``, entropy below ``ppo.min_entropy``, response-length
 drift above ``ppo.max_length_drift`` or n-gram repetition above ``ppo.max_repetition`` trip them; then, by
 ``ppo.guardrail_action``, the run warns (once per cause, with the fix), rolls back to the last good checkpoint and
-halves the learning rate, or stops. Every trip is recorded in the metrics (``guard/*``).
+halves the learning rate (``0.5 ** n`` after ``n`` rollbacks), or stops. Every trip is recorded in the metrics
+(``guard/*``). The guardrails' reference length and the rollback count are saved with each checkpoint, so a resumed
+run keeps measuring drift from the same first iteration and keeps its lowered learning rate.
+
+The driver's own lines (progress, resume, rollback, stop) also go to ``RUN_DIR/logs/train.log`` whatever
+``--log-level`` is, next to the library's records at that level, so a run directory keeps the story of its run.
 """
 
 from __future__ import annotations
@@ -49,6 +54,13 @@ EVAL_PREFIX = "eval/"
 # Test hook: SIGKILL the driver right after this iteration's checkpoint (resume tests use it; never set in use).
 _KILL_AFTER_ENV = "RLCHAT_TEST_KILL_AFTER_ITERATION"
 
+# Learning-rate factor per guardrail rollback: after n rollbacks the run trains at ROLLBACK_LR_FACTOR ** n.
+ROLLBACK_LR_FACTOR = 0.5
+
+# Keys of the driver state saved in each checkpoint's train state (see PPOTrainer.driver_state).
+_STATE_ROLLBACKS = "rollbacks"
+_STATE_GUARDRAILS = "guardrails"
+
 
 def repetition_rate(batch: Any, n: int = 2) -> float:
     """Fraction of the responses' n-grams that repeat an earlier n-gram of the same response."""
@@ -75,6 +87,18 @@ class Guardrails:
         self.p = cfg.ppo
         self.first_length: float | None = None
         self.warned: set[str] = set()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to judge drift against the same reference: the first iteration's length.
+
+        (``warned`` is not kept: a resumed process warns once more per cause, which is what a reader of its log
+        wants.)"""
+        # plain Python numbers: train_state.pt must load with torch.load(weights_only=True)
+        return {"first_length": float(self.first_length) if self.first_length is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        first = state.get("first_length")
+        self.first_length = float(first) if first is not None else None
 
     def check(self, metrics: dict[str, float]) -> list[str]:
         p = self.p
@@ -114,13 +138,15 @@ class PPOTrainer:
 
     def __init__(self, cfg: Config, run_dir: Path, address: str | None = None, quiet: bool = False) -> None:
         from rlchat.cluster import init_ray
-        from rlchat.learner import make_learner
+        from rlchat.learner import check_ppo_config, make_learner
         from rlchat.rollout import make_rollouts
         from rlchat.tokenizer import ChatTokenizer
 
+        check_ppo_config(cfg)  # before Ray and the workers start
         self.cfg = cfg
         self.run_dir = run_dir
         self.quiet = quiet
+        self.log_handler: logging.Handler | None = None  # set by train(): the driver's lines also go there
         if cfg.rollout.num_workers or cfg.ray.learner_workers:
             init_ray(address or cfg.ray.address or None, cfg.ray.num_cpus)
         self.tokenizer = ChatTokenizer.from_config(cfg.tokenizer)
@@ -129,6 +155,21 @@ class PPOTrainer:
         self.guard = Guardrails(cfg)
         self.rollbacks = 0
         self._eval_conversations: list[list[dict[str, str]]] | None = None
+
+    # ------------------------------------------------------------------------------------------------ state
+    @property
+    def lr_scale(self) -> float:
+        """The learning-rate factor the rollbacks so far call for."""
+        return ROLLBACK_LR_FACTOR**self.rollbacks
+
+    def driver_state(self) -> dict[str, Any]:
+        """The driver's resume state, saved in each checkpoint's train state next to the learner's."""
+        return {_STATE_ROLLBACKS: int(self.rollbacks), _STATE_GUARDRAILS: self.guard.state_dict()}
+
+    def load_driver_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`driver_state` (checkpoints written before it existed restore nothing)."""
+        self.rollbacks = int(state.get(_STATE_ROLLBACKS, 0))
+        self.guard.load_state_dict(state.get(_STATE_GUARDRAILS) or {})
 
     def _eval_set(self) -> list[list[dict[str, str]]]:
         if self._eval_conversations is None:
@@ -169,7 +210,10 @@ class PPOTrainer:
             from rlchat.checkpoint import read_checkpoint
 
             step = read_checkpoint(latest).step
-            weights_ref, version = self._shared(*self.learner.load(str(latest)))
+            # the checkpoint's own LR scale comes back with the learner's state; its driver state with it
+            weights, version, driver_state = self.learner.load(str(latest))
+            weights_ref, version = self._shared(weights, version)
+            self.load_driver_state(driver_state)
             writer.rewind(step)
             start = step + 1
             self._say(f"resumed from {latest} (iteration {step})")
@@ -230,21 +274,29 @@ class PPOTrainer:
                 metrics[GUARD_TRIPPED] = float(len(tripped))
                 metrics[GUARD_ROLLBACKS] = float(self.rollbacks)
                 writer.log(it, metrics)
-                self._say(format_progress(it, p.iterations, metrics, time.perf_counter() - t_start))
+                # the ETA from the iterations this process ran (after --resume, fewer than it)
+                elapsed = time.perf_counter() - t_start
+                self._say(format_progress(it, p.iterations, metrics, elapsed, done=it - start + 1))
                 # 5. checkpoint, then act on guardrails
                 due = (cfg.checkpoint.every and it % cfg.checkpoint.every == 0) or it == p.iterations
                 if due and not tripped:
-                    last_good = self.learner.save(str(self.run_dir), it, metrics)
+                    last_good = self.learner.save(str(self.run_dir), it, metrics, self.driver_state())
                 if on_iteration is not None:
                     on_iteration(it, metrics, last_good if due and not tripped else None)
                 if tripped and p.guardrail_action == "stop":
                     self._say(f"stopping: guardrail(s) {', '.join(tripped)} tripped (ppo.guardrail_action=stop)")
                     break
                 if tripped and p.guardrail_action == "rollback" and last_good:
+                    # the checkpoint's state (and LR scale) is reloaded, then the scale set from the total count,
+                    # so the n-th rollback trains at 0.5 ** n, not at half the checkpoint's LR again
                     self.rollbacks += 1
-                    weights_ref, version = self._shared(*self.learner.load(last_good, lr_scale=0.5))
+                    weights, version, _ = self.learner.load(last_good, lr_scale=self.lr_scale)
+                    weights_ref, version = self._shared(weights, version)
                     self.rollouts.sync(weights_ref, version)
-                    self._say(f"rolled back to {last_good} and halved the learning rate")
+                    self._say(
+                        f"rolled back to {last_good}; learning rate x{self.lr_scale:g} "
+                        f"({self.rollbacks} rollback(s), ppo.guardrail_action=rollback)"
+                    )
                 if os.environ.get(_KILL_AFTER_ENV) == str(it):
                     os.kill(os.getpid(), signal.SIGKILL)
         finally:
@@ -265,8 +317,11 @@ class PPOTrainer:
         self.rollouts.shutdown()
 
     def _say(self, line: str) -> None:
+        """Print a driver line (unless quiet) and write it to the run's log file (whatever the log level)."""
         if not self.quiet:
             print(line, flush=True)
+        if self.log_handler is not None:
+            self.log_handler.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, None, None))
 
 
 def _concat(batches: list[Any], pad_id: int) -> Any:
@@ -285,18 +340,23 @@ def train(
     on_iteration: Any = None,
 ) -> tuple[Path, dict[str, float]]:
     """Run PPO; returns (run_dir, last iteration's metrics)."""
-    from rlchat.metrics import make_run_dir, write_run_config
+    from rlchat.metrics import attach_log_file, detach_log_file, make_run_dir, write_run_config
 
     path = make_run_dir(str(run_dir) if run_dir else None, "train")
     if not resume:
         write_run_config(path, cfg)
     if not quiet:
         print(f"run directory: {path.resolve()}", flush=True)
-    trainer = PPOTrainer(cfg, path, address=address, quiet=quiet)
+    log_handler = attach_log_file(path, "train")  # RUN_DIR/logs/train.log, appended to on --resume
     try:
-        metrics = trainer.run(resume=resume, on_iteration=on_iteration)
+        trainer = PPOTrainer(cfg, path, address=address, quiet=quiet)
+        trainer.log_handler = log_handler
+        try:
+            metrics = trainer.run(resume=resume, on_iteration=on_iteration)
+        finally:
+            trainer.shutdown()
     finally:
-        trainer.shutdown()
+        detach_log_file(log_handler)
     return path, metrics
 
 

@@ -2,7 +2,9 @@
 
 Starting Serve costs ~9 s on 2 cores, so every test module of a pytest session shares one app through
 :func:`shared_app` (the first caller deploys it, later callers get the same URL); :func:`shutdown` tears Serve down
-and is safe to call more than once. Everything listens on a free loopback port.
+and is safe to call more than once. Everything listens on a free loopback port. Tests of ``rlchat serve`` itself
+(which deploys over the shared app's name and route) run inside :func:`serve_command_port`, which puts the shared app
+back afterwards.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,18 @@ def wait_ready(url: str, timeout_s: float = 120.0, not_pid: int | None = None) -
     raise TimeoutError(f"{url}/readyz did not become ready within {timeout_s:.0f} s (last: {last!r})")
 
 
+def _wait_serving(url: str, checkpoint: Path, timeout_s: float = 120.0) -> None:
+    """Poll ``/readyz`` until the replica answering is one that loaded ``checkpoint`` (a redeploy has rolled out)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = wait_ready(url, timeout_s=max(1.0, deadline - time.monotonic()))
+        if Path(info["checkpoint"]) == Path(checkpoint).resolve():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} still serves {info['checkpoint']} after {timeout_s:.0f} s, not {checkpoint}")
+        time.sleep(0.25)
+
+
 @dataclass(frozen=True)
 class TestApp:
     """A deployed app: its base URL, checkpoint, API key and feedback file."""
@@ -128,6 +143,17 @@ def deploy(checkpoint: str | Path, name: str = "rlchat", route_prefix: str = "/"
     return url
 
 
+def _shared_app_args(feedback: Path) -> dict[str, Any]:
+    return {
+        "api_key": TEST_API_KEY,
+        "max_batch_size": 8,
+        "batch_wait_timeout_s": 0.05,
+        "feedback_path": str(feedback),
+        "max_tokens": 64,
+        "num_cpus": 0,  # no CPU reservation: the session app must never block later tests' Ray Train workers
+    }
+
+
 def shared_app(root: str | Path) -> TestApp:
     """The session's shared test app (deployed on first use under ``root``): API key, batching up to 8."""
     if "app" in _SHARED:
@@ -135,18 +161,43 @@ def shared_app(root: str | Path) -> TestApp:
     root = Path(root)
     ckpt = make_tiny_checkpoint(root / "tiny_ckpt")
     feedback = root / "feedback.jsonl"
-    url = deploy(
-        ckpt,
-        api_key=TEST_API_KEY,
-        max_batch_size=8,
-        batch_wait_timeout_s=0.05,
-        feedback_path=str(feedback),
-        max_tokens=64,
-        num_cpus=0,  # no CPU reservation: the session app must never block later tests' Ray Train workers
-    )
+    url = deploy(ckpt, **_shared_app_args(feedback))
     app = TestApp(url=url, checkpoint=ckpt, api_key=TEST_API_KEY, feedback_path=feedback, port=_SHARED["port"])
     _SHARED["app"] = app
     return app
+
+
+@contextlib.contextmanager
+def serve_command_port() -> Iterator[int]:
+    """For a test that deploys through :func:`serve.app.serve_command` (``rlchat serve``, ``rlchat tune --deploy``).
+
+    ``serve_command`` always deploys application ``rlchat`` at ``/`` -- the name and route of the shared app -- and
+    starts Serve on the port it is given, so the test gets a port to pass it: the running Serve's (Serve keeps its
+    first HTTP options), else a free one. Afterwards the shared app, if the session has one, is deployed again with
+    its own checkpoint and settings; otherwise the ``rlchat`` app is deleted (Serve was started here for other
+    apps), or Serve is shut down (``serve_command`` started it).
+
+    Yields:
+        The port ``serve_command`` should listen on (its ``port`` argument, or ``serve.port`` in the config).
+    """
+    from ray import serve as ray_serve
+
+    from serve.app import APP_NAME
+
+    port = int(_SHARED.get("port") or free_port())
+    try:
+        yield port
+    finally:
+        app: TestApp | None = _SHARED.get("app")
+        if app is not None:
+            deploy(app.checkpoint, name=APP_NAME, route_prefix="/", **_shared_app_args(app.feedback_path))
+            _wait_serving(app.url, app.checkpoint)
+        elif "port" in _SHARED:
+            with contextlib.suppress(Exception):  # not deployed: nothing to delete
+                ray_serve.delete(APP_NAME)
+        else:
+            with contextlib.suppress(Exception):
+                ray_serve.shutdown()
 
 
 def shutdown() -> None:

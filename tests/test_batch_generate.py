@@ -36,8 +36,8 @@ from rlchat.batch_generate import (
     settings_differences,
     shard_input_rows,
 )
-from rlchat.checkpoint import load_policy, save_checkpoint
-from rlchat.config import Config
+from rlchat.checkpoint import load_policy, read_checkpoint, save_checkpoint
+from rlchat.config import Config, load_config
 from rlchat.errors import ConfigError, DataError
 from rlchat.generation import GenerationEngine, SamplingParams
 from rlchat.model import PolicyValueModel
@@ -71,6 +71,18 @@ def ckpt(tok: ChatTokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = PolicyValueModel.build(cfg, tok)
     return save_checkpoint(
         tmp_path_factory.mktemp("ckpt") / "step_1", model=model, tokenizer=tok, config=cfg, stage="sft", step=1
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tok: ChatTokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of the demo's model: configs/demo.yaml as is (2 layers of width 64, 4 heads, 256 positions,
+    the 4096-token vocabulary), untrained -- the size, not the weights, is what the 1,000-prompt test needs."""
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    torch.manual_seed(0)
+    model = PolicyValueModel.build(cfg, tok)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("demo_ckpt") / "step_60", model=model, tokenizer=tok, config=cfg, stage="ppo", step=60
     )
 
 
@@ -309,9 +321,13 @@ def _cli(ckpt: Path, inp: Path, out: Path, address: str) -> list[str]:
 
 
 def test_cli_generate_1000_prompts_killed_halfway_resumes_without_regenerating(
-    ray_local, ckpt: Path, tmp_path: Path
+    ray_local, demo_ckpt: Path, tmp_path: Path
 ) -> None:
-    """Issue 8's "Done when": complete outputs; SIGKILL once some shards exist; the rerun only fills the gaps."""
+    """Issue 8's "Done when" with a demo-size checkpoint: complete outputs; SIGKILL once some shards exist; the
+    rerun only fills the gaps."""
+    ckpt = demo_ckpt
+    model_cfg = read_checkpoint(ckpt).config.model
+    assert model_cfg == load_config(ROOT / "configs" / "demo.yaml").model  # the demo's model, not a smaller one
     inp = _write_prompts(tmp_path / "prompts.jsonl", 1000)
     out = tmp_path / "out"
     address = ray_local.get_runtime_context().gcs_address

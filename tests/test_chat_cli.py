@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -179,10 +180,35 @@ def test_chat_command_rejects_bad_flags_and_targets(tmp_path):
         chat_command(f"http://127.0.0.1:{testing.free_port()}")
 
 
-def _spawn(*args: str) -> pexpect.spawn:
+# `rlchat chat` with each generated token after the first held back by TOKEN_DELAY_S (argv[1]): a reply then takes
+# long enough that a test can tell streamed output (text arriving token by token) from a reply printed at once.
+SLOW_CHAT = """
+import sys, time
+from rlchat import generation
+from rlchat.cli import main
+
+delay = float(sys.argv[1])
+plain_stream = generation.GenerationEngine.stream
+
+def slow_stream(self, prompt, params):
+    for i, item in enumerate(plain_stream(self, prompt, params)):
+        if i:
+            time.sleep(delay)
+        yield item
+
+generation.GenerationEngine.stream = slow_stream
+sys.exit(main(["chat", *sys.argv[2:]]))
+"""
+TOKEN_DELAY_S = 0.4
+
+
+def _spawn(*args: str, token_delay_s: float | None = None) -> pexpect.spawn:
+    argv = ["-m", "rlchat.cli", "chat", *args]
+    if token_delay_s is not None:
+        argv = ["-c", SLOW_CHAT, str(token_delay_s), *args]
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "rlchat.cli", "chat", *args],
+        argv,
         cwd=str(ROOT),
         env={**os.environ, "TERM": "dumb", "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"},
         encoding="utf-8",
@@ -201,13 +227,24 @@ def _say(child: pexpect.spawn, line: str, until: str = "you> ") -> str:
     return child.before
 
 
+NOTES = (" [max_tokens reached]", " [interrupted]", " [withheld by the safety filter]")
+
+
+def _reply_text(out: str) -> str:
+    """The reply in the output of one turn: what follows ``assistant> ``, without the trailing note."""
+    assert "assistant> " in out, out
+    text = out.split("assistant> ", 1)[1].rstrip("\r\n")
+    for note in NOTES:
+        text = text.removesuffix(note)
+    return text
+
+
 def test_terminal_chat_with_a_local_checkpoint_through_a_pty(ckpt, tmp_path):
     child = _spawn(str(ckpt), "--max-tokens", "6", "--seed", "0", "--system", "You are terse.")
     try:
         assert f"rlchat chat with {ckpt} (sft checkpoint, step 1)" in child.banner
         out = _say(child, "Hello there")
-        assert "assistant> " in out
-        assert "[max_tokens reached]" in out or out.strip()
+        assert _reply_text(out).strip(), out  # the model said something (an untrained one: 6 tokens of noise)
         out = _say(child, "/temp hot")
         assert "/temp expects a number" in out
         out = _say(child, "/probs 3")
@@ -234,6 +271,39 @@ def test_terminal_chat_with_a_local_checkpoint_through_a_pty(ckpt, tmp_path):
         child.close()
     assert child.exitstatus == 0
     assert json.loads(path.read_text())["messages"][2]["role"] == "assistant"
+
+
+def test_terminal_chat_streams_the_reply_as_it_is_generated(ckpt):
+    """The reply's first text is on the terminal while the rest is still being generated.
+
+    Generation is slowed to one token per TOKEN_DELAY_S, so an 8-token reply takes ~3 s: printed at once (buffered,
+    or generated in full before printing) it would arrive in one read, just before the next prompt.
+    """
+    n_tokens = 8
+    child = _spawn(str(ckpt), "--max-tokens", str(n_tokens), "--seed", "0", token_delay_s=TOKEN_DELAY_S)
+    try:
+        child.sendline("Tell me a story.")
+        child.expect_exact("assistant> ")
+        arrivals: list[tuple[float, str]] = [(time.monotonic(), child.buffer)] if child.buffer else []
+        while "you> " not in "".join(text for _, text in arrivals):
+            arrivals.append((time.monotonic(), child.read_nonblocking(4096, timeout=60)))
+        end = arrivals[-1][0]
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    full = "".join(text for _, text in arrivals)
+    reply = _reply_text("assistant> " + full.rsplit("you> ", 1)[0])
+    assert reply.strip(), full
+    # the first read that carried visible reply text: what had arrived by then begins the reply, and the rest of
+    # the reply (and the next prompt) came later, while the later tokens were being generated
+    k = next(i for i, (_, text) in enumerate(arrivals) if text.strip())
+    first_at, so_far = arrivals[k][0], "".join(text for _, text in arrivals[: k + 1])
+    assert "you> " not in so_far and reply.startswith(so_far) and len(so_far) < len(reply), arrivals
+    assert end - first_at >= 2 * TOKEN_DELAY_S, arrivals
+    with_text = [text for _, text in arrivals if text.strip() and "you> " not in text]
+    assert len(with_text) >= 2, arrivals  # the reply came in several pieces, not in one write
 
 
 @pytest.fixture(scope="session")

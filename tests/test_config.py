@@ -60,13 +60,16 @@ def test_flat_and_replace_use_dotted_keys():
 @pytest.mark.parametrize(
     "override, fragments",
     [
-        ("ppo.clip_cof=0.1", ["unknown config key 'ppo.clip_cof'", "did you mean 'ppo.clip_coef'"]),
+        (
+            "ppo.clip_cof=0.1",
+            ["unknown config key 'ppo.clip_cof'", "(given ppo.clip_cof=0.1)", "did you mean 'ppo.clip_coef'"],
+        ),
         ("ppo.clip_coef=abc", ["ppo.clip_coef='abc'", "expected a number"]),
         ("ppo.clip_coef=1.5", ["ppo.clip_coef=1.5", "(0, 1)"]),
         ("model.arch=bert", ["model.arch='bert'", "one of 'gpt2', 'llama', 'qwen2'"]),
         ("ppo.update_epochs=1.5", ["ppo.update_epochs=1.5", "an integer"]),
         ("ppo.norm_adv=maybe", ["ppo.norm_adv='maybe'", "boolean"]),
-        ("nosuch.key=1", ["unknown config key 'nosuch'"]),
+        ("nosuch.key=1", ["unknown config key 'nosuch'", "(given nosuch.key=1)"]),
         ("ppo.num_minibatches=7", ["ppo.num_minibatches=7", "divisor"]),
         ("novalue", ["expected key=value"]),
     ],
@@ -85,7 +88,9 @@ def test_yaml_errors_name_file_and_line(tmp_path):
         load_config(bad)
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("ppo:\n  clipcoef: 0.1\n")
-    with pytest.raises(ConfigError, match=r"unknown.yaml: unknown config key 'ppo.clipcoef'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown.yaml: unknown config key 'ppo.clipcoef' \(given ppo.clipcoef=0.1\)"
+    ):
         load_config(unknown)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
@@ -123,3 +128,131 @@ def test_docs_config_table_lists_every_key():
     text = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
     missing = [key for key, _, _ in describe_keys() if f"| `{key}` |" not in text]
     assert missing == [], f"docs/config.md is missing {missing}; regenerate the table from `rlchat config keys`"
+
+
+def test_docs_config_table_is_the_generated_one(capsys):
+    """Not just every key: defaults and meanings too, exactly as `rlchat config keys --markdown` prints them."""
+    from rlchat.cli import config_keys
+
+    config_keys(markdown=True)
+    table = capsys.readouterr().out
+    text = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    assert text.endswith(table), (
+        "docs/config.md's table differs from the schema; regenerate it: keep the prose above the table and replace "
+        "the table with the output of `rlchat config keys --markdown`"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- review findings
+
+
+@pytest.mark.parametrize("raw", [".nan", "nan", ".inf", "inf", "-.inf", "-inf", "'NaN'"])
+@pytest.mark.parametrize("key", ["ppo.vf_coef", "serve.batch_wait_timeout_s", "reward.plugins.m:f"])
+def test_non_finite_floats_are_refused_naming_key_and_value(key, raw):
+    override = f"reward.plugins={{'m:f': {raw}}}" if key.startswith("reward.plugins") else f"{key}={raw}"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert msg.startswith(f"{key}=") and "expected a finite number" in msg, msg
+    value = msg[len(key) + 1 : msg.index(": expected")]  # the value as given: nan, inf, 'inf', 'NaN', ...
+    assert value.strip("'").lower().lstrip("-.") in ("nan", "inf"), msg
+
+
+def test_non_finite_floats_in_yaml_and_in_python(tmp_path):
+    f = tmp_path / "nan.yaml"
+    f.write_text("ppo:\n  ent_coef: .nan\n")
+    with pytest.raises(ConfigError, match=r"nan.yaml: ppo.ent_coef=nan: expected a finite number, found NaN"):
+        load_config(f)
+    from rlchat.config import PPOConfig
+
+    with pytest.raises(ConfigError, match=r"ppo.kl_target=inf: expected a finite number"):
+        Config(ppo=PPOConfig(kl_target=float("inf")))  # built in Python: no parser ran
+
+
+def test_infinite_default_round_trips_but_other_infinities_do_not(tmp_path):
+    # data.min_quality's default -inf means "no threshold"; YAML (-.inf) and checkpoint meta ("-inf") carry it
+    assert load_config(None, ["data.min_quality=-.inf"]).data.min_quality == float("-inf")
+    assert load_config(None, ["data.min_quality='-inf'"]).data.min_quality == float("-inf")
+    save_config(Config(), tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == Config()
+    with pytest.raises(ConfigError, match=r"data.min_quality='inf': .*only infinite value data.min_quality accepts"):
+        load_config(None, ["data.min_quality='inf'"])
+    with pytest.raises(ConfigError, match=r"data.min_quality=nan"):
+        load_config(None, ["data.min_quality=.nan"])
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["ppo.vf_coef=-0.5"], ["ppo.vf_coef=-0.5", "non-negative", "critic", "use 0.5"]),
+        (["ppo.ent_coef=-0.01"], ["ppo.ent_coef=-0.01", "non-negative", "collapse", "use 0.0"]),
+        (["ppo.max_grad_norm=0"], ["ppo.max_grad_norm=0.0", "positive", "zeroes every update", "use 0.5-1.0"]),
+        (["sft.max_grad_norm=-1"], ["sft.max_grad_norm=-1.0", "positive"]),
+        (["rm.max_grad_norm=0"], ["rm.max_grad_norm=0.0", "positive"]),
+        (["ppo.target_kl=-0.01"], ["ppo.target_kl=-0.01", "0 = off", "silently disable", "use 0 to disable"]),
+        (["ppo.kl_coef=-0.1"], ["ppo.kl_coef=-0.1", "non-negative", "reference", "use 0 to disable"]),
+        (["ppo.adaptive_kl=true", "ppo.kl_target=0"], ["ppo.kl_target=0.0", "positive target", "adaptive_kl=false"]),
+        (["ppo.adaptive_kl=true", "ppo.kl_horizon=0"], ["ppo.kl_horizon=0", "positive horizon", "10000"]),
+        (["ppo.adaptive_kl=true", "ppo.kl_coef=0"], ["ppo.kl_coef=0.0", "can never move", "use e.g. 0.05"]),
+        (["ppo.weight_decay=-1"], ["ppo.weight_decay=-1.0", "non-negative"]),
+        (["ppo.max_ref_kl=-1"], ["ppo.max_ref_kl=-1.0", "guardrail", "0 = off"]),
+        (["ppo.min_entropy=-1"], ["ppo.min_entropy=-1.0", "guardrail"]),
+        (["ppo.max_repetition=1.5"], ["ppo.max_repetition=1.5", "[0, 1]"]),
+        (["data.max_line_bytes=0"], ["data.max_line_bytes=0", "positive number of bytes", "1048576"]),
+    ],
+)
+def test_ppo_coefficient_ranges_say_what_why_and_fix(overrides, fragments):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    for frag in fragments:
+        assert frag in str(e.value), str(e.value)
+
+
+def test_boundary_values_of_ppo_coefficients_are_accepted():
+    cfg = load_config(
+        None,
+        ["ppo.vf_coef=0", "ppo.ent_coef=0", "ppo.target_kl=0", "ppo.kl_coef=0", "ppo.kl_target=0", "ppo.max_ref_kl=0"],
+    )
+    assert cfg.ppo.kl_target == 0.0  # unused while ppo.adaptive_kl is false
+    assert load_config(None, ["ppo.adaptive_kl=true", "ppo.kl_target=0.5", "ppo.kl_horizon=1"]).ppo.adaptive_kl
+
+
+@pytest.mark.parametrize("override", ["rollout.top_k=40", "rollout.top_k=1", "rollout.top_p=0.9", "rollout.top_k=-1"])
+def test_rollout_filtering_is_refused_for_ppo(override):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert msg.startswith(override.split("=")[0] + "=")
+    assert "PPO ratio" in msg and "set rollout.top_k=0 and rollout.top_p=1.0" in msg
+
+
+def test_rollout_temperature_and_unfiltered_sampling_are_fine():
+    cfg = load_config(None, ["rollout.temperature=0.7", "rollout.top_k=0", "rollout.top_p=1.0"])
+    assert (cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p) == (0.7, 0, 1.0)
+
+
+# Decoding parameters are not part of the schema, but they raise the same ConfigError style, and the chat CLI, Serve
+# and batch generation show these messages to users as they are (tests/test_generation.py covers the engine).
+@pytest.mark.parametrize(
+    "field, value, fix",
+    [
+        ("max_new_tokens", 0, "max_new_tokens=64"),
+        ("min_new_tokens", -1, "use 0"),
+        ("temperature", -0.5, "0 for greedy decoding"),
+        ("temperature", float("nan"), "use 1.0"),
+        ("top_k", -1, "use 0 to sample from every token"),
+        ("top_p", 0.0, "use 1.0 to turn nucleus sampling off"),
+        ("top_p", 1.5, "e.g. 0.9"),
+        ("repetition_penalty", 0.0, "use 1.0 to turn it off"),
+        ("num_beams", 0, "e.g. 4 for beam search"),
+        ("stop_strings", ("END", ""), "remove the empty string"),
+    ],
+)
+def test_sampling_params_errors_say_how_to_fix(field, value, fix):
+    from rlchat.generation import SamplingParams
+
+    with pytest.raises(ConfigError) as e:
+        SamplingParams(**{field: value})
+    msg = str(e.value)
+    assert msg.startswith(f"SamplingParams.{field}={value!r}: expected "), msg
+    assert fix in msg.split("; ", 1)[1], msg

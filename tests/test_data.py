@@ -241,6 +241,33 @@ def test_multi_megabyte_line_is_reported_not_loaded(tmp_path: Path) -> None:
     assert len(result.records) == 2 and result.records[1].source == f"{f}:3"
 
 
+def test_max_line_bytes_is_a_config_key_threaded_to_the_reader(tmp_path: Path) -> None:
+    """The limit is data.max_line_bytes (not a module constant users cannot change), and the error names it."""
+    assert Config().data.max_line_bytes == MAX_LINE_BYTES  # the constant is only the key's default
+    long = _line({"messages": [{"role": "user", "content": "x" * 5000}, {"role": "assistant", "content": "ok"}]})
+    f = _write(tmp_path / "long.jsonl", [GOOD, long])
+    # load_records gets the limit from the run's config ...
+    with pytest.raises(DataError) as e:
+        load_records(str(f), "all", _cfg(**{"data.max_line_bytes": 4096}))
+    msg = str(e.value)
+    assert msg.startswith(f"{f}:2: line is {len(long) + 1:,} bytes; expected at most 4,096 bytes"), msg
+    assert "data.max_line_bytes=4096" in msg and "data.max_line_bytes=8192" in msg  # names the key and a fix
+    assert "MAX_LINE_BYTES" not in msg
+    # ... and raising the key admits the record
+    assert len(load_records(str(f), "all", _cfg(**{"data.max_line_bytes": 8192, "data.val_fraction": 0}))) == 2
+    # read_records and the chunked reader take the same limit; each chunk records the limit it was read with
+    assert len(read_records([f], on_error="skip", max_line_bytes=4096).records) == 1
+    assert len(read_records([f]).records) == 2
+    from rlchat.data import iter_chunks
+
+    (chunk,) = list(iter_chunks([f], max_line_bytes=4096))
+    assert chunk["max_line_bytes"] == 4096 and chunk["data"][1] is None
+    (row,) = [r for r in process_chunk(chunk) if r["error"]]
+    assert "expected at most 4,096 bytes" in row["error"]
+    with pytest.raises(Exception, match=r"data.max_line_bytes=0: expected a positive number of bytes"):
+        _cfg(**{"data.max_line_bytes": 0})
+
+
 def test_empty_file_and_blank_only_file(tmp_path: Path) -> None:
     for name, content in (("empty.jsonl", b""), ("blank.jsonl", b"\n  \r\n\n")):
         f = tmp_path / name

@@ -10,13 +10,13 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import envs
-from envs.chat_env import ChatEnv
+from envs.chat_env import INFO_PENDING_TURN, ChatEnv, PendingTurn
 from envs.turn_env import ChatTurnEnv
 from envs.users import ReplayUser, ScriptedUser, UserTurn, make_user
 from rlchat.config import Config
 from rlchat.data import Record
-from rlchat.errors import ConfigError, RLChatError, TokenizerError
-from rlchat.rewards import RewardResult
+from rlchat.errors import ActionError, ConfigError, RLChatError, TokenizerError
+from rlchat.rewards import RewardFunction, RewardResult
 from rlchat.tokenizer import ChatTokenizer
 
 
@@ -162,6 +162,38 @@ def test_reward_is_scored_only_at_end_of_turn(tok: ChatTokenizer) -> None:
         env.step(5)
 
 
+def test_deferred_reward_hands_the_turn_to_the_caller(tok: ChatTokenizer) -> None:
+    """defer_reward=True: reward 0 and the reward's exact inputs in info; scoring them equals the env's own score."""
+    c = cfg(**{"reward.diversity": 1.0, "reward.ngram": 1})
+    fn = RewardFunction(c.reward, tok)
+    now, later = ChatEnv([task(3, 4)], tok, c, reward=fn), ChatEnv([task(3, 4)], tok, c, reward=fn, defer_reward=True)
+    now.reset(seed=0)
+    later.reset(seed=0)
+    _, r_now, *_, info_now = reply(now, "7")
+    obs, r_later, term, trunc, info_later = reply(later, "7")
+    assert (r_later, term, trunc) == (0.0, True, False) and "reward_components" not in info_later
+    turn = info_later[INFO_PENDING_TURN]
+    assert turn == PendingTurn([{"role": "user", "content": "What is 3 + 4?"}], "7", tok.encode("7"), later._record)
+    (scored,) = fn.score_batch([turn.prompt_messages], [turn.response_text], [turn.response_ids], [turn.record])
+    assert scored.total == r_now == 2.0 and scored.components == info_now["reward_components"]
+    # A standalone env scores a batch of one: the across-batch component is reported, and always 0.
+    assert info_now["reward_components"] == {"verifiable": 1.0, "diversity": 1.0, "diversity_batch": 0.0}
+    assert obs["tokens"][: obs["length"]].tolist() == now.context_ids.tolist()  # same trajectory either way
+
+
+def test_deferred_reward_keeps_each_turns_prompt_in_multi_turn(tok: ChatTokenizer) -> None:
+    c = cfg(**{"env.multi_turn": True, "env.user": "scripted", "env.max_turns": 2})
+    env = ChatEnv([task(3, 4)], tok, c, defer_reward=True)
+    env.reset(seed=0)
+    _, r0, term, _, first = reply(env, "7")
+    _, r1, term, _, second = reply(env, "9")
+    assert (r0, r1, term) == (0.0, 0.0, True)
+    a, b = first[INFO_PENDING_TURN], second[INFO_PENDING_TURN]
+    assert a.prompt_messages == [{"role": "user", "content": "What is 3 + 4?"}] and a.record.reference == "7"
+    assert b.prompt_messages == env.conversation[:-1] and b.prompt_messages[-1]["role"] == "user"
+    assert b.record.reference == str(7 + int(b.prompt_messages[-1]["content"].split()[2]))  # "Now add c to that."
+
+
 def test_truncated_at_the_turn_budget(tok: ChatTokenizer) -> None:
     env = ChatEnv(TASKS, tok, cfg(**{"env.max_turn_tokens": 3}))
     env.reset(seed=0)
@@ -210,10 +242,15 @@ def test_step_is_o1_append_into_one_buffer(tok: ChatTokenizer) -> None:
 def test_invalid_actions_and_options(tok: ChatTokenizer) -> None:
     env = ChatEnv(TASKS, tok, cfg())
     env.reset(seed=0)
-    with pytest.raises(TokenizerError, match="out of range"):
-        env.step(4096)
-    with pytest.raises(TokenizerError, match="one integer token id"):
+    for bad in (4096, -1):
+        with pytest.raises(ActionError, match=r"out of range; expected 0 <= id < 4096") as err:
+            env.step(bad)
+        assert isinstance(err.value, RLChatError) and isinstance(err.value, ValueError)
+        assert not isinstance(err.value, TokenizerError)  # the action is wrong, not the tokenizer
+        assert "same tokenizer config" in str(err.value)  # ... and the message says how to fix it
+    with pytest.raises(ActionError, match="one integer token id"):
         env.step("x")
+    assert env.step(1)[1:4] == (0.0, False, False)  # a rejected action leaves the episode usable
     _, info = env.reset(options={"record_index": 2})
     assert info["record_index"] == 2 and env.conversation == TASKS[2].prompt_messages()
     with pytest.raises(RLChatError, match="record_index"):
@@ -348,9 +385,11 @@ def test_turn_env_reply_forms_and_limits(tok: ChatTokenizer) -> None:
     _, r, term, _, info = env.step({"tokens": [0, 0, 0], "length": 0})  # empty reply
     assert (r, term, info["response_ids"]) == (0.0, True, [])
     env.reset(seed=0)
-    with pytest.raises(TokenizerError, match="at most 3"):
+    with pytest.raises(ActionError, match="at most 3"):
         env.step([1, 2, 3, 4])
-    with pytest.raises(TokenizerError, match="length=5"):
+    with pytest.raises(ActionError, match="length=5"):
         env.step({"tokens": [1, 2, 3], "length": 5})
+    with pytest.raises(ActionError, match="out of range"):  # the token env's check reaches turn-level callers
+        env.step([4096])
     with pytest.raises(ConfigError, match="at least 2"):
         ChatTurnEnv([task(3, 4)], tok, cfg(**{"env.max_turn_tokens": 1}))

@@ -147,6 +147,42 @@ def test_format_progress_line():
     assert M.format_progress(3, 0, {M.SFT_LOSS: 2.0}, 1.0).startswith("step 3 | loss 2.0000")
 
 
+def test_format_progress_eta_uses_the_steps_run_since_resume():
+    # resumed at step 9 of 10: one step took 10 s, so one more takes ~10 s, not 10 s / 9
+    line = M.format_progress(9, 10, {M.SFT_LOSS: 2.0}, elapsed_s=10.0, done=1)
+    assert line == "step 9/10 (90%) | loss 2.0000 | 00:10 < ETA 00:10"
+    # a fresh run (done == step, the default) gives the mean step over all steps
+    assert M.format_progress(5, 10, {}, elapsed_s=50.0, done=5) == M.format_progress(5, 10, {}, 50.0)
+    assert M.format_progress(5, 10, {}, elapsed_s=50.0).endswith("00:50 < ETA 00:50")
+    # resumed but nothing run yet in this process: no ETA to give
+    assert M.format_progress(9, 10, {}, elapsed_s=0.0, done=0).endswith("00:00 < ETA ?")
+
+
+def test_attach_log_file_writes_rlchat_records_and_detaches(tmp_path):
+    import logging
+
+    run = M.make_run_dir(tmp_path / "run", "sft")
+    handler = M.attach_log_file(run, "sft")
+    log = logging.getLogger("rlchat.some_module")
+    old_level = logging.getLogger("rlchat").level
+    logging.getLogger("rlchat").setLevel(logging.INFO)
+    try:
+        log.info("first line")
+    finally:
+        M.detach_log_file(handler)
+    log.info("after detach")
+    handler2 = M.attach_log_file(run, "sft")  # appended to (resume), not truncated
+    try:
+        log.warning("second line")
+    finally:
+        M.detach_log_file(handler2)
+        logging.getLogger("rlchat").setLevel(old_level)
+    text = (run / "logs" / "sft.log").read_text()
+    assert "INFO rlchat.some_module: first line" in text and "WARNING rlchat.some_module: second line" in text
+    assert "after detach" not in text
+    assert handler not in logging.getLogger("rlchat").handlers and handler2 not in logging.getLogger("rlchat").handlers
+
+
 def test_metric_groups():
     assert M.metric_group(M.SFT_VAL_LOSS) == M.metric_group(M.PPO_VALUE_LOSS) == "loss"
     assert M.metric_group(M.SFT_VAL_PERPLEXITY) == "perplexity"

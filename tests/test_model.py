@@ -93,8 +93,12 @@ def test_n_embd_not_multiple_of_heads_is_a_config_error(tok: ChatTokenizer) -> N
 # ---------------------------------------------------------------------------------------------- chunked log-probs
 
 
-@pytest.mark.parametrize(("with_bias", "scale"), [(False, 1.0), (True, 0.5)])
-def test_chunked_logprobs_match_plain_autograd_values_and_gradients(with_bias: bool, scale: float) -> None:
+@pytest.mark.parametrize(
+    ("with_bias", "scale", "temperature"), [(False, 1.0, 1.0), (True, 0.5, 1.0), (True, 0.5, 0.7)]
+)
+def test_chunked_logprobs_match_plain_autograd_values_and_gradients(
+    with_bias: bool, scale: float, temperature: float
+) -> None:
     g = torch.Generator().manual_seed(0)
     n, h, v = 23, 16, 101
     hidden = torch.randn(n, h, generator=g, dtype=torch.float64).float().requires_grad_()
@@ -103,7 +107,9 @@ def test_chunked_logprobs_match_plain_autograd_values_and_gradients(with_bias: b
     targets = torch.randint(0, v, (n,), generator=g)
     a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
 
-    lp, ent = chunked_logprobs(hidden, weight, bias, targets, chunk_size=5, transform=(scale, 0.0))
+    lp, ent = chunked_logprobs(
+        hidden, weight, bias, targets, chunk_size=5, transform=(scale, 0.0), temperature=temperature
+    )
     (lp * a + ent * b).sum().backward()
     grads = [hidden.grad.clone(), weight.grad.clone()] + ([bias.grad.clone()] if with_bias else [])
 
@@ -111,7 +117,7 @@ def test_chunked_logprobs_match_plain_autograd_values_and_gradients(with_bias: b
     if with_bias:
         bias.grad = None
     z = hidden @ weight.t() + (bias if with_bias else 0.0)
-    logp = torch.log_softmax(z * scale, -1)
+    logp = torch.log_softmax(z * scale / temperature, -1)
     ref_lp = logp.gather(1, targets[:, None]).squeeze(1)
     ref_ent = -(logp.exp() * logp).sum(-1)
     (ref_lp * a + ref_ent * b).sum().backward()
@@ -130,6 +136,11 @@ def test_chunked_logprobs_softcap_and_bf16_paths() -> None:
     lp, _ = chunked_logprobs(hidden, weight, None, targets, chunk_size=4, transform=(1.0, 3.0))
     ref = torch.log_softmax(3.0 * torch.tanh(hidden @ weight.t() / 3.0), -1).gather(1, targets[:, None]).squeeze(1)
     torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-5)
+    # the temperature divides the capped logits (the generation engine's order), not the raw ones
+    lp_t, _ = chunked_logprobs(hidden, weight, None, targets, chunk_size=4, transform=(1.0, 3.0), temperature=0.5)
+    capped = 3.0 * torch.tanh(hidden @ weight.t() / 3.0)
+    ref_t = torch.log_softmax(capped / 0.5, -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(lp_t, ref_t, atol=1e-5, rtol=1e-5)
     lp16, ent16 = chunked_logprobs(hidden, weight, None, targets, chunk_size=4, matmul_dtype=torch.bfloat16)
     ref32 = torch.log_softmax(hidden @ weight.t(), -1).gather(1, targets[:, None]).squeeze(1)
     assert lp16.dtype == torch.float32 and torch.allclose(lp16, ref32, atol=0.1)
@@ -258,6 +269,51 @@ def test_vocabulary_mismatch_is_refused_unless_reinit(tok: ChatTokenizer, tmp_pa
     assert lm.get_input_embeddings().weight.shape[0] == tok.n_vocab
 
 
+def test_larger_embedding_without_tokenizer_files_is_refused_unless_reinit(tok: ChatTokenizer, tmp_path: Path) -> None:
+    # A GPT-2-sized embedding (50,257 rows) holds all 4,090 BPE ranks, but it is GPT-2's vocabulary: with no
+    # tokenizer files to compare, a merely larger embedding must not be taken for ours.
+    d = _save_tiny(tmp_path, "gpt2", 50257)
+    assert not any((d / f).exists() for f in ("tokenizer.json", "vocab.json", "rlchat_tokenizer.json"))
+    with pytest.raises(TokenizerError) as e:
+        load_lm(make_cfg(**{"model.name_or_path": str(d)}).model, tok)
+    msg = str(e.value)
+    assert "50257 embedding rows" in msg and "no tokenizer files" in msg and "4096" in msg
+    assert "model.reinit_embeddings=true" in msg and "tokenizer.encoding" in msg
+    lm = load_lm(make_cfg(**{"model.name_or_path": str(d), "model.reinit_embeddings": True}).model, tok)
+    assert lm.get_input_embeddings().weight.shape[0] == tok.n_vocab == lm.config.vocab_size
+
+
+@pytest.mark.parametrize(
+    ("vocab_size", "rows", "kept_rows"),
+    [
+        (4096, 4096, 4096),  # exactly the tokenizer's ids
+        (4096, 4090, 4096),  # the BPE without our chat tokens: resized (test above checks the mean rows)
+        (4096, 4093, 4096),  # the BPE with some chat tokens: resized
+        (4001, 4008, 4008),  # n_vocab 4001 padded to a multiple of 8: kept; the padded rows are never sampled
+        (4001, 4032, 4032),  # ... of 32 / 64
+        (4001, 4096, 4096),  # ... of 128
+    ],
+)
+def test_embedding_sizes_accepted_without_tokenizer_files(
+    tmp_path: Path, vocab_size: int, rows: int, kept_rows: int
+) -> None:
+    tok = ChatTokenizer("cl100k_base", vocab_size)
+    d = _save_tiny(tmp_path, "llama", rows)
+    cfg = make_cfg(**{"model.name_or_path": str(d), "tokenizer.vocab_size": vocab_size})
+    model = PolicyValueModel.build(cfg, tok)
+    assert model.lm.get_input_embeddings().weight.shape[0] == kept_rows
+    assert model.vocab_size == tok.n_vocab  # padded rows are outside the policy's softmax
+
+
+@pytest.mark.parametrize(("vocab_size", "rows"), [(4096, 4097), (4096, 4160), (4096, 8192), (4001, 4010)])
+def test_embedding_sizes_refused_without_tokenizer_files(tmp_path: Path, vocab_size: int, rows: int) -> None:
+    tok = ChatTokenizer("cl100k_base", vocab_size)
+    d = _save_tiny(tmp_path, "gpt2", rows)  # larger than n_vocab and not n_vocab padded to a multiple of 8-128
+    cfg = make_cfg(**{"model.name_or_path": str(d), "tokenizer.vocab_size": vocab_size})
+    with pytest.raises(TokenizerError, match=f"{rows} embedding rows, no tokenizer files"):
+        load_lm(cfg.model, tok)
+
+
 def test_vocabulary_check_reads_the_shipped_tokenizer(tok: ChatTokenizer, tmp_path: Path) -> None:
     d = _save_tiny(tmp_path, "gpt2", 5000)  # big enough, but its rlchat tokenizer file says 5000 ids
     (d / "rlchat_tokenizer.json").write_text(json.dumps(ChatTokenizer("cl100k_base", 5000).to_dict()))
@@ -312,34 +368,66 @@ def test_from_pretrained_missing_files_raise_checkpoint_error(tmp_path: Path) ->
 # ---------------------------------------------------------------------------------------------- reward model
 
 
-def test_reward_model_on_a_tiny_bert_encoder(tok: ChatTokenizer, tmp_path: Path) -> None:
-    from transformers import BertConfig, BertModel
+def _tiny_encoder(family: str, vocab: int) -> torch.nn.Module:
+    """A randomly initialised encoder trunk from a tiny config (no hub): BERT, DistilBERT or RoBERTa."""
+    import transformers as tf
 
-    torch.manual_seed(0)
-    bert = BertModel(
-        BertConfig(
-            vocab_size=tok.n_vocab,
+    if family == "bert":
+        config = tf.BertConfig(
+            vocab_size=vocab,
             hidden_size=32,
             num_hidden_layers=2,
             num_attention_heads=2,
             intermediate_size=64,
             max_position_embeddings=64,
-        ),
-        add_pooling_layer=False,
+        )
+        return tf.BertModel(config, add_pooling_layer=False)
+    if family == "distilbert":  # no token_type_ids, different config names
+        config = tf.DistilBertConfig(
+            vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64
+        )
+        return tf.DistilBertModel(config)
+    # RoBERTa numbers positions from pad_token_id + 1 (= 2), so it needs 2 more position rows than tokens
+    config = tf.RobertaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=66,
     )
-    bert.save_pretrained(tmp_path / "bert")
-    rm = RewardModel.build(make_cfg(**{"rm.name_or_path": str(tmp_path / "bert")}), tok)
+    return tf.RobertaModel(config, add_pooling_layer=False)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
+def test_reward_model_on_a_tiny_encoder(tok: ChatTokenizer, tmp_path: Path, family: str) -> None:
+    torch.manual_seed(0)
+    _tiny_encoder(family, tok.n_vocab).save_pretrained(tmp_path / family)
+    rm = RewardModel.build(make_cfg(**{"rm.name_or_path": str(tmp_path / family)}), tok)
     assert not rm.causal and rm.hf_tokenizer is None
-    ids, mask = padded_batch([[1, 2, 3, 4], [9, 8]], tok.pad_id, left=False)
+    assert type(rm.trunk).__name__.lower().startswith(family)
+    # ids 0 and 1 are ordinary chat tokens here, though BERT / DistilBERT (0) and RoBERTa (1) pad with them
+    ids, mask = padded_batch([[5, 1, 0, 1, 4], [9, 8]], tok.pad_id, left=False)
     with torch.no_grad():
         s = rm(ids, mask)
-        h = rm.trunk(input_ids=ids, attention_mask=mask).last_hidden_state
+        # Reference: HF's own inputs_embeds path numbers positions sequentially (RoBERTa from its offset 2) without
+        # reading the ids, which is what a right-padded row of real tokens should get.
+        h = rm.trunk(inputs_embeds=rm.trunk.get_input_embeddings()(ids), attention_mask=mask).last_hidden_state
         longer = rm(
             torch.cat([ids, torch.full((2, 3), tok.pad_id)], 1), torch.cat([mask, torch.zeros(2, 3)], 1).long()
         )
+        alone = rm(ids[1:, :2], mask[1:, :2])
     assert s.shape == (2,) and s.dtype == torch.float32
     torch.testing.assert_close(s, rm.score_head(h[:, 0]).squeeze(-1))  # scored from the first ([CLS]) token
     torch.testing.assert_close(s, longer, atol=1e-5, rtol=1e-5)  # padding does not change the score
+    torch.testing.assert_close(s[1:], alone, atol=1e-5, rtol=1e-5)  # nor does batching with a longer row
+    # every real token's embedding row learns, including the ids the encoder's config calls padding
+    rm.zero_grad()
+    rm(ids, mask).sum().backward()
+    grad = rm.trunk.get_input_embeddings().weight.grad
+    assert grad is not None
+    assert [i for i in (0, 1, 4, 5, 8, 9) if grad[i].abs().sum() == 0] == []  # rows that would never learn
+    assert grad[tok.pad_id].abs().sum() == 0  # the chat pad id is the row that gets no gradient
     rm.save_pretrained(tmp_path / "rm")
     again = RewardModel.from_pretrained(tmp_path / "rm")
     with torch.no_grad():

@@ -14,14 +14,13 @@ Jobs are submitted with ``runtime_env={"working_dir": <repo>}`` as a user would 
 
 - ``placement_probe``: an actor made with :func:`rlchat.cluster.rollout_actor_options` of a config asking for
   ``{"rollout": 1}`` must run on the node that has the ``rollout`` resource.
-- ``rlchat train`` and ``rlchat tune`` jobs: skipped only while ``rlchat/trainer.py`` / ``tune/sweep.py`` do not
-  exist yet.
+- ``rlchat train`` and ``rlchat tune`` jobs: each checks the placement of its own actors (filtered by the job's
+  driver job id; the cluster is shared by the module's jobs).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import secrets
@@ -408,22 +407,30 @@ def test_rollout_actor_runs_on_the_rollout_node(ray_cluster):
     probes = [a for a in ray_cluster.actors() if a.class_name == "Probe"]
     assert probes and {a.node_id for a in probes} == {rollout_node}
     # The worker node imported the project from the job's working_dir, unpacked under its own temp dir.
+    # Each is the project's own package at the top of that working_dir (the actor's cwd), not ray.tune /
+    # ray.serve or a namesake installed in site-packages.
     worker_tmp = (ray_cluster.root / "worker").resolve()
+    working_dir = Path(result["actor"]["cwd"]).resolve()
+    assert working_dir.is_relative_to(worker_tmp) and "working_dir_files" in working_dir.parts, working_dir
     for module in ("rlchat", "envs", "tune", "serve"):
         path = Path(result["actor"][module]).resolve()
-        assert path.is_relative_to(worker_tmp), (module, path)
-        assert "working_dir_files" in path.parts, path
+        assert path == working_dir / module / "__init__.py", (module, path)
         assert not path.is_relative_to(ROOT), path
 
 
-def _needs(module: str, path: str) -> None:
-    """Skip while another engineer's module is not written yet (remove once it exists: then the test must run)."""
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{path} does not exist yet")
+def _job_actors(cluster: LocalCluster, info: Any) -> list[Any]:
+    """The actors of one submitted job: those whose job id is the job's driver's.
+
+    The module's cluster outlives each job, and the state API lists every actor the cluster ever had, so an
+    unfiltered list would let one job's placement check pass on another job's actors. Actors started by the
+    driver's own actors (Tune trials, Ray Train workers, their rollout workers) inherit the driver's job id.
+    """
+    job_id = getattr(info, "job_id", None) or getattr(getattr(info, "driver_info", None), "id", None)
+    assert job_id, f"job {info.submission_id!r} reports no driver job id: {info!r}"
+    return [a for a in cluster.actors() if a.job_id == job_id]
 
 
 def test_train_job_places_rollout_workers_on_the_rollout_node(ray_cluster, tmp_path):
-    _needs("rlchat.trainer", "rlchat/trainer.py")
     from rlchat.config import load_config
     from rlchat.metrics import CONFIG_FILE, ROLLOUT_REWARD_MEAN, read_metrics
 
@@ -444,8 +451,7 @@ def test_train_job_places_rollout_workers_on_the_rollout_node(ray_cluster, tmp_p
     assert list((run_dir / "checkpoints").rglob("meta.json")), sorted(p.name for p in run_dir.rglob("*"))
 
     rollout_nodes = ray_cluster.rollout_node_ids()
-    driver_id = getattr(getattr(info, "driver_info", None), "id", None)
-    actors = [a for a in ray_cluster.actors() if driver_id is None or a.job_id == driver_id]
+    actors = _job_actors(ray_cluster, info)
     workers = [a for a in actors if "Rollout" in a.class_name]
     assert workers, f"no rollout actor in the job's actor table: {sorted({a.class_name for a in actors})}"
     assert {a.node_id for a in workers} <= rollout_nodes
@@ -456,7 +462,6 @@ def test_train_job_places_rollout_workers_on_the_rollout_node(ray_cluster, tmp_p
 
 
 def test_tune_job_runs_two_trials(ray_cluster, tmp_path):
-    _needs("tune.sweep", "tune/sweep.py")
     run_dir = tmp_path / "sweep"
     entrypoint = (
         "rlchat tune --config configs/demo.yaml --space tune/spaces/demo.yaml --samples 2 "
@@ -475,6 +480,9 @@ def test_tune_job_runs_two_trials(ray_cluster, tmp_path):
     rows = [line for line in tables[0].read_text().splitlines()[1:] if line.strip()]
     assert len(rows) == 2, tables[0].read_text()  # one row per trial
     assert list(run_dir.rglob("*.png")), "the sweep wrote no comparison plot"
+    # Only this job's actors: the training job before it left rollout actors of its own on the same cluster.
     rollout_nodes = ray_cluster.rollout_node_ids()
-    workers = [a for a in ray_cluster.actors() if "Rollout" in a.class_name]
-    assert workers and {a.node_id for a in workers} <= rollout_nodes
+    actors = _job_actors(ray_cluster, info)
+    workers = [a for a in actors if "Rollout" in a.class_name]
+    assert workers, f"the sweep started no rollout actor: {sorted({a.class_name for a in actors})}"
+    assert {a.node_id for a in workers} <= rollout_nodes, [(a.class_name, a.node_id) for a in workers]

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,39 +30,152 @@ TINY = [
     "ray.learner_cpus=0.5",
 ]
 
-pytestmark = pytest.mark.slow
+# ------------------------------------------------------------------------------------------- rollout device
 
 
-def test_killed_rollout_worker_is_restarted_and_its_share_resampled(ray_local):
-    from rlchat.rollout import RolloutGroup
+def test_pick_device_uses_cuda_only_with_ray_gpu_ids_and_cuda() -> None:
+    import torch
 
-    cfg = load_config(DEMO, [*TINY, "rollout.num_workers=2", "rollout.envs_per_worker=48", "env.max_turn_tokens=48"])
-    group = RolloutGroup(cfg)
+    from rlchat.rollout import pick_device
+
+    assert pick_device([], cuda_available=True) == torch.device("cpu")  # no GPU reserved for this worker
+    assert pick_device([0], cuda_available=False) == torch.device("cpu")  # reserved, but torch has no CUDA
+    assert pick_device([3], cuda_available=True) == torch.device("cuda", 0)  # Ray's CUDA_VISIBLE_DEVICES: index 0
+    assert pick_device(["0", "1"], cuda_available=True) == torch.device("cuda", 0)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_rollout_worker_with_a_gpu_samples_on_it(ray_local) -> None:
+    """rollout.num_gpus_per_worker=1: the policy and the engine's buffers live on the GPU, and sampling works there."""
+    import torch
+
+    from rlchat.learner import build_models
+    from rlchat.rollout import RolloutGroup, build_sampler
+
+    cfg = load_config(DEMO, [*TINY, "rollout.num_workers=1", "rollout.envs_per_worker=8"])
+    sampler = build_sampler(cfg.to_dict(), 0, device="cuda")
+    assert {p.device.type for p in sampler.model.parameters()} == {"cuda"}
+    assert sampler.engine.device.type == "cuda"
+    batch = sampler.sample(1)
+    assert len(batch) == 8 and (batch.behaviour_logprobs[batch.action_mask] <= 0).all()
+    if ray_local.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the shared local Ray instance has no GPU resource")
+    group = RolloutGroup(cfg.replace(**{"rollout.num_gpus_per_worker": 1.0}))
     try:
-        from rlchat.learner import build_models
-
-        policy, _, tok = build_models(cfg, device=__import__("torch").device("cpu"))
+        assert ray_local.get(group.workers[0].device_name.remote()) == "cuda:0"
+        policy, _, tok = build_models(cfg, device=torch.device("cpu"))
         weights = ray_local.put({k: v.detach().clone() for k, v in policy.lm.state_dict().items()})
-        reference = group.sample(1, weights, 1, tok.pad_id)  # uninterrupted
-        pids = group.pids()
-        refs = group.sample_async(2, weights, 1)
-        time.sleep(0.2)
-        os.kill(pids[0], signal.SIGKILL)  # mid-iteration
-        batches = ray_local.get(refs, timeout=300)
-        assert group.pids()[0] != pids[0]  # a new process
-        assert [b.worker_id for b in batches] == [0, 1]
-        assert sum(len(b) for b in batches) == 96  # nothing lost, nothing duplicated
-        again = group.sample(2, weights, 1, tok.pad_id)  # the same iteration re-sampled: identical data
-        from rlchat.batch import RolloutBatch
-
-        merged = RolloutBatch.concat(batches, pad_id=tok.pad_id)
-        np.testing.assert_array_equal(merged.input_ids, again.input_ids)
-        np.testing.assert_allclose(merged.behaviour_logprobs, again.behaviour_logprobs, atol=1e-6)
-        assert len(reference) == 96
+        batch = group.sample(1, weights, 1, tok.pad_id)  # CPU weights load into the GPU policy
+        assert len(batch) == 8 and batch.weights_version == 1
     finally:
         group.shutdown()
 
 
+# ------------------------------------------------------------------------------------------- fault tolerance
+
+
+def test_die_hook_kills_exactly_once(tmp_path: Path) -> None:
+    """The test hook SIGKILLs its process at the configured step and never again once the marker exists."""
+    from rlchat.errors import RLChatError
+    from rlchat.rollout import DIE_AFTER_STEPS_ENV, DIE_MARKER_ENV, DIE_WORKER_ENV, die_hook_from_env
+
+    marker = tmp_path / "died"
+    env = {DIE_AFTER_STEPS_ENV: "3", DIE_WORKER_ENV: "1", DIE_MARKER_ENV: str(marker)}
+    assert die_hook_from_env(1, {}) is None  # not armed
+    assert die_hook_from_env(0, env) is None  # armed for another worker
+    with pytest.raises(RLChatError, match=DIE_MARKER_ENV):
+        die_hook_from_env(0, {DIE_AFTER_STEPS_ENV: "3"})
+    code = (
+        "import sys; from rlchat.rollout import die_hook_from_env; "
+        f"h = die_hook_from_env(1, {env!r}); h(1); h(2); print('alive at 2', flush=True); h(3); print('survived')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    assert out.stdout == "alive at 2\n" and marker.exists()
+    hook = die_hook_from_env(1, env)
+    assert hook is not None
+    hook(3)  # the marker exists: disarmed (this test process is still alive)
+    hook(10)
+
+
+def _arm_die_hook(monkeypatch: pytest.MonkeyPatch, marker: Path, worker: int, steps: int) -> None:
+    from rlchat.rollout import DIE_AFTER_STEPS_ENV, DIE_MARKER_ENV, DIE_WORKER_ENV
+
+    monkeypatch.setenv(DIE_AFTER_STEPS_ENV, str(steps))
+    monkeypatch.setenv(DIE_WORKER_ENV, str(worker))
+    monkeypatch.setenv(DIE_MARKER_ENV, str(marker))
+
+
+@pytest.mark.slow
+def test_killed_rollout_worker_is_restarted_and_its_share_resampled(ray_local, tmp_path, monkeypatch):
+    """Worker 0 SIGKILLs itself at its 2nd generation step (mid-sample by construction, not by timing): Ray restarts
+    it, the retried call re-samples its share, and the iteration's data equals an uninterrupted sample of it."""
+    import torch
+
+    from rlchat.batch import RolloutBatch
+    from rlchat.learner import build_models
+    from rlchat.metrics import ROLLOUT_EPISODES, ROLLOUT_WORKER_RESTARTS
+    from rlchat.rollout import WORKER_RESTARTS, RolloutGroup, batch_metrics
+
+    marker = tmp_path / "worker-0-died"
+    _arm_die_hook(monkeypatch, marker, worker=0, steps=2)
+    cfg = load_config(DEMO, [*TINY, "rollout.num_workers=2", "rollout.envs_per_worker=8"])
+    group = RolloutGroup(cfg)
+    try:
+        policy, _, tok = build_models(cfg, device=torch.device("cpu"))
+        weights = ray_local.put({k: v.detach().clone() for k, v in policy.lm.state_dict().items()})
+        pids = group.pids()
+        assert not marker.exists()
+        batches = ray_local.get(group.sample_async(2, weights, 1), timeout=300)
+        assert marker.exists()  # worker 0 died inside sample(), at a generation step
+        new_pids = group.pids()
+        assert new_pids[0] != pids[0] and new_pids[1] == pids[1]  # only worker 0 was restarted
+        assert [b.worker_id for b in batches] == [0, 1] and [len(b) for b in batches] == [8, 8]
+        assert [b.metrics[WORKER_RESTARTS] for b in batches] == [1.0, 0.0]  # the restart is reported, once
+        merged = RolloutBatch.concat(batches, pad_id=tok.pad_id)
+        m = batch_metrics(merged)
+        assert (m[ROLLOUT_WORKER_RESTARTS], m[ROLLOUT_EPISODES]) == (1.0, 16.0)
+        # Nothing lost, nothing duplicated: the same iteration sampled again (no death now) gives identical data.
+        again = group.sample(2, weights, 1, tok.pad_id)
+        assert again.metrics[WORKER_RESTARTS] == 0.0 and group.pids() == new_pids
+        np.testing.assert_array_equal(merged.record_index, again.record_index)
+        np.testing.assert_array_equal(merged.input_ids, again.input_ids)
+        np.testing.assert_array_equal(merged.action_mask, again.action_mask)
+        np.testing.assert_allclose(merged.behaviour_logprobs, again.behaviour_logprobs, atol=1e-6)
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.slow
+def test_train_iteration_completes_with_the_full_batch_when_a_worker_dies(ray_local, tmp_path, monkeypatch):
+    """rlchat.trainer.train with worker 1 dying mid-sample in iteration 1: both iterations run on full batches."""
+    from rlchat.metrics import ROLLOUT_EPISODES, ROLLOUT_WORKER_RESTARTS
+    from rlchat.trainer import train
+
+    marker = tmp_path / "worker-1-died"
+    _arm_die_hook(monkeypatch, marker, worker=1, steps=2)
+    cfg = load_config(
+        DEMO,
+        [*TINY, "rollout.num_workers=2", "rollout.envs_per_worker=4", "ray.learner_workers=0", "ppo.iterations=2"],
+    )
+    run_dir, last = train(cfg, tmp_path / "run", quiet=True)
+    assert marker.exists()
+    rows = _metrics(run_dir)
+    assert sorted(rows) == [1, 2]
+    assert [rows[i][ROLLOUT_EPISODES] for i in (1, 2)] == [8.0, 8.0]  # 2 workers x 4 envs, the dead share re-sampled
+    assert [rows[i][ROLLOUT_WORKER_RESTARTS] for i in (1, 2)] == [1.0, 0.0]
+    for key in ("ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "rollout/reward_mean"):
+        assert np.isfinite(rows[1][key]) and np.isfinite(rows[2][key]), key
+
+
+@pytest.mark.slow
 def test_two_learner_workers_equal_one_on_the_same_batch(ray_local):
     """2 rollout workers + 2 CPU learner workers (gloo DDP) give the same first update as 1 + 1."""
     import torch
@@ -125,6 +237,7 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, lines)}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_step_exact(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     out = {}

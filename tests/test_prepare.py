@@ -104,6 +104,25 @@ def test_prepare_fails_at_the_first_bad_line_and_writes_nothing(ray_local, input
     assert not (out / "train.parquet").exists()
 
 
+def test_prepare_applies_the_configured_max_line_bytes(ray_local, tmp_path: Path) -> None:
+    # data.max_line_bytes reaches the driver's reader and the Ray Data tasks: a line under the 1 MiB default but
+    # over a small configured limit is a bad record, and the error names the key, its value and a fix.
+    small = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    big = {"messages": [{"role": "user", "content": "x" * 5000}, {"role": "assistant", "content": "ok"}]}
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps(small) + "\n" + json.dumps(big) + "\n")
+    cfg = _cfg().replace(**{"data.max_line_bytes": 4096, "data.val_fraction": 0.0})
+    with pytest.raises(DataError) as e:
+        prepare([f], tmp_path / "out", cfg, progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}:2: line is ") and "expected at most 4,096 bytes" in msg
+    assert "data.max_line_bytes=4096" in msg and "data.max_line_bytes=8192" in msg
+    assert not (tmp_path / "out" / "train.parquet").exists()
+    # raised as the message says, the line is read
+    result = prepare([f], tmp_path / "out", cfg.replace(**{"data.max_line_bytes": 8192}), progress=False)
+    assert result.stats["kept"] == 2 and result.stats["skipped"] == 0
+
+
 def test_prepare_command_skip_mode_reports_each_line(ray_local, tmp_path: Path, capsys) -> None:
     cfg_file = tmp_path / "cfg.yaml"
     save_config(Config().replace(**{"tokenizer.vocab_size": 4096}), cfg_file)

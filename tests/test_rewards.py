@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rlchat.config import RewardConfig
@@ -18,6 +19,7 @@ from rlchat.rewards import (
     batch_distinct_n,
     batch_novelty,
     distinct_n,
+    first_number,
     length_penalty,
     load_plugin,
     mean_pool,
@@ -54,21 +56,59 @@ def only(**weights: float) -> RewardConfig:
 @pytest.mark.parametrize(
     "reply, reference, want",
     [
+        # accepted: the bare answer, trimmed, trailing "." / "!", compared as a number; one "The answer is" lead-in
         ("7", "7", 1.0),
-        ("The answer is 7.", "7", 1.0),
+        (" 7.\n", "7", 1.0),
+        ("7!", "7", 1.0),
         ("7.0", "7", 1.0),
-        ("-3 is the result", "-3", 1.0),
+        ("+7", "7", 1.0),
+        ("-3", "-3", 1.0),
+        ("2.50", "2.5", 1.0),
         ("1,024", "1024", 1.0),
-        ("7 or maybe 8", "8", 0.0),  # only the first number counts
+        ("The answer is 7.", "7", 1.0),
+        ("the answer is: 7", "7", 1.0),
+        ("Answer: 7", "7", 1.0),
+        ("Paris.", "paris", 1.0),  # free-text reference: normalised exact match
+        ("The answer is Paris.", "Paris", 1.0),
+        # trailing (or leading) junk: not the answer, whatever number it starts with
+        ("7 bananas, blah", "7", 0.0),
+        ("7 or maybe 8", "7", 0.0),
+        ("7 or maybe 8", "8", 0.0),
+        ("-3 is the result", "-3", 0.0),
+        ("7?", "7", 0.0),
+        ("about 7", "7", 0.0),
+        ("Answer 7", "7", 0.0),  # the short form is "Answer: 7"
+        ("The answer is probably 7 or something close to it.", "7", 0.0),
+        ("1,02", "102", 0.0),  # not a thousands grouping
+        ("The capital is Paris", "Paris", 0.0),
+        ("8", "7", 0.0),
         ("seven", "7", 0.0),
         ("", "7", 0.0),
+        ("Answer:", "7", 0.0),
         ("7", None, 0.0),  # nothing to verify
-        ("Paris.", "paris", 1.0),  # free-text reference: normalised exact match
-        ("The capital is Paris", "Paris", 0.0),
     ],
 )
 def test_verifiable_answer(reply: str, reference: str | None, want: float) -> None:
     assert verifiable_answer(reply, reference) == want
+
+
+def test_verifiable_answer_on_the_demo_data() -> None:
+    """Every answer the demo's SFT data teaches scores 1; every off-format hedge of the preference data scores 0."""
+    import json
+
+    data = Path(__file__).resolve().parents[1] / "rlchat" / "demo_data"
+    task = [json.loads(line) for line in (data / "task.jsonl").read_text().splitlines()]
+    assert all(verifiable_answer(r["messages"][-1]["content"], r["reference"]) == 1.0 for r in task)
+    chat = [json.loads(line) for line in (data / "chat.jsonl").read_text().splitlines()]
+    sums = [r for r in chat if r["source"] == "demo:chat/arithmetic"]
+    assert sums and all(verifiable_answer(r["messages"][-1]["content"], r["messages"][-1]["content"]) for r in sums)
+    prefs = [json.loads(line) for line in (data / "prefs.jsonl").read_text().splitlines()]
+    hedges = [r for r in prefs if r["source"] == "demo:prefs/arithmetic" and r["meta"]["kind"] == "off_format"]
+    assert len(hedges) > 10
+    for r in hedges:  # each hedge starts with the right number ("Hmm, I would guess around 10, ...") yet scores 0
+        assert first_number(r["rejected"]) == float(r["chosen"])
+        assert verifiable_answer(r["chosen"], r["chosen"]) == 1.0
+        assert verifiable_answer(r["rejected"], r["chosen"]) == 0.0
 
 
 def test_token_f1_hand_values() -> None:
@@ -132,7 +172,7 @@ def test_composite_weighting_and_component_names(tok: ChatTokenizer) -> None:
     fn = RewardFunction(cfg, tok)
     assert fn.component_names == ["verifiable", "length", "diversity", "diversity_batch", "repetition"]
     ids = [10, 11, 10, 12, 13]  # 5 tokens: length -0.25; unigrams 4 unique of 5; token 10 repeated: 2 of 5 covered
-    res = fn(PROMPT, "7 is it", ids, rec("7"))
+    res = fn(PROMPT, "The answer is 7.", ids, rec("7"))
     assert res.components == pytest.approx(
         {"verifiable": 1.0, "length": -0.25, "diversity": 0.8, "diversity_batch": 0.0, "repetition": -0.4}
     )
@@ -175,7 +215,8 @@ def test_score_batch_matches_single_calls_and_adds_batch_diversity(tok: ChatToke
         assert r.components["diversity"] == single.components["diversity"]
         assert single.components["diversity_batch"] == 0.0
     assert [r.components["diversity_batch"] for r in batch] == pytest.approx([0.5, 0.5, 1.0])
-    assert [r.total for r in batch] == pytest.approx([1 + 1 + 0.5, 0 + 1 + 0.5, 1 + 1 + 1.0])
+    # verifiable: "7" is the answer, "8" is wrong, "7 7" is not exactly the answer
+    assert [r.total for r in batch] == pytest.approx([1 + 1 + 0.5, 0 + 1 + 0.5, 0 + 1 + 1.0])
     with pytest.raises(RewardError, match="expected the same number"):
         fn.score_batch(prompts, texts[:2], ids, records)
 
@@ -296,8 +337,8 @@ def test_plugins_are_weighted_components(tok: ChatTokenizer, plugin_module: str)
     fn = RewardFunction(only(verifiable=1.0, plugins={polite: 0.5, uses: -1.0, f"{plugin_module}:broken": 0.0}), tok)
     assert fn.component_names == ["verifiable", polite, uses]  # weight 0 -> not loaded, not reported
     res = fn(PROMPT, "7, please", [1, 2, 3], rec("7"))
-    assert res.components == {"verifiable": 1.0, polite: 1.0, uses: 7.0}
-    assert res.total == pytest.approx(1.0 + 0.5 - 7.0)
+    assert res.components == {"verifiable": 0.0, polite: 1.0, uses: 7.0}  # "7, please" is not exactly "7"
+    assert res.total == pytest.approx(0.0 + 0.5 - 7.0)
 
 
 @pytest.mark.parametrize(
@@ -387,3 +428,80 @@ def test_model_component_loads_an_rm_checkpoint(tok: ChatTokenizer, tmp_path: Pa
             want.append(float(rm(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))))
     assert got == pytest.approx(want, abs=1e-5)
     assert got[0] != pytest.approx(got[1])
+
+
+# ------------------------------------------------------------------------------------------- batch scoring in rollouts
+
+
+class _ScriptedStream:
+    """A generation stream that plays fixed replies, one row per env (what GenerationEngine.steps yields)."""
+
+    def __init__(self, replies: list[list[int]]) -> None:
+        self.replies = replies
+        self.open = np.ones(len(replies), dtype=bool)
+
+    def __iter__(self):
+        from types import SimpleNamespace
+
+        for t in range(max(map(len, self.replies))):
+            has = np.array([t < len(r) for r in self.replies])
+            active = self.open & has
+            if not active.any():
+                return
+            tokens = np.array([r[t] if t < len(r) else 0 for r in self.replies], dtype=np.int64)
+            yield SimpleNamespace(tokens=tokens, logprobs=np.full(len(tokens), -0.5, np.float32), active=active)
+
+    def finish(self, rows: list[int]) -> None:
+        self.open[rows] = False
+
+
+class _ScriptedEngine:
+    def __init__(self, replies: list[list[int]]) -> None:
+        self.replies = replies
+
+    def steps(self, prompts, params, seeds=None) -> _ScriptedStream:
+        assert len(prompts) == len(self.replies)
+        return _ScriptedStream(self.replies)
+
+
+def test_rollout_scores_diversity_batch_over_the_workers_batch(tok: ChatTokenizer) -> None:
+    """A rollout with reward.diversity > 0 reports the across-batch component over all its replies (hand values).
+
+    Replies (bigrams, n=2): A = 10 11 12 -> {10 11, 11 12}; B = 10 11 13 -> {10 11, 11 13}; C = 20 21 -> {20 21};
+    D = 30 10 11 12 hits the 4-token turn budget without <|end|>: truncated, unscored, and not part of the batch.
+    Novelty (share of a reply's bigrams no other scored reply has): A 1/2, B 1/2, C 1. distinct-2 is 1 for each.
+    """
+    from rlchat.config import Config
+    from rlchat.model import PolicyValueModel
+    from rlchat.rollout import Sampler
+
+    eot = tok.eot_id
+    cfg = Config().replace(
+        **{"reward.verifiable": 0.0, "reward.diversity": 1.0, "reward.ngram": 2, "tokenizer.vocab_size": 4096},
+        **{"rollout.envs_per_worker": 4, "env.max_turn_tokens": 4, "model.n_layer": 1, "model.n_embd": 32},
+        **{"model.n_head": 2},
+    )
+    replies = [[10, 11, 12, eot], [10, 11, 13, eot], [20, 21, eot], [30, 10, 11, 12]]
+    records = [task_record(i) for i in range(4)]
+    sampler = Sampler(cfg, tok, PolicyValueModel.build(cfg, tok).lm, records)
+    sampler.engine = _ScriptedEngine(replies)  # the policy is scripted; env, reward and batching are the real ones
+    batch = sampler.sample(iteration=1)
+
+    assert batch.truncated.tolist() == [False, False, False, True]
+    comps = batch.reward_components
+    assert comps["diversity_batch"].tolist() == pytest.approx([0.5, 0.5, 1.0, 0.0])
+    assert comps["diversity"].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
+    assert comps["total"].tolist() == pytest.approx([1.5, 1.5, 2.0, 0.0])
+    # each turn's total sits on its <|end|> token, and only there
+    for i, r in enumerate(replies):
+        actions = batch.input_ids[i][batch.action_mask[i]].tolist()
+        assert actions == r
+        scored = batch.scores[i][batch.action_mask[i]]
+        assert scored[:-1].tolist() == [0.0] * (len(r) - 1) and scored[-1] == pytest.approx(comps["total"][i])
+    # The same reply scored by one standalone env (a batch of one) has nothing to compare against: 0.
+    alone = sampler.reward_fn(records[0].prompt_messages(), tok.decode(replies[0][:-1]), replies[0][:-1], records[0])
+    assert alone.components["diversity_batch"] == 0.0
+
+
+def task_record(i: int) -> Record:
+    return Record(messages=[{"role": "user", "content": f"What is {i} + 1?"}], reference=str(i + 1))

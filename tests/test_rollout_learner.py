@@ -11,8 +11,17 @@ import torch
 from rlchat.batch import RolloutBatch
 from rlchat.config import Config, load_config
 from rlchat.data import Record
+from rlchat.errors import ConfigError
 from rlchat.learner import Learner
-from rlchat.model import PolicyValueModel
+from rlchat.metrics import (
+    PPO_BEHAVIOUR_LOGPROB_MAXDIFF,
+    PPO_EARLY_STOPPED,
+    PPO_EPOCHS_RUN,
+    PPO_LR,
+    ROLLOUT_EPISODES,
+    ROLLOUT_WORKER_RESTARTS,
+)
+from rlchat.model import PolicyValueModel, position_ids_from_mask
 from rlchat.rollout import Sampler, batch_metrics
 from rlchat.tokenizer import ChatTokenizer
 
@@ -76,6 +85,8 @@ def test_batch_shapes_dtypes_and_masks(setup):
     m = batch_metrics(batch)
     assert set(m) >= {"rollout/reward_mean", "rollout/response_len", "rollout/truncated_frac"}
     assert any(k.startswith("rollout/reward/") for k in m) or cfg.reward.verifiable == 0
+    # in-process sampling: the episode count, and no worker-restart key (only Ray actors can restart)
+    assert m[ROLLOUT_EPISODES] == float(b) and ROLLOUT_WORKER_RESTARTS not in m
 
 
 def test_sampling_is_deterministic_per_iteration(setup):
@@ -97,6 +108,149 @@ def test_learner_recomputes_behaviour_logprobs(setup):
         out = policy(t["input_ids"], t["attention_mask"], t["action_mask"])
     diff = (out.logprobs - t["behaviour_logprobs"]).abs()[t["action_mask"]]
     assert diff.max().item() < 1e-5
+
+
+def _rewarded(batch: RolloutBatch) -> RolloutBatch:
+    """Give the episodes different final rewards so advantages (and the update) are not all zero."""
+    batch.scores[np.arange(len(batch)), batch.action_mask.cumsum(1).argmax(1)] = np.linspace(-1, 1, len(batch))
+    return batch
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["plain", "softcap"])
+def test_learner_recomputes_behaviour_logprobs_at_temperature(setup, softcap):
+    # The sampler records log-probs of logits / temperature; the learner must take its log-probs (and the ratio's
+    # numerator) from the same distribution, with or without a soft-capped head (Gemma; set on the config here).
+    cfg, tok, policy = setup
+    cfg = cfg.replace(**{"rollout.temperature": 0.7})
+    policy = copy.deepcopy(policy)
+    if softcap:
+        policy.lm.config.final_logit_softcapping = softcap
+    batch = _rewarded(Sampler(cfg, tok, policy.lm, _records()).sample(iteration=2))
+    t = batch.to_torch()
+    act = t["action_mask"]
+    learner = Learner(cfg, policy, copy.deepcopy(policy).eval())
+    stats = learner._rollout_stats(t)
+    diff = (stats["old_logprobs"] - t["behaviour_logprobs"]).abs()[act]
+    assert diff.max().item() < 1e-5
+    # the test discriminates: the model's temperature-1 log-probs are far from the behaviour log-probs
+    with torch.no_grad():
+        plain = policy(t["input_ids"], t["attention_mask"], act).logprobs
+    assert (plain - t["behaviour_logprobs"]).abs()[act].max().item() > 1e-2
+    metrics = learner.update(batch, iteration=2)
+    assert metrics[PPO_BEHAVIOUR_LOGPROB_MAXDIFF] < 1e-5
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["plain", "softcap"])
+def test_tempered_forward_equals_the_full_softmax_of_scaled_logits(setup, softcap):
+    # PolicyValueModel.forward(..., temperature=T): head -> scale -> soft-cap -> / T (the engine's order), through
+    # the chunked head (several chunks here), values and gradients equal to plain autograd on the full logits.
+    cfg, tok, policy = setup
+    policy = copy.deepcopy(policy)
+    if softcap:
+        policy.lm.config.final_logit_softcapping = softcap  # read by logit_transform; GPT-2's own forward ignores it
+    batch = Sampler(cfg, tok, policy.lm, _records()).sample(iteration=3)
+    t = batch.to_torch()
+    ids, attn, act = t["input_ids"], t["attention_mask"], t["action_mask"]
+    temperature = 0.7
+    # reference: the LM's own full logits, soft-capped, / T, plain autograd log_softmax
+    logits = policy.lm(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
+    z = logits[:, :-1, : policy.vocab_size].float()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z / temperature, dim=-1)  # (B, T-1, V)
+    ref_lp = torch.nn.functional.pad(logp.gather(2, ids[:, 1:, None]).squeeze(2), (1, 0)) * act
+    ref_ent = torch.nn.functional.pad(-(logp.exp() * logp).sum(-1), (1, 0)) * act
+    (ref_lp.sum() + 0.1 * ref_ent.sum()).backward()
+    ref_grads = {k: v.grad.clone() for k, v in policy.lm.named_parameters()}
+    policy.zero_grad(set_to_none=True)
+    out = policy(ids, attn, act, chunk_size=7, temperature=temperature)
+    torch.testing.assert_close(out.logprobs, ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.entropy, ref_ent, atol=1e-5, rtol=0)
+    (out.logprobs.sum() + 0.1 * out.entropy.sum()).backward()
+    for k, v in policy.lm.named_parameters():
+        torch.testing.assert_close(v.grad, ref_grads[k], atol=1e-5, rtol=1e-4, msg=k)
+    with torch.no_grad():
+        # the default (temperature 1) is the untempered distribution; values never depend on the temperature
+        own, at_one = policy(ids, attn, act), policy(ids, attn, act, temperature=1.0)
+        tempered = policy(ids, attn, act, temperature=temperature)
+    for name in ("logprobs", "entropy", "values"):
+        torch.testing.assert_close(getattr(at_one, name), getattr(own, name), atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(tempered.values, own.values, atol=0, rtol=0)
+    assert (tempered.logprobs - own.logprobs).abs()[act].max().item() > 1e-2
+    with pytest.raises(ConfigError, match=r"temperature=0\.0: expected a positive"):
+        policy(ids, attn, act, temperature=0.0)
+
+
+def test_ppo_refuses_dropout_and_updates_deterministically_with_a_dropout_model(setup):
+    cfg, tok, _ = setup
+    with pytest.raises(ConfigError, match=r"model\.dropout=0\.1.*set model\.dropout=0"):
+        Learner(cfg.replace(**{"model.dropout": 0.1}), *_fresh_policy(cfg, tok))
+    # A checkpoint can still carry dropout in its HF config (pretrained GPT-2 has 0.1): the learner runs it with
+    # dropout off, so the update does not depend on torch's global RNG and old log-probs equal the gradient pass's.
+    dropout_cfg = cfg.replace(**{"model.dropout": 0.5})
+    policy = PolicyValueModel.build(dropout_cfg, tok)
+    batch = _rewarded(Sampler(cfg, tok, policy.lm, _records()).sample(iteration=4))
+    results = []
+    for seed in (0, 1):
+        learner = Learner(cfg, copy.deepcopy(policy), copy.deepcopy(policy).eval())
+        torch.manual_seed(seed)
+        metrics = learner.update(batch, iteration=4)
+        assert not learner.policy.training
+        assert metrics[PPO_BEHAVIOUR_LOGPROB_MAXDIFF] < 1e-5
+        results.append((metrics, learner.policy.state_dict()))
+    (m0, w0), (m1, w1) = results
+    assert m0["ppo/policy_loss"] == m1["ppo/policy_loss"]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def _fresh_policy(cfg: Config, tok: ChatTokenizer) -> tuple[PolicyValueModel, PolicyValueModel]:
+    policy = PolicyValueModel.build(cfg, tok)
+    return policy, copy.deepcopy(policy).eval()
+
+
+def test_update_epochs_stop_early_on_a_tiny_target_kl(setup):
+    cfg, tok, policy = setup
+    base = cfg.replace(**{"ppo.update_epochs": 3})
+    batch = _rewarded(Sampler(base, tok, policy.lm, _records()).sample(iteration=6))
+    runs = {}
+    for target_kl in (1e-9, 0.0):
+        c = base.replace(**{"ppo.target_kl": target_kl})
+        runs[target_kl] = Learner(c, copy.deepcopy(policy), copy.deepcopy(policy).eval()).update(batch, 6)
+    # the first minibatch step moves the policy, so epoch 1's approx KL exceeds 1.5 * 1e-9: one epoch only
+    assert runs[1e-9][PPO_EPOCHS_RUN] == 1.0 < base.ppo.update_epochs
+    assert runs[1e-9][PPO_EARLY_STOPPED] == 1.0
+    # disabled: every epoch runs
+    assert runs[0.0][PPO_EPOCHS_RUN] == float(base.ppo.update_epochs)
+    assert runs[0.0][PPO_EARLY_STOPPED] == 0.0
+
+
+def test_learning_rate_scale_reaches_the_param_groups_and_survives_scheduler_steps(setup):
+    cfg, tok, policy = setup
+    cfg = cfg.replace(**{"ppo.lr_schedule": "linear", "ppo.warmup_steps": 1, "ppo.iterations": 4})
+    lr = cfg.ppo.learning_rate
+    batch = _rewarded(Sampler(cfg, tok, policy.lm, _records()).sample(iteration=7))
+    learner = Learner(cfg, copy.deepcopy(policy), copy.deepcopy(policy).eval())
+    learner.update(batch, 1)
+
+    def group_lrs() -> list[float]:
+        return [g["lr"] for g in learner.optimizer.param_groups]
+
+    def scheduled(scale: float) -> float:
+        return lr * learner._lr_schedule(learner.scheduler.last_epoch) * scale
+
+    assert group_lrs() == pytest.approx([scheduled(1.0)])
+    # absolute, not compounding: two rollbacks set 0.5 then 0.25; the very next optimizer step uses it
+    learner.set_learning_rate_scale(0.5)
+    learner.set_learning_rate_scale(0.25)
+    assert group_lrs() == pytest.approx([scheduled(0.25)]) and scheduled(0.25) > 0
+    metrics = learner.update(batch, 2)  # more scheduler steps: the scale stays
+    assert group_lrs() == pytest.approx([scheduled(0.25)])
+    assert metrics[PPO_LR] == pytest.approx(scheduled(0.25))
+    # and it is part of the train state
+    state = learner.train_state({"rollbacks": 2})
+    other = Learner(cfg, copy.deepcopy(policy), copy.deepcopy(policy).eval())
+    assert other.load_train_state(state) == {"rollbacks": 2}
+    assert other.lr_scale == 0.25 and [g["lr"] for g in other.optimizer.param_groups] == pytest.approx(group_lrs())
 
 
 def test_multi_turn_batch_skips_user_tokens(setup):
@@ -128,9 +282,7 @@ def test_update_changes_every_parameter_and_metrics_are_finite(setup):
     cfg, tok, policy = setup
     policy = copy.deepcopy(policy)
     ref = copy.deepcopy(policy).eval()
-    batch = Sampler(cfg, tok, policy.lm, _records()).sample(iteration=5)
-    # give some episodes a reward so advantages are not all zero
-    batch.scores[np.arange(len(batch)), batch.action_mask.cumsum(1).argmax(1)] = np.linspace(-1, 1, len(batch))
+    batch = _rewarded(Sampler(cfg, tok, policy.lm, _records()).sample(iteration=5))
     learner = Learner(cfg, policy, ref)
     before = {k: v.detach().clone() for k, v in policy.named_parameters()}
     metrics = learner.update(batch, iteration=5)

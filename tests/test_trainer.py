@@ -1,5 +1,6 @@
-"""The PPO driver loop in one process (rollout.num_workers=0, ray.learner_workers=0): metrics, checkpoints,
-guardrails that act, and one-step off-policy overlap on real rollout actors."""
+"""The PPO driver loop in one process (rollout.num_workers=0, ray.learner_workers=0): metrics, checkpoints, the
+driver log, guardrails that act (and survive a resume), the progress ETA, and one-step off-policy overlap on real
+rollout actors."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rlchat import metrics as metrics_module
 from rlchat.config import load_config
-from rlchat.trainer import train
+from rlchat.metrics import make_run_dir, write_run_config
+from rlchat.trainer import PPOTrainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -35,6 +38,17 @@ def _cfg(*extra: str):
 
 def _lines(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _trainer(cfg, run: Path) -> PPOTrainer:
+    """A driver whose learner the test can inspect (``train`` shuts it down before returning)."""
+    path = make_run_dir(run, "train")
+    write_run_config(path, cfg)
+    return PPOTrainer(cfg, path, quiet=True)
+
+
+def _group_lrs(t: PPOTrainer) -> list[float]:
+    return [g["lr"] for g in t.learner.learner.optimizer.param_groups]
 
 
 def test_in_process_run_logs_every_documented_metric(tmp_path):
@@ -65,6 +79,9 @@ def test_in_process_run_logs_every_documented_metric(tmp_path):
     assert all(np.isfinite(v) for k, v in lines[1].items() if isinstance(v, float))
     assert (run / "checkpoints" / "step_000002" / "meta.json").is_file()
     assert last["perf/tokens_per_s"] > 0
+    # the driver log: its progress lines land in logs/ even with quiet=True and the default log level
+    log = (run / "logs" / "train.log").read_text()
+    assert "step 1/2" in log and "step 2/2" in log
 
 
 def test_guardrail_stop_ends_the_run_and_is_recorded(tmp_path):
@@ -85,12 +102,66 @@ def test_guardrail_rollback_restores_the_last_good_checkpoint(tmp_path):
         "ppo.guardrail_action=rollback",
         "checkpoint.every=1",
     )
-    run, _ = train(cfg, tmp_path / "run", quiet=True)
-    lines = _lines(run)
-    assert [r["guard/tripped"] for r in lines] == [0.0, 1.0, 1.0]
-    assert [r["guard/rollbacks"] for r in lines] == [0.0, 0.0, 1.0]
-    assert lines[2]["ppo/lr"] == pytest.approx(lines[0]["ppo/lr"] / 2)
-    assert (run / "checkpoints" / "step_000001").is_dir() and not (run / "checkpoints" / "step_000002").exists()
+    t = _trainer(cfg, tmp_path / "run")
+    try:
+        t.run()
+        lines = _lines(t.run_dir)
+        assert [r["guard/tripped"] for r in lines] == [0.0, 1.0, 1.0]
+        assert [r["guard/rollbacks"] for r in lines] == [0.0, 0.0, 1.0]
+        assert lines[2]["ppo/lr"] == pytest.approx(lines[0]["ppo/lr"] / 2)
+        # after the second rollback (after iteration 3) the optimizer itself is at 1/4, not at 1/2 again
+        assert t.rollbacks == 2
+        assert _group_lrs(t) == pytest.approx([cfg.ppo.learning_rate / 4])
+    finally:
+        t.shutdown()
+    ckpts = t.run_dir / "checkpoints"
+    assert (ckpts / "step_000001").is_dir() and not (ckpts / "step_000002").exists()
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_restores_guardrail_state_rollbacks_and_lowered_lr(tmp_path, monkeypatch):
+    cfg = _cfg("ppo.iterations=3", "checkpoint.every=1", "ppo.eval_every=0")
+    lr = cfg.ppo.learning_rate
+    first = _trainer(cfg, tmp_path / "run")
+
+    def crash_after_first(it: int, metrics: dict, ckpt: str | None) -> None:
+        assert ckpt is not None
+        raise _Crash  # the driver dies right after iteration 1's checkpoint
+
+    try:
+        # the state two rollbacks and a first iteration of long responses would leave behind
+        first.rollbacks = 2
+        first.learner.learner.set_learning_rate_scale(0.25)
+        first.guard.first_length = 1000.0
+        with pytest.raises(_Crash):
+            first.run(on_iteration=crash_after_first)
+    finally:
+        first.shutdown()
+    calls: list[tuple[int, int | None]] = []
+    format_progress = metrics_module.format_progress
+
+    def spy(step: int, total: int, metrics: dict, elapsed_s: float, done: int | None = None) -> str:
+        calls.append((step, done))
+        return format_progress(step, total, metrics, elapsed_s, done=done)
+
+    monkeypatch.setattr(metrics_module, "format_progress", spy)  # the driver imports it at run time
+    resumed = _trainer(cfg, tmp_path / "run")
+    try:
+        resumed.run(resume=True)
+        assert resumed.guard.first_length == 1000.0  # drift is still judged against iteration 1, not iteration 2
+        assert resumed.rollbacks == 2
+        assert _group_lrs(resumed) == pytest.approx([lr / 4])
+    finally:
+        resumed.shutdown()
+    lines = {r["step"]: r for r in _lines(resumed.run_dir)}
+    assert sorted(lines) == [1, 2, 3]
+    assert [lines[s]["guard/rollbacks"] for s in (2, 3)] == [2.0, 2.0]
+    assert lines[2]["ppo/lr"] == pytest.approx(lr / 4)
+    # the ETA counts the iterations this process ran: 1 at iteration 2, 2 at iteration 3
+    assert calls == [(2, 1), (3, 2)]
 
 
 @pytest.mark.slow

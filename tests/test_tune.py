@@ -2,8 +2,9 @@
 
 Fast tests check the space parser (every error names file:line and key), the RL stoppers on synthetic metric
 sequences (one test per reason), trial resources, PBT's checkpoint retargeting and the results table / CSV / plot
-from a fake result grid. Two slow tests run real sweeps with tiny in-process trials: a 4-trial ASHA sweep on the
-demo space (shared local Ray), and a sweep whose driver is SIGKILLed after the first checkpoint and then finished
+from a fake result grid. Three slow tests run real sweeps with tiny in-process trials: a 4-trial ASHA sweep on the
+demo space (shared local Ray), a 2-trial sweep with ``--deploy`` whose best checkpoint then answers over real HTTP
+(shared local Ray and Serve), and a sweep whose driver is SIGKILLed after the first checkpoint and then finished
 with ``--resume`` (subprocesses with their own Ray instance).
 """
 
@@ -476,6 +477,57 @@ def test_asha_sweep_on_the_demo_space_runs_four_trials(
         n = int(r["iterations"])
         assert steps == list(range(1, len(steps) + 1)) and n <= len(steps) <= n + 1, (r["trial_id"], steps)
     print(f"4-trial ASHA sweep: {elapsed:.1f} s")
+
+
+@pytest.mark.slow
+def test_sweep_with_deploy_serves_the_best_checkpoint_over_http(
+    ray_local: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rlchat tune --deploy` end to end: a real 2-trial sweep, then the best checkpoint answers over real HTTP.
+
+    On a Ray instance the caller already runs (here the session's), --deploy deploys and returns instead of
+    serving until Ctrl-C.
+    """
+    import requests
+
+    from serve import testing
+    from tune.sweep import BEST_CHECKPOINT_FILE, tune_command
+
+    monkeypatch.delenv("RLCHAT_API_KEY", raising=False)
+    sweep = tmp_path / "sweep"
+    short = [o for o in TINY if not o.startswith("ppo.iterations=")]
+    short += ["ppo.iterations=2", "ppo.eval_every=1", "checkpoint.every=1"]
+    with testing.serve_command_port() as port:
+        t0 = time.perf_counter()
+        rc = tune_command(
+            config=str(DEMO_CONFIG),
+            overrides=[*short, f"serve.port={port}"],  # the port the served checkpoint's config carries
+            run_dir=str(sweep),
+            address=None,
+            resume=None,
+            space=str(DEMO_SPACE),
+            samples=2,
+            scheduler="asha",
+            deploy=True,
+        )
+        elapsed = time.perf_counter() - t0
+        assert rc == 0  # returned: it did not block
+        best = Path((sweep / BEST_CHECKPOINT_FILE).read_text(encoding="utf-8").strip())
+        out = capsys.readouterr().out
+        url = f"http://127.0.0.1:{port}"
+        assert f"deploying the best checkpoint {best}" in out and f"serving {best.resolve()}" in out
+        with (sweep / "results.csv").open() as f:
+            assert len(list(csv.DictReader(f))) == 2
+        ready = requests.get(url + "/readyz", timeout=30)
+        assert ready.status_code == 200, ready.text
+        info = ready.json()
+        assert Path(info["checkpoint"]) == best.resolve() and info["stage"] == "ppo", info
+        assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok"}
+        body = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 4, "seed": 0}
+        r = requests.post(url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    print(f"2-trial sweep + deploy: {elapsed:.1f} s")
 
 
 def _steps(run_dir: Path) -> list[int]:

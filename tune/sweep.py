@@ -1169,12 +1169,17 @@ def tune_command(
 ) -> int:
     """``rlchat tune``: run (or ``--resume``) a sweep and write its results; ``--deploy`` serves the best.
 
+    With ``deploy``, the best checkpoint is served through :func:`serve.app.serve_command` when the sweep ends:
+    blocking (until Ctrl-C) when this call started a local Ray instance, which would end with the process;
+    non-blocking on a cluster or on a Ray instance the caller already runs (the app stays up on it).
+
     Returns:
         0 when at least one trial reported the metric, 1 otherwise (every trial failed).
 
     Raises:
         ConfigError / RLChatError: a bad space or config, ``--resume`` of something that is not a sweep.
     """
+    import ray
     from ray import tune as ray_tune
 
     from rlchat.cluster import init_ray
@@ -1228,6 +1233,10 @@ def tune_command(
     # Held-out evaluation runs every ppo.eval_every iterations, so results before the first one lack eval/*
     # metrics; the schedulers skip such results, but Tune's strict check would fail the trial.
     os.environ[_STRICT_METRIC_ENV] = "1"
+    # Whether this call starts the Ray instance that --deploy would serve on: one it starts locally ends with this
+    # process, so --deploy then keeps serving until Ctrl-C. On a cluster, or on a Ray the caller already runs (a
+    # notebook, a script, a test), --deploy deploys and returns: the app lives as long as that Ray.
+    starts_local_ray = not ray.is_initialized() and not _connects_to_cluster(address, base)
     init_ray(address or base.ray.address or None, base.ray.num_cpus)
     if resume:
         tuner = ray_tune.Tuner.restore(
@@ -1246,8 +1255,7 @@ def tune_command(
                 f"--deploy: the best trial {best.trial_id} reported no checkpoint; set checkpoint.every "
                 "(e.g. in the space's `fixed:`) so trials save one"
             )
-        # A local Ray instance ends with this process: keep serving until Ctrl-C. On a cluster, deploy and return.
-        return deploy_best(best.checkpoint, address, blocking=not _connects_to_cluster(address, base))
+        return deploy_best(best.checkpoint, address, blocking=starts_local_ray)
     return 0
 
 

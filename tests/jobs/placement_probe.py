@@ -11,6 +11,7 @@ logs. Run by hand::
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -20,23 +21,22 @@ import ray
 from rlchat.cluster import init_ray, rollout_actor_options
 from rlchat.config import load_config
 
+PROJECT_PACKAGES = ("rlchat", "envs", "tune", "serve")
+"""The project's top-level packages; ``tune`` and ``serve`` share their names with ray.tune / ray.serve."""
+
 
 @ray.remote
 class Probe:
     """Stands in for a rollout worker: reports where it runs and which project files it imported."""
 
     def where(self) -> dict[str, str]:
-        import envs
-        import rlchat
-        import serve
-        import tune
-
+        # By name on purpose: the point is to show which `tune` / `serve` this worker resolves -- our top-level
+        # packages from the job's working_dir, not ray.tune / ray.serve or an installed namesake. (A bare
+        # `import tune` / `import serve` is what CONVENTIONS.md rules out everywhere else.)
+        found = {name: importlib.import_module(name).__file__ for name in PROJECT_PACKAGES}
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
-            "rlchat": rlchat.__file__,
-            "envs": envs.__file__,
-            "tune": tune.__file__,
-            "serve": serve.__file__,
+            **{name: str(path) for name, path in found.items()},
             "cwd": os.getcwd(),
         }
 
