@@ -109,12 +109,22 @@ async def run_level(
     }
 
 
+def batch_counters(url: str) -> tuple[int, int]:
+    """(batches, batched rows) the replica has run so far, from ``/readyz``: the mean dynamic batch of a level."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/readyz", timeout=30) as resp:
+        st = json.loads(resp.read())["stats"]
+    return st["batches"], st["batched_rows"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--requests-per-client", type=int, default=0, help="0 = max(2, 64 // clients)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16, help="serve.max_batch_size with batching on")
+    ap.add_argument("--batch-wait", type=float, default=0.01, help="serve.batch_wait_timeout_s with batching on")
     ap.add_argument("--replica-cpus", type=float, default=1.0)
     ap.add_argument("--kind", choices=["stream", "plain", "both"], default="both", help="streaming and/or plain")
     args = ap.parse_args()
@@ -135,7 +145,7 @@ def main() -> int:
                 url = testing.deploy(
                     ckpt,
                     max_batch_size=batch,
-                    batch_wait_timeout_s=0.01,
+                    batch_wait_timeout_s=args.batch_wait if batch > 1 else 0.0,
                     max_tokens=args.max_tokens,
                     feedback_path=str(Path(tmp) / "feedback.jsonl"),
                     num_cpus=args.replica_cpus,
@@ -145,12 +155,15 @@ def main() -> int:
                 for kind in kinds:
                     for c in args.clients:
                         per = args.requests_per_client or max(2, 64 // c)
+                        b0, n0 = batch_counters(url)
                         r = asyncio.run(run_level(url, c, per, args.max_tokens, 1000 * c, kind == "stream"))
+                        b1, n1 = batch_counters(url)
+                        r["mean_batch"] = (n1 - n0) / max(b1 - b0, 1)
                         rows.append({"kind": kind, "batching": mode, "clients": c, **r})
                         print(
                             f"{kind:>6} batching {mode:>3} clients {c:>3}: {r['req_s']:6.1f} req/s "
                             f"{r['tok_s']:7.0f} tok/s  first token p50 {r['ttft_p50']:6.0f} ms  "
-                            f"full p50 {r['full_p50']:6.0f} ms",
+                            f"full p50 {r['full_p50']:6.0f} ms  mean batch {r['mean_batch']:.1f}",
                             flush=True,
                         )
     finally:
@@ -162,15 +175,16 @@ def main() -> int:
     print("'plain' = stream=false (the first token arrives with the reply).")
     print()
     print(
-        "| requests | batching | clients | n | req/s | tokens/s | mean tokens "
+        "| requests | batching | clients | n | req/s | tokens/s | mean tokens | mean batch "
         "| first token p50 / p95 / p99 (ms) | full reply p50 / p95 / p99 (ms) |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: (r["kind"] != "stream", r["batching"] != "on", r["clients"])):
         print(
             f"| {r['kind']} | {r['batching']} | {r['clients']} | {r['requests']} | {r['req_s']:.1f} | "
-            f"{r['tok_s']:.0f} | {r['tokens']:.1f} | {r['ttft_p50']:.0f} / {r['ttft_p95']:.0f} / "
-            f"{r['ttft_p99']:.0f} | {r['full_p50']:.0f} / {r['full_p95']:.0f} / {r['full_p99']:.0f} |"
+            f"{r['tok_s']:.0f} | {r['tokens']:.1f} | {r['mean_batch']:.1f} | "
+            f"{r['ttft_p50']:.0f} / {r['ttft_p95']:.0f} / {r['ttft_p99']:.0f} | "
+            f"{r['full_p50']:.0f} / {r['full_p95']:.0f} / {r['full_p99']:.0f} |"
         )
     by = {(r["kind"], r["batching"], r["clients"]): r for r in rows}
     print()
