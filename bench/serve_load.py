@@ -121,7 +121,7 @@ def batch_counters(url: str) -> tuple[int, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--requests-per-client", type=int, default=0, help="0 = max(2, 64 // clients)")
+    ap.add_argument("--requests-per-client", type=int, default=0, help="0 = max(4, 192 // clients)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16, help="serve.max_batch_size with batching on")
     ap.add_argument("--batch-wait", type=float, default=0.01, help="serve.batch_wait_timeout_s with batching on")
@@ -154,7 +154,7 @@ def main() -> int:
                 asyncio.run(run_level(url, 2, 2, args.max_tokens, 10_000, True))  # warm-up
                 for kind in kinds:
                     for c in args.clients:
-                        per = args.requests_per_client or max(2, 64 // c)
+                        per = args.requests_per_client or max(4, 192 // c)
                         b0, n0 = batch_counters(url)
                         r = asyncio.run(run_level(url, c, per, args.max_tokens, 1000 * c, kind == "stream"))
                         b1, n1 = batch_counters(url)

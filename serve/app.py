@@ -41,7 +41,7 @@ How requests are served, and why:
   OpenAI), and, with the safety filter on, holds back a window of text so a flagged phrase is withheld before any
   of it is sent. Plain and streamed replies use the same streamer, so they are identical for the same seed. Chunks
   are coalesced to one per ``STREAM_INTERVAL_S`` (20 ms) per choice: each SSE event is a hop through Serve's proxy,
-  and one event per token per client made that hop the bottleneck under load (bench/README.md).
+  and one event per token per client made that hop the bottleneck under load.
 - **Safety filter (optional, ``serve.safety_filter``).** The reward library's safety component
   (``reward.safety_patterns`` / ``reward.safety_classifier``) checks every reply; a flagged reply is withheld,
   ``finish_reason`` is ``content_filter`` and the content says so.
