@@ -117,22 +117,31 @@ def main() -> None:
         f"{'model':<6} {'params':>7} {'workers':>7} {'gen tok/s':>10} {'iter s':>7} {'sample s':>9} "
         f"{'update s':>9} {'sync s':>7} {'precision':>9} {'learner TFLOP/s':>16} {'MFU':>6}"
     )
-    print(header)
+    results = []
     for model in args.models.split(","):
         for workers in map(int, args.workers.split(",")):
-            r = run(model, workers, args.iterations + 1, args.precision)
-            # MFU against the peak of the dtype the learner actually ran in (``auto`` keeps narrow models fp32)
-            width = int(next(o for o in MODELS[model] if o.startswith("model.n_embd=")).split("=")[1])
-            dtype = resolve_precision(args.precision, torch.device("cpu"), width)
-            peak = peak_bf16 if dtype == torch.bfloat16 else peak_fp32
-            name = "bf16" if dtype == torch.bfloat16 else "fp32"
-            mfu = r["learner_tflops"] * 1e12 / peak
-            print(
-                f"{model:<6} {r['params_m']:>6.1f}M {workers:>7} {r['perf/tokens_per_s']:>10,.0f} "
-                f"{r['perf/iter_s']:>7.2f} {r['perf/sample_s']:>9.2f} {r['perf/update_s']:>9.2f} "
-                f"{r['perf/sync_s']:>7.3f} {name:>9} {r['learner_tflops']:>16.3f} {mfu:>6.1%}",
-                flush=True,
-            )
+            results.append((model, workers, run(model, workers, args.iterations + 1, args.precision)))
+            print(f"done: {model} x {workers} workers", flush=True)
+            # the peak again after each case: a single reading taken while the previous run's processes were still
+            # exiting came out 4x low; the best reading of the whole run is the machine's peak
+            peak_bf16 = max(peak_bf16, matmul_peak(torch.bfloat16, threads=1))
+            peak_fp32 = max(peak_fp32, matmul_peak(torch.float32, threads=1))
+    print(
+        f"best matmul peak of the run (the MFU denominators): bf16 {peak_bf16 / 1e12:.2f} TFLOP/s, "
+        f"fp32 {peak_fp32 / 1e12:.2f} TFLOP/s"
+    )
+    print(header)
+    for model, workers, r in results:
+        # MFU against the peak of the dtype the learner actually ran in (``auto`` keeps narrow models fp32)
+        width = int(next(o for o in MODELS[model] if o.startswith("model.n_embd=")).split("=")[1])
+        dtype = resolve_precision(args.precision, torch.device("cpu"), width)
+        peak, name = (peak_bf16, "bf16") if dtype == torch.bfloat16 else (peak_fp32, "fp32")
+        mfu = r["learner_tflops"] * 1e12 / peak
+        print(
+            f"{model:<6} {r['params_m']:>6.1f}M {workers:>7} {r['perf/tokens_per_s']:>10,.0f} "
+            f"{r['perf/iter_s']:>7.2f} {r['perf/sample_s']:>9.2f} {r['perf/update_s']:>9.2f} "
+            f"{r['perf/sync_s']:>7.3f} {name:>9} {r['learner_tflops']:>16.3f} {mfu:>6.1%}"
+        )
 
 
 if __name__ == "__main__":
