@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     def cmd(name: str, target: str, help: str, parent: Any = sub) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, description=help)
         p.set_defaults(_target=target)
+        p.add_argument(
+            "--verbose",
+            "-v",
+            action="store_true",
+            help="show Ray's and transformers' own logs here (also RLCHAT_VERBOSE=1); default: RUN_DIR/logs/",
+        )
         return p
 
     # config
@@ -186,20 +192,70 @@ def config_keys(markdown: bool = False, **_: Any) -> int:
     return 0
 
 
+PATH_ARGS = (
+    "config", "run_dir", "resume", "checkpoint", "baseline", "data", "out", "inputs", "input", "output",
+    "from_run", "path", "target", "space",
+)  # fmt: skip
+"""Arguments that name local files or directories (a URL or ``builtin:`` set passes through unchanged)."""
+
+
+def resolve_path_args(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Make every path argument absolute against the directory the user typed the command in.
+
+    This is the CLI half of the one boundary where user paths become absolute (the config half is
+    :func:`rlchat.config.resolve_paths`): nothing downstream -- Ray tasks, actors, Ray Train workers, whose working
+    directories differ from the user's -- ever sees a relative path.
+    """
+    from rlchat.config import resolve_path
+
+    out = dict(kwargs)
+    for key in PATH_ARGS:
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = resolve_path(value)
+        elif isinstance(value, list):
+            out[key] = [resolve_path(v) if isinstance(v, str) else v for v in value]
+    return out
+
+
+QUIET_COMMANDS = ("demo", "sft", "rm", "train", "tune", "serve", "generate", "prepare", "eval")
+"""Long-running commands whose Ray / transformers logs go to ``RUN_DIR/logs/console.log`` unless ``--verbose``."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    from rlchat import console
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     kwargs = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("log_level",)}
     for k in ("command", "config_command", "data_command"):
         kwargs.pop(k, None)
+    verbose = console.verbose_requested(kwargs.pop("verbose", False))
+    name = args._target.split(":")[1].removesuffix("_command")
+    if not verbose and name in QUIET_COMMANDS:
+        console.quiet_console(name)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    kwargs = resolve_path_args(kwargs)
+
+    def fail(message: str, code: int) -> int:
+        log = console.log_path()
+        where = f"\n  full log: {log} (or run again with --verbose)" if log is not None else ""
+        print(f"error: {message}{where}", file=console.console(), flush=True)
+        return code
+
     try:
         return int(_resolve(args._target)(**kwargs) or 0)
     except RLChatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e), 2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted", file=console.console())
         return 130
+    except Exception as e:
+        if console.log_path() is None:
+            raise
+        import traceback
+
+        traceback.print_exc()  # into the log; the terminal gets one line
+        return fail(f"{type(e).__name__}: {e}", 1)
 
 
 if __name__ == "__main__":

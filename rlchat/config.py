@@ -903,11 +903,78 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
     try:
-        return from_dict(data, overrides)
+        return resolve_paths(from_dict(data, overrides))
     except ConfigError as e:
         if path is not None:
             raise ConfigError(f"{path}: {e}") from None
         raise
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Paths: resolved once, at the boundary
+# --------------------------------------------------------------------------------------------------------------
+
+PATH_KEYS: tuple[str, ...] = (
+    "data.sft",
+    "data.preferences",
+    "data.prompts",
+    "rm.feedback",
+    "checkpoint.init_from",
+    "reward.model_path",
+    "serve.feedback_path",
+)
+"""Config keys that always name a local file or directory (unless a ``builtin:`` set or a URI)."""
+
+PATH_OR_ID_KEYS: tuple[str, ...] = (
+    "model.name_or_path",
+    "rm.name_or_path",
+    "reward.coherence_model",
+    "reward.safety_classifier",
+    "tokenizer.encoding",
+)
+"""Config keys that name either a local path or a hub id / encoding name: resolved only when they are a path."""
+
+
+def resolve_path(value: str, base: str | Path | None = None, maybe_id: bool = False) -> str:
+    """``value`` as an absolute path string, or unchanged when it is empty, ``builtin:...``, a URI or a hub id.
+
+    Why here: a relative path means "relative to where the user typed the command". Ray tasks, actors and Ray
+    Train workers run in other working directories (Ray Train's workers chdir into their own session folder), so
+    a relative path that reaches them silently names a different file. Resolving once, where the user's input
+    enters (config load and CLI arguments), keeps every call site path-agnostic.
+
+    Args:
+        value: what the user wrote.
+        base: directory relative paths are taken from (default: the current working directory).
+        maybe_id: the value may also be a hub id (``org/model``) or an encoding name: it is resolved only when it
+            exists locally or is written as a path (``./x``, ``../x``, ``~/x``, absolute).
+    """
+    if not value or value.startswith("builtin:") or "://" in value:
+        return value
+    path = Path(value).expanduser()
+    if maybe_id and not (
+        path.is_absolute() or value.startswith(("./", "../", "~", ".\\")) or (Path(base or ".") / path).exists()
+    ):
+        return value
+    if path.is_absolute():
+        return str(path)
+    return str((Path(base) if base is not None else Path.cwd()).joinpath(path).resolve())
+
+
+def resolve_paths(cfg: Config, base: str | Path | None = None) -> Config:
+    """A copy of ``cfg`` whose path-valued keys (:data:`PATH_KEYS`, :data:`PATH_OR_ID_KEYS`) are absolute."""
+    flat = cfg.flat()
+    changes: dict[str, Any] = {}
+    for key in PATH_KEYS + PATH_OR_ID_KEYS:
+        value = flat[key]
+        maybe_id = key in PATH_OR_ID_KEYS
+        if isinstance(value, (list, tuple)):
+            new: Any = [resolve_path(v, base, maybe_id) for v in value]
+            if list(new) != list(value):
+                changes[key] = new
+        elif isinstance(value, str) and (new := resolve_path(value, base, maybe_id)) != value:
+            changes[key] = new
+    return cfg.replace(**changes) if changes else cfg
 
 
 def to_yaml(cfg: Config) -> str:

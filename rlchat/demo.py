@@ -156,6 +156,30 @@ def sampled_reward(checkpoint: Path, cfg: Config, records: list[Any], n_prompts:
     return {"mean": float(total.mean()), "stderr": float(total.std() / max(len(total), 1) ** 0.5), "n": len(total)}
 
 
+def verdict(sft: dict[str, float], ppo: dict[str, float]) -> str:
+    """One plain sentence on whether PPO improved on SFT, judged against the noise of the sampled estimate.
+
+    "Improved" needs a gain of more than two standard errors of the difference; a smaller positive gain is called
+    noise, and a negative one is said as such (never "raised ... by -0.03").
+    """
+    gain = ppo["mean"] - sft["mean"]
+    noise = 2.0 * (sft["stderr"] ** 2 + ppo["stderr"] ** 2) ** 0.5
+    if gain > noise:
+        return (
+            f"PPO raised the held-out task reward (sampled) by {gain:+.3f} over the SFT policy (noise ±{noise:.3f})."
+        )
+    fix = "try more PPO iterations (ppo.iterations) or a stronger SFT start (sft.epochs)"
+    if gain > 0:
+        return (
+            f"PPO did not clearly improve on the SFT policy: its gain of {gain:+.3f} in held-out task reward "
+            f"(sampled) is within the noise (±{noise:.3f}); {fix}."
+        )
+    return (
+        f"PPO did not improve on the SFT policy: the held-out task reward (sampled) fell by {-gain:.3f} "
+        f"(noise ±{noise:.3f}); {fix}."
+    )
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The demo's closing table (plain text)."""
     sft, ppo = summary["sft_eval"], summary["ppo_eval"]
@@ -189,8 +213,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}")
         if i == 0:
             lines.append("  " + "-" * (sum(w) + 4))
-    gain = s_ppo["mean"] - s_sft["mean"]
-    lines.append(f"\nPPO raised the held-out task reward (sampled) by {gain:+.3f} over the SFT policy.")
+    lines.append("\n" + verdict(s_sft, s_ppo))
     sample = summary.get("sample")
     if sample:
         lines.append("\nSample conversation (PPO policy, greedy):")

@@ -72,6 +72,7 @@ def check_ppo_config(cfg: Config) -> None:
     """Refuse settings the PPO learner cannot honour (called by the learner and, before Ray starts, the driver).
 
     Raises:
+        CheckpointError: ``checkpoint.init_from`` is not a policy checkpoint (message with the fix).
         ConfigError: ``model.dropout > 0``. The learner runs every forward with dropout off so that its log-probs
             equal the (eval-mode) rollouts' and the old log-probs equal the gradient pass's at the start of an
             update; a dropout the user asked for would be silently ignored, so it is refused instead.
@@ -82,6 +83,11 @@ def check_ppo_config(cfg: Config) -> None:
             "off so its log-probs match the rollouts' and the PPO ratio is exactly 1 before the first step. Fix: set "
             "model.dropout=0 for the PPO run (dropout in SFT / reward-model training is fine)"
         )
+    if cfg.checkpoint.init_from:
+        # Checked here, before any worker starts, so a wrong path is one clear line instead of a worker traceback.
+        from rlchat.checkpoint import POLICY_STAGES, read_checkpoint
+
+        read_checkpoint(cfg.checkpoint.init_from, expect_stage=POLICY_STAGES)
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:

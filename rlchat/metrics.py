@@ -144,15 +144,16 @@ def make_run_dir(run_dir: str | Path | None, stage: str, root: str | Path = "run
         root: parent of default run directories.
 
     Returns:
-        The run directory. ``config.yaml`` is written by :func:`write_run_config`.
+        The run directory, absolute (Ray workers run in other working directories; see
+        :func:`rlchat.config.resolve_path`). ``config.yaml`` is written by :func:`write_run_config`.
     """
     if run_dir is not None:
-        path = Path(run_dir)
+        path = Path(run_dir).expanduser().resolve()
         if path.exists() and not path.is_dir():
             raise RLChatError(f"--run-dir {path}: is a file; expected a directory (it is created if missing)")
         path.mkdir(parents=True, exist_ok=True)
     else:
-        base = Path(root) / f"{stage}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        base = Path(root).expanduser().resolve() / f"{stage}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         base.parent.mkdir(parents=True, exist_ok=True)
         path, n = base, 0
         while True:
@@ -164,6 +165,9 @@ def make_run_dir(run_dir: str | Path | None, stage: str, root: str | Path = "run
                 path = base.with_name(f"{base.name}-{n}")
     for sub in RUN_SUBDIRS:
         (path / sub).mkdir(exist_ok=True)
+    from rlchat.console import attach_run_dir
+
+    attach_run_dir(path)
     return path
 
 

@@ -38,6 +38,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -426,7 +427,10 @@ class RolloutWorker:
         self.eval_sampler: Sampler | None = None
         self._cfg_dict = cfg_dict
         # Ray re-runs __init__ in the new process after a crash; the next sampled batch reports the restart once.
-        self._restart_unreported = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        # (The property itself reads Ray's deprecated ``actor_id``; its RayDeprecationWarning is Ray's, not ours.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._restart_unreported = bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
     def pid(self) -> int:
         return os.getpid()

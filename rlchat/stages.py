@@ -929,7 +929,11 @@ def run_stage(
             say(f"{stage}: resuming from {latest} (step {start})")
 
         def make_bar() -> Any:
-            return tqdm(total=plan.total_steps, initial=start, desc=stage, dynamic_ncols=True, unit="step")
+            from rlchat.console import console
+
+            return tqdm(
+                total=plan.total_steps, initial=start, desc=stage, dynamic_ncols=True, unit="step", file=console()
+            )
 
         driver = _Driver(stage, cfg, path, tokenizer, skeleton, None if quiet else make_bar)
         if resume:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,22 +16,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+NOISE = re.compile(r"core_worker\.cc|RayDeprecationWarning|Traceback \(most recent call last\)|\(\w+ pid=\d+\)")
+"""Ray's own log lines, which belong in RUN_DIR/logs/console.log, not on the console."""
 MARGIN = 0.05
 """Smallest accepted gain of the held-out sampled task reward, PPO over SFT (the full demo gains ~0.15)."""
 
 
-@pytest.mark.slow
-def test_quick_demo_raises_held_out_reward(tmp_path):
-    run = tmp_path / "demo"
+def _run_demo(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlchat.cli", "demo", "--quick", "--run-dir", str(run)],
-        cwd=tmp_path,  # the CLI works from any directory
+    env.pop("RLCHAT_VERBOSE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "rlchat", "demo", "--quick", *args],
+        cwd=cwd,  # a user's own directory, not the checkout
         env=env,
         capture_output=True,
         text=True,
         timeout=1200,
     )
+
+
+def _check_demo(proc: subprocess.CompletedProcess, run: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     sft, ppo = summary["sampled_reward"]["sft"], summary["sampled_reward"]["ppo"]
@@ -41,5 +46,27 @@ def test_quick_demo_raises_held_out_reward(tmp_path):
         assert Path(summary["checkpoints"][stage]).is_dir()
         assert list((run / stage / "plots").glob("*.png"))
     assert "PPO raised the held-out task reward" in proc.stdout
+    assert "held-out metric" in proc.stdout and "SFT policy" in proc.stdout
     assert summary["ppo_eval"]["eval/win_rate"] is not None
     assert 0 <= summary["ppo_final"]["kl/ref_kl"] < 50
+    # the console shows rlchat's lines; Ray's own logs went to the run's logs/
+    noisy = [line for line in (proc.stdout + proc.stderr).splitlines() if NOISE.search(line)]
+    assert not noisy, noisy[:10]
+    assert (run / "logs" / "console.log").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_quick_demo_with_the_default_run_dir(tmp_path):
+    """Exactly the README's command, from a fresh working directory: the run lands in ./runs/demo-*."""
+    proc = _run_demo(tmp_path)
+    runs = list((tmp_path / "runs").glob("demo-*"))
+    assert len(runs) == 1, (proc.stdout[-2000:], proc.stderr[-2000:])
+    _check_demo(proc, runs[0])
+
+
+@pytest.mark.slow
+def test_quick_demo_with_a_relative_run_dir_from_another_directory(tmp_path):
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    proc = _run_demo(cwd, "--run-dir", "../some/relative/dir")
+    _check_demo(proc, tmp_path / "some" / "relative" / "dir")
