@@ -921,9 +921,10 @@ PATH_KEYS: tuple[str, ...] = (
     "rm.feedback",
     "checkpoint.init_from",
     "reward.model_path",
-    "serve.feedback_path",
 )
-"""Config keys that always name a local file or directory (unless a ``builtin:`` set or a URI)."""
+"""Config keys that always name a local file or directory (unless a ``builtin:`` set or a URI).
+
+(``serve.feedback_path`` is resolved by ``rlchat serve`` itself, on the driver, where the server starts.)"""
 
 PATH_OR_ID_KEYS: tuple[str, ...] = (
     "model.name_or_path",
