@@ -10,9 +10,10 @@ The job, in order (each step is a function here; docs/batch_generate.md has the 
 1. **Read and validate** (:func:`read_prompts`, in the driver, before any model is loaded). Inputs go through
    :mod:`rlchat.data`'s readers, line decoding, record validation and error policy, so bad lines are handled as
    ``rlchat data`` handles them: the first one fails with ``path:line: field: expected ..., found ...``, or
-   ``--on-error skip`` skips and reports each. On top of data's formats a record needs only a prompt
-   (:func:`parse_prompt_record`): ``{"prompt": "..."}``, a ``messages`` / ``conversations`` list without an
-   assistant reply, or an alpaca ``instruction`` without ``output``. The prompt (:func:`prompt_of`) is rendered
+   ``--on-error skip`` skips and reports each. A record needs only a prompt: inputs are parsed on data's
+   reply-optional path (:func:`rlchat.data.parse_record` with ``require_reply=False``), so ``{"prompt": "..."}``,
+   a ``messages`` / ``conversations`` list ending with the user turn, or an alpaca ``instruction`` without
+   ``output`` are inputs as PPO prompt sets are. The prompt (:func:`prompt_of`) is rendered
    with the one chat template; a prompt that leaves no room for ``--max-tokens`` in the model's context is a bad
    record too. Validating everything up front costs seconds and means a bad line at row 900,000 fails before
    hours of generation, not after.
@@ -89,10 +90,8 @@ from rlchat.data import (
     Record,
     Skipped,
     decode_line,
-    detect_format,
     expand_inputs,
     iter_chunks,
-    normalize_role,
     parse_record,
 )
 from rlchat.errors import ConfigError, DataError, RLChatError
@@ -116,88 +115,24 @@ META_KEY = b"rlchat_generate"
 MAX_SKIPPED_IN_MANIFEST = 10_000
 """manifest.json lists at most this many skipped lines (the count is always exact)."""
 
-_PLACEHOLDER = "(reply to generate)"
-"""Stands in for a missing reply while :func:`rlchat.data.parse_record` validates a prompt-only record."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Records: prompt-only lines, the prompt of a record
+# Records: the prompt of a record
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _has_assistant(messages: Any) -> bool:
-    """Whether a raw (unvalidated) message list holds an assistant message, aliases (``gpt``, ``bot``) included."""
-    if not isinstance(messages, list):
-        return True  # not a list: let parse_record report it as it would
-    for m in messages:
-        if isinstance(m, dict):
-            role = m.get("role", m.get("from"))
-            if isinstance(role, str) and normalize_role(role) == "assistant":
-                return True
-    return False
-
-
-def parse_prompt_record(obj: dict[str, Any], source: str = "", fmt: str = "auto") -> Record:
-    """Validate one JSON object as a generation input: any :mod:`rlchat.data` record, or one without a reply.
-
-    ``rlchat data`` requires a reply to learn from; generation does not. So a record whose reply is missing --
-    ``{"prompt": ...}`` (pair format), ``messages`` / ``conversations`` without an assistant message, an alpaca
-    ``instruction`` without ``output`` -- is validated by :func:`rlchat.data.parse_record` with a placeholder
-    reply, which is then removed. Every other check (roles, text, metadata) is data's, with data's messages.
-
-    Args:
-        obj: the JSON object of one line.
-        source: ``path:line``, stored on the record.
-        fmt: ``"auto"`` or a name from :data:`rlchat.data.FORMATS`.
-
-    Returns:
-        The record; for a prompt-only input its ``messages`` end with the last prompt message.
-
-    Raises:
-        ValueError: why the record is invalid (field, expected, found; without ``path:line``).
-    """
-    detected = detect_format(obj) if fmt == "auto" else fmt
-    patched: dict[str, Any] | None = None
-    reply = {"role": "assistant", "content": _PLACEHOLDER}
-
-    def missing(*keys: str) -> bool:
-        return all(obj.get(k) is None for k in keys)
-
-    if detected is None and obj.get("prompt") is not None and missing("chosen", "rejected"):
-        detected, patched = "pair", {**obj, "response": _PLACEHOLDER}
-    elif detected == "pair" and obj.get("prompt") is not None and missing("response", "completion"):
-        patched = {**obj, "response": _PLACEHOLDER}
-    elif detected is None and obj.get("instruction") is not None and missing("output"):
-        detected, patched = "alpaca", {**obj, "output": _PLACEHOLDER}
-    elif detected == "alpaca" and obj.get("instruction") is not None and missing("output"):
-        patched = {**obj, "output": _PLACEHOLDER}
-    elif detected in ("messages", "sharegpt"):
-        key = "messages" if detected == "messages" else "conversations"
-        msgs = obj.get(key)
-        if isinstance(msgs, list) and msgs and not _has_assistant(msgs):  # empty / not a list: data's error
-            patched = {**obj, key: [*msgs, reply]}
-    if patched is None:
-        return parse_record(obj, source, fmt)
-    rec = parse_record(patched, source, detected or fmt)
-    rec.messages = rec.messages[:-1]
-    return rec
 
 
 def prompt_of(rec: Record) -> tuple[list[Message], str | None]:
-    """The messages a new reply answers, and the input's own reply to them (if it has one).
+    """The messages a new reply answers (:meth:`rlchat.data.Record.prompt_messages`), and the input's own reply
+    to them (if it has one).
 
     A conversation ending with an assistant message is answered anew from the messages before it (the input
-    reply is returned for comparison); one ending with a user (or system) message is answered as a whole. A
-    preference record's prompt is its shared prompt (no single input reply).
+    reply is returned for comparison); one ending with a user message -- a prompt-only record included -- is
+    answered as a whole. A preference record's prompt is its shared prompt (no single input reply).
 
     Returns:
         (prompt messages, the input's last assistant reply or None)
     """
-    if rec.is_preference:
-        return list(rec.messages), None
-    if rec.messages and rec.messages[-1]["role"] == "assistant":
-        return rec.prompt_messages(), rec.messages[-1]["content"]
-    return list(rec.messages), None
+    ends_with_reply = not rec.is_preference and bool(rec.messages) and rec.messages[-1]["role"] == "assistant"
+    return rec.prompt_messages(), rec.messages[-1]["content"] if ends_with_reply else None
 
 
 @dataclass
@@ -255,7 +190,7 @@ def read_prompts(
             source = f"{path}:{line}"
             row: dict[str, Any] = {"path": path, "line": line, "source": source, "error": None, "format": None}
             try:
-                rec = parse_prompt_record(decode_line(data, size, line, max_line_bytes), source, fmt)
+                rec = parse_record(decode_line(data, size, line, max_line_bytes), source, fmt, require_reply=False)
                 messages, input_reply = prompt_of(rec)
                 if not messages:
                     raise ValueError(
@@ -1039,6 +974,7 @@ def generate(
     from tqdm import tqdm
 
     from rlchat.checkpoint import POLICY_STAGES, read_checkpoint, resolve_checkpoint_dir
+    from rlchat.console import console
 
     t_start = time.perf_counter()
     # 1. options and the checkpoint (meta and tokenizer only: the workers load the weights)
@@ -1111,6 +1047,7 @@ def generate(
             initial=prompts_count([s for s in shards if s.index in set(reused)]) * n,
             unit="reply",
             desc="generate",
+            file=console(),
             disable=not progress,
             dynamic_ncols=True,
         )
@@ -1333,7 +1270,6 @@ __all__ = [
     "generate_command",
     "generate_rows",
     "output_schema",
-    "parse_prompt_record",
     "plan_shards",
     "prompt_of",
     "read_prompts",

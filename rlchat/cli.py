@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
         traceback.print_exc()  # into the log; the terminal gets one line
         return fail(f"{type(e).__name__}: {e}", 1)
+    finally:
+        console.restore_console()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ LOG_NAME = "console.log"
 
 
 class _State:
-    console: TextIO | None = None  # the original standard error, while quiet
+    console: TextIO | None = None  # the terminal's error stream, while quiet
+    owns_console: bool = False  # console is our own stream on a duplicate of fd 2 (closed on restore)
+    saved_fd: int | None = None  # the original fd 2, put back by restore_console()
     log_path: Path | None = None  # where fd 2 goes now
     attached: bool = False  # the log has moved into a run directory
 
@@ -51,12 +53,24 @@ def quiet_console(command: str) -> Path:
     if _State.console is not None:
         return _State.log_path  # type: ignore[return-value]
     sys.stderr.flush()
-    _State.console = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    _State.saved_fd = os.dup(2)
+    if _stream_fd(sys.stderr) == 2:  # the process's own stderr: keep a stream on the terminal for rlchat
+        _State.console = os.fdopen(os.dup(_State.saved_fd), "w", buffering=1, encoding="utf-8", errors="replace")
+        _State.owns_console = True
+    else:  # sys.stderr was replaced (an embedding program, pytest's capture): rlchat keeps writing there
+        _State.console, _State.owns_console = sys.stderr, False
     fd, name = tempfile.mkstemp(prefix=f"rlchat-{command}-", suffix=".log")
     os.dup2(fd, 2)
     os.close(fd)
     _State.log_path = Path(name)
     return _State.log_path
+
+
+def _stream_fd(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def attach_run_dir(run_dir: Path) -> None:
@@ -86,10 +100,15 @@ def log_path() -> Path | None:
 
 
 def restore_console() -> None:
-    """Point fd 2 back at the terminal (tests and long-lived callers; the CLI just exits)."""
+    """Point fd 2 back where it was (the CLI calls this on the way out; in-process callers rely on it)."""
     if _State.console is None:
         return
     sys.stderr.flush()
-    os.dup2(_State.console.fileno(), 2)
-    _State.console.close()
-    _State.console, _State.log_path, _State.attached = None, None, False
+    _State.console.flush()
+    if _State.saved_fd is not None:
+        os.dup2(_State.saved_fd, 2)
+        os.close(_State.saved_fd)
+    if _State.owns_console:
+        _State.console.close()
+    _State.console, _State.owns_console, _State.saved_fd = None, False, None
+    _State.log_path, _State.attached = None, False

@@ -19,6 +19,16 @@ Formats (auto-detected per file from its first record, or forced with ``--format
 Optional metadata on any record: ``quality`` (number), ``safety`` (string), ``reference`` (the answer a reward
 checks against), ``system`` (a system prompt), ``meta`` (an object); any other key is kept in ``Record.meta``.
 
+Prompt-only records. A PPO prompt set, an eval set or the input of ``rlchat generate`` needs no reply: the policy
+writes it. So a record may leave the reply out -- ``{"prompt": "...", "reference": "..."}`` (pair), a ``messages``
+/ ``conversations`` list that ends with the user turn to answer, an alpaca ``instruction`` without ``output`` --
+wherever the caller passes ``require_reply=False`` (:func:`parse_record`, threaded through :func:`process_chunk`,
+:func:`collect`, :func:`read_records` and :func:`load_records`, which decides it from the role the data plays in
+the config: see :func:`reply_required`). SFT and reward-model data keep requiring a reply, and a prompt-only record
+there fails with ``path:line`` like any other bad record. ``rlchat data prepare`` accepts prompt-only records (it
+does not know which stage the files are for); loading the prepared directory as SFT data refuses them, naming the
+``path:line`` the record came from.
+
 The pipeline, in order (each step is a function here):
 
 1. :func:`iter_chunks` reads raw lines (bytes, with their line numbers) in chunks; a line longer than
@@ -194,12 +204,22 @@ class Record:
     def is_preference(self) -> bool:
         return self.chosen is not None and self.rejected is not None
 
+    @property
+    def has_reply(self) -> bool:
+        """Whether the record carries a reply to learn from (False: a prompt-only record, see the module doc)."""
+        return self.is_preference or any(m["role"] == "assistant" for m in self.messages)
+
     def prompt_messages(self) -> list[Message]:
-        """The context a policy answers: messages before the last assistant message (preference: the prompt)."""
-        if self.is_preference:
+        """The context a policy answers (preference: the shared prompt).
+
+        A conversation ending with an assistant message is answered anew from the messages before that reply; one
+        ending with a user (or system) message -- a prompt-only record, or a multi-turn prompt such as
+        ``[user, assistant, user]`` -- is answered as a whole: cutting it at its last assistant message would drop
+        the very turn the policy is asked to answer.
+        """
+        if self.is_preference or not self.messages or self.messages[-1]["role"] != "assistant":
             return list(self.messages)
-        last = max((i for i, m in enumerate(self.messages) if m["role"] == "assistant"), default=len(self.messages))
-        return list(self.messages[:last])
+        return list(self.messages[:-1])
 
     def to_row(self) -> dict[str, Any]:
         """A Parquet row in :data:`RECORD_SCHEMA` (``meta`` becomes JSON text)."""
@@ -544,7 +564,14 @@ class _Bad(ValueError):
 
 
 def detect_format(obj: dict[str, Any]) -> str | None:
-    """The format a record's keys point to (null values count as absent), or None."""
+    """The format a record's keys point to (null values count as absent), or None.
+
+    The reply keys are not needed to recognise a format: ``{"prompt": ...}`` is a prompt-only ``pair`` and
+    ``{"instruction": ...}`` a prompt-only ``alpaca`` record, so that a file mixing records with and without
+    replies is one format, and a prompt-only record where a reply is required is told "the reply is missing" rather
+    than "unknown format". A ``prompt`` with only one of ``chosen`` / ``rejected`` stays unrecognised: it is a
+    broken preference pair, not a prompt.
+    """
 
     def has(k: str) -> bool:
         return obj.get(k) is not None
@@ -555,9 +582,9 @@ def detect_format(obj: dict[str, Any]) -> str | None:
         return "messages"
     if has("conversations"):
         return "sharegpt"
-    if has("instruction") and has("output"):
+    if has("instruction"):
         return "alpaca"
-    if has("prompt") and (has("response") or has("completion")):
+    if has("prompt") and not (has("chosen") or has("rejected")):
         return "pair"
     return None
 
@@ -609,10 +636,51 @@ def _messages(value: Any, field: str, role_keys: tuple[str, ...], content_keys: 
     return out
 
 
+PROMPT_ONLY_FIX = (
+    "prompt-only records are accepted as PPO / eval prompts (data.prompts, rlchat eval --data) and by "
+    "`rlchat generate`, not as SFT or reward-model data; add the assistant reply, or use this file as data.prompts"
+)
+"""The fix a prompt-only record gets where a reply is required (SFT, reward-model data, ``rlchat data`` checks)."""
+
+
+def _roles(messages: list[Message]) -> str:
+    return f"roles [{', '.join(m['role'] for m in messages)}]"
+
+
 def _require_assistant(messages: list[Message], field: str) -> None:
+    """A preference side must hold a reply (prompt-only makes no sense for chosen / rejected)."""
     if not any(m["role"] == "assistant" for m in messages):
-        roles = ", ".join(m["role"] for m in messages)
-        raise _Bad(field, "at least one assistant message to learn from", f"roles [{roles}]")
+        raise _Bad(field, "at least one assistant message to learn from", _roles(messages))
+
+
+def _check_reply(messages: list[Message], field: str, require_reply: bool) -> None:
+    """A conversation holds an assistant reply, or (``require_reply=False``) is a prompt ending with a user turn.
+
+    Why the last message must be the user's in a prompt-only record: it is the turn the policy answers; a
+    conversation of only a system prompt, or one ending with a system message, gives the policy nothing to reply to
+    and is far more likely a truncated record than an intended prompt.
+    """
+    if any(m["role"] == "assistant" for m in messages):
+        return
+    if require_reply:
+        raise _Bad(field, "at least one assistant message to learn from", _roles(messages), PROMPT_ONLY_FIX)
+    if messages[-1]["role"] != "user":
+        raise _Bad(
+            field,
+            "a prompt-only conversation to end with the user turn the policy answers",
+            _roles(messages),
+            "add the user message (or the assistant reply, for SFT data)",
+        )
+
+
+def check_reply(rec: Record, require_reply: bool = True) -> None:
+    """Raise ``ValueError`` (field, expected, found; no ``path:line``) if ``rec`` lacks a reply that is required.
+
+    What :func:`load_records` applies to a prepared directory (``rlchat data prepare`` keeps prompt-only records),
+    with the same message :func:`parse_record` gives a raw file.
+    """
+    if not rec.is_preference:
+        _check_reply(rec.messages, "messages", require_reply)
 
 
 def _with_system(obj: dict[str, Any], messages: list[Message]) -> list[Message]:
@@ -699,13 +767,15 @@ def _parse_metadata(obj: dict[str, Any], fmt: str) -> dict[str, Any]:
     return out
 
 
-def parse_record(obj: dict[str, Any], source: str = "", fmt: str = "auto") -> Record:
+def parse_record(obj: dict[str, Any], source: str = "", fmt: str = "auto", require_reply: bool = True) -> Record:
     """Validate and normalise one parsed JSON object into a :class:`Record`.
 
     Args:
         obj: the JSON object of one line.
         source: ``path:line``, stored on the record.
         fmt: a name from :data:`FORMATS`, or ``"auto"`` to detect it from the keys.
+        require_reply: False accepts prompt-only records (no ``response`` / ``output`` / assistant message; see the
+            module doc) -- for prompts, eval and generation inputs. True (SFT, reward-model data) refuses them.
 
     Raises:
         ValueError: the reason (field, expected, found; without ``path:line``) the record is invalid.
@@ -716,7 +786,8 @@ def parse_record(obj: dict[str, Any], source: str = "", fmt: str = "auto") -> Re
             raise _Bad(
                 "record",
                 "the keys of a known format: messages, conversations (sharegpt), instruction+output (alpaca), "
-                "prompt+response|completion (pair) or chosen+rejected (preference)",
+                "prompt+response|completion (pair) or chosen+rejected (preference)"
+                + ("" if require_reply else "; or a prompt-only prompt, instruction, messages or conversations"),
                 f"keys {sorted(obj)}",
                 "fix the record or pass --format",
             )
@@ -729,14 +800,18 @@ def parse_record(obj: dict[str, Any], source: str = "", fmt: str = "auto") -> Re
             raise _Bad(key, f"a value (required by the {fmt} format)", f"keys {sorted(obj)}")
         return obj[key]
 
+    def missing_reply(key: str, alias: str = "") -> _Bad:
+        expected = f"the reply to learn from (a {key!r}" + (f" or {alias!r}" if alias else "") + " value)"
+        return _Bad(key, expected, f"keys {sorted(obj)}", PROMPT_ONLY_FIX)
+
     chosen = rejected = None
     if fmt == "messages":
         messages = _with_system(obj, _messages(need("messages"), "messages", ("role",), ("content",)))
-        _require_assistant(messages, "messages")
+        _check_reply(messages, "messages", require_reply)
     elif fmt == "sharegpt":
         messages = _messages(need("conversations"), "conversations", ("from", "role"), ("value", "content"))
         messages = _with_system(obj, messages)
-        _require_assistant(messages, "conversations")
+        _check_reply(messages, "conversations", require_reply)
     elif fmt == "alpaca":
         instruction = _text(need("instruction"), "instruction")
         extra = obj.get("input")
@@ -744,19 +819,26 @@ def parse_record(obj: dict[str, Any], source: str = "", fmt: str = "auto") -> Re
             raise _Bad("input", "a string", _show(extra))
         extra = normalize_text(extra or "")
         user = f"{instruction}\n\n{extra}" if extra else instruction
-        messages = _with_system(
-            obj, [{"role": "user", "content": user}, {"role": "assistant", "content": _text(need("output"), "output")}]
-        )
+        messages = [{"role": "user", "content": user}]
+        if obj.get("output") is not None:
+            messages.append({"role": "assistant", "content": _text(obj["output"], "output")})
+        elif require_reply:
+            raise missing_reply("output")
+        messages = _with_system(obj, messages)
     elif fmt == "pair":
         key = "response" if obj.get("response") is not None else "completion"
-        if obj.get(key) is None:
-            raise _Bad("response", "a value (or 'completion')", f"keys {sorted(obj)}")
         prompt = need("prompt")
+        if obj.get(key) is None and require_reply:
+            raise missing_reply("response", "completion")
         if isinstance(prompt, str):
             prompt_msgs = [{"role": "user", "content": _text(prompt, "prompt")}]
         else:
             prompt_msgs = _messages(prompt, "prompt", ("role", "from"), ("content", "value"))
-        messages = _with_system(obj, [*prompt_msgs, {"role": "assistant", "content": _text(obj[key], key)}])
+        if obj.get(key) is not None:
+            messages = _with_system(obj, [*prompt_msgs, {"role": "assistant", "content": _text(obj[key], key)}])
+        else:
+            messages = _with_system(obj, prompt_msgs)
+            _check_reply(messages, "prompt", require_reply)
     else:
         need("chosen")
         need("rejected")
@@ -919,6 +1001,7 @@ def process_chunk(
     tok: ChatTokenizer | None = None,
     dcfg: DataConfig | None = None,
     max_line_bytes: int | None = None,
+    require_reply: bool = True,
 ) -> list[dict[str, Any]]:
     """Decode, parse, validate, tokenize and filter-check every line of a chunk from :func:`iter_chunks`.
 
@@ -933,6 +1016,7 @@ def process_chunk(
         dcfg: filters to evaluate (None: no filters, no MinHash).
         max_line_bytes: the limit the chunk was read with, for the error message of an oversized line; the
             limit :func:`iter_chunks` recorded in the chunk wins, so the message always names the one that applied.
+        require_reply: False accepts prompt-only records (see :func:`parse_record`).
 
     Returns:
         One row (:data:`WORK_SCHEMA` columns) per line, plus one for a file-level error.
@@ -944,7 +1028,7 @@ def process_chunk(
         row = _empty_row(path, line)
         try:
             obj = decode_line(data, size, line, limit)
-            rec = parse_record(obj, row["source"], fmt)
+            rec = parse_record(obj, row["source"], fmt, require_reply)
         except ValueError as e:
             row["error"] = str(e)
             rows.append(row)
@@ -1039,16 +1123,18 @@ def collect(
     tok: ChatTokenizer | None = None,
     dcfg: DataConfig | None = None,
     max_line_bytes: int | None = None,
+    require_reply: bool = True,
 ) -> Collector:
     """The whole pipeline in this process (what the Ray Data job does in parallel).
 
-    ``max_line_bytes`` defaults to ``dcfg.max_line_bytes`` (or :data:`MAX_LINE_BYTES` without a config).
+    ``max_line_bytes`` defaults to ``dcfg.max_line_bytes`` (or :data:`MAX_LINE_BYTES` without a config);
+    ``require_reply=False`` accepts prompt-only records (see :func:`parse_record`).
     """
     if max_line_bytes is None:
         max_line_bytes = dcfg.max_line_bytes if dcfg is not None else MAX_LINE_BYTES
     collector = Collector(on_error, dcfg)
     for chunk in iter_chunks(paths, max_line_bytes=max_line_bytes):
-        collector.add_all(process_chunk(chunk, fmt, tok, dcfg))
+        collector.add_all(process_chunk(chunk, fmt, tok, dcfg, require_reply=require_reply))
     return collector
 
 
@@ -1094,7 +1180,11 @@ def split_rows(
 
 
 def read_records(
-    paths: Sequence[str | Path], fmt: str = "auto", on_error: str = "fail", max_line_bytes: int = MAX_LINE_BYTES
+    paths: Sequence[str | Path],
+    fmt: str = "auto",
+    on_error: str = "fail",
+    max_line_bytes: int = MAX_LINE_BYTES,
+    require_reply: bool = True,
 ) -> ReadResult:
     """Read, normalise and validate records from ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` files or directories.
 
@@ -1105,6 +1195,7 @@ def read_records(
         fmt: ``"auto"`` (per file, from its first record) or a name from :data:`FORMATS`.
         on_error: ``"fail"`` or ``"skip"``.
         max_line_bytes: longest accepted line (``data.max_line_bytes``); longer ones are bad records.
+        require_reply: False accepts prompt-only records (see :func:`parse_record`).
 
     Returns:
         The records in input order, the skipped lines with reasons, and the count of records per format.
@@ -1117,7 +1208,9 @@ def read_records(
         raise DataError(f"format {fmt!r}: expected auto or one of {', '.join(FORMATS)}")
     if max_line_bytes < 1:
         raise DataError(f"max_line_bytes={max_line_bytes}: expected a positive number of bytes, e.g. {MAX_LINE_BYTES}")
-    collector = collect(expand_inputs(paths), fmt, on_error, max_line_bytes=max_line_bytes)
+    collector = collect(
+        expand_inputs(paths), fmt, on_error, max_line_bytes=max_line_bytes, require_reply=require_reply
+    )
     records = [Record.from_row(r) for r in collector.kept]
     return ReadResult(records, collector.skipped, dict(collector.counts_by_format))
 
@@ -1134,7 +1227,38 @@ def _split_name(split: str) -> None:
         raise DataError(f"split={split!r}: expected 'train', 'val' or 'all'")
 
 
-def load_records(spec: str, split: str = "train", cfg: Config | None = None) -> list[Record]:
+def _same_data(a: str, b: str) -> bool:
+    """Whether two data specs name the same data (equal text, or paths that resolve to the same place)."""
+    if a == b:
+        return True
+    if a.startswith("builtin:") or b.startswith("builtin:"):
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def reply_required(spec: str, cfg: Config) -> bool:
+    """Whether records loaded from ``spec`` must carry a reply, by the role ``spec`` plays in ``cfg``.
+
+    ``data.prompts`` is reply-optional: PPO rollouts, the trainer's held-out evaluation and the demo only need the
+    prompt (the policy writes the reply), so ``{"prompt": ..., "reference": ...}`` is a natural prompt set. Anything
+    else -- ``data.sft``, ``data.preferences``, ``rm.feedback``, a spec the config does not name -- requires one, as
+    before prompt-only records existed. A spec that is both ``data.prompts`` and SFT / preference data requires a
+    reply, so SFT still fails on a prompt-only record with its ``path:line``.
+
+    Why decide it from the config rather than at every call site: the stages that read ``data.prompts`` (the
+    Sampler, the trainer's evaluation, the demo, the benchmarks) and those that read SFT / preference data all go
+    through :func:`load_records` with the spec taken from the config, so the config already says what the data is
+    for; callers that know better pass ``require_reply`` explicitly.
+    """
+    d = cfg.data
+    if not _same_data(spec, d.prompts):
+        return True
+    return any(_same_data(spec, other) for other in (d.sft, d.preferences, *cfg.rm.feedback))
+
+
+def load_records(
+    spec: str, split: str = "train", cfg: Config | None = None, *, require_reply: bool | None = None
+) -> list[Record]:
     """Records for a training stage, from any of the data forms the config accepts.
 
     Args:
@@ -1144,17 +1268,23 @@ def load_records(spec: str, split: str = "train", cfg: Config | None = None) -> 
             filters, dedup and seeded split as ``rlchat data prepare`` (``cfg.data``, ``cfg.seed``).
         split: ``"train"``, ``"val"`` or ``"all"`` (train then val).
         cfg: the run's config (defaults: ``Config()``).
+        require_reply: False accepts prompt-only records (prompts, eval and generation inputs); True refuses them
+            with ``path:line`` (SFT, reward-model data); None decides from the role of ``spec`` in ``cfg``
+            (:func:`reply_required`: only ``data.prompts`` is reply-optional).
 
     Returns:
         The records of the split, in input order.
 
     Raises:
-        DataError: unknown spec, missing files, or bad records (per ``cfg.data.on_error``).
+        DataError: unknown spec, missing files, or bad records (per ``cfg.data.on_error``), a prompt-only record
+            among them included when a reply is required.
     """
     from rlchat.config import Config
 
     _split_name(split)
     cfg = cfg or Config()
+    if require_reply is None:
+        require_reply = reply_required(spec, cfg)
     d = cfg.data
     fmt = d.format
     if spec.startswith("builtin:"):
@@ -1163,7 +1293,7 @@ def load_records(spec: str, split: str = "train", cfg: Config | None = None) -> 
     else:
         p = Path(spec).expanduser()
         if p.is_dir() and (p / "train.parquet").is_file():
-            return _load_prepared(p, split)
+            return _load_prepared(p, split, require_reply, d.on_error)
         if not p.exists():
             raise DataError(
                 f"data {spec!r}: no such file or directory; expected builtin:{{{','.join(BUILTIN)}}}, a directory "
@@ -1175,7 +1305,7 @@ def load_records(spec: str, split: str = "train", cfg: Config | None = None) -> 
         from rlchat.tokenizer import ChatTokenizer
 
         tok = ChatTokenizer.from_config(cfg.tokenizer)
-    collector = collect(paths, fmt, d.on_error, tok, d)
+    collector = collect(paths, fmt, d.on_error, tok, d, require_reply=require_reply)
     for s in collector.skipped:
         logger.warning("skipped %s: %s", s.source, s.reason)
     if collector.filtered or collector.duplicates:
@@ -1187,7 +1317,12 @@ def load_records(spec: str, split: str = "train", cfg: Config | None = None) -> 
     return [Record.from_row(r) for r in rows]
 
 
-def _load_prepared(directory: Path, split: str) -> list[Record]:
+def _load_prepared(directory: Path, split: str, require_reply: bool = True, on_error: str = "fail") -> list[Record]:
+    """Records of a prepared directory; where a reply is required, its prompt-only records are bad records.
+
+    ``rlchat data prepare`` keeps prompt-only records (it cannot know which stage the data is for), so the check
+    happens here, naming the ``path:line`` the record was prepared from and the Parquet row it is in.
+    """
     import pyarrow.parquet as pq
 
     names = ["train", "val"] if split == "all" else [split]
@@ -1197,7 +1332,20 @@ def _load_prepared(directory: Path, split: str) -> list[Record]:
         if not f.is_file():
             raise DataError(f"{f}: missing; expected a directory written by `rlchat data prepare`")
         table = pq.read_table(f, columns=[c for c in RECORD_SCHEMA.names])
-        out.extend(Record.from_row(r) for r in table.to_pylist())
+        for i, row in enumerate(table.to_pylist()):
+            rec = Record.from_row(row)
+            try:
+                check_reply(rec, require_reply)
+            except ValueError as e:
+                reason = f"{e} (the record is row {i + 1} of {f})"
+                if on_error == "fail":
+                    raise DataError(
+                        f"{rec.source or f}: {reason}\n(the first bad record stops the run; pass --on-error skip "
+                        "(data.on_error=skip) to skip and report bad records instead)"
+                    ) from None
+                logger.warning("skipped %s: %s", rec.source or f, reason)
+                continue
+            out.append(rec)
     return out
 
 
@@ -1222,16 +1370,21 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 
 
 def compute_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Statistics of kept rows: formats, turns, roles, token lengths, quality and safety distributions."""
+    """Statistics of kept rows: formats, turns, roles, token lengths, quality and safety distributions.
+
+    ``prompt_only`` counts records without a reply (see the module doc): usable as prompts, refused as SFT data.
+    """
     roles: Counter[str] = Counter()
     formats: Counter[str] = Counter()
     safety: Counter[str] = Counter()
     turn_tokens_by_role: dict[str, list[int]] = {r: [] for r in ROLES}
     turns, conv_tokens, qualities = [], [], []
+    prompt_only = 0
     for r in rows:
         formats[r["format"]] += 1
         msgs = [*(r["messages"] or []), *(r.get("chosen") or []), *(r.get("rejected") or [])]
         roles.update(m["role"] for m in msgs)
+        prompt_only += not any(m["role"] == "assistant" for m in msgs)
         turns.append(r.get("n_turns") or len(r["messages"]) + len(r.get("chosen") or []))
         if r.get("turn_tokens") is not None:
             for m, n in zip(msgs, r["turn_tokens"]):
@@ -1254,6 +1407,7 @@ def compute_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "records": len(rows),
         "records_by_format": dict(sorted(formats.items())),
+        "prompt_only": prompt_only,
         "turns": summarize(turns),
         "roles": {r: roles.get(r, 0) for r in ROLES},
         "tokens": {

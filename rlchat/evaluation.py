@@ -233,15 +233,22 @@ def teacher_forced_metrics(
 
 
 def reference_conversation(record: Record) -> list[Message] | None:
-    """Prompt plus reference answer of a record, for perplexity: its messages up to the last assistant message,
-    the chosen reply of a preference pair, or the prompt plus ``record.reference``; None when it has none."""
+    """Prompt plus reference answer of a record, for perplexity: the chosen reply of a preference pair, a
+    conversation ending with its reply, or the prompt (:meth:`~rlchat.data.Record.prompt_messages`, e.g. a
+    prompt-only record) plus ``record.reference``; else its messages up to the last assistant message; None when
+    it has no answer at all.
+
+    Why the reference before an earlier reply: for a prompt ending with a user turn, the reference answers that
+    turn -- the one the policy is evaluated on -- not the earlier one."""
     if record.is_preference:
         return list(record.messages) + list(record.chosen or [])
+    if record.messages and record.messages[-1]["role"] == "assistant":
+        return [dict(m) for m in record.messages]
+    if record.reference:
+        return [dict(m) for m in record.prompt_messages()] + [{"role": "assistant", "content": record.reference}]
     last = max((i for i, m in enumerate(record.messages) if m["role"] == "assistant"), default=-1)
     if last >= 0:
         return [dict(m) for m in record.messages[: last + 1]]
-    if record.reference:
-        return [dict(m) for m in record.messages] + [{"role": "assistant", "content": record.reference}]
     return None
 
 
@@ -451,8 +458,8 @@ def evaluate_checkpoint(
     usable = [r for r in records if r.prompt_messages()][: max(0, max_prompts)]
     if not usable:
         raise DataError(
-            f"evaluation: none of the {len(records)} records has a prompt (messages before an assistant reply); "
-            "pass held-out chat or task data with --data"
+            f"evaluation: none of the {len(records)} records has a prompt (a user turn for the policy to answer); "
+            "pass held-out prompts, chat or task data with --data"
         )
     judge_path = judge_source = None
     if baseline is not None:  # before any model is loaded: a missing judge fails at once
@@ -593,7 +600,8 @@ def eval_command(
     """``rlchat eval CKPT [--baseline CKPT] [--data FILE]``: print the table and samples, write eval.json.
 
     Held-out prompts default to the checkpoint config's ``data.prompts`` validation split; ``--data`` records are
-    all used (the file is taken to be held out). ``--config`` replaces the checkpoint's config for rewards, the
+    all used (the file is taken to be held out). Either may be prompt-only (no reply, optionally a ``reference``):
+    the policy writes the replies. ``--config`` replaces the checkpoint's config for rewards, the
     reply budget (``env.max_turn_tokens``) and the judge (``reward.model_path``).
     """
     from transformers.utils import logging as hf_logging
@@ -606,7 +614,7 @@ def eval_command(
     ckpt = read_checkpoint(checkpoint, expect_stage=POLICY_STAGES)
     cfg = load_config(config) if config else ckpt.config
     if data:
-        records = load_records(data, "all", cfg)
+        records = load_records(data, "all", cfg, require_reply=False)
         source = data
     else:
         records = load_records(cfg.data.prompts, "val", cfg)

@@ -20,6 +20,12 @@ How the work is divided, and why:
 
 The same command runs on a cluster with ``--address`` (or ``RAY_ADDRESS`` / ``ray.address``); on one machine it
 starts a local Ray by itself.
+
+Prompt-only records (no reply: ``{"prompt": ..., "reference": ...}``, a conversation ending with the user turn; see
+:mod:`rlchat.data`) are kept, with no flag: preparing does not know which stage the files are for, and a prepared
+prompt set is as useful as a prepared SFT set. The stage that loads the directory decides: as ``data.prompts`` they
+are prompts; as SFT or reward-model data :func:`rlchat.data.load_records` refuses each one with the ``path:line`` it
+came from. ``stats.json`` counts them (``prompt_only``) and the stats table shows the count.
 """
 
 from __future__ import annotations
@@ -76,11 +82,14 @@ class PrepareResult:
 def _process_batch(
     batch: pa.Table, fmt: str, tokenizer: TokenizerConfig, data: DataConfig, max_line_bytes: int
 ) -> pa.Table:
-    """Ray Data UDF: chunks of raw lines -> one row per line (:data:`rlchat.data.WORK_SCHEMA`)."""
+    """Ray Data UDF: chunks of raw lines -> one row per line (:data:`rlchat.data.WORK_SCHEMA`).
+
+    Prompt-only records are accepted (``require_reply=False``; the module doc says why).
+    """
     tok = ChatTokenizer.from_config(tokenizer)  # the encoding is cached per worker process
     rows: list[dict[str, Any]] = []
     for chunk in batch.to_pylist():
-        rows.extend(process_chunk(chunk, fmt, tok, data, max_line_bytes))
+        rows.extend(process_chunk(chunk, fmt, tok, data, max_line_bytes, require_reply=False))
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
 
@@ -137,7 +146,10 @@ def _run_ray(
                 "max_line_bytes": cfg.data.max_line_bytes,
             },
         )
-        with tqdm(total=total, unit="rec", desc="prepare", disable=not progress, dynamic_ncols=True) as bar:
+        from rlchat.console import console
+
+        bar_args = {"unit": "rec", "desc": "prepare", "disable": not progress, "dynamic_ncols": True}
+        with tqdm(total=total, file=console(), **bar_args) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 rows = cast(pa.Table, batch).to_pylist()
                 collector.add_all(rows)
@@ -406,6 +418,11 @@ def format_stats_table(stats: dict[str, Any], title: str = "") -> str:
     lines.append("")
     roles = stats.get("roles", {})
     lines.append(f"{'roles (messages)':<{w}}" + "  ".join(f"{r} {_num(n)}" for r, n in roles.items()))
+    if stats.get("prompt_only"):
+        lines.append(
+            f"{'prompt-only records':<{w}}{_num(stats['prompt_only'])} (no reply: usable as data.prompts, eval or "
+            "`rlchat generate` input; refused as SFT / reward-model data)"
+        )
     q = stats.get("quality", {})
     if q.get("count"):
         lines.append(

@@ -29,7 +29,6 @@ from rlchat.batch_generate import (
     generate,
     generate_rows,
     output_schema,
-    parse_prompt_record,
     plan_shards,
     prompt_of,
     read_prompts,
@@ -38,6 +37,7 @@ from rlchat.batch_generate import (
 )
 from rlchat.checkpoint import load_policy, read_checkpoint, save_checkpoint
 from rlchat.config import Config, load_config
+from rlchat.data import Record, parse_record
 from rlchat.errors import ConfigError, DataError
 from rlchat.generation import GenerationEngine, SamplingParams
 from rlchat.model import PolicyValueModel
@@ -99,6 +99,11 @@ def _write_prompts(path: Path, n: int, bad: dict[int, str] | None = None) -> Pat
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def parse_prompt_record(obj: dict, source: str = "", fmt: str = "auto") -> Record:
+    """What read_prompts does with each line: data's reply-optional path (no placeholder reply)."""
+    return parse_record(obj, source, fmt, require_reply=False)
+
+
 def test_prompt_only_and_reply_less_records_parse_with_datas_validation() -> None:
     rec = parse_prompt_record({"prompt": " Hi\r\nthere ", "reference": "x", "id": 7}, "f.jsonl:1")
     assert rec.messages == [{"role": "user", "content": "Hi\nthere"}]  # normalised by rlchat.data
@@ -124,6 +129,8 @@ def test_prompt_only_and_reply_less_records_parse_with_datas_validation() -> Non
         parse_prompt_record({"prompt": "   "})
     with pytest.raises(ValueError, match=r"record: expected the keys of a known format"):
         parse_prompt_record({"question": "Hi"})
+    with pytest.raises(ValueError, match=r"end with the user turn the policy answers, found roles \[system\]"):
+        parse_prompt_record({"messages": [{"role": "system", "content": "Be brief."}]})
 
 
 def test_prompt_of_answers_the_last_user_turn_and_keeps_the_input_reply() -> None:

@@ -84,6 +84,10 @@ def test_each_format_is_detected_and_normalised() -> None:
             assert not rec.is_preference
     assert detect_format({"prompt": "Hi", "completion": "Yo"}) == "pair"
     assert detect_format({"text": "Hi"}) is None
+    # prompt-only records are recognised by their prompt key (tests/test_prompt_only.py has the rest)
+    assert detect_format({"prompt": "Hi", "reference": "x"}) == "pair"
+    assert detect_format({"instruction": "Hi"}) == "alpaca"
+    assert detect_format({"prompt": "Hi", "chosen": "Yo"}) is None  # a broken preference pair, not a prompt
 
 
 def test_format_variants_and_metadata() -> None:
@@ -129,7 +133,7 @@ def test_format_variants_and_metadata() -> None:
     assert implicit.prompt_messages() == implicit.messages
 
 
-def test_prompt_messages_stop_before_the_last_assistant_message() -> None:
+def test_prompt_messages_stop_before_a_final_reply_and_keep_a_final_user_turn() -> None:
     rec = parse_record(
         {
             "messages": [
@@ -141,6 +145,9 @@ def test_prompt_messages_stop_before_the_last_assistant_message() -> None:
             ]
         }
     )
+    assert [m["content"] for m in rec.prompt_messages()] == ["S", "1", "a", "2"]
+    # ending with a user turn, the whole conversation is the prompt: that turn is the one to answer
+    rec.messages = rec.messages[:-1]
     assert [m["content"] for m in rec.prompt_messages()] == ["S", "1", "a", "2"]
 
 
@@ -192,7 +199,13 @@ BAD_INPUTS = {
     "empty_conversation": (_line({"messages": []}), "messages: expected at least one message, found an empty list"),
     "no_assistant": (
         _line({"messages": [{"role": "user", "content": "hi"}]}),
-        "messages: expected at least one assistant message to learn from, found roles [user]",
+        "messages: expected at least one assistant message to learn from, found roles [user]; prompt-only records "
+        "are accepted as PPO / eval prompts",
+    ),
+    "no_reply_key": (
+        _line({"prompt": "hi", "reference": "x"}),
+        "response: expected the reply to learn from (a 'response' or 'completion' value), found keys ['prompt', "
+        "'reference']",
     ),
     "not_utf8": (b'{"messages": "caf\xe9"}', "bytes are not valid UTF-8 at byte 18 (0xe9); expected UTF-8 text"),
     "null_byte": (b'{"messages": "a\x00b"}', "NUL byte at byte 16; expected UTF-8 JSON text"),
