@@ -7,6 +7,13 @@ Replies stream as they are generated; the conversation is kept and sent again ea
 continues on the next line, and a line of ``\"\"\"`` opens (and closes) a multi-line block. Commands start with
 ``/`` (``/help`` lists them); a bad argument prints one line saying what was expected, never a traceback.
 
+Long conversations never hit the model's context: when the history no longer fits (``model.n_positions`` minus
+the reply's ``max_tokens``), the oldest whole user+assistant exchanges are left out of what the model sees
+(:func:`rlchat.tokenizer.fit_history`; in-process here, on the server for an endpoint, which reports the count in
+the ``X-RLChat-Dropped-Turns`` header) and the chat says so once per conversation; ``/history`` and ``/save`` still
+have every message. With an endpoint, a connection that drops or a malformed stream chunk mid-reply prints one
+``error:`` line and the chat goes on: the partial reply is not kept, the question is, and ``/regenerate`` asks again.
+
 Introspection (local checkpoints): ``/probs [K]`` shows, for each token of the last reply, its probability and the
 K most likely alternatives under the model (one teacher-forced forward over prompt + reply, see
 :func:`token_alternatives`); ``/why`` shows the reward components of the last reply under the checkpoint's
@@ -240,11 +247,25 @@ class Decoding:
 
 @dataclass
 class Reply:
-    """The last reply: its text, why it ended and (local backend) its token ids."""
+    """The last reply: its text, why it ended, (local backend) its token ids, and how many of the oldest exchanges
+    were left out of the prompt to fit the model's context."""
 
     text: str = ""
     finish_reason: str = ""
     token_ids: list[int] = field(default_factory=list)
+    dropped_turns: int = 0
+
+
+DROPPED_TURNS_HEADER = "X-RLChat-Dropped-Turns"
+"""Response header of the Serve endpoint: how many of the oldest exchanges it left out to fit the context."""
+
+
+class ReplyInterrupted(RLChatError):
+    """The endpoint could not be reached, or its reply broke off (connection dropped, malformed stream chunk).
+
+    Unlike a refusal (an HTTP error status), this is transport trouble: the question is kept so ``/regenerate`` can
+    ask again, and the partial reply is dropped rather than kept as if it were the whole answer.
+    """
 
 
 class LocalBackend:
@@ -270,13 +291,24 @@ class LocalBackend:
 
     def stream(self, messages: list[Message], d: Decoding) -> Iterator[str]:
         from rlchat.generation import FINISH_LENGTH, FINISH_STOP, SamplingParams
+        from rlchat.tokenizer import ContextOverflowError, fit_history
 
-        prompt = self.tokenizer.render_prompt(messages)
-        room = self.max_positions - len(prompt)
-        if room < 1:
-            raise RLChatError(
-                f"the conversation is {len(prompt)} tokens, the model's context is {self.max_positions}; /reset"
-            )
+        # The reply's room is max_tokens, but at most half the context: a large /max_tokens still leaves the
+        # conversation half of it (the reply is then capped at what the prompt leaves, as before).
+        reserve = min(d.max_tokens, self.max_positions // 2)
+        try:
+            fitted, dropped = fit_history(messages, self.tokenizer, self.max_positions - reserve)
+        except ContextOverflowError as e:
+            if e.needed >= self.max_positions:
+                with_system = " and the system prompt" if messages and messages[0]["role"] == "system" else ""
+                raise RLChatError(
+                    f"your message{with_system} take {e.needed} tokens; the model's context is {self.max_positions} "
+                    "tokens: send a shorter message" + (" (or /system none)" if with_system else "")
+                ) from None
+            # they fit but leave less than max_tokens: keep only them, and the reply gets what is left
+            fitted, dropped = fit_history(messages, self.tokenizer, e.needed)
+        prompt = self.tokenizer.render_prompt(fitted)
+        room = self.max_positions - len(prompt)  # >= 1
         params = SamplingParams(
             max_new_tokens=min(d.max_tokens, room),
             temperature=d.temperature,
@@ -288,7 +320,7 @@ class LocalBackend:
             seed=d.seed,
         )
         streamer = TextStreamer(self.tokenizer, d.stop)
-        self.last, self.last_prompt = Reply(), prompt
+        self.last, self.last_prompt = Reply(dropped_turns=dropped), prompt
         tokens = self.last.token_ids
         gen = self.engine.stream(prompt, params)
         try:
@@ -321,7 +353,12 @@ class LocalBackend:
 
 
 class RemoteBackend:
-    """Talks to a running rlchat (or any OpenAI-compatible) endpoint over HTTP with server-sent events."""
+    """Talks to a running rlchat (or any OpenAI-compatible) endpoint over HTTP with server-sent events.
+
+    The server fits the conversation to the model's context (and reports what it left out); this client only keeps
+    each request within the request limits an rlchat server advertises on ``/v1/models`` (``max_messages``,
+    ``max_chars``), dropping the oldest exchanges by the same rule, so a long chat never hits those walls either.
+    """
 
     def __init__(self, url: str, api_key: str | None) -> None:
         import requests
@@ -341,17 +378,36 @@ class RemoteBackend:
             ) from None
         if r.status_code != 200:
             raise RLChatError(f"{self.url}/v1/models: {_error_message(r)}")
-        cards = r.json().get("data") or [{}]
-        self.model = str(cards[0].get("id", "rlchat"))
-        self.info = cards[0]
+        try:
+            cards = r.json().get("data") or [{}]
+            self.info: dict[str, Any] = dict(cards[0])
+        except (ValueError, AttributeError, TypeError, IndexError, KeyError):
+            raise RLChatError(f"{self.url}/v1/models: not an OpenAI model list: {r.text[:200]!r}") from None
+        self.model = str(self.info.get("id", "rlchat"))
 
     def describe(self) -> str:
         step = f", step {self.info['step']}" if "step" in self.info else ""
         return f"{self.url} (model {self.model}{step})"
 
+    def _within_limits(self, messages: list[Message]) -> tuple[list[Message], int]:
+        """The messages cut to the server's advertised request limits (oldest exchanges first), and how many
+        exchanges that left out. Beyond a limit even after that, they go as they are and the server says why."""
+        from rlchat.tokenizer import ContextOverflowError, drop_oldest_turns
+
+        dropped = 0
+        limits = (("max_messages", lambda m: 1, "messages"), ("max_chars", lambda m: len(m["content"]), "characters"))
+        for key, cost, unit in limits:
+            limit = self.info.get(key)
+            if isinstance(limit, int) and limit > 0:
+                with contextlib.suppress(ContextOverflowError):
+                    messages, n = drop_oldest_turns(messages, cost, limit, unit)
+                    dropped += n
+        return messages, dropped
+
     def stream(self, messages: list[Message], d: Decoding) -> Iterator[str]:
         import requests
 
+        messages, trimmed = self._within_limits(messages)
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -370,31 +426,93 @@ class RemoteBackend:
             body["stop"] = list(d.stop)
         if d.seed is not None:
             body["seed"] = d.seed
-        self.last = Reply()
+        self.last = Reply(dropped_turns=trimmed)
         try:
             r = self.session.post(f"{self.url}/v1/chat/completions", json=body, stream=True, timeout=300)
         except requests.RequestException as e:
-            raise RLChatError(f"{self.url}: request failed ({e.__class__.__name__})") from None
+            raise ReplyInterrupted(f"{self.url}: request failed ({e.__class__.__name__}: {_first_line(e)})") from None
         with r:
             if r.status_code != 200:
                 raise RLChatError(_error_message(r))
-            for raw in r.iter_lines(decode_unicode=False):
-                line = raw.decode("utf-8")
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            with contextlib.suppress(ValueError):
+                self.last.dropped_turns += int(r.headers.get(DROPPED_TURNS_HEADER, 0))
+            complete = False
+            lines = r.iter_lines(decode_unicode=False)
+            while True:
+                try:
+                    raw = next(lines, None)
+                except (requests.RequestException, OSError) as e:  # dropped connection, read timeout
+                    raise ReplyInterrupted(
+                        f"the connection to {self.url} broke mid-reply ({e.__class__.__name__})"
+                    ) from None
+                if raw is None:
                     break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise RLChatError(str(chunk["error"].get("message", chunk["error"])))
-                for c in chunk.get("choices", []):
-                    piece = (c.get("delta") or {}).get("content")
+                chunk = _sse_chunk(raw)
+                if chunk is None:
+                    continue  # not a data line (an SSE comment such as ": ping", a blank separator)
+                if chunk == "[DONE]":
+                    complete = True
+                    break
+                for piece, finish_reason in _chunk_pieces(chunk):
                     if piece:
                         self.last.text += piece
                         yield piece
-                    if c.get("finish_reason"):
-                        self.last.finish_reason = c["finish_reason"]
+                    if finish_reason:
+                        self.last.finish_reason = finish_reason
+                        complete = True
+            if not complete:
+                raise ReplyInterrupted(f"{self.url} closed the stream before the reply was complete")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:160]
+
+
+def _sse_chunk(raw: bytes) -> dict[str, Any] | str | None:
+    """One SSE line: its JSON chunk, ``"[DONE]"``, or None for a line that carries no data.
+
+    Raises:
+        ReplyInterrupted: a ``data:`` line that is not UTF-8 JSON (the stream is corrupt: stop reading it).
+    """
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ReplyInterrupted(f"the endpoint sent a stream line that is not UTF-8: {raw[:80]!r}") from None
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return data
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise ReplyInterrupted(f"the endpoint sent a malformed stream chunk (not JSON): {data[:80]!r}") from None
+    if not isinstance(chunk, dict):
+        raise ReplyInterrupted(f"the endpoint sent a malformed stream chunk (not an object): {data[:80]!r}")
+    return chunk
+
+
+def _chunk_pieces(chunk: dict[str, Any]) -> list[tuple[str, str]]:
+    """(text, finish_reason) of each choice of an OpenAI ``chat.completion.chunk``.
+
+    Raises:
+        RLChatError: the chunk is an in-band error (the server failed after the response had started).
+        ReplyInterrupted: the chunk does not have the chunk shape.
+    """
+    if "error" in chunk:
+        err = chunk["error"]
+        raise RLChatError(str(err.get("message", err) if isinstance(err, dict) else err))
+    out = []
+    try:
+        for c in chunk.get("choices") or []:
+            piece = (c.get("delta") or {}).get("content") or ""
+            reason = c.get("finish_reason") or ""
+            if not isinstance(piece, str) or not isinstance(reason, str):
+                raise TypeError("content and finish_reason must be strings")
+            out.append((piece, reason))
+    except (AttributeError, TypeError) as e:
+        raise ReplyInterrupted(f"the endpoint sent a malformed stream chunk ({e}): {json.dumps(chunk)[:80]}") from None
+    return out
 
 
 def _error_message(r: Any) -> str:
@@ -435,6 +553,8 @@ class ChatSession:
         self.system = system or ""
         self.turns: list[Message] = []
         self.out = out
+        self.dropped_noted = False
+        """Whether this conversation was told that its oldest turns no longer reach the model (said once)."""
 
     # ---------------------------------------------------------------------------------------------- helpers
     def messages(self) -> list[Message]:
@@ -451,24 +571,48 @@ class ChatSession:
         self.out.flush()
         gen = self.backend.stream(self.messages(), self.decoding)
         interrupted = False
+        broken: ReplyInterrupted | None = None
+        said = False
         try:
             for piece in gen:
                 self.out.write(piece)
                 self.out.flush()
+                said = True
         except KeyboardInterrupt:
             interrupted = True
+        except ReplyInterrupted as e:
+            broken = e
         finally:
             getattr(gen, "close", lambda: None)()
         last = self.backend.last
         note = " [interrupted]" if interrupted else ""
-        if not interrupted and last.finish_reason == "length":
+        if broken is not None:
+            note = " [cut off]" if said else "(no reply)"
+        elif not interrupted and last.finish_reason == "length":
             note = " [max_tokens reached]"
         elif not interrupted and last.finish_reason == "content_filter":
             note = " [withheld by the safety filter]"
         self.say(note)
+        self._note_dropped(last.dropped_turns)
+        if broken is not None:
+            # a partial reply is not an answer: keep the question so /regenerate (or the next message) goes on
+            self.say(f"error: {broken}; the question is kept: /regenerate asks again, or type your next message")
+            return
         if interrupted and not last.text:
             return  # nothing was said: the question stays unanswered (/regenerate asks again)
         self.turns.append({"role": "assistant", "content": last.text})
+
+    def _note_dropped(self, dropped: int) -> None:
+        """Say once per conversation that its oldest turns no longer reach the model (every turn would be noise:
+        once a chat is longer than the context, each new turn pushes out another old one)."""
+        if dropped <= 0 or self.dropped_noted:
+            return
+        self.dropped_noted = True
+        self.say(
+            f"(the conversation is longer than the model's context: its {dropped} oldest exchange"
+            f"{'s are' if dropped > 1 else ' is'} left out of what the model sees, and more will be as it grows; "
+            "/history and /save keep everything; /reset starts afresh)"
+        )
 
     def _local(self, cmd: str) -> LocalBackend:
         if not isinstance(self.backend, LocalBackend):
@@ -490,6 +634,7 @@ class ChatSession:
             self.say(HELP)
         elif name == "/reset":
             self.turns = []
+            self.dropped_noted = False
             self.say("(new conversation)")
         elif name == "/system":
             if not arg:
@@ -590,6 +735,7 @@ class ChatSession:
         system = [m["content"] for m in msgs if m["role"] == "system"]
         self.system = system[0] if system else self.system
         self.turns = [{"role": m["role"], "content": m["content"]} for m in msgs if m["role"] != "system"]
+        self.dropped_noted = False
         self.say(f"(loaded {len(self.turns)} messages from {path})")
 
     # ---------------------------------------------------------------------------------------------- the loop

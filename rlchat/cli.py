@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         kwargs.pop(k, None)
     verbose = console.verbose_requested(kwargs.pop("verbose", False))
     name = args._target.split(":")[1].removesuffix("_command")
-    if not verbose and name in QUIET_COMMANDS:
+    if verbose:
+        os.environ["RLCHAT_VERBOSE"] = "1"  # read by the library (e.g. Tune's own progress tables)
+    elif name in QUIET_COMMANDS:
         console.quiet_console(name)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     kwargs = resolve_path_args(kwargs)

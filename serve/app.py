@@ -45,9 +45,13 @@ How requests are served, and why:
 - **Safety filter (optional, ``serve.safety_filter``).** The reward library's safety component
   (``reward.safety_patterns`` / ``reward.safety_classifier``) checks every reply; a flagged reply is withheld,
   ``finish_reason`` is ``content_filter`` and the content says so.
+- **Long conversations.** Clients send the whole history; when it does not fit the context minus the reply budget,
+  :func:`rlchat.tokenizer.fit_history` drops the oldest whole exchanges (never the system message or the latest
+  user turn) and the ``X-RLChat-Dropped-Turns`` header says how many (see :meth:`ChatServer._fit_context`).
 - **Limits and errors.** API key (``Authorization: Bearer``) -> 401; message count, characters, ``max_tokens``,
-  context length, temperature range -> 400 with an OpenAI-style ``{"error": {...}}`` body; unsupported OpenAI
-  parameters (``tools``, ``logit_bias``, ...) -> 400 naming them. A malformed body is a 400, never a 500.
+  a latest turn that alone exceeds the context, temperature range -> 400 with an OpenAI-style ``{"error": {...}}``
+  body; unsupported OpenAI parameters (``tools``, ``logit_bias``, ...) -> 400 naming them. A malformed body is a
+  400, never a 500.
 - **Logs.** One line per request (id, status, token counts, finish reasons, latency) without message bodies
   unless ``serve.log_bodies`` is set.
 - **Crashes.** A replica whose process dies is replaced by Serve's controller; ``/readyz`` reports the new pid.
@@ -83,11 +87,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rlchat.chat import TextStreamer
+from rlchat.chat import DROPPED_TURNS_HEADER, TextStreamer
 from rlchat.config import Config, RewardConfig, load_config, parse_override
 from rlchat.errors import ConfigError, RLChatError
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
-from rlchat.tokenizer import ChatTokenizer
+from rlchat.tokenizer import ChatTokenizer, ContextOverflowError, fit_history
 from serve.schemas import (
     APIError,
     AssistantMessage,
@@ -701,8 +705,9 @@ class ChatServer:
             )
         return body
 
-    def _check_limits(self, req: ChatCompletionRequest) -> tuple[list[dict[str, str]], list[int], SamplingParams]:
-        """Server limits, the prompt, and the sampling settings of a valid request (400 otherwise)."""
+    def _check_limits(self, req: ChatCompletionRequest) -> tuple[list[dict[str, str]], list[int], SamplingParams, int]:
+        """Server limits, the messages the model sees, their prompt, the sampling settings and the number of
+        exchanges dropped to fit the context, of a valid request (400 otherwise)."""
 
         s = self.cfg
         if req.model is not None and req.model not in (self.model_name, DEFAULT_MODEL_NAME):
@@ -729,32 +734,17 @@ class ChatServer:
                 "messages",
                 "too_many_characters",
             )
-        prompt = self.tokenizer.render_prompt(messages)
-        room = self.max_positions - len(prompt)
-        if room < 1:
-            raise APIError(
-                400,
-                f"the conversation is {len(prompt)} tokens; the model's context is {self.max_positions} tokens; "
-                "shorten or drop earlier messages",
-                "messages",
-                "context_length_exceeded",
-            )
         budget = req.budget()
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        if budget is None:
-            budget = min(s.max_tokens, room)
-        elif budget > s.max_tokens:
+        if budget is not None and budget > s.max_tokens:
             raise APIError(
                 400, f"{param}={budget} exceeds this server's limit of {s.max_tokens}", param, "invalid_value"
             )
-        elif budget > room:
-            raise APIError(
-                400,
-                f"the conversation is {len(prompt)} tokens and {param}={budget}: together more than the model's "
-                f"context of {self.max_positions} tokens; lower {param} to at most {room} or shorten the messages",
-                param,
-                "context_length_exceeded",
-            )
+        messages, dropped = self._fit_context(messages, budget, param)
+        prompt = self.tokenizer.render_prompt(messages)
+        room = self.max_positions - len(prompt)  # >= budget (or >= 1 without one): _fit_context made sure
+        if budget is None:
+            budget = min(s.max_tokens, room)
         beams = req.num_beams or 1
         if beams > 1 and req.n > 1:
             raise APIError(400, "num_beams > 1 is deterministic: use n=1 with it", "n", "invalid_value")
@@ -770,7 +760,43 @@ class ChatServer:
             )
         except ConfigError as e:
             raise APIError(400, str(e), None, "invalid_value") from None
-        return messages, prompt, params
+        return messages, prompt, params, dropped
+
+    def _fit_context(
+        self, messages: list[dict[str, str]], budget: int | None, param: str
+    ) -> tuple[list[dict[str, str]], int]:
+        """The messages cut to the context (oldest exchanges first, :func:`fit_history`) and how many exchanges
+        that dropped.
+
+        With ``max_tokens`` given, the prompt must leave that many tokens (OpenAI's rule; else a 400). Without it,
+        the history is fitted to leave the reply ``serve.max_tokens`` but at most a quarter of the context; if the
+        system message and the latest user turn alone leave less, only they are kept and the reply gets the rest.
+        """
+        n = self.max_positions
+        reserve = budget if budget is not None else min(self.cfg.max_tokens, n // 4)
+        try:
+            return fit_history(messages, self.tokenizer, n - reserve)
+        except ContextOverflowError as e:
+            if budget is None and e.needed < n:
+                return fit_history(messages, self.tokenizer, e.needed)  # only the pinned messages
+            pinned = (
+                f"the system message and the latest user message are {e.needed} tokens as a prompt (earlier turns "
+                "are dropped to fit the context, these two never are)"
+            )
+            bad = "messages"
+            if budget is None or e.needed >= n:
+                msg = f"{pinned}: more than the model's context of {n} tokens; shorten the latest message"
+            elif budget >= n:
+                msg, bad = (
+                    f"{param}={budget} leaves no room in the model's context of {n} tokens; lower {param}",
+                    param,
+                )
+            else:
+                msg = (
+                    f"{pinned}; with {param}={budget} that is more than the model's context of {n} tokens; lower "
+                    f"{param} to at most {n - e.needed} or shorten the latest message"
+                )
+            raise APIError(400, msg, bad, "context_length_exceeded") from None
 
     def _finish_text(self, tokens: Sequence[int], stops: Sequence[str]) -> tuple[str, bool, bool]:
         """The visible text of a whole reply, whether the safety filter withholds it, and whether a stop string
@@ -881,6 +907,9 @@ class ChatServer:
             checkpoint=str(self.checkpoint.path),
             stage=self.checkpoint.stage,
             step=self.checkpoint.step,
+            max_model_len=self.max_positions,
+            max_messages=self.cfg.max_messages,
+            max_chars=self.cfg.max_chars,
         )
         return ModelList(data=[card]).model_dump()
 
@@ -891,7 +920,7 @@ class ChatServer:
         try:
             self._auth(request)
             req = parse_chat_request(await self._body(request))
-            messages, prompt, params = self._check_limits(req)
+            messages, prompt, params, dropped = self._check_limits(req)
         except APIError as e:
             self.stats.errors += 1
             self._log(cid, e.status, t0, error=e.code or e.type)
@@ -905,7 +934,8 @@ class ChatServer:
             from sse_starlette.sse import EventSourceResponse
 
             events = self._stream(req, cid, created, messages, prompt, params, seeds, t0)
-            return EventSourceResponse(events, ping=15, headers={"X-Request-Id": cid})
+            headers = {"X-Request-Id": cid, DROPPED_TURNS_HEADER: str(dropped)}
+            return EventSourceResponse(events, ping=15, headers=headers)
 
         self.stats.requests += 1
         out: JobOutput | Exception = RuntimeError("the batch ended without a result")
@@ -941,13 +971,14 @@ class ChatServer:
             stream=False,
             n=req.n,
             messages=len(messages),
+            dropped_turns=dropped,
             prompt_tokens=len(prompt),
             completion_tokens=n_out,
             finish=",".join(c.finish_reason for c in choices),
         )
         if self.cfg.log_bodies:
             logger.info("chat id=%s replies=%s", cid, json.dumps(texts, ensure_ascii=False))
-        return JSONResponse(body.model_dump(), headers={"X-Request-Id": cid})
+        return JSONResponse(body.model_dump(), headers={"X-Request-Id": cid, DROPPED_TURNS_HEADER: str(dropped)})
 
     async def _stream(
         self,

@@ -412,6 +412,12 @@ class ModelCard(BaseModel):
     checkpoint: str
     stage: str
     step: int
+    max_model_len: int | None = None
+    """The model's context in tokens (vLLM's name); longer conversations lose their oldest exchanges."""
+    max_messages: int | None = None
+    """Most messages a request may send (``serve.max_messages``): ``rlchat chat URL`` keeps within it."""
+    max_chars: int | None = None
+    """Most characters a request's messages may hold (``serve.max_chars``)."""
 
 
 class ModelList(BaseModel):

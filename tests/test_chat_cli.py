@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pexpect
@@ -18,6 +19,7 @@ from rlchat.chat import (
     ChatSession,
     Decoding,
     LocalBackend,
+    RemoteBackend,
     Reply,
     chat_command,
     format_probs,
@@ -26,6 +28,7 @@ from rlchat.chat import (
 from rlchat.data import read_records
 from rlchat.errors import RLChatError
 from rlchat.generation import SamplingParams
+from rlchat.tokenizer import fit_history
 from serve import testing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,3 +350,259 @@ def test_terminal_chat_with_the_endpoint_through_a_pty(serve_app):
     bad.close()
     assert bad.exitstatus == 2
     assert "error:" in bad.before and "HTTP 401" in bad.before and "Traceback" not in bad.before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Long conversations and broken streams
+# --------------------------------------------------------------------------------------------------------------
+
+DROP_NOTE = "(the conversation is longer than the model's context"
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory) -> Path:
+    """An untrained checkpoint of the demo's size (configs/demo.yaml: gpt2, 2 layers, 64 wide, 256 positions)."""
+    return testing.make_tiny_checkpoint(
+        tmp_path_factory.mktemp("demo_size") / "ckpt", n_layer=2, n_embd=64, n_head=4, n_positions=256
+    )
+
+
+def _turn(i: int) -> str:
+    return f"Message number {i}: tell me a little more about the weather on the coast today, please."
+
+
+def test_terminal_chat_of_40_turns_with_a_demo_size_checkpoint_drops_old_turns(demo_ckpt):
+    """40 turns are far more than 256 positions: the chat goes on, forgets its oldest exchanges, and says so once."""
+    child = _spawn(str(demo_ckpt), "--max-tokens", "4", "--seed", "0", "--system", "You are terse.")
+    outs = []
+    try:
+        for i in range(40):
+            outs.append(_say(child, _turn(i)))
+            assert "assistant> " in outs[-1], (i, outs[-1])
+        history = _say(child, "/history")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    text = "".join(outs)
+    assert text.count(DROP_NOTE) == 1, text
+    first = next(i for i, out in enumerate(outs) if DROP_NOTE in out)
+    assert 5 <= first <= 20, first  # ~28 tokens an exchange: the context fills after about 8 of them
+    assert not [line for line in text.splitlines() if line.startswith("error:")], text
+    assert "Traceback" not in text + history
+    assert " 1 system: You are terse." in history and f" 80 user: {_turn(39)}" in history  # all kept locally
+
+
+def test_local_backend_fits_the_prompt_and_reports_dropped_exchanges(demo_ckpt):
+    backend = LocalBackend(str(demo_ckpt))
+    tok = backend.tokenizer
+    msgs = [{"role": "system", "content": "be brief"}]
+    for i in range(30):
+        msgs += [{"role": "user", "content": _turn(i)}, {"role": "assistant", "content": "sure " * 5}]
+    msgs.append({"role": "user", "content": "last one"})
+    d = Decoding(temperature=0.0, max_tokens=16)
+    "".join(backend.stream(msgs, d))
+    kept, dropped = fit_history(msgs, tok, 256 - 16)
+    assert backend.last.dropped_turns == dropped > 0
+    assert backend.last_prompt == tok.render_prompt(kept)  # the one truncation rule, system and last turn kept
+    assert len(backend.last_prompt) + len(backend.last.token_ids) <= 256
+    # /max_tokens beyond the context: the conversation still gets half of it
+    "".join(backend.stream(msgs, replace(d, max_tokens=1000)))
+    assert 128 - 40 <= len(backend.last_prompt) <= 128
+    # a single message longer than the context: one line saying what to do, and the session goes on
+    s = ChatSession(backend, d, "be brief", io.StringIO())
+    _run(s, ["word " * 300, "hello"])
+    text = s.out.getvalue()
+    assert "error: your message and the system prompt take" in text and "send a shorter message" in text
+    assert [m["content"] for m in s.turns][0] == "hello" and s.turns[-1]["role"] == "assistant"
+
+
+class DropNoteBackend(FakeBackend):
+    """A fake backend that reports more dropped exchanges every turn (as a long chat does)."""
+
+    def stream(self, messages, d):
+        yield from super().stream(messages, d)
+        self.last.dropped_turns = len(self.calls)
+
+
+def test_drop_note_is_said_once_per_conversation():
+    out = io.StringIO()
+    s = ChatSession(DropNoteBackend(), Decoding(), None, out)  # type: ignore[arg-type]
+    _run(s, ["a", "b", "c", "/regenerate", "/reset", "d", "e"])
+    text = out.getvalue()
+    assert text.count(DROP_NOTE) == 2, text  # once, and once more after /reset
+    assert "its 1 oldest exchange is left out" in text and "its 5 oldest exchanges are left out" in text
+
+
+class FakeEndpoint:
+    """A tiny OpenAI-style endpoint (stdlib ``http.server`` in a thread) whose streamed replies follow a script, so a
+    test can drop the connection or send a malformed chunk mid-reply.
+
+    Each POST takes the next step of ``script`` (``"ok"`` once it is empty): ``ok`` streams "fine reply" and
+    ``[DONE]``; ``drop`` sends "partial" then cuts the connection inside an HTTP chunk; ``malformed`` sends "half"
+    then a data line that is not JSON (then a normal rest, which the client must not take); ``eof`` sends "stub"
+    and closes the stream cleanly but without ``[DONE]``.
+    """
+
+    def __init__(self, card: dict | None = None) -> None:
+        import http.server
+        import threading
+
+        self.script: list[str] = []
+        self.bodies: list[dict] = []
+        self.dropped_header = 0
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                body = json.dumps({"object": "list", "data": [{"id": "fake", "step": 3, **(card or {})}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                try:
+                    self._post()
+                except OSError:  # the client hung up (after a malformed chunk it stops reading): expected
+                    self.close_connection = True
+
+            def _post(self) -> None:
+                endpoint.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                mode = endpoint.script.pop(0) if endpoint.script else "ok"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("X-RLChat-Dropped-Turns", str(endpoint.dropped_header))
+                if mode == "eof":
+                    self.send_header("Connection", "close")
+                else:
+                    self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+
+                def event(data: str) -> None:
+                    payload = f"data: {data}\r\n\r\n".encode()
+                    if mode == "eof":
+                        self.wfile.write(payload)
+                    else:
+                        self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+
+                def delta(text: str, finish: str | None = None) -> str:
+                    choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+                    return json.dumps({"object": "chat.completion.chunk", "choices": [choice]})
+
+                event(delta(""))
+                if mode == "drop":
+                    event(delta("partial"))
+                    self.wfile.write(b'ff\r\ndata: {"obj')  # a chunk that never ends: the connection drops
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if mode == "eof":
+                    event(delta("stub"))
+                    self.close_connection = True
+                    return
+                if mode == "malformed":
+                    event(delta("half"))
+                    event('{"choices": [{"delta": {"content": "bro')
+                event(delta("fine "))
+                event(delta("reply"))
+                event(delta("", "stop"))
+                event("[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def endpoint():
+    e = FakeEndpoint()
+    yield e
+    e.close()
+
+
+def test_terminal_chat_survives_a_dropped_connection_and_a_malformed_chunk(endpoint):
+    child = _spawn(endpoint.url)
+    try:
+        endpoint.script = ["drop"]
+        out = _say(child, "first question")
+        assert "partial [cut off]" in out, out
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "connection" in errors[0] and "/regenerate asks again" in errors[0], out
+        out = _say(child, "/regenerate")
+        assert "assistant> fine reply" in out and "error" not in out, out
+        assert endpoint.bodies[-1]["messages"] == [{"role": "user", "content": "first question"}]  # no partial
+
+        endpoint.script = ["malformed"]
+        out = _say(child, "second question")
+        assert "assistant> half [cut off]" in out and "fine" not in out, out  # nothing after the bad chunk
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "malformed stream chunk" in errors[0], out
+        endpoint.script = ["eof"]
+        out = _say(child, "/regenerate")
+        assert "stub [cut off]" in out and "closed the stream before the reply was complete" in out, out
+        out = _say(child, "third question")  # or just go on: the unanswered question stays in the history
+        assert "assistant> fine reply" in out and "error" not in out, out
+        assert endpoint.bodies[-1]["messages"] == [
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "fine reply"},
+            {"role": "user", "content": "second question"},
+            {"role": "user", "content": "third question"},
+        ]
+        assert "Traceback" not in child.before
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_endpoint_client_keeps_within_advertised_limits_and_notes_server_drops():
+    """``rlchat chat URL`` cuts the request to the server's advertised max_messages / max_chars (oldest exchanges
+    first) and adds the server's X-RLChat-Dropped-Turns to what it tells the user, once."""
+    e = FakeEndpoint(card={"max_messages": 9, "max_chars": 400})
+    try:
+        backend = RemoteBackend(e.url, None)
+        s = ChatSession(backend, Decoding(max_tokens=4), "sys", io.StringIO())
+        _run(s, [f"turn {i}" for i in range(3)])
+        assert [len(b["messages"]) for b in e.bodies] == [2, 4, 6] and DROP_NOTE not in s.out.getvalue()
+        e.dropped_header = 2
+        _run(s, [f"turn {i}" for i in range(3, 12)] + ["x" * 375])
+        sent = [b["messages"] for b in e.bodies]
+        assert all(len(m) <= 9 and sum(len(x["content"]) for x in m) <= 400 for m in sent)
+        assert sent[-1][0] == {"role": "system", "content": "sys"} and sent[-1][-1]["content"] == "x" * 375
+        assert len(sent[-1]) == 4  # system, one earlier exchange (17 characters), the 375-character turn
+        text = s.out.getvalue()
+        assert text.count(DROP_NOTE) == 1 and "its 2 oldest exchanges are left out" in text, text  # 0 cut + 2
+        assert len(s.turns) == 26  # the session keeps everything
+    finally:
+        e.close()
+
+
+@pytest.mark.slow
+def test_endpoint_chat_of_40_turns_against_the_serve_app(serve_app):
+    """``rlchat chat URL`` against the real Serve app (256 positions, serve.max_messages 64): 40 turns are answered,
+    the request stays within 64 messages, and the server's dropped-turns header becomes the note, once."""
+    app = serve_app
+    backend = RemoteBackend(app.url, app.api_key)
+    s = ChatSession(backend, Decoding(max_tokens=4, seed=0), "You are terse.", io.StringIO())
+    assert _run(s, [_turn(i) for i in range(40)]) == 0
+    text = s.out.getvalue()
+    assert text.count("assistant> ") == 40 and text.count(DROP_NOTE) == 1, text
+    assert not [line for line in text.splitlines() if line.startswith("error:")], text
+    assert len(s.turns) == 80 and backend.last.dropped_turns > 20

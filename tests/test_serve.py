@@ -26,7 +26,7 @@ from rlchat.data import normalize_text, read_records
 from rlchat.errors import CheckpointError, ConfigError
 from rlchat.generation import FINISH_LENGTH, GenerationEngine, SamplingParams
 from rlchat.model import PolicyValueModel
-from rlchat.tokenizer import ChatTokenizer
+from rlchat.tokenizer import ChatTokenizer, fit_history
 from serve import testing
 from serve.app import (
     DEPLOYMENT_NAME,
@@ -439,6 +439,58 @@ def test_error_cases_over_raw_http(app):
     assert ready["checkpoint"] == str(app.checkpoint) and ready["step"] == 1 and ready["stage"] == "sft"
     # the server still answers after all that
     assert _post(app, {"messages": user, "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_40_turn_conversation_keeps_getting_answers_from_a_demo_size_model(app, tok, tmp_path):
+    """Clients send the whole history every turn: past the context (256 positions) the server drops the oldest
+    exchanges by :func:`fit_history` (never the system message or the latest turn) and says how many in a header."""
+    from ray import serve as ray_serve
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "demo", n_layer=2, n_embd=64, n_head=4, n_positions=256)
+    url = testing.deploy(
+        ckpt, name="longchat", route_prefix="/longchat", api_key=app.api_key, max_messages=128, num_cpus=0
+    )
+    try:
+        card = requests.get(url + "/v1/models", headers=_auth(app), timeout=30).json()["data"][0]
+        assert (card["max_model_len"], card["max_messages"], card["max_chars"]) == (256, 128, 32000)
+        messages = [{"role": "system", "content": "You are terse."}]
+        dropped = []
+        for i in range(40):
+            messages.append({"role": "user", "content": f"Turn {i}: what should I cook for dinner tonight?"})
+            body = {"messages": messages, "max_tokens": 8, "seed": i, "stream": i % 2 == 1}
+            r = requests.post(url + "/v1/chat/completions", json=body, headers=_auth(app), timeout=120, stream=True)
+            assert r.status_code == 200, (i, r.text[:300])
+            dropped.append(int(r.headers["X-RLChat-Dropped-Turns"]))
+            if body["stream"]:
+                chunks = [json.loads(d) for d in _sse(r)[:-1]]
+                reply = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+            else:
+                out = r.json()
+                reply = out["choices"][0]["message"]["content"]
+                kept, n = fit_history(messages, tok, 256 - 8)  # the one rule, on the server too
+                assert n == dropped[-1] and out["usage"]["prompt_tokens"] == len(tok.render_prompt(kept))
+                assert out["usage"]["total_tokens"] <= 256
+            messages.append({"role": "assistant", "content": reply})
+        assert dropped[0] == 0 and dropped[-1] > 20 and dropped == sorted(dropped), dropped
+        # without max_tokens the history is fitted to leave a quarter of the context (here 64 tokens) for the reply
+        r = requests.post(
+            url + "/v1/chat/completions", json={"messages": messages[:-1]}, headers=_auth(app), timeout=120
+        )
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] <= 256 - 64
+        # a latest turn that alone does not fit: a 400 that says so, however much history could be dropped
+        long_turn = messages + [{"role": "user", "content": "word " * 240}]
+        r = requests.post(
+            url + "/v1/chat/completions",
+            json={"messages": long_turn, "max_tokens": 30},
+            headers=_auth(app),
+            timeout=120,
+        )
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
+        assert "latest user message" in err["message"] and "lower max_tokens to at most" in err["message"]
+    finally:
+        ray_serve.delete("longchat")
 
 
 @pytest.mark.slow

@@ -13,7 +13,10 @@ from rlchat.tokenizer import (
     CHAT_SPECIALS,
     END,
     ChatTokenizer,
+    ContextOverflowError,
+    drop_oldest_turns,
     export_hf_tokenizer,
+    fit_history,
     ranks_to_tiktoken_file,
 )
 
@@ -293,3 +296,57 @@ def test_gpt2_encodings_load_from_the_tiktoken_cache(name, monkeypatch, fresh_en
     assert tok.n_vocab == 50257 + len(CHAT_SPECIALS) - 1  # the other chat tokens follow it
     for text in CORPUS:
         assert tok.decode(tok.encode(text)) == text
+
+
+# ------------------------------------------------------------------------------------------ long conversations
+
+
+def _chat(n_exchanges: int, system: bool = True) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": "You are terse."}] if system else []
+    for i in range(n_exchanges):
+        msgs += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    return msgs + [{"role": "user", "content": "the latest question"}]
+
+
+def test_fit_history_drops_oldest_whole_exchanges_and_keeps_system_and_latest_user():
+    tok = ChatTokenizer("cl100k_base", 4096)
+    msgs = _chat(10)
+    full = len(tok.render_prompt(msgs))
+    assert fit_history(msgs, tok, full) == (msgs, 0)  # fits exactly: nothing dropped
+    exchange = len(tok.render_conversation(msgs[1:3])[0])  # every exchange here renders to the same length
+    for k in range(1, 11):
+        kept, dropped = fit_history(msgs, tok, full - (k - 1) * exchange - 1)
+        assert dropped == k  # one token short of fitting k-1 exchanges fewer: k exchanges go
+        assert kept == msgs[:1] + msgs[1 + 2 * k :]  # the oldest go first, question and answer together
+        assert len(tok.render_prompt(kept)) <= full - (k - 1) * exchange - 1
+    pinned = [msgs[0], msgs[-1]]
+    kept, dropped = fit_history(msgs, tok, len(tok.render_prompt(pinned)))
+    assert (kept, dropped) == (pinned, 10)
+    with pytest.raises(ContextOverflowError, match="the latest user message") as e:
+        fit_history(msgs, tok, len(tok.render_prompt(pinned)) - 1)
+    assert e.value.needed == len(tok.render_prompt(pinned)) and e.value.budget == e.value.needed - 1
+
+
+def test_fit_history_groups_odd_conversations():
+    tok = ChatTokenizer("cl100k_base", 4096)
+    # no system message, an assistant greeting first, a question that was never answered, two systems at the top
+    msgs = [
+        {"role": "system", "content": "a"},
+        {"role": "system", "content": "b"},
+        {"role": "assistant", "content": "Hi! Ask me anything."},
+        {"role": "user", "content": "unanswered"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "r"},
+        {"role": "user", "content": "last"},
+    ]
+    budget = len(tok.render_prompt(msgs)) - 1
+    assert fit_history(msgs, tok, budget) == (msgs[:2] + msgs[3:], 1)  # the greeting is an exchange of its own
+    assert fit_history(msgs, tok, len(tok.render_prompt(msgs[:2] + msgs[4:]))) == (msgs[:2] + msgs[4:], 2)
+    no_system = _chat(3, system=False)
+    kept, dropped = fit_history(no_system, tok, len(tok.render_prompt(no_system)) - 1)
+    assert dropped == 1 and kept == no_system[2:]
+    # generic costs: the same rule by message count (what `rlchat chat URL` does for serve.max_messages)
+    kept, dropped = drop_oldest_turns(_chat(40), lambda m: 1, 64, "messages")
+    assert len(kept) <= 64 and dropped == 9 and kept[0]["role"] == "system" and kept[-1]["content"].startswith("the")
+    with pytest.raises(ContextOverflowError, match="2 messages, more than the 1 messages"):
+        drop_oldest_turns(_chat(1), lambda m: 1, 1, "messages")

@@ -115,19 +115,6 @@ STOP_OPTIONS: dict[str, type] = {
     "patience": int,
     "grace_iterations": int,
 }
-PATH_KEYS = (
-    "data.sft",
-    "data.preferences",
-    "data.prompts",
-    "tokenizer.encoding",
-    "model.name_or_path",
-    "reward.coherence_model",
-    "reward.safety_classifier",
-    "reward.model_path",
-    "rm.name_or_path",
-    "checkpoint.init_from",
-)
-"""Config keys that may hold a file path: made absolute on the driver, since trials run in other directories."""
 PBT_FROZEN_PREFIXES = ("model.", "tokenizer.")
 """Keys PBT may not mutate: a copied checkpoint's weights would not fit the mutated architecture."""
 
@@ -799,6 +786,8 @@ def build_tuner(base: Config, space: SearchSpace, sweep_dir: Path, scheduler: st
     import ray
     from ray import tune as ray_tune
 
+    from rlchat.console import verbose_requested
+
     tune_config = ray_tune.TuneConfig(
         metric=space.metric,
         mode=space.mode,
@@ -819,27 +808,11 @@ def build_tuner(base: Config, space: SearchSpace, sweep_dir: Path, scheduler: st
             checkpoint_score_order=space.mode,
         ),
         failure_config=ray_tune.FailureConfig(max_failures=0),
-        verbose=1,
+        verbose=1 if verbose_requested() else 0,  # rlchat prints its own progress; Tune's tables with --verbose
     )
     return ray_tune.Tuner(
         _trainable(base, sweep_dir), param_space=space.param_space(), tune_config=tune_config, run_config=run_config
     )
-
-
-def _absolute_paths(cfg: Config) -> Config:
-    """Relative paths in path-like keys made absolute: trial processes run in other working directories."""
-    flat = cfg.flat()
-    fixed = {}
-    for key in PATH_KEYS:
-        value = flat.get(key)
-        if not isinstance(value, str) or not value or Path(value).is_absolute():
-            continue
-        p = Path(value)
-        # an existing path, or one inside an existing directory (``runs/x/checkpoints/best`` names an entry of
-        # index.json, not a directory); a hub id such as ``org/model`` has no such local parent
-        if p.exists() or (p.parent != Path(".") and p.parent.is_dir()):
-            fixed[key] = str(p.resolve())
-    return cfg.replace(**fixed) if fixed else cfg
 
 
 def _cli_overrides(overrides: Sequence[str] | None) -> dict[str, Any]:
@@ -871,7 +844,7 @@ def prepare_sweep(
         base = load_config(config, merged)
     except ConfigError as e:
         raise ConfigError(f"{e} (with the `fixed:` values of {space.path} and the command-line overrides)") from None
-    base = _absolute_paths(base)
+    # (path keys are already absolute: load_config resolves them where the user typed the command)
     return base, load_space(space_path, base)
 
 
