@@ -302,8 +302,9 @@ class LocalBackend:
             if e.needed >= self.max_positions:
                 with_system = " and the system prompt" if messages and messages[0]["role"] == "system" else ""
                 raise RLChatError(
-                    f"your message{with_system} take {e.needed} tokens; the model's context is {self.max_positions} "
-                    "tokens: send a shorter message" + (" (or /system none)" if with_system else "")
+                    f"your message{with_system} take{'' if with_system else 's'} {e.needed} tokens; the model's "
+                    f"context is {self.max_positions} tokens: send a shorter message"
+                    + (" (or /system none)" if with_system else "")
                 ) from None
             # they fit but leave less than max_tokens: keep only them, and the reply gets what is left
             fitted, dropped = fit_history(messages, self.tokenizer, e.needed)

@@ -493,7 +493,7 @@ class FakeEndpoint:
                     else:
                         self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
                     self.wfile.flush()
-                    time.sleep(0.05)
+                    time.sleep(0.01)
 
                 def delta(text: str, finish: str | None = None) -> str:
                     choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
