@@ -94,11 +94,14 @@ def test_n_embd_not_multiple_of_heads_is_a_config_error(tok: ChatTokenizer) -> N
 
 
 @pytest.mark.parametrize(
-    ("with_bias", "scale", "temperature"), [(False, 1.0, 1.0), (True, 0.5, 1.0), (True, 0.5, 0.7)]
+    ("with_bias", "scale", "temperature", "block_v"),
+    [(False, 1.0, 1.0, 4096), (True, 0.5, 1.0, 4096), (True, 0.5, 0.7, 4096), (True, 0.5, 0.7, 7), (False, 1, 1, 32)],
 )
 def test_chunked_logprobs_match_plain_autograd_values_and_gradients(
-    with_bias: bool, scale: float, temperature: float
+    with_bias: bool, scale: float, temperature: float, block_v: int
 ) -> None:
+    """Tiled over rows (5) and, with a small ``block_v``, over the vocabulary: the online log-sum-exp, the target
+    logits found in their tile and the per-tile weight gradients equal plain autograd over full logits."""
     g = torch.Generator().manual_seed(0)
     n, h, v = 23, 16, 101
     hidden = torch.randn(n, h, generator=g, dtype=torch.float64).float().requires_grad_()
@@ -108,7 +111,7 @@ def test_chunked_logprobs_match_plain_autograd_values_and_gradients(
     a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
 
     lp, ent = chunked_logprobs(
-        hidden, weight, bias, targets, chunk_size=5, transform=(scale, 0.0), temperature=temperature
+        hidden, weight, bias, targets, chunk_size=5, transform=(scale, 0.0), temperature=temperature, block_v=block_v
     )
     (lp * a + ent * b).sum().backward()
     grads = [hidden.grad.clone(), weight.grad.clone()] + ([bias.grad.clone()] if with_bias else [])
@@ -144,6 +147,16 @@ def test_chunked_logprobs_softcap_and_bf16_paths() -> None:
     lp16, ent16 = chunked_logprobs(hidden, weight, None, targets, chunk_size=4, matmul_dtype=torch.bfloat16)
     ref32 = torch.log_softmax(hidden @ weight.t(), -1).gather(1, targets[:, None]).squeeze(1)
     assert lp16.dtype == torch.float32 and torch.allclose(lp16, ref32, atol=0.1)
+    # bf16 tiles of the vocabulary: gradients agree with fp32 autograd to bf16 precision
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp_b, ent_b = chunked_logprobs(h2, w2, None, targets, chunk_size=4, matmul_dtype=torch.bfloat16, block_v=16)
+    (lp_b.sum() + ent_b.sum()).backward()
+    h3, w3 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = torch.log_softmax(h3 @ w3.t(), -1)
+    (logp.gather(1, targets[:, None]).sum() - (logp.exp() * logp).sum()).backward()
+    torch.testing.assert_close(lp_b, ref32, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(h2.grad, h3.grad, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(w2.grad, w3.grad, atol=0.1, rtol=0.05)
 
 
 def test_forward_matches_full_logits_with_alignment_and_gradients(tok: ChatTokenizer) -> None:
