@@ -1,7 +1,7 @@
 """``rlchat/Chat-v0``: a chat conversation as a token-level Gymnasium environment.
 
 One action is one token id of the assistant's reply; the observation is the conversation's token ids so far.
-The env owns the reward and termination contract that rollouts and the learner share (ARCHITECTURE.md "Env").
+The env owns the reward and termination contract that rollouts and the learner share (docs/ARCHITECTURE.md "Env").
 
 Spaces (``V = tokenizer.n_vocab``, ``C = env.max_context``)::
 

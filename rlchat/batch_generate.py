@@ -390,7 +390,7 @@ def generate_rows(
 
 
 def set_thread_budget(n: int) -> None:
-    """Give this process ``n`` torch threads (ARCHITECTURE.md: budgets sum to the cores a process owns)."""
+    """Give this process ``n`` torch threads (docs/ARCHITECTURE.md "Threads": budgets sum to the cores owned)."""
     from rlchat.rollout import set_torch_threads
 
     set_torch_threads(n)
@@ -592,10 +592,10 @@ def worker_resources(concurrency: int) -> WorkerResources:
     """One GPU per actor when the cluster has GPUs; else one CPU and one torch thread per actor.
 
     Why one thread: on this project's 2-core machine, shared with other jobs, generation with 2 torch threads
-    ran 12-20x *slower* than with 1 (OpenMP barriers stall when the other core is busy; ARCHITECTURE.md saw the
-    same in the learner), while a second actor with its own thread adds throughput without such stalls. So
-    ``--concurrency`` is the knob: set it to the cores (or GPUs) to use. More actors than CPUs share them
-    (fractional reservations) with a warning.
+    ran 12-20x *slower* than with 1 (OpenMP barriers stall when the other core is busy; docs/ARCHITECTURE.md
+    "Threads" records the same for the learner), while a second actor with its own thread adds throughput without
+    such stalls. So ``--concurrency`` is the knob: set it to the cores (or GPUs) to use. More actors than CPUs share
+    them (fractional reservations) with a warning.
     """
     import ray
 

@@ -129,7 +129,7 @@ def die_hook_from_env(worker_id: int, environ: Any = None) -> Callable[[int], No
 
 
 def set_torch_threads(n: int) -> None:
-    """Give this process an explicit thread budget (ARCHITECTURE.md: budgets must sum to the cores owned)."""
+    """Give this process an explicit thread budget (docs/ARCHITECTURE.md "Threads": budgets sum to the cores owned)."""
     if n > 0:
         torch.set_num_threads(n)
         os.environ["OMP_NUM_THREADS"] = str(n)
