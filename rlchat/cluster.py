@@ -271,3 +271,51 @@ def cluster_capacity_problems(cluster: Mapping[str, Any], cfg: Config) -> list[s
         for k, v in need.items():
             node[k] = node.get(k, 0.0) - v
     return problems
+
+
+def node_cpus() -> int:
+    """CPUs of the node this process runs on: Ray's CPU resource of the node (what the user gave Ray), else the
+    cores this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return cores
+        me = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node.get("NodeID") == me and node.get("Alive"):
+                return max(1, int(node.get("Resources", {}).get("CPU", cores)))
+    except Exception:  # noqa: BLE001 - outside Ray, or a Ray without the node table: the affinity count
+        logger.debug("node_cpus: Ray's node table unavailable; using the affinity count", exc_info=True)
+    return cores
+
+
+def torch_thread_budget(requested: int, reserved_cpus: float, same_phase_on_node: int, overlap: bool) -> int:
+    """Torch threads of one rollout worker or learner rank (``rollout.torch_threads`` / ``ray.learner_threads``).
+
+    ``requested > 0`` is taken as is. ``0`` (auto) is the design that keeps no core idle on one machine: without
+    ``rollout.overlap`` the driver runs sample -> update -> sync in turn, so while the rollout workers sample the
+    learner waits and vice versa; each phase may then use every core of the node, shared only among the processes
+    *of the same phase* there. Ray's CPU reservations still place and count the processes; only the threads
+    inside them follow the phases. With overlap both phases run at once, so each process gets its reservation.
+    Measured on 2 cores at cl100k (bench/README.md): the 100k-vocabulary update takes half the time on 2 threads.
+
+    Args:
+        requested: the config value (0 = auto).
+        reserved_cpus: the CPUs Ray reserved for this process (``rollout.num_cpus_per_worker`` / ``learner_cpus``).
+        same_phase_on_node: processes of this phase that run at the same time on this node (>= 1).
+        overlap: ``rollout.overlap``.
+    """
+    if requested > 0:
+        return requested
+    if overlap:
+        return max(1, int(reserved_cpus))
+    return max(1, node_cpus() // max(1, same_phase_on_node))
+
+
+def rollout_workers_per_node(cfg: Config, cpus: int) -> int:
+    """How many of the run's rollout workers Ray can place on a node of ``cpus`` CPUs (at most all of them)."""
+    per = cfg.rollout.num_cpus_per_worker
+    fit = int(cpus // per) if per > 0 else cfg.rollout.num_workers
+    return max(1, min(cfg.rollout.num_workers, fit))

@@ -180,8 +180,8 @@ class RolloutConfig:
     """GPUs reserved per rollout worker."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources per worker, e.g. {"rollout": 1} to pin workers to rollout nodes."""
-    torch_threads: int = 1
-    """Torch intra-op threads per worker (budget threads so all processes sum to the cores they own)."""
+    torch_threads: int = 0
+    """Torch intra-op threads per worker; 0 = auto: the node's cores while rollouts and updates alternate."""
     temperature: float = 1.0
     """Sampling temperature during rollouts."""
     top_k: int = 0
@@ -235,7 +235,9 @@ class PPOConfig:
     kl_coef: float = 0.05
     """Initial coefficient of the per-token KL penalty to the frozen reference."""
     kl_estimator: Literal["k1", "k3"] = "k1"
-    """KL estimator of the penalty (http://joschu.net/blog/kl-approx.html)."""
+    """KL estimator of the penalty (http://joschu.net/blog/kl-approx.html): k1 in the reward, k3 in the loss."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference acts: reward (per-token penalty, k1) or loss (differentiable k3 term, GRPO)."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
     kl_target: float = 6.0
@@ -313,7 +315,7 @@ class RMConfig:
     max_seq_len: int = 256
     """Pairs are truncated to this many tokens."""
     feedback: tuple[str, ...] = ()
-    """Extra preference JSONL files, e.g. the feedback file the Serve endpoint writes."""
+    """Extra preference data: files, or feedback store URLs (postgresql://..., sqlite:///feedback.db)."""
 
 
 @dataclass(frozen=True)
@@ -332,8 +334,8 @@ class RayConfig:
     """CPUs per learner worker."""
     learner_resources: dict[str, float] = field(default_factory=dict)
     """Custom resources per learner worker, e.g. {"learner": 1}."""
-    learner_threads: int = 1
-    """Torch threads per learner worker."""
+    learner_threads: int = 0
+    """Torch threads per learner worker; 0 = auto: the node's cores (split among its ranks) while updates run."""
 
 
 @dataclass(frozen=True)
@@ -381,7 +383,17 @@ class ServeConfig:
     safety_filter: bool = False
     """Withhold replies that the reward library's safety component flags."""
     feedback_path: str = "feedback.jsonl"
-    """Where POST /v1/feedback appends preference records."""
+    """Deprecated (feedback goes to feedback_store): only its directory is used, for the default feedback.db."""
+    feedback_store: str = ""
+    """Feedback database: postgresql://user:pw@host/db (clusters) or sqlite:///path.db; empty = feedback.db here."""
+    transcripts: bool = False
+    """Store conversation transcripts (messages and replies) in feedback_store; off by default for privacy."""
+    transcript_retention_days: float = 30.0
+    """Stored transcripts older than this many days are deleted."""
+    scrub_pii: bool = False
+    """Replace e-mail addresses and phone numbers with [email] / [phone] in stored transcripts and feedback."""
+    model_version: str = ""
+    """Label stored with requests and feedback (rlchat feedback stats groups by it); empty = the checkpoint's dir."""
     log_bodies: bool = False
     """Log message bodies (off by default for privacy)."""
 
@@ -435,6 +447,10 @@ def _check(ok: bool, key: str, value: Any, expected: str, fix: str, why: str = "
     """Raise ``key=value: expected ... (why); fix`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={value!r}: expected {expected}{f' ({why})' if why else ''}; {fix}")
+
+
+FEEDBACK_STORE_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "postgres://")
+"""URL forms ``serve.feedback_store`` accepts (checked here without importing the database layer)."""
 
 
 def _validate(cfg: Config) -> None:
@@ -503,6 +519,21 @@ def _validate(cfg: Config) -> None:
         cfg.reward.length_min,
         f"<= reward.length_max ({cfg.reward.length_max})",
         "swap the two values",
+    )
+    s = cfg.serve
+    _check(
+        s.transcript_retention_days > 0,
+        "serve.transcript_retention_days",
+        s.transcript_retention_days,
+        "a positive number of days",
+        "use e.g. 30 (transcripts older than that are deleted)",
+    )
+    _check(
+        not s.feedback_store or s.feedback_store.startswith(FEEDBACK_STORE_SCHEMES),
+        "serve.feedback_store",
+        s.feedback_store,
+        f"a database URL starting with one of {', '.join(FEEDBACK_STORE_SCHEMES)}, or empty",
+        "use postgresql://USER:PASSWORD@HOST:5432/DB on a cluster, or sqlite:///feedback.db on one machine",
     )
 
 
@@ -581,6 +612,25 @@ def _validate_ppo_coefficients(cfg: Config) -> None:
             "use e.g. 0.05, or set ppo.adaptive_kl=false for no KL penalty",
             "the adaptive controller multiplies kl_coef, so from 0 it can never move",
         )
+    # The KL estimator must suit where the penalty acts (Shah et al. 2025, "A Comedy of Estimators"; joschu's note).
+    _check(
+        p.kl_penalty == "loss" or p.kl_estimator == "k1",
+        "ppo.kl_estimator",
+        p.kl_estimator,
+        "k1 with ppo.kl_penalty=reward",
+        "set ppo.kl_estimator=k1 to keep the penalty in the reward, or ppo.kl_penalty=loss to use k3 as a "
+        "differentiable loss term (GRPO)",
+        "k3 as a detached per-token reward has a biased gradient: its score-function gradient is not the KL's and "
+        "is ~0 near the reference, so the penalty barely holds the policy; k1's is the KL's gradient",
+    )
+    _check(
+        p.kl_penalty == "reward" or p.kl_estimator == "k3",
+        "ppo.kl_penalty",
+        p.kl_penalty,
+        "ppo.kl_estimator=k3 with a KL loss term",
+        "set ppo.kl_estimator=k3, or ppo.kl_penalty=reward for a k1 penalty in the reward",
+        "a k1 loss term has zero expected gradient (E[grad log pi] = 0), so it would not regularise at all",
+    )
     _check(p.weight_decay >= 0, "ppo.weight_decay", p.weight_decay, "a non-negative decay", "use 0.0 or e.g. 0.01")
     for key in ("ppo.max_ref_kl", "ppo.min_entropy", "ppo.max_length_drift", "ppo.max_repetition"):
         v = _get(cfg, key)
@@ -924,7 +974,8 @@ PATH_KEYS: tuple[str, ...] = (
 )
 """Config keys that always name a local file or directory (unless a ``builtin:`` set or a URI).
 
-(``serve.feedback_path`` is resolved by ``rlchat serve`` itself, on the driver, where the server starts.)"""
+(``serve.feedback_path`` and a relative ``sqlite:///`` ``serve.feedback_store`` are resolved by ``rlchat serve``
+itself, on the driver, where the server starts.)"""
 
 PATH_OR_ID_KEYS: tuple[str, ...] = (
     "model.name_or_path",

@@ -38,7 +38,6 @@ started once per run, not once per step (its start-up costs ~17 s on 2 cores).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
@@ -58,7 +57,7 @@ from rlchat.metrics import PPO_EARLY_STOPPED as EARLY_STOPPED
 from rlchat.metrics import PPO_EPOCHS_RUN as EPOCHS_RUN
 from rlchat.metrics import PPO_GRAD_NORM as GRAD_NORM
 from rlchat.metrics import PPO_LR as LR
-from rlchat.model import PolicyValueModel
+from rlchat.model import PolicyLM, PolicyValueModel
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +90,18 @@ def check_ppo_config(cfg: Config) -> None:
         read_checkpoint(cfg.checkpoint.init_from, expect_stage=POLICY_STAGES)
 
 
+ADAM_EPS = 1e-8
+"""AdamW's eps (docs/ppo.md row 20): PyTorch's and TRL's default, not cleanrl's 1e-5. Per-parameter gradients of an
+LM after norm clipping are ~1e-4 to 1e-5 (1 / sqrt(parameters)), so an eps of 1e-5 would shrink their Adam steps
+by 10-50%, a hidden learning-rate cut that grows with the model."""
+
+
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, fused where torch supports it (measured: a fused Adam shaved ~5% off a CPU PPO step)."""
+    """AdamW (eps :data:`ADAM_EPS`), fused where torch supports it (measured: ~5% off a CPU PPO step)."""
     try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=ADAM_EPS, fused=True)
     except (RuntimeError, TypeError):  # device / dtype without a fused kernel
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=ADAM_EPS, foreach=True)
 
 
 class Learner:
@@ -105,7 +110,8 @@ class Learner:
     Args:
         cfg: the run config (``ppo`` section, ``seed``).
         policy: the trainable policy + value model (already on ``device``).
-        ref: the frozen reference policy, or None when no KL penalty is used.
+        ref: the frozen reference policy (its LM only, :meth:`PolicyLM.frozen_copy`), or None without a KL
+            penalty.
         rank, world: data-parallel coordinates (``torch.distributed`` must be initialised when world > 1).
         ddp: the DDP-wrapped policy used for the gradient forward (None: ``policy`` itself).
 
@@ -117,7 +123,7 @@ class Learner:
         self,
         cfg: Config,
         policy: PolicyValueModel,
-        ref: PolicyValueModel | None,
+        ref: PolicyLM | None,
         rank: int = 0,
         world: int = 1,
         ddp: nn.Module | None = None,
@@ -183,11 +189,7 @@ class Learner:
         self.policy.eval()
         temp = self.temperature
         out = self.policy(ids, attn, act, compute_entropy=False, temperature=temp)
-        ref_lp = (
-            self.ref(ids, attn, act, compute_entropy=False, temperature=temp).logprobs
-            if self.ref is not None
-            else out.logprobs
-        )
+        ref_lp = self.ref.action_logprobs(ids, attn, act, temperature=temp) if self.ref is not None else out.logprobs
         # V(state after the last token) matters only where the episode was cut (bootstrap at truncation).
         last_values = torch.zeros(len(rows), device=self.device)
         trunc = t["truncated"][rows]
@@ -221,12 +223,11 @@ class Learner:
         stats = self._rollout_stats(t)
         behaviour = t["behaviour_logprobs"]
         diff = ((stats["old_logprobs"] - behaviour).abs() * act).max().item() if act.any() else 0.0
-        # On-policy the recomputed log-probs are the ratio's denominator (robust to bf16 sampling noise); with
-        # overlapped (one-step off-policy) sampling the behaviour policy's own log-probs are, as importance sampling
-        # requires.
-        old_logprobs = (
-            behaviour if (self.cfg.rollout.overlap and batch.weights_version < self.version) else stats["old_logprobs"]
-        )
+        # When the batch was sampled with the weights the learner holds, the recomputed log-probs are the ratio's
+        # denominator (robust to bf16 sampling noise). Whenever the versions differ (overlapped sampling, or any
+        # other way a batch and the learner got out of step) only the behaviour policy's own log-probs are, as
+        # importance sampling requires: recomputing them would take the ratio against the wrong policy.
+        old_logprobs = behaviour if batch.weights_version != self.version else stats["old_logprobs"]
         # 2. KL-shaped rewards -> GAE -> whitening (identical on every rank)
         targets, metrics = ppo.compute_targets(
             old_logprobs,
@@ -251,8 +252,7 @@ class Learner:
         grad_norms: list[float] = []
         for epoch in range(p.update_epochs):
             gen = torch.Generator().manual_seed(_derive_seed(self.cfg.seed, iteration, epoch))
-            epoch_kl_num = torch.zeros((), dtype=torch.float64)
-            epoch_kl_den = torch.zeros((), dtype=torch.float64)
+            epoch_kl_num = epoch_kl_den = 0.0  # token-weighted approx KL of the epoch (host floats)
             for mb in ppo.minibatch_indices(n, p.num_minibatches, gen):
                 mine = mb[self.rank :: self.world]
                 mb_tokens = act[mb].sum().item()
@@ -261,8 +261,7 @@ class Learner:
                 denom = mb_tokens / self.world
                 self.optimizer.zero_grad(set_to_none=True)
                 micro = [m for m in torch.tensor_split(mine, max(1, min(p.grad_accum_steps, len(mine)))) if len(m)]
-                mb_metrics: dict[str, torch.Tensor] = {}
-                local_tokens = 0.0
+                mb_metrics = MinibatchMetrics(self.device)
                 for k, rows in enumerate(micro):
                     sync = k == len(micro) - 1
                     ctx = self.train_module.no_sync() if (self.world > 1 and not sync) else _null()
@@ -281,28 +280,25 @@ class Learner:
                             act[rows],
                             p,
                             loss_denominator=denom,
+                            ref_logprobs=stats["ref_logprobs"][rows],  # the KL loss term (ppo.kl_penalty=loss)
+                            kl_coef=self.kl_ctl.value,
                         )
                         loss.backward()
-                    tok = float(act[rows].sum().item())
-                    local_tokens += tok
-                    for key, v in m.items():
-                        mb_metrics[key] = mb_metrics.get(key, torch.zeros((), dtype=torch.float64)) + v.double() * tok
+                    mb_metrics.add(m, float(act[rows].sum().item()))
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, p.max_grad_norm)
                 grad_norms.append(float(grad_norm))
                 self.optimizer.step()
                 self.scheduler.step()
                 # token-weighted global means of the minibatch metrics
-                keys = sorted(mb_metrics)
-                vec = torch.stack([mb_metrics[k] for k in keys] + [torch.tensor(local_tokens, dtype=torch.float64)])
-                vec = self._all_reduce(vec)
-                total_tokens = float(vec[-1])
-                for key, v in zip(keys, vec[:-1]):
-                    sums[key] = sums.get(key, 0.0) + float(v) / max(total_tokens, 1.0)
+                keys, vec = mb_metrics.vector()
+                *values, total_tokens = self._all_reduce(vec).tolist()
+                for key, v in zip(keys, values):
+                    sums[key] = sums.get(key, 0.0) + v / max(total_tokens, 1.0)
                 count += 1
-                epoch_kl_num += vec[keys.index(ppo.APPROX_KL)]
+                epoch_kl_num += values[keys.index(ppo.APPROX_KL)]
                 epoch_kl_den += total_tokens
             epochs_run += 1
-            epoch_kl = float(epoch_kl_num / epoch_kl_den.clamp(min=1.0))
+            epoch_kl = epoch_kl_num / max(epoch_kl_den, 1.0)
             if ppo.should_early_stop(epoch_kl, p.target_kl):
                 early = True
                 break
@@ -337,13 +333,37 @@ class Learner:
         }
 
     def load_train_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Restore :meth:`train_state`; returns its driver state (empty for checkpoints written without one)."""
+        """Restore :meth:`train_state`; returns its driver state (empty for checkpoints written without one).
+
+        The weights version never goes down: it becomes the checkpoint's (a resume, into a fresh learner) or, when
+        that is not newer than the current one (a guardrail rollback), the current one + 1. The restored weights
+        are new weights for the samplers; a batch sampled before the load must never look current or newer than
+        the learner (it would pass the staleness check and be importance-weighted against the wrong policy).
+        """
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.version = int(state["version"])
+        self.version = max(int(state["version"]), self.version + 1)
         self.set_learning_rate_scale(float(state.get("lr_scale", 1.0)))
         return dict(state.get("driver") or {})
+
+    def load_checkpoint(self, path: str, lr_scale: float | None = None) -> dict[str, Any]:
+        """Resume / roll back: the policy weights and the train state of a checkpoint, then ``lr_scale`` (None: the
+        checkpoint's own). Returns the driver state saved with it. The version rule of :meth:`load_train_state`
+        holds for checkpoints without a train state too (their weights get the next version)."""
+        from rlchat.checkpoint import read_checkpoint
+
+        ck = read_checkpoint(path)
+        self.policy.load_state_dict(PolicyValueModel.from_pretrained(ck.path, self.cfg).state_dict())
+        state = ck.load_train_state()
+        if state is not None:
+            driver_state = self.load_train_state(state)
+        else:
+            driver_state = {}
+            self.version += 1
+        if lr_scale is not None:
+            self.set_learning_rate_scale(lr_scale)
+        return driver_state
 
     def current_learning_rates(self) -> list[float]:
         """The LR of each param group for the next optimizer step: base LR x schedule(step) x :attr:`lr_scale`."""
@@ -371,6 +391,33 @@ class Learner:
         return float(lrs[0])
 
 
+class MinibatchMetrics:
+    """Token-weighted sums of the ``ppo_loss`` metrics of one minibatch's micro-batches, kept on ``device``.
+
+    Why on the learner's device: ``ppo_loss`` returns its metrics where the model runs (CUDA on a GPU learner).
+    A CPU accumulator or token count mixed in crashes there (``torch.stack`` refuses mixed devices), and NCCL can
+    only all-reduce CUDA tensors. The vector is all-reduced once per minibatch, then read with one host sync.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = 0.0
+
+    def add(self, metrics: dict[str, torch.Tensor], tokens: float) -> None:
+        """Add one micro-batch's metrics (0-dim tensors on ``device``), weighted by its action-token count."""
+        self.tokens += tokens
+        for key, v in metrics.items():
+            zero = torch.zeros((), dtype=torch.float64, device=self.device)
+            self.sums[key] = self.sums.get(key, zero) + v.double() * tokens
+
+    def vector(self) -> tuple[list[str], torch.Tensor]:
+        """(sorted keys, (len(keys) + 1,) float64 sums followed by the token count): one tensor to all-reduce."""
+        keys = sorted(self.sums)
+        count = torch.tensor(self.tokens, dtype=torch.float64, device=self.device)
+        return keys, torch.stack([self.sums[k] for k in keys] + [count])
+
+
 class _null:
     def __enter__(self) -> None:
         return None
@@ -379,8 +426,9 @@ class _null:
         return None
 
 
-def build_models(cfg: Config, device: torch.device) -> tuple[PolicyValueModel, PolicyValueModel | None, Any]:
-    """The policy (from ``checkpoint.init_from`` or built from the config) and its frozen reference copy."""
+def build_models(cfg: Config, device: torch.device) -> tuple[PolicyValueModel, PolicyLM | None, Any]:
+    """The policy (from ``checkpoint.init_from`` or built from the config) and its frozen reference: a copy of the
+    policy's LM only (no value head, no critic trunk), None when no KL penalty is used."""
     from rlchat.tokenizer import ChatTokenizer
 
     if cfg.checkpoint.init_from:
@@ -394,9 +442,7 @@ def build_models(cfg: Config, device: torch.device) -> tuple[PolicyValueModel, P
     policy.to(device)
     ref = None
     if cfg.ppo.kl_coef > 0 or cfg.ppo.adaptive_kl:
-        ref = copy.deepcopy(policy).eval()
-        for q in ref.parameters():
-            q.requires_grad_(False)
+        ref = policy.frozen_copy()
     return policy, ref, tokenizer
 
 
@@ -409,12 +455,16 @@ def _learner_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from rlchat.cluster import torch_thread_budget
     from rlchat.config import from_dict
     from rlchat.rollout import set_torch_threads
 
     cfg = from_dict(config["cfg"])
-    set_torch_threads(cfg.ray.learner_threads)
     ctx = ray.train.get_context()
+    r = cfg.ray
+    set_torch_threads(
+        torch_thread_budget(r.learner_threads, r.learner_cpus, ctx.get_local_world_size(), cfg.rollout.overlap)
+    )
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.ray.learner_use_gpu else torch.device("cpu")
     policy, ref, tokenizer = build_models(cfg, device)
@@ -464,17 +514,8 @@ def _learner_loop(config: dict[str, Any]) -> None:
                     reply("save", str(path))
             elif cmd == "load":
                 # resume / rollback: policy weights + optimizer, scheduler, LR scale, KL controller, version
-                from rlchat.checkpoint import read_checkpoint
-                from rlchat.model import PolicyValueModel as PVM
-
                 path, lr_scale = args
-                ck = read_checkpoint(path)
-                loaded = PVM.from_pretrained(ck.path, cfg)
-                policy.load_state_dict(loaded.state_dict())
-                state = ck.load_train_state()
-                driver_state = learner.load_train_state(state) if state is not None else {}
-                if lr_scale is not None:
-                    learner.set_learning_rate_scale(lr_scale)
+                driver_state = learner.load_checkpoint(path, lr_scale)
                 reply("load", (ray.put(learner.policy_weights()), learner.version, driver_state))
             elif cmd == "eval":
                 from rlchat.evaluation import teacher_forced_metrics
@@ -599,9 +640,10 @@ class LocalLearner:
     """
 
     def __init__(self, cfg: Config, run_dir: str) -> None:
+        from rlchat.cluster import torch_thread_budget
         from rlchat.rollout import set_torch_threads
 
-        set_torch_threads(cfg.ray.learner_threads)
+        set_torch_threads(torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, 1, cfg.rollout.overlap))
         self.cfg = cfg
         policy, ref, self.tokenizer = build_models(cfg, torch.device("cpu"))
         self.learner = Learner(cfg, policy, ref)
@@ -634,15 +676,7 @@ class LocalLearner:
         return str(path)
 
     def load(self, path: str, lr_scale: float | None = None) -> tuple[Any, int, dict[str, Any]]:
-        from rlchat.checkpoint import read_checkpoint
-
-        ck = read_checkpoint(path)
-        loaded = PolicyValueModel.from_pretrained(ck.path, self.cfg)
-        self.learner.policy.load_state_dict(loaded.state_dict())
-        state = ck.load_train_state()
-        driver_state = self.learner.load_train_state(state) if state is not None else {}
-        if lr_scale is not None:
-            self.learner.set_learning_rate_scale(lr_scale)
+        driver_state = self.learner.load_checkpoint(path, lr_scale)
         weights, version = self.weights()
         return weights, version, driver_state
 

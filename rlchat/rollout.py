@@ -389,7 +389,14 @@ def build_sampler(
     from rlchat.model import PolicyValueModel
 
     cfg = from_dict(cfg_dict)
-    set_torch_threads(cfg.rollout.torch_threads)
+    from rlchat.cluster import node_cpus, rollout_workers_per_node, torch_thread_budget
+
+    r = cfg.rollout
+    set_torch_threads(
+        torch_thread_budget(
+            r.torch_threads, r.num_cpus_per_worker, rollout_workers_per_node(cfg, node_cpus()), r.overlap
+        )
+    )
     tokenizer = ChatTokenizer.from_config(cfg.tokenizer)
     torch.manual_seed(cfg.seed)
     if cfg.checkpoint.init_from:
@@ -574,7 +581,14 @@ class RolloutGroup:
         ray.get([w.sync.remote([weights_ref], version) for w in self.workers])
 
     def sample_async(self, iteration: int, weights_ref: Any, version: int) -> list[Any]:
+        """Start sampling on every worker; :meth:`collect` waits for the result (overlapped sampling)."""
         return [w.sample.remote(iteration, [weights_ref], version) for w in self.workers]
+
+    def collect(self, pending: list[Any], pad_id: int) -> RolloutBatch:
+        """The batch of a :meth:`sample_async` call, merged over the workers."""
+        import ray
+
+        return RolloutBatch.concat(ray.get(pending), pad_id=pad_id)
 
     def evaluate(self, iteration: int, weights_ref: Any, version: int, n_prompts: int, pad_id: int) -> RolloutBatch:
         """Greedy held-out episodes, the first ``n_prompts`` validation records split over the workers."""

@@ -832,12 +832,15 @@ def _ray_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from rlchat.cluster import torch_thread_budget
     from rlchat.rollout import set_torch_threads
     from rlchat.tokenizer import ChatTokenizer
 
     cfg = from_dict(config["cfg"])
-    set_torch_threads(cfg.ray.learner_threads)
     ctx = ray.train.get_context()
+    set_torch_threads(
+        torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, ctx.get_local_world_size(), False)
+    )
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.ray.learner_use_gpu else torch.device("cpu")
     data = ray.get(config["data"])
