@@ -92,6 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("stats", "rlchat.prepare:stats_command", "print a table of a prepared dataset's statistics", data)
     p.add_argument("path", help="prepared directory (or its stats.json)")
 
+    # the Serve endpoint's feedback store
+    feedback = sub.add_parser("feedback", help="export, summarise and delete the Serve endpoint's feedback")
+    feedback = feedback.add_subparsers(dest="feedback_command", required=True, metavar="SUBCOMMAND")
+    store_help = "the feedback store: postgresql://USER:PASSWORD@HOST:PORT/DB, sqlite:///PATH.db or PATH.db"
+    p = cmd("export", "rlchat.feedback_cmd:feedback_export_command", "write the preference pairs as Parquet", feedback)
+    p.add_argument("url", metavar="URL", help=store_help)
+    p.add_argument("--out", required=True, help="output directory (the layout of `rlchat data prepare`)")
+    p.add_argument("--model-version", default=None, help="only this model version's pairs")
+    p.add_argument("--config", "-c", default=None, help="YAML config: data.* filters, tokenizer, seed")
+    p = cmd(
+        "stats", "rlchat.feedback_cmd:feedback_stats_command", "per model version: thumbs-up rate, pairs", feedback
+    )
+    p.add_argument("url", metavar="URL", help=store_help)
+    p.add_argument("--json", dest="json_output", action="store_true", help="print JSON instead of a table")
+    p = cmd(
+        "delete", "rlchat.feedback_cmd:feedback_delete_command", "delete one conversation and its feedback", feedback
+    )
+    p.add_argument("url", metavar="URL", help=store_help)
+    p.add_argument("conversation_id", metavar="CONVERSATION_ID", help="X-RLChat-Conversation-Id, or a completion id")
+
     # training stages
     p = cmd("sft", "rlchat.stages:sft_command", "supervised fine-tuning on Ray Train")
     _add_run_args(p)
@@ -259,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()  # into the log; the terminal gets one line
         return fail(f"{type(e).__name__}: {e}", 1)
     finally:
-        console.restore_console()
+        # In-process callers (tests, notebooks: they pass argv) get their stderr back. The program itself (argv is
+        # None) keeps it on the log to the end: Ray's log thread still forwards worker lines while the process exits.
+        if argv is not None:
+            console.restore_console()
 
 
 if __name__ == "__main__":

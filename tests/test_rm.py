@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rlchat.checkpoint import find_best_checkpoint, read_checkpoint
 from rlchat.config import Config, load_config
 from rlchat.data import load_records
-from rlchat.errors import DataError
+from rlchat.errors import ConfigError, DataError
 from rlchat.metrics import RM_ACCURACY, RM_GRAD_NORM, RM_LOSS, RM_LR, RM_MARGIN, RM_VAL_ACCURACY, RM_VAL_LOSS
 from rlchat.rewards import CheckpointRMScorer
 from rlchat.stages import RMTask, StageLearner, prepare_rm_data, run_rm
@@ -112,6 +112,38 @@ def test_rm_reads_feedback_files_in_the_preference_format(cfg, tok, data, tmp_pa
     _, counts = prepare_rm_data(cfg.replace(**{"rm.feedback": [str(feedback)]}), tok, cfg.rm.max_seq_len)
     assert counts["train"] + counts["val"] == base["train"] + base["val"] + 20
     assert counts["val"] > base["val"]  # feedback is split train/val like any other source (val_fraction 0.1)
+
+
+def test_rm_starts_from_the_sft_policy_trunk(cfg, tok, tmp_path):
+    """rm.init_from: the reward model's trunk is the policy checkpoint's trunk, weight for weight (InstructGPT)."""
+    from rlchat.checkpoint import save_checkpoint
+    from rlchat.model import PolicyValueModel, RewardModel
+
+    policy = PolicyValueModel.build(cfg, tok)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # not the default init the tiny RM would get anyway
+    ckpt = save_checkpoint(tmp_path / "sft", model=policy, tokenizer=tok, config=cfg, stage="sft", step=1)
+    rm = RewardModel.build(cfg.replace(**{"rm.init_from": str(ckpt)}), tok)
+    want = policy.lm.base_model.state_dict()
+    got = rm.trunk.state_dict()
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    scratch = RewardModel.build(cfg, tok).trunk.state_dict()
+    assert any(not torch.equal(scratch[k], want[k]) for k in want)
+    with pytest.raises(ConfigError, match="keep one"):
+        RewardModel.build(cfg.replace(**{"rm.init_from": str(ckpt), "rm.name_or_path": str(ckpt)}), tok)
+
+
+def test_rm_validation_reports_margin_and_calibration(cfg, tok, data):
+    task = RMTask(data[0], "fp32")  # prepare_rm_data returns (data, counts)
+    from rlchat.model import RewardModel
+
+    model = RewardModel.build(cfg, tok)
+    m = task.validate(model, rank=0, world=1)
+    assert set(m) >= {"rm/val_loss", "rm/val_accuracy", "rm/val_margin", "rm/val_ece"}
+    assert 0.0 <= m["rm/val_ece"] <= 0.5 and math.isfinite(m["rm/val_margin"])
 
 
 def test_rm_without_preference_pairs_says_why(cfg, tmp_path):
