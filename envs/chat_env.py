@@ -24,9 +24,13 @@ Episode (``reset`` -> ``step`` x N):
    simulated user (``envs/users.py``) answers; its message is appended as observation tokens the policy did not
    choose (``render_turn("user", text)`` + the assistant start token) and the next turn begins; ``terminated`` after
    ``env.max_turns`` assistant turns or when the user ends the conversation.
-4. ``truncated`` when a turn reaches ``env.max_turn_tokens`` tokens without ending, or the context reaches
-   ``env.max_context`` (``info["truncated_by"]`` says which). A truncated turn is not scored (reward 0): the episode
-   was cut, not finished, and the learner bootstraps from the value there.
+4. A turn that reaches ``env.max_turn_tokens`` tokens without ending, or fills the context to ``env.max_context``,
+   is cut (``info["truncated_by"]`` says which limit). Running into a limit is an outcome of the turn, like TRL's
+   ``missing_eos_penalty`` case: the cut text is scored as a reply, plus ``reward.truncation_penalty`` (<= 0), and the
+   episode is ``terminated`` -- the learner does not bootstrap from its own value, which would make running to the
+   budget free. The one exception is a context cut in multi-turn mode (mid-turn, or no room for the user's next
+   message): the conversation would have gone on, so the episode is ``truncated`` (Gymnasium's time-limit case), the
+   unfinished turn is not scored and the learner bootstraps from the value there.
 
 ``info`` always has ``turn`` (0-based index of the assistant turn the step belongs to) and ``record_index``.
 
@@ -105,12 +109,14 @@ class PendingTurn:
         response_text: the reply decoded without special tokens.
         response_ids: the reply's token ids without the end-of-turn token.
         record: the record the turn is scored against (its ``reference`` is this turn's reference answer).
+        penalty: added to the scored total: ``reward.truncation_penalty`` for a turn cut by a limit, else 0.
     """
 
     prompt_messages: list[Message]
     response_text: str
     response_ids: list[int]
     record: Any
+    penalty: float = 0.0
 
 
 def resolve_config(config: Config | None, config_overrides: Mapping[str, Any] | None) -> Config:
@@ -283,14 +289,15 @@ class ChatEnv(gym.Env[Obs, int]):
             # 2. the assistant's turn ended: score it, then let the user speak or end the episode
             reward = self._end_turn(info)
             terminated, truncated = self._next_user_turn(info)
-        elif len(self._turn_ids) >= self.max_turn_tokens:
-            truncated = True
-            info["truncated_by"] = "turn_budget"
-            info["response_ids"] = list(self._turn_ids)
-        elif self._len >= self.max_context:
-            truncated = True
-            info["truncated_by"] = "context"
-            info["response_ids"] = list(self._turn_ids)
+        elif len(self._turn_ids) >= self.max_turn_tokens or self._len >= self.max_context:
+            # 3. the turn was cut by a limit: scored and terminal, except a multi-turn context cut (bootstrapped)
+            info["truncated_by"] = "turn_budget" if len(self._turn_ids) >= self.max_turn_tokens else "context"
+            if info["truncated_by"] == "context" and self.multi_turn:
+                truncated = True
+                info["response_ids"] = list(self._turn_ids)
+            else:
+                reward = self._end_turn(info, cut=True)
+                terminated = True
         self._done = terminated or truncated
         if self.render_mode == "human":
             self.render()
@@ -311,20 +318,25 @@ class ChatEnv(gym.Env[Obs, int]):
     def _obs(self) -> Obs:
         return {"tokens": self._buf, "length": np.array(self._len, dtype=np.int64)}
 
-    def _end_turn(self, info: dict[str, Any]) -> float:
-        """Score the finished turn (or hand its reward inputs to the caller when ``defer_reward``)."""
-        content = self._turn_ids[:-1]
+    def _end_turn(self, info: dict[str, Any], cut: bool = False) -> float:
+        """Score the finished turn (or hand its reward inputs to the caller when ``defer_reward``).
+
+        Args:
+            cut: the turn was cut by a limit (no end-of-turn token to strip); ``reward.truncation_penalty`` is added.
+        """
+        content = list(self._turn_ids) if cut else self._turn_ids[:-1]
+        penalty = self.cfg.reward.truncation_penalty if cut else 0.0
         text = self.tokenizer.decode(content, skip_special=True)
         prompt = self._conversation
         # A new list, never an in-place append: a PendingTurn keeps ``prompt`` as it was when the reply was given.
         self._conversation = prompt + [{"role": "assistant", "content": text}]
         info["response_ids"] = list(content)
         if self.defer_reward:
-            info[INFO_PENDING_TURN] = PendingTurn(prompt, text, list(content), self._turn_record)
+            info[INFO_PENDING_TURN] = PendingTurn(prompt, text, list(content), self._turn_record, penalty)
             return 0.0
         result = self.reward_fn(prompt, text, content, self._turn_record)
         info[INFO_REWARD_COMPONENTS] = dict(result.components)
-        return float(result.total)
+        return float(result.total) + penalty
 
     def _next_user_turn(self, info: dict[str, Any]) -> tuple[bool, bool]:
         """After a scored turn: (terminated, truncated), appending the user's next message when the episode goes on."""

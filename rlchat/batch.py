@@ -38,7 +38,8 @@ class RolloutBatch:
         action_mask: (B, T) bool, True on tokens the policy chose (assistant text and its end-of-turn token).
         behaviour_logprobs: (B, T) float32, log-prob of each chosen token under the sampling policy, 0 elsewhere.
         scores: (B, T) float32, each assistant turn's reward placed on that turn's last action token.
-        truncated: (B,) bool, episode hit the token budget / context limit (the learner bootstraps from V there).
+        truncated: (B,) bool, episode cut where it would have gone on, a multi-turn context limit (the learner
+            bootstraps from V there); a turn cut at the turn budget is scored and terminal (envs/chat_env.py).
         reward_components: name -> (B,) float32 episode sums of each reward component (``total`` included).
         record_index: (B,) int64, index of the prompt record each episode started from.
         weights_version: version of the policy weights that sampled the batch.

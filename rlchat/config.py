@@ -164,6 +164,8 @@ class RewardConfig:
     """Checkpoint directory of a reward model trained by `rlchat rm`."""
     plugins: dict[str, float] = field(default_factory=dict)
     """User reward functions by import path with their weights, e.g. {"mypkg.rewards:score": 0.5}."""
+    truncation_penalty: float = 0.0
+    """Added (<= 0) to the reward of a turn cut at env.max_turn_tokens or the context limit; scored on its cut text."""
 
 
 @dataclass(frozen=True)
@@ -236,8 +238,8 @@ class PPOConfig:
     """Initial coefficient of the per-token KL penalty to the frozen reference."""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """KL estimator of the penalty (http://joschu.net/blog/kl-approx.html): k1 in the reward, k3 in the loss."""
-    kl_penalty: Literal["reward", "loss"] = "reward"
-    """Where the KL to the reference acts: reward (per-token penalty, k1) or loss (differentiable k3 term, GRPO)."""
+    kl_in_loss: bool = False
+    """KL to the reference as a differentiable k3 loss term (GRPO) instead of a per-token k1 penalty in the reward."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
     kl_target: float = 6.0
@@ -294,6 +296,8 @@ class RMConfig:
 
     name_or_path: str = ""
     """HF encoder or causal LM for the reward model; empty = a tiny model of model.arch."""
+    init_from: str = ""
+    """Policy checkpoint (e.g. the SFT run's best) whose trunk starts the reward model (the InstructGPT recipe)."""
     epochs: int = 3
     """Passes over the preference pairs."""
     max_steps: int = 0
@@ -514,6 +518,14 @@ def _validate(cfg: Config) -> None:
     if 0 < cfg.tokenizer.vocab_size < 300:
         _check(False, "tokenizer.vocab_size", cfg.tokenizer.vocab_size, ">= 300 (256 bytes + specials)", "use 4096")
     _check(
+        cfg.reward.truncation_penalty <= 0,
+        "reward.truncation_penalty",
+        cfg.reward.truncation_penalty,
+        "a penalty <= 0 (added to the reward of a turn cut by a limit)",
+        "use e.g. -1.0, or 0 for none",
+        "a positive value would reward replies that run into the token budget",
+    )
+    _check(
         cfg.reward.length_min <= cfg.reward.length_max,
         "reward.length_min",
         cfg.reward.length_min,
@@ -534,6 +546,60 @@ def _validate(cfg: Config) -> None:
         s.feedback_store,
         f"a database URL starting with one of {', '.join(FEEDBACK_STORE_SCHEMES)}, or empty",
         "use postgresql://USER:PASSWORD@HOST:5432/DB on a cluster, or sqlite:///feedback.db on one machine",
+    )
+
+
+def model_positions(model_dir: str | Path) -> int | None:
+    """The context length (``max_position_embeddings`` / ``n_positions``) in a model directory's ``config.json``
+    (also a multimodal model's ``text_config``); None when there is no such file or field (e.g. a hub id)."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions"):
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return int(section[key])
+    return None
+
+
+def check_context_limits(cfg: Config, model_dir: str | Path | None = None) -> None:
+    """``env.max_context`` must fit the policy's positions; checked when PPO starts (``check_ppo_config``).
+
+    Why: the env grows a conversation (the prompt, kept to its last ``env.max_context - 1`` tokens, plus replies of
+    up to ``env.max_turn_tokens`` each) to ``env.max_context`` tokens, and the rollout engine and the learner forward
+    all of it. With more context than positions the first long prompt fails the run mid-way. (``_validate`` already
+    keeps ``env.max_turn_tokens < env.max_context``.) Not part of ``_validate``: only PPO steps the env, and an SFT,
+    RM or serving config may well pair a short model with the default ``env.max_context``.
+
+    Args:
+        cfg: the run config.
+        model_dir: the directory of the weights PPO starts from (``checkpoint.init_from``); its config.json wins.
+
+    Raises:
+        ConfigError: what, the values of all three keys, why, and the fix.
+    """
+    e, m = cfg.env, cfg.model
+    if model_dir is not None:
+        limit, source = model_positions(model_dir), f"the positions of {model_dir}"
+    elif m.name_or_path:
+        limit, source = model_positions(m.name_or_path), f"the positions of {m.name_or_path}"
+    else:
+        limit, source = m.n_positions, "model.n_positions"
+    if limit is None:  # a hub id or a config without the field: generation still ends rows at the model's limit
+        return
+    _check(
+        e.max_context <= limit,
+        "env.max_context",
+        e.max_context,
+        f"at most {source} ({limit})",
+        f"lower env.max_context to {limit} (keeping env.max_turn_tokens below it) or use a model with more positions"
+        + (" (raise model.n_positions)" if source == "model.n_positions" else ""),
+        f"the env grows a conversation of prompt + replies of up to env.max_turn_tokens={e.max_turn_tokens} tokens to "
+        "env.max_context tokens and the policy must hold them all, or the first long prompt fails the run",
     )
 
 
@@ -614,21 +680,21 @@ def _validate_ppo_coefficients(cfg: Config) -> None:
         )
     # The KL estimator must suit where the penalty acts (Shah et al. 2025, "A Comedy of Estimators"; joschu's note).
     _check(
-        p.kl_penalty == "loss" or p.kl_estimator == "k1",
+        p.kl_in_loss or p.kl_estimator == "k1",
         "ppo.kl_estimator",
         p.kl_estimator,
-        "k1 with ppo.kl_penalty=reward",
-        "set ppo.kl_estimator=k1 to keep the penalty in the reward, or ppo.kl_penalty=loss to use k3 as a "
+        "k1 for the KL penalty in the reward",
+        "set ppo.kl_estimator=k1 to keep the penalty in the reward, or ppo.kl_in_loss=true to use k3 as a "
         "differentiable loss term (GRPO)",
         "k3 as a detached per-token reward has a biased gradient: its score-function gradient is not the KL's and "
         "is ~0 near the reference, so the penalty barely holds the policy; k1's is the KL's gradient",
     )
     _check(
-        p.kl_penalty == "reward" or p.kl_estimator == "k3",
-        "ppo.kl_penalty",
-        p.kl_penalty,
+        not p.kl_in_loss or p.kl_estimator == "k3",
+        "ppo.kl_in_loss",
+        p.kl_in_loss,
         "ppo.kl_estimator=k3 with a KL loss term",
-        "set ppo.kl_estimator=k3, or ppo.kl_penalty=reward for a k1 penalty in the reward",
+        "set ppo.kl_estimator=k3, or ppo.kl_in_loss=false for a k1 penalty in the reward",
         "a k1 loss term has zero expected gradient (E[grad log pi] = 0), so it would not regularise at all",
     )
     _check(p.weight_decay >= 0, "ppo.weight_decay", p.weight_decay, "a non-negative decay", "use 0.0 or e.g. 0.01")
@@ -971,6 +1037,7 @@ PATH_KEYS: tuple[str, ...] = (
     "rm.feedback",
     "checkpoint.init_from",
     "reward.model_path",
+    "rm.init_from",
 )
 """Config keys that always name a local file or directory (unless a ``builtin:`` set or a URI).
 

@@ -89,7 +89,9 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     # 3. reward model
     say("== 3/5 reward model on preference pairs (Ray Train)")
     t = time.perf_counter()
-    rm_dir, rm_metrics = run_rm(cfg, run_dir / "rm", quiet=quiet)
+    # the reward model starts from the SFT policy's trunk (InstructGPT), unless the config names another start
+    rm_cfg = cfg if (cfg.rm.init_from or cfg.rm.name_or_path) else cfg.replace(**{"rm.init_from": str(sft_ckpt)})
+    rm_dir, rm_metrics = run_rm(rm_cfg, run_dir / "rm", quiet=quiet)
     rm_ckpt = find_best_checkpoint(rm_dir)
     timings["rm_s"] = time.perf_counter() - t
 

@@ -23,8 +23,10 @@ How it works and why (the rollout hot path; figures in bench/README.md):
 - Per-row seeds use a counter-based RNG (SplitMix64 of ``(seed, step)``), so a row's uniforms do not depend on the
   other rows: the same seed gives the same output whatever the batch composition (up to float noise of batched
   matmuls, which can flip a token only when a uniform falls within ~1e-7 of a CDF boundary).
-- Rows finish at different times (stop ids, stop strings, the caller's :meth:`GenerationStream.finish`); once a
-  quarter of the batch has finished, the batch and its KV cache are **compacted** to the live rows.
+- Rows finish at different times (stop ids, stop strings, the caller's :meth:`GenerationStream.finish`, and
+  ``max_new_tokens`` or the model's last position, whichever comes first: finish reason ``length``; a long prompt
+  ends its own row early instead of failing the batch); once a quarter of the batch has finished, the batch and its
+  KV cache are **compacted** to the live rows.
 
 Log-probabilities returned are those of the distribution actually sampled from (after repetition penalty,
 min-tokens masking, temperature, top-k and top-p). Greedy decoding (``temperature == 0``) and beam search are
@@ -308,7 +310,15 @@ class GenerationEngine:
         return GenerationStream(self, prompts, params, seeds)
 
     # ---------------------------------------------------------------- model plumbing (used by the streams)
-    def _check_prompts(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+    def _check_prompts(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, cap_at_limit: bool = False
+    ) -> None:
+        """Refuse empty prompts, ids outside the vocabulary and prompts the model's positions cannot take.
+
+        With ``cap_at_limit`` (sampling streams) a prompt only needs room for one new token: its row ends with
+        ``length`` at the model's limit (:meth:`row_budgets`). Beam search, whose beams share one step count,
+        still needs room for ``max_new_tokens`` after the longest prompt.
+        """
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ConfigError(
@@ -322,11 +332,25 @@ class GenerationEngine:
                     "encode prompts with the model's tokenizer"
                 )
         longest = max(len(p) for p in prompts)
-        if self.max_positions and longest + params.max_new_tokens > self.max_positions:
+        if self.max_positions and longest >= self.max_positions:
+            raise ConfigError(
+                f"prompt of {longest} tokens fills the model's {self.max_positions} positions: no room for a new "
+                "token; shorten the prompt (keep its last tokens)"
+            )
+        if not cap_at_limit and self.max_positions and longest + params.max_new_tokens > self.max_positions:
             raise ConfigError(
                 f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the model's "
                 f"{self.max_positions} positions; shorten the prompt or lower max_new_tokens"
             )
+
+    def row_budgets(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> np.ndarray:
+        """(B,) new tokens each row may generate: ``max_new_tokens``, or fewer where the prompt leaves less room
+        in the model's positions (the row then ends with ``length`` there instead of failing the whole batch:
+        the learner forwards prompt + reply, so it must fit too)."""
+        budgets = np.full(len(prompts), params.max_new_tokens, dtype=np.int64)
+        if self.max_positions:
+            budgets = np.minimum(budgets, self.max_positions - np.array([len(p) for p in prompts], dtype=np.int64))
+        return budgets
 
     def _decoder(self) -> _Decoder:
         """Snapshot the model plumbing for one generation call: precision and the head weight (cut to the vocab).
@@ -473,7 +497,9 @@ class GenerationStream:
         self._done = b == 0
         if self._done:
             return
-        engine._check_prompts(prompts, params)
+        engine._check_prompts(prompts, params, cap_at_limit=True)
+        self._budget = engine.row_budgets(prompts, params)  # (B,) new tokens per row (the model's limit)
+        self._last_pos = (engine.max_positions or 0) - 1
         self._dec = engine._decoder()
         self._device = dev = engine.device
         v = engine.vocab_size
@@ -594,6 +620,10 @@ class GenerationStream:
         length = self._p + self._step
         self._h = self._dec.forward(pending[:, None], self._mask[:, :length], self._pos, self._cache)
         self._pos += 1
+        if self._last_pos > 0:
+            # a row that ended at the model's limit stays in the batch until compaction and is still fed (its output
+            # is ignored); keep its position inside the position table (live rows never get here: row_budgets)
+            self._pos.clamp_(max=self._last_pos)
 
     def _sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample one token per slot; returns (Bc,) tokens and (Bc,) log-probs under the sampling distribution."""
@@ -653,10 +683,9 @@ class GenerationStream:
         for j in np.flatnonzero(stopped):
             self._active[rows[j]] = False
             self._reasons[rows[j]] = FINISH_STOP
-        if self._step >= p.max_new_tokens:
-            for r in np.flatnonzero(self._active):
-                self._reasons[r] = FINISH_LENGTH
-            self._active[:] = False
+        for r in np.flatnonzero(self._active & (self._step >= self._budget)):  # max_new_tokens or the model's limit
+            self._reasons[r] = FINISH_LENGTH
+            self._active[r] = False
         if self._active.any():
             self._pending = torch.from_numpy(toks).to(self._device)
             if p.repetition_penalty != 1.0:

@@ -50,7 +50,7 @@ from torch import nn
 
 from rlchat import ppo
 from rlchat.batch import RolloutBatch
-from rlchat.config import Config
+from rlchat.config import Config, check_context_limits
 from rlchat.errors import ConfigError, RLChatError
 from rlchat.metrics import PPO_BEHAVIOUR_LOGPROB_MAXDIFF as BEHAVIOUR_DIFF
 from rlchat.metrics import PPO_EARLY_STOPPED as EARLY_STOPPED
@@ -75,7 +75,8 @@ def check_ppo_config(cfg: Config) -> None:
         CheckpointError: ``checkpoint.init_from`` is not a policy checkpoint (message with the fix).
         ConfigError: ``model.dropout > 0``. The learner runs every forward with dropout off so that its log-probs
             equal the (eval-mode) rollouts' and the old log-probs equal the gradient pass's at the start of an
-            update; a dropout the user asked for would be silently ignored, so it is refused instead.
+            update; a dropout the user asked for would be silently ignored, so it is refused instead. Also an
+            ``env.max_context`` beyond the policy's positions (:func:`rlchat.config.check_context_limits`).
     """
     if cfg.model.dropout > 0:
         raise ConfigError(
@@ -83,11 +84,13 @@ def check_ppo_config(cfg: Config) -> None:
             "off so its log-probs match the rollouts' and the PPO ratio is exactly 1 before the first step. Fix: set "
             "model.dropout=0 for the PPO run (dropout in SFT / reward-model training is fine)"
         )
+    model_dir = None
     if cfg.checkpoint.init_from:
         # Checked here, before any worker starts, so a wrong path is one clear line instead of a worker traceback.
         from rlchat.checkpoint import POLICY_STAGES, read_checkpoint
 
-        read_checkpoint(cfg.checkpoint.init_from, expect_stage=POLICY_STAGES)
+        model_dir = read_checkpoint(cfg.checkpoint.init_from, expect_stage=POLICY_STAGES).path
+    check_context_limits(cfg, model_dir)
 
 
 ADAM_EPS = 1e-8
@@ -280,7 +283,7 @@ class Learner:
                             act[rows],
                             p,
                             loss_denominator=denom,
-                            ref_logprobs=stats["ref_logprobs"][rows],  # the KL loss term (ppo.kl_penalty=loss)
+                            ref_logprobs=stats["ref_logprobs"][rows],  # the KL loss term (ppo.kl_in_loss)
                             kl_coef=self.kl_ctl.value,
                         )
                         loss.backward()

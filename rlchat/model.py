@@ -30,6 +30,7 @@ No Ray import here: this module runs in one plain process.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -494,16 +495,108 @@ def _encoder_position_ids(trunk: nn.Module, attention_mask: torch.Tensor) -> tor
     return mask.cumsum(-1) * mask + int(padding_idx)
 
 
-class PolicyValueModel(nn.Module):
-    """A causal LM policy plus a value head, on a shared trunk or on a separate critic trunk.
+class PolicyLM(nn.Module):
+    """A causal LM as a policy: the log-probs of chosen tokens, and nothing else.
+
+    The frozen reference of the PPO KL penalty is one (:meth:`frozen_copy`); :class:`PolicyValueModel` adds the
+    value head (and the critic trunk). Keeping the reference to the LM alone matters: a copy of the whole
+    :class:`PolicyValueModel` also carried the value head and, with ``model.critic: separate``, a second trunk the
+    KL never reads, in memory and in every reference pass.
 
     Attributes:
         lm: the ``transformers`` causal LM (fp32 weights).
-        value_head: ``nn.Linear(hidden, 1)``.
-        critic: the separate critic trunk (a base ``AutoModel`` of the same config) or None when shared.
         precision: ``model.precision`` (resolved per call against the parameters' device).
         vocab_size: ids the policy may choose: ``min(head rows, tokenizer.n_vocab)``; rows beyond (a pretrained
             model's padded vocabulary) are never sampled and not part of the learner's softmax either.
+    """
+
+    def __init__(self, lm: PreTrainedModel, precision: str = "auto", vocab_size: int | None = None) -> None:
+        super().__init__()
+        self.lm = lm
+        self.hidden_size = int(lm.config.get_text_config().hidden_size)
+        self.precision = precision
+        head_rows = int(lm.get_output_embeddings().weight.shape[0])
+        self.vocab_size = min(head_rows, vocab_size) if vocab_size else head_rows
+
+    def frozen_copy(self) -> PolicyLM:
+        """A frozen (no grad, eval mode) copy of this policy's LM: the reference of the KL penalty."""
+        ref = PolicyLM(copy.deepcopy(self.lm), precision=self.precision, vocab_size=self.vocab_size).eval()
+        ref.requires_grad_(False)
+        return ref
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The policy's base model (embeddings + blocks + final norm, no LM head)."""
+        return self.lm.base_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_output_embeddings().weight.device
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of this model's forwards (None = fp32); see :func:`resolve_precision`."""
+        return resolve_precision(self.precision, self.device, self.hidden_size)
+
+    def head_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's (V, H) weight and optional (V,) bias, cut to :attr:`vocab_size` rows."""
+        head = self.lm.get_output_embeddings()
+        b = getattr(head, "bias", None)
+        v = self.vocab_size
+        return head.weight[:v], (b[:v] if b is not None else None)
+
+    def action_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        action_mask: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        chunk_size: int = 1024,
+    ) -> torch.Tensor:
+        """(B, T) float32 ``log pi(x_t | x_<t)`` at action positions, 0 elsewhere: the log-probs of
+        :meth:`PolicyValueModel.forward` (same arguments) without entropy, values or a critic pass."""
+        with autocast_context(self.autocast_dtype(), self.device):
+            h = _trunk_forward(self.trunk, input_ids, attention_mask)  # (B, T, H)
+        return self._token_logprobs(h, input_ids, action_mask, False, chunk_size, temperature)[0]
+
+    def _token_logprobs(
+        self,
+        h: torch.Tensor,
+        input_ids: torch.Tensor,
+        action_mask: torch.Tensor | None,
+        compute_entropy: bool,
+        chunk_size: int,
+        temperature: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) log-probs and entropy at action positions (0 elsewhere) from the trunk's hidden states (B, T, H)."""
+        b, t = input_ids.shape
+        if action_mask is None:
+            sel = torch.ones(b, t - 1, dtype=torch.bool, device=input_ids.device)
+        else:
+            sel = action_mask[:, 1:] != 0  # (B, T-1)
+        rows_b, rows_t = sel.nonzero(as_tuple=True)
+        weight, bias = self.head_weight()
+        lp, ent = chunked_logprobs(
+            h[rows_b, rows_t],
+            weight,
+            bias,
+            input_ids[rows_b, rows_t + 1],
+            chunk_size=chunk_size,
+            compute_entropy=compute_entropy,
+            matmul_dtype=self.autocast_dtype(),
+            transform=logit_transform(self.lm.config),
+            temperature=temperature,
+        )
+        zeros = torch.zeros(b, t, dtype=torch.float32, device=input_ids.device)
+        return zeros.index_put((rows_b, rows_t + 1), lp), zeros.index_put((rows_b, rows_t + 1), ent)
+
+
+class PolicyValueModel(PolicyLM):
+    """A causal LM policy (:class:`PolicyLM`) plus a value head, on a shared trunk or on a separate critic trunk.
+
+    Attributes:
+        lm, precision, vocab_size: as in :class:`PolicyLM`.
+        value_head: ``nn.Linear(hidden, 1)``.
+        critic: the separate critic trunk (a base ``AutoModel`` of the same config) or None when shared.
     """
 
     def __init__(
@@ -513,19 +606,14 @@ class PolicyValueModel(nn.Module):
         precision: str = "auto",
         vocab_size: int | None = None,
     ) -> None:
-        super().__init__()
-        self.lm = lm
+        super().__init__(lm, precision=precision, vocab_size=vocab_size)
         self.critic = critic
         trunk_config: Any = (critic if critic is not None else lm).config
         hidden = int(trunk_config.get_text_config().hidden_size)
-        self.hidden_size = int(lm.config.get_text_config().hidden_size)
         self.value_head = nn.Linear(hidden, 1)
         with torch.no_grad():
             self.value_head.weight.normal_(0.0, 1.0 / math.sqrt(hidden) * 0.1)
             self.value_head.bias.zero_()
-        self.precision = precision
-        head_rows = int(lm.get_output_embeddings().weight.shape[0])
-        self.vocab_size = min(head_rows, vocab_size) if vocab_size else head_rows
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -542,24 +630,8 @@ class PolicyValueModel(nn.Module):
             return cls(lm, critic, precision=cfg.model.precision, vocab_size=tokenizer.n_vocab)
 
     @property
-    def trunk(self) -> nn.Module:
-        """The policy's base model (embeddings + blocks + final norm, no LM head)."""
-        return self.lm.base_model
-
-    @property
     def device(self) -> torch.device:
         return self.value_head.weight.device
-
-    def autocast_dtype(self) -> torch.dtype | None:
-        """The autocast dtype of this model's forwards (None = fp32); see :func:`resolve_precision`."""
-        return resolve_precision(self.precision, self.device, self.hidden_size)
-
-    def head_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's (V, H) weight and optional (V,) bias, cut to :attr:`vocab_size` rows."""
-        head = self.lm.get_output_embeddings()
-        b = getattr(head, "bias", None)
-        v = self.vocab_size
-        return head.weight[:v], (b[:v] if b is not None else None)
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -592,35 +664,14 @@ class PolicyValueModel(nn.Module):
         Raises:
             ConfigError: a temperature that is not positive and finite.
         """
-        b, t = input_ids.shape
-        dtype = self.autocast_dtype()
-        with autocast_context(dtype, self.device):
+        with autocast_context(self.autocast_dtype(), self.device):
             h = _trunk_forward(self.trunk, input_ids, attention_mask)  # (B, T, H)
             hc = h if self.critic is None else _trunk_forward(self.critic, input_ids, attention_mask)
         # 1. values: V(x_<t) is the head at position t-1
         v = self.value_head(hc.float()).squeeze(-1)  # (B, T)
         values = F.pad(v[:, :-1], (1, 0))
         # 2. log-probs / entropy at action positions only
-        if action_mask is None:
-            sel = torch.ones(b, t - 1, dtype=torch.bool, device=input_ids.device)
-        else:
-            sel = action_mask[:, 1:] != 0  # (B, T-1)
-        rows_b, rows_t = sel.nonzero(as_tuple=True)
-        weight, bias = self.head_weight()
-        lp, ent = chunked_logprobs(
-            h[rows_b, rows_t],
-            weight,
-            bias,
-            input_ids[rows_b, rows_t + 1],
-            chunk_size=chunk_size,
-            compute_entropy=compute_entropy,
-            matmul_dtype=dtype,
-            transform=logit_transform(self.lm.config),
-            temperature=temperature,
-        )
-        zeros = torch.zeros(b, t, dtype=torch.float32, device=input_ids.device)
-        logprobs = zeros.index_put((rows_b, rows_t + 1), lp)
-        entropy = zeros.index_put((rows_b, rows_t + 1), ent)
+        logprobs, entropy = self._token_logprobs(h, input_ids, action_mask, compute_entropy, chunk_size, temperature)
         return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values)
 
     def bootstrap_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -734,6 +785,18 @@ class RewardModel(nn.Module):
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
+            if cfg.rm.init_from:
+                # InstructGPT's recipe: the SFT policy's trunk already reads the task (here: the arithmetic behind a
+                # wrong answer); a reward model learned on top of it generalises far better than one from scratch.
+                from rlchat.checkpoint import load_policy
+
+                if cfg.rm.name_or_path:
+                    raise ConfigError(
+                        f"rm.init_from={cfg.rm.init_from!r} and rm.name_or_path={cfg.rm.name_or_path!r}: both name "
+                        "the reward model's starting trunk; keep one"
+                    )
+                policy, _, _ = load_policy(cfg.rm.init_from, expect_tokenizer=tokenizer)
+                return cls(policy.lm.base_model)
             path = cfg.rm.name_or_path
             if not path:
                 return cls(build_tiny_lm(cfg.model, tokenizer.n_vocab).base_model)

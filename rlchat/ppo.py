@@ -19,8 +19,9 @@ with ``input_ids``; position ``t`` holds the quantities for *generating* token `
 ``logprobs[:, t] = log pi(x_t | x_<t)``, ``values[:, t] = V(x_<t)``. ``action_mask[:, t]`` is 1 (nonzero) where
 token ``t`` was chosen by the policy (assistant tokens including the end-of-turn token) and 0 for the prompt,
 user-turn observation tokens inside a multi-turn episode, and padding. Per sequence, ``last_values (B,)`` is the
-value of the state after the last real token and ``truncated (B,)`` says whether the episode hit the token budget /
-context limit (bootstrap from ``last_values``) rather than ending naturally (terminal value 0).
+value of the state after the last real token and ``truncated (B,)`` says whether the episode was cut where it would
+have gone on -- a multi-turn context limit (bootstrap from ``last_values``) -- rather than ending (terminal value 0).
+A turn cut at ``env.max_turn_tokens`` ends its episode: it is scored (see envs/chat_env.py), not bootstrapped.
 
 Masked positions may hold anything finite or not (padding log-probs of ``-inf``, stale values): every reduction
 here selects with ``torch.where`` instead of multiplying by the mask, so garbage there never leaks in as NaN.
@@ -29,7 +30,10 @@ Deviations from textbook PPO (Schulman et al. 2017) and from cleanrl's ``ppo.py`
 
 1. **Per-token KL penalty to a frozen reference in the reward** (Ziegler et al. 2019, TRL): the reward of action
    token ``t`` is ``score_t - kl_coef * KL_t``; ``score_t`` is non-zero only on the last token of an assistant
-   turn. RLlib's ``kl_coeff`` is a *loss* term to the previous policy instead; that is not what this is.
+   turn. RLlib's ``kl_coeff`` is a *loss* term to the previous policy instead; that is not what this is. In the
+   reward the estimator is k1: its score-function gradient is the KL's gradient, while k3's is biased (~0 near the
+   reference; Shah et al. 2025, "A Comedy of Estimators"). ``ppo.kl_in_loss`` instead adds GRPO's
+   differentiable k3 term ``kl_coef * mean_t k3_t`` to the loss (:func:`ppo_loss`) and leaves the rewards alone.
 2. **GAE skips observation tokens.** In a multi-turn episode the "next state" of an action token is the next
    action token of the same row; user-turn tokens in between are not time steps (verl / OpenRLHF multi-turn
    style). Advantages and returns at action positions are therefore invariant to values at masked positions.
@@ -84,6 +88,8 @@ RATIO_MEAN = "ppo/ratio_mean"
 EXPLAINED_VARIANCE = "ppo/explained_variance"
 RETURN_MEAN = "ppo/return_mean"
 VALUE_MEAN = "ppo/value_mean"
+KL_LOSS = "ppo/kl_loss"
+"""Token-mean k3 KL to the reference, the loss term of ``ppo.kl_in_loss`` (before ``kl_coef``)."""
 KL_REF = "kl/ref_kl"
 """Mean over sequences of the summed per-token KL to the reference (the configured estimator): what the
 adaptive controller tracks and ``ppo.kl_target`` / ``ppo.max_ref_kl`` are measured in."""
@@ -301,7 +307,7 @@ def compute_gae(
         values: ``(B, T)`` ``V(x_<t)`` from the rollout-time critic (ignored at masked positions).
         action_mask: ``(B, T)``.
         last_values: ``(B,)`` value of the state after the last real token.
-        truncated: ``(B,)`` bool; True = the episode hit the token budget / context limit (bootstrap).
+        truncated: ``(B,)`` bool; True = the episode was cut where it would have gone on (bootstrap).
         gamma: discount per action token.
         gae_lambda: GAE lambda.
 
@@ -367,8 +373,8 @@ def compute_targets(
         action_mask: ``(B, T)``.
         last_values: ``(B,)``.
         truncated: ``(B,)`` bool.
-        cfg: reads ``kl_estimator``, ``gamma``, ``gae_lambda``, ``norm_adv``.
-        kl_coef: the KL controller's current ``.value``.
+        cfg: reads ``kl_estimator``, ``kl_in_loss``, ``gamma``, ``gae_lambda``, ``norm_adv``.
+        kl_coef: the KL controller's current ``.value`` (the rewards use it unless ``kl_in_loss``).
         reduce_fn: sum over data-parallel workers; whitening and metrics then use global batch statistics.
 
     Returns:
@@ -378,8 +384,8 @@ def compute_targets(
     keep = action_mask.bool()
     # 1. per-token KL to the frozen reference (0 off the action tokens)
     kl = torch.where(keep, kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator), 0.0)
-    # 2. reward = turn-end score - kl_coef * KL, per action token
-    rewards = shape_rewards(scores, kl, kl_coef, action_mask)
+    # 2. reward = turn-end score - kl_coef * KL, per action token (with ppo.kl_in_loss the KL is in the loss instead)
+    rewards = shape_rewards(scores, kl, 0.0 if cfg.kl_in_loss else kl_coef, action_mask)
     # 3. GAE over action tokens, bootstrapping at truncation
     advantages, returns = compute_gae(rewards, values, action_mask, last_values, truncated, cfg.gamma, cfg.gae_lambda)
     # 4. whiten advantages once over the whole batch (deviation 4 in the module docstring)
@@ -519,8 +525,11 @@ def ppo_loss(
     action_mask: Tensor,
     cfg: PPOConfig,
     loss_denominator: float | Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The PPO loss of one (micro-)batch: ``pg + vf_coef * v - ent_coef * H`` (cleanrl's overall loss).
+    """The PPO loss of one (micro-)batch: ``pg + vf_coef * v - ent_coef * H`` (cleanrl's overall loss), plus
+    ``kl_coef * mean k3(logprobs, ref_logprobs)`` with ``cfg.kl_in_loss`` (GRPO's KL term).
 
     Loss aggregation: by default each term is a token mean over this call's action tokens. When a minibatch
     is split into micro-batches (gradient accumulation) and/or data-parallel shards, pass
@@ -537,13 +546,19 @@ def ppo_loss(
         advantages: ``(B, T)`` from :func:`compute_targets`.
         returns: ``(B, T)`` from :func:`compute_targets`.
         action_mask: ``(B, T)``.
-        cfg: reads ``clip_coef``, ``clip_vloss``, ``vf_coef``, ``ent_coef``.
+        cfg: reads ``clip_coef``, ``clip_vloss``, ``vf_coef``, ``ent_coef``, ``kl_in_loss``.
         loss_denominator: see above; None = local token mean.
+        ref_logprobs: ``(B, T)`` the reference's log-probs of the same tokens (needed with ``kl_in_loss``).
+        kl_coef: the KL controller's current ``.value`` (used with ``kl_in_loss``).
 
     Returns:
         ``(loss, metrics)``: 0-dim loss; detached 0-dim tensors under :data:`LOSS`, :data:`POLICY_LOSS`,
         :data:`VALUE_LOSS`, :data:`ENTROPY`, :data:`APPROX_KL`, :data:`CLIPFRAC`, :data:`VF_CLIPFRAC`,
-        :data:`RATIO_MEAN` (tensors, so the learner can all-reduce them before one ``.item()``).
+        :data:`RATIO_MEAN`, and :data:`KL_LOSS` with ``kl_in_loss`` (tensors, so the learner can all-reduce
+        them before one ``.item()``).
+
+    Raises:
+        ValueError: ``kl_in_loss`` without ``ref_logprobs``.
     """
     # 1. clipped surrogate
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, action_mask, cfg.clip_coef, loss_denominator)
@@ -554,7 +569,15 @@ def ppo_loss(
     ent = entropy_bonus(entropy, action_mask, loss_denominator)
     # 4. overall loss
     loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
-    # 5. metrics as local token means (independent of loss_denominator)
+    # 5. GRPO's KL term (ppo.kl_in_loss): k3 differentiated through the new log-probs, d k3 / d logp =
+    # 1 - pi_ref / pi, whose expectation under pi is the gradient of KL(pi_ref || pi) (deviation 1)
+    kl_loss = None
+    if cfg.kl_in_loss:
+        if ref_logprobs is None:
+            raise ValueError("ppo_loss: ppo.kl_in_loss needs ref_logprobs (the reference's log-probs)")
+        kl_loss = _token_mean(kl_penalty(logprobs, ref_logprobs, "k3"), action_mask, loss_denominator)
+        loss = loss + kl_coef * kl_loss
+    # 6. metrics as local token means (independent of loss_denominator)
     with torch.no_grad():
         scale = 1.0 if loss_denominator is None else _local_tokens(action_mask) / loss_denominator
         metrics = {
@@ -567,6 +590,8 @@ def ppo_loss(
             VF_CLIPFRAC: v_stats["clipfrac"],
             RATIO_MEAN: pg_stats["ratio_mean"],
         }
+        if kl_loss is not None:
+            metrics[KL_LOSS] = kl_loss.detach() / scale
     return loss, metrics
 
 

@@ -17,7 +17,8 @@ Components (config key = weight; a weight of 0 disables the component and it is 
 - ``diversity_batch`` (weight ``diversity``): the share of the reply's distinct n-grams that no other reply of the
   batch contains; 0 when scored alone, as there is nothing to compare against. In training the batch is every
   finished (scored) assistant turn one rollout worker samples in one call (``rollout.envs_per_worker`` episodes,
-  all their turns; turns cut by a token budget are not scored and not compared): the workers' envs defer scoring
+  all their turns; a turn cut by a limit is scored on its cut text too, only a multi-turn context cut is not): the
+  workers' envs defer scoring
   and the worker calls ``score_batch`` once. A standalone ``rlchat/Chat-v0`` env scores each reply alone, so there
   the component is always 0. [0, 1]
 - ``repetition``: minus the share of the reply's tokens covered by an n-gram that occurs twice or more. [-1, 0]

@@ -12,7 +12,8 @@ learner's job.
 
 Rewards are scored per batch, not per env: the envs are built with ``defer_reward=True``, so a finished turn only
 records its reward inputs, and after the last round the sampler calls ``RewardFunction.score_batch`` once on every
-finished turn of the call (turns cut by a token budget are not scored, as in the env). That makes the across-batch
+finished turn of the call (a turn cut by a limit included, plus its ``reward.truncation_penalty``, as in the env;
+only a multi-turn context cut stays unscored and is bootstrapped). That makes the across-batch
 component ``diversity_batch`` real (each reply is compared with all other replies this worker sampled in the call;
 a standalone env, scoring one reply at a time, always gives 0) and runs model-backed components (reward model,
 sentence encoder, safety classifier) one forward per batch. A reward callable without ``score_batch`` is still
@@ -55,6 +56,10 @@ logger = logging.getLogger(__name__)
 # Worker-side metric keys (the driver logs rollout/* from rlchat.metrics; the learner adds ppo/* and kl/*).
 SAMPLE_TOKENS = "perf/sample_tokens"
 SAMPLE_S = "perf/worker_sample_s"
+CUT_EPISODES = "rollout/cut_episodes"
+"""In ``RolloutBatch.metrics``: episodes that ended at ``env.max_turn_tokens`` or ``env.max_context`` (summed by
+concat). Their share is logged as :data:`rlchat.metrics.ROLLOUT_TRUNCATED_FRAC`; ``RolloutBatch.truncated`` marks
+only the bootstrapped ones (a multi-turn context cut)."""
 WORKER_RESTARTS = "perf/worker_restarts"
 """In ``RolloutBatch.metrics``: 1 in the first batch a restarted worker process returns, else 0 (summed by concat).
 The driver logs the sum as :data:`rlchat.metrics.ROLLOUT_WORKER_RESTARTS`."""
@@ -238,7 +243,8 @@ class Sampler:
         action = np.zeros((n, cap), dtype=bool)
         logp = np.zeros((n, cap), dtype=np.float32)
         scores = np.zeros((n, cap), dtype=np.float32)
-        truncated = np.zeros(n, dtype=bool)
+        truncated = np.zeros(n, dtype=bool)  # bootstrapped by the learner (env truncated: a multi-turn context cut)
+        cut = np.zeros(n, dtype=bool)  # ended at a limit (scored and terminal, or truncated)
         done = np.zeros(n, dtype=bool)
         names = list(getattr(self.reward_fn, "component_names", []))
         components: dict[str, np.ndarray] = {k: np.zeros(n, np.float32) for k in [*names, "total"]}
@@ -282,6 +288,7 @@ class Sampler:
                     if term or trunc:
                         done[i] = True
                         truncated[i] = trunc
+                        cut[i] = "truncated_by" in info
                     if turn_ended:
                         turn_open[j] = False
                         finished.append(j)
@@ -292,7 +299,7 @@ class Sampler:
             for j in np.flatnonzero(turn_open):
                 i = int(live[j])
                 done[i] = True
-                truncated[i] = True
+                truncated[i] = cut[i] = True
             turn += 1
 
         # 4. score every finished turn of the call in one batch (batch diversity, one forward per reward model)
@@ -318,7 +325,7 @@ class Sampler:
             record_index=record_index,
             weights_version=self.weights_version,
             worker_id=self.worker_id,
-            metrics={SAMPLE_TOKENS: float(n_actions), SAMPLE_S: elapsed},
+            metrics={SAMPLE_TOKENS: float(n_actions), SAMPLE_S: elapsed, CUT_EPISODES: float(cut.sum())},
         )
 
     def _score_pending(
@@ -331,7 +338,8 @@ class Sampler:
         """Score deferred turns with one ``score_batch`` call; add each total at its turn's last token.
 
         Args:
-            pending: (env index, position of the turn's end-of-turn token, PendingTurn) per finished turn.
+            pending: (env index, position of the turn's last token, PendingTurn) per finished turn; a turn cut by a
+                limit adds its ``PendingTurn.penalty`` to the scored total.
             scores: (n, C) float32 turn rewards, updated in place.
             components: name -> (n,) float32 episode sums of each component (``total`` included), updated in place.
             n: episodes in the batch.
@@ -345,11 +353,12 @@ class Sampler:
             [t.response_ids for t in turns],
             [t.record for t in turns],
         )
-        for (i, pos, _), res in zip(pending, results):
-            scores[i, pos] += res.total
+        for (i, pos, turn), res in zip(pending, results):
+            total = res.total + turn.penalty
+            scores[i, pos] += total
             for k, v in res.components.items():
                 components.setdefault(k, np.zeros(n, np.float32))[i] += v
-            components.setdefault("total", np.zeros(n, np.float32))[i] += res.total
+            components.setdefault("total", np.zeros(n, np.float32))[i] += total
 
     def responses(self, batch: RolloutBatch) -> list[str]:
         """The decoded assistant text of each episode (for samples in logs and the demo table)."""
@@ -369,7 +378,8 @@ def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
     out[M.ROLLOUT_REWARD_MEAN] = float(np.mean(total))
     out[M.ROLLOUT_REWARD_STD] = float(np.std(total))
     out[M.ROLLOUT_RESPONSE_LEN] = float(np.mean(batch.response_lengths))
-    out[M.ROLLOUT_TRUNCATED_FRAC] = float(np.mean(batch.truncated))
+    cut = batch.metrics.get(CUT_EPISODES)  # batches built elsewhere (tests) have only the bootstrap flags
+    out[M.ROLLOUT_TRUNCATED_FRAC] = float(cut / max(len(batch), 1) if cut is not None else np.mean(batch.truncated))
     out[M.ROLLOUT_CONTEXT_LEN] = float(np.mean(batch.attention_mask.sum(axis=1)))
     out[M.ROLLOUT_EPISODES] = float(len(batch))
     if WORKER_RESTARTS in batch.metrics:  # batches from RolloutWorker actors (in-process sampling cannot restart)

@@ -72,7 +72,9 @@ from rlchat.metrics import (
     RM_LR,
     RM_MARGIN,
     RM_VAL_ACCURACY,
+    RM_VAL_ECE,
     RM_VAL_LOSS,
+    RM_VAL_MARGIN,
     SFT_EPOCH,
     SFT_GRAD_NORM,
     SFT_LOSS,
@@ -247,8 +249,9 @@ def _pair_rows(rec: Record, tokenizer: ChatTokenizer, max_len: int) -> tuple[lis
 
 
 def prepare_rm_data(cfg: Config, tokenizer: ChatTokenizer, max_len: int) -> tuple[StageData, dict[str, int]]:
-    """Load preference pairs from ``data.preferences`` and every ``rm.feedback`` file (each split the same seeded
-    way) and render ``prompt + chosen`` / ``prompt + rejected`` with the chat template.
+    """Load preference pairs from ``data.preferences`` and every ``rm.feedback`` source -- a file, or a feedback
+    store URL (``postgresql://...``, ``sqlite:///feedback.db``: :func:`rlchat.feedback_store.load_records`) --
+    each split the same seeded way, and render ``prompt + chosen`` / ``prompt + rejected`` with the chat template.
 
     Returns:
         The data (``train``/``val`` = chosen rows, ``*_rejected`` = rejected rows) and counts.
@@ -256,6 +259,7 @@ def prepare_rm_data(cfg: Config, tokenizer: ChatTokenizer, max_len: int) -> tupl
     Raises:
         DataError: no preference pair in the training split (e.g. chat data given as data.preferences).
     """
+    from rlchat import feedback_store
     from rlchat.data import load_records
 
     sources = [cfg.data.preferences, *cfg.rm.feedback]
@@ -264,7 +268,10 @@ def prepare_rm_data(cfg: Config, tokenizer: ChatTokenizer, max_len: int) -> tupl
     total = 0
     for source in sources:
         for split in ("train", "val"):
-            records = load_records(source, split, cfg)
+            if feedback_store.is_store_url(source):
+                records = feedback_store.load_records(source, split, cfg)
+            else:
+                records = load_records(source, split, cfg)
             total += len(records)
             for rec in records:
                 if not rec.is_preference:
@@ -373,6 +380,10 @@ class SFTTask:
         return {SFT_VAL_LOSS: loss, SFT_VAL_PERPLEXITY: math.exp(min(loss, 700.0)), SFT_VAL_ACCURACY: float(s[1]) / n}
 
 
+RM_ECE_BINS = 10
+"""Confidence bins of the reward model's expected calibration error (rm/val_ece)."""
+
+
 class RMTask:
     """Reward modelling: Bradley-Terry loss of a :class:`~rlchat.model.RewardModel` on (chosen, rejected) pairs."""
 
@@ -447,22 +458,38 @@ class RMTask:
         if len(val) == 0 or val_rej is None:
             return {}
         mine = np.arange(rank, len(val), world)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, pairs
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, pairs, margin
+        # calibration: the Bradley-Terry probability sigmoid(|diff|) that the model's pick is right, against how
+        # often it is right, in RM_ECE_BINS confidence bins (count, correct, confidence per bin)
+        bins = torch.zeros(3, RM_ECE_BINS, dtype=torch.float64)
         was_training = model.training
         model.eval()
         try:
             for i in range(0, len(mine), batch_size):
                 idx = mine[i : i + batch_size]
                 diff, _ = self._scores(model, model, val, val_rej, idx)
+                d = diff.double()
                 sums += torch.tensor(
-                    [float(-F.logsigmoid(diff).double().sum()), float((diff > 0).double().sum()), float(len(idx))],
+                    [float(-F.logsigmoid(d).sum()), float((d > 0).sum()), float(len(idx)), float(d.sum())],
                     dtype=torch.float64,
                 )
+                conf = torch.sigmoid(d.abs())  # in [0.5, 1)
+                b = ((conf - 0.5) * 2 * RM_ECE_BINS).long().clamp(0, RM_ECE_BINS - 1)
+                bins[0].index_add_(0, b, torch.ones_like(conf))
+                bins[1].index_add_(0, b, (d > 0).double())
+                bins[2].index_add_(0, b, conf)
         finally:
             model.train(was_training)
         s = _all_reduce(sums, world)
+        bins = _all_reduce(bins, world)
         n = max(float(s[2]), 1.0)
-        return {RM_VAL_LOSS: float(s[0]) / n, RM_VAL_ACCURACY: float(s[1]) / n}
+        ece = float((bins[1] - bins[2]).abs().sum()) / n  # sum_b n_b/N * |acc_b - conf_b|
+        return {
+            RM_VAL_LOSS: float(s[0]) / n,
+            RM_VAL_ACCURACY: float(s[1]) / n,
+            RM_VAL_MARGIN: float(s[3]) / n,
+            RM_VAL_ECE: ece,
+        }
 
 
 Task = SFTTask | RMTask

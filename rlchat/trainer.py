@@ -12,7 +12,9 @@ drift above ``ppo.max_length_drift`` or n-gram repetition above ``ppo.max_repeti
 ``ppo.guardrail_action``, the run warns (once per cause, with the fix), rolls back to the last good checkpoint and
 halves the learning rate (``0.5 ** n`` after ``n`` rollbacks), or stops. Every trip is recorded in the metrics
 (``guard/*``). The guardrails' reference length and the rollback count are saved with each checkpoint, so a resumed
-run keeps measuring drift from the same first iteration and keeps its lowered learning rate.
+run keeps measuring drift from the same first iteration and keeps its lowered learning rate. A rollback restores
+the checkpoint's weights under a new, larger weights version (versions never go down), and a batch being sampled in
+the background (``rollout.overlap``) is dropped: it came from weights the learner no longer holds.
 
 The driver's own lines (progress, resume, rollback, stop) also go to ``RUN_DIR/logs/train.log`` whatever
 ``--log-level`` is, next to the library's records at that level, so a run directory keeps the story of its run.
@@ -228,15 +230,15 @@ class PPOTrainer:
                 t0 = time.perf_counter()
                 # 1. sample (or collect the batch sampled during the previous update, when overlapping)
                 if pending is not None:
-                    batch = _concat(ray.get(pending), self.tokenizer.pad_id)
+                    batch = self.rollouts.collect(pending, self.tokenizer.pad_id)
                 else:
                     batch = self.rollouts.sample(it, weights_ref, version, self.tokenizer.pad_id)
                 sample_s = time.perf_counter() - t0
                 staleness = version - batch.weights_version
-                if staleness > cfg.rollout.max_staleness:
+                if not 0 <= staleness <= cfg.rollout.max_staleness:
                     raise RLChatError(
                         f"iteration {it}: batch sampled with weights v{batch.weights_version} but the learner is at "
-                        f"v{version} (staleness {staleness} > rollout.max_staleness={cfg.rollout.max_staleness})"
+                        f"v{version}; expected a staleness in [0, rollout.max_staleness={cfg.rollout.max_staleness}]"
                     )
                 batch_ref = ray.put(batch) if cfg.ray.learner_workers else batch
                 # 2. update (overlap: start sampling the next batch with the current weights first)
@@ -292,6 +294,9 @@ class PPOTrainer:
                     self.rollbacks += 1
                     weights, version, _ = self.learner.load(last_good, lr_scale=self.lr_scale)
                     weights_ref, version = self._shared(weights, version)
+                    # the batch in flight (overlap) was sampled by weights the learner no longer holds: drop it;
+                    # the next iteration samples afresh with the restored weights (under a new, larger version)
+                    pending = None
                     self.rollouts.sync(weights_ref, version)
                     self._say(
                         f"rolled back to {last_good}; learning rate x{self.lr_scale:g} "
@@ -322,12 +327,6 @@ class PPOTrainer:
             print(line, flush=True)
         if self.log_handler is not None:
             self.log_handler.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, None, None))
-
-
-def _concat(batches: list[Any], pad_id: int) -> Any:
-    from rlchat.batch import RolloutBatch
-
-    return RolloutBatch.concat(batches, pad_id=pad_id)
 
 
 def train(

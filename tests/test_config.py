@@ -256,3 +256,67 @@ def test_sampling_params_errors_say_how_to_fix(field, value, fix):
     msg = str(e.value)
     assert msg.startswith(f"SamplingParams.{field}={value!r}: expected "), msg
     assert fix in msg.split("; ", 1)[1], msg
+
+
+def test_ppo_refuses_a_context_the_model_cannot_hold(tmp_path):
+    # env.max_context bounds every conversation the env builds (prompt + replies of up to env.max_turn_tokens);
+    # the policy must hold that many positions, or the first long prompt fails mid-run. Checked when PPO starts
+    # (check_ppo_config), since only PPO steps the env: an SFT config may well use a short model.
+    from rlchat.checkpoint import save_checkpoint
+    from rlchat.learner import check_ppo_config
+    from rlchat.model import PolicyValueModel
+    from rlchat.tokenizer import ChatTokenizer
+
+    gpu = load_config(ROOT / "configs" / "gpu.yaml")
+    check_ppo_config(gpu)  # 1024 context, 1024 positions
+    with pytest.raises(ConfigError) as e:
+        check_ppo_config(gpu.replace(**{"env.max_context": 2048}))
+    msg = str(e.value)
+    for fragment in ("env.max_context=2048", "model.n_positions (1024)", "env.max_turn_tokens=128", "lower env."):
+        assert fragment in msg, msg
+    Config().replace(**{"model.n_positions": 64})  # not PPO: no refusal at construction
+    # a local pretrained model: the positions of its config.json
+    model_dir = tmp_path / "hf"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 64}')
+    small = {"env.max_context": 128, "env.max_turn_tokens": 16, "model.name_or_path": str(model_dir)}
+    with pytest.raises(ConfigError, match=r"env\.max_context=128: expected at most .*hf.* \(64\)"):
+        check_ppo_config(Config().replace(**small))
+    check_ppo_config(Config().replace(**{**small, "model.name_or_path": "org/some-hub-model"}))  # unknown: not checked
+    # the checkpoint PPO starts from (checkpoint.init_from)
+    tiny = Config().replace(**{"tokenizer.vocab_size": 4096, "model.n_layer": 1, "model.n_embd": 32})
+    tiny = tiny.replace(
+        **{"model.n_head": 2, "model.n_positions": 64, "env.max_context": 64, "env.max_turn_tokens": 8}
+    )
+    tok = ChatTokenizer.from_config(tiny.tokenizer)
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt", model=PolicyValueModel.build(tiny, tok), tokenizer=tok, config=tiny, stage="sft", step=1
+    )
+    check_ppo_config(tiny.replace(**{"checkpoint.init_from": str(ckpt)}))
+    with pytest.raises(ConfigError, match=r"env\.max_context=128: expected at most .*ckpt.* \(64\)"):
+        check_ppo_config(tiny.replace(**{"checkpoint.init_from": str(ckpt), "env.max_context": 128}))
+
+
+def test_k3_is_refused_in_the_reward_and_offered_as_a_loss_term():
+    # k3 as a detached per-token reward: its score-function gradient is not the KL's gradient (~0 near the
+    # reference; Shah et al. 2025, "A Comedy of Estimators"). As a loss term (GRPO) it is differentiated directly.
+    with pytest.raises(ConfigError) as e:
+        Config().replace(**{"ppo.kl_estimator": "k3"})
+    msg = str(e.value)
+    for fragment in ("ppo.kl_estimator='k3'", "biased gradient", "ppo.kl_in_loss=true", "ppo.kl_estimator=k1"):
+        assert fragment in msg, msg
+    assert Config().replace(**{"ppo.kl_estimator": "k3", "ppo.kl_in_loss": True}).ppo.kl_in_loss
+    with pytest.raises(ConfigError, match=r"ppo\.kl_in_loss=True.*zero expected gradient.*ppo\.kl_estimator=k3"):
+        Config().replace(**{"ppo.kl_in_loss": True})  # k1 as a loss term
+
+
+def test_tune_spaces_do_not_sweep_the_kl_estimator_as_an_equivalent_choice(tmp_path):
+    from tune.sweep import load_space
+
+    base = load_config(ROOT / "configs" / "demo.yaml")
+    for path in sorted((ROOT / "tune" / "spaces").glob("*.yaml")):
+        assert "ppo.kl_estimator" not in load_space(path, base).params, path
+    space = tmp_path / "space.yaml"
+    space.write_text("ppo.kl_estimator: {choice: [k1, k3]}\n")
+    with pytest.raises(ConfigError, match=r"value 'k3' .* not valid with the base config: .*ppo\.kl_in_loss=true"):
+        load_space(space, base)

@@ -194,24 +194,54 @@ def test_deferred_reward_keeps_each_turns_prompt_in_multi_turn(tok: ChatTokenize
     assert b.record.reference == str(7 + int(b.prompt_messages[-1]["content"].split()[2]))  # "Now add c to that."
 
 
-def test_truncated_at_the_turn_budget(tok: ChatTokenizer) -> None:
-    env = ChatEnv(TASKS, tok, cfg(**{"env.max_turn_tokens": 3}))
+def _count_reward(prompt, text, ids, record) -> RewardResult:
+    return RewardResult(total=0.5 * len(ids), components={"n": float(len(ids))})
+
+
+@pytest.mark.parametrize("penalty", [0.0, -1.0])
+def test_a_turn_cut_at_the_budget_is_scored_and_terminal(tok: ChatTokenizer, penalty: float) -> None:
+    # Running to the budget is an outcome of the turn, not a cut-off episode: the cut text is scored, plus
+    # reward.truncation_penalty, and the episode terminates (the learner does not bootstrap from its own value).
+    c = cfg(**{"env.max_turn_tokens": 3, "reward.truncation_penalty": penalty})
+    env = ChatEnv(TASKS, tok, c, reward=_count_reward)
     env.reset(seed=0)
-    assert env.step(10)[2:4] == (False, False)
-    assert env.step(11)[2:4] == (False, False)
+    assert env.step(10)[1:4] == (0.0, False, False)
+    assert env.step(11)[1:4] == (0.0, False, False)
     _, r, term, trunc, info = env.step(12)
-    assert (r, term, trunc) == (0.0, False, True)
+    assert (r, term, trunc) == (1.5 + penalty, True, False)
     assert info["truncated_by"] == "turn_budget" and info["response_ids"] == [10, 11, 12]
+    assert info["reward_components"] == {"n": 3.0}
+    # deferred scoring (rollout workers): the penalty travels with the turn's reward inputs
+    env = ChatEnv(TASKS, tok, c, reward=_count_reward, defer_reward=True)
+    env.reset(seed=0)
+    env.step(10), env.step(11)
+    _, r, term, trunc, info = env.step(12)
+    pending = info[INFO_PENDING_TURN]
+    assert (r, term, trunc, pending.response_ids, pending.penalty) == (0.0, True, False, [10, 11, 12], penalty)
 
 
-def test_truncated_at_the_context_limit(tok: ChatTokenizer) -> None:
-    env = ChatEnv([task(3, 4)], tok, cfg(**{"env.max_context": 16, "env.max_turn_tokens": 15}))
+def test_single_turn_context_cut_is_scored_and_terminal(tok: ChatTokenizer) -> None:
+    c = cfg(**{"env.max_context": 16, "env.max_turn_tokens": 15, "reward.truncation_penalty": -1.0})
+    env = ChatEnv([task(3, 4)], tok, c, reward=_count_reward)
     obs, _ = env.reset(seed=0)
     room = 16 - int(obs["length"])
     for _ in range(room - 1):
-        assert env.step(10)[3] is False
-    obs, _, term, trunc, info = env.step(10)
-    assert (term, trunc, info["truncated_by"], int(obs["length"])) == (False, True, "context", 16)
+        assert env.step(10)[2:4] == (False, False)
+    obs, r, term, trunc, info = env.step(10)
+    assert (term, trunc, info["truncated_by"], int(obs["length"])) == (True, False, "context", 16)
+    assert r == 0.5 * room - 1.0
+
+
+def test_multi_turn_context_cut_mid_turn_is_truncated_and_unscored(tok: ChatTokenizer) -> None:
+    # the one cut the learner bootstraps from V: the conversation would have gone on, the context ran out
+    c = cfg(**{"env.multi_turn": True, "env.user": "scripted", "env.max_context": 16, "env.max_turn_tokens": 15})
+    env = ChatEnv([task(3, 4)], tok, c, reward=_count_reward)
+    obs, _ = env.reset(seed=0)
+    for _ in range(16 - int(obs["length"]) - 1):
+        env.step(10)
+    obs, r, term, trunc, info = env.step(10)
+    assert (r, term, trunc, info["truncated_by"]) == (0.0, False, True, "context")
+    assert "reward_components" not in info and INFO_PENDING_TURN not in info
 
 
 def test_long_prompt_keeps_its_last_tokens(tok: ChatTokenizer, caplog: pytest.LogCaptureFixture) -> None:

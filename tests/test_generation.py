@@ -399,8 +399,12 @@ def test_invalid_requests_raise_config_errors(engine: GenerationEngine, tok: Cha
         engine.generate([[1], []], SamplingParams())
     with pytest.raises(ConfigError, match="token id 5000"):
         engine.generate([[1, 5000]], SamplingParams())
-    with pytest.raises(ConfigError, match="positions"):
-        engine.generate([[1] * 500], SamplingParams(max_new_tokens=20))
+    with pytest.raises(ConfigError, match="positions"):  # no room for a single new token
+        engine.generate([[1] * 512], SamplingParams(max_new_tokens=20))
+    capped = engine.generate([[1] * 500], SamplingParams(max_new_tokens=20, min_new_tokens=20))
+    assert len(capped.tokens[0]) == 12 and capped.finish_reasons == ["length"]  # ends at the model's limit
+    with pytest.raises(ConfigError, match="positions"):  # beam search still needs room for max_new_tokens
+        engine.generate([[1] * 500], SamplingParams(max_new_tokens=20, num_beams=2))
     with pytest.raises(ConfigError, match="one per prompt"):
         engine.generate([[1], [2]], SamplingParams(), seeds=[1])
     for bad in ({"top_p": 0.0}, {"temperature": -1.0}, {"max_new_tokens": 0}, {"stop_strings": ("",)}):
@@ -419,3 +423,30 @@ def test_bf16_engine_produces_valid_tokens(policy: PolicyValueModel, tok: ChatTo
     wide_cfg = Config().replace(**{"tokenizer.vocab_size": 4096, "model.n_embd": 128, "model.n_layer": 1})
     wide = PolicyValueModel.build(wide_cfg, tok)  # precision auto: engine and learner resolve it the same way
     assert GenerationEngine(wide, tok, precision="auto").autocast_dtype() is wide.autocast_dtype()
+
+
+def test_rows_end_with_length_at_the_models_position_limit(tok: ChatTokenizer) -> None:
+    # A 32-position model: a 30-token prompt has room for 2 new tokens, the short prompts for all 8. Instead of
+    # refusing the whole batch mid-run (a rollout with one long prompt used to kill the PPO run), the long row ends
+    # with "length" at the model's limit and the other rows go on; 4 of 5 rows stay live, so the finished row is not
+    # compacted away and keeps being fed -- its position must not run past the position table.
+    cfg = Config().replace(
+        **{"tokenizer.vocab_size": 4096, "model.n_embd": 32, "model.n_head": 2, "model.n_positions": 32}
+    )
+    cfg = cfg.replace(**{"model.precision": "fp32", "env.max_context": 32, "env.max_turn_tokens": 8})
+    policy = PolicyValueModel.build(cfg, tok).eval()
+    engine = GenerationEngine(policy, tok, "fp32")
+    assert engine.max_positions == 32
+    long = list(range(100, 130))
+    prompts = [long] + [[17, 4000 + i, 9] for i in range(4)]
+    no_stop = SamplingParams(max_new_tokens=8, min_new_tokens=8)  # stop tokens masked: lengths are exact
+    res = engine.generate(prompts, no_stop, seeds=[0, 1, 2, 3, 4])
+    assert [len(t) for t in res.tokens] == [2, 8, 8, 8, 8]
+    assert res.finish_reasons == ["length"] * 5
+    # the long row is what it would be alone (its own seed, its own positions)
+    alone = engine.generate([long], no_stop, seeds=[0])
+    assert alone.tokens[0] == res.tokens[0]
+    np.testing.assert_allclose(alone.logprobs[0], res.logprobs[0], atol=1e-5)
+    # a prompt that fills every position leaves nothing to generate: that is still an error, with the fix
+    with pytest.raises(ConfigError, match=r"prompt of 32 tokens fills the model's 32 positions"):
+        engine.generate([list(range(100, 132))], no_stop)

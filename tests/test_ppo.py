@@ -656,3 +656,46 @@ def test_docs_reference_existing_names() -> None:
     cfg_names = set(re.findall(r"^\| `([a-z_]+)` \|", doc, flags=re.M))  # first column of the hyperparameter table
     fields = {f.name for f in dataclasses.fields(PPOConfig)}
     assert len(cfg_names) >= 15 and cfg_names <= fields, sorted(cfg_names - fields)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KL to the reference as a loss term (ppo.kl_in_loss, GRPO-style k3)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_kl_in_the_loss_is_a_differentiable_k3_term() -> None:
+    # k3 in the reward is a detached per-token penalty whose REINFORCE gradient is not the KL's (refused by the
+    # config); as a loss term (GRPO) it is differentiated directly: d k3 / d logp = 1 - exp(ref_logp - logp).
+    _, v, m, _, _ = random_episodes(seed=21)
+    g = torch.Generator().manual_seed(3)
+    logp = (-torch.rand(8, 24, generator=g, dtype=torch.float64)).requires_grad_()
+    ref = logp.detach() + 0.3 * torch.randn(8, 24, generator=g, dtype=torch.float64)
+    zeros = torch.zeros(8, 24, dtype=torch.float64)
+    args = (logp, zeros, v, logp.detach(), v, zeros, v, m)
+    cfg = _cfg(kl_in_loss=True, kl_estimator="k3", vf_coef=0.0, ent_coef=0.0)
+    loss, metrics = ppo.ppo_loss(*args, cfg, ref_logprobs=ref, kl_coef=0.1)
+    k3 = torch.expm1(ref - logp.detach()) - (ref - logp.detach())
+    n = m.sum()
+    assert loss.item() == pytest.approx(0.1 * k3[m].sum().item() / n.item())
+    assert metrics[ppo.KL_LOSS].item() == pytest.approx(k3[m].mean().item())
+    loss.backward()
+    expected = torch.where(m, 0.1 * (1 - torch.exp(ref - logp.detach())) / n, 0.0)
+    torch.testing.assert_close(logp.grad, expected)
+    # in the reward (the default) the loss has no KL term, and the targets carry it instead
+    plain, plain_metrics = ppo.ppo_loss(*args, _cfg(vf_coef=0.0, ent_coef=0.0), ref_logprobs=ref, kl_coef=0.1)
+    assert plain.item() == 0.0 and ppo.KL_LOSS not in plain_metrics
+
+
+def test_kl_in_the_loss_leaves_the_rewards_alone() -> None:
+    _, v, m, lv, tr = random_episodes(seed=22)
+    g = torch.Generator().manual_seed(4)
+    old_lp = -torch.rand(8, 24, generator=g, dtype=torch.float64)
+    ref_lp = old_lp + 0.2 * torch.randn(8, 24, generator=g, dtype=torch.float64)
+    scores = torch.where(m, torch.rand(8, 24, generator=g, dtype=torch.float64), 0.0)
+    in_loss, m_loss = ppo.compute_targets(
+        old_lp, ref_lp, v, scores, m, lv, tr, _cfg(kl_in_loss=True, kl_estimator="k3"), 0.1
+    )
+    torch.testing.assert_close(in_loss.rewards, scores)
+    # the sequence KL is still measured (guardrails, adaptive controller), with the configured estimator
+    kl = torch.where(m, ppo.kl_penalty(old_lp, ref_lp, "k3"), 0.0)
+    assert m_loss[ppo.KL_REF] == pytest.approx(kl.sum(1).mean().item())

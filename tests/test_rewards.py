@@ -468,8 +468,9 @@ def test_rollout_scores_diversity_batch_over_the_workers_batch(tok: ChatTokenize
     """A rollout with reward.diversity > 0 reports the across-batch component over all its replies (hand values).
 
     Replies (bigrams, n=2): A = 10 11 12 -> {10 11, 11 12}; B = 10 11 13 -> {10 11, 11 13}; C = 20 21 -> {20 21};
-    D = 30 10 11 12 hits the 4-token turn budget without <|end|>: truncated, unscored, and not part of the batch.
-    Novelty (share of a reply's bigrams no other scored reply has): A 1/2, B 1/2, C 1. distinct-2 is 1 for each.
+    D = 30 10 11 12 hits the 4-token turn budget without <|end|>: a cut turn, scored on its text like the others
+    (terminal, not bootstrapped) -> {30 10, 10 11, 11 12}.
+    Novelty (share of a reply's bigrams no other reply has): A 0, B 1/2, C 1, D 1/3. distinct-2 is 1 for each.
     """
     from rlchat.config import Config
     from rlchat.model import PolicyValueModel
@@ -487,11 +488,11 @@ def test_rollout_scores_diversity_batch_over_the_workers_batch(tok: ChatTokenize
     sampler.engine = _ScriptedEngine(replies)  # the policy is scripted; env, reward and batching are the real ones
     batch = sampler.sample(iteration=1)
 
-    assert batch.truncated.tolist() == [False, False, False, True]
+    assert batch.truncated.tolist() == [False, False, False, False]
     comps = batch.reward_components
-    assert comps["diversity_batch"].tolist() == pytest.approx([0.5, 0.5, 1.0, 0.0])
-    assert comps["diversity"].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
-    assert comps["total"].tolist() == pytest.approx([1.5, 1.5, 2.0, 0.0])
+    assert comps["diversity_batch"].tolist() == pytest.approx([0.0, 0.5, 1.0, 1 / 3])
+    assert comps["diversity"].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0])
+    assert comps["total"].tolist() == pytest.approx([1.0, 1.5, 2.0, 4 / 3])
     # each turn's total sits on its <|end|> token, and only there
     for i, r in enumerate(replies):
         actions = batch.input_ids[i][batch.action_mask[i]].tolist()

@@ -52,6 +52,6 @@ def test_rllib_stock_ppo_trains_two_iterations(ray_local):
         learner = r["learners"]["default_policy"]
         assert math.isfinite(learner["total_loss"])
         assert math.isfinite(learner["policy_loss"])
-    # Episodes end within the per-turn budget of 4 tokens (truncated) or earlier at <|end|> (terminated).
+    # Episodes end within the per-turn budget of 4 tokens or earlier at <|end|> (terminated either way).
     assert results[-1]["env_runners"]["num_episodes"] >= 1
     assert results[-1]["env_runners"]["episode_len_mean"] <= 4

@@ -328,3 +328,71 @@ def test_concat_pads_and_keeps_rows():
 def test_config_rejects_minibatches_smaller_than_learners():
     cfg = Config().replace(**{"rollout.envs_per_worker": 4, "ppo.num_minibatches": 4, "ray.learner_workers": 2})
     assert cfg.rollout_batch_size == 4
+
+
+def test_a_long_prompt_ends_at_the_context_limit_instead_of_killing_the_run(setup):
+    # configs/gpu.yaml's geometry scaled down: env.max_context == model.n_positions, env.max_turn_tokens well below.
+    # A prompt longer than n_positions - max_turn_tokens used to make the engine refuse the batch mid-run; now the
+    # env cuts the reply at the context limit (where the model's positions end too) and the batch trains.
+    cfg, tok, _ = setup
+    cfg = cfg.replace(**{"model.n_positions": 64, "env.max_context": 64, "env.max_turn_tokens": 16})
+    policy = PolicyValueModel.build(cfg, tok)
+    long = Record(messages=[{"role": "user", "content": "word " * 50}], reference="1")
+    prompt_len = len(tok.render_prompt(long.prompt_messages()))
+    assert 64 - 16 < prompt_len < 64
+    batch = Sampler(cfg, tok, policy.lm, [long] * 4).sample(iteration=1)
+    assert batch.attention_mask.sum(axis=1).max() <= 64
+    assert (batch.response_lengths <= 64 - prompt_len).all()
+    metrics = Learner(cfg, policy, copy.deepcopy(policy).eval()).update(_rewarded(batch), iteration=1)
+    assert np.isfinite(metrics["ppo/policy_loss"])
+
+
+class _ScriptedStream:
+    """A lock-step stream replaying fixed replies (the policy is scripted; envs, rewards and batching are real)."""
+
+    def __init__(self, replies: list[list[int]]) -> None:
+        self.replies, self.open = replies, np.ones(len(replies), dtype=bool)
+
+    def __iter__(self):
+        from types import SimpleNamespace
+
+        for t in range(max(map(len, self.replies))):
+            active = self.open & np.array([t < len(r) for r in self.replies])
+            if not active.any():
+                return
+            tokens = np.array([r[t] if t < len(r) else 0 for r in self.replies], dtype=np.int64)
+            yield SimpleNamespace(tokens=tokens, logprobs=np.full(len(tokens), -0.5, np.float32), active=active)
+
+    def finish(self, rows) -> None:
+        self.open[rows] = False
+
+
+class _ScriptedEngine:
+    def __init__(self, replies: list[list[int]]) -> None:
+        self.replies = replies
+
+    def steps(self, prompts, params, seeds=None) -> _ScriptedStream:
+        return _ScriptedStream(self.replies)
+
+
+def test_turns_cut_at_the_budget_are_scored_penalised_and_terminal(setup):
+    cfg, tok, policy = setup
+    eot = tok.eot_id
+    cfg = cfg.replace(
+        **{"rollout.envs_per_worker": 2, "env.max_turn_tokens": 4, "reward.truncation_penalty": -0.5},
+        **{"reward.verifiable": 1.0, "reward.length": 1.0, "reward.length_min": 1, "reward.length_max": 2},
+    )
+    replies = [[tok.encode("7")[0], eot], [30, 31, 32, 33]]  # a right answer; a reply cut at the 4-token budget
+    sampler = Sampler(cfg, tok, policy.lm, [_records()[0]] * 2)
+    sampler.engine = _ScriptedEngine(replies)
+    batch = sampler.sample(iteration=1)
+    # the cut turn is scored on its text (length 4 tokens vs [1, 2]: -1.0), plus the penalty; nothing bootstraps
+    assert batch.truncated.tolist() == [False, False]
+    comps = batch.reward_components
+    assert comps["length"].tolist() == pytest.approx([0.0, -1.0])
+    assert comps["total"].tolist() == pytest.approx([float(comps["verifiable"][0]), -1.5])
+    last = batch.action_mask.cumsum(1).argmax(1)
+    assert batch.scores[np.arange(2), last].tolist() == pytest.approx(comps["total"].tolist())
+    assert batch_metrics(batch)["rollout/truncated_frac"] == 0.5  # still reports how often replies hit a limit
+    stats = Learner(cfg, copy.deepcopy(policy), copy.deepcopy(policy).eval())._rollout_stats(batch.to_torch())
+    assert stats["last_values"].tolist() == [0.0, 0.0]

@@ -99,6 +99,7 @@ def test_guardrail_rollback_restores_the_last_good_checkpoint(tmp_path):
         "ppo.iterations=3",
         "ppo.max_ref_kl=1e-9",
         "ppo.kl_estimator=k3",
+        "ppo.kl_in_loss=true",  # k3 only as a loss term (in the reward its gradient is biased)
         "ppo.guardrail_action=rollback",
         "checkpoint.every=1",
     )
@@ -107,6 +108,7 @@ def test_guardrail_rollback_restores_the_last_good_checkpoint(tmp_path):
         t.run()
         lines = _lines(t.run_dir)
         assert [r["guard/tripped"] for r in lines] == [0.0, 1.0, 1.0]
+        assert all(np.isfinite(r["ppo/kl_loss"]) for r in lines)  # the KL acts as a loss term here
         assert [r["guard/rollbacks"] for r in lines] == [0.0, 0.0, 1.0]
         assert lines[2]["ppo/lr"] == pytest.approx(lines[0]["ppo/lr"] / 2)
         # after the second rollback (after iteration 3) the optimizer itself is at 1/4, not at 1/2 again
@@ -172,3 +174,105 @@ def test_overlapped_sampling_is_one_step_off_policy(ray_local, tmp_path):
     # the first batch is sampled with the initial weights; later ones with the weights of one update earlier
     assert [r["rollout/weights_staleness"] for r in lines] == [0.0, 1.0, 1.0]
     assert all(np.isfinite(r["ppo/policy_loss"]) for r in lines)
+
+
+class _TaggedRollouts:
+    """Rollouts without a model: each batch remembers the weights it was sampled with (``batch.sampled_with``)."""
+
+    def __init__(self) -> None:
+        self.weights: object = None
+
+    def _batch(self, weights: object, version: int):
+        from rlchat.batch import RolloutBatch
+
+        ones = np.ones((2, 3), dtype=bool)
+        batch = RolloutBatch(
+            input_ids=np.ones((2, 3), dtype=np.int64),
+            attention_mask=ones,
+            action_mask=ones,
+            behaviour_logprobs=np.zeros((2, 3), np.float32),
+            scores=np.zeros((2, 3), np.float32),
+            truncated=np.zeros(2, dtype=bool),
+            reward_components={"total": np.zeros(2, np.float32)},
+            weights_version=version,
+        )
+        batch.sampled_with = weights
+        return batch
+
+    def sample(self, iteration, weights, version, pad_id):
+        return self._batch(weights, version)
+
+    def sample_async(self, iteration, weights, version):
+        return self._batch(weights, version)  # "in flight" until collect()
+
+    def collect(self, pending, pad_id):
+        return pending
+
+    def sync(self, weights, version) -> None:
+        self.weights = weights
+
+    def shutdown(self) -> None:
+        return None
+
+
+class _TaggedLearner:
+    """A learner whose weights are tags; iteration 4's update trips the ref-KL guardrail."""
+
+    def __init__(self) -> None:
+        self.weights_tag, self.version = "init", 0
+        self.updates: list[tuple[int, object, object]] = []  # (iteration, weights held, weights that sampled)
+
+    def weights(self):
+        return self.weights_tag, self.version
+
+    def update(self, batch, iteration):
+        from rlchat import ppo
+
+        self.updates.append((iteration, self.weights_tag, batch.sampled_with))
+        self.weights_tag, self.version = f"u{iteration}", self.version + 1
+        return {ppo.KL_REF: 5.0 if iteration == 4 else 0.0}, self.weights_tag, self.version
+
+    def save(self, run_dir, step, metrics, driver_state=None):
+        self.saved = getattr(self, "saved", {})
+        self.saved[f"ckpt{step}"] = (self.weights_tag, self.version)
+        return f"ckpt{step}"
+
+    def load(self, path, lr_scale=None):
+        tag, version = self.saved[path]
+        self.weights_tag = f"load:{tag}"
+        self.version = max(version, self.version + 1)
+        return self.weights_tag, self.version, {}
+
+    def shutdown(self) -> None:
+        return None
+
+
+def test_overlap_drops_the_batch_sampled_before_a_rollback(tmp_path, monkeypatch):
+    # checkpoint at iteration 2; iteration 4 trips and rolls back to it. The batch for iteration 5 was already being
+    # sampled (overlap) with iteration 3's weights: it must be dropped, and iteration 5 must learn from a batch of
+    # the restored weights -- never from one sampled by a policy the learner no longer holds.
+    learner, rollouts = _TaggedLearner(), _TaggedRollouts()
+    monkeypatch.setattr("rlchat.learner.make_learner", lambda cfg, run_dir: learner)
+    monkeypatch.setattr("rlchat.rollout.make_rollouts", lambda cfg: rollouts)
+    monkeypatch.setattr("rlchat.cluster.init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(PPOTrainer, "_shared", lambda self, weights, version: (weights, version))
+    cfg = _cfg(
+        "ppo.iterations=5",
+        "rollout.num_workers=1",
+        "rollout.overlap=true",
+        "ppo.max_ref_kl=1.0",
+        "ppo.guardrail_action=rollback",
+        "checkpoint.every=2",
+        "ppo.eval_every=0",
+    )
+    t = _trainer(cfg, tmp_path / "run")
+    try:
+        t.run()
+    finally:
+        t.shutdown()
+    assert t.rollbacks == 1
+    held, sampled = {it: h for it, h, _ in learner.updates}, {it: s for it, _, s in learner.updates}
+    assert held[5] == "load:u2"
+    assert sampled[5] == "load:u2"  # a fresh batch of the restored weights, not the in-flight one of "u3"
+    # before the rollback, overlap stays one step off-policy
+    assert [sampled[i] for i in (1, 2, 3, 4)] == ["init", "init", "u1", "u2"]
