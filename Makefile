@@ -5,7 +5,7 @@ PYTHON ?= python3
 # The CPU build of torch on this disk; a bare `torch` requirement may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup browser demo test test-fast lint bench clean
+.PHONY: setup browser postgres demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,13 +21,19 @@ $(VENV)/.installed: pyproject.toml
 browser:
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 || echo "note: chromium not installed; the web-page test will be skipped"; }
 
+# Debian's PostgreSQL server binaries for the feedback-store tests: the test fixture runs initdb / pg_ctl itself, as an
+# unprivileged user in a temp dir, on a free port (no system service is used). Without them the PostgreSQL half of
+# those tests is skipped with its reason; under CI (CI=true) a failed install fails the run instead.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql) >/dev/null 2>&1 || { echo "note: postgresql not installed; the PostgreSQL feedback-store tests will be skipped"; [ -z "$$CI" ] || exit 1; }; }
+
 demo: setup
 	$(VENV)/bin/rlchat demo
 
-test: setup browser
+test: setup browser postgres
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 
-test-fast: setup
+test-fast: setup postgres
 	$(PY) -m pytest -q -m "not slow" --timeout=300
 
 lint: setup

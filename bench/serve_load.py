@@ -147,7 +147,7 @@ def main() -> int:
                     max_batch_size=batch,
                     batch_wait_timeout_s=args.batch_wait if batch > 1 else 0.0,
                     max_tokens=args.max_tokens,
-                    feedback_path=str(Path(tmp) / "feedback.jsonl"),
+                    feedback_store=f"sqlite:///{Path(tmp) / 'feedback.db'}",
                     num_cpus=args.replica_cpus,
                 )
                 kinds = ["stream", "plain"] if args.kind == "both" else [args.kind]

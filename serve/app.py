@@ -17,8 +17,9 @@ route                          what
                                ``max_completion_tokens``, ``temperature``, ``top_p``; extensions ``top_k``,
                                ``repetition_penalty``, ``num_beams``
 ``GET /v1/models``             the served model (id, checkpoint, stage, step)
-``POST /v1/feedback``          thumbs up/down or a preference, appended to ``serve.feedback_path`` in the
-                               preference format ``rlchat rm`` reads (closing the loop back to the reward model)
+``POST /v1/feedback``          thumbs up/down or a preference, stored in ``serve.feedback_store`` (SQLite or
+                               PostgreSQL, :mod:`rlchat.feedback_store`), which ``rlchat rm`` reads (closing the
+                               loop back to the reward model); 503 + ``Retry-After`` while the store is down
 ``GET /healthz``               liveness
 ``GET /readyz``                readiness: the checkpoint, its stage and step, the replica's pid, batching counters
 ``GET /``                      the web chat page (``serve/static/index.html``)
@@ -55,6 +56,9 @@ How requests are served, and why:
 - **Logs.** One line per request (id, status, token counts, finish reasons, latency) without message bodies
   unless ``serve.log_bodies`` is set.
 - **Crashes.** A replica whose process dies is replaced by Serve's controller; ``/readyz`` reports the new pid.
+- **Feedback store.** Every completion is counted in ``serve.feedback_store`` (id, model version, time; with
+  ``serve.transcripts`` also its messages and replies) in the background, so a reply never waits for the database
+  and a database outage leaves chat completions unaffected; feedback is written before it is acknowledged.
 
 Our top-level package is also called ``serve``: Ray Serve is always ``from ray import serve as ray_serve`` here.
 """
@@ -64,13 +68,14 @@ Our top-level package is also called ``serve``: Ray Serve is always ``from ray i
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
+import functools
 import hmac
 import json
 import logging
 import os
 import secrets
 import signal
+import threading
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -90,6 +95,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rlchat.chat import DROPPED_TURNS_HEADER, TextStreamer
 from rlchat.config import Config, RewardConfig, load_config, parse_override
 from rlchat.errors import ConfigError, RLChatError
+from rlchat.feedback_store import (
+    RETRY_AFTER_S,
+    FeedbackStore,
+    InvalidFeedback,
+    StoreUnavailable,
+    default_store_url,
+    display_url,
+    resolve_store_url,
+)
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from rlchat.tokenizer import ChatTokenizer, ContextOverflowError, fit_history
 from serve.schemas import (
@@ -135,6 +149,12 @@ STREAM_INTERVAL_S = 0.02
 the replica through Serve's proxy, and under load one event per token per client made that hop the bottleneck."""
 COMPLETION_CACHE_SIZE = 2048
 """Recent completions a replica remembers so feedback can refer to them by id."""
+CONVERSATION_HEADER = "X-RLChat-Conversation-Id"
+"""Optional request header grouping a conversation's completions in the store (transcripts, deletion by id)."""
+ENV_FEEDBACK_STORE = "RLCHAT_FEEDBACK_STORE"
+"""Environment variable read for ``serve.feedback_store`` when the config leaves it empty (like RLCHAT_API_KEY)."""
+STORE_BACKLOG = 256
+"""Request rows a replica may have waiting for the database; beyond that (a long outage) they are dropped, logged."""
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 # --------------------------------------------------------------------------------------------------------------
@@ -380,109 +400,6 @@ def row_seeds(seed: int | None, n: int) -> tuple[int, ...]:
     return tuple(int(seed) * 1_000_003 + i for i in range(n))
 
 
-class FeedbackLog:
-    """Appends user feedback to ``path`` as preference records ``{"prompt", "chosen", "rejected", ...}``.
-
-    Thumbs ratings are kept in ``<path>.ratings`` (not a data-file suffix, so ``rlchat rm`` never reads it); a
-    rating becomes a preference record when the same prompt has an opposite rating on a different reply (e.g. a
-    regenerated answer rated the other way). Every record is checked with :func:`rlchat.data.parse_record` before
-    it is written, so the file always reads back with ``rlchat rm``'s reader. Appends hold an exclusive
-    ``flock``: several replicas on one node may share the file.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.ratings_path = self.path.with_name(self.path.name + ".ratings")
-
-    @contextlib.contextmanager
-    def _locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield f
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    @staticmethod
-    def preference_record(prompt: list[dict[str, str]], chosen: str, rejected: str, **extra: Any) -> dict[str, Any]:
-        """A checked preference record (normalised the way ``rlchat data`` reads it).
-
-        Raises:
-            APIError: 400 when the record would not read back (empty reply, identical replies, bad prompt).
-        """
-        from rlchat.data import parse_record
-
-        obj = {"prompt": prompt, "chosen": chosen, "rejected": rejected, **extra}
-        try:
-            rec = parse_record(obj, source="feedback", fmt="preference")
-        except ValueError as e:
-            raise APIError(400, f"this feedback does not make a usable preference pair: {e}", None) from None
-        assert rec.chosen is not None and rec.rejected is not None
-        out: dict[str, Any] = {"prompt": rec.messages}
-        for side, msgs in (("chosen", rec.chosen), ("rejected", rec.rejected)):
-            out[side] = msgs[0]["content"] if len(msgs) == 1 else msgs
-        out.update(extra)
-        return out
-
-    def append_preference(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        with self._locked() as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def add_rating(
-        self, completion_id: str, choice_index: int, rating: str, prompt: list[dict[str, str]], content: str
-    ) -> dict[str, Any] | None:
-        """Record a thumbs rating; return the preference record it completed (and wrote), if any."""
-        entry = {
-            "time": time.time(),
-            "completion_id": completion_id,
-            "choice_index": choice_index,
-            "rating": rating,
-            "prompt": prompt,
-            "content": content,
-        }
-        with self._locked() as f:
-            partner = None
-            if self.ratings_path.is_file():
-                with open(self.ratings_path, encoding="utf-8") as r:
-                    for line in r:
-                        try:
-                            old = json.loads(line)
-                        except ValueError:
-                            continue
-                        if (
-                            old.get("prompt") == prompt
-                            and old.get("rating") != rating
-                            and old.get("content") != content
-                        ):
-                            partner = old  # the most recent opposite rating of the same prompt wins
-            with open(self.ratings_path, "a", encoding="utf-8") as r:
-                r.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            if partner is None:
-                return None
-            up, down = (entry, partner) if rating == "up" else (partner, entry)
-            try:
-                record = self.preference_record(
-                    prompt,
-                    str(up["content"]),
-                    str(down["content"]),
-                    feedback={
-                        "kind": "thumbs",
-                        "chosen_id": up["completion_id"],
-                        "rejected_id": down["completion_id"],
-                    },
-                )
-            except APIError:
-                return None  # e.g. an empty reply: the rating is kept, no pair is formed
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            return record
-
-
 # --------------------------------------------------------------------------------------------------------------
 # App configuration (shared by build_app, serve_command and tests)
 # --------------------------------------------------------------------------------------------------------------
@@ -542,6 +459,8 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         overrides[dotted] = value
     if not cfg.serve.api_key and "serve.api_key" not in overrides and os.environ.get("RLCHAT_API_KEY"):
         overrides["serve.api_key"] = os.environ["RLCHAT_API_KEY"]
+    if not cfg.serve.feedback_store and "serve.feedback_store" not in overrides and os.environ.get(ENV_FEEDBACK_STORE):
+        overrides["serve.feedback_store"] = os.environ[ENV_FEEDBACK_STORE]  # keeps a database password out of YAML
     if overrides:
         cfg = cfg.replace(**overrides)
     s = cfg.serve
@@ -556,7 +475,25 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
     feedback = Path(cfg.serve.feedback_path).expanduser()
     if not feedback.is_absolute():  # replicas run in other working directories: resolve on the driver
         cfg = cfg.replace(**{"serve.feedback_path": str(Path.cwd() / feedback)})
+    if cfg.serve.feedback_store:
+        store = resolve_store_url(cfg.serve.feedback_store)  # a relative SQLite path: from here, as above
+    else:
+        store = default_store_url(cfg.serve.feedback_path)
+        if s.feedback_path != ServeConfig.feedback_path:
+            logger.warning(
+                "serve.feedback_path is deprecated: feedback is stored in a database now, here %s (beside "
+                "feedback_path); set serve.feedback_store instead (postgresql://... on a cluster)",
+                store,
+            )
+    cfg = cfg.replace(**{"serve.feedback_store": store})
     return AppSettings(str(info.path.resolve()), cfg, model_name, num_cpus)
+
+
+def default_model_version(checkpoint: str | Path) -> str:
+    """``<run>/<checkpoint>`` (e.g. ``ppo-20260101-120000/step_000200``): the label feedback is grouped by when
+    ``serve.model_version`` is not set."""
+    path = Path(checkpoint)
+    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
 
 
 def deployment_options(settings: AppSettings) -> dict[str, Any]:
@@ -593,6 +530,8 @@ api = FastAPI(
 @api.exception_handler(APIError)
 async def _api_error(_: Request, e: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    if e.status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -659,7 +598,18 @@ class ChatServer:
                 "serve.safety_filter is on but reward.safety_patterns and reward.safety_classifier are empty, so "
                 "nothing is ever flagged; set one of them (e.g. reward.safety_patterns=['badword'])"
             )
-        self.feedback = FeedbackLog(self.cfg.feedback_path)
+        # No connection yet: the replica serves chat while its database is down (see _store_call, _record_request).
+        self.store = FeedbackStore(
+            self.cfg.feedback_store,
+            transcripts=self.cfg.transcripts,
+            transcript_retention_days=self.cfg.transcript_retention_days,
+            scrub=self.cfg.scrub_pii,
+        )
+        self.model_version = self.cfg.model_version or default_model_version(ckpt.path)
+        self._store_log = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-store")
+        self._store_slots = threading.BoundedSemaphore(STORE_BACKLOG)
+        self._store_warned = 0.0
+        self._conversations: OrderedDict[str, str] = OrderedDict()
         self._completions: OrderedDict[str, tuple[list[dict[str, str]], list[str | None]]] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-generate")
         self._waiting: deque[tuple[list[GenerationJob], asyncio.Queue]] = deque()
@@ -812,6 +762,66 @@ class ChatServer:
         self._completions[cid] = (messages, texts)
         while len(self._completions) > COMPLETION_CACHE_SIZE:
             self._completions.popitem(last=False)
+        self._record_request(cid, messages, texts)
+
+    def _note_conversation(self, cid: str, request: Request) -> None:
+        """Keep the client's conversation id (``X-RLChat-Conversation-Id``) until the completion is recorded."""
+        conversation = request.headers.get(CONVERSATION_HEADER)
+        if conversation:
+            self._conversations[cid] = conversation[:200]
+            while len(self._conversations) > COMPLETION_CACHE_SIZE:
+                self._conversations.popitem(last=False)
+
+    def _record_request(self, cid: str, messages: list[dict[str, str]], texts: list[str | None]) -> None:
+        """Count the completion (and, with ``serve.transcripts``, keep its transcript) in the store, in the
+        background: the reply never waits for the database, and an outage costs only these rows (logged)."""
+        conversation = self._conversations.pop(cid, None)
+        if not self._store_slots.acquire(blocking=False):
+            self._warn_store(f"request {cid} not recorded: {STORE_BACKLOG} rows are already waiting for the store")
+            return
+
+        def write() -> None:
+            try:
+                self.store.record_request(
+                    cid,
+                    model_version=self.model_version,
+                    n_choices=len(texts),
+                    withheld=sum(t is None for t in texts),
+                    conversation_id=conversation,
+                    messages=messages,
+                    replies=texts,
+                )
+            except Exception as e:  # noqa: BLE001 - analytics must never fail a reply
+                self._warn_store(f"request {cid} not recorded: {e}")
+            finally:
+                self._store_slots.release()
+
+        self._store_log.submit(write)
+
+    def _warn_store(self, message: str) -> None:
+        """Log store trouble at most once a minute (an outage would otherwise log every request)."""
+        now = time.monotonic()
+        if now - self._store_warned >= 60.0:
+            self._store_warned = now
+            logger.warning("%s (further such warnings are held back for 60 s)", message)
+
+    async def _store_call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a store write off the event loop. A database outage is a 503 with ``Retry-After`` (nothing was
+        written, and the client is told so); feedback that makes no usable pair is a 400."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+        except StoreUnavailable as e:
+            logger.warning("feedback not recorded: %s", e)
+            raise APIError(
+                503,
+                f"feedback was not recorded: the feedback store is unavailable; retry in {RETRY_AFTER_S} s",
+                None,
+                "feedback_store_unavailable",
+                "server_error",
+            ) from None
+        except InvalidFeedback as e:
+            raise APIError(400, f"this feedback does not make a usable preference pair: {e}", None) from None
 
     def _log(self, cid: str, status: int, t0: float, **fields: Any) -> None:
         parts = " ".join(f"{k}={v}" for k, v in fields.items())
@@ -917,6 +927,7 @@ class ChatServer:
     async def chat_completions(self, request: Request) -> Response:
         t0 = time.perf_counter()
         cid = f"chatcmpl-{uuid.uuid4().hex}"
+        self._note_conversation(cid, request)
         try:
             self._auth(request)
             req = parse_chat_request(await self._body(request))
@@ -1101,12 +1112,19 @@ class ChatServer:
     async def feedback_route(self, request: Request) -> dict[str, Any]:
         self._auth(request)
         fb = parse_feedback_request(await self._body(request))
-        loop = asyncio.get_running_loop()
         if fb.rating is not None:
             assert fb.completion_id is not None
+            client_text = fb.completion_id not in self._completions  # the text comes from the request, not from here
             prompt, content = self._lookup(fb.completion_id, fb.choice_index, fb.messages, fb.content)
-            record = await loop.run_in_executor(
-                None, self.feedback.add_rating, fb.completion_id, fb.choice_index, fb.rating, prompt, content
+            record = await self._store_call(
+                self.store.add_rating,
+                fb.completion_id,
+                fb.choice_index,
+                fb.rating,
+                prompt,
+                content,
+                model_version=self.model_version,
+                client_text=client_text,
             )
             logger.info("feedback rating=%s id=%s pair_written=%s", fb.rating, fb.completion_id, record is not None)
             return {"recorded": True, "kind": "rating", "preference_written": record is not None}
@@ -1120,12 +1138,20 @@ class ChatServer:
                     "rejected",
                 )
             ids = {"chosen_id": fb.chosen.completion_id, "rejected_id": fb.rejected.completion_id}
-            prompt = p1
+            prompt, client_text = p1, False
         else:
             assert fb.prompt is not None and isinstance(fb.chosen, str) and isinstance(fb.rejected, str)
             prompt, chosen, rejected, ids = [m.as_message() for m in fb.prompt], fb.chosen, fb.rejected, {}
-        record = FeedbackLog.preference_record(prompt, chosen, rejected, feedback={"kind": "preference", **ids})
-        await loop.run_in_executor(None, self.feedback.append_preference, record)
+            client_text = True
+        await self._store_call(
+            self.store.add_preference,
+            prompt,
+            chosen,
+            rejected,
+            model_version=self.model_version,
+            client_text=client_text,
+            **ids,
+        )
         logger.info("feedback preference written")
         return {"recorded": True, "kind": "preference", "preference_written": True}
 
@@ -1194,6 +1220,8 @@ def serve_command(
     Returns:
         0 after Ctrl-C (blocking) or once deployed (``--no-blocking``, the app keeps running on the cluster).
     """
+    import ray
+
     from rlchat.cluster import init_ray
 
     args: dict[str, Any] = {"checkpoint": checkpoint, "from_run": from_run, "config": config}
@@ -1222,7 +1250,13 @@ def serve_command(
         print(f"  openai:        OpenAI(base_url='{url}/v1', api_key=...)")
         if s.safety_filter:
             print("  safety filter: on")
-        print(f"  feedback file: {s.feedback_path}", flush=True)
+        print(f"  feedback store: {display_url(s.feedback_store)}", flush=True)
+        if s.feedback_store.startswith("sqlite") and sum(bool(n.get("Alive")) for n in ray.nodes()) > 1:
+            print(
+                "  note: this Ray cluster has several nodes, and a SQLite feedback store is a file on each replica's "
+                "own node; set serve.feedback_store: postgresql://... (docs/cluster.md)",
+                flush=True,
+            )
         if not blocking:
             return 0
         print("Ctrl-C to stop", flush=True)

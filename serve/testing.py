@@ -104,14 +104,14 @@ def _wait_serving(url: str, checkpoint: Path, timeout_s: float = 120.0) -> None:
 
 @dataclass(frozen=True)
 class TestApp:
-    """A deployed app: its base URL, checkpoint, API key and feedback file."""
+    """A deployed app: its base URL, checkpoint, API key and feedback store URL."""
 
     __test__ = False  # not a pytest test class
 
     url: str
     checkpoint: Path
     api_key: str
-    feedback_path: Path
+    feedback_store: str
     port: int
 
 
@@ -143,26 +143,30 @@ def deploy(checkpoint: str | Path, name: str = "rlchat", route_prefix: str = "/"
     return url
 
 
-def _shared_app_args(feedback: Path) -> dict[str, Any]:
+def _shared_app_args(feedback_store: str) -> dict[str, Any]:
     return {
         "api_key": TEST_API_KEY,
         "max_batch_size": 8,
         "batch_wait_timeout_s": 0.05,
-        "feedback_path": str(feedback),
+        "feedback_store": feedback_store,
+        # transcripts on (with scrubbing) so the store tests see served chats; the product's default is off
+        "transcripts": True,
+        "scrub_pii": True,
         "max_tokens": 64,
         "num_cpus": 0,  # no CPU reservation: the session app must never block later tests' Ray Train workers
     }
 
 
 def shared_app(root: str | Path) -> TestApp:
-    """The session's shared test app (deployed on first use under ``root``): API key, batching up to 8."""
+    """The session's shared test app (deployed on first use under ``root``): API key, batching up to 8, a SQLite
+    feedback store ``root/feedback.db`` with transcripts on."""
     if "app" in _SHARED:
         return _SHARED["app"]
     root = Path(root)
     ckpt = make_tiny_checkpoint(root / "tiny_ckpt")
-    feedback = root / "feedback.jsonl"
-    url = deploy(ckpt, **_shared_app_args(feedback))
-    app = TestApp(url=url, checkpoint=ckpt, api_key=TEST_API_KEY, feedback_path=feedback, port=_SHARED["port"])
+    store = f"sqlite:///{root / 'feedback.db'}"
+    url = deploy(ckpt, **_shared_app_args(store))
+    app = TestApp(url=url, checkpoint=ckpt, api_key=TEST_API_KEY, feedback_store=store, port=_SHARED["port"])
     _SHARED["app"] = app
     return app
 
@@ -190,7 +194,7 @@ def serve_command_port() -> Iterator[int]:
     finally:
         app: TestApp | None = _SHARED.get("app")
         if app is not None:
-            deploy(app.checkpoint, name=APP_NAME, route_prefix="/", **_shared_app_args(app.feedback_path))
+            deploy(app.checkpoint, name=APP_NAME, route_prefix="/", **_shared_app_args(app.feedback_store))
             _wait_serving(app.url, app.checkpoint)
         elif "port" in _SHARED:
             with contextlib.suppress(Exception):  # not deployed: nothing to delete

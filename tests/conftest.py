@@ -1,11 +1,23 @@
-"""Shared pytest fixtures: one local Ray instance per session, tiny configs, thread budgets.
+"""Shared pytest fixtures: one local Ray instance per session, tiny configs, thread budgets, and a throwaway
+PostgreSQL server for the feedback-store tests.
 
 Start-up costs dominate on 2 cores (imports ~4 s, ray.init 2-4 s), so every Ray test shares one instance.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +52,135 @@ def _torch_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PostgreSQL: Debian's `postgresql` package (`make postgres`), one unprivileged server per session
+# --------------------------------------------------------------------------------------------------------------
+
+
+def postgres_bin_dir() -> Path | None:
+    """The newest ``/usr/lib/postgresql/<version>/bin`` with ``initdb`` and ``pg_ctl`` (else PATH's), or None."""
+
+    def version(path: str) -> int:
+        m = re.search(r"/postgresql/(\d+)/", path)
+        return int(m.group(1)) if m else 0
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=version)
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("pg_ctl")
+    return Path(on_path).resolve().parent if on_path and shutil.which("initdb") else None
+
+
+@dataclass
+class PostgresServer:
+    """A PostgreSQL cluster in a temp dir, listening on 127.0.0.1:port, superuser ``rlchat`` with trust auth.
+
+    PostgreSQL refuses to run as root, so as root every server command runs as ``nobody`` (``runuser``), which
+    owns the data directory -- as the web-page test uses Debian's Chromium, nothing here needs a system service.
+    """
+
+    bin_dir: Path
+    root: Path
+    port: int
+    user: str = "rlchat"
+    as_user: list[str] = field(default_factory=list)
+    watchdog: subprocess.Popen | None = None
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        cmd = [*self.as_user, str(self.bin_dir / args[0]), *args[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            log = self.root / "server.log"
+            tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+            raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}{out.stderr}\n{tail}")
+        return out
+
+    def start(self) -> None:
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "60", "-o", opts,
+                  "start")  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def connect_admin(self):  # noqa: ANN201 - psycopg.Connection
+        import psycopg
+
+        return psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres", autocommit=True)
+
+    def create_database(self, name: str | None = None) -> str:
+        """A new empty database; returns its ``postgresql://`` URL."""
+        from psycopg import sql
+
+        name = name or f"t_{uuid.uuid4().hex[:12]}"
+        with self.connect_admin() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
+
+    def is_running(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            return True
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (initdb into a temp dir, pg_ctl start; stopped at the end).
+
+    Skipped, with the reason, only when the PostgreSQL binaries are not installed (``make postgres`` installs
+    them; CI runs ``make test``, which does).
+    """
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (make postgres, or apt-get install -y postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="rlchat-pg-", dir="/tmp"))  # short: the socket path limit is ~107 bytes
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        os.chown(root, nobody.pw_uid, nobody.pw_gid)
+        as_user = ["runuser", "-u", "nobody", "--"]
+    server = PostgresServer(bin_dir, root, _free_port(), as_user=as_user)
+    server._run("initdb", "-D", str(server.data), "-U", server.user, "--auth=trust", "-E", "UTF8", "--locale=C")
+    for attempt in range(3):
+        try:
+            server.start()
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            server.port = _free_port()  # another process took the port between probe and bind
+    # If this pytest process dies without its teardown, stop the server and remove its files anyway.
+    stop = " ".join([*as_user, str(bin_dir / "pg_ctl"), "-D", str(server.data), "-m", "immediate", "stop"])
+    server.watchdog = subprocess.Popen(
+        ["/bin/sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 2; done; {stop}; rm -rf '{root}'"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield server
+    finally:
+        server.watchdog.kill()
+        server.watchdog.wait()
+        if server.is_running():
+            with contextlib.suppress(Exception):
+                server.stop("immediate")
+        deadline = time.monotonic() + 10
+        while server.is_running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shutil.rmtree(root, ignore_errors=True)

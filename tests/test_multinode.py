@@ -16,6 +16,9 @@ Jobs are submitted with ``runtime_env={"working_dir": <repo>}`` as a user would 
   ``{"rollout": 1}`` must run on the node that has the ``rollout`` resource.
 - ``rlchat train`` and ``rlchat tune`` jobs: each checks the placement of its own actors (filtered by the job's
   driver job id; the cluster is shared by the module's jobs).
+- ``feedback_load``: a two-replica Serve app, one replica per node, writes 1,000 concurrent ratings into one
+  PostgreSQL database (the session's server, tests/conftest.py) and, the same again, into one SQLite file; all
+  1,000 come back from each, and each prompt's opposite ratings make exactly one pair.
 """
 
 from __future__ import annotations
@@ -486,3 +489,33 @@ def test_tune_job_runs_two_trials(ray_cluster, tmp_path):
     workers = [a for a in actors if "Rollout" in a.class_name]
     assert workers, f"the sweep started no rollout actor: {sorted({a.class_name for a in actors})}"
     assert {a.node_id for a in workers} <= rollout_nodes, [(a.class_name, a.node_id) for a in workers]
+
+
+FEEDBACK_TIMEOUT_S = 600.0
+
+
+def test_two_replicas_on_two_nodes_write_1000_ratings_into_one_store(ray_cluster, postgres_server, tmp_path):
+    from rlchat.feedback_store import FeedbackStore
+
+    n = 1000
+    stores = {"pg": postgres_server.create_database(), "sqlite": f"sqlite:///{tmp_path / 'feedback.db'}"}
+    args = " ".join(f"--store {name}={url}" for name, url in stores.items())
+    entrypoint = f"python tests/jobs/feedback_load.py --port {_free_port()} --ratings {n} {args}"
+    info, logs = ray_cluster.run_job(entrypoint, FEEDBACK_TIMEOUT_S)
+    _assert_succeeded(info, logs)
+    lines = [line for line in logs.splitlines() if line.startswith("FEEDBACK_RESULT ")]
+    assert len(lines) == 1, logs[-6000:]
+    result = json.loads(lines[0].removeprefix("FEEDBACK_RESULT "))
+
+    all_nodes = {node.node_id for node in ray_cluster.alive_nodes()}
+    for name, url in stores.items():
+        assert result[name]["statuses"] == {"200": n}, (name, result[name])
+        # one replica on each node: both nodes wrote into the one database
+        replicas = [a for a in ray_cluster.actors() if a.class_name == f"ServeReplica:fb-{name}:ChatServer"]
+        assert len(replicas) == 2 and {a.node_id for a in replicas} == all_nodes, [(a.node_id) for a in replicas]
+        store = FeedbackStore(url)
+        ratings = store.rows("ratings")
+        assert sorted(r["request_id"] for r in ratings) == sorted(f"chatcmpl-{name}-{i}" for i in range(n)), name
+        pairs = store.rows("pairs")
+        assert sorted(p["chosen_id"] for p in pairs) == sorted(f"chatcmpl-{name}-{i}" for i in range(0, n, 2)), name
+        store.close()

@@ -1,7 +1,8 @@
 """The Serve chat endpoint: OpenAI shape (official client, plain and streaming), errors over raw HTTP, batching,
 feedback into `rlchat rm`'s reader, auth, request logs without bodies, the safety filter and replica recovery.
 
-The pure pieces (streaming text, batch grouping, request parsing, the feedback log, settings) are tested in-process;
+The pure pieces (streaming text, batch grouping, request parsing, settings) are tested in-process (the feedback
+store itself in tests/test_feedback_store.py);
 the rest runs against ONE shared app (serve.testing.shared_app) on the session's local Ray, because starting Serve
 costs ~10-40 s on 2 shared cores. The safety test deploys a second application on the same Serve instance; the
 ``--from-run`` test deploys through ``serve_command`` itself (over the shared app, which is put back afterwards).
@@ -22,8 +23,9 @@ import yaml
 
 from rlchat.chat import TextStreamer
 from rlchat.config import Config
-from rlchat.data import normalize_text, read_records
+from rlchat.data import normalize_text
 from rlchat.errors import CheckpointError, ConfigError
+from rlchat.feedback_store import FeedbackStore, scrub_pii
 from rlchat.generation import FINISH_LENGTH, GenerationEngine, SamplingParams
 from rlchat.model import PolicyValueModel
 from rlchat.tokenizer import ChatTokenizer, fit_history
@@ -32,7 +34,6 @@ from serve.app import (
     DEPLOYMENT_NAME,
     WITHHELD_NOTICE,
     BatchRun,
-    FeedbackLog,
     GenerationJob,
     JobOutput,
     deployment_options,
@@ -230,27 +231,6 @@ def test_parse_chat_request_accepts_openai_and_extension_fields():
     assert req.budget() == 9 and req.stop_strings() == ("END",) and req.top_k == 5
 
 
-def test_feedback_log_pairs_opposite_ratings_and_reads_back_with_rm_reader(tmp_path):
-    log = FeedbackLog(tmp_path / "fb" / "feedback.jsonl")
-    prompt = [{"role": "user", "content": "What is 2+2?"}]
-    assert log.add_rating("c1", 0, "down", prompt, "five") is None  # nothing to pair with yet
-    assert log.add_rating("c9", 0, "up", [{"role": "user", "content": "other"}], "x") is None  # other prompt
-    assert log.add_rating("c3", 0, "down", prompt, "five") is None  # same reply: not a pair
-    rec = log.add_rating("c2", 0, "up", prompt, "4")
-    assert rec is not None and rec["chosen"] == "4" and rec["rejected"] == "five"
-    log.append_preference(FeedbackLog.preference_record(prompt, "four", "4 apples", feedback={"kind": "preference"}))
-    read = read_records([log.path])
-    assert [(r.messages, r.chosen, r.rejected) for r in read.records] == [
-        (prompt, [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "five"}]),
-        (prompt, [{"role": "assistant", "content": "four"}], [{"role": "assistant", "content": "4 apples"}]),
-    ]
-    assert read.records[0].meta["feedback"]["chosen_id"] == "c2"
-    # the ratings side file is not a data file, so `rlchat rm` pointed at the directory reads only the pairs
-    assert len(read_records([log.path.parent]).records) == 2
-    with pytest.raises(APIError, match="usable preference"):
-        FeedbackLog.preference_record(prompt, "same", "same")
-
-
 def test_parse_feedback_request_shapes():
     assert parse_feedback_request(b'{"completion_id": "c", "rating": "up"}').rating == "up"
     fb = parse_feedback_request(
@@ -276,6 +256,14 @@ def test_resolve_settings_and_deployment_options(ckpt, tmp_path, monkeypatch):
     )
     assert s.config.serve.max_batch_size == 4 and s.config.reward.safety_patterns == ("x",)
     assert Path(s.config.serve.feedback_path) == tmp_path / "feedback.jsonl"  # resolved on the driver
+    assert s.config.serve.feedback_store == f"sqlite:///{tmp_path / 'feedback.db'}"  # the default store, beside it
+    rel = resolve_settings({"checkpoint": str(ckpt), "feedback_store": "sqlite:///db/fb.db"}).config.serve
+    assert rel.feedback_store == f"sqlite:///{tmp_path / 'db' / 'fb.db'}"
+    pg = "postgresql://rlchat:pw@db.internal:5432/rlchat"
+    assert resolve_settings({"checkpoint": str(ckpt), "feedback_store": pg}).config.serve.feedback_store == pg
+    monkeypatch.setenv("RLCHAT_FEEDBACK_STORE", pg)  # as RLCHAT_API_KEY: a password need not be in a YAML file
+    assert resolve_settings({"checkpoint": str(ckpt)}).config.serve.feedback_store == pg
+    monkeypatch.delenv("RLCHAT_FEEDBACK_STORE")
     opts = deployment_options(s)
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16.0}
     assert opts["max_ongoing_requests"] >= 4 and "num_replicas" not in opts
@@ -548,16 +536,20 @@ def test_feedback_round_trip_into_the_reward_model_reader(app):
     other = {"completion_id": "chatcmpl-elsewhere", "rating": "down", "messages": messages, "content": "Grey?"}
     assert _post(app, other, fb).json()["preference_written"] is True
 
-    recs = read_records([app.feedback_path]).records
+    recs = FeedbackStore(app.feedback_store).preference_records()
     got = [(r.messages, r.chosen[0]["content"], r.rejected[0]["content"]) for r in recs[-4:]]
-    a, b = normalize_text(a), normalize_text(b)  # what `rlchat data` makes of any text
+    a, b = normalize_text(scrub_pii(a)), normalize_text(scrub_pii(b))  # what the store and `rlchat data` make of it
     assert got == [
         (messages, a, b),  # thumbs up on choice 0 + thumbs down on choice 1
         (messages, b, a),  # explicit preference by completion ids
         (messages, "Blue.", "I refuse."),  # explicit preference by text
         (messages, a, "Grey?"),
     ]
-    assert recs[-4].meta["feedback"] == {"kind": "thumbs", "chosen_id": r["id"], "rejected_id": r["id"]}
+    fb_meta = recs[-4].meta["feedback"]
+    assert (fb_meta["kind"], fb_meta["chosen_id"], fb_meta["rejected_id"]) == ("thumbs", r["id"], r["id"])
+    assert fb_meta["model_version"] == "tiny_ckpt" and fb_meta["untrusted"] is True
+    # text the replica remembered vs text the client sent (by text, or a rating of a completion it does not know)
+    assert [x.meta["feedback"]["client_text"] for x in recs[-4:]] == [False, False, True, True]
     assert all(r.is_preference for r in recs)
 
     assert _post(app, {"completion_id": "chatcmpl-unknown", "rating": "up"}, fb).status_code == 404

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from rlchat.data import normalize_text, read_records
+from rlchat.data import normalize_text
+from rlchat.feedback_store import FeedbackStore, scrub_pii
 from serve import testing
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -87,7 +88,7 @@ def test_chat_page_in_headless_chromium(serve_app, tmp_path: Path):
             assert reply.strip(), "the streamed reply is empty"
             page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
 
-            # rate it, regenerate, rate the other reply the other way: a preference pair in the feedback file
+            # rate it, regenerate, rate the other reply the other way: a preference pair in the feedback store
             first.locator(".thumb-up").click()
             sync_api.expect(first.locator(".meta")).to_contain_text("thanks")
             page.click("#regenerate")
@@ -96,9 +97,9 @@ def test_chat_page_in_headless_chromium(serve_app, tmp_path: Path):
             second.locator(".thumb-down").click()
             sync_api.expect(second.locator(".meta")).to_contain_text("preference pair")
             page.screenshot(path=str(tmp_path / "feedback.png"), full_page=True)
-            last = read_records([serve_app.feedback_path]).records[-1]
+            last = FeedbackStore(serve_app.feedback_store).preference_records()[-1]
             assert last.messages == [{"role": "user", "content": "Tell me about the sea."}]
-            assert last.chosen[0]["content"] == normalize_text(reply)
+            assert last.chosen[0]["content"] == normalize_text(scrub_pii(reply))  # the shared app scrubs PII
 
             page.click("#reset")
             sync_api.expect(page.locator(".msg.assistant")).to_have_count(0)

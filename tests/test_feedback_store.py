@@ -1,0 +1,457 @@
+"""The feedback store on both back ends: a SQLite file and a real PostgreSQL server (Debian's `postgresql`, started
+by the session fixture in tests/conftest.py as an unprivileged cluster in a temp dir).
+
+Every store test runs once per back end: concurrent writers from several processes (1,000 ratings, all come back,
+opposite ratings pair up exactly once), an unreachable database (StoreUnavailable, then recovery after a PostgreSQL
+restart), a writer SIGKILLed inside its transaction (no partial rows), export to the `rlchat data` layout and into
+the reward-model loader, stats against hand-computed Wilson intervals, transcript retention, scrubbing and
+deleting a conversation. The Serve tests (slow) check the endpoint: 503 + Retry-After while the store is down with
+chat completions unaffected, and transcripts of served chats on the session's shared app. The two-replica,
+two-node version of the concurrency test is in tests/test_multinode.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from rlchat.cli import main as cli_main
+from rlchat.config import Config
+from rlchat.data import load_records as load_data_records
+from rlchat.errors import ConfigError
+from rlchat.feedback_store import (
+    RETRY_AFTER_S,
+    SCHEMA_VERSION,
+    FeedbackStore,
+    InvalidFeedback,
+    StoreUnavailable,
+    default_store_url,
+    display_url,
+    is_store_url,
+    load_records,
+    resolve_store_url,
+    schema_table,
+    scrub_pii,
+    wilson_interval,
+)
+from serve import testing
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ("sqlite", "postgresql")
+PROMPT = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request, tmp_path) -> str:
+    """An empty store of each back end: a SQLite file, or a fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'feedback.db'}"
+    return request.getfixturevalue("postgres_server").create_database()
+
+
+@pytest.fixture
+def store(store_url):
+    s = FeedbackStore(store_url, transcripts=True, transcript_retention_days=7.0)
+    yield s
+    s.close()
+
+
+def _run_python(code: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    # p = 8/10, z = 1.96: center = (0.8 + z²/20) / (1 + z²/10) = 0.71674, half = 0.22658 (by hand)
+    assert wilson_interval(8, 10) == pytest.approx((0.49016, 0.94332), abs=1e-5)
+    # p = 1/4: center = 0.37247, half = 0.32689
+    assert wilson_interval(1, 4) == pytest.approx((0.04559, 0.69936), abs=1e-5)
+    low, high = wilson_interval(0, 5)  # never below 0, and not a point interval at p = 0 as the normal one is
+    assert low == 0.0 and high == pytest.approx(0.43448, abs=1e-5)
+    assert wilson_interval(5, 5)[1] == 1.0 and wilson_interval(5, 5)[0] == pytest.approx(0.56552, abs=1e-5)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_scrub_pii_replaces_emails_and_phone_numbers_and_leaves_numbers():
+    cases = {
+        "write to jane.doe+rl@mail.example.co.uk today": "write to [email] today",
+        "call +44 20 7946 0958 or (555) 123-4567": "call [phone] or [phone]",
+        "or 555.123.4567, or 00491511234567": "or [phone], or [phone]",
+        "2 + 3 = 5, pi is 3.14159265358, it costs $1,250,000": "2 + 3 = 5, pi is 3.14159265358, it costs $1,250,000",
+        "on 2024-01-15 10:30, order 123456": "on 2024-01-15 10:30, order 123456",
+    }
+    for text, want in cases.items():
+        assert scrub_pii(text) == want, text
+
+
+def test_store_urls_resolve_relative_sqlite_paths_and_refuse_the_rest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_store_url("sqlite:///sub/fb.db") == f"sqlite:///{tmp_path / 'sub' / 'fb.db'}"
+    assert resolve_store_url("runs/feedback.db") == f"sqlite:///{tmp_path / 'runs' / 'feedback.db'}"
+    assert resolve_store_url("sqlite:////abs/fb.db") == "sqlite:////abs/fb.db"
+    assert resolve_store_url("postgres://u:p@h/db") == "postgresql://u:p@h/db"
+    assert (
+        default_store_url(tmp_path / "serve" / "feedback.jsonl") == f"sqlite:///{tmp_path / 'serve' / 'feedback.db'}"
+    )
+    assert display_url("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert is_store_url("postgresql://h/db") and is_store_url("x/feedback.db") and not is_store_url("fb.jsonl")
+    for bad in ("mysql://h/db", "feedback.jsonl", "sqlite:///:memory:"):
+        with pytest.raises(ConfigError, match="feedback store"):
+            resolve_store_url(bad)
+    with pytest.raises(ConfigError, match=r"serve.feedback_store='mysql://h/db'.*postgresql://"):
+        Config().replace(**{"serve.feedback_store": "mysql://h/db"})
+    with pytest.raises(ConfigError, match="serve.transcript_retention_days"):
+        Config().replace(**{"serve.transcript_retention_days": 0})
+    assert Config().serve.transcripts is False  # privacy: off unless asked for
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The store, on both back ends
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_schema_is_migrated_once_by_concurrent_first_users(store_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [FeedbackStore(store_url) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:  # replicas starting together all create the schema "first"
+        assert list(pool.map(lambda s: s.schema_version(), stores)) == [SCHEMA_VERSION] * 4
+    engine = sa.create_engine(stores[0].engine.url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema_table)).scalar() == SCHEMA_VERSION
+        conn.execute(sa.insert(schema_table).values(version=99, applied_at=0.0, description="from the future"))
+        conn.commit()
+    engine.dispose()
+    with pytest.raises(ConfigError, match="schema version 99 is newer than this rlchat knows"):
+        FeedbackStore(store_url).schema_version()
+    for s in stores:
+        s.close()
+
+
+def test_opposite_ratings_make_a_pair_that_the_rm_reader_reads(store):
+    v = "run-a/step_000010"
+    other = [{"role": "user", "content": "other"}]
+    assert store.add_rating("c1", 0, "down", PROMPT, "five", model_version=v, client_text=True) is None  # alone
+    assert store.add_rating("c9", 0, "up", other, "x", model_version=v, client_text=False) is None  # other prompt
+    assert store.add_rating("c5", 0, "up", PROMPT, "five", model_version=v, client_text=False) is None  # same reply
+    pair = store.add_rating("c2", 0, "up", PROMPT, "4", model_version=v, client_text=False)
+    assert pair is not None and (pair["chosen"], pair["rejected"]) == ("4", "five")
+    assert (pair["feedback"]["kind"], pair["feedback"]["chosen_id"], pair["feedback"]["rejected_id"]) == (
+        "thumbs",
+        "c2",
+        "c1",
+    )
+    assert pair["feedback"]["client_text"] is True and pair["feedback"]["untrusted"] is True  # c1's text was sent
+    # an explicit preference; ones that would not read back are refused and write nothing
+    store.add_preference(PROMPT, "4.", "22", model_version=v, client_text=True, chosen_id=None, rejected_id=None)
+    with pytest.raises(InvalidFeedback, match="chosen"):
+        store.add_preference(PROMPT, "same", "same", model_version=v, client_text=True)
+    with pytest.raises(InvalidFeedback):
+        store.add_rating("c3", 0, "meh", PROMPT, "x", model_version=v, client_text=True)
+    # an empty reply rated the other way: the rating is kept, no pair is formed
+    assert store.add_rating("c4", 0, "down", PROMPT, "", model_version=v, client_text=False) is None
+
+    records = store.preference_records()
+    assert [(r.messages, r.chosen[0]["content"], r.rejected[0]["content"]) for r in records] == [
+        (PROMPT, "4", "five"),
+        (PROMPT, "4.", "22"),
+    ]
+    assert all(r.is_preference and r.meta["feedback"]["model_version"] == v for r in records)
+    ratings = store.rows("ratings")
+    assert [(r["request_id"], r["rating"], r["client_text"], r["untrusted"]) for r in ratings] == [
+        ("c1", "down", True, True),
+        ("c9", "up", False, True),
+        ("c5", "up", False, True),
+        ("c2", "up", False, True),
+        ("c4", "down", False, True),
+    ]
+
+
+def test_1000_concurrent_ratings_from_four_processes_all_come_back(store_url):
+    """Four writer processes (replicas) x 8 threads; rating i of prompt i // 2 is "up" for even i, "down" for odd i
+    and the two of each prompt come from different processes: every rating is stored once and each prompt's two
+    ratings make exactly one pair (PostgreSQL: per-prompt advisory lock; SQLite: BEGIN IMMEDIATE)."""
+    n, procs = 1000, 4
+    code = f"""
+        import sys
+        from concurrent.futures import ThreadPoolExecutor
+        from rlchat.feedback_store import FeedbackStore
+
+        k = int(sys.argv[1])
+        store = FeedbackStore({store_url!r})
+        def rate(i):
+            prompt = [{{"role": "user", "content": f"question {{i // 2}}"}}]
+            return store.add_rating(f"chatcmpl-{{i}}", 0, "up" if i % 2 == 0 else "down", prompt, f"answer {{i}}",
+                                    model_version="v", client_text=True)
+        with ThreadPoolExecutor(8) as pool:
+            pairs = sum(p is not None for p in pool.map(rate, [i for i in range({n}) if (i + i // 2) % {procs} == k]))
+        print("PAIRS", pairs)
+    """
+    workers = [
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(k)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for k in range(procs)
+    ]  # fmt: skip
+    outs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [o[1][-2000:] for o in outs]
+    reported = sum(int(o[0].split("PAIRS")[1]) for o in outs)
+    store = FeedbackStore(store_url)
+    ratings = store.rows("ratings")
+    assert sorted(r["request_id"] for r in ratings) == sorted(f"chatcmpl-{i}" for i in range(n))
+    pairs = store.rows("pairs")
+    assert len(pairs) == reported == n // 2
+    assert sorted(p["chosen_id"] for p in pairs) == sorted(f"chatcmpl-{i}" for i in range(0, n, 2))
+    store.close()
+
+
+def test_an_unreachable_database_raises_store_unavailable_then_recovers(store_url, tmp_path, request):
+    if store_url.startswith("sqlite"):
+        path = tmp_path / "blocked" / "feedback.db"
+        path.mkdir(parents=True)  # a directory where the file should be: SQLite cannot open it (root or not)
+        store = FeedbackStore(f"sqlite:///{path}")
+        with pytest.raises(StoreUnavailable, match="is unavailable"):
+            store.add_rating("c1", 0, "up", PROMPT, "4", model_version="v", client_text=True)
+        path.rmdir()
+        assert store.add_rating("c1", 0, "up", PROMPT, "4", model_version="v", client_text=True) is None
+        return
+    server = request.getfixturevalue("postgres_server")
+    closed = testing.free_port()
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="Connection refused|connection failed"):
+        FeedbackStore(f"postgresql://rlchat@127.0.0.1:{closed}/x").schema_version()
+    assert time.monotonic() - t0 < 15
+    store = FeedbackStore(store_url)
+    store.add_rating("c1", 0, "up", PROMPT, "4", model_version="v", client_text=True)  # pooled connections now
+    server.stop()
+    try:
+        with pytest.raises(StoreUnavailable):
+            store.add_rating("c2", 0, "down", PROMPT, "5", model_version="v", client_text=True)
+    finally:
+        server.start()
+    # the pool's dead connections are noticed (pre-ping) and replaced: the next write just works
+    assert store.add_rating("c2", 0, "down", PROMPT, "5", model_version="v", client_text=True) is not None
+    assert [r["request_id"] for r in store.rows("ratings")] == ["c1", "c2"]
+    store.close()
+
+
+def test_a_writer_killed_inside_its_transaction_leaves_no_partial_rows(store_url):
+    store = FeedbackStore(store_url)
+    store.add_rating("c1", 0, "up", PROMPT, "4", model_version="v", client_text=True)
+    # The child's "down" completes a pair: it is killed after inserting its rating, before inserting the pair.
+    code = f"""
+        import time
+        from rlchat import feedback_store
+
+        real = feedback_store.FeedbackStore._insert_pair
+        def stall(self, conn, *args):
+            out = real(self, conn, *args)  # the pair row is written too; the commit never comes
+            print("WRITTEN", flush=True)
+            time.sleep(600)
+            return out
+        feedback_store.FeedbackStore._insert_pair = stall
+        store = feedback_store.FeedbackStore({store_url!r})
+        store.add_rating("c2", 0, "down", {PROMPT!r}, "5", model_version="v", client_text=True)
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "WRITTEN"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert [r["request_id"] for r in store.rows("ratings")] == ["c1"] and store.rows("pairs") == []
+    # the lock died with the writer: the next write goes through at once
+    t0 = time.monotonic()
+    assert store.add_rating("c3", 0, "down", PROMPT, "6", model_version="v", client_text=True) is not None
+    assert time.monotonic() - t0 < 10
+    store.close()
+
+
+def _fill(store: FeedbackStore) -> None:
+    """v1: 10 requests, 8 up / 2 down, 2 pairs; v2: 4 requests, 1 up / 3 down, 1 pair."""
+    for version, n_req, ups, downs in (("v1", 10, 8, 2), ("v2", 4, 1, 3)):
+        for i in range(n_req):
+            store.record_request(f"{version}-r{i}", model_version=version, n_choices=1)
+        for i in range(ups + downs):
+            prompt = [{"role": "user", "content": f"{version} question {i % 2}"}]
+            store.add_rating(f"{version}-r{i}", 0, "up" if i < ups else "down", prompt, f"{version} answer {i}",
+                             model_version=version, client_text=False)  # fmt: skip
+
+
+def test_stats_per_model_version_against_hand_computed_values(store, capsys):
+    _fill(store)
+    got = {s.model_version: s for s in store.stats()}
+    assert (got["v1"].requests, got["v1"].ratings, got["v1"].up, got["v1"].down, got["v1"].pairs) == (10, 10, 8, 2, 2)
+    assert (got["v2"].requests, got["v2"].ratings, got["v2"].up, got["v2"].down, got["v2"].pairs) == (4, 4, 1, 3, 1)
+    assert got["v1"].up_rate == 0.8 and got["v1"].up_rate_ci == pytest.approx((0.49016, 0.94332), abs=1e-5)
+    assert got["v2"].up_rate == 0.25 and got["v2"].up_rate_ci == pytest.approx((0.04559, 0.69936), abs=1e-5)
+
+    assert cli_main(["feedback", "stats", store.url]) == 0
+    table = capsys.readouterr().out
+    assert "0.800  [0.490, 0.943]" in table and "0.250  [0.046, 0.699]" in table
+    assert cli_main(["feedback", "stats", store.url, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["model_version"], r["requests"], r["up"], r["pairs"]) for r in rows] == [
+        ("v1", 10, 8, 2),
+        ("v2", 4, 1, 1),
+    ]
+
+
+def test_export_writes_the_prepared_preference_layout_and_rm_reads_the_store(store, tmp_path, capsys):
+    from rlchat.stages import prepare_rm_data
+    from rlchat.tokenizer import ChatTokenizer
+
+    for i in range(30):
+        store.add_preference([{"role": "user", "content": f"Feedback question {i}?"}], f"A kind answer {i}.",
+                             f"Go away {i}.", model_version="v1" if i < 20 else "v2", client_text=True)  # fmt: skip
+    out = tmp_path / "exported"
+    assert cli_main(["feedback", "export", store.url, "--out", str(out)]) == 0
+    assert "kept 30 (train 27, val 3)" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} >= {"train.parquet", "val.parquet", "stats.json", "stats.png"}
+    records = load_data_records(str(out), "all")  # the prepared-directory reader of every stage
+    assert len(records) == 30 and all(r.is_preference for r in records)
+    assert {r.meta["feedback"]["model_version"] for r in records} == {"v1", "v2"}
+    assert all(r.meta["feedback"]["untrusted"] and r.source.startswith(store.display_url) for r in records)
+    # the same records straight from the store, with the same seeded split
+    assert [r.chosen for r in load_records(store.url, "val")] == [r.chosen for r in load_data_records(str(out), "val")]
+    only = tmp_path / "v2"
+    assert cli_main(["feedback", "export", store.url, "--out", str(only), "--model-version", "v2"]) == 0
+    assert len(load_data_records(str(only), "all")) == 10
+
+    # rm.feedback takes the store URL itself
+    cfg = Config().replace(**{"data.preferences": str(out)})
+    tok = ChatTokenizer.from_config(cfg.tokenizer)
+    _, base = prepare_rm_data(cfg, tok, 64)
+    _, counts = prepare_rm_data(cfg.replace(**{"rm.feedback": [store.url]}), tok, 64)
+    assert (counts["train"], counts["val"]) == (base["train"] + 27, base["val"] + 3)
+
+
+def test_transcripts_retention_scrubbing_and_deleting_a_conversation(store_url):
+    day = 86400.0
+    now = time.time()
+    off = FeedbackStore(store_url)  # transcripts off: requests are counted, no text is kept
+    off.record_request("r0", model_version="v", n_choices=1, messages=PROMPT, replies=["4"], now=now)
+    assert off.rows("transcripts") == [] and len(off.rows("requests")) == 1
+    off.close()
+
+    store = FeedbackStore(store_url, transcripts=True, transcript_retention_days=7.0, scrub=True)
+    mail = [{"role": "user", "content": "I am ann@example.org, call me on +1 415 555 0100"}]
+    store.record_request("r1", model_version="v", n_choices=1, messages=mail, replies=["Hi ann@example.org"],
+                         conversation_id="conv-a", now=now - 8 * day)  # fmt: skip
+    store.record_request("r2", model_version="v", n_choices=2, messages=mail, replies=["ok", None],
+                         conversation_id="conv-a", now=now)  # fmt: skip
+    store.record_request("r3", model_version="v", n_choices=1, messages=PROMPT, replies=["4"], now=now)
+    store.add_rating("r2", 0, "up", mail, "ok", model_version="v", client_text=False)
+    store.add_rating("r3", 0, "down", mail, "no", model_version="v", client_text=False)  # pairs with r2's "up"
+    rows = store.rows("transcripts")
+    assert rows[0]["messages"] == [{"role": "user", "content": "I am [email], call me on [phone]"}]
+    assert rows[0]["replies"] == ["Hi [email]"] and rows[1]["replies"] == ["ok", None]
+    assert "ann@example.org" not in json.dumps(store.rows("ratings"))  # feedback text is scrubbed too
+
+    assert store.prune(now) == 1  # r1 is past 7 days
+    assert [r["request_id"] for r in store.rows("transcripts")] == ["r2", "r3"]
+    assert len(store.rows("requests")) == 4  # the request counts (no text) stay
+
+    # delete by conversation id: its transcripts, requests, ratings and the pair built from its rating
+    assert store.delete_conversation("conv-a") == {"transcripts": 1, "requests": 2, "ratings": 1, "pairs": 1}
+    assert [r["request_id"] for r in store.rows("transcripts")] == ["r3"]
+    # ... or, from the CLI, by the id of one of its completions (a conversation without a client-sent id)
+    assert cli_main(["feedback", "delete", store.url, "r3"]) == 0
+    assert store.rows("transcripts") == [] and store.rows("ratings") == []
+    assert [r["request_id"] for r in store.rows("requests")] == ["r0"]
+    store.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Serve endpoint (slow: Serve deployments on the session's local Ray)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def app(ray_local, tmp_path_factory) -> testing.TestApp:
+    """The session's shared Serve app (SQLite store, transcripts on; deployed once, whichever module asks first)."""
+    yield testing.shared_app(tmp_path_factory.mktemp("serve_app"))
+    testing.shutdown()
+
+
+def _auth(app: testing.TestApp) -> dict[str, str]:
+    return {"Authorization": f"Bearer {app.api_key}"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feedback_answers_503_with_retry_after_while_chat_completions_go_on(app, backend, tmp_path):
+    from ray import serve as ray_serve
+
+    if backend == "sqlite":
+        blocked = tmp_path / "feedback.db"
+        blocked.mkdir()  # SQLite cannot open a directory: the store is "down"
+        url = f"sqlite:///{blocked}"
+    else:
+        url = f"postgresql://rlchat@127.0.0.1:{testing.free_port()}/rlchat"  # nothing listens there
+    name = f"down-{backend}"
+    base = testing.deploy(app.checkpoint, name=name, route_prefix=f"/{name}", api_key=app.api_key, num_cpus=0,
+                          feedback_store=url, max_tokens=16)  # fmt: skip
+    try:
+        rating = {"completion_id": "chatcmpl-x", "rating": "up", "messages": PROMPT, "content": "4"}
+        for body in (rating, {"prompt": PROMPT, "chosen": "4", "rejected": "5"}):
+            r = requests.post(base + "/v1/feedback", json=body, headers=_auth(app), timeout=60)
+            assert r.status_code == 503, r.text
+            assert r.headers["Retry-After"] == str(RETRY_AFTER_S)
+            err = r.json()["error"]
+            assert err["code"] == "feedback_store_unavailable" and "not recorded" in err["message"], err
+        chat = {"messages": PROMPT, "max_tokens": 4}
+        for stream in (False, True):
+            r = requests.post(base + "/v1/chat/completions", json={**chat, "stream": stream}, headers=_auth(app),
+                              timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+        assert requests.get(base + "/readyz", timeout=30).status_code == 200
+    finally:
+        ray_serve.delete(name)
+
+
+@pytest.mark.slow
+def test_served_chats_are_counted_and_transcribed_and_a_conversation_can_be_deleted(app):
+    conv = f"conv-{time.time_ns()}"
+    headers = {**_auth(app), "X-RLChat-Conversation-Id": conv}
+    messages = [{"role": "user", "content": "Reach me at zoe@example.com please."}]
+    ids = []
+    for stream in (False, True):
+        r = requests.post(app.url + "/v1/chat/completions", headers=headers, timeout=120, stream=stream,
+                          json={"messages": messages, "max_tokens": 4, "stream": stream})  # fmt: skip
+        assert r.status_code == 200
+        ids.append(r.headers["X-Request-Id"].split(",")[0].strip())  # Serve's proxy may append its own id
+        r.content  # noqa: B018 - read the stream to its end
+    store = FeedbackStore(app.feedback_store)
+    deadline = time.monotonic() + 60  # rows are written in the background, after the response
+    while time.monotonic() < deadline:
+        rows = [t for t in store.rows("transcripts") if t["conversation_id"] == conv]
+        if len(rows) == 2:
+            break
+        time.sleep(0.5)
+    assert sorted(t["request_id"] for t in rows) == sorted(ids)
+    assert rows[0]["messages"] == [{"role": "user", "content": "Reach me at [email] please."}]  # scrub_pii is on
+    requests_rows = [q for q in store.rows("requests") if q["conversation_id"] == conv]
+    assert len(requests_rows) == 2 and {q["model_version"] for q in requests_rows} == {"tiny_ckpt"}
+    assert store.delete_conversation(conv)["transcripts"] == 2
+    assert not [t for t in store.rows("transcripts") if t["conversation_id"] == conv]
+    store.close()
