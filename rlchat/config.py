@@ -176,6 +176,8 @@ class RolloutConfig:
     """Number of rollout worker actors (0 = sample inside the driver process, no actors: small sweeps and tests)."""
     envs_per_worker: int = 32
     """Environments each worker steps in lock-step (the generation batch size)."""
+    samples_per_prompt: int = 1
+    """Replies sampled per prompt (a group of consecutive envs shares its prompt); >= 2 for ppo.advantage grpo/rloo."""
     num_cpus_per_worker: float = 1.0
     """CPUs reserved per rollout worker."""
     num_gpus_per_worker: float = 0.0
@@ -240,6 +242,10 @@ class PPOConfig:
     """KL estimator of the penalty (http://joschu.net/blog/kl-approx.html): k1 in the reward, k3 in the loss."""
     kl_in_loss: bool = False
     """KL to the reference as a differentiable k3 loss term (GRPO) instead of a per-token k1 penalty in the reward."""
+    advantage: Literal["gae", "grpo", "rloo"] = "gae"
+    """gae: critic + GAE (PPO); grpo / rloo: critic-free group baselines over rollout.samples_per_prompt replies."""
+    dr_grpo: bool = False
+    """Dr. GRPO (Liu et al. 2025): no std scaling of group advantages, loss over a constant token count."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
     kl_target: float = 6.0
@@ -340,6 +346,8 @@ class RayConfig:
     """Custom resources per learner worker, e.g. {"learner": 1}."""
     learner_threads: int = 0
     """Torch threads per learner worker; 0 = auto: the node's cores (split among its ranks) while updates run."""
+    learner_max_failures: int = 3
+    """Ray Train restarts of the learner workers after one dies; they resume from the last checkpoint (-1 = always)."""
 
 
 @dataclass(frozen=True)
@@ -480,6 +488,13 @@ def _validate(cfg: Config) -> None:
     )
     _check(r.num_workers >= 0, "rollout.num_workers", r.num_workers, ">= 0", "use 1 on a laptop (0 = in-process)")
     _check(cfg.ray.learner_workers >= 0, "ray.learner_workers", cfg.ray.learner_workers, ">= 0", "use 1 on a laptop")
+    _check(
+        cfg.ray.learner_max_failures >= -1,
+        "ray.learner_max_failures",
+        cfg.ray.learner_max_failures,
+        ">= -1 (-1 = restart without limit)",
+        "use 3, or 0 to fail the run on the first learner worker death",
+    )
     _check(r.envs_per_worker >= 1, "rollout.envs_per_worker", r.envs_per_worker, "at least 1", "use 8-64")
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "a positive temperature", "use 1.0 for PPO")
     _validate_rollout_sampling(r)
@@ -698,6 +713,31 @@ def _validate_ppo_coefficients(cfg: Config) -> None:
         "a k1 loss term has zero expected gradient (E[grad log pi] = 0), so it would not regularise at all",
     )
     _check(p.weight_decay >= 0, "ppo.weight_decay", p.weight_decay, "a non-negative decay", "use 0.0 or e.g. 0.01")
+    g = cfg.rollout.samples_per_prompt
+    _check(g >= 1, "rollout.samples_per_prompt", g, "at least 1", "use 1 (one reply per prompt) or e.g. 4")
+    _check(
+        cfg.rollout.envs_per_worker % g == 0,
+        "rollout.samples_per_prompt",
+        g,
+        f"a divisor of rollout.envs_per_worker={cfg.rollout.envs_per_worker}",
+        "pick envs_per_worker as a multiple of samples_per_prompt",
+        "each worker samples whole groups, so every group's replies share one batch",
+    )
+    _check(
+        p.advantage == "gae" or g >= 2,
+        "ppo.advantage",
+        p.advantage,
+        "rollout.samples_per_prompt >= 2 for a group baseline",
+        "set rollout.samples_per_prompt=4 (or more), or ppo.advantage=gae",
+        "grpo / rloo compare each reply with the other replies to the same prompt; one reply has no baseline",
+    )
+    _check(
+        not p.dr_grpo or p.advantage == "grpo",
+        "ppo.dr_grpo",
+        p.dr_grpo,
+        "ppo.advantage=grpo",
+        "set ppo.advantage=grpo, or drop ppo.dr_grpo",
+    )
     for key in ("ppo.max_ref_kl", "ppo.min_entropy", "ppo.max_length_drift", "ppo.max_repetition"):
         v = _get(cfg, key)
         _check(

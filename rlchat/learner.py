@@ -31,16 +31,16 @@ Deviations from a textbook PPO step, and why:
   the old log-probs (no-grad pass) disagree with the gradient pass. ``model.dropout > 0`` is refused for PPO
   (:func:`check_ppo_config`) rather than silently ignored.
 
-:class:`LearnerGroup` is the driver's handle: a ``TorchTrainer`` whose workers serve commands (update, weights,
-save, eval) from Ray queues, so the driver keeps the loop -- sample -> update -> sync -> log -- and Ray Train is
-started once per run, not once per step (its start-up costs ~17 s on 2 cores).
+The driver calls one :class:`LearnerRank` (update, weights, save, load, restore, evaluate, set_learning_rate,
+set_kl_coef): in its own process (:class:`LocalLearner`), or on every Ray Train rank through :class:`LearnerGroup`,
+the typed rank group of :mod:`rlchat.rank_group` (Ray Train started once per run, not once per step: its start-up
+costs ~17 s on 2 cores). The driver keeps the loop -- sample -> update -> sync -> log.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from typing import Any
 
@@ -58,6 +58,7 @@ from rlchat.metrics import PPO_EPOCHS_RUN as EPOCHS_RUN
 from rlchat.metrics import PPO_GRAD_NORM as GRAD_NORM
 from rlchat.metrics import PPO_LR as LR
 from rlchat.model import PolicyLM, PolicyValueModel
+from rlchat.rank_group import RankContext, RankGroup, rank0_only
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class Learner:
         # V(state after the last token) matters only where the episode was cut (bootstrap at truncation).
         last_values = torch.zeros(len(rows), device=self.device)
         trunc = t["truncated"][rows]
-        if bool(trunc.any()):
+        if self.cfg.ppo.advantage == "gae" and bool(trunc.any()):  # critic-free estimators bootstrap nothing
             sel = trunc.nonzero(as_tuple=True)[0]
             last_values[sel] = self.policy.bootstrap_values(ids[sel], attn[sel]).float()
         local = {
@@ -242,6 +243,7 @@ class Learner:
             t["truncated"],
             p,
             self.kl_ctl.value,
+            groups=_group_ids(batch, self.device) if p.advantage != "gae" else None,
         )
         old_values = stats["values"]
         # 3. epochs x minibatches (x micro-batches), each minibatch a slice of one global permutation. Eval mode on
@@ -261,7 +263,9 @@ class Learner:
                 mb_tokens = act[mb].sum().item()
                 if mb_tokens == 0:
                     continue
-                denom = mb_tokens / self.world
+                # Dr. GRPO: a constant per-reply token budget instead of the tokens present, so long and short
+                # replies weigh their tokens equally (Liu et al. 2025; TRL's loss_type="dr_grpo")
+                denom = (len(mb) * self.cfg.env.max_turn_tokens if p.dr_grpo else mb_tokens) / self.world
                 self.optimizer.zero_grad(set_to_none=True)
                 micro = [m for m in torch.tensor_split(mine, max(1, min(p.grad_accum_steps, len(mine)))) if len(m)]
                 mb_metrics = MinibatchMetrics(self.device)
@@ -353,7 +357,12 @@ class Learner:
     def load_checkpoint(self, path: str, lr_scale: float | None = None) -> dict[str, Any]:
         """Resume / roll back: the policy weights and the train state of a checkpoint, then ``lr_scale`` (None: the
         checkpoint's own). Returns the driver state saved with it. The version rule of :meth:`load_train_state`
-        holds for checkpoints without a train state too (their weights get the next version)."""
+        holds for checkpoints without a train state too (their weights get the next version).
+
+        The learner keeps training with *its* config's ``ppo.learning_rate`` and (fixed) ``ppo.kl_coef``: a
+        checkpoint written under other values (a PBT explore step copied another trial's checkpoint, or ``--resume``
+        with an override) keeps its Adam moments, schedule position and LR scale, and takes this config's values
+        through :meth:`set_learning_rate` / :meth:`set_kl_coef`."""
         from rlchat.checkpoint import read_checkpoint
 
         ck = read_checkpoint(path)
@@ -364,9 +373,42 @@ class Learner:
         else:
             driver_state = {}
             self.version += 1
+        trained_with = ck.config.ppo
+        if trained_with.learning_rate != self.p.learning_rate:
+            self.set_learning_rate(self.p.learning_rate)
+        if not self.p.adaptive_kl and trained_with.kl_coef != self.p.kl_coef:
+            self.set_kl_coef(self.p.kl_coef)
         if lr_scale is not None:
             self.set_learning_rate_scale(lr_scale)
         return driver_state
+
+    def set_learning_rate(self, lr: float) -> float:
+        """Train from now on with base learning rate ``lr``; returns the next step's LR.
+
+        The schedule's position, the Adam moments and :attr:`lr_scale` stay: the next step's LR is
+        ``lr x schedule(step) x lr_scale``, applied to the param groups at once (Tune's PBT explore steps, a resume
+        with another ``ppo.learning_rate``). Saved with the scheduler's state (its ``base_lrs``).
+
+        Raises:
+            RLChatError: a non-positive or non-finite learning rate.
+        """
+        if not (math.isfinite(lr) and lr > 0):
+            raise RLChatError(f"learning rate {lr!r}: expected a positive finite value")
+        self.scheduler.base_lrs = [float(lr)] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = float(lr)
+        return self.set_learning_rate_scale(self.lr_scale)
+
+    def set_kl_coef(self, coef: float) -> float:
+        """Use KL coefficient ``coef`` from now on (an adaptive controller continues from it); returns it.
+
+        Raises:
+            RLChatError: a negative or non-finite coefficient.
+        """
+        if not (math.isfinite(coef) and coef >= 0):
+            raise RLChatError(f"KL coefficient {coef!r}: expected a finite value >= 0")
+        self.kl_ctl.value = float(coef)
+        return self.kl_ctl.value
 
     def current_learning_rates(self) -> list[float]:
         """The LR of each param group for the next optimizer step: base LR x schedule(step) x :attr:`lr_scale`."""
@@ -429,6 +471,17 @@ class _null:
         return None
 
 
+def _group_ids(batch: RolloutBatch, device: torch.device) -> torch.Tensor:
+    """(B,) group ids of a batch for the critic-free estimators: replies to the same prompt (record) share one.
+
+    Replies of one group are sampled together from one record (``rollout.samples_per_prompt``); two groups that drew
+    the same record merge into one larger group of replies to the same prompt, which is still a valid baseline.
+    """
+    if batch.record_index is None:
+        raise RLChatError("ppo.advantage=grpo/rloo needs the batch's record_index (the prompt of every reply)")
+    return torch.as_tensor(np.asarray(batch.record_index), dtype=torch.long, device=device)
+
+
 def build_models(cfg: Config, device: torch.device) -> tuple[PolicyValueModel, PolicyLM | None, Any]:
     """The policy (from ``checkpoint.init_from`` or built from the config) and its frozen reference: a copy of the
     policy's LM only (no value head, no critic trunk), None when no KL penalty is used."""
@@ -449,220 +502,63 @@ def build_models(cfg: Config, device: torch.device) -> tuple[PolicyValueModel, P
     return policy, ref, tokenizer
 
 
-# ---------------------------------------------------------------------------------------------------- Ray Train
+# -------------------------------------------------------------------------------------------- the driver's view
 
 
-def _learner_loop(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker``: build this rank's Learner, then serve driver commands until "stop"."""
-    import ray
-    import ray.train
-    import ray.train.torch
+class LearnerRank:
+    """The PPO learner as the driver calls it: one per rank under Ray Train, or the whole learner in process.
 
-    from rlchat.cluster import torch_thread_budget
-    from rlchat.config import from_dict
-    from rlchat.rollout import set_torch_threads
+    :class:`LearnerGroup` builds one on every Ray Train rank and runs the driver's calls on them (a
+    :class:`~rlchat.rank_group.RankGroup`); :class:`LocalLearner` is one built in the driver process
+    (``ray.learner_workers=0``) and called directly -- the same methods either way. Around :class:`Learner` (the
+    maths) it holds what the driver needs: weights for the samplers (``ctx.share``: an object-store ref from a Ray
+    rank, the state dict itself in process; only rank 0 hands them over), checkpoints (rank 0 writes), the restore
+    of a checkpoint after ``--resume`` or a restart of the worker group, held-out teacher-forced evaluation, and the
+    learning rate and KL coefficient Tune changes.
 
-    cfg = from_dict(config["cfg"])
-    ctx = ray.train.get_context()
-    r = cfg.ray
-    set_torch_threads(
-        torch_thread_budget(r.learner_threads, r.learner_cpus, ctx.get_local_world_size(), cfg.rollout.overlap)
-    )
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.ray.learner_use_gpu else torch.device("cpu")
-    policy, ref, tokenizer = build_models(cfg, device)
-    ddp = None
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    Args:
+        ctx: where this learner runs (rank, world, device); ``RankContext()`` in the driver process.
+        cfg: the run config (or its dict, as a Ray Train rank receives it).
 
-        ddp = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
-    learner = Learner(cfg, policy, ref, rank=rank, world=world, ddp=ddp)
-    commands, replies = config["commands"][rank], config["replies"]
-
-    def reply(kind: str, payload: Any) -> None:
-        if rank == 0:
-            replies.put((kind, payload))
-
-    while True:
-        cmd, args = commands.get()
-        try:
-            if cmd == "stop":
-                reply("stopped", None)
-                return
-            if cmd == "weights":
-                reply("weights", (ray.put(learner.policy_weights()), learner.version))
-            elif cmd == "update":
-                batch_ref, iteration = args
-                batch = ray.get(batch_ref[0])
-                t0 = time.perf_counter()
-                metrics = learner.update(batch, iteration)
-                metrics["perf/learner_update_s"] = time.perf_counter() - t0
-                reply("update", (metrics, ray.put(learner.policy_weights()), learner.version))
-            elif cmd == "save":
-                if rank == 0:
-                    from rlchat.checkpoint import CheckpointManager
-
-                    run_dir, step, metrics, driver_state = args
-                    manager = CheckpointManager.from_config(run_dir, cfg, "ppo")
-                    path = manager.save(
-                        step,
-                        model=policy,
-                        tokenizer=tokenizer,
-                        config=cfg,
-                        stage="ppo",
-                        weights_version=learner.version,
-                        metrics=metrics,
-                        train_state=learner.train_state(driver_state),
-                    )
-                    reply("save", str(path))
-            elif cmd == "load":
-                # resume / rollback: policy weights + optimizer, scheduler, LR scale, KL controller, version
-                path, lr_scale = args
-                driver_state = learner.load_checkpoint(path, lr_scale)
-                reply("load", (ray.put(learner.policy_weights()), learner.version, driver_state))
-            elif cmd == "eval":
-                from rlchat.evaluation import teacher_forced_metrics
-
-                conversations = args
-                reply("eval", teacher_forced_metrics(policy, tokenizer, conversations) if rank == 0 else None)
-            else:
-                raise RLChatError(f"learner: unknown command {cmd!r}")
-        except Exception as e:  # report to the driver instead of hanging it, then fail the Train run
-            logger.exception("learner rank %d failed on %s", rank, cmd)
-            reply("error", f"{e.__class__.__name__}: {e}")
-            raise
-
-
-class LearnerGroup:
-    """Driver-side handle of the learner: a Ray Train ``TorchTrainer`` serving commands from queues.
-
-    The ``TorchTrainer``'s worker group is placed by Ray Train in its own placement group with the learner's
-    resources (``ray.learner_*``), so rollout actors can never take the learner's GPUs/CPUs.
+    Raises:
+        ConfigError: a setting PPO cannot honour (:func:`check_ppo_config`).
     """
 
-    def __init__(self, cfg: Config, run_dir: str, timeout_s: float = 1800.0) -> None:
-        import ray.train
-        from ray.train.torch import TorchTrainer
-        from ray.util.queue import Queue
+    def __init__(self, ctx: RankContext, cfg: Config | dict[str, Any]) -> None:
+        from rlchat.config import from_dict
 
-        self.cfg = cfg
-        self.timeout_s = timeout_s
-        n = cfg.ray.learner_workers
-        # queues are tiny actors; they hold only commands and ObjectRefs (never tensors)
-        self._commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(n)]
-        self._replies = Queue(actor_options={"num_cpus": 0})
-        resources = {"CPU": cfg.ray.learner_cpus, **cfg.ray.learner_resources}
-        scaling = ray.train.ScalingConfig(
-            num_workers=n, use_gpu=cfg.ray.learner_use_gpu, resources_per_worker=resources
-        )
-        run_config = ray.train.RunConfig(
-            name=f"learner-{int(time.time() * 1000)}", storage_path=str(_abs(run_dir) / "ray_train")
-        )
-        self.trainer = TorchTrainer(
-            _learner_loop,
-            train_loop_config={"cfg": cfg.to_dict(), "commands": self._commands, "replies": self._replies},
-            scaling_config=scaling,
-            run_config=run_config,
-        )
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._fit, name="rlchat-learner", daemon=True)
-        self._thread.start()
+        self.ctx = ctx
+        self.cfg = from_dict(cfg) if isinstance(cfg, dict) else cfg
+        policy, ref, self.tokenizer = build_models(self.cfg, ctx.device)
+        ddp = None
+        if ctx.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
-    def _fit(self) -> None:
-        try:
-            self.trainer.fit()
-        except BaseException as e:  # surfaced by _wait
-            self._error = e
+            ddp = DistributedDataParallel(policy, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        self.learner = Learner(self.cfg, policy, ref, rank=ctx.rank, world=ctx.world, ddp=ddp)
 
-    def _send(self, cmd: str, args: Any = None) -> None:
-        for q in self._commands:
-            q.put((cmd, args))
+    def _shared_weights(self) -> Any:
+        """The LM weights as the driver receives them (rank 0 only: the other ranks' results are dropped)."""
+        return self.ctx.share(self.learner.policy_weights()) if self.ctx.rank == 0 else None
 
-    def _wait(self, kind: str) -> Any:
-        from ray.util.queue import Empty
-
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                got, payload = self._replies.get(timeout=1.0)
-            except Empty:
-                if self._error is not None or not self._thread.is_alive():
-                    raise RLChatError(f"the learner stopped unexpectedly: {self._error}") from self._error
-                if time.monotonic() > deadline:
-                    raise RLChatError(f"the learner did not answer '{kind}' within {self.timeout_s:.0f} s") from None
-                continue
-            if got == "error":
-                raise RLChatError(f"the learner failed: {payload}")
-            if got != kind:
-                raise RLChatError(f"learner protocol error: expected '{kind}', got '{got}'")
-            return payload
-
+    @rank0_only
     def weights(self) -> tuple[Any, int]:
-        self._send("weights")
-        return self._wait("weights")
+        """(weights, weights version) for the samplers."""
+        return self._shared_weights(), self.learner.version
 
-    def update(self, batch_ref: Any, iteration: int) -> tuple[dict[str, float], Any, int]:
-        self._send("update", ([batch_ref], iteration))
-        return self._wait("update")
-
-    def save(
-        self, run_dir: str, step: int, metrics: dict[str, float], driver_state: dict[str, Any] | None = None
-    ) -> str:
-        """Checkpoint ``step`` (rank 0 writes it); ``driver_state`` is stored in its train state."""
-        self._send("save", (str(run_dir), step, metrics, dict(driver_state or {})))
-        return self._wait("save")
-
-    def load(self, path: str, lr_scale: float | None = None) -> tuple[Any, int, dict[str, Any]]:
-        """Load a checkpoint on every rank; ``lr_scale`` (None: the checkpoint's own) is set after it.
-
-        Returns:
-            (weights ref, weights version, the driver state saved with the checkpoint).
-        """
-        self._send("load", (str(path), lr_scale))
-        return self._wait("load")
-
-    def evaluate(self, conversations: list[list[dict[str, str]]]) -> dict[str, float]:
-        self._send("eval", conversations)
-        return self._wait("eval")
-
-    def shutdown(self) -> None:
-        if self._thread.is_alive():
-            try:
-                self._send("stop")
-                self._wait("stopped")
-            except Exception:  # already failing; nothing left to stop cleanly
-                pass
-            self._thread.join(timeout=60)
-
-
-class LocalLearner:
-    """The learner in the driver process (``ray.learner_workers=0``): same interface as :class:`LearnerGroup`.
-
-    For small sweeps and tests, where a Ray Train worker group (~17 s to start on 2 cores) costs more than it gives.
-    Weights are handed over as plain state dicts instead of object-store refs.
-    """
-
-    def __init__(self, cfg: Config, run_dir: str) -> None:
-        from rlchat.cluster import torch_thread_budget
-        from rlchat.rollout import set_torch_threads
-
-        set_torch_threads(torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, 1, cfg.rollout.overlap))
-        self.cfg = cfg
-        policy, ref, self.tokenizer = build_models(cfg, torch.device("cpu"))
-        self.learner = Learner(cfg, policy, ref)
-
-    def weights(self) -> tuple[Any, int]:
-        return self.learner.policy_weights(), self.learner.version
-
-    def update(self, batch: Any, iteration: int) -> tuple[dict[str, float], Any, int]:
+    def update(self, batch: RolloutBatch, iteration: int) -> tuple[dict[str, float], Any, int]:
+        """One PPO update (:meth:`Learner.update`); returns (metrics + ``perf/learner_update_s``, new weights,
+        their version)."""
         t0 = time.perf_counter()
         metrics = self.learner.update(batch, iteration)
         metrics["perf/learner_update_s"] = time.perf_counter() - t0
-        return metrics, self.learner.policy_weights(), self.learner.version
+        return metrics, self._shared_weights(), self.learner.version
 
+    @rank0_only
     def save(
         self, run_dir: str, step: int, metrics: dict[str, float], driver_state: dict[str, Any] | None = None
     ) -> str:
+        """Checkpoint ``step`` into ``run_dir/checkpoints``; ``driver_state`` is stored in its train state."""
         from rlchat.checkpoint import CheckpointManager
 
         manager = CheckpointManager.from_config(run_dir, self.cfg, "ppo")
@@ -679,25 +575,87 @@ class LocalLearner:
         return str(path)
 
     def load(self, path: str, lr_scale: float | None = None) -> tuple[Any, int, dict[str, Any]]:
-        driver_state = self.learner.load_checkpoint(path, lr_scale)
-        weights, version = self.weights()
-        return weights, version, driver_state
+        """Roll back to a checkpoint of this run (:meth:`Learner.load_checkpoint`); ``lr_scale`` (None: the
+        checkpoint's own) is set after it.
 
+        Returns:
+            (weights, weights version, the driver state saved with the checkpoint).
+        """
+        driver_state = self.learner.load_checkpoint(path, lr_scale)
+        return self._shared_weights(), self.learner.version, driver_state
+
+    def restore(self, path: str | None, min_version: int = 0) -> tuple[Any, int, dict[str, Any]]:
+        """Bring a freshly built learner to the run's checkpoint ``path`` (None: keep its initial weights), with a
+        weights version of at least ``min_version``: what ``--resume`` does, and the driver after Ray Train
+        restarted the worker group (versions then stay above every version the samplers saw).
+
+        Returns:
+            (weights, weights version, the driver state saved with the checkpoint; empty without one).
+        """
+        driver_state = self.learner.load_checkpoint(path) if path else {}
+        self.learner.version = max(self.learner.version, int(min_version))
+        return self._shared_weights(), self.learner.version, driver_state
+
+    @rank0_only
     def evaluate(self, conversations: list[list[dict[str, str]]]) -> dict[str, float]:
+        """Teacher-forced perplexity / accuracy of the policy on reference conversations."""
         from rlchat.evaluation import teacher_forced_metrics
 
         return teacher_forced_metrics(self.learner.policy, self.tokenizer, conversations)
 
+    def set_learning_rate(self, lr: float) -> float:
+        """:meth:`Learner.set_learning_rate` (every rank); returns the next step's LR."""
+        return self.learner.set_learning_rate(lr)
+
+    def set_kl_coef(self, coef: float) -> float:
+        """:meth:`Learner.set_kl_coef` (every rank); returns it."""
+        return self.learner.set_kl_coef(coef)
+
     def shutdown(self) -> None:
+        """Nothing to stop in process (a :class:`LearnerGroup` stops its ranks)."""
         return None
+
+
+class LearnerGroup(RankGroup):
+    """The PPO learner on ``ray.learner_workers`` Ray Train ranks: a :class:`~rlchat.rank_group.RankGroup` of
+    :class:`LearnerRank`, whose methods it mirrors (``group.update(batch_ref, iteration)`` runs
+    :meth:`LearnerRank.update` on every rank and returns rank 0's result).
+
+    Ray Train places the ranks in its own placement group with the learner's resources (``ray.learner_*``), so
+    rollout actors can never take the learner's GPUs/CPUs; after a rank dies it restarts them (at most
+    ``ray.learner_max_failures`` times) and the next call raises :class:`~rlchat.rank_group.RankGroupRestarted`,
+    on which :class:`~rlchat.trainer.PPOTrainer` restores the last checkpoint.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str, timeout_s: float = 1800.0) -> None:
+        super().__init__(
+            LearnerRank,
+            LearnerRank,
+            (cfg.to_dict(),),
+            cfg=cfg,
+            run_dir=run_dir,
+            name="learner",
+            overlap=cfg.rollout.overlap,
+            timeout_s=timeout_s,
+        )
+
+
+class LocalLearner(LearnerRank):
+    """The learner in the driver process (``ray.learner_workers=0``): the :class:`LearnerRank` a Ray rank would
+    build, called directly, with this process's thread budget.
+
+    For small sweeps and tests, where a Ray Train worker group (~17 s to start on 2 cores) costs more than it gives.
+    Weights are handed over as plain state dicts instead of object-store refs.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str = "") -> None:
+        from rlchat.cluster import torch_thread_budget
+        from rlchat.rollout import set_torch_threads
+
+        set_torch_threads(torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, 1, cfg.rollout.overlap))
+        super().__init__(RankContext(), cfg)
 
 
 def make_learner(cfg: Config, run_dir: str) -> LearnerGroup | LocalLearner:
     """A Ray Train learner group, or the in-process learner when ``ray.learner_workers == 0``."""
     return LocalLearner(cfg, run_dir) if cfg.ray.learner_workers == 0 else LearnerGroup(cfg, run_dir)
-
-
-def _abs(path: str) -> Any:
-    from pathlib import Path
-
-    return Path(path).resolve()

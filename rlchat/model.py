@@ -626,7 +626,9 @@ class PolicyValueModel(PolicyLM):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             lm = load_lm(cfg.model, tokenizer)
-            critic = load_lm(cfg.model, tokenizer).base_model if cfg.model.critic == "separate" else None
+            # critic-free estimators (ppo.advantage grpo / rloo) allocate no critic trunk
+            separate = cfg.model.critic == "separate" and cfg.ppo.advantage == "gae"
+            critic = load_lm(cfg.model, tokenizer).base_model if separate else None
             return cls(lm, critic, precision=cfg.model.precision, vocab_size=tokenizer.n_vocab)
 
     @property

@@ -351,6 +351,49 @@ class Targets(NamedTuple):
 
 
 @torch.no_grad()
+def group_advantages(returns: Tensor, groups: Tensor, estimator: str, scale_by_std: bool = True) -> Tensor:
+    """Critic-free sequence advantages: each reply's return against the other replies to the same prompt.
+
+    - ``rloo`` (REINFORCE leave-one-out; Ahmadian et al. 2024, TRL's ``RLOOTrainer``):
+      ``A_i = R_i - mean_{j != i} R_j``, an unbiased baseline because it never includes ``R_i`` itself.
+    - ``grpo`` (Shao et al. 2024, TRL's ``GRPOTrainer``, verl's ``grpo``): ``A_i = (R_i - mean_g R) / (std_g R + eps)``
+      with the unbiased group std; ``scale_by_std=False`` is Dr. GRPO (Liu et al. 2025), which drops the std
+      scaling (it up-weights prompts whose replies barely differ).
+
+    A group of one reply has no baseline: its advantage is 0.
+
+    Args:
+        returns: ``(B,)`` episode returns.
+        groups: ``(B,)`` integer group ids (replies to the same prompt share one).
+        estimator: ``"grpo"`` or ``"rloo"``.
+        scale_by_std: divide GRPO advantages by the group's std.
+
+    Returns:
+        ``(B,)`` float advantages.
+    """
+    r = _upcast(returns)
+    _, inv = torch.unique(groups, return_inverse=True)
+    k = int(inv.max()) + 1 if inv.numel() else 0
+    count = torch.zeros(k, dtype=r.dtype, device=r.device).index_add_(0, inv, torch.ones_like(r))[inv]
+    total = torch.zeros(k, dtype=r.dtype, device=r.device).index_add_(0, inv, r)[inv]
+    alone = count < 2
+    if estimator == "rloo":
+        adv = r - (total - r) / (count - 1).clamp(min=1)
+    elif estimator == "grpo":
+        mean = total / count
+        adv = r - mean
+        if scale_by_std:
+            sq = torch.zeros(k, dtype=r.dtype, device=r.device).index_add_(0, inv, (r - mean) ** 2)[inv]
+            adv = adv / ((sq / (count - 1).clamp(min=1)).sqrt() + GROUP_STD_EPS)
+    else:
+        raise ValueError(f"group_advantages: estimator={estimator!r}; expected 'grpo' or 'rloo'")
+    return torch.where(alone, torch.zeros_like(adv), adv)
+
+
+GROUP_STD_EPS = 1e-4
+"""Added to the group std of GRPO advantages (TRL uses 1e-4): a group of equal returns gets advantage 0."""
+
+
 def compute_targets(
     old_logprobs: Tensor,
     ref_logprobs: Tensor,
@@ -362,6 +405,7 @@ def compute_targets(
     cfg: PPOConfig,
     kl_coef: float,
     reduce_fn: ReduceFn | None = None,
+    groups: Tensor | None = None,
 ) -> tuple[Targets, dict[str, float]]:
     """KL-shaped rewards -> GAE -> advantage whitening, plus the batch-level metrics, for one rollout batch.
 
@@ -376,6 +420,11 @@ def compute_targets(
         cfg: reads ``kl_estimator``, ``kl_in_loss``, ``gamma``, ``gae_lambda``, ``norm_adv``.
         kl_coef: the KL controller's current ``.value`` (the rewards use it unless ``kl_in_loss``).
         reduce_fn: sum over data-parallel workers; whitening and metrics then use global batch statistics.
+        groups: ``(B,)`` prompt ids of the replies, needed by ``cfg.advantage`` ``grpo`` / ``rloo``.
+
+    With ``cfg.advantage`` ``grpo`` / ``rloo`` step 3 is :func:`group_advantages` over the episode returns (the sum
+    of the shaped rewards), each action token of a reply carrying its reply's advantage; no critic, no GAE, no
+    batch whitening (the group baseline already centres them). ``values`` and ``last_values`` are then ignored.
 
     Returns:
         ``(Targets, metrics)`` with metric keys :data:`KL_REF`, :data:`KL_COEF`, :data:`EXPLAINED_VARIANCE`,
@@ -386,10 +435,21 @@ def compute_targets(
     kl = torch.where(keep, kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator), 0.0)
     # 2. reward = turn-end score - kl_coef * KL, per action token (with ppo.kl_in_loss the KL is in the loss instead)
     rewards = shape_rewards(scores, kl, 0.0 if cfg.kl_in_loss else kl_coef, action_mask)
-    # 3. GAE over action tokens, bootstrapping at truncation
-    advantages, returns = compute_gae(rewards, values, action_mask, last_values, truncated, cfg.gamma, cfg.gae_lambda)
+    if cfg.advantage != "gae":
+        # 3'. critic-free: one advantage per reply from its group (replies to the same prompt)
+        if groups is None:
+            raise ValueError(f"compute_targets: ppo.advantage={cfg.advantage} needs the replies' group ids")
+        episode_return = torch.where(keep, _upcast(rewards), 0.0).sum(-1)  # (B,)
+        seq_adv = group_advantages(episode_return, groups, cfg.advantage, scale_by_std=not cfg.dr_grpo)
+        advantages = torch.where(keep, seq_adv[:, None].to(rewards.dtype), 0.0)
+        returns = torch.where(keep, episode_return[:, None].to(rewards.dtype), 0.0)
+    else:
+        # 3. GAE over action tokens, bootstrapping at truncation
+        advantages, returns = compute_gae(
+            rewards, values, action_mask, last_values, truncated, cfg.gamma, cfg.gae_lambda
+        )
     # 4. whiten advantages once over the whole batch (deviation 4 in the module docstring)
-    if cfg.norm_adv:
+    if cfg.norm_adv and cfg.advantage == "gae":
         advantages = masked_whiten(advantages, action_mask, reduce_fn=reduce_fn)
     # 5. batch metrics (sequence-level KL: the quantity kl_target is expressed in)
     seq_kl = sequence_kl(kl, action_mask)
@@ -562,9 +622,12 @@ def ppo_loss(
     """
     # 1. clipped surrogate
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, action_mask, cfg.clip_coef, loss_denominator)
-    # 2. (clipped) value loss; clipping uses the same epsilon, as in cleanrl
-    v_clip = cfg.clip_coef if cfg.clip_vloss else None
-    v_loss, v_stats = value_loss(values, old_values, returns, action_mask, v_clip, loss_denominator)
+    # 2. (clipped) value loss; clipping uses the same epsilon, as in cleanrl. Critic-free estimators have none.
+    if cfg.advantage == "gae":
+        v_clip = cfg.clip_coef if cfg.clip_vloss else None
+        v_loss, v_stats = value_loss(values, old_values, returns, action_mask, v_clip, loss_denominator)
+    else:
+        v_loss, v_stats = logprobs.new_zeros(()), {"clipfrac": logprobs.new_zeros(())}
     # 3. entropy bonus
     ent = entropy_bonus(entropy, action_mask, loss_denominator)
     # 4. overall loss

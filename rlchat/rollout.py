@@ -75,6 +75,10 @@ DIE_MARKER_ENV = "RLCHAT_TEST_DIE_MARKER"
 the restarted worker does not die again."""
 
 
+GROUP_SEED = 0x6A09E667
+"""Seed part of the per-group record draws (keeps them apart from the envs' own seeds)."""
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integer parts (stable across processes, unlike ``hash``)."""
     return int(
@@ -232,6 +236,16 @@ class Sampler:
         lengths = np.zeros(n, dtype=np.int64)
         buffers: list[np.ndarray] = []
         record_index = np.zeros(n, dtype=np.int64)
+        g = self.cfg.rollout.samples_per_prompt
+        if record_indices is None and g > 1 and not greedy:
+            # groups of g consecutive envs answer one prompt (GRPO / RLOO baselines); the group's record is drawn
+            # from its own seed, so it is as reproducible as every other draw of the iteration
+            n_records = len(envs[0].records)
+            record_indices = [
+                int(np.random.default_rng(derive_seed(self.cfg.seed, iteration, self.worker_id, GROUP_SEED, i // g))
+                    .integers(n_records))
+                for i in range(n)
+            ]  # fmt: skip
         for i in range(n):
             options = {"record_index": int(record_indices[i])} if record_indices is not None else None
             obs, info = envs[i].reset(seed=seeds[i], options=options)
