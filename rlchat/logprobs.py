@@ -41,17 +41,16 @@ BLOCK_V = 4096
 near the machine's peak (measured in ``bench/logprobs_kernel.py``)."""
 
 
-def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """fp32 logits ``(rows, block)`` of hidden rows ``(rows, H)`` under a weight tile ``(block, H)``.
+def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Logits ``(rows, block)`` of (already scaled) hidden rows ``(rows, H)`` under a weight tile ``(block, H)``.
 
-    ``h`` and ``w`` are already in the matmul dtype; the product is taken there (bf16 accumulates in fp32 inside
-    the kernel) and widened once.
+    ``h`` and ``w`` are in the matmul dtype and the result stays in it (bf16: the kernel accumulates in fp32 and
+    rounds once): widening a tile costs a full pass over it, while the elementwise ops that follow read bf16 and
+    compute in fp32 by type promotion anyway. With a bias the tile is widened to fp32 to add it.
     """
-    z = (h @ w.t()).float()
+    z = h @ w.t()
     if b is not None:
-        z += b.float()
-    if scale != 1.0:
-        z *= scale
+        z = z.float() + b.float()
     return z
 
 
@@ -60,7 +59,6 @@ def _row_stats(
     w: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
-    scale: float,
     block_v: int,
     compute_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,18 +71,17 @@ def _row_stats(
     target_logit = torch.zeros(rows, dtype=torch.float32, device=dev)
     for j0 in range(0, w.shape[0], block_v):
         j1 = min(j0 + block_v, w.shape[0])
-        z = _tile_logits(h, w[j0:j1], bias[j0:j1] if bias is not None else None, scale)  # (rows, block)
+        z = _tile_logits(h, w[j0:j1], bias[j0:j1] if bias is not None else None)  # (rows, block)
         hit = (targets >= j0) & (targets < j1)
         if bool(hit.any()):
             idx = hit.nonzero(as_tuple=True)[0]
-            target_logit[idx] = z[idx, targets[idx] - j0]
-        new_max = torch.maximum(run_max, z.amax(dim=1))
+            target_logit[idx] = z[idx, targets[idx] - j0].float()
+        new_max = torch.maximum(run_max, z.amax(dim=1).float())
         rescale = torch.exp(run_max - new_max)  # exp(-inf) = 0 on the first tile
-        e = torch.exp(z - new_max[:, None])
+        e = torch.sub(z, new_max[:, None]).exp_()  # fp32 (type promotion), one pass
         run_sum = run_sum * rescale + e.sum(dim=1)
         if compute_entropy:
-            # a row-wise dot product as a batched matmul: one pass over the tile instead of multiply + sum
-            run_pz = run_pz * rescale + torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(rows)
+            run_pz = run_pz * rescale + e.mul_(z).sum(dim=1)
         run_max = new_max
     lse = run_max + torch.log(run_sum)
     entropy = lse - run_pz / run_sum if compute_entropy else torch.zeros_like(lse)
@@ -95,7 +92,9 @@ class ChunkedLogprobs(torch.autograd.Function):
     """Log-probs of target ids and entropies from hidden rows, tiled over rows and vocabulary (module docstring).
 
     Forward keeps only ``(N,)`` results (log-probs, log-sum-exp, entropy); backward recomputes each logits tile
-    once. Peak extra memory is one ``(chunk_size, block_v)`` tile plus the bf16 copy of the weight.
+    once. Peak extra memory is one ``(chunk_size, block_v)`` tile plus the matmul-dtype copy of the weight, which
+    the backward reuses. The logit scale (model scale / temperature) multiplies the hidden rows, not the tiles:
+    ``(s h) W^T = s (h W^T)`` costs a pass over ``(rows, H)`` instead of one over every ``(rows, block)`` tile.
     """
 
     @staticmethod
@@ -114,17 +113,18 @@ class ChunkedLogprobs(torch.autograd.Function):
         n = hidden.shape[0]
         dt = matmul_dtype or torch.float32
         w = weight.detach().to(dt)
+        b = bias.detach() * scale if bias is not None else None
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
         for i in range(0, n, chunk_size):
             sl = slice(i, i + chunk_size)
-            tl, lse, ent = _row_stats(
-                hidden[sl].detach().to(dt), w, bias, targets[sl], scale, block_v, compute_entropy
-            )
+            h = (hidden[sl].detach().float() * scale).to(dt)
+            tl, lse, ent = _row_stats(h, w, b, targets[sl], block_v, compute_entropy)
             logprobs[sl], lse_all[sl], entropy[sl] = tl - lse, lse, ent
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all, entropy)
         ctx.cfg = (chunk_size, compute_entropy, matmul_dtype, scale, block_v)
+        ctx.w_matmul = w  # reused by backward (freed with the graph; no graph, no copy kept)
         return logprobs, entropy
 
     @staticmethod
@@ -134,7 +134,9 @@ class ChunkedLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dt = matmul_dtype or torch.float32
         dev = hidden.device
-        w = weight.detach().to(dt)
+        w = ctx.w_matmul if ctx.w_matmul is not None else weight.detach().to(dt)
+        ctx.w_matmul = None
+        bs = bias.detach() * scale if bias is not None else None
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
@@ -142,32 +144,34 @@ class ChunkedLogprobs(torch.autograd.Function):
         use_entropy = compute_entropy and grad_entropy is not None
         for i in range(0, hidden.shape[0], chunk):
             sl = slice(i, i + chunk)
-            h = hidden[sl].detach().to(dt)
+            h = (hidden[sl].detach().float() * scale).to(dt)
             tg, lse, g_lp = targets[sl], lse_all[sl], g_lp_all[sl]
-            # gz = scale * (onehot * g_lp - p * g_lp - g_H * p * (z - lse + H)) = p * (a + b * z) + onehot term,
-            # with per-row a = -scale * (g_lp + g_H * (H - lse)) and b = -scale * g_H
+            # d loss / dz = onehot * g_lp - p * g_lp - g_H * p * (z - lse + H) = p * (a + b * z) + onehot * g_lp,
+            # with per-row a = -(g_lp + g_H * (H - lse)) and b = -g_H (z: the scaled logits)
             if use_entropy:
                 g_h = grad_entropy[sl].float()
-                a = -scale * (g_lp + g_h * (entropy[sl] - lse))
-                b = -scale * g_h
+                a, b = -(g_lp + g_h * (entropy[sl] - lse)), -g_h
             else:
-                a, b = -scale * g_lp, None
+                a, b = -g_lp, None
             for j0 in range(0, w.shape[0], block_v):
                 j1 = min(j0 + block_v, w.shape[0])
-                z = _tile_logits(h, w[j0:j1], bias[j0:j1] if bias is not None else None, scale)  # (rows, block)
-                gz = torch.addcmul(a[:, None], b[:, None], z) if b is not None else a[:, None].expand_as(z).clone()
-                gz.mul_(z.sub_(lse[:, None]).exp_())  # z becomes p in place
+                z = _tile_logits(h, w[j0:j1], bs[j0:j1] if bs is not None else None)  # (rows, block)
+                p = torch.sub(z, lse[:, None]).exp_()  # fp32
+                gz = torch.addcmul(a[:, None], b[:, None], z) if b is not None else a[:, None].expand_as(p)
+                gz = p.mul_(gz)  # fp32, in p's storage
                 hit = (tg >= j0) & (tg < j1)
                 if bool(hit.any()):
                     idx = hit.nonzero(as_tuple=True)[0]
-                    gz[idx, tg[idx] - j0] += scale * g_lp[idx]
+                    gz[idx, tg[idx] - j0] += g_lp[idx]
                 if grad_b is not None:
-                    grad_b[j0:j1] += gz.sum(0)
+                    grad_b[j0:j1] += gz.sum(0) * scale
                 gz_m = gz.to(dt)
                 if grad_h is not None:
                     grad_h[sl] += (gz_m @ w[j0:j1]).float()
                 if grad_w is not None:
                     grad_w[j0:j1] += (gz_m.t() @ h).float()
+            if grad_h is not None and scale != 1.0:
+                grad_h[sl] *= scale
         return (
             grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w.to(weight.dtype) if grad_w is not None else None,
@@ -183,9 +187,11 @@ def chunk_logits(
 
     Differentiable; used where a small block of full logits is wanted (the soft-capped path, evaluation).
     """
-    if dtype is not None:
-        return _tile_logits(h.to(dtype), w.to(dtype), b, scale)
-    return _tile_logits(h.float(), w.float(), b, scale)
+    dt = dtype or torch.float32
+    z = (h.to(dt) @ w.to(dt).t()).float()
+    if b is not None:
+        z = z + b.float()
+    return z * scale if scale != 1.0 else z
 
 
 def chunked_logprobs(
