@@ -354,40 +354,49 @@ class LocalBackend:
 
 
 class RemoteBackend:
-    """Talks to a running rlchat (or any OpenAI-compatible) endpoint over HTTP with server-sent events.
+    """Talks to a running rlchat (or any OpenAI-compatible) endpoint through the official ``openai`` client.
 
+    The SDK brings retries of failed connections (``max_retries``), timeouts and typed errors; its streaming
+    response (``with_streaming_response``) also gives the headers, for the server's ``X-RLChat-Dropped-Turns``.
     The server fits the conversation to the model's context (and reports what it left out); this client only keeps
     each request within the request limits an rlchat server advertises on ``/v1/models`` (``max_messages``,
     ``max_chars``), dropping the oldest exchanges by the same rule, so a long chat never hits those walls either.
+
+    Trouble on the wire (no connection, a connection dropped mid-reply, a stream chunk that is not JSON, a stream
+    that ends before a finish reason) is :class:`ReplyInterrupted`; an HTTP error status or an in-band error chunk
+    is an :class:`RLChatError` carrying the server's message.
     """
 
+    CONNECT_TIMEOUT_S = 10.0
+    READ_TIMEOUT_S = 300.0
+    MAX_RETRIES = 2
+
     def __init__(self, url: str, api_key: str | None) -> None:
-        import requests
+        import openai
 
         self.url = url.rstrip("/")
         if self.url.endswith("/v1"):
             self.url = self.url[: -len("/v1")]
-        self.session = requests.Session()
-        if api_key:
-            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        self.client = openai.OpenAI(
+            base_url=f"{self.url}/v1",
+            api_key=api_key or "none",  # the SDK needs a value; a server without a key ignores it
+            max_retries=self.MAX_RETRIES,
+            timeout=openai.Timeout(self.READ_TIMEOUT_S, connect=self.CONNECT_TIMEOUT_S),
+        )
         self.last = Reply()
         try:
-            r = self.session.get(f"{self.url}/v1/models", timeout=10)
-        except requests.RequestException as e:
-            raise RLChatError(
-                f"{self.url}: cannot connect ({e.__class__.__name__}); is `rlchat serve` running?"
-            ) from None
-        if r.status_code != 200:
-            raise RLChatError(f"{self.url}/v1/models: {_error_message(r)}")
-        try:
-            cards = r.json().get("data") or [{}]
-            self.info: dict[str, Any] = dict(cards[0])
-        except (ValueError, AttributeError, TypeError, IndexError, KeyError):
-            raise RLChatError(f"{self.url}/v1/models: not an OpenAI model list: {r.text[:200]!r}") from None
-        self.model = str(self.info.get("id", "rlchat"))
+            cards = self.client.models.list().data
+        except openai.APIConnectionError as e:
+            raise RLChatError(f"{self.url}: cannot connect ({_cause_name(e)}); is `rlchat serve` running?") from None
+        except openai.APIStatusError as e:
+            raise RLChatError(f"{self.url}/v1/models: {_status_message(e)}") from None
+        except (openai.APIError, ValueError, TypeError) as e:
+            raise RLChatError(f"{self.url}/v1/models: not an OpenAI model list ({_first_line(e)})") from None
+        self.info: dict[str, Any] = cards[0].model_dump() if cards else {}
+        self.model = str(self.info.get("id") or "rlchat")
 
     def describe(self) -> str:
-        step = f", step {self.info['step']}" if "step" in self.info else ""
+        step = f", step {self.info['step']}" if self.info.get("step") is not None else ""
         return f"{self.url} (model {self.model}{step})"
 
     def _within_limits(self, messages: list[Message]) -> tuple[list[Message], int]:
@@ -406,10 +415,17 @@ class RemoteBackend:
         return messages, dropped
 
     def stream(self, messages: list[Message], d: Decoding) -> Iterator[str]:
-        import requests
+        import openai
 
         messages, trimmed = self._within_limits(messages)
-        body: dict[str, Any] = {
+        extra: dict[str, Any] = {}  # vLLM-named extensions the SDK does not know
+        if d.top_k:
+            extra["top_k"] = d.top_k
+        if d.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = d.repetition_penalty
+        if d.beams > 1:
+            extra["num_beams"] = d.beams
+        kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "stream": True,
@@ -417,110 +433,95 @@ class RemoteBackend:
             "top_p": d.top_p,
             "max_tokens": d.max_tokens,
         }
-        if d.top_k:
-            body["top_k"] = d.top_k
-        if d.repetition_penalty != 1.0:
-            body["repetition_penalty"] = d.repetition_penalty
-        if d.beams > 1:
-            body["num_beams"] = d.beams
         if d.stop:
-            body["stop"] = list(d.stop)
+            kwargs["stop"] = list(d.stop)
         if d.seed is not None:
-            body["seed"] = d.seed
+            kwargs["seed"] = d.seed
+        if extra:
+            kwargs["extra_body"] = extra
         self.last = Reply(dropped_turns=trimmed)
+        broke = f"the connection to {self.url} broke mid-reply"
+        started = False  # the response began: a connection error now is a reply cut off, not a failed request
         try:
-            r = self.session.post(f"{self.url}/v1/chat/completions", json=body, stream=True, timeout=300)
-        except requests.RequestException as e:
-            raise ReplyInterrupted(f"{self.url}: request failed ({e.__class__.__name__}: {_first_line(e)})") from None
-        with r:
-            if r.status_code != 200:
-                raise RLChatError(_error_message(r))
-            with contextlib.suppress(ValueError):
-                self.last.dropped_turns += int(r.headers.get(DROPPED_TURNS_HEADER, 0))
-            complete = False
-            lines = r.iter_lines(decode_unicode=False)
-            while True:
-                try:
-                    raw = next(lines, None)
-                except (requests.RequestException, OSError) as e:  # dropped connection, read timeout
-                    raise ReplyInterrupted(
-                        f"the connection to {self.url} broke mid-reply ({e.__class__.__name__})"
-                    ) from None
-                if raw is None:
-                    break
-                chunk = _sse_chunk(raw)
-                if chunk is None:
-                    continue  # not a data line (an SSE comment such as ": ping", a blank separator)
-                if chunk == "[DONE]":
-                    complete = True
-                    break
-                for piece, finish_reason in _chunk_pieces(chunk):
-                    if piece:
-                        self.last.text += piece
-                        yield piece
-                    if finish_reason:
-                        self.last.finish_reason = finish_reason
-                        complete = True
-            if not complete:
-                raise ReplyInterrupted(f"{self.url} closed the stream before the reply was complete")
+            with self.client.chat.completions.with_streaming_response.create(**kwargs) as response:
+                started = True
+                with contextlib.suppress(ValueError, TypeError):
+                    self.last.dropped_turns += int(response.headers.get(DROPPED_TURNS_HEADER, 0))
+                complete = False
+                for chunk in response.parse():
+                    for piece, finish_reason in _chunk_pieces(chunk):
+                        if piece:
+                            self.last.text += piece
+                            yield piece
+                        if finish_reason:
+                            self.last.finish_reason = finish_reason
+                            complete = True
+        except openai.APIStatusError as e:  # refused (400, 401, ...): the server's message
+            raise RLChatError(_status_message(e)) from None
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:
+            if started:
+                raise ReplyInterrupted(f"{broke} ({_cause_name(e)})") from None
+            raise ReplyInterrupted(f"{self.url}: request failed ({_cause_name(e)}: {_first_line(e)})") from None
+        except openai.APIError as e:  # an in-band error chunk: the server failed after the reply had started
+            raise RLChatError(str(e.message)) from None
+        except _transport_errors() as e:  # dropped connection, read timeout mid-stream
+            raise ReplyInterrupted(f"{broke} ({e.__class__.__name__})") from None
+        except ValueError as e:  # the SDK's SSE decoder: a data line that is not JSON (or not UTF-8)
+            raise ReplyInterrupted(
+                f"the endpoint sent a malformed stream chunk (not JSON): {_first_line(e)}"
+            ) from None
+        if not complete:
+            raise ReplyInterrupted(f"{self.url} closed the stream before the reply was complete")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What the SDK's HTTP library raises when a connection breaks mid-stream (the SDK wraps only errors before the
+    response starts): ``httpx2.HTTPError`` (openai >= 3) or ``httpx.HTTPError`` (older), and ``OSError``."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(importlib.import_module(name).HTTPError)
+    return tuple(errors)
 
 
 def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [""])[0][:160]
 
 
-def _sse_chunk(raw: bytes) -> dict[str, Any] | str | None:
-    """One SSE line: its JSON chunk, ``"[DONE]"``, or None for a line that carries no data.
+def _cause_name(e: BaseException) -> str:
+    """The underlying exception's class name (``ConnectError``) of an SDK connection error."""
+    return (e.__cause__ or e).__class__.__name__
+
+
+def _status_message(e: Any) -> str:
+    """``HTTP 400: <the server's message>`` of an SDK status error."""
+    body = getattr(e, "body", None)
+    message = body.get("message") if isinstance(body, dict) else None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        message = body["error"].get("message")
+    return f"HTTP {e.status_code}: {message or _first_line(e)}"
+
+
+def _chunk_pieces(chunk: Any) -> list[tuple[str, str]]:
+    """(text, finish_reason) of each choice of an OpenAI ``chat.completion.chunk`` (as the SDK parsed it).
 
     Raises:
-        ReplyInterrupted: a ``data:`` line that is not UTF-8 JSON (the stream is corrupt: stop reading it).
-    """
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ReplyInterrupted(f"the endpoint sent a stream line that is not UTF-8: {raw[:80]!r}") from None
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if data == "[DONE]":
-        return data
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        raise ReplyInterrupted(f"the endpoint sent a malformed stream chunk (not JSON): {data[:80]!r}") from None
-    if not isinstance(chunk, dict):
-        raise ReplyInterrupted(f"the endpoint sent a malformed stream chunk (not an object): {data[:80]!r}")
-    return chunk
-
-
-def _chunk_pieces(chunk: dict[str, Any]) -> list[tuple[str, str]]:
-    """(text, finish_reason) of each choice of an OpenAI ``chat.completion.chunk``.
-
-    Raises:
-        RLChatError: the chunk is an in-band error (the server failed after the response had started).
         ReplyInterrupted: the chunk does not have the chunk shape.
     """
-    if "error" in chunk:
-        err = chunk["error"]
-        raise RLChatError(str(err.get("message", err) if isinstance(err, dict) else err))
     out = []
     try:
-        for c in chunk.get("choices") or []:
-            piece = (c.get("delta") or {}).get("content") or ""
-            reason = c.get("finish_reason") or ""
+        for c in getattr(chunk, "choices", None) or []:
+            delta = getattr(c, "delta", None)
+            piece = (getattr(delta, "content", None) if delta is not None else None) or ""
+            reason = getattr(c, "finish_reason", None) or ""
             if not isinstance(piece, str) or not isinstance(reason, str):
                 raise TypeError("content and finish_reason must be strings")
             out.append((piece, reason))
     except (AttributeError, TypeError) as e:
-        raise ReplyInterrupted(f"the endpoint sent a malformed stream chunk ({e}): {json.dumps(chunk)[:80]}") from None
+        raise ReplyInterrupted(f"the endpoint sent a malformed stream chunk ({e})") from None
     return out
-
-
-def _error_message(r: Any) -> str:
-    try:
-        return f"HTTP {r.status_code}: {r.json()['error']['message']}"
-    except Exception:  # noqa: BLE001 - any non-OpenAI error body
-        return f"HTTP {r.status_code}: {r.text[:200]}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -789,6 +790,7 @@ def chat_command(
     target: str,
     api_key: str | None = None,
     system: str | None = None,
+    api_key_file: str | None = None,
     temperature: float = 0.7,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -823,6 +825,11 @@ def chat_command(
             raise RLChatError(f"{flag}={value}: expected {expected}")
     decoding = Decoding(temperature, top_k, top_p, repetition_penalty, max_tokens, tuple(stop or ()), seed, beams)
     if target.startswith(("http://", "https://")):
+        if not api_key and api_key_file:
+            try:
+                api_key = (Path(api_key_file).expanduser().read_text(encoding="utf-8").splitlines() or [""])[0].strip()
+            except OSError as e:
+                raise RLChatError(f"--api-key-file {api_key_file}: cannot read it ({e.strerror})") from None
         backend: LocalBackend | RemoteBackend = RemoteBackend(target, api_key or os.environ.get("RLCHAT_API_KEY"))
     else:
         backend = LocalBackend(target)

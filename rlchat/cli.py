@@ -143,13 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None)
     p.add_argument("--replicas", type=int, default=None)
     p.add_argument("--config", "-c", default=None)
-    p.add_argument("--api-key", default=None)
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="visible in ps: prefer --api-key-file or the RLCHAT_API_KEY environment variable",
+    )
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from FILE's first line")
     p.add_argument("--address", default=None)
     p.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True)
 
     p = cmd("chat", "rlchat.chat:chat_command", "interactive terminal chat with a checkpoint or an endpoint URL")
     p.add_argument("target", metavar="CKPT_OR_URL")
-    p.add_argument("--api-key", default=None)
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="visible in ps: prefer --api-key-file or the RLCHAT_API_KEY environment variable",
+    )
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from FILE's first line")
     p.add_argument("--system", default=None)
     _add_decoding_args(p)
 
@@ -214,7 +224,7 @@ def config_keys(markdown: bool = False, **_: Any) -> int:
 
 PATH_ARGS = (
     "config", "run_dir", "resume", "checkpoint", "baseline", "data", "out", "inputs", "input", "output",
-    "from_run", "path", "target", "space",
+    "from_run", "path", "target", "space", "api_key_file",
 )  # fmt: skip
 """Arguments that name local files or directories (a URL or ``builtin:`` set passes through unchanged)."""
 

@@ -93,6 +93,16 @@ class SamplingParams:
     """Beam width; > 1 runs deterministic beam search (chat / eval only, not for rollouts)."""
     seed: int | None = None
     """Base seed when no per-row seeds are given (row i gets a seed derived from (seed, i)); None = random."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token already generated in the row (0 = off)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it was already generated in the row (0 = off)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """``(token id, bias)`` pairs added to the logits before sampling (OpenAI's logit_bias)."""
+    top_logprobs: int = -1
+    """-1 = off; k >= 0: each step also reports the chosen token's log-prob under the processed distribution
+    (penalties, bias and temperature applied, before top-k / top-p) and the k likeliest tokens
+    (:attr:`StepOutput.alternatives`). Stepwise generation only (not beam search)."""
 
     def __post_init__(self) -> None:
         # (ok, field, value, expected, fix): the chat CLI, Serve and batch generation show these to users as is.
@@ -153,6 +163,13 @@ class SamplingParams:
                 "non-empty strings",
                 "remove the empty string: every text contains it, so it would end each row at once",
             ),
+            (
+                self.top_logprobs >= -1,
+                "top_logprobs",
+                self.top_logprobs,
+                ">= -1 (-1 = off)",
+                "use -1 for no log-prob report or e.g. 5 for the 5 likeliest tokens",
+            ),
         ]
         for ok, name, value, expected, fix in checks:
             if not ok:
@@ -186,6 +203,9 @@ class StepOutput:
     tokens: np.ndarray
     logprobs: np.ndarray
     active: np.ndarray
+    alternatives: list[tuple[float, list[int], list[float]] | None] | None = None
+    """With ``SamplingParams.top_logprobs >= 0``: per row (None where not active) the chosen token's processed
+    log-prob, and the ids and log-probs of the k likeliest tokens."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -532,6 +552,20 @@ class GenerationStream:
             for i, x in enumerate(prompts):  # pad slots repeat the row's first token: no spurious penalty
                 hist[i, : self._p - len(x)] = x[0]
             self._hist = torch.cat([hist, torch.zeros(b, n, dtype=torch.long)], 1).to(dev)
+        self._counts = None  # (B, V) tokens generated so far per row, for presence / frequency penalties
+        if params.presence_penalty or params.frequency_penalty:
+            self._counts = torch.zeros(b, v, dtype=torch.float32, device=dev)
+        self._bias = None  # (V,) logit_bias
+        if params.logit_bias:
+            self._bias = torch.zeros(v, dtype=torch.float32, device=dev)
+            for tid, bias in params.logit_bias:
+                if not 0 <= tid < v:
+                    raise ConfigError(
+                        f"SamplingParams.logit_bias: token id {tid} is outside the vocabulary (0..{v - 1}); "
+                        "use ids from the model's tokenizer"
+                    )
+                self._bias[tid] = bias
+        self._alts: list | None = None
         # (B, V) scratch reused every step (fresh full-vocabulary tensors per step cost page faults on CPU)
         plain = not params.greedy and params.top_k == 0 and params.top_p == 1.0
         self._buf_z: torch.Tensor | None = torch.empty(b, v, dtype=torch.float32, device=dev)
@@ -613,6 +647,8 @@ class GenerationStream:
         self._pos = self._pos.index_select(0, idx)
         if self.params.repetition_penalty != 1.0:
             self._hist = self._hist.index_select(0, idx)
+        if self._counts is not None:
+            self._counts = self._counts.index_select(0, idx)
         return pending.index_select(0, idx)
 
     def _advance(self, pending: torch.Tensor) -> None:
@@ -634,8 +670,29 @@ class GenerationStream:
             hist = self._hist[:, : self._p + self._step]
             g = z.gather(1, hist)
             z.scatter_(1, hist, torch.where(g > 0, g / p.repetition_penalty, g * p.repetition_penalty))
+        if self._counts is not None:  # OpenAI's penalties: mu -= c * frequency + (c > 0) * presence
+            z.sub_(self._counts * p.frequency_penalty + (self._counts > 0).float() * p.presence_penalty)
+        if self._bias is not None:
+            z.add_(self._bias)
         if self._step < p.min_new_tokens:
             z.index_fill_(1, self._stop_ids_t, float("-inf"))
+        alts = None
+        if p.top_logprobs >= 0:  # the processed distribution (temperature applied; 0 = greedy reads as 1)
+            full = torch.log_softmax(z / (p.temperature if p.temperature > 0 else 1.0), -1)  # (Bc, V)
+            k = min(p.top_logprobs, full.shape[1])
+            top_v, top_i = full.topk(k, dim=-1) if k else (full[:, :0], full[:, :0].long())
+            alts = (full, top_v, top_i)
+        tok, lp = self._pick(z, bc)
+        if alts is not None:
+            full, top_v, top_i = alts
+            chosen = full.gather(1, tok[:, None]).squeeze(1).cpu().numpy()
+            tv, ti = top_v.cpu().numpy(), top_i.cpu().numpy()
+            self._alts = [(float(chosen[j]), ti[j].tolist(), tv[j].tolist()) for j in range(bc)]
+        return tok, lp
+
+    def _pick(self, z: torch.Tensor, bc: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy / top-k / top-p / plain sampling from the processed (Bc, V) logits ``z`` (modified in place)."""
+        p = self.params
         if p.greedy:
             tok = z.argmax(-1)
             lp = z.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(z, -1)
@@ -680,6 +737,16 @@ class GenerationStream:
                 self._tails[r], hit = ss.push(self._tails[r], t)
                 if hit and can_stop:
                     stopped[j] = True
+        alternatives: list[tuple[float, list[int], list[float]] | None] | None = None
+        if self._alts is not None:
+            alternatives = [None] * b
+            for j in np.flatnonzero(live):
+                alternatives[rows[j]] = self._alts[j]
+            self._alts = None
+        if self._counts is not None:
+            self._counts.scatter_add_(
+                1, torch.from_numpy(toks).to(self._device)[:, None], torch.ones(len(toks), 1, device=self._device)
+            )
         for j in np.flatnonzero(stopped):
             self._active[rows[j]] = False
             self._reasons[rows[j]] = FINISH_STOP
@@ -692,7 +759,7 @@ class GenerationStream:
                 self._hist[:, self._p + self._step - 1] = self._pending
         else:
             self._close()
-        return StepOutput(out_tok, out_lp, out_active)
+        return StepOutput(out_tok, out_lp, out_active, alternatives)
 
 
 def _inverse_cdf(

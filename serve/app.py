@@ -14,9 +14,12 @@ route                          what
 ============================== ================================================================================
 ``POST /v1/chat/completions``  OpenAI chat completions, plain or SSE streaming (``stream: true``, ends with
                                ``data: [DONE]``); ``n``, ``seed``, ``stop``, ``max_tokens`` /
-                               ``max_completion_tokens``, ``temperature``, ``top_p``; extensions ``top_k``,
-                               ``repetition_penalty``, ``num_beams``
-``GET /v1/models``             the served model (id, checkpoint, stage, step)
+                               ``max_completion_tokens``, ``temperature``, ``top_p``, ``logprobs`` /
+                               ``top_logprobs``, ``presence_penalty`` / ``frequency_penalty``, ``logit_bias``;
+                               extensions ``top_k``, ``repetition_penalty``, ``num_beams`` (schemas:
+                               :mod:`serve.schemas`, published at ``/openapi.json``)
+``POST /v1/completions``       OpenAI's legacy text completions: one raw-text prompt continued, no chat template
+``GET /v1/models``             the served model (id, stage, step, limits; the checkpoint path only to the operator)
 ``POST /v1/feedback``          thumbs up/down or a preference, stored in ``serve.feedback_store`` (SQLite or
                                PostgreSQL, :mod:`rlchat.feedback_store`), which ``rlchat rm`` reads (closing the
                                loop back to the reward model); 503 + ``Retry-After`` while the store is down
@@ -49,10 +52,17 @@ How requests are served, and why:
 - **Long conversations.** Clients send the whole history; when it does not fit the context minus the reply budget,
   :func:`rlchat.tokenizer.fit_history` drops the oldest whole exchanges (never the system message or the latest
   user turn) and the ``X-RLChat-Dropped-Turns`` header says how many (see :meth:`ChatServer._fit_context`).
+- **Accepting what clients send.** Null / default values of features the engine lacks and no-op fields are
+  accepted; unknown keys are ignored and named in ``X-RLChat-Ignored-Fields`` (a 400 with
+  ``serve.strict_requests``); a truly unsupported request (non-empty ``tools``, JSON ``response_format``) is a 400
+  naming the field and the alternative (see :mod:`serve.schemas`).
+- **Security.** ``serve.api_key`` (or ``RLCHAT_API_KEY``, or ``serve.api_key_file``); paths and pids only to
+  requests with the key (or, without a key configured, from loopback); ``/v1/feedback`` size- and rate-limited
+  (``serve.feedback_rate_limit``); CORS off unless ``serve.cors_origins`` lists origins.
 - **Limits and errors.** API key (``Authorization: Bearer``) -> 401; message count, characters, ``max_tokens``,
   a latest turn that alone exceeds the context, temperature range -> 400 with an OpenAI-style ``{"error": {...}}``
-  body; unsupported OpenAI parameters (``tools``, ``logit_bias``, ...) -> 400 naming them. A malformed body is a
-  400, never a 500.
+  body; requests for unsupported features (non-empty ``tools``, JSON ``response_format``) -> 400 naming them. A
+  malformed body is a 400, never a 500 (a schemathesis fuzz of ``/openapi.json`` checks it).
 - **Logs.** One line per request (id, status, token counts, finish reasons, latency) without message bodies
   unless ``serve.log_bodies`` is set.
 - **Crashes.** A replica whose process dies is replaced by Serve's controller; ``/readyz`` reports the new pid.
@@ -70,6 +80,8 @@ import contextlib
 import dataclasses
 import functools
 import hmac
+import importlib
+import ipaddress
 import json
 import logging
 import os
@@ -84,15 +96,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rlchat.chat import DROPPED_TURNS_HEADER, TextStreamer
+from rlchat.chat import DROPPED_TURNS_HEADER, TextStreamer, token_text
 from rlchat.config import Config, RewardConfig, load_config, parse_override
 from rlchat.errors import ConfigError, RLChatError
 from rlchat.feedback_store import (
@@ -107,20 +121,31 @@ from rlchat.feedback_store import (
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from rlchat.tokenizer import ChatTokenizer, ContextOverflowError, fit_history
 from serve.schemas import (
+    IGNORED_FIELDS_HEADER,
     APIError,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
     Delta,
     FeedbackRef,
+    FeedbackRequest,
     ModelCard,
     ModelList,
+    SamplingFields,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     error_body,
     parse_chat_request,
+    parse_completion_request,
     parse_feedback_request,
 )
 
@@ -156,6 +181,12 @@ ENV_FEEDBACK_STORE = "RLCHAT_FEEDBACK_STORE"
 STORE_BACKLOG = 256
 """Request rows a replica may have waiting for the database; beyond that (a long outage) they are dropped, logged."""
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+ENV_API_KEY = "RLCHAT_API_KEY"
+"""Environment variable read for ``serve.api_key`` when the config leaves it empty (keys never on a command line)."""
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+"""``/v1/completions`` budget when the request sets none (OpenAI's default)."""
+EXPOSED_HEADERS = ("X-Request-Id", DROPPED_TURNS_HEADER, IGNORED_FIELDS_HEADER)
+"""Response headers a browser page on an allowed CORS origin may read."""
 
 # --------------------------------------------------------------------------------------------------------------
 # Pure pieces (no Ray; unit-tested directly)
@@ -209,6 +240,8 @@ class JobOutput:
 
     tokens: list[list[int]]
     finish_reasons: list[str]
+    alternatives: list[list[Any]] | None = None
+    """With ``SamplingParams.top_logprobs >= 0``: per choice, per token, ``StepOutput.alternatives``' entry."""
 
 
 @dataclass
@@ -217,6 +250,8 @@ class StepItem:
 
     tokens: list[list[int]]
     done: JobOutput | Exception | None = None
+    alternatives: list[list[Any]] | None = None
+    """Per choice, the log-prob entries of this step's new tokens (with ``SamplingParams.top_logprobs >= 0``)."""
 
 
 @dataclass
@@ -294,6 +329,9 @@ class _Group:
                 t = int(out.tokens[r])
                 run.tokens[j][c].append(t)
                 run.new[j][c].append(t)
+                if out.alternatives is not None:
+                    run.alts[j][c].append(out.alternatives[r])
+                    run.new_alts[j][c].append(out.alternatives[r])
             # 3. rows at their own budget end with "length" (the stream runs to the group's largest budget)
             over = np.flatnonzero(stream.active & (stream.num_steps >= self.budgets))
             if len(over):
@@ -329,6 +367,8 @@ class BatchRun:
         self.tokens: list[list[list[int]]] = [[[] for _ in job.seeds] for job in jobs]
         self.reasons: list[list[str | None]] = [[None] * len(job.seeds) for job in jobs]
         self.new: list[list[list[int]]] = [[[] for _ in job.seeds] for job in jobs]
+        self.alts: list[list[list[Any]]] = [[[] for _ in job.seeds] for job in jobs]
+        self.new_alts: list[list[list[Any]]] = [[[] for _ in job.seeds] for job in jobs]
         self.errors: list[Exception | None] = [None] * len(jobs)
         self.reported = [False] * len(jobs)
         self.groups: list[_Group] = []
@@ -359,6 +399,7 @@ class BatchRun:
         if all(self.reported):
             return None
         self.new = [[[] for _ in job.seeds] for job in self.jobs]
+        self.new_alts = [[[] for _ in job.seeds] for job in self.jobs]
         for g in self.groups:
             if not g.done:
                 try:
@@ -372,11 +413,13 @@ class BatchRun:
             if self.reported[j]:
                 items.append(None)
                 continue
-            item = StepItem(self.new[j])
+            wants_alts = self.jobs[j].params.top_logprobs >= 0
+            item = StepItem(self.new[j], alternatives=self.new_alts[j] if wants_alts else None)
             if self.errors[j] is not None:
                 item.done = self.errors[j]
             elif all(r is not None for r in self.reasons[j]):
-                item.done = JobOutput(self.tokens[j], [str(r) for r in self.reasons[j]])
+                alts = self.alts[j] if wants_alts else None
+                item.done = JobOutput(self.tokens[j], [str(r) for r in self.reasons[j]], alts)
             self.reported[j] = item.done is not None
             items.append(item)
         return items
@@ -457,12 +500,11 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         if isinstance(value, str) and not key.endswith("api_key"):
             value = parse_override(f"{dotted}={value}")[1]
         overrides[dotted] = value
-    if not cfg.serve.api_key and "serve.api_key" not in overrides and os.environ.get("RLCHAT_API_KEY"):
-        overrides["serve.api_key"] = os.environ["RLCHAT_API_KEY"]
     if not cfg.serve.feedback_store and "serve.feedback_store" not in overrides and os.environ.get(ENV_FEEDBACK_STORE):
         overrides["serve.feedback_store"] = os.environ[ENV_FEEDBACK_STORE]  # keeps a database password out of YAML
     if overrides:
         cfg = cfg.replace(**overrides)
+    cfg = cfg.replace(**{"serve.api_key": resolve_api_key(cfg.serve.api_key, cfg.serve.api_key_file)})
     s = cfg.serve
     if s.max_batch_size < 1:
         raise ConfigError(f"serve.max_batch_size={s.max_batch_size}: expected at least 1 (1 = no batching)")
@@ -470,6 +512,11 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         raise ConfigError(f"serve.batch_wait_timeout_s={s.batch_wait_timeout_s}: expected >= 0, e.g. 0.01")
     if s.replicas < 1:
         raise ConfigError(f"serve.replicas={s.replicas}: expected at least 1")
+    if s.feedback_rate_limit < 0:
+        raise ConfigError(
+            f"serve.feedback_rate_limit={s.feedback_rate_limit}: expected >= 0 requests per minute; use 60, or 0 for "
+            "no limit"
+        )
     if s.max_replicas < s.replicas:
         cfg = cfg.replace(**{"serve.max_replicas": s.replicas})
     feedback = Path(cfg.serve.feedback_path).expanduser()
@@ -487,6 +534,55 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
             )
     cfg = cfg.replace(**{"serve.feedback_store": store})
     return AppSettings(str(info.path.resolve()), cfg, model_name, num_cpus)
+
+
+def resolve_api_key(api_key: str, api_key_file: str = "") -> str:
+    """The API key: ``serve.api_key``, else the first line of ``serve.api_key_file``, else ``RLCHAT_API_KEY``.
+
+    An empty ``api_key`` (as ``serve_config.yaml`` ships it) means "not set here", so the file and the environment
+    still apply; the key never has to appear on a command line (visible in ``ps``).
+
+    Raises:
+        ConfigError: the key file cannot be read or is empty.
+    """
+    if api_key:
+        return api_key
+    if api_key_file:
+        path = Path(api_key_file).expanduser()
+        try:
+            key = path.read_text(encoding="utf-8").strip().splitlines()
+        except OSError as e:
+            raise ConfigError(
+                f"serve.api_key_file={api_key_file!r}: cannot read it ({e.strerror}); point it at a file holding the "
+                "key on its first line (chmod 600), or set RLCHAT_API_KEY instead"
+            ) from None
+        if not key or not key[0].strip():
+            raise ConfigError(
+                f"serve.api_key_file={api_key_file!r}: the file is empty; write the key on its first line"
+            )
+        return key[0].strip()
+    return os.environ.get(ENV_API_KEY, "")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name to bind / a client address) is this machine only."""
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, api_key: str) -> str | None:
+    """A warning when the endpoint listens beyond this machine without an API key (None when it is fine)."""
+    if api_key or is_loopback(host):
+        return None
+    return (
+        f"serving on {host}, reachable from other machines, without an API key: anyone who can reach the port can "
+        f"use the model and write feedback; set {ENV_API_KEY} (or serve.api_key_file / --api-key-file), or bind "
+        "127.0.0.1"
+    )
 
 
 def default_model_version(checkpoint: str | Path) -> str:
@@ -527,11 +623,91 @@ api = FastAPI(
 )
 
 
+_REQUEST_BODIES: dict[tuple[str, str], type] = {
+    ("/v1/chat/completions", "post"): ChatCompletionRequest,
+    ("/v1/completions", "post"): CompletionRequest,
+    ("/v1/feedback", "post"): FeedbackRequest,
+}
+"""Request models of the routes that parse their raw body themselves (strict JSON, OpenAI-style errors): the
+OpenAPI spec gets them as request bodies, so ``/docs`` and schema-driven clients see every accepted field."""
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's spec plus the request bodies of :data:`_REQUEST_BODIES` (cached, as FastAPI does)."""
+    if api.openapi_schema:
+        return api.openapi_schema
+    spec = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    for (path, method), model in _REQUEST_BODIES.items():
+        op = spec.get("paths", {}).get(path, {}).get(method)
+        if op is None:
+            continue
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    api.openapi_schema = spec
+    return spec
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
+
+_CORS_ORIGINS: list[tuple[str, ...]] = [()]
+"""``serve.cors_origins`` of this process's replica (set in :class:`ChatServer`); empty = no CORS headers."""
+
+
+class _CORSMiddleware:
+    """CORS for the origins in ``serve.cors_origins`` (off by default): answers preflights and adds the
+    Access-Control headers. Plain ASGI (not ``BaseHTTPMiddleware``), so streams and client disconnects pass
+    through untouched; the origins are read per request because each replica sets them from its config."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        origins = _CORS_ORIGINS[0]
+        if scope["type"] != "http" or not origins:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        origin = headers.get("origin")
+        if origin is None or ("*" not in origins and origin not in origins):
+            return await self.app(scope, receive, send)
+        cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+            cors.update(
+                {
+                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Headers": f"Authorization, Content-Type, {CONVERSATION_HEADER}",
+                    "Access-Control-Max-Age": "600",
+                }
+            )
+            return await Response(status_code=204, headers=cors)(scope, receive, send)
+        cors["Access-Control-Expose-Headers"] = ", ".join(EXPOSED_HEADERS)
+
+        async def send_with_cors(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [
+                    (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in cors.items()
+                ]
+            await send(message)
+
+        return await self.app(scope, receive, send_with_cors)
+
+
+api.add_middleware(_CORSMiddleware)
+
+
 @api.exception_handler(APIError)
 async def _api_error(_: Request, e: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
     if e.status == 503:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
+    if e.status == 429:
+        headers = {"Retry-After": "60"}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -563,6 +739,121 @@ def _chunk(cid: str, created: int, model: str, choices: list[ChunkChoice], usage
     if usage is None:
         del body["usage"]
     return json.dumps(body, ensure_ascii=False)
+
+
+class _Format:
+    """How one request's results are shaped: chat completion or text completion, plain and streamed.
+
+    Log-prob entries come from :attr:`rlchat.generation.StepOutput.alternatives` ``(logprob, top ids, top
+    logprobs)``; the end-of-turn token is not reported (it is never shown as text).
+    """
+
+    def __init__(self, cid: str, created: int, model: str, server: "ChatServer", logprobs: bool) -> None:
+        self.cid, self.created, self.model, self.logprobs = cid, created, model, logprobs
+        self.tokenizer = server.tokenizer
+
+    def _entries(
+        self, tokens: Sequence[int], alts: Sequence[Any] | None
+    ) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        if not self.logprobs or alts is None:
+            return []
+        eot = self.tokenizer.eot_id
+        return [(t, lp, list(zip(ids, lps))) for t, (lp, ids, lps) in zip(tokens, alts) if t != eot]
+
+    def _text(self, t: int) -> str:
+        return token_text(self.tokenizer, t)
+
+
+class _ChatFormat(_Format):
+    def _logprobs(self, tokens: Sequence[int], alts: Sequence[Any] | None) -> ChoiceLogprobs | None:
+        if not self.logprobs:
+            return None
+        content = [
+            TokenLogprob(
+                token=self._text(t),
+                logprob=lp,
+                bytes=list(self.tokenizer.token_bytes(t)) if not self.tokenizer.is_special(t) else None,
+                top_logprobs=[
+                    TopLogprob(
+                        token=self._text(i),
+                        logprob=v,
+                        bytes=list(self.tokenizer.token_bytes(i)) if not self.tokenizer.is_special(i) else None,
+                    )
+                    for i, v in top
+                ],
+            )
+            for t, lp, top in self._entries(tokens, alts)
+        ]
+        return ChoiceLogprobs(content=content)
+
+    def choice(self, i: int, text: str, reason: str, tokens: Sequence[int], alts: Sequence[Any] | None) -> Choice:
+        return Choice(
+            index=i,
+            message=AssistantMessage(content=text),
+            finish_reason=reason,  # type: ignore[arg-type]
+            logprobs=self._logprobs(tokens, alts),
+        )
+
+    def body(self, choices: list[Any], usage: Usage) -> dict[str, Any]:
+        return ChatCompletion(
+            id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage
+        ).model_dump()
+
+    def first_chunk(self, n: int) -> str | None:
+        roles = [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)]
+        return _chunk(self.cid, self.created, self.model, roles)
+
+    def delta_chunk(self, i: int, text: str, tokens: Sequence[int], alts: Sequence[Any]) -> str:
+        choice = ChunkChoice(index=i, delta=Delta(content=text), logprobs=self._logprobs(tokens, alts))
+        return _chunk(self.cid, self.created, self.model, [choice])
+
+    def final_chunk(self, finals: list[tuple[int, str]]) -> str:
+        choices = [ChunkChoice(index=i, delta=Delta(), finish_reason=r) for i, r in finals]  # type: ignore[arg-type]
+        return _chunk(self.cid, self.created, self.model, choices)
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return _chunk(self.cid, self.created, self.model, [], usage)
+
+
+class _CompletionFormat(_Format):
+    def _logprobs(
+        self, tokens: Sequence[int], alts: Sequence[Any] | None, offset: int = 0
+    ) -> CompletionLogprobs | None:
+        if not self.logprobs:
+            return None
+        out = CompletionLogprobs()
+        for t, lp, top in self._entries(tokens, alts):
+            text = self._text(t)
+            out.tokens.append(text)
+            out.token_logprobs.append(lp)
+            out.top_logprobs.append({self._text(i): v for i, v in top})
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out
+
+    def choice(self, i: int, text: str, reason: str, tokens: Sequence[int], alts: Sequence[Any] | None) -> Any:
+        return CompletionChoice(index=i, text=text, finish_reason=reason, logprobs=self._logprobs(tokens, alts))  # type: ignore[arg-type]
+
+    def body(self, choices: list[Any], usage: Usage) -> dict[str, Any]:
+        return Completion(
+            id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage
+        ).model_dump()
+
+    def _json(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        body = Completion(id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage)
+        return json.dumps(body.model_dump(), ensure_ascii=False)
+
+    def first_chunk(self, n: int) -> str | None:
+        return None
+
+    def delta_chunk(self, i: int, text: str, tokens: Sequence[int], alts: Sequence[Any]) -> str:
+        return self._json([CompletionChoice(index=i, text=text, logprobs=self._logprobs(tokens, alts))])
+
+    def final_chunk(self, finals: list[tuple[int, str]]) -> str:
+        return self._json([CompletionChoice(index=i, text="", finish_reason=r) for i, r in finals])  # type: ignore[arg-type]
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return self._json([], usage)
 
 
 @ray_serve.deployment(name=DEPLOYMENT_NAME)
@@ -615,6 +906,10 @@ class ChatServer:
         self._waiting: deque[tuple[list[GenerationJob], asyncio.Queue]] = deque()
         self._runner: asyncio.Task | None = None
         self.stats = BatchStats()
+        # Through the imported module: Serve's ingress ships this class by value, so its methods' globals are a copy
+        # and a bare `_CORS_ORIGINS` here would not be the list the middleware (imported normally) reads.
+        importlib.import_module(__name__)._CORS_ORIGINS[0] = tuple(self.cfg.cors_origins)
+        self._feedback_hits: OrderedDict[str, deque[float]] = OrderedDict()
         self._batch.set_max_batch_size(self.cfg.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         logger.info(
@@ -628,6 +923,38 @@ class ChatServer:
         )
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _operator(self, request: Request) -> bool:
+        """Whether the request may see paths and pids: it carries the API key, or no key is configured and it comes
+        from this machine (loopback). A reverse proxy on the same host makes every client loopback: set a key."""
+        key = self.cfg.api_key
+        if key:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+        return request.client is not None and is_loopback(request.client.host)
+
+    def _rate_limit_feedback(self, request: Request) -> None:
+        """At most ``serve.feedback_rate_limit`` feedback requests per minute per client address (429 beyond)."""
+        limit = self.cfg.feedback_rate_limit
+        if limit <= 0:
+            return
+        client = request.client.host if request.client is not None else "?"
+        now = time.monotonic()
+        hits = self._feedback_hits.pop(client, None) or deque()
+        while hits and now - hits[0] > 60.0:
+            hits.popleft()
+        self._feedback_hits[client] = hits  # most recently seen last
+        while len(self._feedback_hits) > COMPLETION_CACHE_SIZE:
+            self._feedback_hits.popitem(last=False)
+        if len(hits) >= limit:
+            raise APIError(
+                429,
+                f"too many feedback requests from this address (limit {limit:g} per minute); retry in a minute",
+                None,
+                "rate_limit_exceeded",
+                "rate_limit_error",
+            )
+        hits.append(now)
+
     def _auth(self, request: Request) -> None:
         key = self.cfg.api_key
         if not key:
@@ -660,14 +987,7 @@ class ChatServer:
         exchanges dropped to fit the context, of a valid request (400 otherwise)."""
 
         s = self.cfg
-        if req.model is not None and req.model not in (self.model_name, DEFAULT_MODEL_NAME):
-            raise APIError(
-                404,
-                f"the model {req.model!r} does not exist on this server; it serves {self.model_name!r} "
-                "(GET /v1/models)",
-                "model",
-                "model_not_found",
-            )
+        self._check_model(req.model)
         if len(req.messages) > s.max_messages:
             raise APIError(
                 400,
@@ -695,11 +1015,33 @@ class ChatServer:
         room = self.max_positions - len(prompt)  # >= budget (or >= 1 without one): _fit_context made sure
         if budget is None:
             budget = min(s.max_tokens, room)
-        beams = req.num_beams or 1
-        if beams > 1 and req.n > 1:
-            raise APIError(400, "num_beams > 1 is deterministic: use n=1 with it", "n", "invalid_value")
+        top = (req.top_logprobs or 0) if req.logprobs else -1
+        params = self._sampling_params(req, budget, top, req.num_beams or 1)
+        return messages, prompt, params, dropped
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.model_name, DEFAULT_MODEL_NAME):
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist on this server; it serves {self.model_name!r} (GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
+
+    def _sampling_params(self, req: SamplingFields, budget: int, top_logprobs: int, beams: int = 1) -> SamplingParams:
+        """The engine's settings for a valid request (a 400 for values the engine refuses)."""
+        bias = req.bias()
+        vocab = self.engine.vocab_size
+        for tid, _ in bias:
+            if tid >= vocab:
+                raise APIError(
+                    400,
+                    f"logit_bias: token id {tid} is outside the model's vocabulary (0..{vocab - 1})",
+                    "logit_bias",
+                    "invalid_value",
+                )
         try:
-            params = SamplingParams(
+            return SamplingParams(
                 max_new_tokens=budget,
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_k=req.top_k or 0,
@@ -707,10 +1049,13 @@ class ChatServer:
                 repetition_penalty=req.repetition_penalty or 1.0,
                 stop_strings=req.stop_strings(),
                 num_beams=beams,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias=bias,
+                top_logprobs=top_logprobs,
             )
         except ConfigError as e:
             raise APIError(400, str(e), None, "invalid_value") from None
-        return messages, prompt, params, dropped
 
     def _fit_context(
         self, messages: list[dict[str, str]], budget: int | None, param: str
@@ -880,17 +1225,19 @@ class ChatServer:
         return {"status": "ok"}
 
     @api.get("/readyz")
-    async def readyz(self) -> dict[str, Any]:
+    async def readyz(self, request: Request) -> dict[str, Any]:
+        """Readiness (no key needed). Paths and the pid only for the operator (see :meth:`_operator`)."""
         ctx = ray_serve.get_replica_context()
         st = self.stats
+        operator = self._operator(request)
         return {
             "status": "ready",
             "model": self.model_name,
-            "checkpoint": str(self.checkpoint.path),
+            "checkpoint": str(self.checkpoint.path) if operator else default_model_version(self.checkpoint.path),
             "stage": self.checkpoint.stage,
             "step": self.checkpoint.step,
             "replica": ctx.replica_id.unique_id,
-            "pid": os.getpid(),
+            **({"pid": os.getpid()} if operator else {}),
             "auth": bool(self.cfg.api_key),
             "safety_filter": self.cfg.safety_filter,
             "batching": {
@@ -908,44 +1255,115 @@ class ChatServer:
             },
         }
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", response_model=ModelList)
     async def models(self, request: Request) -> dict[str, Any]:
         self._auth(request)
+        operator = self._operator(request)
         card = ModelCard(
             id=self.model_name,
             created=self.created,
-            checkpoint=str(self.checkpoint.path),
+            checkpoint=str(self.checkpoint.path) if operator else default_model_version(self.checkpoint.path),
             stage=self.checkpoint.stage,
             step=self.checkpoint.step,
             max_model_len=self.max_positions,
             max_messages=self.cfg.max_messages,
             max_chars=self.cfg.max_chars,
+            max_tokens=self.cfg.max_tokens,
         )
         return ModelList(data=[card]).model_dump()
 
-    @api.post("/v1/chat/completions")
+    @api.post(
+        "/v1/chat/completions",
+        responses={200: {"model": ChatCompletion, "description": "a completion, or SSE chunks with stream: true"}},
+    )
     async def chat_completions(self, request: Request) -> Response:
         t0 = time.perf_counter()
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         self._note_conversation(cid, request)
         try:
             self._auth(request)
-            req = parse_chat_request(await self._body(request))
+            req, ignored = parse_chat_request(await self._body(request), strict=self.cfg.strict_requests)
             messages, prompt, params, dropped = self._check_limits(req)
         except APIError as e:
             self.stats.errors += 1
             self._log(cid, e.status, t0, error=e.code or e.type)
             raise
-        seeds = row_seeds(req.seed, req.n)
-        created = int(time.time())
+        fmt = _ChatFormat(cid, int(time.time()), self.model_name, self, bool(req.logprobs))
+        return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0)
+
+    @api.post(
+        "/v1/completions",
+        responses={200: {"model": Completion, "description": "a completion, or SSE chunks with stream: true"}},
+    )
+    async def completions(self, request: Request) -> Response:
+        """OpenAI's legacy text completions: the prompt is continued as raw text (no chat template)."""
+        t0 = time.perf_counter()
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        try:
+            self._auth(request)
+            req, ignored = parse_completion_request(await self._body(request), strict=self.cfg.strict_requests)
+            self._check_model(req.model)
+            text = req.text()
+            if len(text) > self.cfg.max_chars:
+                raise APIError(
+                    400,
+                    f"the prompt holds {len(text)} characters; this server accepts at most {self.cfg.max_chars}",
+                    "prompt",
+                    "too_many_characters",
+                )
+            budget = COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+            if budget > self.cfg.max_tokens:
+                raise APIError(
+                    400,
+                    f"max_tokens={budget} exceeds this server's limit of {self.cfg.max_tokens}",
+                    "max_tokens",
+                    "invalid_value",
+                )
+            prompt = self.tokenizer.encode(text)
+            if len(prompt) + budget > self.max_positions:
+                raise APIError(
+                    400,
+                    f"the prompt is {len(prompt)} tokens; with max_tokens={budget} that is more than the model's "
+                    f"context of {self.max_positions} tokens; lower max_tokens or shorten the prompt",
+                    "prompt",
+                    "context_length_exceeded",
+                )
+            top = -1 if req.logprobs is None else req.logprobs
+            params = self._sampling_params(req, budget, top)
+        except APIError as e:
+            self.stats.errors += 1
+            self._log(cid, e.status, t0, error=e.code or e.type)
+            raise
+        fmt = _CompletionFormat(cid, int(time.time()), self.model_name, self, req.logprobs is not None)
+        return await self._respond(req, fmt, None, prompt, params, 0, ignored, t0)
+
+    async def _respond(
+        self,
+        req: SamplingFields,
+        fmt: "_Format",
+        messages: list[dict[str, str]] | None,
+        prompt: list[int],
+        params: SamplingParams,
+        dropped: int,
+        ignored: list[str],
+        t0: float,
+    ) -> Response:
+        """Generate and answer, plain or streamed, in ``fmt``'s shape (chat or text completion)."""
+        cid = fmt.cid
+        seeds = row_seeds(req.seed, req.choices())
+        headers = {"X-Request-Id": cid, DROPPED_TURNS_HEADER: str(dropped)}
+        if ignored:
+            # header values are latin-1 on the wire: percent-encode whatever a client put in its key names
+            headers[IGNORED_FIELDS_HEADER] = ",".join(quote(k, safe="[]._-") for k in ignored)[:1000]
+            logger.info("chat id=%s ignored unknown request fields: %s", cid, ", ".join(ignored))
         if self.cfg.log_bodies:
-            logger.info("chat id=%s messages=%s", cid, json.dumps(messages, ensure_ascii=False))
+            logged = messages if messages is not None else self.tokenizer.decode(prompt)
+            logger.info("chat id=%s messages=%s", cid, json.dumps(logged, ensure_ascii=False))
         if req.stream:
             self.stats.streams += 1
             from sse_starlette.sse import EventSourceResponse
 
-            events = self._stream(req, cid, created, messages, prompt, params, seeds, t0)
-            headers = {"X-Request-Id": cid, DROPPED_TURNS_HEADER: str(dropped)}
+            events = self._stream(req, fmt, messages, prompt, params, seeds, t0)
             return EventSourceResponse(events, ping=15, headers=headers)
 
         self.stats.requests += 1
@@ -961,42 +1379,44 @@ class ChatServer:
             if status == 400:
                 raise APIError(400, str(out), None, "invalid_value")
             raise out
-        choices: list[Choice] = []
+        choices: list[Any] = []
         texts: list[str | None] = []
+        reasons: list[str] = []
         for i, (tokens, reason) in enumerate(zip(out.tokens, out.finish_reasons)):
             text, flagged, stopped = self._finish_text(tokens, params.stop_strings)
             if flagged:
                 reason = "content_filter"
             elif stopped:
                 reason = FINISH_STOP
-            choices.append(Choice(index=i, message=AssistantMessage(content=text), finish_reason=reason))  # type: ignore[arg-type]
+            alts = out.alternatives[i] if out.alternatives is not None else None
+            choices.append(fmt.choice(i, text, reason, tokens, alts))
             texts.append(None if flagged else text)
+            reasons.append(reason)
         n_out = sum(len(t) for t in out.tokens)
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_out, total_tokens=len(prompt) + n_out)
-        self._remember(cid, messages, texts)
-        body = ChatCompletion(id=cid, created=created, model=self.model_name, choices=choices, usage=usage)
+        if messages is not None:
+            self._remember(cid, messages, texts)
         self._log(
             cid,
             200,
             t0,
             stream=False,
-            n=req.n,
-            messages=len(messages),
+            n=len(seeds),
+            messages=len(messages or ()),
             dropped_turns=dropped,
             prompt_tokens=len(prompt),
             completion_tokens=n_out,
-            finish=",".join(c.finish_reason for c in choices),
+            finish=",".join(reasons),
         )
         if self.cfg.log_bodies:
             logger.info("chat id=%s replies=%s", cid, json.dumps(texts, ensure_ascii=False))
-        return JSONResponse(body.model_dump(), headers={"X-Request-Id": cid, DROPPED_TURNS_HEADER: str(dropped)})
+        return JSONResponse(fmt.body(choices, usage), headers=headers)
 
     async def _stream(
         self,
-        req: ChatCompletionRequest,
-        cid: str,
-        created: int,
-        messages: list[dict[str, str]],
+        req: SamplingFields,
+        fmt: "_Format",
+        messages: list[dict[str, str]] | None,
         prompt: list[int],
         params: SamplingParams,
         seeds: tuple[int, ...],
@@ -1004,7 +1424,8 @@ class ChatServer:
     ) -> AsyncIterator[dict[str, str]]:
         """SSE events of one streamed completion (OpenAI chunk format, then ``[DONE]``)."""
 
-        n, model = len(seeds), self.model_name
+        cid = fmt.cid
+        n = len(seeds)
         holdback = SAFETY_HOLDBACK_CHARS if self.safety is not None else 0
         streamers = [TextStreamer(self.tokenizer, params.stop_strings, holdback) for _ in range(n)]
         withheld = [False] * n
@@ -1014,47 +1435,50 @@ class ChatServer:
         done = False
         first_token_ms = None
 
-        def delta(i: int, text: str) -> dict[str, str]:
-            return {"data": _chunk(cid, created, model, [ChunkChoice(index=i, delta=Delta(content=text))])}
-
         try:
-            yield {
-                "data": _chunk(
-                    cid,
-                    created,
-                    model,
-                    [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)],
-                )
-            }
+            first = fmt.first_chunk(n)
+            if first is not None:
+                yield {"data": first}
             result: JobOutput | Exception = RuntimeError("the batch ended without a result")
             pending = [""] * n  # text not sent yet: chunks are coalesced to one per STREAM_INTERVAL_S per choice
+            pending_tokens: list[list[int]] = [[] for _ in range(n)]  # their tokens (for logprobs)
+            pending_alts: list[list[Any]] = [[] for _ in range(n)]
             last_sent = [0.0] * n
+
+            def flush(i: int) -> str:
+                chunk = fmt.delta_chunk(i, pending[i], pending_tokens[i], pending_alts[i])
+                pending[i], pending_tokens[i], pending_alts[i] = "", [], []
+                return chunk
+
             async for item in self._batch(job):
                 now = time.perf_counter()
                 if first_token_ms is None and any(item.tokens):
                     first_token_ms = (now - t0) * 1e3
                 for i, toks in enumerate(item.tokens):
                     counts[i] += len(toks)
-                    for t in toks:
+                    for k, t in enumerate(toks):
                         if withheld[i] or streamers[i].stopped:
                             break
                         piece = streamers[i].push(t)
                         if self.safety is not None and self.safety.flagged(streamers[i].text):
                             withheld[i] = True  # the hold-back window kept the flagged text unsent
-                            pending[i] = ""
+                            pending[i], pending_tokens[i], pending_alts[i] = "", [], []
                         else:
                             pending[i] += piece
+                            pending_tokens[i].append(t)
+                            if item.alternatives is not None:
+                                pending_alts[i].append(item.alternatives[i][k])
                     if withheld[i] or streamers[i].stopped:
                         job.control.finish.add(i)  # no more tokens needed: the batch ends this row
                     if pending[i] and now - last_sent[i] >= STREAM_INTERVAL_S:
-                        yield delta(i, pending[i])
-                        pending[i], last_sent[i] = "", now
+                        yield {"data": flush(i)}
+                        last_sent[i] = now
                 if item.done is not None:
                     result = item.done
                     break
             for i in range(n):
                 if pending[i]:
-                    yield delta(i, pending[i])
+                    yield {"data": flush(i)}
             if isinstance(result, Exception):
                 raise result
             reasons = list(result.finish_reasons)
@@ -1065,28 +1489,30 @@ class ChatServer:
                     tail = streamers[i].finish()
                     if self.safety is not None and self.safety.flagged(streamers[i].text):
                         withheld[i] = True
-                    elif tail:
-                        yield delta(i, tail)
+                    elif tail or pending_tokens[i]:
+                        pending[i] = tail
+                        yield {"data": flush(i)}
                 if withheld[i]:
-                    yield delta(i, ("\n" if streamers[i].text else "") + WITHHELD_NOTICE)
+                    yield {"data": fmt.delta_chunk(i, ("\n" if streamers[i].text else "") + WITHHELD_NOTICE, [], [])}
                     reasons[i] = "content_filter"
                 elif streamers[i].stopped:
                     reasons[i] = FINISH_STOP
-                finals.append(ChunkChoice(index=i, delta=Delta(), finish_reason=reasons[i]))  # type: ignore[arg-type]
-            yield {"data": _chunk(cid, created, model, finals)}
+                finals.append((i, reasons[i]))
+            yield {"data": fmt.final_chunk(finals)}
             n_out = sum(counts)
-            if req.stream_options is not None and req.stream_options.include_usage:
+            if req.include_usage():
                 usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_out, total_tokens=len(prompt) + n_out)
-                yield {"data": _chunk(cid, created, model, [], usage)}
+                yield {"data": fmt.usage_chunk(usage)}
             yield {"data": "[DONE]"}
-            self._remember(cid, messages, [None if withheld[i] else streamers[i].text for i in range(n)])
+            if messages is not None:
+                self._remember(cid, messages, [None if withheld[i] else streamers[i].text for i in range(n)])
             self._log(
                 cid,
                 200,
                 t0,
                 stream=True,
                 n=n,
-                messages=len(messages),
+                messages=len(messages or ()),
                 prompt_tokens=len(prompt),
                 completion_tokens=n_out,
                 first_token_ms=f"{first_token_ms or 0:.0f}",
@@ -1111,7 +1537,16 @@ class ChatServer:
     @api.post("/v1/feedback")
     async def feedback_route(self, request: Request) -> dict[str, Any]:
         self._auth(request)
-        fb = parse_feedback_request(await self._body(request))
+        self._rate_limit_feedback(request)
+        fb = parse_feedback_request(await self._body(request), strict=self.cfg.strict_requests)
+        chars = fb.text_chars()
+        if chars > self.cfg.max_chars:
+            raise APIError(
+                400,
+                f"the feedback holds {chars} characters of text; this server accepts at most {self.cfg.max_chars}",
+                None,
+                "too_many_characters",
+            )
         if fb.rating is not None:
             assert fb.completion_id is not None
             client_text = fb.completion_id not in self._completions  # the text comes from the request, not from here
@@ -1200,6 +1635,10 @@ def build_app(args: dict[str, Any]) -> "Application":
         args: see :func:`resolve_settings`.
     """
     settings = resolve_settings(args)
+    s = settings.config.serve
+    warning = exposure_warning(s.host, s.api_key) if "host" in args else None
+    if warning:
+        logger.warning(warning)
     return ChatServer.options(**deployment_options(settings)).bind(settings)
 
 
@@ -1211,6 +1650,7 @@ def serve_command(
     replicas: int | None = None,
     config: str | None = None,
     api_key: str | None = None,
+    api_key_file: str | None = None,
     address: str | None = None,
     blocking: bool = True,
     **_: Any,
@@ -1231,6 +1671,8 @@ def serve_command(
         args["port"] = port
     if api_key is not None:
         args["api_key"] = api_key
+    if api_key_file is not None:
+        args["api_key_file"] = api_key_file
     if replicas is not None:
         args["replicas"] = replicas
     settings = resolve_settings(args)
@@ -1241,6 +1683,9 @@ def serve_command(
         app = ChatServer.options(**deployment_options(settings)).bind(settings)
         ray_serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://{s.host}:{s.port}"
+        warning = exposure_warning(s.host, s.api_key)
+        if warning:
+            print(f"warning: {warning}", flush=True)
         auth = ' -H "Authorization: Bearer $RLCHAT_API_KEY"' if s.api_key else ""
         body = f'{{"model": "{settings.model_name}", "messages": [{{"role": "user", "content": "hi"}}]}}'
         print(f"serving {settings.checkpoint} as model {settings.model_name!r} at {url}")

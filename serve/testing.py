@@ -70,15 +70,21 @@ def make_tiny_checkpoint(
     return save_checkpoint(directory, model=model, tokenizer=tok, config=cfg, stage="sft", step=step)
 
 
-def wait_ready(url: str, timeout_s: float = 120.0, not_pid: int | None = None) -> dict[str, Any]:
-    """Poll ``GET url/readyz`` until it answers 200 (and, with ``not_pid``, from another process)."""
+def wait_ready(
+    url: str, timeout_s: float = 120.0, not_pid: int | None = None, api_key: str | None = None
+) -> dict[str, Any]:
+    """Poll ``GET url/readyz`` until it answers 200 (and, with ``not_pid``, from another process). With the app's
+    ``api_key`` the answer carries the checkpoint path and the pid (without it, only loopback clients of an app
+    without a key see them)."""
     import requests
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            r = requests.get(f"{url}/readyz", timeout=5)
+            r = requests.get(f"{url}/readyz", timeout=5, headers=headers)
             if r.status_code == 200:
                 info = r.json()
                 if not_pid is None or info.get("pid") != not_pid:
@@ -90,11 +96,11 @@ def wait_ready(url: str, timeout_s: float = 120.0, not_pid: int | None = None) -
     raise TimeoutError(f"{url}/readyz did not become ready within {timeout_s:.0f} s (last: {last!r})")
 
 
-def _wait_serving(url: str, checkpoint: Path, timeout_s: float = 120.0) -> None:
+def _wait_serving(url: str, checkpoint: Path, timeout_s: float = 120.0, api_key: str | None = None) -> None:
     """Poll ``/readyz`` until the replica answering is one that loaded ``checkpoint`` (a redeploy has rolled out)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        info = wait_ready(url, timeout_s=max(1.0, deadline - time.monotonic()))
+        info = wait_ready(url, timeout_s=max(1.0, deadline - time.monotonic()), api_key=api_key)
         if Path(info["checkpoint"]) == Path(checkpoint).resolve():
             return
         if time.monotonic() > deadline:
@@ -139,7 +145,7 @@ def deploy(checkpoint: str | Path, name: str = "rlchat", route_prefix: str = "/"
     port = start_serve()
     ray_serve.run(build_app({"checkpoint": str(checkpoint), **args}), name=name, route_prefix=route_prefix)
     url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
-    wait_ready(url)
+    wait_ready(url, api_key=args.get("api_key"))
     return url
 
 
@@ -153,6 +159,7 @@ def _shared_app_args(feedback_store: str) -> dict[str, Any]:
         "transcripts": True,
         "scrub_pii": True,
         "max_tokens": 64,
+        "feedback_rate_limit": 0,  # the session's tests rate many replies from one address within a minute
         "num_cpus": 0,  # no CPU reservation: the session app must never block later tests' Ray Train workers
     }
 
@@ -195,7 +202,7 @@ def serve_command_port() -> Iterator[int]:
         app: TestApp | None = _SHARED.get("app")
         if app is not None:
             deploy(app.checkpoint, name=APP_NAME, route_prefix="/", **_shared_app_args(app.feedback_store))
-            _wait_serving(app.url, app.checkpoint)
+            _wait_serving(app.url, app.checkpoint, api_key=app.api_key)
         elif "port" in _SHARED:
             with contextlib.suppress(Exception):  # not deployed: nothing to delete
                 ray_serve.delete(APP_NAME)

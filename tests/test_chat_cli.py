@@ -181,6 +181,8 @@ def test_chat_command_rejects_bad_flags_and_targets(tmp_path):
         chat_command(str(tmp_path / "missing"))
     with pytest.raises(RLChatError, match="cannot connect"):
         chat_command(f"http://127.0.0.1:{testing.free_port()}")
+    with pytest.raises(RLChatError, match="--api-key-file"):  # a key file that cannot be read: one line
+        chat_command(f"http://127.0.0.1:{testing.free_port()}", api_key_file=str(tmp_path / "no-key"))
 
 
 # `rlchat chat` with each generated token after the first held back by TOKEN_DELAY_S (argv[1]): a reply then takes

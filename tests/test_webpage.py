@@ -42,7 +42,15 @@ def test_page_is_served_as_plain_html(serve_app):
     r = requests.get(serve_app.url + "/", timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
-    for element in ('id="input"', 'id="send"', 'id="temperature"', 'id="max-tokens"', 'id="reset"', 'id="api-key"'):
+    for element in (
+        'id="input"',
+        'id="send"',
+        'id="stop"',
+        'id="temperature"',
+        'id="max-tokens"',
+        'id="reset"',
+        'id="api-key"',
+    ):
         assert element in html
     assert "v1/chat/completions" in html and "v1/feedback" in html
     assert "http://" not in html.split("<script>")[1] and "https://" not in html  # no external resources
@@ -104,6 +112,49 @@ def test_chat_page_in_headless_chromium(serve_app, tmp_path: Path):
             page.click("#reset")
             sync_api.expect(page.locator(".msg.assistant")).to_have_count(0)
             sync_api.expect(page.locator(".msg.system")).to_have_text("new conversation")
+
+            # Reset and Stop during a reply: the request is held (never answered) so the reply is mid-stream
+            held: list = []
+            sent: list = []
+
+            def hold_first(route):
+                sent.append(route.request.post_data_json)
+                if not held:
+                    held.append(route)  # left pending: the page sees a reply that has not finished
+                else:
+                    route.continue_()
+
+            page.route("**/v1/chat/completions", hold_first)
+            page.fill("#input", "first question")
+            page.press("#input", "Enter")
+            sync_api.expect(page.locator(".msg.assistant")).to_have_attribute("data-state", "streaming")
+            sync_api.expect(page.locator("#stop")).to_be_enabled()
+            page.click("#reset")  # mid-reply: the new conversation must not inherit the partial reply
+            sync_api.expect(page.locator("#stop")).to_be_disabled()
+            page.fill("#input", "second question")
+            page.press("#input", "Enter")
+            sync_api.expect(page.locator(".msg.assistant").last).to_have_attribute(
+                "data-state", "done", timeout=60_000
+            )
+            assert sent[-1]["messages"] == [{"role": "user", "content": "second question"}]
+            held.clear()
+            page.click("#reset")
+            page.fill("#input", "third question")
+            page.press("#input", "Enter")
+            sync_api.expect(page.locator(".msg.assistant")).to_have_attribute("data-state", "streaming")
+            page.click("#stop")  # Stop keeps what arrived (nothing yet here) and the conversation goes on
+            sync_api.expect(page.locator(".msg.assistant")).to_have_attribute("data-finish", "stopped")
+            page.fill("#input", "fourth question")
+            page.press("#input", "Enter")
+            sync_api.expect(page.locator(".msg.assistant").last).to_have_attribute(
+                "data-state", "done", timeout=60_000
+            )
+            roles = [m["role"] for m in sent[-1]["messages"]]
+            assert roles == ["user", "assistant", "user"], sent[-1]["messages"]
+            page.unroute("**/v1/chat/completions")
+
+            # limits come from /v1/models: the shared app allows max_tokens up to 64
+            assert page.locator("#max-tokens").get_attribute("max") == "64"
             assert errors == []
         finally:
             browser.close()

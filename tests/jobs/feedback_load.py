@@ -45,7 +45,14 @@ def main() -> None:
         for spec in args.store:
             name, url = spec.split("=", 1)
             settings = resolve_settings(
-                {"checkpoint": str(ckpt), "feedback_store": url, "replicas": 2, "num_cpus": 0.25, "max_tokens": 8}
+                {
+                    "checkpoint": str(ckpt),
+                    "feedback_store": url,
+                    "replicas": 2,
+                    "num_cpus": 0.25,
+                    "max_tokens": 8,
+                    "feedback_rate_limit": 0,  # 1,000 ratings from one address: no per-client limit here
+                }
             )
             app = ChatServer.options(**deployment_options(settings), max_replicas_per_node=1).bind(settings)
             ray_serve.run(app, name=f"fb-{name}", route_prefix=f"/{name}")
