@@ -166,6 +166,8 @@ class RewardConfig:
     """User reward functions by import path with their weights, e.g. {"mypkg.rewards:score": 0.5}."""
     truncation_penalty: float = 0.0
     """Added (<= 0) to the reward of a turn cut at env.max_turn_tokens or the context limit; scored on its cut text."""
+    monitor: tuple[str, ...] = ("verifiable",)
+    """Components scored and logged (rollout/ and eval/reward/<name>) when weighted 0, never added to the reward."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,10 @@ class PPOConfig:
     """Guardrail: relative change of mean response length vs the first iteration above this trips (0 = off)."""
     max_repetition: float = 0.0
     """Guardrail: fraction of repeated n-grams above this trips (0 = off)."""
+    max_gold_drop: float = 0.0
+    """Guardrail: eval gold reward this far below its best of the last gold_window evals while proxy rose (0 = off)."""
+    gold_window: int = 3
+    """Held-out evaluations the gold-drop guardrail (ppo.max_gold_drop) looks back over (>= 2)."""
     guardrail_action: Literal["warn", "rollback", "stop"] = "warn"
     """What a tripped guardrail does: warn; roll back to the last good checkpoint and halve the LR; or stop."""
 
@@ -385,7 +391,15 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.01
     """Longest wait to fill a dynamic batch."""
     api_key: str = ""
-    """If set, requests need Authorization: Bearer <api_key>."""
+    """If set, requests need Authorization: Bearer <api_key>; empty = api_key_file, else RLCHAT_API_KEY, else none."""
+    api_key_file: str = ""
+    """File whose first line is the API key (keeps it out of ps and YAML); used when api_key is empty."""
+    strict_requests: bool = False
+    """Refuse request keys OpenAI does not define with a 400 (default: ignore them, named in a response header)."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call the API cross-origin (e.g. [https://app.example.com]; * = any); empty = off."""
+    feedback_rate_limit: float = 60.0
+    """Most POST /v1/feedback requests per minute per client address and replica (429 beyond); 0 = no limit."""
     max_messages: int = 64
     """Most messages per request."""
     max_chars: int = 32000
@@ -738,7 +752,9 @@ def _validate_ppo_coefficients(cfg: Config) -> None:
         "ppo.advantage=grpo",
         "set ppo.advantage=grpo, or drop ppo.dr_grpo",
     )
-    for key in ("ppo.max_ref_kl", "ppo.min_entropy", "ppo.max_length_drift", "ppo.max_repetition"):
+    guard_keys: tuple[str, ...] = ("ppo.max_ref_kl", "ppo.min_entropy", "ppo.max_length_drift", "ppo.max_repetition")
+    guard_keys += ("ppo.max_gold_drop",)
+    for key in guard_keys:
         v = _get(cfg, key)
         _check(
             v >= 0,
@@ -748,6 +764,14 @@ def _validate_ppo_coefficients(cfg: Config) -> None:
             "use 0 to turn this guardrail off",
             "guardrails ignore bounds <= 0, so a negative value would silently disable it",
         )
+    _check(
+        p.gold_window >= 2,
+        "ppo.gold_window",
+        p.gold_window,
+        "at least 2 held-out evaluations",
+        "use 3 (the default)",
+        "a fall from the best needs a best and a later evaluation",
+    )
     _check(
         p.max_repetition <= 1,
         "ppo.max_repetition",

@@ -546,9 +546,10 @@ class LearnerRank:
         """(weights, weights version) for the samplers."""
         return self._shared_weights(), self.learner.version
 
-    def update(self, batch: RolloutBatch, iteration: int) -> tuple[dict[str, float], Any, int]:
-        """One PPO update (:meth:`Learner.update`); returns (metrics + ``perf/learner_update_s``, new weights,
-        their version)."""
+    def update(self, batch: Any, iteration: int) -> tuple[dict[str, float], Any, int]:
+        """One PPO update (:meth:`Learner.update`) on a :class:`~rlchat.batch.RolloutBatch` (the driver passes an
+        ``ObjectRef`` of it to a :class:`LearnerGroup`; each rank fetches it); returns (metrics +
+        ``perf/learner_update_s``, new weights, their version)."""
         t0 = time.perf_counter()
         metrics = self.learner.update(batch, iteration)
         metrics["perf/learner_update_s"] = time.perf_counter() - t0

@@ -9,13 +9,16 @@ Roles (see docs/stages.md):
 
 - **Driver** (:func:`run_sft` / :func:`run_rm`): loads and tokenizes the data (so workers need no access to the
   data files), builds the model once (bad configs fail before Ray starts; it is also the skeleton checkpoints are
-  saved from), starts **one** ``TorchTrainer.fit()`` in a background thread and drains a Ray ``Queue``: metrics go
-  to ``metrics.jsonl`` / TensorBoard / the tqdm bar, checkpoints to :class:`~rlchat.checkpoint.CheckpointManager`.
-  Only the driver writes the run directory; weights and optimizer state travel through the object store, so
-  workers on other nodes need no shared filesystem.
-- **Workers** (:func:`train_loop`, plain torch, no Ray inside): rank ``r`` of ``W`` trains on rows ``r::W`` of each
-  global batch, DDP (gloo on CPU, NCCL on GPU) averages gradients. ``run_sft(..., use_ray=False)`` runs the very same
-  loop in this process (debugging, tests).
+  saved from) and runs :func:`train_loop`: step, validate, checkpoint, by calling the learners. Metrics go to
+  ``metrics.jsonl`` / TensorBoard / the tqdm bar, checkpoints to :class:`~rlchat.checkpoint.CheckpointManager`.
+  Only the driver writes the run directory; data, weights and optimizer state travel through the object store,
+  so workers on other nodes need no shared filesystem.
+- **Learners** (:class:`StageLearner`, plain torch, no Ray inside): one per Ray Train rank, built and called
+  through the typed rank group of :mod:`rlchat.rank_group` (one ``TorchTrainer.fit()`` per stage, the same as
+  PPO's learner); rank ``r`` of ``W`` trains on rows ``r::W`` of each global batch, DDP (gloo on CPU, NCCL on GPU)
+  averages gradients. ``run_sft(..., use_ray=False)`` calls one StageLearner in this process instead (debugging,
+  tests). When a worker dies, Ray Train restarts the group (``ray.learner_max_failures``) and the driver restores
+  the run's last checkpoint into the new learners, as ``--resume`` would.
 
 The training step (one optimizer step per ``batch_size`` conversations / pairs, global across workers):
 
@@ -47,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,7 +63,7 @@ from torch import nn
 
 from rlchat import ppo
 from rlchat.config import Config, from_dict, load_config
-from rlchat.errors import CheckpointError, ConfigError, DataError, RLChatError
+from rlchat.errors import CheckpointError, ConfigError, DataError
 from rlchat.metrics import (
     PERF_STEP_S,
     PERF_TOKENS_PER_S,
@@ -85,6 +87,7 @@ from rlchat.metrics import (
     STAGE_BEST_METRIC,
 )
 from rlchat.model import PolicyValueModel, RewardModel, autocast_context, resolve_precision
+from rlchat.rank_group import RankContext, rank0_only
 
 if TYPE_CHECKING:
     from rlchat.data import Record
@@ -558,7 +561,7 @@ def best_metric(cfg: Config, stage: str) -> tuple[str, str]:
 
 
 class Sink:
-    """Where rank 0 sends what the driver writes (metrics lines and checkpoints)."""
+    """Where :func:`train_loop` sends what the driver writes (metrics lines and checkpoints)."""
 
     def metrics(self, step: int, metrics: dict[str, float], total: int) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -599,8 +602,6 @@ class StageLearner:
         self.sec = task.section(cfg)
         self.plan = plan_steps(task.data.num_train, self.sec, world)
         self.model = task.build_model(cfg, tokenizer).to(self.device)
-        if resume is not None:
-            self.model.load_state_dict(resume["model"])
         self.module: nn.Module = self.model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -610,24 +611,31 @@ class StageLearner:
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, self.sec.learning_rate, self.sec.weight_decay)
-        schedule = ppo.lr_lambda(self.sec.lr_schedule, self.sec.warmup_steps, self.plan.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self._schedule = ppo.lr_lambda(self.sec.lr_schedule, self.sec.warmup_steps, self.plan.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule)
         self.global_step = 0
         self.best: float | None = None
         if resume is not None:
-            ts = resume["train_state"]
-            self.optimizer.load_state_dict(ts["optimizer"])
-            self.scheduler.load_state_dict(ts["scheduler"])
-            self.scheduler.lr_lambdas = [schedule]  # this config's schedule (e.g. more epochs), not the stored one
-            self.global_step = int(ts["step"])
-            self.best = ts.get("best_value")
-            if int(ts.get("steps_per_epoch", self.plan.steps_per_epoch)) != self.plan.steps_per_epoch:
-                logger.warning(
-                    "resuming with %d steps per epoch where the checkpoint had %d (batch size or data changed): "
-                    "the data order differs from an uninterrupted run's",
-                    self.plan.steps_per_epoch,
-                    ts["steps_per_epoch"],
-                )
+            self.restore(resume)
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Continue from a checkpoint's ``{"model": state_dict, "train_state": {...}}`` (``--resume``, or the driver
+        after Ray Train restarted the worker group); returns its global step."""
+        self.model.load_state_dict(state["model"])
+        ts = state["train_state"]
+        self.optimizer.load_state_dict(ts["optimizer"])
+        self.scheduler.load_state_dict(ts["scheduler"])
+        self.scheduler.lr_lambdas = [self._schedule]  # this config's schedule (e.g. more epochs), not the stored one
+        self.global_step = int(ts["step"])
+        self.best = ts.get("best_value")
+        if int(ts.get("steps_per_epoch", self.plan.steps_per_epoch)) != self.plan.steps_per_epoch:
+            logger.warning(
+                "resuming with %d steps per epoch where the checkpoint had %d (batch size or data changed): "
+                "the data order differs from an uninterrupted run's",
+                self.plan.steps_per_epoch,
+                ts["steps_per_epoch"],
+            )
+        return self.global_step
 
     def batch_rows(self, step: int) -> np.ndarray:
         """The global batch of optimizer step ``step`` (0-based): a slice of its epoch's permutation."""
@@ -683,8 +691,20 @@ class StageLearner:
         )
         return metrics
 
+    def train_steps(self, n: int = 1) -> list[dict[str, float]]:
+        """``n`` :meth:`step` calls, each on the next global batch (:meth:`batch_rows` of :attr:`global_step`);
+        their metrics in order."""
+        return [self.step(self.batch_rows(self.global_step)) for _ in range(n)]
+
     def validate(self) -> dict[str, float]:
+        """The stage's validation metrics (identical on every rank)."""
         return self.task.validate(self.model, self.rank, self.world)
+
+    @rank0_only(large_result=True)
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What the driver saves besides the config: rank 0's weights (on the CPU) and :meth:`train_state`."""
+        model_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return {"model": model_state, "train_state": self.train_state()}
 
     def train_state(self) -> dict[str, Any]:
         """What a resume needs besides the weights (``torch.load(weights_only=True)``-safe)."""
@@ -709,52 +729,80 @@ class StageLearner:
         return False
 
 
+STEPS_CALL_S = 0.25
+"""About how long one ``train_steps`` call of :func:`train_loop` lasts: a call to Ray Train ranks costs ~9 ms round
+trip (2-core development machine), 14% of a 63 ms demo SFT step if every step were its own call; steps taking longer
+than this go one per call."""
+MAX_STEPS_PER_CALL = 64
+
+
 def train_loop(
-    task: Task,
+    learner: Any,
+    plan: StepPlan,
     cfg: Config,
-    tokenizer: ChatTokenizer,
-    sink: Sink | None,
-    rank: int = 0,
-    world: int = 1,
-    device: torch.device | None = None,
-    resume: dict[str, Any] | None = None,
+    sink: Sink,
+    start: int = 0,
+    recover: Callable[[], int] | None = None,
 ) -> dict[str, float]:
-    """Train one stage on this rank, from step 0 or from ``resume``, to the planned number of steps.
+    """The stage's loop, run by the driver: steps from ``start`` to the plan's end, validation, checkpoints.
 
     Args:
-        task, cfg, tokenizer, rank, world, device, resume: as for :class:`StageLearner`.
-        sink: rank 0's outlet for metrics and checkpoints (None on other ranks).
+        learner: a :class:`StageLearner` in this process, or a :class:`~rlchat.rank_group.RankGroup` of them, which
+            runs the same methods on every Ray Train rank (rank 0's results come back).
+        plan: the step plan (:func:`plan_steps`; the learner's own).
+        cfg: the run config (``checkpoint.every``).
+        sink: where metrics and checkpoints go (the driver).
+        start: the learner's global step (0, or that of the checkpoint it resumed from).
+        recover: after Ray Train restarted the worker group, brings the new learners to the run's last checkpoint
+            and returns its step (None: the restart propagates).
 
     Returns:
         The last step's metrics (with the last validation's).
     """
-    learner = StageLearner(task, cfg, tokenizer, rank, world, device, resume)
-    plan = learner.plan
+    from rlchat.rank_group import RankGroupRestarted
+
+    step = start
     last: dict[str, float] = {}
-    if learner.global_step == 0:
-        # 0. validation before the first step: the baseline the run improves on
-        last = learner.validate()
-        if sink is not None and last:
-            sink.metrics(0, dict(last), plan.total_steps)
-    while learner.global_step < plan.total_steps:
-        metrics = learner.step(learner.batch_rows(learner.global_step))
-        step = learner.global_step
-        # 4. validation at each epoch's end (and the last step), then maybe a checkpoint
-        final = step == plan.total_steps
-        save = False
-        if step % plan.steps_per_epoch == 0 or final:
-            val = learner.validate()
-            metrics.update(val)
-            improved = learner.improved(val)
-            every = cfg.checkpoint.every
-            epochs_done = math.ceil(step / plan.steps_per_epoch)
-            save = final or (every > 0 and (epochs_done % every == 0 or improved))
-        if sink is not None:
+    validated = start > 0
+    chunk = 1  # steps per call, grown so that a call lasts about STEPS_CALL_S
+    while not validated or step < plan.total_steps:
+        try:
+            if not validated:
+                # 0. validation before the first step: the baseline the run improves on
+                last = learner.validate()
+                validated = True
+                if last:
+                    sink.metrics(0, dict(last), plan.total_steps)
+                continue
+            # 1.-3. optimizer steps up to the next validation point at most (train_steps), logged one by one
+            n = min(chunk, plan.steps_per_epoch - step % plan.steps_per_epoch, plan.total_steps - step)
+            t0 = time.perf_counter()
+            *between, metrics = learner.train_steps(n)
+            chunk = max(1, min(MAX_STEPS_PER_CALL, int(STEPS_CALL_S * n / max(time.perf_counter() - t0, 1e-6))))
+            for m in between:
+                step += 1
+                sink.metrics(step, dict(m), plan.total_steps)
+                last = m
+            step += 1
+            # 4. validation at each epoch's end (and the last step), then maybe a checkpoint
+            final = step == plan.total_steps
+            save = False
+            if step % plan.steps_per_epoch == 0 or final:
+                val = learner.validate()
+                metrics.update(val)
+                improved = learner.improved(val)
+                every = cfg.checkpoint.every
+                epochs_done = math.ceil(step / plan.steps_per_epoch)
+                save = final or (every > 0 and (epochs_done % every == 0 or improved))
             sink.metrics(step, dict(metrics), plan.total_steps)  # before the checkpoint: a resume keeps this line
             if save:
-                model_state = {k: v.detach().cpu() for k, v in learner.model.state_dict().items()}
-                sink.checkpoint(step, dict(metrics), {"model": model_state, "train_state": learner.train_state()})
-        last = metrics
+                sink.checkpoint(step, dict(metrics), learner.checkpoint_state())
+            last = metrics
+        except RankGroupRestarted:
+            if recover is None:
+                raise
+            step = recover()  # a step-0 validation line already written is kept: no need to validate again
+            validated = validated or step > 0
     return last
 
 
@@ -764,7 +812,7 @@ def train_loop(
 
 
 class _Driver(Sink):
-    """Receives rank 0's messages; writes metrics.jsonl / TensorBoard, saves checkpoints, moves the progress bar."""
+    """The driver's sink: writes metrics.jsonl / TensorBoard, saves checkpoints, moves the progress bar."""
 
     def __init__(
         self,
@@ -820,62 +868,20 @@ class _Driver(Sink):
                 hf_logging.enable_progress_bar()
         self.saved.append(path)
 
-    def handle(self, message: tuple[Any, ...]) -> None:
-        """A message from the Ray queue: ("metrics", step, metrics, total) or ("checkpoint", step, metrics, ref)."""
-        kind = message[0]
-        if kind == "metrics":
-            self.metrics(message[1], message[2], message[3])
-        elif kind == "checkpoint":
-            import ray
-
-            self.checkpoint(message[1], message[2], ray.get(message[3]))
-        else:
-            raise RLChatError(f"stage driver: unknown message {kind!r} from the training workers")
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         self.writer.close()
 
 
-class _QueueSink(Sink):
-    """Rank 0's sink inside a Ray Train worker: messages into the driver's Ray queue (weights via ray.put)."""
-
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
-
-    def metrics(self, step: int, metrics: dict[str, float], total: int) -> None:
-        self.queue.put(("metrics", step, metrics, total))
-
-    def checkpoint(self, step: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
-        import ray
-
-        self.queue.put(("checkpoint", step, metrics, ray.put(state)))
-
-
-def _ray_worker(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the TorchTrainer: this rank's share of :func:`train_loop`."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    from rlchat.cluster import torch_thread_budget
-    from rlchat.rollout import set_torch_threads
+def build_stage_learner(ctx: RankContext, stage: str, cfg: dict[str, Any], data: StageData) -> StageLearner:
+    """The rank-group factory of the SFT / RM stages: this rank's :class:`StageLearner` (``data`` arrives through
+    the object store, so workers never read the data files)."""
     from rlchat.tokenizer import ChatTokenizer
 
-    cfg = from_dict(config["cfg"])
-    ctx = ray.train.get_context()
-    set_torch_threads(
-        torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, ctx.get_local_world_size(), False)
-    )
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.ray.learner_use_gpu else torch.device("cpu")
-    data = ray.get(config["data"])
-    resume = ray.get(config["resume"]) if config["resume"] is not None else None
-    tokenizer = ChatTokenizer.from_config(cfg.tokenizer)
-    task = make_task(config["stage"], data, cfg)
-    sink = _QueueSink(config["queue"]) if rank == 0 else None
-    train_loop(task, cfg, tokenizer, sink, rank, world, device, resume)
+    config = from_dict(cfg)
+    tokenizer = ChatTokenizer.from_config(config.tokenizer)
+    return StageLearner(make_task(stage, data, config), config, tokenizer, ctx.rank, ctx.world, ctx.device)
 
 
 def _resume_state(
@@ -974,10 +980,10 @@ def run_stage(
                 driver.final = {k: v for k, v in _latest_metrics(driver.manager).items() if isinstance(v, float)}
             elif use_ray:
                 init_ray(address or cfg.ray.address or None, cfg.ray.num_cpus)
-                _fit_on_ray(stage, cfg, path, data, resume_state, driver)
+                _train_on_ray(stage, cfg, path, data, plan, start, resume_state, tokenizer, driver)
             else:
-                task = make_task(stage, data, cfg)
-                train_loop(task, cfg, tokenizer, driver, resume=resume_state)
+                learner = StageLearner(make_task(stage, data, cfg), cfg, tokenizer, resume=resume_state)
+                train_loop(learner, plan, cfg, driver, start)
         finally:
             driver.close()
         final = dict(driver.final)
@@ -998,55 +1004,61 @@ def _summary(stage: str, m: dict[str, float]) -> str:
     return ", ".join(f"{k} {m[k]:.4g}" for k in keys if k in m)
 
 
-def _fit_on_ray(
-    stage: str, cfg: Config, run_dir: Path, data: StageData, resume: dict[str, Any] | None, driver: _Driver
+def _train_on_ray(
+    stage: str,
+    cfg: Config,
+    run_dir: Path,
+    data: StageData,
+    plan: StepPlan,
+    start: int,
+    resume: dict[str, Any] | None,
+    tokenizer: ChatTokenizer,
+    driver: _Driver,
 ) -> None:
-    """One TorchTrainer.fit() in a background thread while this thread drains the workers' queue."""
+    """:func:`train_loop` over a rank group of :class:`StageLearner` on ``ray.learner_workers`` Ray Train ranks.
+
+    Checkpoint state (resume, and after a restart of the worker group) is read here and shipped through the object
+    store, so the workers need no shared filesystem.
+    """
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
 
-    queue = Queue(actor_options={"num_cpus": 0})
-    resources = {"CPU": cfg.ray.learner_cpus, **cfg.ray.learner_resources}
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={
-            "stage": stage,
-            "cfg": cfg.to_dict(),
-            "data": ray.put(data),
-            "resume": ray.put(resume) if resume is not None else None,
-            "queue": queue,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.learner_workers, use_gpu=cfg.ray.learner_use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"{stage}-{int(time.time() * 1000)}", storage_path=str(run_dir.resolve() / "ray_train")
-        ),
+    from rlchat.rank_group import RankGroup, RankGroupRestarted
+
+    group = RankGroup(
+        StageLearner, build_stage_learner, (stage, cfg.to_dict(), ray.put(data)), cfg=cfg, run_dir=run_dir, name=stage
     )
-    error: list[BaseException] = []
 
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as e:  # surfaced below, after the queue is drained
-            error.append(e)
-
-    thread = threading.Thread(target=fit, name=f"rlchat-{stage}-fit", daemon=True)
-    thread.start()
-    try:
+    def recover() -> int:
+        """Bring restarted learners to the run's latest checkpoint (none yet: they start over); returns its step."""
         while True:
+            latest = driver.manager.latest()
             try:
-                driver.handle(queue.get(timeout=0.5))
-            except Empty:
-                if not thread.is_alive() and queue.empty():
-                    break
+                step = 0
+                if latest is not None:
+                    state, step, _ = _resume_state(stage, driver.manager, tokenizer, run_dir)
+                    group.restore(ray.put(state))
+            except RankGroupRestarted:
+                continue
+            driver.writer.rewind(step)
+            logger.warning(  # on the console and in the run's log
+                "%s: a Ray Train worker died and the workers were restarted (incarnation %d); continuing from %s "
+                "(step %d)",
+                stage,
+                group.generation,
+                latest or "the start",
+                step,
+            )
+            return step
+
+    try:
+        if resume is not None:
+            try:
+                group.restore(ray.put(resume))
+            except RankGroupRestarted:
+                start = recover()
+        train_loop(group, plan, cfg, driver, start, recover)
     finally:
-        thread.join(timeout=5)
-        queue.shutdown(force=True)
-    if error:
-        raise RLChatError(f"{stage} training failed on the Ray Train workers: {error[0]}") from error[0]
+        group.shutdown()
 
 
 def run_sft(

@@ -5,10 +5,14 @@
 The driver owns the loop and is the only process that writes metrics; rollout workers and learner ranks return
 them. Every random draw of iteration ``i`` derives from ``(seed, i, ...)`` (rollout seeds, minibatch permutations),
 so ``--resume`` after a SIGKILL continues step-exactly from the last checkpoint: the next iteration's metrics equal
-the uninterrupted run's (tested).
+the uninterrupted run's (tested). A learner rank that dies (SIGKILL, OOM, a lost node) needs no ``--resume``: Ray
+Train restarts the learner's worker group (``ray.learner_max_failures`` times at most) and the driver takes the same
+path as a resume -- the new learners load the run's last checkpoint and the loop goes back to its iteration.
 
 Guardrails act, not just log: ref-KL above ``ppo.max_ref_kl``, entropy below ``ppo.min_entropy``, response-length
-drift above ``ppo.max_length_drift`` or n-gram repetition above ``ppo.max_repetition`` trip them; then, by
+drift above ``ppo.max_length_drift``, n-gram repetition above ``ppo.max_repetition`` or held-out gold reward falling
+more than ``ppo.max_gold_drop`` below its best of the last ``ppo.gold_window`` evaluations while the proxy rose (reward
+over-optimisation, see :meth:`PPOTrainer.evaluate`) trip them; then, by
 ``ppo.guardrail_action``, the run warns (once per cause, with the fix), rolls back to the last good checkpoint and
 halves the learning rate (``0.5 ** n`` after ``n`` rollbacks), or stops. Every trip is recorded in the metrics
 (``guard/*``). The guardrails' reference length and the rollback count are saved with each checkpoint, so a resumed
@@ -36,6 +40,11 @@ from rlchat import ppo
 from rlchat.config import Config, load_config
 from rlchat.errors import RLChatError
 from rlchat.metrics import (
+    EVAL_GOLD_REWARD,
+    EVAL_PROXY_REWARD,
+    EVAL_REWARD_MEAN,
+    EVAL_REWARD_PREFIX,
+    GUARD_GOLD_DROP,
     GUARD_ROLLBACKS,
     GUARD_TRIPPED,
     PERF_ITER_S,
@@ -46,7 +55,9 @@ from rlchat.metrics import (
     ROLLOUT_REPETITION,
     ROLLOUT_RESPONSE_LEN,
     ROLLOUT_WEIGHTS_STALENESS,
+    gold_drop,
 )
+from rlchat.rewards import GOLD_COMPONENT
 from rlchat.rollout import batch_metrics
 
 logger = logging.getLogger(__name__)
@@ -83,26 +94,40 @@ class Guardrails:
         "entropy": "raise ppo.ent_coef or rollout.temperature, or lower ppo.learning_rate",
         "length_drift": "add a length reward (reward.length) or raise ppo.kl_coef",
         "repetition": "add reward.repetition or raise ppo.kl_coef",
+        "gold_drop": "the policy over-optimises the reward model: raise ppo.kl_coef, train fewer iterations (stop at "
+        "gold's peak, see `rlchat plot`), or improve the reward model (more preference data)",
     }
 
     def __init__(self, cfg: Config) -> None:
         self.p = cfg.ppo
         self.first_length: float | None = None
+        self.eval_points: list[tuple[float, float]] = []  # (eval/proxy_reward, eval/gold_reward) per evaluation
         self.warned: set[str] = set()
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to judge drift against the same reference: the first iteration's length.
+        """What a resumed run needs to judge drift against the same reference: the first iteration's length, and
+        the held-out (proxy, gold) points the gold-drop guardrail looks back over.
 
         (``warned`` is not kept: a resumed process warns once more per cause, which is what a reader of its log
         wants.)"""
         # plain Python numbers: train_state.pt must load with torch.load(weights_only=True)
-        return {"first_length": float(self.first_length) if self.first_length is not None else None}
+        return {
+            "first_length": float(self.first_length) if self.first_length is not None else None,
+            "eval_points": [[float(p), float(g)] for p, g in self.eval_points],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         first = state.get("first_length")
         self.first_length = float(first) if first is not None else None
+        self.eval_points = [(float(p), float(g)) for p, g in state.get("eval_points") or []]
 
     def check(self, metrics: dict[str, float]) -> list[str]:
+        """The causes that trip on this iteration's metrics (empty: healthy).
+
+        An iteration with a held-out evaluation (``eval/proxy_reward`` and ``eval/gold_reward`` present) adds its
+        point to the gold-drop history and ``guard/gold_drop`` to ``metrics``. A tripping point is dropped from that
+        history when the run rolls back (its weights are discarded), so the restored policy is not judged by it.
+        """
         p = self.p
         length = metrics.get(ROLLOUT_RESPONSE_LEN, 0.0)
         if self.first_length is None:
@@ -116,6 +141,15 @@ class Guardrails:
             tripped.append("length_drift")
         if p.max_repetition > 0 and metrics.get(ROLLOUT_REPETITION, 0.0) > p.max_repetition:
             tripped.append("repetition")
+        if EVAL_PROXY_REWARD in metrics and EVAL_GOLD_REWARD in metrics:
+            self.eval_points.append((float(metrics[EVAL_PROXY_REWARD]), float(metrics[EVAL_GOLD_REWARD])))
+            self.eval_points = self.eval_points[-p.gold_window :]
+            drop, proxy_rise = gold_drop(self.eval_points, p.gold_window)
+            metrics[GUARD_GOLD_DROP] = drop
+            if p.max_gold_drop > 0 and drop > p.max_gold_drop and proxy_rise > 0:
+                tripped.append("gold_drop")
+                if p.guardrail_action == "rollback":
+                    self.eval_points.pop()
         for cause in tripped:
             if cause not in self.warned:
                 self.warned.add(cause)
@@ -131,6 +165,7 @@ def _guard_value(cause: str, m: dict[str, float]) -> str:
         "entropy": ppo.ENTROPY,
         "length_drift": ROLLOUT_RESPONSE_LEN,
         "repetition": ROLLOUT_REPETITION,
+        "gold_drop": GUARD_GOLD_DROP,
     }[cause]
     return f"{key}={m.get(key, float('nan')):.4g}"
 
@@ -185,11 +220,20 @@ class PPOTrainer:
 
     def evaluate(self, iteration: int, weights_ref: Any, version: int) -> dict[str, float]:
         """Held-out evaluation: greedy reward (+ components) on validation prompts, perplexity/accuracy on
-        their reference answers."""
+        their reference answers.
+
+        Proxy and gold side by side: ``eval/proxy_reward`` is the training reward (= ``eval/reward_mean``) and
+        ``eval/gold_reward`` the task's checked answer (``eval/reward/verifiable``), computed even when the training
+        reward leaves it out (weight 0, ``reward.monitor``) as long as the prompts have references. Against
+        ``kl/ref_kl`` of the same iteration they give the over-optimisation curve (``rlchat plot``).
+        """
         batch = self.rollouts.evaluate(
             iteration, weights_ref, version, self.cfg.ppo.eval_prompts, self.tokenizer.pad_id
         )
         out = {EVAL_PREFIX + k.split("/", 1)[1]: v for k, v in batch_metrics(batch).items()}
+        out[EVAL_PROXY_REWARD] = out[EVAL_REWARD_MEAN]
+        if EVAL_REWARD_PREFIX + GOLD_COMPONENT in out:
+            out[EVAL_GOLD_REWARD] = out[EVAL_REWARD_PREFIX + GOLD_COMPONENT]
         conversations = self._eval_set()
         if conversations:
             out.update({EVAL_PREFIX + k: v for k, v in self.learner.evaluate(conversations).items()})
@@ -202,111 +246,159 @@ class PPOTrainer:
 
         from rlchat.checkpoint import CheckpointManager
         from rlchat.metrics import MetricsWriter, format_progress
+        from rlchat.rank_group import RankGroupRestarted
 
         cfg, p = self.cfg, self.cfg.ppo
         writer = MetricsWriter(self.run_dir, cfg)
         manager = CheckpointManager.from_config(self.run_dir, cfg, "ppo")
         start = 1
-        if resume and manager.latest() is not None:
-            latest = manager.latest()
-            from rlchat.checkpoint import read_checkpoint
-
-            step = read_checkpoint(latest).step
+        latest = manager.latest() if resume else None
+        if latest is not None:
             # the checkpoint's own LR scale comes back with the learner's state; its driver state with it
-            weights, version, driver_state = self.learner.load(str(latest))
-            weights_ref, version = self._shared(weights, version)
-            self.load_driver_state(driver_state)
-            writer.rewind(step)
-            start = step + 1
-            self._say(f"resumed from {latest} (iteration {step})")
+            weights_ref, version, start = self._restore(writer, latest)
+            self._say(f"resumed from {latest} (iteration {start - 1})")
         else:
             weights_ref, version = self._shared(*self.learner.weights())
         last_good: str | None = str(manager.latest()) if manager.latest() else None
         t_start = time.perf_counter()
         metrics: dict[str, float] = {}
         pending = None
+        it = start
         try:
-            for it in range(start, p.iterations + 1):
-                t0 = time.perf_counter()
-                # 1. sample (or collect the batch sampled during the previous update, when overlapping)
-                if pending is not None:
-                    batch = self.rollouts.collect(pending, self.tokenizer.pad_id)
-                else:
-                    batch = self.rollouts.sample(it, weights_ref, version, self.tokenizer.pad_id)
-                sample_s = time.perf_counter() - t0
-                staleness = version - batch.weights_version
-                if not 0 <= staleness <= cfg.rollout.max_staleness:
-                    raise RLChatError(
-                        f"iteration {it}: batch sampled with weights v{batch.weights_version} but the learner is at "
-                        f"v{version}; expected a staleness in [0, rollout.max_staleness={cfg.rollout.max_staleness}]"
+            while it <= p.iterations:
+                try:
+                    t0 = time.perf_counter()
+                    # 1. sample (or collect the batch sampled during the previous update, when overlapping)
+                    if pending is not None:
+                        batch = self.rollouts.collect(pending, self.tokenizer.pad_id)
+                    else:
+                        batch = self.rollouts.sample(it, weights_ref, version, self.tokenizer.pad_id)
+                    sample_s = time.perf_counter() - t0
+                    staleness = version - batch.weights_version
+                    if not 0 <= staleness <= cfg.rollout.max_staleness:
+                        raise RLChatError(
+                            f"iteration {it}: batch sampled with weights v{batch.weights_version} but the learner is "
+                            f"at v{version}; expected a staleness in [0, rollout.max_staleness="
+                            f"{cfg.rollout.max_staleness}]"
+                        )
+                    batch_ref = ray.put(batch) if cfg.ray.learner_workers else batch
+                    # 2. update (overlap: start sampling the next batch with the current weights first)
+                    pending = (
+                        self.rollouts.sample_async(it + 1, weights_ref, version)
+                        if cfg.rollout.overlap and it < p.iterations
+                        else None
                     )
-                batch_ref = ray.put(batch) if cfg.ray.learner_workers else batch
-                # 2. update (overlap: start sampling the next batch with the current weights first)
-                pending = (
-                    self.rollouts.sample_async(it + 1, weights_ref, version)
-                    if cfg.rollout.overlap and it < p.iterations
-                    else None
-                )
-                t1 = time.perf_counter()
-                metrics, weights_ref, version = self.learner.update(batch_ref, it)
-                weights_ref, version = self._shared(weights_ref, version)
-                update_s = time.perf_counter() - t1
-                # 3. sync: one ray.put of the new weights (done by the learner); workers load them now
-                t2 = time.perf_counter()
-                if pending is None:
-                    self.rollouts.sync(weights_ref, version)
-                sync_s = time.perf_counter() - t2
-                # 4. metrics
-                metrics.update(batch_metrics(batch))
-                metrics[ROLLOUT_REPETITION] = repetition_rate(batch)
-                metrics[ROLLOUT_WEIGHTS_STALENESS] = float(staleness)
-                iter_s = time.perf_counter() - t0
-                metrics.update(
-                    {
-                        PERF_SAMPLE_S: sample_s,
-                        PERF_UPDATE_S: update_s,
-                        PERF_SYNC_S: sync_s,
-                        PERF_ITER_S: iter_s,
-                        PERF_TOKENS_PER_S: batch.num_action_tokens / iter_s,
-                    }
-                )
-                if p.eval_every and (it % p.eval_every == 0 or it == p.iterations):
-                    metrics.update(self.evaluate(it, weights_ref, version))
-                tripped = self.guard.check(metrics)
-                metrics[GUARD_TRIPPED] = float(len(tripped))
-                metrics[GUARD_ROLLBACKS] = float(self.rollbacks)
-                writer.log(it, metrics)
-                # the ETA from the iterations this process ran (after --resume, fewer than it)
-                elapsed = time.perf_counter() - t_start
-                self._say(format_progress(it, p.iterations, metrics, elapsed, done=it - start + 1))
-                # 5. checkpoint, then act on guardrails
-                due = (cfg.checkpoint.every and it % cfg.checkpoint.every == 0) or it == p.iterations
-                if due and not tripped:
-                    last_good = self.learner.save(str(self.run_dir), it, metrics, self.driver_state())
-                if on_iteration is not None:
-                    on_iteration(it, metrics, last_good if due and not tripped else None)
-                if tripped and p.guardrail_action == "stop":
-                    self._say(f"stopping: guardrail(s) {', '.join(tripped)} tripped (ppo.guardrail_action=stop)")
-                    break
-                if tripped and p.guardrail_action == "rollback" and last_good:
-                    # the checkpoint's state (and LR scale) is reloaded, then the scale set from the total count,
-                    # so the n-th rollback trains at 0.5 ** n, not at half the checkpoint's LR again
-                    self.rollbacks += 1
-                    weights, version, _ = self.learner.load(last_good, lr_scale=self.lr_scale)
-                    weights_ref, version = self._shared(weights, version)
-                    # the batch in flight (overlap) was sampled by weights the learner no longer holds: drop it;
-                    # the next iteration samples afresh with the restored weights (under a new, larger version)
+                    t1 = time.perf_counter()
+                    metrics, weights_ref, version = self.learner.update(batch_ref, it)
+                    weights_ref, version = self._shared(weights_ref, version)
+                    update_s = time.perf_counter() - t1
+                    # 3. sync: one ray.put of the new weights (done by the learner); workers load them now
+                    t2 = time.perf_counter()
+                    if pending is None:
+                        self.rollouts.sync(weights_ref, version)
+                    sync_s = time.perf_counter() - t2
+                    # 4. metrics
+                    metrics.update(batch_metrics(batch))
+                    metrics[ROLLOUT_REPETITION] = repetition_rate(batch)
+                    metrics[ROLLOUT_WEIGHTS_STALENESS] = float(staleness)
+                    iter_s = time.perf_counter() - t0
+                    metrics.update(
+                        {
+                            PERF_SAMPLE_S: sample_s,
+                            PERF_UPDATE_S: update_s,
+                            PERF_SYNC_S: sync_s,
+                            PERF_ITER_S: iter_s,
+                            PERF_TOKENS_PER_S: batch.num_action_tokens / iter_s,
+                        }
+                    )
+                    if p.eval_every and (it % p.eval_every == 0 or it == p.iterations):
+                        metrics.update(self.evaluate(it, weights_ref, version))
+                    tripped = self.guard.check(metrics)
+                    metrics[GUARD_TRIPPED] = float(len(tripped))
+                    metrics[GUARD_ROLLBACKS] = float(self.rollbacks)
+                    writer.log(it, metrics)
+                    # the ETA from the iterations this process ran (after --resume, fewer than it)
+                    elapsed = time.perf_counter() - t_start
+                    self._say(format_progress(it, p.iterations, metrics, elapsed, done=it - start + 1))
+                    # 5. checkpoint, then act on guardrails
+                    due = (cfg.checkpoint.every and it % cfg.checkpoint.every == 0) or it == p.iterations
+                    if due and not tripped:
+                        last_good = self.learner.save(str(self.run_dir), it, metrics, self.driver_state())
+                    if on_iteration is not None:
+                        on_iteration(it, metrics, last_good if due and not tripped else None)
+                    if tripped and p.guardrail_action == "stop":
+                        self._say(f"stopping: guardrail(s) {', '.join(tripped)} tripped (ppo.guardrail_action=stop)")
+                        break
+                    if tripped and p.guardrail_action == "rollback" and last_good:
+                        # the checkpoint's state (and LR scale) is reloaded, then the scale set from the total count,
+                        # so the n-th rollback trains at 0.5 ** n, not at half the checkpoint's LR again
+                        self.rollbacks += 1
+                        weights, version, _ = self.learner.load(last_good, lr_scale=self.lr_scale)
+                        weights_ref, version = self._shared(weights, version)
+                        # the batch in flight (overlap) was sampled by weights the learner no longer holds: drop it;
+                        # the next iteration samples afresh with the restored weights (under a new, larger version)
+                        pending = None
+                        self.rollouts.sync(weights_ref, version)
+                        self._say(
+                            f"rolled back to {last_good}; learning rate x{self.lr_scale:g} "
+                            f"({self.rollbacks} rollback(s), ppo.guardrail_action=rollback)"
+                        )
+                    if os.environ.get(_KILL_AFTER_ENV) == str(it):
+                        os.kill(os.getpid(), signal.SIGKILL)
+                except RankGroupRestarted as restart:
+                    # a learner rank died and Ray Train restarted the worker group: its fresh learners take the
+                    # run's last checkpoint and this loop goes back to that iteration, as --resume would; the batch
+                    # in flight (overlap) came from weights that are gone
+                    weights_ref, version, it, last_good = self._after_restart(restart, writer, manager, version)
                     pending = None
-                    self.rollouts.sync(weights_ref, version)
-                    self._say(
-                        f"rolled back to {last_good}; learning rate x{self.lr_scale:g} "
-                        f"({self.rollbacks} rollback(s), ppo.guardrail_action=rollback)"
-                    )
-                if os.environ.get(_KILL_AFTER_ENV) == str(it):
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    continue
+                it += 1
         finally:
             writer.close()
         return metrics
+
+    def _restore(self, writer: Any, latest: Path | None, min_version: int = 0) -> tuple[Any, int, int]:
+        """Bring the learner and this driver to the run's checkpoint ``latest`` (None: the initial weights, for a run
+        that saved none yet): its weights, learner and driver state, and metrics.jsonl rewound to its iteration.
+        ``--resume`` and a restart of the learner's worker group both come here; ``min_version`` keeps weights
+        versions above every version the samplers saw.
+
+        Returns:
+            (weights as the samplers take them, weights version, the next iteration).
+        """
+        from rlchat.checkpoint import read_checkpoint
+
+        step = read_checkpoint(latest).step if latest is not None else 0
+        weights, version, driver_state = self.learner.restore(str(latest) if latest else None, min_version)
+        weights_ref, version = self._shared(weights, version)
+        self.load_driver_state(driver_state)
+        writer.rewind(step)
+        return weights_ref, version, step + 1
+
+    def _after_restart(
+        self, restart: Exception, writer: Any, manager: Any, version: int
+    ) -> tuple[Any, int, int, str | None]:
+        """:meth:`_restore` the latest checkpoint into a restarted learner (again if it restarts meanwhile).
+
+        Returns:
+            (weights, weights version, the next iteration, the checkpoint restored or None).
+        """
+        from rlchat.rank_group import RankGroupRestarted
+
+        while True:
+            latest = manager.latest()
+            try:
+                weights_ref, version, start = self._restore(writer, latest, version + 1)
+            except RankGroupRestarted as again:
+                restart = again
+                continue
+            where = str(latest) if latest is not None else "the initial weights"
+            incarnation = getattr(restart, "generation", "?")
+            self._say(
+                f"a learner worker died; Ray Train restarted the learner (incarnation {incarnation}): continuing from "
+                f"{where} (iteration {start - 1})"
+            )
+            return weights_ref, version, start, str(latest) if latest is not None else None
 
     def _shared(self, weights: Any, version: int) -> tuple[Any, int]:
         """Weights as rollout workers take them: an in-process learner's state dict is put into the object store

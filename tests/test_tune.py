@@ -1,11 +1,12 @@
 """Ray Tune sweeps (tune/sweep.py, tune/stoppers.py): space files, stoppers, results, a real ASHA sweep, resume.
 
 Fast tests check the space parser (every error names file:line and key), the RL stoppers on synthetic metric
-sequences (one test per reason), trial resources, PBT's checkpoint retargeting and the results table / CSV / plot
-from a fake result grid. Three slow tests run real sweeps with tiny in-process trials: a 4-trial ASHA sweep on the
-demo space (shared local Ray), a 2-trial sweep with ``--deploy`` whose best checkpoint then answers over real HTTP
-(shared local Ray and Serve), and a sweep whose driver is SIGKILLed after the first checkpoint and then finished
-with ``--resume`` (subprocesses with their own Ray instance).
+sequences (one test per reason), trial resources, PBT's checkpoint copy (the learner then takes the mutated learning
+rate and KL coefficient) and the results table / CSV / plot from a fake result grid. Three slow tests run real sweeps
+with tiny in-process trials: a 4-trial ASHA sweep on the demo space (shared local Ray), a 2-trial sweep with
+``--deploy`` whose best checkpoint then answers over real HTTP (shared local Ray and Serve), and a sweep whose driver
+is SIGKILLed after the first checkpoint and then finished with ``--resume`` (subprocesses with their own Ray
+instance).
 """
 
 from __future__ import annotations
@@ -250,11 +251,45 @@ def test_reward_hacking_stopper_compares_trends_at_fresh_evaluations() -> None:
     assert RLStopper(hacking_component="eval/reward/model").hacking_key == "eval/reward/model"
 
 
+def test_gold_drop_stopper_ends_a_trial_whose_gold_falls_while_its_proxy_rises() -> None:
+    from tune.stoppers import RLStopper
+
+    # eval every 2 iterations, carried forward between (odd iterations are not new points); gold peaks at 4
+    proxy = [None, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8]
+    gold = [None, 0.50, 0.50, 0.60, 0.60, 0.55, 0.55, 0.45]
+    eval_it = [0, 2, 2, 4, 4, 6, 6, 8]
+    results = _results(eval__proxy_reward=proxy, eval__gold_reward=gold, tune__eval_iteration=eval_it)
+    stopper = RLStopper(max_gold_drop=0.1, gold_window=3)
+    assert stopper.active
+    assert _run(stopper, results) == [False] * 7 + [True]  # 0.60 -> 0.45 (> 0.1) at iteration 8; 0.05 at 6 is not
+    record = stopper.stops["t1"]
+    assert record["reason"] == "gold_drop" and record["iteration"] == 8
+    assert (
+        "eval/gold_reward fell 0.15 below its best" in record["detail"]
+        and "eval/proxy_reward rose" in record["detail"]
+    )
+    assert record["values"] == pytest.approx({"eval/gold_reward_drop": 0.15, "eval/proxy_reward_change": 0.4})
+    # the same gold with the proxy falling too is a worse policy, not over-optimisation; a best older than the
+    # window is forgotten; with the check off nothing stops
+    falling = _results(eval__proxy_reward=[0.8, 0.6, 0.4, 0.2], eval__gold_reward=[0.5, 0.6, 0.5, 0.4])
+    assert not any(_run(RLStopper(max_gold_drop=0.1), falling))
+    slow = _results(eval__proxy_reward=[0.1, 0.2, 0.3, 0.4, 0.5], eval__gold_reward=[0.9, 0.84, 0.78, 0.72, 0.66])
+    assert not any(_run(RLStopper(max_gold_drop=0.1, gold_window=2), slow))
+    assert _run(RLStopper(max_gold_drop=0.1, gold_window=3), slow) == [False, False, True, False, False]
+    assert not any(_run(RLStopper(), results))
+    # a result without the gold series: warned about once, never a stop
+    assert not any(_run(RLStopper(max_gold_drop=0.1), _results(eval__proxy_reward=[0.1, 0.5, 0.9])))
+
+
 def test_stopper_settings_are_validated() -> None:
     from tune.stoppers import RLStopper, fitted_change
 
     with pytest.raises(ConfigError, match=r"stop\.hacking_window=1: expected at least 2"):
         RLStopper(hacking_window=1)
+    with pytest.raises(ConfigError, match=r"stop\.gold_window=1: expected at least 2"):
+        RLStopper(gold_window=1)
+    with pytest.raises(ConfigError, match=r"stop\.max_gold_drop=-0.1: expected >= 0"):
+        RLStopper(max_gold_drop=-0.1)
     with pytest.raises(ConfigError, match=r"stop\.patience=0"):
         RLStopper(patience=0)
     assert fitted_change([1, 2, 3], [1.0, 2.0, 3.0]) == pytest.approx(2.0)
@@ -322,8 +357,14 @@ def test_trial_resources_follow_the_trial_config() -> None:
 # ------------------------------------------------------------------------------------------------- PBT retarget
 
 
-def test_pbt_checkpoint_is_retargeted_to_the_mutated_learning_rate_and_kl(tmp_path: Path) -> None:
+def test_pbt_checkpoint_is_copied_and_the_learner_takes_the_mutated_learning_rate_and_kl(tmp_path: Path) -> None:
+    """A PBT exploit copies the donor's checkpoint byte for byte; the learner that loads it keeps the Adam moments and
+    the schedule position and trains with the trial's mutated learning rate and KL coefficient."""
+    import torch
+
     from rlchat.checkpoint import read_checkpoint
+    from rlchat.learner import LocalLearner
+    from rlchat.metrics import make_run_dir, write_run_config
     from rlchat.trainer import train
     from tune.sweep import _seed_run_dir
 
@@ -341,23 +382,37 @@ def test_pbt_checkpoint_is_retargeted_to_the_mutated_learning_rate_and_kl(tmp_pa
     src_run, _ = train(cfg, tmp_path / "donor", quiet=True)
     src = next((src_run / "checkpoints").glob("step_*"))
     old_state = read_checkpoint(src).load_train_state()
-
-    # same hyperparameters: an exact copy
-    step, _ = _seed_run_dir(tmp_path / "same", src, cfg)
-    copied = tmp_path / "same" / "checkpoints" / src.name
-    assert step == 1 and (copied / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
-
     mutated = cfg.replace(**{"ppo.learning_rate": cfg.ppo.learning_rate * 2, "ppo.kl_coef": 0.5})
-    _seed_run_dir(tmp_path / "mut", src, mutated)
-    ck = read_checkpoint(tmp_path / "mut" / "checkpoints" / src.name, expect_stage="ppo")
-    state = ck.load_train_state()
-    assert state["scheduler"]["base_lrs"] == pytest.approx([2 * b for b in old_state["scheduler"]["base_lrs"]])
-    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
-        2 * old_state["optimizer"]["param_groups"][0]["lr"]
+    for name, trial_cfg in (("same", cfg), ("mut", mutated)):
+        step, _ = _seed_run_dir(tmp_path / name, src, trial_cfg)
+        copied = tmp_path / name / "checkpoints" / src.name
+        assert step == 1
+        for f in ("model.safetensors", "train_state.pt"):
+            assert (copied / f).read_bytes() == (src / f).read_bytes(), (name, f)
+
+    learner = LocalLearner(mutated)
+    learner.restore(str(tmp_path / "mut" / "checkpoints" / src.name))
+    inner = learner.learner
+    assert inner.scheduler.base_lrs == pytest.approx([2 * b for b in old_state["scheduler"]["base_lrs"]])
+    assert [g["lr"] for g in inner.optimizer.param_groups] == pytest.approx(
+        [2 * g["lr"] for g in old_state["optimizer"]["param_groups"]]
     )
-    assert state["kl_controller"] == {"value": 0.5}
-    assert ck.config.ppo.learning_rate == mutated.ppo.learning_rate and ck.step == 1
-    assert (ck.path / "model.safetensors").is_file()
+    assert inner.kl_ctl.value == 0.5
+    assert inner.scheduler.last_epoch == old_state["scheduler"]["last_epoch"]  # the schedule's position stays
+    moments = inner.optimizer.state_dict()["state"]
+    for k, v in old_state["optimizer"]["state"].items():
+        assert torch.equal(moments[k]["exp_avg"], v["exp_avg"])
+
+    # the resumed trials train with their own values: twice the learning rate, the mutated KL coefficient
+    lines = {}
+    for name, trial_cfg in (("same", cfg), ("mut", mutated)):
+        longer = trial_cfg.replace(**{"ppo.iterations": 2})
+        write_run_config(make_run_dir(tmp_path / name, "train"), longer)
+        run, _ = train(longer, tmp_path / name, resume=True, quiet=True)
+        lines[name] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert lines["mut"]["step"] == lines["same"]["step"] == 2
+    assert lines["mut"]["ppo/lr"] == pytest.approx(2 * lines["same"]["ppo/lr"])
+    assert lines["mut"]["kl/coef"] == 0.5 and lines["same"]["kl/coef"] == cfg.ppo.kl_coef
 
 
 # ------------------------------------------------------------------------------------------------- results

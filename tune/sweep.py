@@ -112,6 +112,8 @@ STOP_OPTIONS: dict[str, type] = {
     "hacking_component": str,
     "hacking_window": int,
     "hacking_min_delta": float,
+    "max_gold_drop": float,
+    "gold_window": int,
     "patience": int,
     "grace_iterations": int,
 }
@@ -564,50 +566,31 @@ def _eval_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 def _seed_run_dir(run_dir: Path, src: Path, cfg: Config) -> tuple[int, dict[str, float]]:
     """Make ``src`` (a Tune checkpoint: this trial's own, or another trial's under PBT) the run's only checkpoint.
 
-    The trainer then resumes from it step-exactly. When the checkpoint was trained with another learning rate or
-    KL coefficient (a PBT explore step mutated them), its optimizer / KL-controller state is rewritten to the
-    trial's values: the trainer restores that state on resume, which would otherwise undo the mutation.
+    The trainer then resumes from it step-exactly. The copy is exact even when a PBT explore step mutated
+    ``ppo.learning_rate`` or ``ppo.kl_coef``: the learner that loads it keeps the checkpoint's Adam moments and
+    schedule position and trains with this trial's values (:meth:`rlchat.learner.Learner.load_checkpoint` calls
+    ``set_learning_rate`` / ``set_kl_coef`` when the checkpoint was trained with others).
 
     Returns:
         (the checkpoint's step, its eval/* metrics to carry forward until the next evaluation).
     """
-    from rlchat.checkpoint import CheckpointManager, load_policy, read_checkpoint, save_checkpoint
+    from rlchat.checkpoint import CheckpointManager, read_checkpoint
 
     info = read_checkpoint(src, expect_stage="ppo")
     ckpt_dir = run_dir / "checkpoints"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     ckpt_dir.mkdir(parents=True)
-    dst = CheckpointManager.from_config(run_dir, cfg, "ppo").path_for(info.step)
+    shutil.copytree(info.path, CheckpointManager.from_config(run_dir, cfg, "ppo").path_for(info.step))
     old, new = info.config.ppo, cfg.ppo
-    if old.learning_rate == new.learning_rate and (old.kl_coef == new.kl_coef or new.adaptive_kl):
-        shutil.copytree(info.path, dst)
-    else:
-        state = info.load_train_state()
-        if state is not None:
-            scale = new.learning_rate / old.learning_rate
-            for group in state["optimizer"]["param_groups"]:
-                group["lr"] = group["lr"] * scale
-                if "initial_lr" in group:
-                    group["initial_lr"] = group["initial_lr"] * scale
-            sched = state["scheduler"]
-            sched["base_lrs"] = [b * scale for b in sched.get("base_lrs", [])]
-            if "_last_lr" in sched:
-                sched["_last_lr"] = [b * scale for b in sched["_last_lr"]]
-            if not new.adaptive_kl:
-                state["kl_controller"] = {"value": float(new.kl_coef)}
-        model, tokenizer, _ = load_policy(info.path)
-        save_checkpoint(
-            dst,
-            model=model,
-            tokenizer=tokenizer,
-            config=cfg,
-            stage="ppo",
-            step=info.step,
-            weights_version=info.weights_version,
-            metrics=info.metrics,
-            train_state=state,
+    if old.learning_rate != new.learning_rate or (old.kl_coef != new.kl_coef and not new.adaptive_kl):
+        logger.info(
+            "checkpoint %s (learning_rate=%g kl_coef=%g) continues with learning_rate=%g kl_coef=%g",
+            src,
+            old.learning_rate,
+            old.kl_coef,
+            new.learning_rate,
+            new.kl_coef,
         )
-        logger.info("checkpoint %s retargeted to learning_rate=%g kl_coef=%g", src, new.learning_rate, new.kl_coef)
     return info.step, _eval_metrics(info.metrics)
 
 
