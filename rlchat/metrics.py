@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +110,13 @@ PERF_MFU = "perf/mfu"
 EVAL_REWARD_MEAN = "eval/reward_mean"
 EVAL_REWARD_PREFIX = "eval/reward/"
 """Per-component evaluation rewards: ``eval/reward/<component>``."""
+EVAL_PROXY_REWARD = "eval/proxy_reward"
+"""Held-out greedy reward under the *training* reward (the proxy; equals eval/reward_mean), beside the gold one."""
+EVAL_GOLD_REWARD = "eval/gold_reward"
+"""Held-out gold reward: the task's checked answer (``eval/reward/verifiable``, rlchat/rewards.py ``GOLD_COMPONENT``),
+logged whether or not it is part of the training reward (``reward.monitor``)."""
+GUARD_GOLD_DROP = "guard/gold_drop"
+"""At each evaluation: best gold reward of the last ``ppo.gold_window`` evaluations minus the newest one."""
 EVAL_PERPLEXITY = "eval/perplexity"
 EVAL_ACCURACY = "eval/accuracy"
 EVAL_RESPONSE_LEN = "eval/response_len"
@@ -425,6 +432,26 @@ _PROGRESS_FIELDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def gold_drop(points: Sequence[tuple[float, float]], window: int) -> tuple[float, float]:
+    """Reward over-optimisation over the last ``window`` held-out evaluations (Gao et al. 2022).
+
+    Args:
+        points: ``(proxy, gold)`` per evaluation, oldest first (``eval/proxy_reward``, ``eval/gold_reward``).
+        window: evaluations to look back over (the newest included).
+
+    Returns:
+        ``(drop, proxy_rise)``: the best gold of the window minus the newest gold (>= 0), and the newest proxy minus
+        the proxy at that best evaluation. Gold falling while the proxy rises (``drop > delta`` and
+        ``proxy_rise > 0``) is the over-optimisation signature the ``gold_drop`` guardrail and stopper act on;
+        ``(0.0, 0.0)`` for fewer than 2 points.
+    """
+    pts = list(points)[-window:] if window > 0 else []
+    if len(pts) < 2:
+        return 0.0, 0.0
+    best = max(range(len(pts)), key=lambda i: (pts[i][1], i))  # the latest of equal bests: the smallest rise
+    return pts[best][1] - pts[-1][1], pts[-1][0] - pts[best][0]
+
+
 def _duration(seconds: float) -> str:
     s = int(max(0, round(seconds)))
     h, rem = divmod(s, 3600)
@@ -543,7 +570,9 @@ def _smooth(values: list[float]) -> list[float]:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write one PNG per metric group (loss, perplexity, accuracy, reward, KL, ...) to ``run_dir/plots/``.
+    """Write one PNG per metric group (loss, perplexity, accuracy, reward, KL, ...) to ``run_dir/plots/``, and the
+    over-optimisation curve (:func:`plot_overoptimisation`, ``overoptimisation.png``) when the run logged proxy and
+    gold rewards.
 
     Each metric gets its own panel (scales differ), except that a validation series is drawn on its training
     series' panel (``sft/val_loss`` with ``sft/loss``). Long series get a centered moving average drawn over
@@ -610,7 +639,57 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
+    over = plot_overoptimisation(series, out_dir / OVEROPTIMISATION_PLOT, run_dir.name)
+    if over is not None:
+        written.append(over)
     return written
+
+
+OVEROPTIMISATION_PLOT = "overoptimisation.png"
+
+
+def plot_overoptimisation(
+    series: dict[str, tuple[list[int], list[float]]], path: Path, title: str = ""
+) -> Path | None:
+    """The over-optimisation curve of Gao et al. 2022 ("Scaling Laws for Reward Model Overoptimization"): held-out
+    proxy (``eval/proxy_reward``) and gold (``eval/gold_reward``) reward against sqrt(KL to the reference).
+
+    One point per held-out evaluation; its KL is ``kl/ref_kl`` of the same iteration (nats per reply, summed over
+    its tokens). Proxy and gold are on their own y-axes (a reward model's scale is arbitrary). Gold peaking and
+    falling while the proxy keeps rising is over-optimisation: the best policy is the one at gold's peak.
+
+    Returns:
+        ``path`` once written; None (nothing written) when the run has no proxy, gold or KL series.
+    """
+    if not all(k in series for k in (EVAL_PROXY_REWARD, EVAL_GOLD_REWARD, KL_REF_KL)):
+        return None
+    proxy, gold, kl = (dict(zip(*series[k])) for k in (EVAL_PROXY_REWARD, EVAL_GOLD_REWARD, KL_REF_KL))
+    steps = sorted(set(proxy) & set(gold) & set(kl))
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [math.sqrt(max(kl[s], 0.0)) for s in steps]
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    (g,) = ax.plot(x, [gold[s] for s in steps], "o-", color="tab:green", label=f"gold ({EVAL_GOLD_REWARD})")
+    ax.set_xlabel("sqrt(KL to the reference)  (sqrt of kl/ref_kl, nats)")
+    ax.set_ylabel("gold reward", color=g.get_color())
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    (pr,) = ax2.plot(x, [proxy[s] for s in steps], "s--", color="tab:blue", label=f"proxy ({EVAL_PROXY_REWARD})")
+    ax2.set_ylabel("proxy reward (training reward)", color=pr.get_color())
+    for xi, s in zip(x, steps):
+        ax.annotate(str(s), (xi, gold[s]), textcoords="offset points", xytext=(3, 4), fontsize=7, alpha=0.7)
+    ax.legend(handles=[g, pr], fontsize=8, loc="best")
+    ax.set_title(f"Reward over-optimisation (held-out evals; labels = iteration) — {title}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_command(run_dir: str, **_: Any) -> int:

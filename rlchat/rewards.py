@@ -6,7 +6,8 @@ learned reward model, the sentence encoder and the safety classifier run one for
 :class:`RewardResult`: ``components`` holds each enabled component's **unweighted** value and ``total`` is
 ``sum(weight[name] * components[name])``.
 
-Components (config key = weight; a weight of 0 disables the component and it is never computed). Value, range:
+Components (config key = weight; a weight of 0 disables the component and it is never computed unless
+``reward.monitor`` names it, see below). Value, range:
 
 - ``verifiable``: 1 if the reply *is* the reference answer (:func:`verifiable_answer`: exact after trimming, one
   optional "The answer is" / "Answer:" lead-in and trailing "." / "!"; numbers compared as numbers), else 0. {0, 1}
@@ -27,6 +28,14 @@ Components (config key = weight; a weight of 0 disables the component and it is 
 - ``model``: the learned reward model's score of the whole conversation. R
 - ``"pkg.mod:func"`` (``reward.plugins``): a user function ``f(prompt_messages, response_text, response_ids,
   record) -> float``, named by its import path. R
+
+Monitored components (``reward.monitor``, default ``("verifiable",)``): a component named there but weighted 0 is
+still computed and reported in ``components`` -- so it is logged as ``rollout/reward/<name>`` and
+``eval/reward/<name>`` -- but never added to ``total``. This is how a run trained on the reward model alone
+(``reward.model=1``, ``reward.verifiable=0``) keeps measuring the task's checked answer, the *gold* reward it never
+sees (docs/diagnostics.md, "Reward over-optimisation"). A reference-based monitor (``verifiable``,
+``reference_f1``, ``rouge_l``) is computed only for batches whose records carry a reference: without one it would
+read 0 and say nothing.
 
 Why ``repetition`` is not ``distinct-n - 1``: distinct-n credits the first occurrence of every n-gram, so a reply
 that is one phrase said twice ("a b a b", bigrams) still keeps 2/3; token coverage counts every token of a repeated
@@ -87,13 +96,23 @@ BUILTIN_COMPONENTS = (
 )
 
 
+#: Components that need a record's reference: monitored (weight 0) only when some record of the batch has one.
+REFERENCE_COMPONENTS = ("verifiable", "reference_f1", "rouge_l")
+#: Components ``reward.monitor`` may name: the ones computed without a model (model-backed ones need a weight).
+MONITORABLE_COMPONENTS = (*REFERENCE_COMPONENTS, "length", "diversity", "diversity_batch", "repetition")
+#: The gold component: the task's checked answer, logged beside the training (proxy) reward as
+#: ``eval/gold_reward`` (rlchat/metrics.py ``EVAL_GOLD_REWARD``).
+GOLD_COMPONENT = "verifiable"
+
+
 @dataclass
 class RewardResult:
     """The reward of one assistant turn.
 
     Attributes:
-        total: weighted sum of the components (what the env returns as ``reward``).
-        components: unweighted value of every enabled component, by name.
+        total: weighted sum of the enabled components (what the env returns as ``reward``).
+        components: unweighted value of every enabled component, by name, and of every monitored one
+            (``reward.monitor``: reported, never part of ``total``).
     """
 
     total: float
@@ -581,11 +600,28 @@ class RewardFunction:
             if float(w) != 0.0:
                 self._plugins[spec] = load_plugin(spec)
                 self.weights[spec] = float(w)
+        self.monitor: list[str] = []
+        for name in cfg.monitor:
+            if name not in MONITORABLE_COMPONENTS:
+                raise ConfigError(
+                    f"reward.monitor: {name!r} cannot be monitored; expected names from "
+                    f"{', '.join(MONITORABLE_COMPONENTS)} (a model-backed component or plugin needs a weight != 0)"
+                )
+            if name not in self.weights and name not in self.monitor:
+                self.monitor.append(name)
+        if any(n in self.monitor for n in ("diversity", "diversity_batch", "repetition")) and cfg.ngram < 1:
+            raise ConfigError(f"reward.ngram={cfg.ngram}: expected n >= 1 for the monitored n-gram components")
 
     @property
     def component_names(self) -> list[str]:
         """Names of the enabled (weight != 0) components, in the order they appear in ``components``."""
         return list(self.weights)
+
+    @property
+    def monitor_names(self) -> list[str]:
+        """Monitored-only components (``reward.monitor`` with weight 0): reported after the enabled ones, never
+        added to ``total``."""
+        return list(self.monitor)
 
     def __call__(
         self,
@@ -628,12 +664,16 @@ class RewardFunction:
         ids = [list(x[:-1]) if len(x) and x[-1] == eot else list(x) for x in response_ids]
         batch = _Batch([list(p) for p in prompts], list(responses), ids, list(records) if records else [None] * n)
         values: dict[str, list[float]] = {name: self._component(name, batch) for name in self.weights}
+        has_reference = any(getattr(r, "reference", None) is not None for r in batch.records)
+        for name in self.monitor:  # reported, never weighted (see the module docstring)
+            if has_reference or name not in REFERENCE_COMPONENTS:
+                values[name] = self._component(name, batch)
         results = []
         for i in range(n):
             comps: dict[str, float] = {}
             for name, vals in values.items():
                 comps[name] = _finite(name, vals[i], i, batch.responses[i])
-            total = sum(self.weights[name] * v for name, v in comps.items())
+            total = sum(self.weights[name] * v for name, v in comps.items() if name in self.weights)
             results.append(RewardResult(total=_finite("total", total, i, batch.responses[i]), components=comps))
         return results
 

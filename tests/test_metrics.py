@@ -246,3 +246,45 @@ def test_plot_command_prints_paths_and_errors_clearly(tmp_path, capsys):
     (tmp_path / "e2" / "metrics.jsonl").write_text('{"step": 1, "note": "x"}\n')
     with pytest.raises(RLChatError, match="no numeric metrics to plot"):
         M.plot_run(tmp_path / "e2")
+
+
+def test_gold_drop_hand_values():
+    # (proxy, gold) per evaluation, oldest first
+    assert M.gold_drop([], 3) == M.gold_drop([(0.1, 0.5)], 3) == (0.0, 0.0)
+    assert M.gold_drop([(0.1, 0.2), (0.3, 0.4), (0.5, 0.6)], 3) == (0.0, 0.0)  # gold still rising: best is newest
+    drop, rise = M.gold_drop([(0.1, 0.2), (0.3, 0.6), (0.5, 0.5), (0.9, 0.3)], 3)
+    assert (drop, rise) == pytest.approx((0.3, 0.6))  # best gold 0.6 at proxy 0.3; newest (0.9, 0.3)
+    assert M.gold_drop([(0.1, 0.9), (0.3, 0.6), (0.5, 0.5)], 2) == pytest.approx((0.1, 0.2))  # 0.9 is out of window
+    assert M.gold_drop([(0.5, 0.6), (0.2, 0.4)], 3) == pytest.approx((0.2, -0.3))  # proxy fell too: no hacking
+
+
+def _over_optimised_run(run_dir, gold: bool = True) -> None:
+    """Synthetic PPO metrics: proxy rises with KL; gold peaks at sqrt(KL) ~ 1.5 and falls (Gao et al.'s shape)."""
+    with M.MetricsWriter(run_dir, tensorboard=False) as w:
+        for step in range(1, 41):
+            kl = 0.1 * step
+            rec = {M.ROLLOUT_REWARD_MEAN: 0.5 * math.sqrt(kl), M.KL_REF_KL: kl}
+            if step % 5 == 0:
+                d = math.sqrt(kl)
+                rec |= {M.EVAL_REWARD_MEAN: 0.6 * d, M.EVAL_PROXY_REWARD: 0.6 * d}
+                if gold:
+                    rec |= {M.EVAL_GOLD_REWARD: d * (1.0 - d / 3.0), M.EVAL_REWARD_PREFIX + "verifiable": 0.0}
+            w.log(step, rec)
+
+
+def test_plot_run_draws_proxy_and_gold_against_sqrt_kl(tmp_path):
+    _over_optimised_run(tmp_path)
+    paths = M.plot_run(tmp_path)
+    over = tmp_path / "plots" / M.OVEROPTIMISATION_PLOT
+    assert over in paths and over.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and over.stat().st_size > 10000
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(over)  # (H, W, 4): drawn, not blank
+    assert img.shape[0] > 300 and img.shape[1] > 500 and float(img[..., :3].std()) > 0.05
+
+
+def test_plot_run_skips_the_overoptimisation_curve_without_a_gold_series(tmp_path):
+    _over_optimised_run(tmp_path, gold=False)
+    paths = M.plot_run(tmp_path)
+    assert paths and M.OVEROPTIMISATION_PLOT not in [p.name for p in paths]
+    assert not (tmp_path / "plots" / M.OVEROPTIMISATION_PLOT).exists()

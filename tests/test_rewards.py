@@ -46,7 +46,7 @@ def rec(reference: str | None) -> Record:
 def only(**weights: float) -> RewardConfig:
     """A RewardConfig with every weight 0 except the given ones."""
     zero = dict(verifiable=0.0, reference_f1=0.0, rouge_l=0.0, length=0.0, diversity=0.0, repetition=0.0)
-    zero.update(coherence=0.0, safety=0.0, model=0.0)
+    zero.update(coherence=0.0, safety=0.0, model=0.0, monitor=())
     return RewardConfig(**{**zero, **weights})
 
 
@@ -194,6 +194,36 @@ def test_default_config_is_the_verifiable_demo_reward(tok: ChatTokenizer) -> Non
     fn = RewardFunction(RewardConfig(), tok)
     assert fn.component_names == ["verifiable"]
     assert fn(PROMPT, "7", tok.encode("7"), rec("7")) == RewardResult(1.0, {"verifiable": 1.0})
+
+
+def test_monitored_component_is_reported_but_never_weighted(tok: ChatTokenizer) -> None:
+    """reward.monitor: the gold check of an RM-only run is scored and logged, and the total is the RM score alone."""
+    rm = lambda prompts, responses: [0.25 * len(r) for r in responses]  # noqa: E731
+    fn = RewardFunction(only(model=2.0, monitor=("verifiable", "reference_f1")), tok, rm_scorer=rm)
+    assert fn.component_names == ["model"] and fn.monitor_names == ["verifiable", "reference_f1"]
+    right, wrong = fn.score_batch([PROMPT, PROMPT], ["7", "8 or 9"], [[1], [1, 2, 3]], [rec("7"), rec("7")])
+    assert right.components == pytest.approx({"model": 0.25, "verifiable": 1.0, "reference_f1": 1.0})
+    assert right.total == pytest.approx(2.0 * 0.25)  # the monitored components add nothing
+    assert wrong.components == pytest.approx({"model": 1.5, "verifiable": 0.0, "reference_f1": 0.0})
+    assert wrong.total == pytest.approx(3.0)
+    # without a reference there is nothing to check: a reference-based monitor is left out, not reported as 0
+    assert fn(PROMPT, "7", [1], None).components == {"model": 0.25}
+    assert fn(PROMPT, "7", [1], rec(None)).components == {"model": 0.25}
+
+
+def test_monitor_of_a_weighted_component_changes_nothing(tok: ChatTokenizer) -> None:
+    fn = RewardFunction(RewardConfig(verifiable=1.0, monitor=("verifiable",)), tok)
+    assert fn.component_names == ["verifiable"] and fn.monitor_names == []
+    assert fn(PROMPT, "7", [1], rec("7")) == RewardResult(1.0, {"verifiable": 1.0})
+    # a monitor that needs no reference is always reported
+    fn = RewardFunction(only(verifiable=1.0, monitor=("length",), length_min=2, length_max=4), tok)
+    assert fn(PROMPT, "7", [1], None) == RewardResult(0.0, {"verifiable": 0.0, "length": -0.5})
+
+
+@pytest.mark.parametrize("name", ["model", "coherence", "mypkg.rewards:score", "verifable"])
+def test_monitor_rejects_components_that_need_a_model_or_do_not_exist(tok: ChatTokenizer, name: str) -> None:
+    with pytest.raises(ConfigError, match=f"reward.monitor: '{name}' cannot be monitored; expected names from"):
+        RewardFunction(only(verifiable=1.0, monitor=(name,)), tok)
 
 
 def test_trailing_end_of_turn_id_is_not_counted(tok: ChatTokenizer) -> None:

@@ -1,4 +1,4 @@
-"""RL-aware Ray Tune stoppers: end trials that show KL blow-up, entropy collapse or reward hacking.
+"""RL-aware Ray Tune stoppers: end trials that show KL blow-up, entropy collapse, reward hacking or gold drop.
 
 A PPO trial can look fine on its objective while going wrong in ways every RLHF practitioner watches for:
 
@@ -11,6 +11,11 @@ A PPO trial can look fine on its objective while going wrong in ways every RLHF 
   (``eval/reward/<component>``, e.g. ``reference_f1`` or ``model``, the reward-model score) falls. Trends are the
   least-squares change over the last ``hacking_window`` held-out evaluations, and the training reward of an
   evaluation point is the mean over the iterations since the previous one, so single noisy batches do not trip it.
+- **Gold drop** (reward-model over-optimisation, Gao et al. 2022): over the last ``gold_window`` held-out
+  evaluations, the gold reward (``eval/gold_reward``: the task's checked answer, logged even when the training reward
+  is the reward model alone) fell more than ``max_gold_drop`` below its best while the proxy (``eval/proxy_reward``:
+  the training reward on the same held-out prompts) rose. The same rule as the trainer's ``ppo.max_gold_drop``
+  guardrail (:func:`rlchat.metrics.gold_drop`).
 
 Each stop is recorded with its reason: :attr:`RLStopper.stops` (trial id -> record) and, when ``record_path`` is
 set, ``stops.json`` in the sweep directory (rewritten atomically on every stop), which the results table reads.
@@ -41,7 +46,15 @@ from typing import Any
 from ray import tune as ray_tune
 
 from rlchat.errors import ConfigError
-from rlchat.metrics import EVAL_REWARD_PREFIX, KL_REF_KL, PPO_ENTROPY, ROLLOUT_REWARD_MEAN
+from rlchat.metrics import (
+    EVAL_GOLD_REWARD,
+    EVAL_PROXY_REWARD,
+    EVAL_REWARD_PREFIX,
+    KL_REF_KL,
+    PPO_ENTROPY,
+    ROLLOUT_REWARD_MEAN,
+    gold_drop,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +68,14 @@ STOPS_FILE = "stops.json"
 REASON_REF_KL = "ref_kl"
 REASON_ENTROPY = "entropy"
 REASON_HACKING = "reward_hacking"
-REASONS = (REASON_REF_KL, REASON_ENTROPY, REASON_HACKING)
+REASON_GOLD_DROP = "gold_drop"
+REASONS = (REASON_REF_KL, REASON_ENTROPY, REASON_HACKING, REASON_GOLD_DROP)
 
 FIXES = {
     REASON_REF_KL: "lower ppo.learning_rate, raise ppo.kl_coef or enable ppo.adaptive_kl",
     REASON_ENTROPY: "raise ppo.ent_coef or rollout.temperature, or lower ppo.learning_rate",
     REASON_HACKING: "raise ppo.kl_coef, add the held-out component to the reward, or fix the exploited reward",
+    REASON_GOLD_DROP: "raise ppo.kl_coef or lower ppo.iterations (stop at gold's peak), or improve the reward model",
 }
 """What to change in the search space when many trials stop for a reason (printed with the results)."""
 
@@ -107,12 +122,15 @@ class _TrialState:
     train_since_eval: list[float] = field(default_factory=list)  # training rewards since the last eval point
     eval_points: list[tuple[float, float, float]] = field(default_factory=list)  # (iteration, train, held-out)
     last_eval_iteration: float = 0.0
+    gold_points: list[tuple[float, float]] = field(default_factory=list)  # (proxy, gold) per held-out evaluation
+    last_gold_iteration: float = 0.0
     warned_missing: bool = False
+    warned_missing_gold: bool = False
     stopped: bool = False
 
 
 class RLStopper(ray_tune.Stopper):
-    """End a trial on ref-KL blow-up, entropy collapse or reward hacking; record why.
+    """End a trial on ref-KL blow-up, entropy collapse, reward hacking or gold drop; record why.
 
     Args:
         max_ref_kl: stop when ``kl/ref_kl`` exceeds this for ``patience`` consecutive iterations (0 = off).
@@ -123,6 +141,9 @@ class RLStopper(ray_tune.Stopper):
         hacking_window: held-out evaluations in the trend window (>= 2).
         hacking_min_delta: the training reward must rise by more than this, and the held-out score fall by more
             than this, over the window (in reward units) -- noise below it never trips the check.
+        max_gold_drop: stop when ``eval/gold_reward`` is more than this below its best of the last ``gold_window``
+            held-out evaluations while ``eval/proxy_reward`` rose since that best (0 = off).
+        gold_window: held-out evaluations the gold-drop check looks back over (>= 2).
         patience: consecutive bad iterations before a KL / entropy stop (>= 1).
         grace_iterations: no stop at or before this PPO iteration (the first batches are noisy).
         record_path: where to write the stop records as JSON (None = keep them in memory only).
@@ -138,6 +159,8 @@ class RLStopper(ray_tune.Stopper):
         hacking_component: str = "",
         hacking_window: int = 3,
         hacking_min_delta: float = 0.01,
+        max_gold_drop: float = 0.0,
+        gold_window: int = 3,
         patience: int = 1,
         grace_iterations: int = 0,
         record_path: str | os.PathLike[str] | None = None,
@@ -147,6 +170,8 @@ class RLStopper(ray_tune.Stopper):
             (min_entropy >= 0, "min_entropy", min_entropy, ">= 0 (0 = off)"),
             (hacking_window >= 2, "hacking_window", hacking_window, "at least 2 held-out evaluations"),
             (hacking_min_delta >= 0, "hacking_min_delta", hacking_min_delta, ">= 0"),
+            (max_gold_drop >= 0, "max_gold_drop", max_gold_drop, ">= 0 (0 = off)"),
+            (gold_window >= 2, "gold_window", gold_window, "at least 2 held-out evaluations"),
             (patience >= 1, "patience", patience, "at least 1"),
             (grace_iterations >= 0, "grace_iterations", grace_iterations, ">= 0"),
         ]
@@ -164,6 +189,8 @@ class RLStopper(ray_tune.Stopper):
         )
         self.hacking_window = int(hacking_window)
         self.hacking_min_delta = float(hacking_min_delta)
+        self.max_gold_drop = float(max_gold_drop)
+        self.gold_window = int(gold_window)
         self.patience = int(patience)
         self.grace_iterations = int(grace_iterations)
         self.record_path = str(record_path) if record_path is not None else None
@@ -173,7 +200,7 @@ class RLStopper(ray_tune.Stopper):
     @property
     def active(self) -> bool:
         """Whether any check is on."""
-        return bool(self.max_ref_kl or self.min_entropy or self.hacking_key)
+        return bool(self.max_ref_kl or self.min_entropy or self.hacking_key or self.max_gold_drop)
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         """Tune's hook: True ends the trial. Also records the reason (see :meth:`check`)."""
@@ -210,7 +237,8 @@ class RLStopper(ray_tune.Stopper):
         iteration = _lookup(result, ITERATION) or _lookup(result, "training_iteration") or 0.0
         found = self._check_kl(state, result) or self._check_entropy(state, result)
         hacking = self._check_hacking(trial_id, state, result, iteration)  # always updates the history
-        found = found or hacking
+        gold = self._check_gold_drop(trial_id, state, result, iteration)  # likewise
+        found = found or hacking or gold
         if found is None or iteration <= self.grace_iterations:
             return None
         reason, detail, values = found
@@ -301,6 +329,44 @@ class RLStopper(ray_tune.Stopper):
             )
             values = {ROLLOUT_REWARD_MEAN + "_change": d_train, self.hacking_key + "_change": d_eval}
             return REASON_HACKING, detail, values
+        return None
+
+    def _check_gold_drop(
+        self, trial_id: str, state: _TrialState, result: Mapping[str, Any], iteration: float
+    ) -> tuple[str, str, dict[str, float]] | None:
+        if not self.max_gold_drop:
+            return None
+        eval_it = _lookup(result, EVAL_ITERATION)
+        proxy, gold = _lookup(result, EVAL_PROXY_REWARD), _lookup(result, EVAL_GOLD_REWARD)
+        # a fresh evaluation: this iteration's (tune.sweep carries eval metrics forward), or any value at all from a
+        # result without the freshness key
+        fresh = eval_it is None or (eval_it > state.last_gold_iteration and eval_it == iteration)
+        if not fresh or proxy is None:
+            return None
+        state.last_gold_iteration = eval_it or iteration
+        if gold is None:
+            if not state.warned_missing_gold:
+                state.warned_missing_gold = True
+                logger.warning(
+                    "trial %s: the gold-drop check is on but its result has no %s; keep 'verifiable' in "
+                    "reward.monitor and use prompts with reference answers",
+                    trial_id,
+                    EVAL_GOLD_REWARD,
+                )
+            return None
+        if not (math.isfinite(proxy) and math.isfinite(gold)):
+            return None
+        state.gold_points.append((proxy, gold))
+        state.gold_points = state.gold_points[-self.gold_window :]
+        drop, proxy_rise = gold_drop(state.gold_points, self.gold_window)
+        if drop > self.max_gold_drop and proxy_rise > 0:
+            detail = (
+                f"{EVAL_GOLD_REWARD} fell {drop:.4g} below its best of the last {len(state.gold_points)} held-out "
+                f"evaluations (> max_gold_drop={self.max_gold_drop:g}) while {EVAL_PROXY_REWARD} rose by "
+                f"{proxy_rise:+.4g}"
+            )
+            values = {EVAL_GOLD_REWARD + "_drop": drop, EVAL_PROXY_REWARD + "_change": proxy_rise}
+            return REASON_GOLD_DROP, detail, values
         return None
 
 
