@@ -33,7 +33,7 @@ Monitored components (``reward.monitor``, default ``("verifiable",)``): a compon
 still computed and reported in ``components`` -- so it is logged as ``rollout/reward/<name>`` and
 ``eval/reward/<name>`` -- but never added to ``total``. This is how a run trained on the reward model alone
 (``reward.model=1``, ``reward.verifiable=0``) keeps measuring the task's checked answer, the *gold* reward it never
-sees (docs/diagnostics.md, "Reward over-optimisation"). A reference-based monitor (``verifiable``,
+sees (docs/ppo.md, "RLHF with a gold check: proxy vs gold reward"). A reference-based monitor (``verifiable``,
 ``reference_f1``, ``rouge_l``) is computed only for batches whose records carry a reference: without one it would
 read 0 and say nothing.
 
