@@ -287,7 +287,8 @@ def run_realistic(
     with tempfile.TemporaryDirectory() as d, PeakRSS() as rss:
         train(cfg, Path(d) / "run", quiet=True)
         rows = [json.loads(x) for x in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()][1:]
-    avg = {k: statistics.mean(r[k] for r in rows) for k in rows[0] if isinstance(rows[0][k], (int, float))}
+    # medians: a shared 2-core VM stalls a thread now and then, and one stalled iteration would skew a mean
+    avg = {k: statistics.median(r[k] for r in rows) for k in rows[0] if isinstance(rows[0][k], (int, float))}
     flops = iteration_flops(cfg, avg, trunk_params, width, vocab)
     avg["iter_tflop"] = sum(flops.values()) / 1e12
     return avg, rss.peak

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_configs import TINY_PPO
 
 from rlchat import ppo
 from rlchat.batch import RolloutBatch
@@ -29,14 +30,8 @@ from rlchat.tokenizer import ChatTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.n_layer=1",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.precision=fp32",
-    "rollout.envs_per_worker=8",
-    "env.max_turn_tokens=8",
+    *TINY_PPO,
     "env.max_context=96",
-    "ppo.num_minibatches=2",
     "ppo.update_epochs=2",
     "ppo.kl_coef=0.05",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny_configs import IN_PROCESS, TINY_PPO
 
 from rlchat.batch_generate import PARQUET_FILE, generate, read_prompts
 from rlchat.checkpoint import save_checkpoint
@@ -234,17 +235,10 @@ def test_generate_on_a_prompt_only_messages_file(ray_local, ckpt: Path, tmp_path
 # ---------------------------------------------------------------------------------------------------------------
 
 TINY = [
-    "model.n_layer=1",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.precision=fp32",
-    "rollout.envs_per_worker=8",
-    "env.max_turn_tokens=8",
-    "ppo.num_minibatches=2",
+    *TINY_PPO,
     "ppo.update_epochs=1",
     "ppo.eval_prompts=8",
-    "rollout.num_workers=0",
-    "ray.learner_workers=0",
+    *IN_PROCESS,
 ]
 
 

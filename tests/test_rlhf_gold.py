@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import pytest
+from tiny_configs import IN_PROCESS, TINY_PPO
 
 from rlchat import metrics as M
 from rlchat.config import load_config
@@ -23,17 +24,10 @@ from rlchat.trainer import Guardrails, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.n_layer=1",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.precision=fp32",
-    "rollout.envs_per_worker=8",
-    "env.max_turn_tokens=8",
-    "ppo.num_minibatches=2",
+    *TINY_PPO,
     "ppo.update_epochs=1",
     "ppo.eval_prompts=8",
-    "rollout.num_workers=0",
-    "ray.learner_workers=0",
+    *IN_PROCESS,
 ]
 
 

@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from tiny_configs import TINY_PPO
 
 from rlchat.batch import RolloutBatch
 from rlchat.config import Config, load_config
@@ -26,14 +27,8 @@ from rlchat.rollout import Sampler, batch_metrics
 from rlchat.tokenizer import ChatTokenizer
 
 TINY = [
-    "model.n_layer=1",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.precision=fp32",
-    "rollout.envs_per_worker=8",
-    "env.max_turn_tokens=8",
+    *TINY_PPO,
     "env.max_context=96",
-    "ppo.num_minibatches=2",
     "ppo.update_epochs=2",
     "ppo.kl_coef=0.05",
 ]

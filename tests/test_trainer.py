@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_configs import IN_PROCESS, TINY_PPO
 
 from rlchat import metrics as metrics_module
 from rlchat.config import load_config
@@ -17,18 +18,11 @@ from rlchat.trainer import PPOTrainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.n_layer=1",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.precision=fp32",
-    "rollout.envs_per_worker=8",
-    "env.max_turn_tokens=8",
-    "ppo.num_minibatches=2",
+    *TINY_PPO,
     "ppo.update_epochs=1",
     "ppo.eval_every=2",
     "ppo.eval_prompts=8",
-    "rollout.num_workers=0",
-    "ray.learner_workers=0",
+    *IN_PROCESS,
 ]
 
 
