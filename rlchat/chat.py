@@ -19,8 +19,8 @@ K most likely alternatives under the model (one teacher-forced forward over prom
 :func:`token_alternatives`); ``/why`` shows the reward components of the last reply under the checkpoint's
 ``reward`` config.
 
-This module also holds :class:`TextStreamer`, the stop-string- and UTF-8-aware incremental text of one reply that
-the Serve endpoint uses too, so a reply reads the same in the terminal, over HTTP and in the web page.
+The reply text is released by :class:`rlchat.text_stream.TextStreamer`, the same streamer the Serve endpoint uses, so
+a reply reads the same in the terminal, over HTTP and in the web page.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from rlchat.errors import RLChatError
+from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer, token_text
 
 if TYPE_CHECKING:
     import torch
@@ -65,75 +66,6 @@ input: a line ending in \\ continues on the next line; a line of \"\"\" starts a
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Streaming text (shared with serve/app.py)
-# --------------------------------------------------------------------------------------------------------------
-
-
-class TextStreamer:
-    """The visible text of one reply, released incrementally as tokens arrive.
-
-    Args:
-        tokenizer: decodes tokens incrementally (never half a UTF-8 character; special tokens are not shown).
-        stop_strings: the reply is cut before the first occurrence of any of them (stop strings are never shown,
-            as on OpenAI's API); text that could still become a stop string is held back until it cannot.
-        holdback: characters kept unsent at the end until :meth:`finish` (the Serve safety filter's window).
-    """
-
-    def __init__(self, tokenizer: ChatTokenizer, stop_strings: Sequence[str] = (), holdback: int = 0) -> None:
-        self._dec = tokenizer.stream_decoder()
-        self._stops = [s for s in stop_strings if s]
-        self._longest = max((len(s) for s in self._stops), default=0)
-        self._holdback = holdback
-        self._text = ""
-        self._sent = 0
-        self.stopped = False
-        """True once a stop string was found (the text is cut there and later tokens are ignored)."""
-
-    @property
-    def text(self) -> str:
-        """All text so far (sent or held back), cut at a stop string."""
-        return self._text
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the newly releasable text (possibly empty)."""
-        if self.stopped:
-            return ""
-        self._text += self._dec.push(token_id)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        """End of the reply: the rest of the text (an incomplete UTF-8 tail becomes U+FFFD)."""
-        if not self.stopped:
-            self._text += self._dec.flush()
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        if self._stops:
-            start = max(0, self._sent - self._longest)
-            hits = [i for i in (self._text.find(s, start) for s in self._stops) if i >= 0]
-            if hits:
-                self._text = self._text[: min(hits)]
-                self.stopped = True
-                final = True
-        limit = len(self._text)
-        if not final:
-            limit -= max(self._stop_prefix_len(), self._holdback)
-        piece = self._text[self._sent : limit] if limit > self._sent else ""
-        self._sent = max(self._sent, limit)
-        return piece
-
-    def _stop_prefix_len(self) -> int:
-        """Length of the longest end of the text that could still grow into a stop string."""
-        best = 0
-        for s in self._stops:
-            for k in range(min(len(s) - 1, len(self._text)), best, -1):
-                if self._text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Introspection: /probs
 # --------------------------------------------------------------------------------------------------------------
 
@@ -147,17 +79,6 @@ class TokenProbs:
     prob: float
     alternatives: list[tuple[int, str, float]]
     """(token id, text, probability) of the k most likely tokens at this position, most likely first."""
-
-
-def token_text(tokenizer: ChatTokenizer, token_id: int) -> str:
-    """A token's text for display: special tokens by name, bytes that are not whole UTF-8 characters as ``<0xNN>``."""
-    if tokenizer.is_special(token_id):
-        return tokenizer.decode([token_id])
-    raw = tokenizer.token_bytes(token_id)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "".join(chr(b) if b < 0x80 else f"<0x{b:02X}>" for b in raw)
 
 
 def token_alternatives(
@@ -256,7 +177,6 @@ class Reply:
     dropped_turns: int = 0
 
 
-DROPPED_TURNS_HEADER = "X-RLChat-Dropped-Turns"
 """Response header of the Serve endpoint: how many of the oldest exchanges it left out to fit the context."""
 
 

@@ -40,8 +40,8 @@ How requests are served, and why:
 - **One generation thread per replica.** Every forward runs on a single-thread executor, so the event loop stays
   free to accept requests (and to fill the next batch) while the model computes, and torch gets a fixed thread
   budget (the replica's CPUs) instead of fighting other processes for the cores.
-- **UTF-8-safe, stop-aware streaming.** :class:`rlchat.chat.TextStreamer` decodes tokens incrementally (never half
-  a character), holds back text that may be the start of a stop string (stop strings are never shown, as on
+- **UTF-8-safe, stop-aware streaming.** :class:`rlchat.text_stream.TextStreamer` decodes tokens incrementally
+  (never half a character), holds back text that may be the start of a stop string (stop strings are never shown, as on
   OpenAI), and, with the safety filter on, holds back a window of text so a flagged phrase is withheld before any
   of it is sent. Plain and streamed replies use the same streamer, so they are identical for the same seed. Chunks
   are coalesced to one per ``STREAM_INTERVAL_S`` (20 ms) per choice: each SSE event is a hop through Serve's proxy,
@@ -106,7 +106,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rlchat.chat import DROPPED_TURNS_HEADER, TextStreamer, token_text
 from rlchat.config import Config, RewardConfig, load_config, parse_override
 from rlchat.errors import ConfigError, RLChatError
 from rlchat.feedback_store import (
@@ -119,6 +118,7 @@ from rlchat.feedback_store import (
     resolve_store_url,
 )
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
+from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer, token_text
 from rlchat.tokenizer import ChatTokenizer, ContextOverflowError, fit_history
 from serve.schemas import (
     IGNORED_FIELDS_HEADER,

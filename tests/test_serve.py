@@ -21,13 +21,13 @@ import pytest
 import requests
 import yaml
 
-from rlchat.chat import TextStreamer
 from rlchat.config import Config
 from rlchat.data import normalize_text
 from rlchat.errors import CheckpointError, ConfigError
 from rlchat.feedback_store import FeedbackStore, scrub_pii
 from rlchat.generation import FINISH_LENGTH, GenerationEngine, SamplingParams
 from rlchat.model import PolicyValueModel
+from rlchat.text_stream import TextStreamer
 from rlchat.tokenizer import ChatTokenizer, fit_history
 from serve import testing
 from serve.app import (

@@ -1,0 +1,92 @@
+"""Incremental reply text shared by the terminal chat and the Serve endpoint (core: no Ray, no CLI).
+
+:class:`TextStreamer` releases the visible text of one reply as tokens arrive -- never half a UTF-8 character, never
+a stop string or text that could still become one -- so a reply reads the same in the terminal, over HTTP and in the
+web page. :func:`token_text` shows one token for display (special tokens by name, partial UTF-8 bytes as ``<0xNN>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlchat.tokenizer import ChatTokenizer
+
+DROPPED_TURNS_HEADER = "X-RLChat-Dropped-Turns"
+"""Response header: how many whole user+assistant exchanges were left out to fit the model's context."""
+
+
+class TextStreamer:
+    """The visible text of one reply, released incrementally as tokens arrive.
+
+    Args:
+        tokenizer: decodes tokens incrementally (never half a UTF-8 character; special tokens are not shown).
+        stop_strings: the reply is cut before the first occurrence of any of them (stop strings are never shown,
+            as on OpenAI's API); text that could still become a stop string is held back until it cannot.
+        holdback: characters kept unsent at the end until :meth:`finish` (the Serve safety filter's window).
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer, stop_strings: Sequence[str] = (), holdback: int = 0) -> None:
+        self._dec = tokenizer.stream_decoder()
+        self._stops = [s for s in stop_strings if s]
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self._holdback = holdback
+        self._text = ""
+        self._sent = 0
+        self.stopped = False
+        """True once a stop string was found (the text is cut there and later tokens are ignored)."""
+
+    @property
+    def text(self) -> str:
+        """All text so far (sent or held back), cut at a stop string."""
+        return self._text
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly releasable text (possibly empty)."""
+        if self.stopped:
+            return ""
+        self._text += self._dec.push(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """End of the reply: the rest of the text (an incomplete UTF-8 tail becomes U+FFFD)."""
+        if not self.stopped:
+            self._text += self._dec.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self._stops:
+            start = max(0, self._sent - self._longest)
+            hits = [i for i in (self._text.find(s, start) for s in self._stops) if i >= 0]
+            if hits:
+                self._text = self._text[: min(hits)]
+                self.stopped = True
+                final = True
+        limit = len(self._text)
+        if not final:
+            limit -= max(self._stop_prefix_len(), self._holdback)
+        piece = self._text[self._sent : limit] if limit > self._sent else ""
+        self._sent = max(self._sent, limit)
+        return piece
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest end of the text that could still grow into a stop string."""
+        best = 0
+        for s in self._stops:
+            for k in range(min(len(s) - 1, len(self._text)), best, -1):
+                if self._text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+def token_text(tokenizer: ChatTokenizer, token_id: int) -> str:
+    """A token's text for display: special tokens by name, bytes that are not whole UTF-8 characters as ``<0xNN>``."""
+    if tokenizer.is_special(token_id):
+        return tokenizer.decode([token_id])
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(chr(b) if b < 0x80 else f"<0x{b:02X}>" for b in raw)
