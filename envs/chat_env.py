@@ -45,12 +45,12 @@ Construction (every argument optional; ``gymnasium.make("rlchat/Chat-v0")`` runs
     ChatEnv(records=None, tokenizer=None, config=None, reward=None, user=None, render_mode=None,
             data=None, config_overrides=None, defer_reward=False)
 
-- ``config``: a :class:`rlchat.config.Config` (default: the schema defaults); ``config_overrides``: dotted keys
+- ``config``: a :class:`rlchat.core.config.Config` (default: the schema defaults); ``config_overrides``: dotted keys
   applied on top (``{"env.max_turn_tokens": 8}``) — the form RLlib's ``env_config`` and YAML can carry.
-- ``records``: a list of :class:`rlchat.data.Record`; otherwise ``load_records(data or cfg.data.prompts)``.
+- ``records``: a list of :class:`rlchat.core.data.Record`; otherwise ``load_records(data or cfg.data.prompts)``.
 - ``tokenizer``: a :class:`ChatTokenizer`; otherwise from ``cfg.tokenizer`` when a config or overrides were given,
   else the 4096-id demo vocabulary ``ChatTokenizer("cl100k_base", 4096)``.
-- ``reward``: any callable with :class:`rlchat.rewards.RewardFunction`'s ``__call__`` signature; otherwise
+- ``reward``: any callable with :class:`rlchat.core.rewards.RewardFunction`'s ``__call__`` signature; otherwise
   ``RewardFunction(cfg.reward, tokenizer)``.
 - ``user``: a :class:`envs.users.SimulatedUser`; otherwise the one named by ``cfg.env.user``.
 - ``defer_reward``: when True the env does not score a finished turn itself: that step's reward is 0, there is no
@@ -75,13 +75,13 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.users import SimulatedUser, make_user
-from rlchat.config import Config
-from rlchat.errors import ActionError, DataError, RLChatError
-from rlchat.rewards import RewardFunction, RewardResult
-from rlchat.tokenizer import ChatTokenizer
+from rlchat.core.config import Config
+from rlchat.core.errors import ActionError, DataError, RLChatError
+from rlchat.core.rewards import RewardFunction, RewardResult
+from rlchat.core.tokenizer import ChatTokenizer
 
 if TYPE_CHECKING:
-    from rlchat.data import Record
+    from rlchat.core.data import Record
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class ChatEnv(gym.Env[Obs, int]):
                 tokenizer = ChatTokenizer.from_config(self.cfg.tokenizer)
         self.tokenizer = tokenizer
         if records is None:
-            from rlchat.data import load_records  # lazy: the data layer pulls in pyarrow
+            from rlchat.core.data import load_records  # lazy: the data layer pulls in pyarrow
 
             records = load_records(data or self.cfg.data.prompts, cfg=self.cfg)
         self.records = list(records)

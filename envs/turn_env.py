@@ -39,12 +39,12 @@ from gymnasium import spaces
 
 from envs.chat_env import ChatEnv, Obs, RewardFn
 from envs.users import SimulatedUser
-from rlchat.config import Config
-from rlchat.errors import ActionError, ConfigError
-from rlchat.tokenizer import ChatTokenizer
+from rlchat.core.config import Config
+from rlchat.core.errors import ActionError, ConfigError
+from rlchat.core.tokenizer import ChatTokenizer
 
 if TYPE_CHECKING:
-    from rlchat.data import Record
+    from rlchat.core.data import Record
 
 
 class ChatTurnEnv(gym.Env[Obs, dict[str, Any]]):

@@ -14,7 +14,7 @@ Two users ship, and any object with the same two methods plugs in (``ChatEnv(use
   ``reference`` (when set) stands for its last reply, as it does in single-turn episodes. Ends when the record
   does.
 - :class:`ScriptedUser` (``env.user: scripted``): a user with goals. Its first goal is a correct answer: when the
-  turn had a reference and the reply fails :func:`rlchat.rewards.verifiable_answer`, it says so and asks again
+  turn had a reference and the reply fails :func:`rlchat.core.rewards.verifiable_answer`, it says so and asks again
   (up to ``max_retries`` times). Then it pursues follow-ups: for a numeric reference, a checked arithmetic
   follow-up ("Now add 4 to that.", reference = previous answer + 4); otherwise a generic follow-up question.
 
@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from rlchat.errors import ConfigError
-from rlchat.rewards import first_number, verifiable_answer
+from rlchat.core.errors import ConfigError
+from rlchat.core.rewards import first_number, verifiable_answer
 
 if TYPE_CHECKING:
-    from rlchat.data import Record
+    from rlchat.core.data import Record
 
 Message = dict[str, str]
 

@@ -15,7 +15,7 @@ A PPO trial can look fine on its objective while going wrong in ways every RLHF 
   evaluations, the gold reward (``eval/gold_reward``: the task's checked answer, logged even when the training reward
   is the reward model alone) fell more than ``max_gold_drop`` below its best while the proxy (``eval/proxy_reward``:
   the training reward on the same held-out prompts) rose. The same rule as the trainer's ``ppo.max_gold_drop``
-  guardrail (:func:`rlchat.metrics.gold_drop`).
+  guardrail (:func:`rlchat.core.metrics.gold_drop`).
 
 Each stop is recorded with its reason: :attr:`RLStopper.stops` (trial id -> record) and, when ``record_path`` is
 set, ``stops.json`` in the sweep directory (rewritten atomically on every stop), which the results table reads.
@@ -45,8 +45,8 @@ from typing import Any
 
 from ray import tune as ray_tune
 
-from rlchat.errors import ConfigError
-from rlchat.metrics import (
+from rlchat.core.errors import ConfigError
+from rlchat.core.metrics import (
     EVAL_GOLD_REWARD,
     EVAL_PROXY_REWARD,
     EVAL_REWARD_PREFIX,

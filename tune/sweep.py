@@ -4,7 +4,7 @@
                 [key=value ...] [--run-dir DIR] [--address ADDR] [--deploy]
     rlchat tune --resume runs/tune-20250101-120000 --space tune/spaces/demo.yaml   # after the driver was killed
 
-A trial is one PPO run (:func:`rlchat.trainer.train`) with the base config plus the trial's sampled dotted keys;
+A trial is one PPO run (:func:`rlchat.distributed.trainer.train`) with the base config plus the trial's sampled dotted keys;
 it reports every PPO iteration to Tune through the trainer's ``on_iteration`` hook, with the checkpoint whenever
 the trainer saved one. ASHA (default) stops weak trials early on the sweep's metric (``eval/reward_mean`` unless
 the space file says otherwise); PBT (``--scheduler pbt``) copies the weights of good trials into weak ones and
@@ -65,9 +65,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from rlchat.config import Config, from_dict, load_config, parse_override, save_config
-from rlchat.errors import CheckpointError, ConfigError, RLChatError
-from rlchat.metrics import (
+from rlchat.core.config import Config, from_dict, load_config, parse_override, save_config
+from rlchat.core.errors import CheckpointError, ConfigError, RLChatError
+from rlchat.core.metrics import (
     CONFIG_FILE,
     EVAL_REWARD_MEAN,
     GUARD_TRIPPED,
@@ -483,7 +483,7 @@ def trial_bundles(cfg: Config) -> list[dict[str, float]]:
     ``ray.learner_workers == 0``; it then needs those CPUs (and GPU). When both run elsewhere it only
     coordinates, and takes no CPU (an empty head bundle), so a 1-CPU node can host a trial's rollout worker.
     """
-    from rlchat.cluster import learner_bundle, rollout_bundle
+    from rlchat.distributed.cluster import learner_bundle, rollout_bundle
 
     head: dict[str, float] = {}
     if cfg.ray.learner_workers == 0:
@@ -531,7 +531,7 @@ def max_concurrent_trials(cfg: Config, cluster: Mapping[str, float]) -> int | No
         when the nodes up now cannot host even one trial (an autoscaling cluster before it scales up: Tune's
         pending placement groups are what makes the autoscaler add nodes, so no cap is set).
     """
-    from rlchat.cluster import learner_bundle
+    from rlchat.distributed.cluster import learner_bundle
 
     if cfg.ray.learner_workers == 0:
         return None
@@ -568,13 +568,13 @@ def _seed_run_dir(run_dir: Path, src: Path, cfg: Config) -> tuple[int, dict[str,
 
     The trainer then resumes from it step-exactly. The copy is exact even when a PBT explore step mutated
     ``ppo.learning_rate`` or ``ppo.kl_coef``: the learner that loads it keeps the checkpoint's Adam moments and
-    schedule position and trains with this trial's values (:meth:`rlchat.learner.Learner.load_checkpoint` calls
+    schedule position and trains with this trial's values (:meth:`rlchat.distributed.learner.Learner.load_checkpoint` calls
     ``set_learning_rate`` / ``set_kl_coef`` when the checkpoint was trained with others).
 
     Returns:
         (the checkpoint's step, its eval/* metrics to carry forward until the next evaluation).
     """
-    from rlchat.checkpoint import CheckpointManager, read_checkpoint
+    from rlchat.core.checkpoint import CheckpointManager, read_checkpoint
 
     info = read_checkpoint(src, expect_stage="ppo")
     ckpt_dir = run_dir / "checkpoints"
@@ -609,7 +609,7 @@ def run_trial(config: dict[str, Any], base: Mapping[str, Any] | None = None, swe
     """
     from ray import tune as ray_tune
 
-    from rlchat.trainer import train
+    from rlchat.distributed.trainer import train
 
     try:  # trial logs stay readable: no per-save progress bars from transformers
         from transformers.utils import logging as hf_logging
@@ -769,7 +769,7 @@ def build_tuner(base: Config, space: SearchSpace, sweep_dir: Path, scheduler: st
     import ray
     from ray import tune as ray_tune
 
-    from rlchat.console import verbose_requested
+    from rlchat.core.console import verbose_requested
 
     tune_config = ray_tune.TuneConfig(
         metric=space.metric,
@@ -1049,7 +1049,7 @@ def _best_checkpoint(grid: ResultGrid, row: TrialRow, space: SearchSpace) -> str
             if ckpt is not None and Path(ckpt.path).is_dir():
                 return str(Path(ckpt.path).resolve())
     try:
-        from rlchat.checkpoint import find_best_checkpoint
+        from rlchat.core.checkpoint import find_best_checkpoint
 
         return str(find_best_checkpoint(row.run_dir).resolve())
     except CheckpointError:
@@ -1097,7 +1097,7 @@ def _fmt_params(params: Mapping[str, Any]) -> str:
 
 
 def _connects_to_cluster(address: str | None, base: Config) -> bool:
-    """Whether the sweep joins an existing cluster (as rlchat.cluster.init_ray resolves it) rather than starting
+    """Whether the sweep joins an existing cluster (as rlchat.distributed.cluster.init_ray resolves it) rather than starting
     a local Ray instance that ends with this process."""
     target = address or base.ray.address or os.environ.get("RAY_ADDRESS") or "local"
     return target != "local"
@@ -1138,7 +1138,7 @@ def tune_command(
     import ray
     from ray import tune as ray_tune
 
-    from rlchat.cluster import init_ray
+    from rlchat.distributed.cluster import init_ray
 
     t0 = time.perf_counter()
     if resume:

@@ -9,7 +9,7 @@ continues on the next line, and a line of ``\"\"\"`` opens (and closes) a multi-
 
 Long conversations never hit the model's context: when the history no longer fits (``model.n_positions`` minus
 the reply's ``max_tokens``), the oldest whole user+assistant exchanges are left out of what the model sees
-(:func:`rlchat.tokenizer.fit_history`; in-process here, on the server for an endpoint, which reports the count in
+(:func:`rlchat.core.tokenizer.fit_history`; in-process here, on the server for an endpoint, which reports the count in
 the ``X-RLChat-Dropped-Turns`` header) and the chat says so once per conversation; ``/history`` and ``/save`` still
 have every message. With an endpoint, a connection that drops or a malformed stream chunk mid-reply prints one
 ``error:`` line and the chat goes on: the partial reply is not kept, the question is, and ``/regenerate`` asks again.
@@ -19,7 +19,7 @@ K most likely alternatives under the model (one teacher-forced forward over prom
 :func:`token_alternatives`); ``/why`` shows the reward components of the last reply under the checkpoint's
 ``reward`` config.
 
-The reply text is released by :class:`rlchat.text_stream.TextStreamer`, the same streamer the Serve endpoint uses, so
+The reply text is released by :class:`rlchat.core.text_stream.TextStreamer`, the same streamer the Serve endpoint uses, so
 a reply reads the same in the terminal, over HTTP and in the web page.
 """
 
@@ -34,13 +34,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from rlchat.errors import RLChatError
-from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer, token_text
+from rlchat.core.errors import RLChatError
+from rlchat.core.text_stream import DROPPED_TURNS_HEADER, TextStreamer, token_text
 
 if TYPE_CHECKING:
     import torch
 
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.tokenizer import ChatTokenizer
 
 Message = dict[str, str]
 
@@ -90,7 +90,7 @@ def token_alternatives(
     the model's own (temperature 1, before top-k / top-p / repetition penalty), whatever decoding produced the reply.
 
     Args:
-        model: a :class:`~rlchat.model.PolicyValueModel` (its ``lm`` is used) or any ``transformers`` causal LM.
+        model: a :class:`~rlchat.core.model.PolicyValueModel` (its ``lm`` is used) or any ``transformers`` causal LM.
         tokenizer: the model's tokenizer.
         prompt_ids: the rendered prompt (ends with the assistant start token).
         reply_ids: the reply's tokens as generated (the end-of-turn token included, if it was generated).
@@ -194,8 +194,8 @@ class LocalBackend:
     def __init__(self, path: str) -> None:
         import torch
 
-        from rlchat.checkpoint import load_policy
-        from rlchat.generation import GenerationEngine
+        from rlchat.core.checkpoint import load_policy
+        from rlchat.core.generation import GenerationEngine
 
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
         self.model, self.tokenizer, self.checkpoint = load_policy(path)
@@ -210,8 +210,8 @@ class LocalBackend:
         return f"{c.path} ({c.stage} checkpoint, step {c.step})"
 
     def stream(self, messages: list[Message], d: Decoding) -> Iterator[str]:
-        from rlchat.generation import FINISH_LENGTH, FINISH_STOP, SamplingParams
-        from rlchat.tokenizer import ContextOverflowError, fit_history
+        from rlchat.core.generation import FINISH_LENGTH, FINISH_STOP, SamplingParams
+        from rlchat.core.tokenizer import ContextOverflowError, fit_history
 
         # The reply's room is max_tokens, but at most half the context: a large /max_tokens still leaves the
         # conversation half of it (the reply is then capped at what the prompt leaves, as before).
@@ -266,7 +266,7 @@ class LocalBackend:
 
     def why(self, messages: list[Message]) -> tuple[float, dict[str, float], dict[str, float]]:
         """(total, components, weights) of the last reply under the checkpoint's reward config."""
-        from rlchat.rewards import RewardFunction
+        from rlchat.core.rewards import RewardFunction
 
         fn = RewardFunction(self.checkpoint.config.reward, self.tokenizer)
         res = fn(messages, self.last.text, self.last.token_ids)
@@ -322,7 +322,7 @@ class RemoteBackend:
     def _within_limits(self, messages: list[Message]) -> tuple[list[Message], int]:
         """The messages cut to the server's advertised request limits (oldest exchanges first), and how many
         exchanges that left out. Beyond a limit even after that, they go as they are and the server says why."""
-        from rlchat.tokenizer import ContextOverflowError, drop_oldest_turns
+        from rlchat.core.tokenizer import ContextOverflowError, drop_oldest_turns
 
         dropped = 0
         limits = (("max_messages", lambda m: 1, "messages"), ("max_chars", lambda m: len(m["content"]), "characters"))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlchat.config import Config, load_config
+from rlchat.core.config import Config, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 QUICK_OVERRIDES = {
@@ -37,20 +37,20 @@ learn from), a short reward-model run, half the PPO iterations and no periodic e
 
 
 def _builtin_file(name: str) -> Path:
-    from rlchat.data import builtin_path
+    from rlchat.core.data import builtin_path
 
     return builtin_path(name)
 
 
 def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run the whole demo; returns the summary written to ``run_dir/summary.json``."""
-    from rlchat.checkpoint import find_best_checkpoint, resolve_checkpoint_dir
-    from rlchat.cluster import init_ray
-    from rlchat.evaluation import evaluate_checkpoint
-    from rlchat.metrics import plot_run
-    from rlchat.prepare import prepare
-    from rlchat.stages import run_rm, run_sft
-    from rlchat.trainer import train
+    from rlchat.core.checkpoint import find_best_checkpoint, resolve_checkpoint_dir
+    from rlchat.distributed.cluster import init_ray
+    from rlchat.core.evaluation import evaluate_checkpoint
+    from rlchat.core.metrics import plot_run
+    from rlchat.distributed.prepare import prepare
+    from rlchat.distributed.stages import run_rm, run_sft
+    from rlchat.distributed.trainer import train
 
     def say(msg: str) -> None:
         if not quiet:
@@ -71,7 +71,7 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
         data_dirs[name] = str(out)
     # SFT learns the chat format and the task's answers from the task's *train* split; PPO's held-out prompts
     # are the task's val split, never seen in SFT.
-    from rlchat.prepare import merge_prepared
+    from rlchat.distributed.prepare import merge_prepared
 
     sft_data = merge_prepared([data_dirs["chat"], data_dirs["task"]], run_dir / "data" / "sft")
     cfg = cfg.replace(
@@ -108,7 +108,7 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     # 5. held-out comparison: greedy metrics (evaluation code) + the sampled env reward PPO optimises
     say("== 5/5 held-out evaluation: SFT policy vs PPO policy")
     t = time.perf_counter()
-    from rlchat.data import load_records
+    from rlchat.core.data import load_records
 
     held_out = load_records(cfg.data.prompts, split="val", cfg=cfg)
     eval_cfg = cfg.replace(**{"reward.model_path": str(rm_ckpt)})
@@ -145,10 +145,10 @@ def sampled_reward(checkpoint: Path, cfg: Config, records: list[Any], n_prompts:
     """Mean held-out env reward when sampling at the rollout temperature: the quantity PPO maximises.
 
     ``samples`` episodes per prompt on the first ``n_prompts`` held-out records, seeded, through the same envs and
-    rewards as training (:class:`rlchat.rollout.Sampler`).
+    rewards as training (:class:`rlchat.distributed.rollout.Sampler`).
     """
-    from rlchat.checkpoint import load_policy
-    from rlchat.rollout import Sampler
+    from rlchat.core.checkpoint import load_policy
+    from rlchat.distributed.rollout import Sampler
 
     model, tokenizer, _ = load_policy(checkpoint)
     sampler = Sampler(cfg, tokenizer, model.lm, records)
@@ -235,7 +235,7 @@ def demo_command(
     config: str | None, overrides: list[str], run_dir: str | None, address: str | None, quick: bool = False, **_: Any
 ) -> int:
     """``rlchat demo``."""
-    from rlchat.metrics import make_run_dir
+    from rlchat.core.metrics import make_run_dir
 
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
     if quick:

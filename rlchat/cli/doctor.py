@@ -535,9 +535,9 @@ def encoding_available_offline(name: str) -> bool:
 
 def check_tokenizer(encoding: str | None = None, vocab_size: int | None = None) -> CheckResult:
     """The config's default tokenizer builds offline and round-trips text (training and serving need it)."""
-    from rlchat.config import Config
-    from rlchat.errors import RLChatError
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.config import Config
+    from rlchat.core.errors import RLChatError
+    from rlchat.core.tokenizer import ChatTokenizer
 
     default = Config().tokenizer
     encoding = default.encoding if encoding is None else encoding

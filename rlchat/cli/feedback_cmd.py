@@ -1,4 +1,4 @@
-"""``rlchat feedback``: read and manage the Serve endpoint's feedback store (:mod:`rlchat.feedback_store`).
+"""``rlchat feedback``: read and manage the Serve endpoint's feedback store (:mod:`rlchat.core.feedback_store`).
 
     rlchat feedback export postgresql://rlchat:PW@db:5432/rlchat --out prepared/feedback   # Parquet for `rlchat rm`
     rlchat feedback stats sqlite:///feedback.db                  # per model version: requests, thumbs-up, pairs
@@ -17,16 +17,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlchat.config import load_config
-from rlchat.errors import DataError
-from rlchat.feedback_store import FeedbackStore, VersionStats, collect_pairs, display_url, resolve_store_url
+from rlchat.core.config import load_config
+from rlchat.core.errors import DataError
+from rlchat.core.feedback_store import FeedbackStore, VersionStats, collect_pairs, display_url, resolve_store_url
 
 
 def export_feedback(url: str, out: str | Path, config: str | None = None, model_version: str | None = None) -> dict:
     """Write the store's preference pairs to ``out`` in the prepared-data layout.
 
     Args:
-        url: the store (see :func:`rlchat.feedback_store.resolve_store_url`).
+        url: the store (see :func:`rlchat.core.feedback_store.resolve_store_url`).
         out: output directory (created; its train/val/stats files are replaced).
         config: a YAML config whose ``data.*`` filters, ``tokenizer`` and ``seed`` apply (default: built-ins).
         model_version: only this model version's pairs.
@@ -38,11 +38,11 @@ def export_feedback(url: str, out: str | Path, config: str | None = None, model_
         StoreUnavailable: the database cannot be reached.
         DataError: no pair to export (or a bad one with ``data.on_error: fail``).
     """
-    from rlchat.data import split_rows
+    from rlchat.core.data import split_rows
 
     # prepare.py's own writer, so the output is exactly the layout `rlchat data prepare` writes (no Ray involved)
-    from rlchat.prepare import _write_outputs, build_stats
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.distributed.prepare import _write_outputs, build_stats
+    from rlchat.core.tokenizer import ChatTokenizer
 
     cfg = load_config(config)
     url = resolve_store_url(url)
@@ -93,7 +93,7 @@ def feedback_export_command(
     url: str, out: str, config: str | None = None, model_version: str | None = None, **_: Any
 ) -> int:
     """``rlchat feedback export URL --out DIR``."""
-    from rlchat.prepare import format_stats_table
+    from rlchat.distributed.prepare import format_stats_table
 
     stats = export_feedback(url, out, config, model_version)
     print(format_stats_table(stats, title=f"exported {display_url(resolve_store_url(url))} to {out}/"))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlchat import __version__
-from rlchat.errors import RLChatError
+from rlchat.core.errors import RLChatError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -71,16 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect the configuration schema").add_subparsers(
         dest="config_command", required=True, metavar="SUBCOMMAND"
     )
-    p = cmd("show", "rlchat.cli:config_show", "print the resolved config as YAML", config)
+    p = cmd("show", "rlchat.cli.parser:config_show", "print the resolved config as YAML", config)
     _add_config_args(p)
-    p = cmd("keys", "rlchat.cli:config_keys", "list every config key with its default and meaning", config)
+    p = cmd("keys", "rlchat.cli.parser:config_keys", "list every config key with its default and meaning", config)
     p.add_argument("--markdown", action="store_true", help="print the table of docs/config.md")
 
     # data
     data = sub.add_parser("data", help="prepare and inspect conversation data").add_subparsers(
         dest="data_command", required=True, metavar="SUBCOMMAND"
     )
-    p = cmd("prepare", "rlchat.prepare:prepare_command", "normalise, validate, filter and split data (Ray Data)", data)
+    p = cmd("prepare", "rlchat.distributed.prepare:prepare_command", "normalise, validate, filter and split data (Ray Data)", data)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl / .jsonl.gz files or directories")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
@@ -89,41 +89,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default=None, choices=["fail", "skip"])
     p.add_argument("--config", "-c", default=None)
     p.add_argument("--address", default=None)
-    p = cmd("stats", "rlchat.prepare:stats_command", "print a table of a prepared dataset's statistics", data)
+    p = cmd("stats", "rlchat.distributed.prepare:stats_command", "print a table of a prepared dataset's statistics", data)
     p.add_argument("path", help="prepared directory (or its stats.json)")
 
     # the Serve endpoint's feedback store
     feedback = sub.add_parser("feedback", help="export, summarise and delete the Serve endpoint's feedback")
     feedback = feedback.add_subparsers(dest="feedback_command", required=True, metavar="SUBCOMMAND")
     store_help = "the feedback store: postgresql://USER:PASSWORD@HOST:PORT/DB, sqlite:///PATH.db or PATH.db"
-    p = cmd("export", "rlchat.feedback_cmd:feedback_export_command", "write the preference pairs as Parquet", feedback)
+    p = cmd("export", "rlchat.cli.feedback_cmd:feedback_export_command", "write the preference pairs as Parquet", feedback)
     p.add_argument("url", metavar="URL", help=store_help)
     p.add_argument("--out", required=True, help="output directory (the layout of `rlchat data prepare`)")
     p.add_argument("--model-version", default=None, help="only this model version's pairs")
     p.add_argument("--config", "-c", default=None, help="YAML config: data.* filters, tokenizer, seed")
     p = cmd(
-        "stats", "rlchat.feedback_cmd:feedback_stats_command", "per model version: thumbs-up rate, pairs", feedback
+        "stats", "rlchat.cli.feedback_cmd:feedback_stats_command", "per model version: thumbs-up rate, pairs", feedback
     )
     p.add_argument("url", metavar="URL", help=store_help)
     p.add_argument("--json", dest="json_output", action="store_true", help="print JSON instead of a table")
     p = cmd(
-        "delete", "rlchat.feedback_cmd:feedback_delete_command", "delete one conversation and its feedback", feedback
+        "delete", "rlchat.cli.feedback_cmd:feedback_delete_command", "delete one conversation and its feedback", feedback
     )
     p.add_argument("url", metavar="URL", help=store_help)
     p.add_argument("conversation_id", metavar="CONVERSATION_ID", help="X-RLChat-Conversation-Id, or a completion id")
 
     # training stages
-    p = cmd("sft", "rlchat.stages:sft_command", "supervised fine-tuning on Ray Train")
+    p = cmd("sft", "rlchat.distributed.stages:sft_command", "supervised fine-tuning on Ray Train")
     _add_run_args(p)
-    p = cmd("rm", "rlchat.stages:rm_command", "reward-model training on preference pairs (Ray Train)")
+    p = cmd("rm", "rlchat.distributed.stages:rm_command", "reward-model training on preference pairs (Ray Train)")
     _add_run_args(p)
-    p = cmd("train", "rlchat.trainer:train_command", "PPO: rollout workers + central learner on Ray")
+    p = cmd("train", "rlchat.distributed.trainer:train_command", "PPO: rollout workers + central learner on Ray")
     _add_run_args(p)
-    p = cmd("demo", "rlchat.demo:demo_command", "built-in demo: prepare data, SFT, RM and PPO, then compare")
+    p = cmd("demo", "rlchat.cli.demo:demo_command", "built-in demo: prepare data, SFT, RM and PPO, then compare")
     _add_run_args(p, resume=False)
     p.add_argument("--quick", action="store_true", help="a reduced run (used by tests)")
 
-    p = cmd("eval", "rlchat.evaluation:eval_command", "evaluate a checkpoint on held-out prompts")
+    p = cmd("eval", "rlchat.core.evaluation:eval_command", "evaluate a checkpoint on held-out prompts")
     p.add_argument("checkpoint")
     p.add_argument("--baseline", default=None, help="checkpoint to compare against (win rate by the reward model)")
     p.add_argument("--data", default=None, help="held-out data (default: the checkpoint config's prompts)")
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=3, help="sample conversations to show")
     p.add_argument("--max-prompts", type=int, default=128)
 
-    p = cmd("plot", "rlchat.metrics:plot_command", "write PNG curves of a run's metrics to RUN_DIR/plots/")
+    p = cmd("plot", "rlchat.core.metrics:plot_command", "write PNG curves of a run's metrics to RUN_DIR/plots/")
     p.add_argument("run_dir")
 
     # serving and chat
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None)
     p.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True)
 
-    p = cmd("chat", "rlchat.chat:chat_command", "interactive terminal chat with a checkpoint or an endpoint URL")
+    p = cmd("chat", "rlchat.cli.chat:chat_command", "interactive terminal chat with a checkpoint or an endpoint URL")
     p.add_argument("target", metavar="CKPT_OR_URL")
     p.add_argument(
         "--api-key",
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="asha", choices=["asha", "pbt"])
     p.add_argument("--deploy", action="store_true", help="serve the best checkpoint when the sweep ends")
 
-    p = cmd("generate", "rlchat.batch_generate:generate_command", "batch generation over many prompts (Ray Data)")
+    p = cmd("generate", "rlchat.distributed.batch_generate:generate_command", "batch generation over many prompts (Ray Data)")
     p.add_argument("checkpoint")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -184,10 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None)
     _add_decoding_args(p)
 
-    p = cmd("doctor", "rlchat.doctor:doctor_command", "check the installation and the machine")
+    p = cmd("doctor", "rlchat.cli.doctor:doctor_command", "check the installation and the machine")
     p.add_argument("--address", default=None)
     p.add_argument("--run-dir", default="runs")
-    p = cmd("tokenize", "rlchat.tokenize_cmd:tokenize_command", "show how text is tokenized")
+    p = cmd("tokenize", "rlchat.cli.tokenize_cmd:tokenize_command", "show how text is tokenized")
     p.add_argument("text", metavar="TEXT_OR_FILE")
     p.add_argument("--encoding", default=None)
     p.add_argument("--vocab-size", type=int, default=None)
@@ -201,14 +201,14 @@ def _resolve(target: str) -> Callable[..., int]:
 
 
 def config_show(config: str | None, overrides: list[str], **_: Any) -> int:
-    from rlchat.config import load_config, to_yaml
+    from rlchat.core.config import load_config, to_yaml
 
     sys.stdout.write(to_yaml(load_config(config, overrides)))
     return 0
 
 
 def config_keys(markdown: bool = False, **_: Any) -> int:
-    from rlchat.config import describe_keys
+    from rlchat.core.config import describe_keys
 
     rows = describe_keys()
     if markdown:
@@ -233,10 +233,10 @@ def resolve_path_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Make every path argument absolute against the directory the user typed the command in.
 
     This is the CLI half of the one boundary where user paths become absolute (the config half is
-    :func:`rlchat.config.resolve_paths`): nothing downstream -- Ray tasks, actors, Ray Train workers, whose working
+    :func:`rlchat.core.config.resolve_paths`): nothing downstream -- Ray tasks, actors, Ray Train workers, whose working
     directories differ from the user's -- ever sees a relative path.
     """
-    from rlchat.config import resolve_path
+    from rlchat.core.config import resolve_path
 
     out = dict(kwargs)
     for key in PATH_ARGS:
@@ -253,7 +253,7 @@ QUIET_COMMANDS = ("demo", "sft", "rm", "train", "tune", "serve", "generate", "pr
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlchat import console
+    from rlchat.core import console
 
     args = build_parser().parse_args(argv)
     kwargs = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("log_level",)}

@@ -9,8 +9,8 @@ Run::
     rlchat tokenize --chat data/chats.jsonl                 # the first record of a JSONL file
     echo "some text" | rlchat tokenize -                    # "-" reads stdin
 
-The encoding defaults to the config's (``rlchat.config.Config().tokenizer``); ``--encoding`` and
-``--vocab-size`` override it. Everything goes through :class:`rlchat.tokenizer.ChatTokenizer`, so what is shown
+The encoding defaults to the config's (``rlchat.core.config.Config().tokenizer``); ``--encoding`` and
+``--vocab-size`` override it. Everything goes through :class:`rlchat.core.tokenizer.ChatTokenizer`, so what is shown
 is exactly what training and serving see.
 
 With ``--chat`` the input is a JSON list of messages, a JSON object with ``"messages"`` (or a ``"prompt"`` with an
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlchat.errors import DataError
-from rlchat.tokenizer import ROLES, ChatTokenizer, Message
+from rlchat.core.errors import DataError
+from rlchat.core.tokenizer import ROLES, ChatTokenizer, Message
 
 MASK_OPEN, MASK_CLOSE = "[[", "]]"
 
@@ -231,10 +231,10 @@ def tokenize_command(text: str, encoding: str | None, vocab_size: int | None, ch
         chat: render the input as a conversation and mark the loss mask.
 
     Returns:
-        0. Bad input or an unknown / unavailable encoding raise :class:`rlchat.errors.RLChatError` subclasses,
+        0. Bad input or an unknown / unavailable encoding raise :class:`rlchat.core.errors.RLChatError` subclasses,
         which the CLI prints as one line with exit code 2.
     """
-    from rlchat.config import Config
+    from rlchat.core.config import Config
 
     default = Config().tokenizer
     tok = ChatTokenizer(

@@ -21,7 +21,7 @@ Why it is safe:
   what ``torch.load(..., weights_only=True)`` accepts (tensors, numbers, strings, lists, tuples, dicts), and is
   only ever loaded that way.
 - **Checked on load.** :func:`read_checkpoint` verifies meta.json, every recorded file and its size, the stage
-  and the tokenizer, and raises :class:`~rlchat.errors.CheckpointError` naming what differs and how to fix it.
+  and the tokenizer, and raises :class:`~rlchat.core.errors.CheckpointError` naming what differs and how to fix it.
 
 A run directory's ``checkpoints/`` holds ``step_XXXXXX`` directories and ``index.json``
 (``{"latest": "step_000120", "best": "step_000100", "best_value": 0.91, ...}``): relative names in a JSON file
@@ -52,13 +52,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from rlchat.config import Config, from_dict
-from rlchat.errors import CheckpointError, ConfigError, RLChatError
-from rlchat.metrics import STAGE_BEST_METRIC
-from rlchat.tokenizer import ChatTokenizer
+from rlchat.core.config import Config, from_dict
+from rlchat.core.errors import CheckpointError, ConfigError, RLChatError
+from rlchat.core.metrics import STAGE_BEST_METRIC
+from rlchat.core.tokenizer import ChatTokenizer
 
 if TYPE_CHECKING:
-    from rlchat.model import PolicyValueModel, RewardModel
+    from rlchat.core.model import PolicyValueModel, RewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -575,7 +575,7 @@ def load_policy(
     Raises:
         CheckpointError: see :func:`read_checkpoint`; also a reward-model checkpoint or unreadable weights.
     """
-    from rlchat.model import PolicyValueModel
+    from rlchat.core.model import PolicyValueModel
 
     ckpt = read_checkpoint(directory, expect_tokenizer=expect_tokenizer, expect_stage=POLICY_STAGES)
     try:
@@ -596,7 +596,7 @@ def load_reward_model(
     Raises:
         CheckpointError: see :func:`read_checkpoint`; also a policy checkpoint or unreadable weights.
     """
-    from rlchat.model import RewardModel
+    from rlchat.core.model import RewardModel
 
     ckpt = read_checkpoint(directory, expect_tokenizer=expect_tokenizer, expect_stage="rm")
     try:

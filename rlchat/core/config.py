@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlchat.errors import ConfigError
+from rlchat.core.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------------------
 # Sections

@@ -11,7 +11,7 @@ descriptor, not ``sys.stderr``, is what catches the C++ lines and the lines Ray 
 Standard output is left alone: rlchat prints its progress and tables there.
 
 The log starts in the temp directory and moves to ``RUN_DIR/logs/console.log`` as soon as the command creates
-its run directory (:func:`attach_run_dir`, called by :func:`rlchat.metrics.make_run_dir`). ``--verbose`` or
+its run directory (:func:`attach_run_dir`, called by :func:`rlchat.core.metrics.make_run_dir`). ``--verbose`` or
 ``RLCHAT_VERBOSE=1`` turns all of this off.
 """
 

@@ -1,7 +1,7 @@
 """Conversation data: read, normalise, validate, filter, deduplicate and split chat records. No Ray here.
 
 Every data path of rlchat goes through this module: ``rlchat data prepare`` (whose Ray Data job in
-:mod:`rlchat.prepare` calls these functions inside its map tasks), and :func:`load_records`, which the SFT,
+:mod:`rlchat.distributed.prepare` calls these functions inside its map tasks), and :func:`load_records`, which the SFT,
 reward-model and PPO stages use to get :class:`Record` objects from a built-in data set, a prepared directory or a
 raw file. One implementation of parsing, validation, filtering, deduplication and splitting serves both, so a
 prepared directory and a raw file read directly give the same records and the same train/val split.
@@ -38,7 +38,7 @@ The pipeline, in order (each step is a function here):
    (:func:`tokenize_record`), finds the first filter it fails (:func:`filter_reason`) and computes its
    deduplication key and MinHash signature. Pure and per-chunk: this is what Ray Data runs in parallel.
 3. :class:`Collector` consumes rows in input order: applies the error policy (``fail`` raises the first error
-   as a :class:`~rlchat.errors.DataError` naming ``path:line``; ``skip`` records every skipped line with its
+   as a :class:`~rlchat.core.errors.DataError` naming ``path:line``; ``skip`` records every skipped line with its
    reason), enforces one format per file, counts filtered records by reason and removes exact and near
    duplicates (:class:`Deduplicator`, MinHash LSH from ``datasketch``). The first occurrence wins.
 4. :func:`split_rows` assigns the seeded train/val split (see its docstring for why it is hash-based).
@@ -64,11 +64,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from rlchat.errors import DataError
+from rlchat.core.errors import DataError
 
 if TYPE_CHECKING:
-    from rlchat.config import Config, DataConfig
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.config import Config, DataConfig
+    from rlchat.core.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -1279,7 +1279,7 @@ def load_records(
         DataError: unknown spec, missing files, or bad records (per ``cfg.data.on_error``), a prompt-only record
             among them included when a reply is required.
     """
-    from rlchat.config import Config
+    from rlchat.core.config import Config
 
     _split_name(split)
     cfg = cfg or Config()
@@ -1302,7 +1302,7 @@ def load_records(
         paths = expand_inputs([p])
     tok = None
     if needs_tokens(d):
-        from rlchat.tokenizer import ChatTokenizer
+        from rlchat.core.tokenizer import ChatTokenizer
 
         tok = ChatTokenizer.from_config(cfg.tokenizer)
     collector = collect(paths, fmt, d.on_error, tok, d, require_reply=require_reply)

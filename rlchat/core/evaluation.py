@@ -4,7 +4,7 @@ win rate against a baseline as judged by a reward model. Also ``rlchat eval``.
     rlchat eval runs/ppo-.../checkpoints/best --baseline runs/sft-.../checkpoints/best
     rlchat eval CKPT --data heldout.jsonl --max-prompts 64 --out eval.json
 
-What each number is (keys are the ``eval/*`` constants of :mod:`rlchat.metrics`):
+What each number is (keys are the ``eval/*`` constants of :mod:`rlchat.core.metrics`):
 
 ==========================  ==================================================================================
 ``eval/reward_mean``        mean total reward (``cfg.reward`` weights) of the greedy reply to each prompt
@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from rlchat.errors import CheckpointError, ConfigError, DataError
-from rlchat.metrics import (
+from rlchat.core.errors import CheckpointError, ConfigError, DataError
+from rlchat.core.metrics import (
     EVAL_ACCURACY,
     EVAL_DISTINCT_1,
     EVAL_DISTINCT_2,
@@ -49,14 +49,14 @@ from rlchat.metrics import (
     EVAL_SAFETY_HIT_RATE,
     EVAL_WIN_RATE,
 )
-from rlchat.model import PolicyValueModel, autocast_context, logit_transform, position_ids_from_mask
+from rlchat.core.model import PolicyValueModel, autocast_context, logit_transform, position_ids_from_mask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from rlchat.config import Config
-    from rlchat.data import Record
-    from rlchat.tokenizer import ChatTokenizer, Message
+    from rlchat.core.config import Config
+    from rlchat.core.data import Record
+    from rlchat.core.tokenizer import ChatTokenizer, Message
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def teacher_forced_metrics(
 
 def reference_conversation(record: Record) -> list[Message] | None:
     """Prompt plus reference answer of a record, for perplexity: the chosen reply of a preference pair, a
-    conversation ending with its reply, or the prompt (:meth:`~rlchat.data.Record.prompt_messages`, e.g. a
+    conversation ending with its reply, or the prompt (:meth:`~rlchat.core.data.Record.prompt_messages`, e.g. a
     prompt-only record) plus ``record.reference``; else its messages up to the last assistant message; None when
     it has no answer at all.
 
@@ -264,7 +264,7 @@ def greedy_replies(
     Returns:
         (reply texts without special tokens, reply token ids including the end-of-turn token when generated).
     """
-    from rlchat.generation import GenerationEngine, SamplingParams
+    from rlchat.core.generation import GenerationEngine, SamplingParams
 
     engine = GenerationEngine(model, tokenizer)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
@@ -297,8 +297,8 @@ def _safety_flags(cfg: Config, texts: list[str], tokenizer: ChatTokenizer) -> li
     r = cfg.reward
     if not r.safety_patterns and not r.safety_classifier:
         return None
-    from rlchat.config import RewardConfig
-    from rlchat.rewards import RewardFunction
+    from rlchat.core.config import RewardConfig
+    from rlchat.core.rewards import RewardFunction
 
     only_safety = RewardConfig(
         verifiable=0.0, safety=1.0, safety_patterns=r.safety_patterns, safety_classifier=r.safety_classifier
@@ -318,7 +318,7 @@ def policy_metrics(
     Returns:
         (metrics by ``eval/*`` key, one row per prompt: prompt, reply, reference, reward and components).
     """
-    from rlchat.rewards import RewardFunction, batch_distinct_n
+    from rlchat.core.rewards import RewardFunction, batch_distinct_n
 
     prompts = [r.prompt_messages() for r in records]
     texts, ids = greedy_replies(model, tokenizer, prompts, cfg.env.max_turn_tokens)
@@ -367,7 +367,7 @@ def find_reward_judge(cfg: Config, checkpoint: str | Path, tokenizer: ChatTokeni
     Raises:
         ConfigError: no reward model is configured and none was found (the message says how to get one).
     """
-    from rlchat.checkpoint import find_best_checkpoint, read_checkpoint
+    from rlchat.core.checkpoint import find_best_checkpoint, read_checkpoint
 
     if cfg.reward.model_path:
         return cfg.reward.model_path, "reward.model_path"
@@ -450,7 +450,7 @@ def evaluate_checkpoint(
         CheckpointError: not a policy checkpoint. DataError: no records with a prompt.
         ConfigError: a baseline without any reward model to judge.
     """
-    from rlchat.checkpoint import POLICY_STAGES, load_policy, read_checkpoint
+    from rlchat.core.checkpoint import POLICY_STAGES, load_policy, read_checkpoint
 
     t0 = time.perf_counter()
     ckpt = read_checkpoint(path, expect_stage=POLICY_STAGES)
@@ -478,7 +478,7 @@ def evaluate_checkpoint(
         "win_rate": None,
     }
     if baseline is not None:
-        from rlchat.rewards import CheckpointRMScorer
+        from rlchat.core.rewards import CheckpointRMScorer
 
         b_model, b_tok, b_ckpt = load_policy(baseline)
         b_model.eval()
@@ -606,9 +606,9 @@ def eval_command(
     """
     from transformers.utils import logging as hf_logging
 
-    from rlchat.checkpoint import POLICY_STAGES, read_checkpoint
-    from rlchat.config import load_config
-    from rlchat.data import load_records
+    from rlchat.core.checkpoint import POLICY_STAGES, read_checkpoint
+    from rlchat.core.config import load_config
+    from rlchat.core.data import load_records
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the table
     ckpt = read_checkpoint(checkpoint, expect_stage=POLICY_STAGES)

@@ -57,11 +57,11 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from rlchat.errors import ConfigError, DataError, RLChatError
+from rlchat.core.errors import ConfigError, DataError, RLChatError
 
 if TYPE_CHECKING:
-    from rlchat.config import Config
-    from rlchat.data import Collector, Record
+    from rlchat.core.config import Config
+    from rlchat.core.data import Collector, Record
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def check_preference(
     Raises:
         InvalidFeedback: the pair would not read back (empty reply, identical replies, a bad prompt).
     """
-    from rlchat.data import parse_record
+    from rlchat.core.data import parse_record
 
     obj = {"prompt": list(prompt), "chosen": chosen, "rejected": rejected}
     try:
@@ -787,8 +787,8 @@ class FeedbackStore:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def preference_records(self, model_version: str | None = None) -> list[Record]:
-        """The pairs as :class:`rlchat.data.Record` objects (no filters, dedup or split; see :func:`load_records`)."""
-        from rlchat.data import parse_record
+        """The pairs as :class:`rlchat.core.data.Record` objects (no filters, dedup or split; see :func:`load_records`)."""
+        from rlchat.core.data import parse_record
 
         return [
             parse_record(_pair_record(row), source=f"{self.display_url}#pairs:{row['id']}", fmt="preference")
@@ -874,14 +874,14 @@ def collect_pairs(url: str, cfg: Config, model_version: str | None = None) -> tu
     """The store's pairs through the same validation, filters and dedup as ``rlchat data prepare``.
 
     Returns:
-        The collector (``kept`` rows in :data:`rlchat.data.PREPARED_SCHEMA` columns), the source name rows
+        The collector (``kept`` rows in :data:`rlchat.core.data.PREPARED_SCHEMA` columns), the source name rows
         point at (``<url>#pairs:<id>``) and how many pairs were read.
 
     Raises:
         StoreUnavailable: the database cannot be reached.
         DataError: a bad pair with ``data.on_error: fail``.
     """
-    from rlchat.data import Collector, needs_tokens, process_chunk
+    from rlchat.core.data import Collector, needs_tokens, process_chunk
 
     store = FeedbackStore(url)
     try:
@@ -901,7 +901,7 @@ def collect_pairs(url: str, cfg: Config, model_version: str | None = None) -> tu
     }
     tok = None
     if needs_tokens(cfg.data):
-        from rlchat.tokenizer import ChatTokenizer
+        from rlchat.core.tokenizer import ChatTokenizer
 
         tok = ChatTokenizer.from_config(cfg.tokenizer)
     collector = Collector(cfg.data.on_error, cfg.data)
@@ -910,14 +910,14 @@ def collect_pairs(url: str, cfg: Config, model_version: str | None = None) -> tu
 
 
 def load_records(url: str, split: str = "train", cfg: Config | None = None) -> list[Record]:
-    """Preference records of a store for a training stage (what :func:`rlchat.data.load_records` is for files):
+    """Preference records of a store for a training stage (what :func:`rlchat.core.data.load_records` is for files):
     validated, filtered and deduplicated per ``cfg.data``, split train/val by ``cfg.seed``.
 
     Raises:
         StoreUnavailable: the database cannot be reached.
     """
-    from rlchat.config import Config
-    from rlchat.data import Record, split_rows
+    from rlchat.core.config import Config
+    from rlchat.core.data import Record, split_rows
 
     cfg = cfg or Config()
     if split not in ("train", "val", "all"):

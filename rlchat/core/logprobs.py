@@ -1,6 +1,6 @@
 """Log-probs and entropies of chosen tokens from hidden states, without ever holding ``(N, V)`` logits.
 
-Pure torch maths beside :mod:`rlchat.ppo`: the learner, the reference pass and evaluation call
+Pure torch maths beside :mod:`rlchat.core.ppo`: the learner, the reference pass and evaluation call
 :func:`chunked_logprobs` with the trunk's final hidden rows at action positions and the LM head's weight.
 
 Why tiles of the vocabulary. At a real vocabulary (cl100k: 100,277 ids) and a small or medium trunk the LM head
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from rlchat.errors import ConfigError
+from rlchat.core.errors import ConfigError
 
 BLOCK_V = 4096
 """Vocabulary ids per tile: a ``(1024, 4096)`` fp32 tile is 16 MB, and the matmuls stay large enough to run
@@ -219,7 +219,7 @@ def chunked_logprobs(
         chunk_size: rows per chunk; peak extra memory is one ``(chunk_size, block_v)`` fp32 tile.
         compute_entropy: False skips the entropy (returned as zeros).
         matmul_dtype: bf16 to run the head matmul in bf16 (fp32 accumulation and softmax), None for fp32.
-        transform: ``(scale, softcap)`` from :func:`rlchat.model.logit_transform`.
+        transform: ``(scale, softcap)`` from :func:`rlchat.core.model.logit_transform`.
         temperature: softmax temperature (> 0) applied last; entropy is that of the tempered distribution.
         block_v: vocabulary ids per tile.
 

@@ -35,11 +35,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlchat import ppo as _ppo
-from rlchat.errors import RLChatError
+from rlchat.core import ppo as _ppo
+from rlchat.core.errors import RLChatError
 
 if TYPE_CHECKING:
-    from rlchat.config import Config
+    from rlchat.core.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def make_run_dir(run_dir: str | Path | None, stage: str, root: str | Path = "run
 
     Returns:
         The run directory, absolute (Ray workers run in other working directories; see
-        :func:`rlchat.config.resolve_path`). ``config.yaml`` is written by :func:`write_run_config`.
+        :func:`rlchat.core.config.resolve_path`). ``config.yaml`` is written by :func:`write_run_config`.
     """
     if run_dir is not None:
         path = Path(run_dir).expanduser().resolve()
@@ -174,7 +174,7 @@ def make_run_dir(run_dir: str | Path | None, stage: str, root: str | Path = "run
                 path = base.with_name(f"{base.name}-{n}")
     for sub in RUN_SUBDIRS:
         (path / sub).mkdir(exist_ok=True)
-    from rlchat.console import attach_run_dir
+    from rlchat.core.console import attach_run_dir
 
     attach_run_dir(path)
     return path
@@ -182,7 +182,7 @@ def make_run_dir(run_dir: str | Path | None, stage: str, root: str | Path = "run
 
 def write_run_config(run_dir: str | Path, cfg: Config) -> Path:
     """Write the resolved config to ``run_dir/config.yaml`` (atomically) and return its path."""
-    from rlchat.config import to_yaml
+    from rlchat.core.config import to_yaml
 
     path = Path(run_dir) / CONFIG_FILE
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -273,7 +273,7 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
             if config is not None:
-                from rlchat.config import to_yaml
+                from rlchat.core.config import to_yaml
 
                 self._tb.add_text("config", "```\n" + to_yaml(config) + "\n```", 0)
         uri = os.environ.get("MLFLOW_TRACKING_URI", "") if mlflow_uri is None else mlflow_uri

@@ -1,7 +1,7 @@
 """Models: the policy with its value head, tiny demo models, vocabulary bridging and the reward model.
 
 - :class:`PolicyValueModel` wraps any ``transformers`` causal LM (a local path, a hub id, or a tiny model built from
-  :class:`~rlchat.config.ModelConfig`) plus a scalar value head, either on the policy's own trunk (``critic: shared``)
+  :class:`~rlchat.core.config.ModelConfig`) plus a scalar value head, either on the policy's own trunk (``critic: shared``)
   or on a second trunk of the same config (``critic: separate``). One causal forward gives log-probs, entropy and
   values for every position, aligned so that position ``t`` holds the quantities *for generating token t*.
 - :func:`load_lm` bridges vocabularies: chat special tokens the model lacks get new embedding rows initialised
@@ -44,13 +44,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlchat.errors import CheckpointError, ConfigError, TokenizerError
+from rlchat.core.errors import CheckpointError, ConfigError, TokenizerError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from rlchat.config import Config, ModelConfig
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.config import Config, ModelConfig
+    from rlchat.core.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def _vocabulary_matches(path: str, tokenizer: ChatTokenizer) -> bool | None:
     """
     d = Path(path)
     if (d / "rlchat_tokenizer.json").is_file():
-        from rlchat.tokenizer import ChatTokenizer
+        from rlchat.core.tokenizer import ChatTokenizer
 
         other = ChatTokenizer.load(d)
         return other.enc.name == tokenizer.enc.name and other.special_ids == tokenizer.special_ids
@@ -438,7 +438,7 @@ def logit_transform(config: Any) -> tuple[float, float]:
 
 
 # The chunked log-prob maths lives in its own pure module; these names stay importable from here.
-from rlchat.logprobs import ChunkedLogprobs, chunk_logits, chunked_logprobs  # noqa: E402,F401
+from rlchat.core.logprobs import ChunkedLogprobs, chunk_logits, chunked_logprobs  # noqa: E402,F401
 
 # --------------------------------------------------------------------------------------------------------------
 # Policy + value
@@ -790,7 +790,7 @@ class RewardModel(nn.Module):
             if cfg.rm.init_from:
                 # InstructGPT's recipe: the SFT policy's trunk already reads the task (here: the arithmetic behind a
                 # wrong answer); a reward model learned on top of it generalises far better than one from scratch.
-                from rlchat.checkpoint import load_policy
+                from rlchat.core.checkpoint import load_policy
 
                 if cfg.rm.name_or_path:
                     raise ConfigError(

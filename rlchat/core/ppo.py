@@ -70,8 +70,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from rlchat.config import PPOConfig
-from rlchat.errors import CheckpointError, ConfigError
+from rlchat.core.config import PPOConfig
+from rlchat.core.errors import CheckpointError, ConfigError
 
 # --------------------------------------------------------------------------------------------------------------
 # Metric keys (the learner, metrics writers, guardrails and Tune stoppers import these; never spell the strings)

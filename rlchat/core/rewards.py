@@ -1,6 +1,6 @@
 """The reward library: every score an assistant turn can earn, weighted by ``cfg.reward``.
 
-One :class:`RewardFunction` is built from :class:`rlchat.config.RewardConfig`; it scores one assistant reply
+One :class:`RewardFunction` is built from :class:`rlchat.core.config.RewardConfig`; it scores one assistant reply
 (``__call__``, what the Gymnasium env calls at the end of a turn) or a batch of replies (``score_batch``, where the
 learned reward model, the sentence encoder and the safety classifier run one forward per batch). It returns a
 :class:`RewardResult`: ``components`` holds each enabled component's **unweighted** value and ``total`` is
@@ -43,7 +43,7 @@ n-gram, first occurrence included, so the same reply gets -1. It measures how mu
 repeats, which is what degenerate loops look like. :func:`repeated_ngram_fraction` (= 1 - distinct-n, "rep-n")
 is kept for the PPO guardrail ``ppo.max_repetition``.
 
-Every value is checked: a NaN or infinity from any component raises :class:`rlchat.errors.RewardError` naming the
+Every value is checked: a NaN or infinity from any component raises :class:`rlchat.core.errors.RewardError` naming the
 component, never a silent NaN reward. Heavy models (sentence encoder, classifier, reward model) load lazily on the
 first batch that needs them, so building a RewardFunction (in every env) is cheap. This module never imports Ray.
 """
@@ -64,12 +64,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rlchat.errors import ConfigError, RewardError
+from rlchat.core.errors import ConfigError, RewardError
 
 if TYPE_CHECKING:
-    from rlchat.config import RewardConfig
-    from rlchat.data import Record
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.config import RewardConfig
+    from rlchat.core.data import Record
+    from rlchat.core.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ class CheckpointRMScorer:
         self._max_len = 0
 
     def _load(self) -> None:
-        from rlchat.checkpoint import load_reward_model  # lazy: keeps torch/transformers off the env's import path
+        from rlchat.core.checkpoint import load_reward_model  # lazy: keeps torch/transformers off the env's import path
 
         self._rm, self._tok, _ckpt = load_reward_model(self.path)
         self._rm.eval()

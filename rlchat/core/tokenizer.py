@@ -40,7 +40,7 @@ from typing import Any
 
 import tiktoken
 
-from rlchat.errors import RLChatError, TokenizerError
+from rlchat.core.errors import RLChatError, TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class ChatTokenizer:
 
     @classmethod
     def from_config(cls, cfg: Any) -> ChatTokenizer:
-        """From a :class:`rlchat.config.TokenizerConfig`."""
+        """From a :class:`rlchat.core.config.TokenizerConfig`."""
         return cls(cfg.encoding, cfg.vocab_size, cfg.pattern)
 
     # ---------------------------------------------------------------- plain text

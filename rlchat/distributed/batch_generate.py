@@ -8,10 +8,10 @@
 The job, in order (each step is a function here; docs/batch_generate.md has the user's view):
 
 1. **Read and validate** (:func:`read_prompts`, in the driver, before any model is loaded). Inputs go through
-   :mod:`rlchat.data`'s readers, line decoding, record validation and error policy, so bad lines are handled as
+   :mod:`rlchat.core.data`'s readers, line decoding, record validation and error policy, so bad lines are handled as
    ``rlchat data`` handles them: the first one fails with ``path:line: field: expected ..., found ...``, or
    ``--on-error skip`` skips and reports each. A record needs only a prompt: inputs are parsed on data's
-   reply-optional path (:func:`rlchat.data.parse_record` with ``require_reply=False``), so ``{"prompt": "..."}``,
+   reply-optional path (:func:`rlchat.core.data.parse_record` with ``require_reply=False``), so ``{"prompt": "..."}``,
    a ``messages`` / ``conversations`` list ending with the user turn, or an alpaca ``instruction`` without
    ``output`` are inputs as PPO prompt sets are. The prompt (:func:`prompt_of`) is rendered
    with the one chat template; a prompt that leaves no room for ``--max-tokens`` in the model's context is a bad
@@ -24,8 +24,8 @@ The job, in order (each step is a function here; docs/batch_generate.md has the 
    (``from_items``, in blocks of one call's worth) mapped with ``map_batches`` over a fixed pool of
    ``--concurrency`` :class:`GenerateWorker` actors. Each actor loads the checkpoint **once** in ``__init__`` and
    per call generates the ``n`` samples of ``--batch-size // n`` prompts as one engine batch
-   (:func:`generate_rows`: :class:`~rlchat.generation.GenerationEngine`, plus
-   :class:`~rlchat.rewards.RewardFunction` with ``--rewards``). The same code scales from a laptop to a cluster:
+   (:func:`generate_rows`: :class:`~rlchat.core.generation.GenerationEngine`, plus
+   :class:`~rlchat.core.rewards.RewardFunction` with ``--rewards``). The same code scales from a laptop to a cluster:
    actors go wherever Ray has room, one CPU and one torch thread each, or one GPU each when the cluster has
    GPUs (:func:`worker_resources` says why one thread).
 4. **Write shards** (:class:`ShardStore`): the driver collects the returned rows per shard (with a tqdm bar) and
@@ -53,7 +53,7 @@ Output columns (:func:`output_schema`), one row per sample, ordered by ``(row, s
 assistant reply, if it had one), ``reference``, ``meta`` (JSON of the record's other keys, e.g. an ``id``),
 ``reply`` (text, cut before a stop string), ``finish_reason`` (``stop`` / ``length``), ``prompt_tokens``,
 ``completion_tokens`` (generated ids, end-of-turn included), ``seed``; with ``--logprobs`` ``completion_ids`` and
-``logprobs`` (per generated token, under the distribution sampled from, see :mod:`rlchat.generation`); with
+``logprobs`` (per generated token, under the distribution sampled from, see :mod:`rlchat.core.generation`); with
 ``--rewards`` ``reward`` (the weighted total) and ``reward_components`` (one field per enabled component of the
 checkpoint's ``reward`` config).
 """
@@ -81,7 +81,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rlchat import __version__
-from rlchat.data import (
+from rlchat.core.data import (
     FORMATS,
     MAX_LINE_BYTES,
     MESSAGES_TYPE,
@@ -94,13 +94,13 @@ from rlchat.data import (
     iter_chunks,
     parse_record,
 )
-from rlchat.errors import ConfigError, DataError, RLChatError
+from rlchat.core.errors import ConfigError, DataError, RLChatError
 
 if TYPE_CHECKING:
-    from rlchat.checkpoint import Checkpoint
-    from rlchat.generation import GenerationEngine, SamplingParams
-    from rlchat.rewards import RewardFunction
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.checkpoint import Checkpoint
+    from rlchat.core.generation import GenerationEngine, SamplingParams
+    from rlchat.core.rewards import RewardFunction
+    from rlchat.core.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ MAX_SKIPPED_IN_MANIFEST = 10_000
 
 
 def prompt_of(rec: Record) -> tuple[list[Message], str | None]:
-    """The messages a new reply answers (:meth:`rlchat.data.Record.prompt_messages`), and the input's own reply
+    """The messages a new reply answers (:meth:`rlchat.core.data.Record.prompt_messages`), and the input's own reply
     to them (if it has one).
 
     A conversation ending with an assistant message is answered anew from the messages before it (the input
@@ -169,8 +169,8 @@ def read_prompts(
     Args:
         inputs: files or directories.
         tokenizer: the checkpoint's chat tokenizer (renders each prompt).
-        fmt: ``"auto"`` or a name from :data:`rlchat.data.FORMATS`.
-        on_error: ``"fail"`` or ``"skip"`` (:class:`rlchat.data.Collector` applies it, as ``rlchat data`` does).
+        fmt: ``"auto"`` or a name from :data:`rlchat.core.data.FORMATS`.
+        on_error: ``"fail"`` or ``"skip"`` (:class:`rlchat.core.data.Collector` applies it, as ``rlchat data`` does).
         max_prompt_tokens: a rendered prompt longer than this is a bad record (None = no limit).
         max_line_bytes: a longer input line is a bad record (``data.max_line_bytes``, as ``rlchat data`` reads).
 
@@ -226,7 +226,7 @@ def read_prompts(
 
 def derive_sample_seed(seed: int, row: int, sample: int) -> int:
     """The seed of sample ``sample`` of input row ``row``: the same in every run, batch and process."""
-    from rlchat.rollout import derive_seed
+    from rlchat.distributed.rollout import derive_seed
 
     return derive_seed(seed, row, sample)
 
@@ -391,7 +391,7 @@ def generate_rows(
 
 def set_thread_budget(n: int) -> None:
     """Give this process ``n`` torch threads (docs/ARCHITECTURE.md "Threads": budgets sum to the cores owned)."""
-    from rlchat.rollout import set_torch_threads
+    from rlchat.distributed.rollout import set_torch_threads
 
     set_torch_threads(n)
 
@@ -423,8 +423,8 @@ class GenerateWorker:
     ) -> None:
         from transformers.utils import logging as hf_logging
 
-        from rlchat.checkpoint import load_policy
-        from rlchat.generation import GenerationEngine
+        from rlchat.core.checkpoint import load_policy
+        from rlchat.core.generation import GenerationEngine
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bar would interleave the driver's bar
         if device == "cpu":
@@ -435,7 +435,7 @@ class GenerateWorker:
         self.schema = output_schema(logprobs, reward_components)
         self.reward_fn = None
         if reward_components is not None:
-            from rlchat.rewards import RewardFunction
+            from rlchat.core.rewards import RewardFunction
 
             self.reward_fn = RewardFunction(ckpt.config.reward, tok)
 
@@ -788,7 +788,7 @@ def _check_options(params: SamplingParams, n: int, batch_size: int, concurrency:
 
 def _reward_components(ckpt: Checkpoint, tokenizer: ChatTokenizer) -> list[str]:
     """The enabled components of the checkpoint's reward config (built once here, so a bad config fails early)."""
-    from rlchat.rewards import RewardFunction
+    from rlchat.core.rewards import RewardFunction
 
     names = RewardFunction(ckpt.config.reward, tokenizer).component_names
     if not names:
@@ -957,7 +957,7 @@ def generate(
         jsonl: also write ``generations.jsonl``.
         logprobs: add per-token ``completion_ids`` and ``logprobs`` columns.
         rewards: score every reply with the checkpoint's ``reward`` config (total and components).
-        fmt: ``"auto"`` or a record format of :mod:`rlchat.data`.
+        fmt: ``"auto"`` or a record format of :mod:`rlchat.core.data`.
         on_error: ``"fail"`` (the first bad record stops the run) or ``"skip"`` (skip and report).
         address: Ray address (None: ``RAY_ADDRESS`` or a local Ray started here; an initialised Ray is reused).
         shard_rows: prompts per shard (the unit of resumption; must match an earlier run's).
@@ -973,8 +973,8 @@ def generate(
     """
     from tqdm import tqdm
 
-    from rlchat.checkpoint import POLICY_STAGES, read_checkpoint, resolve_checkpoint_dir
-    from rlchat.console import console
+    from rlchat.core.checkpoint import POLICY_STAGES, read_checkpoint, resolve_checkpoint_dir
+    from rlchat.core.console import console
 
     t_start = time.perf_counter()
     # 1. options and the checkpoint (meta and tokenizer only: the workers load the weights)
@@ -1023,7 +1023,7 @@ def generate(
     if pending:
         import ray
 
-        from rlchat.cluster import init_ray
+        from rlchat.distributed.cluster import init_ray
 
         def on_shard(index: int, stats: dict[str, Any]) -> None:
             done[index] = stats
@@ -1197,7 +1197,7 @@ def generate_command(
     **_: Any,
 ) -> int:
     """``rlchat generate``: run :func:`generate`, print each skipped line, the summary and the files written."""
-    from rlchat.generation import SamplingParams
+    from rlchat.core.generation import SamplingParams
 
     params = SamplingParams(
         max_new_tokens=max_tokens,

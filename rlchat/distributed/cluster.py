@@ -27,12 +27,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlchat.errors import ConfigError
+from rlchat.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
-    from rlchat.config import Config
+    from rlchat.core.config import Config
 
 logger = logging.getLogger(__name__)
 

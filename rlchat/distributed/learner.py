@@ -5,12 +5,12 @@ RLlib's learner works per timestep -- it forwards the whole context once per gen
 step and takes its KL to the previous policy, not to a frozen reference; on the same env and model on a 2-core CPU
 its stock PPO took 16x (16-token replies) to 33x (112 tokens) longer per env step than this learner. Here one
 causal forward per sequence gives log-probs, entropy and values at every position, and all PPO maths lives in
-:mod:`rlchat.ppo` as pure functions. Ray Train still owns what it is good at: the worker group, its placement
+:mod:`rlchat.core.ppo` as pure functions. Ray Train still owns what it is good at: the worker group, its placement
 group (so rollouts cannot starve the learner), device placement and the DDP process group.
 
 Data-parallel layout (exactly equal to one worker on the same batch; tested):
 
-1. every rank receives the whole :class:`~rlchat.batch.RolloutBatch` (one object-store read each);
+1. every rank receives the whole :class:`~rlchat.core.batch.RolloutBatch` (one object-store read each);
 2. rank r runs the no-grad passes (old log-probs, values, reference log-probs) on rows ``r::world`` and the
    results are all-gathered, so every rank holds identical batch-wide targets (KL-shaped rewards, GAE, whitening);
 3. each minibatch is a slice of one global permutation (seeded by seed, iteration, epoch); rank r trains on its rows
@@ -33,7 +33,7 @@ Deviations from a textbook PPO step, and why:
 
 The driver calls one :class:`LearnerRank` (update, weights, save, load, restore, evaluate, set_learning_rate,
 set_kl_coef): in its own process (:class:`LocalLearner`), or on every Ray Train rank through :class:`LearnerGroup`,
-the typed rank group of :mod:`rlchat.rank_group` (Ray Train started once per run, not once per step: its start-up
+the typed rank group of :mod:`rlchat.distributed.rank_group` (Ray Train started once per run, not once per step: its start-up
 costs ~17 s on 2 cores). The driver keeps the loop -- sample -> update -> sync -> log.
 """
 
@@ -48,23 +48,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlchat import ppo
-from rlchat.batch import RolloutBatch
-from rlchat.config import Config, check_context_limits
-from rlchat.errors import ConfigError, RLChatError
-from rlchat.metrics import PPO_BEHAVIOUR_LOGPROB_MAXDIFF as BEHAVIOUR_DIFF
-from rlchat.metrics import PPO_EARLY_STOPPED as EARLY_STOPPED
-from rlchat.metrics import PPO_EPOCHS_RUN as EPOCHS_RUN
-from rlchat.metrics import PPO_GRAD_NORM as GRAD_NORM
-from rlchat.metrics import PPO_LR as LR
-from rlchat.model import PolicyLM, PolicyValueModel
-from rlchat.rank_group import RankContext, RankGroup, rank0_only
+from rlchat.core import ppo
+from rlchat.core.batch import RolloutBatch
+from rlchat.core.config import Config, check_context_limits
+from rlchat.core.errors import ConfigError, RLChatError
+from rlchat.core.metrics import PPO_BEHAVIOUR_LOGPROB_MAXDIFF as BEHAVIOUR_DIFF
+from rlchat.core.metrics import PPO_EARLY_STOPPED as EARLY_STOPPED
+from rlchat.core.metrics import PPO_EPOCHS_RUN as EPOCHS_RUN
+from rlchat.core.metrics import PPO_GRAD_NORM as GRAD_NORM
+from rlchat.core.metrics import PPO_LR as LR
+from rlchat.core.model import PolicyLM, PolicyValueModel
+from rlchat.distributed.rank_group import RankContext, RankGroup, rank0_only
 
 logger = logging.getLogger(__name__)
 
 
 def _derive_seed(*parts: int) -> int:
-    from rlchat.rollout import derive_seed
+    from rlchat.distributed.rollout import derive_seed
 
     return derive_seed(*parts)
 
@@ -77,7 +77,7 @@ def check_ppo_config(cfg: Config) -> None:
         ConfigError: ``model.dropout > 0``. The learner runs every forward with dropout off so that its log-probs
             equal the (eval-mode) rollouts' and the old log-probs equal the gradient pass's at the start of an
             update; a dropout the user asked for would be silently ignored, so it is refused instead. Also an
-            ``env.max_context`` beyond the policy's positions (:func:`rlchat.config.check_context_limits`).
+            ``env.max_context`` beyond the policy's positions (:func:`rlchat.core.config.check_context_limits`).
     """
     if cfg.model.dropout > 0:
         raise ConfigError(
@@ -88,7 +88,7 @@ def check_ppo_config(cfg: Config) -> None:
     model_dir = None
     if cfg.checkpoint.init_from:
         # Checked here, before any worker starts, so a wrong path is one clear line instead of a worker traceback.
-        from rlchat.checkpoint import POLICY_STAGES, read_checkpoint
+        from rlchat.core.checkpoint import POLICY_STAGES, read_checkpoint
 
         model_dir = read_checkpoint(cfg.checkpoint.init_from, expect_stage=POLICY_STAGES).path
     check_context_limits(cfg, model_dir)
@@ -363,7 +363,7 @@ class Learner:
         checkpoint written under other values (a PBT explore step copied another trial's checkpoint, or ``--resume``
         with an override) keeps its Adam moments, schedule position and LR scale, and takes this config's values
         through :meth:`set_learning_rate` / :meth:`set_kl_coef`."""
-        from rlchat.checkpoint import read_checkpoint
+        from rlchat.core.checkpoint import read_checkpoint
 
         ck = read_checkpoint(path)
         self.policy.load_state_dict(PolicyValueModel.from_pretrained(ck.path, self.cfg).state_dict())
@@ -485,10 +485,10 @@ def _group_ids(batch: RolloutBatch, device: torch.device) -> torch.Tensor:
 def build_models(cfg: Config, device: torch.device) -> tuple[PolicyValueModel, PolicyLM | None, Any]:
     """The policy (from ``checkpoint.init_from`` or built from the config) and its frozen reference: a copy of the
     policy's LM only (no value head, no critic trunk), None when no KL penalty is used."""
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.tokenizer import ChatTokenizer
 
     if cfg.checkpoint.init_from:
-        from rlchat.checkpoint import load_policy
+        from rlchat.core.checkpoint import load_policy
 
         policy, tokenizer, _ = load_policy(cfg.checkpoint.init_from)
         policy.precision = cfg.model.precision
@@ -509,7 +509,7 @@ class LearnerRank:
     """The PPO learner as the driver calls it: one per rank under Ray Train, or the whole learner in process.
 
     :class:`LearnerGroup` builds one on every Ray Train rank and runs the driver's calls on them (a
-    :class:`~rlchat.rank_group.RankGroup`); :class:`LocalLearner` is one built in the driver process
+    :class:`~rlchat.distributed.rank_group.RankGroup`); :class:`LocalLearner` is one built in the driver process
     (``ray.learner_workers=0``) and called directly -- the same methods either way. Around :class:`Learner` (the
     maths) it holds what the driver needs: weights for the samplers (``ctx.share``: an object-store ref from a Ray
     rank, the state dict itself in process; only rank 0 hands them over), checkpoints (rank 0 writes), the restore
@@ -525,7 +525,7 @@ class LearnerRank:
     """
 
     def __init__(self, ctx: RankContext, cfg: Config | dict[str, Any]) -> None:
-        from rlchat.config import from_dict
+        from rlchat.core.config import from_dict
 
         self.ctx = ctx
         self.cfg = from_dict(cfg) if isinstance(cfg, dict) else cfg
@@ -547,7 +547,7 @@ class LearnerRank:
         return self._shared_weights(), self.learner.version
 
     def update(self, batch: Any, iteration: int) -> tuple[dict[str, float], Any, int]:
-        """One PPO update (:meth:`Learner.update`) on a :class:`~rlchat.batch.RolloutBatch` (the driver passes an
+        """One PPO update (:meth:`Learner.update`) on a :class:`~rlchat.core.batch.RolloutBatch` (the driver passes an
         ``ObjectRef`` of it to a :class:`LearnerGroup`; each rank fetches it); returns (metrics +
         ``perf/learner_update_s``, new weights, their version)."""
         t0 = time.perf_counter()
@@ -560,7 +560,7 @@ class LearnerRank:
         self, run_dir: str, step: int, metrics: dict[str, float], driver_state: dict[str, Any] | None = None
     ) -> str:
         """Checkpoint ``step`` into ``run_dir/checkpoints``; ``driver_state`` is stored in its train state."""
-        from rlchat.checkpoint import CheckpointManager
+        from rlchat.core.checkpoint import CheckpointManager
 
         manager = CheckpointManager.from_config(run_dir, self.cfg, "ppo")
         path = manager.save(
@@ -600,7 +600,7 @@ class LearnerRank:
     @rank0_only
     def evaluate(self, conversations: list[list[dict[str, str]]]) -> dict[str, float]:
         """Teacher-forced perplexity / accuracy of the policy on reference conversations."""
-        from rlchat.evaluation import teacher_forced_metrics
+        from rlchat.core.evaluation import teacher_forced_metrics
 
         return teacher_forced_metrics(self.learner.policy, self.tokenizer, conversations)
 
@@ -618,14 +618,14 @@ class LearnerRank:
 
 
 class LearnerGroup(RankGroup):
-    """The PPO learner on ``ray.learner_workers`` Ray Train ranks: a :class:`~rlchat.rank_group.RankGroup` of
+    """The PPO learner on ``ray.learner_workers`` Ray Train ranks: a :class:`~rlchat.distributed.rank_group.RankGroup` of
     :class:`LearnerRank`, whose methods it mirrors (``group.update(batch_ref, iteration)`` runs
     :meth:`LearnerRank.update` on every rank and returns rank 0's result).
 
     Ray Train places the ranks in its own placement group with the learner's resources (``ray.learner_*``), so
     rollout actors can never take the learner's GPUs/CPUs; after a rank dies it restarts them (at most
-    ``ray.learner_max_failures`` times) and the next call raises :class:`~rlchat.rank_group.RankGroupRestarted`,
-    on which :class:`~rlchat.trainer.PPOTrainer` restores the last checkpoint.
+    ``ray.learner_max_failures`` times) and the next call raises :class:`~rlchat.distributed.rank_group.RankGroupRestarted`,
+    on which :class:`~rlchat.distributed.trainer.PPOTrainer` restores the last checkpoint.
     """
 
     def __init__(self, cfg: Config, run_dir: str, timeout_s: float = 1800.0) -> None:
@@ -650,8 +650,8 @@ class LocalLearner(LearnerRank):
     """
 
     def __init__(self, cfg: Config, run_dir: str = "") -> None:
-        from rlchat.cluster import torch_thread_budget
-        from rlchat.rollout import set_torch_threads
+        from rlchat.distributed.cluster import torch_thread_budget
+        from rlchat.distributed.rollout import set_torch_threads
 
         set_torch_threads(torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, 1, cfg.rollout.overlap))
         super().__init__(RankContext(), cfg)

@@ -1,19 +1,19 @@
-"""``rlchat data prepare`` and ``rlchat data stats``: the Ray Data job over :mod:`rlchat.data`'s core functions.
+"""``rlchat data prepare`` and ``rlchat data stats``: the Ray Data job over :mod:`rlchat.core.data`'s core functions.
 
     rlchat data prepare data/*.jsonl --out prepared/ [--format auto] [--on-error fail|skip] [--config FILE]
     rlchat data stats prepared/
 
 How the work is divided, and why:
 
-1. The driver reads the input files into chunks of raw lines (:func:`rlchat.data.iter_chunks`). Inputs are local
+1. The driver reads the input files into chunks of raw lines (:func:`rlchat.core.data.iter_chunks`). Inputs are local
    paths given on the command line, which other nodes of a cluster may not see, so the driver reads the bytes and
    ships them through the object store; nothing is decoded yet.
-2. Ray Data runs :func:`rlchat.data.process_chunk` over the chunks in parallel tasks (``map_batches``): decoding,
+2. Ray Data runs :func:`rlchat.core.data.process_chunk` over the chunks in parallel tasks (``map_batches``): decoding,
    validation, normalisation, tokenization, filter checks and MinHash signatures, the CPU-heavy part. Bad lines
    come back as rows carrying the reason instead of raising inside a task.
-3. The driver consumes the rows **in input order** (``preserve_order``) with :class:`rlchat.data.Collector`: the
+3. The driver consumes the rows **in input order** (``preserve_order``) with :class:`rlchat.core.data.Collector`: the
    first bad record in fail mode is the first in the files, whatever the scheduling; exact and MinHash-LSH dedup
-   keep the first occurrence; the seeded split (:func:`rlchat.data.split_rows`) does not depend on the order.
+   keep the first occurrence; the seeded split (:func:`rlchat.core.data.split_rows`) does not depend on the order.
 4. The driver writes ``train.parquet`` / ``val.parquet`` (records + token ids, the tokenizer in the schema
    metadata), ``stats.json`` and ``stats.png``, through a temporary directory so a failed run leaves no partial
    output.
@@ -22,9 +22,9 @@ The same command runs on a cluster with ``--address`` (or ``RAY_ADDRESS`` / ``ra
 starts a local Ray by itself.
 
 Prompt-only records (no reply: ``{"prompt": ..., "reference": ...}``, a conversation ending with the user turn; see
-:mod:`rlchat.data`) are kept, with no flag: preparing does not know which stage the files are for, and a prepared
+:mod:`rlchat.core.data`) are kept, with no flag: preparing does not know which stage the files are for, and a prepared
 prompt set is as useful as a prepared SFT set. The stage that loads the directory decides: as ``data.prompts`` they
-are prompts; as SFT or reward-model data :func:`rlchat.data.load_records` refuses each one with the ``path:line`` it
+are prompts; as SFT or reward-model data :func:`rlchat.core.data.load_records` refuses each one with the ``path:line`` it
 came from. ``stats.json`` counts them (``prompt_only``) and the stats table shows the count.
 """
 
@@ -43,8 +43,8 @@ from typing import Any, cast
 import pyarrow as pa
 
 from rlchat import __version__
-from rlchat.config import Config, DataConfig, TokenizerConfig, load_config
-from rlchat.data import (
+from rlchat.core.config import Config, DataConfig, TokenizerConfig, load_config
+from rlchat.core.data import (
     FORMATS,
     PREPARED_SCHEMA,
     WORK_SCHEMA,
@@ -56,8 +56,8 @@ from rlchat.data import (
     process_chunk,
     split_rows,
 )
-from rlchat.errors import DataError
-from rlchat.tokenizer import ChatTokenizer
+from rlchat.core.errors import DataError
+from rlchat.core.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class PrepareResult:
 def _process_batch(
     batch: pa.Table, fmt: str, tokenizer: TokenizerConfig, data: DataConfig, max_line_bytes: int
 ) -> pa.Table:
-    """Ray Data UDF: chunks of raw lines -> one row per line (:data:`rlchat.data.WORK_SCHEMA`).
+    """Ray Data UDF: chunks of raw lines -> one row per line (:data:`rlchat.core.data.WORK_SCHEMA`).
 
     Prompt-only records are accepted (``require_reply=False``; the module doc says why).
     """
@@ -146,7 +146,7 @@ def _run_ray(
                 "max_line_bytes": cfg.data.max_line_bytes,
             },
         )
-        from rlchat.console import console
+        from rlchat.core.console import console
 
         bar_args = {"unit": "rec", "desc": "prepare", "disable": not progress, "dynamic_ncols": True}
         with tqdm(total=total, file=console(), **bar_args) as bar:

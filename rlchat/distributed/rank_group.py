@@ -15,7 +15,7 @@ Top-level ``ObjectRef`` arguments are fetched on each rank (one object-store rea
 through a Ray queue, or through the object store for methods marked ``rank0_only(large_result=True)``. The same
 learner object runs in the driver process when there is no Ray (``RankContext()``), called directly.
 
-Errors: a rank's exception comes back as an exception on the driver. An :class:`~rlchat.errors.RLChatError`
+Errors: a rank's exception comes back as an exception on the driver. An :class:`~rlchat.core.errors.RLChatError`
 (a bad config, data or checkpoint) is re-raised as the same type with the same message, so the CLI prints one
 clean line; anything else becomes a :class:`RankError` naming the rank and the method. Both carry the rank's
 traceback text (``remote_traceback``). The rank itself keeps serving, so a user error never costs a restart.
@@ -53,10 +53,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from rlchat.errors import ConfigError, RLChatError
+from rlchat.core.errors import ConfigError, RLChatError
 
 if TYPE_CHECKING:
-    from rlchat.config import Config
+    from rlchat.core.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -307,8 +307,8 @@ def _rank_main(spec: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from rlchat.cluster import torch_thread_budget
-    from rlchat.rollout import set_torch_threads
+    from rlchat.distributed.cluster import torch_thread_budget
+    from rlchat.distributed.rollout import set_torch_threads
 
     train_ctx = ray.train.get_context()
     requested, reserved, overlap = spec["threads"]
@@ -365,7 +365,7 @@ def _rank_main(spec: dict[str, Any]) -> None:
 
 def forwarded_test_env() -> dict[str, str]:
     """The driver's ``RLCHAT_TEST_*`` variables (forwarded to workers so tests can arm worker-side hooks)."""
-    from rlchat.rollout import TEST_ENV_PREFIX
+    from rlchat.distributed.rollout import TEST_ENV_PREFIX
 
     return {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
 
@@ -380,7 +380,7 @@ class RankGroup:
         args: its arguments (picklable; top-level ObjectRefs are fetched on each rank).
         cfg: the run config: ``ray.learner_workers`` ranks with ``ray.learner_cpus`` CPUs, a GPU each when
             ``ray.learner_use_gpu``, ``ray.learner_resources``, ``ray.learner_threads`` torch threads (auto:
-            :func:`rlchat.cluster.torch_thread_budget`), ``ray.learner_max_failures`` restarts.
+            :func:`rlchat.distributed.cluster.torch_thread_budget`), ``ray.learner_max_failures`` restarts.
         run_dir: the run directory (Ray Train's own files go to ``run_dir/ray_train``).
         name: what messages call the group (``learner``, ``sft``, ``rm``).
         overlap: whether rollouts sample while this group trains (the thread budget then keeps to the reservation).

@@ -6,7 +6,7 @@ assistant turn of all live envs is one batched KV-cache generation: each generat
 run one such round per assistant turn (the user's next message is appended by the env as observation tokens, and
 the next round prefills the whole context again -- one prefill per turn instead of splicing tokens into the cache).
 
-Samplers only act: the :class:`~rlchat.batch.RolloutBatch` they return holds ids, masks, behaviour log-probs of
+Samplers only act: the :class:`~rlchat.core.batch.RolloutBatch` they return holds ids, masks, behaviour log-probs of
 the chosen tokens, turn-end scores and reward components; values, advantages and reference log-probs are the
 learner's job.
 
@@ -46,23 +46,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlchat.batch import RolloutBatch
-from rlchat.config import Config
-from rlchat.generation import GenerationEngine, SamplingParams
-from rlchat.tokenizer import ChatTokenizer
+from rlchat.core.batch import RolloutBatch
+from rlchat.core.config import Config
+from rlchat.core.generation import GenerationEngine, SamplingParams
+from rlchat.core.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 
-# Worker-side metric keys (the driver logs rollout/* from rlchat.metrics; the learner adds ppo/* and kl/*).
+# Worker-side metric keys (the driver logs rollout/* from rlchat.core.metrics; the learner adds ppo/* and kl/*).
 SAMPLE_TOKENS = "perf/sample_tokens"
 SAMPLE_S = "perf/worker_sample_s"
 CUT_EPISODES = "rollout/cut_episodes"
 """In ``RolloutBatch.metrics``: episodes that ended at ``env.max_turn_tokens`` or ``env.max_context`` (summed by
-concat). Their share is logged as :data:`rlchat.metrics.ROLLOUT_TRUNCATED_FRAC`; ``RolloutBatch.truncated`` marks
+concat). Their share is logged as :data:`rlchat.core.metrics.ROLLOUT_TRUNCATED_FRAC`; ``RolloutBatch.truncated`` marks
 only the bootstrapped ones (a multi-turn context cut)."""
 WORKER_RESTARTS = "perf/worker_restarts"
 """In ``RolloutBatch.metrics``: 1 in the first batch a restarted worker process returns, else 0 (summed by concat).
-The driver logs the sum as :data:`rlchat.metrics.ROLLOUT_WORKER_RESTARTS`."""
+The driver logs the sum as :data:`rlchat.core.metrics.ROLLOUT_WORKER_RESTARTS`."""
 
 # Test hooks (read in the worker process; RolloutGroup forwards every RLCHAT_TEST_* variable to its actors).
 TEST_ENV_PREFIX = "RLCHAT_TEST_"
@@ -111,7 +111,7 @@ def die_hook_from_env(worker_id: int, environ: Any = None) -> Callable[[int], No
     Raises:
         RLChatError: the hook is set without a marker path (it would kill every restarted worker again).
     """
-    from rlchat.errors import RLChatError
+    from rlchat.core.errors import RLChatError
 
     env = os.environ if environ is None else environ
     steps = env.get(DIE_AFTER_STEPS_ENV)
@@ -168,7 +168,7 @@ class Sampler:
         reward_fn: Any = None,
         device: torch.device | str | None = None,
     ) -> None:
-        from rlchat.rewards import RewardFunction
+        from rlchat.core.rewards import RewardFunction
 
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -383,9 +383,9 @@ class Sampler:
 
 
 def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """Driver-side rollout metrics (keys from :mod:`rlchat.metrics`): reward mean / std and every component, response
+    """Driver-side rollout metrics (keys from :mod:`rlchat.core.metrics`): reward mean / std and every component, response
     and context length, truncation, episodes and worker restarts."""
-    from rlchat import metrics as M
+    from rlchat.core import metrics as M
 
     out = {M.ROLLOUT_REWARD_PREFIX + k: float(np.mean(v)) for k, v in batch.reward_components.items() if k != "total"}
     total = batch.reward_components.get("total", batch.episode_rewards)
@@ -408,12 +408,12 @@ def build_sampler(
     cfg_dict: dict[str, Any], worker_id: int, split: str = "train", device: torch.device | str = "cpu"
 ) -> Sampler:
     """Build a Sampler from a plain config dict (what travels to Ray actors), its policy on ``device``."""
-    from rlchat.config import from_dict
-    from rlchat.data import load_records
-    from rlchat.model import PolicyValueModel
+    from rlchat.core.config import from_dict
+    from rlchat.core.data import load_records
+    from rlchat.core.model import PolicyValueModel
 
     cfg = from_dict(cfg_dict)
-    from rlchat.cluster import node_cpus, rollout_workers_per_node, torch_thread_budget
+    from rlchat.distributed.cluster import node_cpus, rollout_workers_per_node, torch_thread_budget
 
     r = cfg.rollout
     set_torch_threads(
@@ -424,7 +424,7 @@ def build_sampler(
     tokenizer = ChatTokenizer.from_config(cfg.tokenizer)
     torch.manual_seed(cfg.seed)
     if cfg.checkpoint.init_from:
-        from rlchat.checkpoint import load_policy
+        from rlchat.core.checkpoint import load_policy
 
         model, tokenizer, _ = load_policy(cfg.checkpoint.init_from)
         model = model.lm
@@ -501,8 +501,8 @@ class RolloutWorker:
         """Greedy episodes on this worker's share of the first ``n_prompts`` held-out records."""
         self._sync(weights, version)
         if self.eval_sampler is None:
-            from rlchat.config import from_dict
-            from rlchat.data import load_records
+            from rlchat.core.config import from_dict
+            from rlchat.core.data import load_records
 
             cfg = from_dict(self._cfg_dict)
             records = load_records(cfg.data.prompts, split="val", cfg=cfg)
@@ -538,7 +538,7 @@ class LocalRollouts:
         raise RuntimeError("rollout.overlap needs rollout.num_workers >= 1 (a sampler in another process)")
 
     def evaluate(self, iteration: int, weights: Any, version: int, n_prompts: int, pad_id: int) -> RolloutBatch:
-        from rlchat.data import load_records
+        from rlchat.core.data import load_records
 
         self.sync(weights, version)
         if self.eval_sampler is None:
@@ -574,7 +574,7 @@ class RolloutGroup:
     def __init__(self, cfg: Config) -> None:
         import ray
 
-        from rlchat.cluster import rollout_actor_options
+        from rlchat.distributed.cluster import rollout_actor_options
 
         self.cfg = cfg
         options: dict[str, Any] = dict(rollout_actor_options(cfg))

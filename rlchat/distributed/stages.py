@@ -10,11 +10,11 @@ Roles (see docs/stages.md):
 - **Driver** (:func:`run_sft` / :func:`run_rm`): loads and tokenizes the data (so workers need no access to the
   data files), builds the model once (bad configs fail before Ray starts; it is also the skeleton checkpoints are
   saved from) and runs :func:`train_loop`: step, validate, checkpoint, by calling the learners. Metrics go to
-  ``metrics.jsonl`` / TensorBoard / the tqdm bar, checkpoints to :class:`~rlchat.checkpoint.CheckpointManager`.
+  ``metrics.jsonl`` / TensorBoard / the tqdm bar, checkpoints to :class:`~rlchat.core.checkpoint.CheckpointManager`.
   Only the driver writes the run directory; data, weights and optimizer state travel through the object store,
   so workers on other nodes need no shared filesystem.
 - **Learners** (:class:`StageLearner`, plain torch, no Ray inside): one per Ray Train rank, built and called
-  through the typed rank group of :mod:`rlchat.rank_group` (one ``TorchTrainer.fit()`` per stage, the same as
+  through the typed rank group of :mod:`rlchat.distributed.rank_group` (one ``TorchTrainer.fit()`` per stage, the same as
   PPO's learner); rank ``r`` of ``W`` trains on rows ``r::W`` of each global batch, DDP (gloo on CPU, NCCL on GPU)
   averages gradients. ``run_sft(..., use_ray=False)`` calls one StageLearner in this process instead (debugging,
   tests). When a worker dies, Ray Train restarts the group (``ray.learner_max_failures``) and the driver restores
@@ -28,7 +28,7 @@ The training step (one optimizer step per ``batch_size`` conversations / pairs, 
    multiplied by ``W``, so DDP's gradient *average* equals the one-worker gradient of the same batch (tested to
    1e-5); ``grad_accum_steps`` splits each worker's rows into micro-batches (gradient sync on the last only);
 3. global grad-norm clip, AdamW step, ``LambdaLR`` step (warm-up then constant / linear / cosine,
-   :func:`rlchat.ppo.lr_lambda`);
+   :func:`rlchat.core.ppo.lr_lambda`);
 4. at the end of each epoch (and at ``max_steps``): validation, then a checkpoint when ``checkpoint.every`` epochs
    have passed, when the validation metric improved on the best so far, and always at the end.
 
@@ -39,9 +39,9 @@ of workers.
 
 SFT: the loss is the mean negative log-likelihood of the tokens the chat template's loss mask marks (assistant
 text and its end-of-turn token); validation reports loss, perplexity and next-token accuracy on the same tokens
-(:func:`rlchat.evaluation.teacher_forced_sums`); the value head is frozen (PPO trains it). RM: Bradley-Terry loss
+(:func:`rlchat.core.evaluation.teacher_forced_sums`); the value head is frozen (PPO trains it). RM: Bradley-Terry loss
 ``-log sigmoid(r(prompt + chosen) - r(prompt + rejected))`` on conversations rendered with the chat template (as
-:class:`rlchat.rewards.CheckpointRMScorer` scores them; long pairs keep their last tokens); validation reports the
+:class:`rlchat.core.rewards.CheckpointRMScorer` scores them; long pairs keep their last tokens); validation reports the
 loss and pairwise accuracy.
 """
 
@@ -61,10 +61,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlchat import ppo
-from rlchat.config import Config, from_dict, load_config
-from rlchat.errors import CheckpointError, ConfigError, DataError
-from rlchat.metrics import (
+from rlchat.core import ppo
+from rlchat.core.config import Config, from_dict, load_config
+from rlchat.core.errors import CheckpointError, ConfigError, DataError
+from rlchat.core.metrics import (
     PERF_STEP_S,
     PERF_TOKENS_PER_S,
     RM_ACCURACY,
@@ -86,12 +86,12 @@ from rlchat.metrics import (
     SFT_VAL_PERPLEXITY,
     STAGE_BEST_METRIC,
 )
-from rlchat.model import PolicyValueModel, RewardModel, autocast_context, resolve_precision
-from rlchat.rank_group import RankContext, rank0_only
+from rlchat.core.model import PolicyValueModel, RewardModel, autocast_context, resolve_precision
+from rlchat.distributed.rank_group import RankContext, rank0_only
 
 if TYPE_CHECKING:
-    from rlchat.data import Record
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.data import Record
+    from rlchat.core.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class StageData:
 
 def _max_len(section_max: int, model: nn.Module) -> int:
     """``sft.max_seq_len`` / ``rm.max_seq_len`` capped by the model's positions (with a warning when it is)."""
-    from rlchat.evaluation import model_max_positions
+    from rlchat.core.evaluation import model_max_positions
 
     positions = model_max_positions(model)
     if positions and section_max > positions:
@@ -206,7 +206,7 @@ def prepare_sft_data(cfg: Config, tokenizer: ChatTokenizer, max_len: int) -> tup
     Raises:
         DataError: no usable training conversation (the message counts why records were unusable).
     """
-    from rlchat.data import load_records
+    from rlchat.core.data import load_records
 
     counts: dict[str, int] = {"preference": 0, "no_assistant": 0, "cut_by_max_seq_len": 0}
     out: dict[str, TokenRows] = {}
@@ -253,7 +253,7 @@ def _pair_rows(rec: Record, tokenizer: ChatTokenizer, max_len: int) -> tuple[lis
 
 def prepare_rm_data(cfg: Config, tokenizer: ChatTokenizer, max_len: int) -> tuple[StageData, dict[str, int]]:
     """Load preference pairs from ``data.preferences`` and every ``rm.feedback`` source -- a file, or a feedback
-    store URL (``postgresql://...``, ``sqlite:///feedback.db``: :func:`rlchat.feedback_store.load_records`) --
+    store URL (``postgresql://...``, ``sqlite:///feedback.db``: :func:`rlchat.core.feedback_store.load_records`) --
     each split the same seeded way, and render ``prompt + chosen`` / ``prompt + rejected`` with the chat template.
 
     Returns:
@@ -262,8 +262,8 @@ def prepare_rm_data(cfg: Config, tokenizer: ChatTokenizer, max_len: int) -> tupl
     Raises:
         DataError: no preference pair in the training split (e.g. chat data given as data.preferences).
     """
-    from rlchat import feedback_store
-    from rlchat.data import load_records
+    from rlchat.core import feedback_store
+    from rlchat.core.data import load_records
 
     sources = [cfg.data.preferences, *cfg.rm.feedback]
     counts: dict[str, int] = {"not_preference": 0, "identical": 0}
@@ -325,7 +325,7 @@ def _all_reduce(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 class SFTTask:
-    """Supervised fine-tuning: masked next-token NLL of a :class:`~rlchat.model.PolicyValueModel`."""
+    """Supervised fine-tuning: masked next-token NLL of a :class:`~rlchat.core.model.PolicyValueModel`."""
 
     stage = "sft"
     loss_key, lr_key, grad_norm_key, epoch_key = SFT_LOSS, SFT_LR, SFT_GRAD_NORM, SFT_EPOCH
@@ -370,7 +370,7 @@ class SFTTask:
         return {SFT_LOSS: sums["nll"] / max(normaliser, 1.0)}
 
     def validate(self, model: Any, rank: int, world: int) -> dict[str, float]:
-        from rlchat.evaluation import teacher_forced_sums
+        from rlchat.core.evaluation import teacher_forced_sums
 
         val = self.data.val
         if len(val) == 0:
@@ -388,7 +388,7 @@ RM_ECE_BINS = 10
 
 
 class RMTask:
-    """Reward modelling: Bradley-Terry loss of a :class:`~rlchat.model.RewardModel` on (chosen, rejected) pairs."""
+    """Reward modelling: Bradley-Terry loss of a :class:`~rlchat.core.model.RewardModel` on (chosen, rejected) pairs."""
 
     stage = "rm"
     loss_key, lr_key, grad_norm_key, epoch_key = RM_LOSS, RM_LR, RM_GRAD_NORM, RM_EPOCH
@@ -547,7 +547,7 @@ def plan_steps(num_train: int, section: Any, world: int) -> StepPlan:
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The permutation of the ``n`` training rows visited in ``epoch`` (depends only on seed and epoch)."""
-    from rlchat.rollout import derive_seed
+    from rlchat.distributed.rollout import derive_seed
 
     gen = torch.Generator().manual_seed(derive_seed(seed, 0x5F7, epoch))
     return torch.randperm(n, generator=gen).numpy()
@@ -595,7 +595,7 @@ class StageLearner:
         device: torch.device | None = None,
         resume: dict[str, Any] | None = None,
     ) -> None:
-        from rlchat.learner import make_optimizer
+        from rlchat.distributed.learner import make_optimizer
 
         self.task, self.cfg, self.rank, self.world = task, cfg, rank, world
         self.device = device or torch.device("cpu")
@@ -650,7 +650,7 @@ class StageLearner:
             The stage's loss metrics over the global batch, its learning rate and grad norm, and
             ``perf/tokens_per_s`` / ``perf/step_s`` (identical on every rank).
         """
-        from rlchat.rollout import derive_seed
+        from rlchat.distributed.rollout import derive_seed
 
         task, world = self.task, self.world
         t0 = time.perf_counter()
@@ -747,7 +747,7 @@ def train_loop(
     """The stage's loop, run by the driver: steps from ``start`` to the plan's end, validation, checkpoints.
 
     Args:
-        learner: a :class:`StageLearner` in this process, or a :class:`~rlchat.rank_group.RankGroup` of them, which
+        learner: a :class:`StageLearner` in this process, or a :class:`~rlchat.distributed.rank_group.RankGroup` of them, which
             runs the same methods on every Ray Train rank (rank 0's results come back).
         plan: the step plan (:func:`plan_steps`; the learner's own).
         cfg: the run config (``checkpoint.every``).
@@ -759,7 +759,7 @@ def train_loop(
     Returns:
         The last step's metrics (with the last validation's).
     """
-    from rlchat.rank_group import RankGroupRestarted
+    from rlchat.distributed.rank_group import RankGroupRestarted
 
     step = start
     last: dict[str, float] = {}
@@ -823,8 +823,8 @@ class _Driver(Sink):
         skeleton: nn.Module,
         make_bar: Callable[[], Any] | None,
     ) -> None:
-        from rlchat.checkpoint import CheckpointManager
-        from rlchat.metrics import MetricsWriter
+        from rlchat.core.checkpoint import CheckpointManager
+        from rlchat.core.metrics import MetricsWriter
 
         self.stage, self.cfg, self.run_dir = stage, cfg, run_dir
         self.tokenizer, self.skeleton = tokenizer, skeleton
@@ -877,7 +877,7 @@ class _Driver(Sink):
 def build_stage_learner(ctx: RankContext, stage: str, cfg: dict[str, Any], data: StageData) -> StageLearner:
     """The rank-group factory of the SFT / RM stages: this rank's :class:`StageLearner` (``data`` arrives through
     the object store, so workers never read the data files)."""
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.tokenizer import ChatTokenizer
 
     config = from_dict(cfg)
     tokenizer = ChatTokenizer.from_config(config.tokenizer)
@@ -888,7 +888,7 @@ def _resume_state(
     stage: str, manager: Any, tokenizer: ChatTokenizer, run_dir: Path
 ) -> tuple[dict[str, Any], int, Path]:
     """Model weights and train state of the run's latest checkpoint (what the workers continue from)."""
-    from rlchat.checkpoint import load_policy, load_reward_model
+    from rlchat.core.checkpoint import load_policy, load_reward_model
 
     latest = manager.latest()
     if latest is None:
@@ -907,7 +907,7 @@ def _resume_state(
 
 
 def _latest_metrics(manager: Any) -> dict[str, Any]:
-    from rlchat.checkpoint import read_checkpoint
+    from rlchat.core.checkpoint import read_checkpoint
 
     latest = manager.latest()
     return read_checkpoint(latest).metrics if latest is not None else {}
@@ -925,9 +925,9 @@ def run_stage(
     """Run the ``sft`` or ``rm`` stage end to end (see the module docstring); :func:`run_sft` / :func:`run_rm`."""
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    from rlchat.cluster import init_ray
-    from rlchat.metrics import attach_log_file, detach_log_file, make_run_dir, write_run_config
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.distributed.cluster import init_ray
+    from rlchat.core.metrics import attach_log_file, detach_log_file, make_run_dir, write_run_config
+    from rlchat.core.tokenizer import ChatTokenizer
 
     if stage not in STAGE_NAMES:
         raise ConfigError(f"stage={stage!r}: expected one of {', '.join(STAGE_NAMES)}")
@@ -954,7 +954,7 @@ def run_stage(
         )
         logger.info("%s data: %s", stage, counts)
         # 2. resume state from the run's latest checkpoint
-        from rlchat.checkpoint import CheckpointManager
+        from rlchat.core.checkpoint import CheckpointManager
 
         resume_state = None
         start = 0
@@ -965,7 +965,7 @@ def run_stage(
             say(f"{stage}: resuming from {latest} (step {start})")
 
         def make_bar() -> Any:
-            from rlchat.console import console
+            from rlchat.core.console import console
 
             return tqdm(
                 total=plan.total_steps, initial=start, desc=stage, dynamic_ncols=True, unit="step", file=console()
@@ -1022,7 +1022,7 @@ def _train_on_ray(
     """
     import ray
 
-    from rlchat.rank_group import RankGroup, RankGroupRestarted
+    from rlchat.distributed.rank_group import RankGroup, RankGroupRestarted
 
     group = RankGroup(
         StageLearner, build_stage_learner, (stage, cfg.to_dict(), ray.put(data)), cfg=cfg, run_dir=run_dir, name=stage
@@ -1081,7 +1081,7 @@ def run_sft(
 
     Returns:
         ``(run_dir, final metrics)``: the last step's ``sft/*`` metrics with the last validation's. The best
-        checkpoint is ``rlchat.checkpoint.find_best_checkpoint(run_dir)``.
+        checkpoint is ``rlchat.core.checkpoint.find_best_checkpoint(run_dir)``.
 
     Raises:
         DataError: no usable conversation. ConfigError: bad config. CheckpointError: nothing to resume.

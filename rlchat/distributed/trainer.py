@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from rlchat import ppo
-from rlchat.config import Config, load_config
-from rlchat.errors import RLChatError
-from rlchat.metrics import (
+from rlchat.core import ppo
+from rlchat.core.config import Config, load_config
+from rlchat.core.errors import RLChatError
+from rlchat.core.metrics import (
     EVAL_GOLD_REWARD,
     EVAL_PROXY_REWARD,
     EVAL_REWARD_MEAN,
@@ -57,8 +57,8 @@ from rlchat.metrics import (
     ROLLOUT_WEIGHTS_STALENESS,
     gold_drop,
 )
-from rlchat.rewards import GOLD_COMPONENT
-from rlchat.rollout import batch_metrics
+from rlchat.core.rewards import GOLD_COMPONENT
+from rlchat.distributed.rollout import batch_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +174,10 @@ class PPOTrainer:
     """The driver of one PPO run (see the module docstring)."""
 
     def __init__(self, cfg: Config, run_dir: Path, address: str | None = None, quiet: bool = False) -> None:
-        from rlchat.cluster import init_ray
-        from rlchat.learner import check_ppo_config, make_learner
-        from rlchat.rollout import make_rollouts
-        from rlchat.tokenizer import ChatTokenizer
+        from rlchat.distributed.cluster import init_ray
+        from rlchat.distributed.learner import check_ppo_config, make_learner
+        from rlchat.distributed.rollout import make_rollouts
+        from rlchat.core.tokenizer import ChatTokenizer
 
         check_ppo_config(cfg)  # before Ray and the workers start
         self.cfg = cfg
@@ -210,7 +210,7 @@ class PPOTrainer:
 
     def _eval_set(self) -> list[list[dict[str, str]]]:
         if self._eval_conversations is None:
-            from rlchat.data import load_records
+            from rlchat.core.data import load_records
 
             records = load_records(self.cfg.data.prompts, split="val", cfg=self.cfg)[: self.cfg.ppo.eval_prompts]
             self._eval_conversations = [
@@ -244,9 +244,9 @@ class PPOTrainer:
         (Ray Tune's trainable reports through it)."""
         import ray
 
-        from rlchat.checkpoint import CheckpointManager
-        from rlchat.metrics import MetricsWriter, format_progress
-        from rlchat.rank_group import RankGroupRestarted
+        from rlchat.core.checkpoint import CheckpointManager
+        from rlchat.core.metrics import MetricsWriter, format_progress
+        from rlchat.distributed.rank_group import RankGroupRestarted
 
         cfg, p = self.cfg, self.cfg.ppo
         writer = MetricsWriter(self.run_dir, cfg)
@@ -366,7 +366,7 @@ class PPOTrainer:
         Returns:
             (weights as the samplers take them, weights version, the next iteration).
         """
-        from rlchat.checkpoint import read_checkpoint
+        from rlchat.core.checkpoint import read_checkpoint
 
         step = read_checkpoint(latest).step if latest is not None else 0
         weights, version, driver_state = self.learner.restore(str(latest) if latest else None, min_version)
@@ -383,7 +383,7 @@ class PPOTrainer:
         Returns:
             (weights, weights version, the next iteration, the checkpoint restored or None).
         """
-        from rlchat.rank_group import RankGroupRestarted
+        from rlchat.distributed.rank_group import RankGroupRestarted
 
         while True:
             latest = manager.latest()
@@ -431,7 +431,7 @@ def train(
     on_iteration: Any = None,
 ) -> tuple[Path, dict[str, float]]:
     """Run PPO; returns (run_dir, last iteration's metrics)."""
-    from rlchat.metrics import attach_log_file, detach_log_file, make_run_dir, write_run_config
+    from rlchat.core.metrics import attach_log_file, detach_log_file, make_run_dir, write_run_config
 
     path = make_run_dir(str(run_dir) if run_dir else None, "train")
     if not resume:
