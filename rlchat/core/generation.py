@@ -12,7 +12,7 @@ One engine, three ways to drive it::
 
 How it works and why (the rollout hot path; figures in bench/README.md):
 - Prompts are **left-padded** into one batch; position ids count real tokens only (``cumsum(mask) - 1``), the
-  same rule :meth:`rlchat.core.model.PolicyValueModel.forward` uses, so the learner's right-padded recomputation sees
+  same rule :meth:`rlchat.model.PolicyValueModel.forward` uses, so the learner's right-padded recomputation sees
   the very same positions and its log-probs equal the behaviour log-probs (to 1e-5 in fp32, tested).
 - The model is run as trunk (``lm.base_model``) + our own LM-head matmul on the **last position only**, with a
   Hugging Face ``DynamicCache`` (a static cache measured no faster on CPU for the tiny models). Logits go into
@@ -51,13 +51,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlchat.core.errors import ConfigError
-from rlchat.core.model import PolicyValueModel, autocast_context, logit_transform, resolve_precision
+from rlchat.errors import ConfigError
+from rlchat.model import PolicyValueModel, autocast_context, logit_transform, resolve_precision
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from rlchat.core.tokenizer import ChatTokenizer
+    from rlchat.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -249,10 +249,10 @@ class GenerationEngine:
     """Batched KV-cache decoding with a policy (or any causal LM) and the chat tokenizer.
 
     Args:
-        model: a :class:`~rlchat.core.model.PolicyValueModel` (its LM is used) or a ``transformers`` causal LM.
+        model: a :class:`~rlchat.model.PolicyValueModel` (its LM is used) or a ``transformers`` causal LM.
         tokenizer: the chat tokenizer: its end-of-turn id always stops a row, its pad id pads prompts.
         precision: ``auto`` / ``bf16`` / ``fp32``, resolved with the model's width exactly as the learner's
-            :meth:`~rlchat.core.model.PolicyValueModel.autocast_dtype` does (see :func:`rlchat.core.model.resolve_precision`),
+            :meth:`~rlchat.model.PolicyValueModel.autocast_dtype` does (see :func:`rlchat.model.resolve_precision`),
             so behaviour and learner log-probs come from the same precision.
     """
 
