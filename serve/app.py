@@ -76,29 +76,22 @@ Our top-level package is also called ``serve``: Ray Serve is always ``from ray i
 # No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` annotations of the routes
 # that Serve's ingress rewrites (string annotations made it read ``request`` as a query parameter).
 import asyncio
-import contextlib
-import dataclasses
 import functools
 import hmac
 import importlib
-import ipaddress
 import json
 import logging
 import os
-import secrets
-import signal
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -106,47 +99,41 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rlchat.config import Config, RewardConfig, load_config, parse_override
 from rlchat.errors import ConfigError, RLChatError
-from rlchat.feedback_store import (
-    RETRY_AFTER_S,
-    FeedbackStore,
-    InvalidFeedback,
-    StoreUnavailable,
-    default_store_url,
-    display_url,
-    resolve_store_url,
-)
+from rlchat.feedback_store import RETRY_AFTER_S, FeedbackStore, InvalidFeedback, StoreUnavailable
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
-from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer, token_text
-from rlchat.tokenizer import ChatTokenizer, ContextOverflowError, fit_history
+from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer
+from rlchat.tokenizer import ContextOverflowError, fit_history
+from serve.batching import Batcher, GenerationJob, JobOutput, row_seeds
+from serve.formats import ChatFormat, CompletionFormat, ResponseFormat
+from serve.safety import SAFETY_HOLDBACK_CHARS, WITHHELD_NOTICE, SafetyFilter
 from serve.schemas import (
     IGNORED_FIELDS_HEADER,
     APIError,
-    AssistantMessage,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    Choice,
-    ChoiceLogprobs,
-    ChunkChoice,
     Completion,
-    CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
-    Delta,
     FeedbackRef,
     FeedbackRequest,
     ModelCard,
     ModelList,
     SamplingFields,
-    TokenLogprob,
-    TopLogprob,
     Usage,
     error_body,
     parse_chat_request,
     parse_completion_request,
     parse_feedback_request,
+)
+from serve.settings import (
+    DEFAULT_MODEL_NAME,
+    DEPLOYMENT_NAME,
+    AppSettings,
+    default_model_version,
+    deployment_options,
+    exposure_warning,
+    is_loopback,
+    resolve_settings,
 )
 
 if TYPE_CHECKING:
@@ -155,20 +142,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve").getChild("rlchat")
 
-APP_NAME = "rlchat"
-"""Serve application name used by ``rlchat serve`` (and ``serve_config.yaml``)."""
-DEPLOYMENT_NAME = "ChatServer"
-DEFAULT_MODEL_NAME = "rlchat"
-WITHHELD_NOTICE = "[withheld: the safety filter flagged this reply]"
-SAFETY_HOLDBACK_CHARS = 64
-"""With the safety filter on, streaming keeps this many characters unsent until the filter has seen them."""
-MAX_CONCURRENT_BATCHES = 8
-"""Batches Ray Serve hands to a replica at once. Serve's batch queue forms the next batch as soon as its wait
-timeout passes, even while a batch is still generating, so with one batch in flight the queue froze a trickle of
-arrivals into many small batches that then ran one after another (measured: a mean batch of 2.8 requests at 16
-closed-loop clients). Several in flight let every formed batch reach the replica at once, where
-:meth:`ChatServer._run_batches` coalesces all that are waiting into one generation batch (up to
-``serve.max_batch_size`` requests) when the generation thread is free: a mean batch of ~11 at 16 clients."""
 STREAM_INTERVAL_S = 0.02
 """Streamed text is sent at most this often per choice (the first piece at once): each SSE event costs a hop from
 the replica through Serve's proxy, and under load one event per token per client made that hop the bottleneck."""
@@ -176,440 +149,13 @@ COMPLETION_CACHE_SIZE = 2048
 """Recent completions a replica remembers so feedback can refer to them by id."""
 CONVERSATION_HEADER = "X-RLChat-Conversation-Id"
 """Optional request header grouping a conversation's completions in the store (transcripts, deletion by id)."""
-ENV_FEEDBACK_STORE = "RLCHAT_FEEDBACK_STORE"
-"""Environment variable read for ``serve.feedback_store`` when the config leaves it empty (like RLCHAT_API_KEY)."""
 STORE_BACKLOG = 256
 """Request rows a replica may have waiting for the database; beyond that (a long outage) they are dropped, logged."""
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-ENV_API_KEY = "RLCHAT_API_KEY"
-"""Environment variable read for ``serve.api_key`` when the config leaves it empty (keys never on a command line)."""
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """``/v1/completions`` budget when the request sets none (OpenAI's default)."""
 EXPOSED_HEADERS = ("X-Request-Id", DROPPED_TURNS_HEADER, IGNORED_FIELDS_HEADER)
 """Response headers a browser page on an allowed CORS origin may read."""
-
-# --------------------------------------------------------------------------------------------------------------
-# Pure pieces (no Ray; unit-tested directly)
-# --------------------------------------------------------------------------------------------------------------
-
-
-class SafetyFilter:
-    """The reward library's safety component as a yes/no check on reply text.
-
-    Args:
-        reward: the reward config whose ``safety_patterns`` / ``safety_classifier`` define "unsafe".
-        tokenizer: the policy's tokenizer (the reward function wants one).
-    """
-
-    def __init__(self, reward: RewardConfig, tokenizer: ChatTokenizer) -> None:
-        from rlchat.rewards import RewardFunction
-
-        only_safety = RewardConfig(
-            verifiable=0.0,
-            safety=1.0,
-            safety_patterns=reward.safety_patterns,
-            safety_classifier=reward.safety_classifier,
-        )
-        self._fn = RewardFunction(only_safety, tokenizer)
-
-    def flagged(self, text: str) -> bool:
-        return bool(text) and self._fn([], text, []).components["safety"] < 0
-
-
-@dataclass
-class StreamControl:
-    """What the request side tells the batch loop between steps: choices to end now (stop string seen, reply
-    flagged by the safety filter, client gone). Ended rows report ``finish_reason`` ``stop``."""
-
-    finish: set[int] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class GenerationJob:
-    """One request as the batcher sees it: a prompt, its sampling settings and one seed per choice."""
-
-    prompt: tuple[int, ...]
-    params: SamplingParams
-    seeds: tuple[int, ...]
-    control: StreamControl = field(default_factory=StreamControl, compare=False)
-
-
-@dataclass
-class JobOutput:
-    """The generated tokens (stop token included) and finish reason of each choice of a job."""
-
-    tokens: list[list[int]]
-    finish_reasons: list[str]
-    alternatives: list[list[Any]] | None = None
-    """With ``SamplingParams.top_logprobs >= 0``: per choice, per token, ``StepOutput.alternatives``' entry."""
-
-
-@dataclass
-class StepItem:
-    """One job's share of one batch step: the new tokens of each choice, and its result once it is complete."""
-
-    tokens: list[list[int]]
-    done: JobOutput | Exception | None = None
-    alternatives: list[list[Any]] | None = None
-    """Per choice, the log-prob entries of this step's new tokens (with ``SamplingParams.top_logprobs >= 0``)."""
-
-
-@dataclass
-class BatchStats:
-    """Counters reported by ``/readyz`` (how well batching works under the current load)."""
-
-    batches: int = 0
-    rows: int = 0
-    largest: int = 0
-    requests: int = 0
-    streams: int = 0
-    errors: int = 0
-    sizes: dict[int, int] = field(default_factory=dict)
-
-    def add_batch(self, n_jobs: int, n_rows: int) -> None:
-        self.batches += 1
-        self.rows += n_rows
-        self.largest = max(self.largest, n_jobs)
-        self.sizes[n_jobs] = self.sizes.get(n_jobs, 0) + 1
-
-
-def _group_key(params: SamplingParams) -> SamplingParams:
-    """Jobs whose settings differ only in their budget (and base seed) share one lock-step stream."""
-    if params.num_beams > 1:
-        return params
-    return dataclasses.replace(params, max_new_tokens=1, seed=None)
-
-
-class _Group:
-    """The jobs of a batch that share sampling settings: one lock-step stream (or one beam search)."""
-
-    def __init__(self, engine: GenerationEngine, jobs: Sequence[GenerationJob], idx: Sequence[int]) -> None:
-        self.engine = engine
-        self.jobs = jobs
-        self.rows = [(j, c) for j in idx for c in range(len(jobs[j].seeds))]  # stream row -> (job, choice)
-        self.prompts = [list(jobs[j].prompt) for j, _ in self.rows]
-        self.seeds = [jobs[j].seeds[c] for j, c in self.rows]
-        self.budgets = np.array([jobs[j].params.max_new_tokens for j, _ in self.rows])
-        self.params = jobs[idx[0]].params
-        self.stop_ids = {engine.tokenizer.eot_id, *self.params.stop_token_ids}
-        self.max = int(self.budgets.max())
-        self.done = False
-        self.stream = None
-        if self.params.num_beams > 1:
-            engine._check_prompts(self.prompts, self.params)  # noqa: SLF001 - fail at batch start, not mid-batch
-        else:  # the prefill runs here; a prompt beyond the context raises now
-            run_params = dataclasses.replace(self.params, max_new_tokens=self.max, seed=None)
-            self.stream = engine.steps(self.prompts, run_params, self.seeds)
-
-    def step(self, run: "BatchRun") -> None:  # noqa: UP037 - defined below; no __future__ annotations here
-        """Generate one token per live row (a beam search runs whole) and record tokens and finish reasons."""
-        if self.stream is None:
-            res = self.engine.generate(self.prompts, self.params, self.seeds)
-            for r, (j, c) in enumerate(self.rows):
-                run.tokens[j][c] = list(res.tokens[r])
-                run.new[j][c] = list(res.tokens[r])
-                run.reasons[j][c] = res.finish_reasons[r]
-            self.done = True
-            return
-        stream = self.stream
-        # 1. rows the request side asked to end (their reply is complete for the client)
-        asked = [
-            r for r, (j, c) in enumerate(self.rows) if c in self.jobs[j].control.finish and run.reasons[j][c] is None
-        ]
-        if asked:
-            stream.finish(asked, FINISH_STOP)
-            for r in asked:
-                j, c = self.rows[r]
-                run.reasons[j][c] = FINISH_STOP
-        # 2. one batched forward
-        out = next(stream, None)
-        if out is not None:
-            for r in np.flatnonzero(out.active).tolist():
-                j, c = self.rows[r]
-                t = int(out.tokens[r])
-                run.tokens[j][c].append(t)
-                run.new[j][c].append(t)
-                if out.alternatives is not None:
-                    run.alts[j][c].append(out.alternatives[r])
-                    run.new_alts[j][c].append(out.alternatives[r])
-            # 3. rows at their own budget end with "length" (the stream runs to the group's largest budget)
-            over = np.flatnonzero(stream.active & (stream.num_steps >= self.budgets))
-            if len(over):
-                stream.finish(over, FINISH_LENGTH)
-                for r in over.tolist():
-                    j, c = self.rows[r]
-                    run.reasons[j][c] = FINISH_LENGTH
-        # 4. rows the engine ended itself: a stop token or stop string ("stop"), or the group's last step
-        active = stream.active
-        for r, (j, c) in enumerate(self.rows):
-            if run.reasons[j][c] is None and not active[r]:
-                toks = run.tokens[j][c]
-                at_limit = len(toks) >= self.max and not (toks and toks[-1] in self.stop_ids)
-                run.reasons[j][c] = FINISH_LENGTH if at_limit else FINISH_STOP
-        self.done = not active.any()
-
-
-class BatchRun:
-    """Lock-step generation of one dynamic batch, advanced one token per :meth:`step` (on the generation thread).
-
-    Jobs are grouped by sampling settings (:func:`_group_key`); each step advances every group once. A job is
-    reported complete (:attr:`StepItem.done`) at the step its last choice ends, so a short request does not wait
-    for the longest one of its batch. A group that cannot start (e.g. a prompt beyond the context) is retried job by
-    job, so one bad request never fails the others; a job's own failure is its result.
-
-    Args:
-        engine: the generation engine.
-        jobs: the batch.
-    """
-
-    def __init__(self, engine: GenerationEngine, jobs: Sequence[GenerationJob]) -> None:
-        self.jobs = jobs
-        self.tokens: list[list[list[int]]] = [[[] for _ in job.seeds] for job in jobs]
-        self.reasons: list[list[str | None]] = [[None] * len(job.seeds) for job in jobs]
-        self.new: list[list[list[int]]] = [[[] for _ in job.seeds] for job in jobs]
-        self.alts: list[list[list[Any]]] = [[[] for _ in job.seeds] for job in jobs]
-        self.new_alts: list[list[list[Any]]] = [[[] for _ in job.seeds] for job in jobs]
-        self.errors: list[Exception | None] = [None] * len(jobs)
-        self.reported = [False] * len(jobs)
-        self.groups: list[_Group] = []
-        keyed: dict[SamplingParams, list[int]] = {}
-        for i, job in enumerate(jobs):
-            keyed.setdefault(_group_key(job.params), []).append(i)
-        for idx in keyed.values():
-            try:
-                self.groups.append(_Group(engine, jobs, idx))
-            except Exception as e:  # noqa: BLE001 - retried / reported per job
-                for i in idx:
-                    try:
-                        self.groups.append(_Group(engine, jobs, [i]))
-                    except Exception as e1:  # noqa: BLE001
-                        self.errors[i] = e1 if len(idx) > 1 else e
-
-    @property
-    def rows(self) -> int:
-        return sum(len(job.seeds) for job in self.jobs)
-
-    def step(self) -> list[StepItem | None] | None:
-        """Advance every group by one token.
-
-        Returns:
-            Per job: its new tokens (and its result once complete), or None once it was reported complete;
-            None when every job has been reported.
-        """
-        if all(self.reported):
-            return None
-        self.new = [[[] for _ in job.seeds] for job in self.jobs]
-        self.new_alts = [[[] for _ in job.seeds] for job in self.jobs]
-        for g in self.groups:
-            if not g.done:
-                try:
-                    g.step(self)
-                except Exception as e:  # noqa: BLE001 - e.g. a failed beam search: its jobs fail, not the batch
-                    g.done = True
-                    for j, _ in g.rows:
-                        self.errors[j] = self.errors[j] or e
-        items: list[StepItem | None] = []
-        for j in range(len(self.jobs)):
-            if self.reported[j]:
-                items.append(None)
-                continue
-            wants_alts = self.jobs[j].params.top_logprobs >= 0
-            item = StepItem(self.new[j], alternatives=self.new_alts[j] if wants_alts else None)
-            if self.errors[j] is not None:
-                item.done = self.errors[j]
-            elif all(r is not None for r in self.reasons[j]):
-                alts = self.alts[j] if wants_alts else None
-                item.done = JobOutput(self.tokens[j], [str(r) for r in self.reasons[j]], alts)
-            self.reported[j] = item.done is not None
-            items.append(item)
-        return items
-
-
-def run_jobs(engine: GenerationEngine, jobs: Sequence[GenerationJob]) -> list[JobOutput | Exception]:
-    """Run a batch to completion (what a replica does step by step): one result or exception per job, in order."""
-    run = BatchRun(engine, jobs)
-    results: list[JobOutput | Exception | None] = [None] * len(jobs)
-    while (items := run.step()) is not None:
-        for j, item in enumerate(items):
-            if item is not None and item.done is not None:
-                results[j] = item.done
-    return [r if r is not None else RuntimeError("job produced no result") for r in results]
-
-
-def row_seeds(seed: int | None, n: int) -> tuple[int, ...]:
-    """One seed per choice: derived from the request's seed (reproducible), or random."""
-    if seed is None:
-        return tuple(secrets.randbits(62) for _ in range(n))
-    return tuple(int(seed) * 1_000_003 + i for i in range(n))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# App configuration (shared by build_app, serve_command and tests)
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AppSettings:
-    """Everything a replica needs, resolved on the driver (paths absolute, config validated)."""
-
-    checkpoint: str
-    config: Config
-    model_name: str = DEFAULT_MODEL_NAME
-    num_cpus: float = 1.0
-
-
-def resolve_settings(args: dict[str, Any]) -> AppSettings:
-    """Build :class:`AppSettings` from builder args (``serve run`` / YAML ``args`` / :func:`serve_command`).
-
-    Args:
-        args: ``checkpoint`` (or ``from_run``), optional ``config`` (a YAML file; default: the checkpoint's own
-            config), ``model_name``, ``num_cpus``; flat keys naming a ``serve.*`` field (``api_key``,
-            ``max_batch_size``, ...) and dotted keys (``reward.safety_patterns``) override the config. String values
-            (from ``serve run app key=value``) are parsed as YAML.
-
-    Raises:
-        ConfigError / CheckpointError: no or a bad checkpoint, an unknown key, a bad value.
-    """
-    from rlchat.checkpoint import POLICY_STAGES, find_best_checkpoint, read_checkpoint
-    from rlchat.config import ServeConfig
-
-    args = dict(args)
-    ckpt, run = args.pop("checkpoint", None), args.pop("from_run", None)
-    if bool(ckpt) == bool(run):
-        raise ConfigError(
-            "serve: expected exactly one of a checkpoint directory or --from-run RUN_DIR; "
-            f"got checkpoint={ckpt!r}, from_run={run!r}"
-        )
-    path = find_best_checkpoint(run) if run else Path(ckpt)
-    info = read_checkpoint(path, expect_stage=POLICY_STAGES)
-    config_path = args.pop("config", None)
-    cfg = load_config(config_path) if config_path else info.config
-    model_name = str(args.pop("model_name", DEFAULT_MODEL_NAME))
-    num_cpus = float(args.pop("num_cpus", 1.0))
-    serve_fields = {f.name for f in dataclasses.fields(ServeConfig)}
-    overrides: dict[str, Any] = {}
-    for key, value in args.items():
-        if value is None:
-            continue
-        dotted = key if "." in key else f"serve.{key}"
-        if "." not in key and key not in serve_fields:
-            raise ConfigError(
-                f"serve app argument {key!r}: unknown; expected checkpoint, from_run, config, model_name, num_cpus, "
-                f"a serve.* field ({', '.join(sorted(serve_fields))}) or a dotted config key"
-            )
-        if isinstance(value, str) and not key.endswith("api_key"):
-            value = parse_override(f"{dotted}={value}")[1]
-        overrides[dotted] = value
-    if not cfg.serve.feedback_store and "serve.feedback_store" not in overrides and os.environ.get(ENV_FEEDBACK_STORE):
-        overrides["serve.feedback_store"] = os.environ[ENV_FEEDBACK_STORE]  # keeps a database password out of YAML
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    cfg = cfg.replace(**{"serve.api_key": resolve_api_key(cfg.serve.api_key, cfg.serve.api_key_file)})
-    s = cfg.serve
-    if s.max_batch_size < 1:
-        raise ConfigError(f"serve.max_batch_size={s.max_batch_size}: expected at least 1 (1 = no batching)")
-    if s.batch_wait_timeout_s < 0:
-        raise ConfigError(f"serve.batch_wait_timeout_s={s.batch_wait_timeout_s}: expected >= 0, e.g. 0.01")
-    if s.replicas < 1:
-        raise ConfigError(f"serve.replicas={s.replicas}: expected at least 1")
-    if s.feedback_rate_limit < 0:
-        raise ConfigError(
-            f"serve.feedback_rate_limit={s.feedback_rate_limit}: expected >= 0 requests per minute; use 60, or 0 for "
-            "no limit"
-        )
-    if s.max_replicas < s.replicas:
-        cfg = cfg.replace(**{"serve.max_replicas": s.replicas})
-    feedback = Path(cfg.serve.feedback_path).expanduser()
-    if not feedback.is_absolute():  # replicas run in other working directories: resolve on the driver
-        cfg = cfg.replace(**{"serve.feedback_path": str(Path.cwd() / feedback)})
-    if cfg.serve.feedback_store:
-        store = resolve_store_url(cfg.serve.feedback_store)  # a relative SQLite path: from here, as above
-    else:
-        store = default_store_url(cfg.serve.feedback_path)
-        if s.feedback_path != ServeConfig.feedback_path:
-            logger.warning(
-                "serve.feedback_path is deprecated: feedback is stored in a database now, here %s (beside "
-                "feedback_path); set serve.feedback_store instead (postgresql://... on a cluster)",
-                store,
-            )
-    cfg = cfg.replace(**{"serve.feedback_store": store})
-    return AppSettings(str(info.path.resolve()), cfg, model_name, num_cpus)
-
-
-def resolve_api_key(api_key: str, api_key_file: str = "") -> str:
-    """The API key: ``serve.api_key``, else the first line of ``serve.api_key_file``, else ``RLCHAT_API_KEY``.
-
-    An empty ``api_key`` (as ``serve_config.yaml`` ships it) means "not set here", so the file and the environment
-    still apply; the key never has to appear on a command line (visible in ``ps``).
-
-    Raises:
-        ConfigError: the key file cannot be read or is empty.
-    """
-    if api_key:
-        return api_key
-    if api_key_file:
-        path = Path(api_key_file).expanduser()
-        try:
-            key = path.read_text(encoding="utf-8").strip().splitlines()
-        except OSError as e:
-            raise ConfigError(
-                f"serve.api_key_file={api_key_file!r}: cannot read it ({e.strerror}); point it at a file holding the "
-                "key on its first line (chmod 600), or set RLCHAT_API_KEY instead"
-            ) from None
-        if not key or not key[0].strip():
-            raise ConfigError(
-                f"serve.api_key_file={api_key_file!r}: the file is empty; write the key on its first line"
-            )
-        return key[0].strip()
-    return os.environ.get(ENV_API_KEY, "")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or name to bind / a client address) is this machine only."""
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def exposure_warning(host: str, api_key: str) -> str | None:
-    """A warning when the endpoint listens beyond this machine without an API key (None when it is fine)."""
-    if api_key or is_loopback(host):
-        return None
-    return (
-        f"serving on {host}, reachable from other machines, without an API key: anyone who can reach the port can "
-        f"use the model and write feedback; set {ENV_API_KEY} (or serve.api_key_file / --api-key-file), or bind "
-        "127.0.0.1"
-    )
-
-
-def default_model_version(checkpoint: str | Path) -> str:
-    """``<run>/<checkpoint>`` (e.g. ``ppo-20260101-120000/step_000200``): the label feedback is grouped by when
-    ``serve.model_version`` is not set."""
-    path = Path(checkpoint)
-    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
-
-
-def deployment_options(settings: AppSettings) -> dict[str, Any]:
-    """Serve deployment options from ``cfg.serve``: fixed replicas, or autoscaling when max_replicas > replicas."""
-    s = settings.config.serve
-    opts: dict[str, Any] = {
-        # room for a full batch plus the next one filling while it runs (Serve's default of 5 would cap batching)
-        "max_ongoing_requests": max(64, 4 * s.max_batch_size),
-        "ray_actor_options": {"num_cpus": settings.num_cpus},
-        "health_check_period_s": 5.0,
-    }
-    if s.max_replicas > s.replicas:
-        opts["autoscaling_config"] = {
-            "min_replicas": s.replicas,
-            "max_replicas": s.max_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests,
-        }
-    else:
-        opts["num_replicas"] = s.replicas
-    return opts
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -732,130 +278,6 @@ async def _internal_error(request: Request, e: Exception) -> JSONResponse:
     )
 
 
-def _chunk(cid: str, created: int, model: str, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-    body = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage).model_dump()
-    for choice in body["choices"]:  # as OpenAI: a delta carries only the fields it sets; finish_reason stays (null)
-        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-    if usage is None:
-        del body["usage"]
-    return json.dumps(body, ensure_ascii=False)
-
-
-class _Format:
-    """How one request's results are shaped: chat completion or text completion, plain and streamed.
-
-    Log-prob entries come from :attr:`rlchat.generation.StepOutput.alternatives` ``(logprob, top ids, top
-    logprobs)``; the end-of-turn token is not reported (it is never shown as text).
-    """
-
-    def __init__(self, cid: str, created: int, model: str, server: "ChatServer", logprobs: bool) -> None:
-        self.cid, self.created, self.model, self.logprobs = cid, created, model, logprobs
-        self.tokenizer = server.tokenizer
-
-    def _entries(
-        self, tokens: Sequence[int], alts: Sequence[Any] | None
-    ) -> list[tuple[int, float, list[tuple[int, float]]]]:
-        if not self.logprobs or alts is None:
-            return []
-        eot = self.tokenizer.eot_id
-        return [(t, lp, list(zip(ids, lps))) for t, (lp, ids, lps) in zip(tokens, alts) if t != eot]
-
-    def _text(self, t: int) -> str:
-        return token_text(self.tokenizer, t)
-
-
-class _ChatFormat(_Format):
-    def _logprobs(self, tokens: Sequence[int], alts: Sequence[Any] | None) -> ChoiceLogprobs | None:
-        if not self.logprobs:
-            return None
-        content = [
-            TokenLogprob(
-                token=self._text(t),
-                logprob=lp,
-                bytes=list(self.tokenizer.token_bytes(t)) if not self.tokenizer.is_special(t) else None,
-                top_logprobs=[
-                    TopLogprob(
-                        token=self._text(i),
-                        logprob=v,
-                        bytes=list(self.tokenizer.token_bytes(i)) if not self.tokenizer.is_special(i) else None,
-                    )
-                    for i, v in top
-                ],
-            )
-            for t, lp, top in self._entries(tokens, alts)
-        ]
-        return ChoiceLogprobs(content=content)
-
-    def choice(self, i: int, text: str, reason: str, tokens: Sequence[int], alts: Sequence[Any] | None) -> Choice:
-        return Choice(
-            index=i,
-            message=AssistantMessage(content=text),
-            finish_reason=reason,  # type: ignore[arg-type]
-            logprobs=self._logprobs(tokens, alts),
-        )
-
-    def body(self, choices: list[Any], usage: Usage) -> dict[str, Any]:
-        return ChatCompletion(
-            id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage
-        ).model_dump()
-
-    def first_chunk(self, n: int) -> str | None:
-        roles = [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)]
-        return _chunk(self.cid, self.created, self.model, roles)
-
-    def delta_chunk(self, i: int, text: str, tokens: Sequence[int], alts: Sequence[Any]) -> str:
-        choice = ChunkChoice(index=i, delta=Delta(content=text), logprobs=self._logprobs(tokens, alts))
-        return _chunk(self.cid, self.created, self.model, [choice])
-
-    def final_chunk(self, finals: list[tuple[int, str]]) -> str:
-        choices = [ChunkChoice(index=i, delta=Delta(), finish_reason=r) for i, r in finals]  # type: ignore[arg-type]
-        return _chunk(self.cid, self.created, self.model, choices)
-
-    def usage_chunk(self, usage: Usage) -> str:
-        return _chunk(self.cid, self.created, self.model, [], usage)
-
-
-class _CompletionFormat(_Format):
-    def _logprobs(
-        self, tokens: Sequence[int], alts: Sequence[Any] | None, offset: int = 0
-    ) -> CompletionLogprobs | None:
-        if not self.logprobs:
-            return None
-        out = CompletionLogprobs()
-        for t, lp, top in self._entries(tokens, alts):
-            text = self._text(t)
-            out.tokens.append(text)
-            out.token_logprobs.append(lp)
-            out.top_logprobs.append({self._text(i): v for i, v in top})
-            out.text_offset.append(offset)
-            offset += len(text)
-        return out
-
-    def choice(self, i: int, text: str, reason: str, tokens: Sequence[int], alts: Sequence[Any] | None) -> Any:
-        return CompletionChoice(index=i, text=text, finish_reason=reason, logprobs=self._logprobs(tokens, alts))  # type: ignore[arg-type]
-
-    def body(self, choices: list[Any], usage: Usage) -> dict[str, Any]:
-        return Completion(
-            id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage
-        ).model_dump()
-
-    def _json(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        body = Completion(id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage)
-        return json.dumps(body.model_dump(), ensure_ascii=False)
-
-    def first_chunk(self, n: int) -> str | None:
-        return None
-
-    def delta_chunk(self, i: int, text: str, tokens: Sequence[int], alts: Sequence[Any]) -> str:
-        return self._json([CompletionChoice(index=i, text=text, logprobs=self._logprobs(tokens, alts))])
-
-    def final_chunk(self, finals: list[tuple[int, str]]) -> str:
-        return self._json([CompletionChoice(index=i, text="", finish_reason=r) for i, r in finals])  # type: ignore[arg-type]
-
-    def usage_chunk(self, usage: Usage) -> str:
-        return self._json([], usage)
-
-
 @ray_serve.deployment(name=DEPLOYMENT_NAME)
 @ray_serve.ingress(api)
 class ChatServer:
@@ -902,16 +324,12 @@ class ChatServer:
         self._store_warned = 0.0
         self._conversations: OrderedDict[str, str] = OrderedDict()
         self._completions: OrderedDict[str, tuple[list[dict[str, str]], list[str | None]]] = OrderedDict()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-generate")
-        self._waiting: deque[tuple[list[GenerationJob], asyncio.Queue]] = deque()
-        self._runner: asyncio.Task | None = None
-        self.stats = BatchStats()
+        self.batcher = Batcher(self.engine, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
+        self.stats = self.batcher.stats
         # Through the imported module: Serve's ingress ships this class by value, so its methods' globals are a copy
         # and a bare `_CORS_ORIGINS` here would not be the list the middleware (imported normally) reads.
         importlib.import_module(__name__)._CORS_ORIGINS[0] = tuple(self.cfg.cors_origins)
         self._feedback_hits: OrderedDict[str, deque[float]] = OrderedDict()
-        self._batch.set_max_batch_size(self.cfg.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         logger.info(
             "loaded %s (stage %s, step %d); max_batch_size=%d, safety_filter=%s, auth=%s",
             ckpt.path,
@@ -1172,50 +590,6 @@ class ChatServer:
         parts = " ".join(f"{k}={v}" for k, v in fields.items())
         logger.info("chat id=%s status=%d latency_ms=%.0f %s", cid, status, (time.perf_counter() - t0) * 1e3, parts)
 
-    # ------------------------------------------------------------------------------------------------ batching
-    @ray_serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def _batch(self, jobs: list[GenerationJob]) -> AsyncIterator[list[StepItem | type[StopIteration]]]:
-        """The dynamic batch: one item per job per generation step; each caller iterates its own items.
-
-        Serve's batch is queued for :meth:`_run_batches`, which merges it with every other batch waiting at that
-        moment (see :data:`MAX_CONCURRENT_BATCHES`), runs one :class:`BatchRun` and hands each batch its slice of
-        every step.
-        """
-        queue: asyncio.Queue = asyncio.Queue()
-        self._waiting.append((list(jobs), queue))
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.get_running_loop().create_task(self._run_batches())
-        while (items := await queue.get()) is not None:
-            if isinstance(items, BaseException):
-                raise items
-            yield items
-
-    async def _run_batches(self) -> None:
-        """Run the waiting batches, merged up to ``serve.max_batch_size`` requests, one generation batch at a time."""
-        loop = asyncio.get_running_loop()
-        while self._waiting:
-            taken: list[tuple[list[GenerationJob], asyncio.Queue]] = []
-            n_jobs = 0
-            while self._waiting and (not taken or n_jobs + len(self._waiting[0][0]) <= self.cfg.max_batch_size):
-                taken.append(self._waiting.popleft())
-                n_jobs += len(taken[-1][0])
-            jobs = [job for batch, _ in taken for job in batch]
-            try:
-                run = await loop.run_in_executor(self._pool, BatchRun, self.engine, jobs)
-                self.stats.add_batch(len(jobs), run.rows)
-                while (items := await loop.run_in_executor(self._pool, run.step)) is not None:
-                    start = 0
-                    for batch, queue in taken:
-                        part = items[start : start + len(batch)]
-                        queue.put_nowait([StopIteration if item is None else item for item in part])
-                        start += len(batch)
-            except Exception as e:  # noqa: BLE001 - the callers of this generation batch get the error
-                for _, queue in taken:
-                    queue.put_nowait(e)
-                continue
-            for _, queue in taken:
-                queue.put_nowait(None)
-
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index(self) -> HTMLResponse:
         return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
@@ -1288,7 +662,7 @@ class ChatServer:
             self.stats.errors += 1
             self._log(cid, e.status, t0, error=e.code or e.type)
             raise
-        fmt = _ChatFormat(cid, int(time.time()), self.model_name, self, bool(req.logprobs))
+        fmt = ChatFormat(cid, int(time.time()), self.model_name, self.tokenizer, bool(req.logprobs))
         return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0)
 
     @api.post(
@@ -1334,13 +708,13 @@ class ChatServer:
             self.stats.errors += 1
             self._log(cid, e.status, t0, error=e.code or e.type)
             raise
-        fmt = _CompletionFormat(cid, int(time.time()), self.model_name, self, req.logprobs is not None)
+        fmt = CompletionFormat(cid, int(time.time()), self.model_name, self.tokenizer, req.logprobs is not None)
         return await self._respond(req, fmt, None, prompt, params, 0, ignored, t0)
 
     async def _respond(
         self,
         req: SamplingFields,
-        fmt: "_Format",
+        fmt: ResponseFormat,
         messages: list[dict[str, str]] | None,
         prompt: list[int],
         params: SamplingParams,
@@ -1368,7 +742,7 @@ class ChatServer:
 
         self.stats.requests += 1
         out: JobOutput | Exception = RuntimeError("the batch ended without a result")
-        async for item in self._batch(GenerationJob(tuple(prompt), params, seeds)):
+        async for item in self.batcher.submit(GenerationJob(tuple(prompt), params, seeds)):
             if item.done is not None:
                 out = item.done
                 break
@@ -1415,7 +789,7 @@ class ChatServer:
     async def _stream(
         self,
         req: SamplingFields,
-        fmt: "_Format",
+        fmt: ResponseFormat,
         messages: list[dict[str, str]] | None,
         prompt: list[int],
         params: SamplingParams,
@@ -1450,7 +824,7 @@ class ChatServer:
                 pending[i], pending_tokens[i], pending_alts[i] = "", [], []
                 return chunk
 
-            async for item in self._batch(job):
+            async for item in self.batcher.submit(job):
                 now = time.perf_counter()
                 if first_token_ms is None and any(item.tokens):
                     first_token_ms = (now - t0) * 1e3
@@ -1619,7 +993,7 @@ class ChatServer:
 
     def check_health(self) -> None:
         """Serve's periodic health check: the generation thread must still accept work."""
-        if self._pool._shutdown:  # noqa: SLF001 - ThreadPoolExecutor has no public flag
+        if not self.batcher.alive:
             raise RuntimeError("the generation thread pool is shut down")
 
 
@@ -1640,76 +1014,3 @@ def build_app(args: dict[str, Any]) -> "Application":
     if warning:
         logger.warning(warning)
     return ChatServer.options(**deployment_options(settings)).bind(settings)
-
-
-def serve_command(
-    checkpoint: str | None = None,
-    from_run: str | None = None,
-    port: int | None = None,
-    host: str | None = None,
-    replicas: int | None = None,
-    config: str | None = None,
-    api_key: str | None = None,
-    api_key_file: str | None = None,
-    address: str | None = None,
-    blocking: bool = True,
-    **_: Any,
-) -> int:
-    """``rlchat serve``: deploy a checkpoint (or a run's best) and print how to talk to it.
-
-    Returns:
-        0 after Ctrl-C (blocking) or once deployed (``--no-blocking``, the app keeps running on the cluster).
-    """
-    import ray
-
-    from rlchat.cluster import init_ray
-
-    args: dict[str, Any] = {"checkpoint": checkpoint, "from_run": from_run, "config": config}
-    if host is not None:
-        args["host"] = host
-    if port is not None:
-        args["port"] = port
-    if api_key is not None:
-        args["api_key"] = api_key
-    if api_key_file is not None:
-        args["api_key_file"] = api_key_file
-    if replicas is not None:
-        args["replicas"] = replicas
-    settings = resolve_settings(args)
-    s = settings.config.serve
-    init_ray(address, settings.config.ray.num_cpus)
-    try:
-        ray_serve.start(http_options={"host": s.host, "port": s.port})
-        app = ChatServer.options(**deployment_options(settings)).bind(settings)
-        ray_serve.run(app, name=APP_NAME, route_prefix="/")
-        url = f"http://{s.host}:{s.port}"
-        warning = exposure_warning(s.host, s.api_key)
-        if warning:
-            print(f"warning: {warning}", flush=True)
-        auth = ' -H "Authorization: Bearer $RLCHAT_API_KEY"' if s.api_key else ""
-        body = f'{{"model": "{settings.model_name}", "messages": [{{"role": "user", "content": "hi"}}]}}'
-        print(f"serving {settings.checkpoint} as model {settings.model_name!r} at {url}")
-        print(f"  web chat:      {url}/")
-        print(f"  terminal chat: rlchat chat {url}" + (" --api-key $RLCHAT_API_KEY" if s.api_key else ""))
-        print(f"  curl:          curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'")
-        print(f"  openai:        OpenAI(base_url='{url}/v1', api_key=...)")
-        if s.safety_filter:
-            print("  safety filter: on")
-        print(f"  feedback store: {display_url(s.feedback_store)}", flush=True)
-        if s.feedback_store.startswith("sqlite") and sum(bool(n.get("Alive")) for n in ray.nodes()) > 1:
-            print(
-                "  note: this Ray cluster has several nodes, and a SQLite feedback store is a file on each replica's "
-                "own node; set serve.feedback_store: postgresql://... (docs/cluster.md)",
-                flush=True,
-            )
-        if not blocking:
-            return 0
-        print("Ctrl-C to stop", flush=True)
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the shutdown
-        print("stopping: shutting Serve down", flush=True)
-        with contextlib.suppress(Exception):
-            ray_serve.shutdown()
-    return 0

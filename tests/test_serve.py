@@ -30,17 +30,10 @@ from rlchat.model import PolicyValueModel
 from rlchat.text_stream import TextStreamer
 from rlchat.tokenizer import ChatTokenizer, fit_history
 from serve import testing
-from serve.app import (
-    DEPLOYMENT_NAME,
-    WITHHELD_NOTICE,
-    BatchRun,
-    GenerationJob,
-    JobOutput,
-    deployment_options,
-    resolve_settings,
-    run_jobs,
-)
+from serve.batching import BatchRun, GenerationJob, JobOutput, run_jobs
+from serve.safety import WITHHELD_NOTICE
 from serve.schemas import APIError, parse_chat_request, parse_feedback_request
+from serve.settings import DEPLOYMENT_NAME, deployment_options, resolve_settings
 
 VOCAB = 4096
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,7 +306,7 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config(ckpt, tmp_path, monkey
 
 
 def test_serve_command_needs_a_checkpoint():
-    from serve.app import serve_command
+    from serve.launch import serve_command
 
     with pytest.raises(ConfigError, match="exactly one"):
         serve_command(checkpoint=None, from_run=None, blocking=False)
@@ -624,7 +617,7 @@ def test_serve_from_run_serves_the_runs_best_checkpoint_to_the_openai_client(
 
     from rlchat.checkpoint import CheckpointManager, find_best_checkpoint
     from rlchat.metrics import EVAL_REWARD_MEAN, MetricsWriter, make_run_dir, read_metrics, write_run_config
-    from serve.app import serve_command
+    from serve.launch import serve_command
 
     monkeypatch.delenv("RLCHAT_API_KEY", raising=False)
     # 1. a short PPO run: three checkpoints, the middle one best by eval/reward_mean, the oldest pruned

@@ -18,8 +18,8 @@ from rlchat.generation import GenerationEngine, SamplingParams
 from rlchat.model import PolicyValueModel
 from rlchat.tokenizer import ChatTokenizer
 from serve import testing
-from serve.app import exposure_warning, is_loopback, resolve_api_key
 from serve.schemas import IGNORED_FIELDS_HEADER, APIError, parse_chat_request, parse_completion_request
+from serve.settings import exposure_warning, is_loopback, resolve_api_key
 
 VOCAB = 4096
 USER = [{"role": "user", "content": "hi"}]

@@ -318,9 +318,9 @@ def test_deploy_serves_the_best_checkpoint_and_blocks_only_on_a_local_instance(
     from tune import sweep
 
     calls: list[dict[str, Any]] = []
-    fake = types.ModuleType("serve.app")
+    fake = types.ModuleType("serve.launch")
     fake.serve_command = lambda **kw: calls.append(kw) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "serve.app", fake)
+    monkeypatch.setitem(sys.modules, "serve.launch", fake)
     assert sweep.deploy_best("/ckpt/step_000004", "10.0.0.1:6379", blocking=False) == 0
     assert calls == [{"checkpoint": "/ckpt/step_000004", "address": "10.0.0.1:6379", "blocking": False}]
     assert "deploying the best checkpoint /ckpt/step_000004" in capsys.readouterr().out

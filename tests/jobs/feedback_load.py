@@ -26,7 +26,8 @@ from ray import serve as ray_serve
 
 from rlchat.cluster import init_ray
 from serve import testing
-from serve.app import ChatServer, deployment_options, resolve_settings
+from serve.app import ChatServer
+from serve.settings import deployment_options, resolve_settings
 
 
 def main() -> None:

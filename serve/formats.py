@@ -1,0 +1,147 @@
+"""Response shapes: OpenAI chat completions and text completions, plain and streamed (SSE chunks), with log-probs."""
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from rlchat.text_stream import token_text
+from rlchat.tokenizer import ChatTokenizer
+from serve.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    Delta,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+
+def _chunk(cid: str, created: int, model: str, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+    body = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage).model_dump()
+    for choice in body["choices"]:  # as OpenAI: a delta carries only the fields it sets; finish_reason stays (null)
+        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    if usage is None:
+        del body["usage"]
+    return json.dumps(body, ensure_ascii=False)
+
+
+class ResponseFormat:
+    """How one request's results are shaped: chat completion or text completion, plain and streamed.
+
+    Log-prob entries come from :attr:`rlchat.generation.StepOutput.alternatives` ``(logprob, top ids, top
+    logprobs)``; the end-of-turn token is not reported (it is never shown as text).
+    """
+
+    def __init__(self, cid: str, created: int, model: str, tokenizer: ChatTokenizer, logprobs: bool) -> None:
+        self.cid, self.created, self.model, self.logprobs = cid, created, model, logprobs
+        self.tokenizer = tokenizer
+
+    def _entries(
+        self, tokens: Sequence[int], alts: Sequence[Any] | None
+    ) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        if not self.logprobs or alts is None:
+            return []
+        eot = self.tokenizer.eot_id
+        return [(t, lp, list(zip(ids, lps))) for t, (lp, ids, lps) in zip(tokens, alts) if t != eot]
+
+    def _text(self, t: int) -> str:
+        return token_text(self.tokenizer, t)
+
+
+class ChatFormat(ResponseFormat):
+    def _logprobs(self, tokens: Sequence[int], alts: Sequence[Any] | None) -> ChoiceLogprobs | None:
+        if not self.logprobs:
+            return None
+        content = [
+            TokenLogprob(
+                token=self._text(t),
+                logprob=lp,
+                bytes=list(self.tokenizer.token_bytes(t)) if not self.tokenizer.is_special(t) else None,
+                top_logprobs=[
+                    TopLogprob(
+                        token=self._text(i),
+                        logprob=v,
+                        bytes=list(self.tokenizer.token_bytes(i)) if not self.tokenizer.is_special(i) else None,
+                    )
+                    for i, v in top
+                ],
+            )
+            for t, lp, top in self._entries(tokens, alts)
+        ]
+        return ChoiceLogprobs(content=content)
+
+    def choice(self, i: int, text: str, reason: str, tokens: Sequence[int], alts: Sequence[Any] | None) -> Choice:
+        return Choice(
+            index=i,
+            message=AssistantMessage(content=text),
+            finish_reason=reason,  # type: ignore[arg-type]
+            logprobs=self._logprobs(tokens, alts),
+        )
+
+    def body(self, choices: list[Any], usage: Usage) -> dict[str, Any]:
+        return ChatCompletion(
+            id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage
+        ).model_dump()
+
+    def first_chunk(self, n: int) -> str | None:
+        roles = [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)]
+        return _chunk(self.cid, self.created, self.model, roles)
+
+    def delta_chunk(self, i: int, text: str, tokens: Sequence[int], alts: Sequence[Any]) -> str:
+        choice = ChunkChoice(index=i, delta=Delta(content=text), logprobs=self._logprobs(tokens, alts))
+        return _chunk(self.cid, self.created, self.model, [choice])
+
+    def final_chunk(self, finals: list[tuple[int, str]]) -> str:
+        choices = [ChunkChoice(index=i, delta=Delta(), finish_reason=r) for i, r in finals]  # type: ignore[arg-type]
+        return _chunk(self.cid, self.created, self.model, choices)
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return _chunk(self.cid, self.created, self.model, [], usage)
+
+
+class CompletionFormat(ResponseFormat):
+    def _logprobs(
+        self, tokens: Sequence[int], alts: Sequence[Any] | None, offset: int = 0
+    ) -> CompletionLogprobs | None:
+        if not self.logprobs:
+            return None
+        out = CompletionLogprobs()
+        for t, lp, top in self._entries(tokens, alts):
+            text = self._text(t)
+            out.tokens.append(text)
+            out.token_logprobs.append(lp)
+            out.top_logprobs.append({self._text(i): v for i, v in top})
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out
+
+    def choice(self, i: int, text: str, reason: str, tokens: Sequence[int], alts: Sequence[Any] | None) -> Any:
+        return CompletionChoice(index=i, text=text, finish_reason=reason, logprobs=self._logprobs(tokens, alts))  # type: ignore[arg-type]
+
+    def body(self, choices: list[Any], usage: Usage) -> dict[str, Any]:
+        return Completion(
+            id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage
+        ).model_dump()
+
+    def _json(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        body = Completion(id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage)
+        return json.dumps(body.model_dump(), ensure_ascii=False)
+
+    def first_chunk(self, n: int) -> str | None:
+        return None
+
+    def delta_chunk(self, i: int, text: str, tokens: Sequence[int], alts: Sequence[Any]) -> str:
+        return self._json([CompletionChoice(index=i, text=text, logprobs=self._logprobs(tokens, alts))])
+
+    def final_chunk(self, finals: list[tuple[int, str]]) -> str:
+        return self._json([CompletionChoice(index=i, text="", finish_reason=r) for i, r in finals])  # type: ignore[arg-type]
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return self._json([], usage)

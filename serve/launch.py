@@ -1,0 +1,85 @@
+"""``rlchat serve``: deploy a checkpoint (or a run's best) on Ray Serve and print how to talk to it."""
+
+import contextlib
+import signal
+import time
+from typing import Any
+
+from ray import serve as ray_serve
+
+from rlchat.feedback_store import display_url
+from serve.app import ChatServer
+from serve.settings import APP_NAME, deployment_options, exposure_warning, resolve_settings
+
+
+def serve_command(
+    checkpoint: str | None = None,
+    from_run: str | None = None,
+    port: int | None = None,
+    host: str | None = None,
+    replicas: int | None = None,
+    config: str | None = None,
+    api_key: str | None = None,
+    api_key_file: str | None = None,
+    address: str | None = None,
+    blocking: bool = True,
+    **_: Any,
+) -> int:
+    """``rlchat serve``: deploy a checkpoint (or a run's best) and print how to talk to it.
+
+    Returns:
+        0 after Ctrl-C (blocking) or once deployed (``--no-blocking``, the app keeps running on the cluster).
+    """
+    import ray
+
+    from rlchat.cluster import init_ray
+
+    args: dict[str, Any] = {"checkpoint": checkpoint, "from_run": from_run, "config": config}
+    if host is not None:
+        args["host"] = host
+    if port is not None:
+        args["port"] = port
+    if api_key is not None:
+        args["api_key"] = api_key
+    if api_key_file is not None:
+        args["api_key_file"] = api_key_file
+    if replicas is not None:
+        args["replicas"] = replicas
+    settings = resolve_settings(args)
+    s = settings.config.serve
+    init_ray(address, settings.config.ray.num_cpus)
+    try:
+        ray_serve.start(http_options={"host": s.host, "port": s.port})
+        app = ChatServer.options(**deployment_options(settings)).bind(settings)
+        ray_serve.run(app, name=APP_NAME, route_prefix="/")
+        url = f"http://{s.host}:{s.port}"
+        warning = exposure_warning(s.host, s.api_key)
+        if warning:
+            print(f"warning: {warning}", flush=True)
+        auth = ' -H "Authorization: Bearer $RLCHAT_API_KEY"' if s.api_key else ""
+        body = f'{{"model": "{settings.model_name}", "messages": [{{"role": "user", "content": "hi"}}]}}'
+        print(f"serving {settings.checkpoint} as model {settings.model_name!r} at {url}")
+        print(f"  web chat:      {url}/")
+        print(f"  terminal chat: rlchat chat {url}" + (" --api-key $RLCHAT_API_KEY" if s.api_key else ""))
+        print(f"  curl:          curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'")
+        print(f"  openai:        OpenAI(base_url='{url}/v1', api_key=...)")
+        if s.safety_filter:
+            print("  safety filter: on")
+        print(f"  feedback store: {display_url(s.feedback_store)}", flush=True)
+        if s.feedback_store.startswith("sqlite") and sum(bool(n.get("Alive")) for n in ray.nodes()) > 1:
+            print(
+                "  note: this Ray cluster has several nodes, and a SQLite feedback store is a file on each replica's "
+                "own node; set serve.feedback_store: postgresql://... (docs/cluster.md)",
+                flush=True,
+            )
+        if not blocking:
+            return 0
+        print("Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the shutdown
+        print("stopping: shutting Serve down", flush=True)
+        with contextlib.suppress(Exception):
+            ray_serve.shutdown()
+    return 0

@@ -1,0 +1,189 @@
+"""Serve app settings, resolved once on the driver: the checkpoint, the config's ``serve`` section, the API key and
+the Serve deployment options (shared by ``build_app``, ``rlchat serve`` and the tests)."""
+
+import dataclasses
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlchat.config import Config, load_config, parse_override
+from rlchat.errors import ConfigError
+from rlchat.feedback_store import default_store_url, resolve_store_url
+
+logger = logging.getLogger("ray.serve").getChild("rlchat")
+
+APP_NAME = "rlchat"
+"""Serve application name used by ``rlchat serve`` (and ``serve_config.yaml``)."""
+DEPLOYMENT_NAME = "ChatServer"
+DEFAULT_MODEL_NAME = "rlchat"
+ENV_FEEDBACK_STORE = "RLCHAT_FEEDBACK_STORE"
+"""Environment variable read for ``serve.feedback_store`` when the config leaves it empty (like RLCHAT_API_KEY)."""
+ENV_API_KEY = "RLCHAT_API_KEY"
+"""Environment variable read for ``serve.api_key`` when the config leaves it empty (keys never on a command line)."""
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Everything a replica needs, resolved on the driver (paths absolute, config validated)."""
+
+    checkpoint: str
+    config: Config
+    model_name: str = DEFAULT_MODEL_NAME
+    num_cpus: float = 1.0
+
+
+def resolve_settings(args: dict[str, Any]) -> AppSettings:
+    """Build :class:`AppSettings` from builder args (``serve run`` / YAML ``args`` / :func:`serve_command`).
+
+    Args:
+        args: ``checkpoint`` (or ``from_run``), optional ``config`` (a YAML file; default: the checkpoint's own
+            config), ``model_name``, ``num_cpus``; flat keys naming a ``serve.*`` field (``api_key``,
+            ``max_batch_size``, ...) and dotted keys (``reward.safety_patterns``) override the config. String values
+            (from ``serve run app key=value``) are parsed as YAML.
+
+    Raises:
+        ConfigError / CheckpointError: no or a bad checkpoint, an unknown key, a bad value.
+    """
+    from rlchat.checkpoint import POLICY_STAGES, find_best_checkpoint, read_checkpoint
+    from rlchat.config import ServeConfig
+
+    args = dict(args)
+    ckpt, run = args.pop("checkpoint", None), args.pop("from_run", None)
+    if bool(ckpt) == bool(run):
+        raise ConfigError(
+            "serve: expected exactly one of a checkpoint directory or --from-run RUN_DIR; "
+            f"got checkpoint={ckpt!r}, from_run={run!r}"
+        )
+    path = find_best_checkpoint(run) if run else Path(ckpt)
+    info = read_checkpoint(path, expect_stage=POLICY_STAGES)
+    config_path = args.pop("config", None)
+    cfg = load_config(config_path) if config_path else info.config
+    model_name = str(args.pop("model_name", DEFAULT_MODEL_NAME))
+    num_cpus = float(args.pop("num_cpus", 1.0))
+    serve_fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    overrides: dict[str, Any] = {}
+    for key, value in args.items():
+        if value is None:
+            continue
+        dotted = key if "." in key else f"serve.{key}"
+        if "." not in key and key not in serve_fields:
+            raise ConfigError(
+                f"serve app argument {key!r}: unknown; expected checkpoint, from_run, config, model_name, num_cpus, "
+                f"a serve.* field ({', '.join(sorted(serve_fields))}) or a dotted config key"
+            )
+        if isinstance(value, str) and not key.endswith("api_key"):
+            value = parse_override(f"{dotted}={value}")[1]
+        overrides[dotted] = value
+    if not cfg.serve.feedback_store and "serve.feedback_store" not in overrides and os.environ.get(ENV_FEEDBACK_STORE):
+        overrides["serve.feedback_store"] = os.environ[ENV_FEEDBACK_STORE]  # keeps a database password out of YAML
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    cfg = cfg.replace(**{"serve.api_key": resolve_api_key(cfg.serve.api_key, cfg.serve.api_key_file)})
+    s = cfg.serve
+    if s.max_batch_size < 1:
+        raise ConfigError(f"serve.max_batch_size={s.max_batch_size}: expected at least 1 (1 = no batching)")
+    if s.batch_wait_timeout_s < 0:
+        raise ConfigError(f"serve.batch_wait_timeout_s={s.batch_wait_timeout_s}: expected >= 0, e.g. 0.01")
+    if s.replicas < 1:
+        raise ConfigError(f"serve.replicas={s.replicas}: expected at least 1")
+    if s.feedback_rate_limit < 0:
+        raise ConfigError(
+            f"serve.feedback_rate_limit={s.feedback_rate_limit}: expected >= 0 requests per minute; use 60, or 0 for "
+            "no limit"
+        )
+    if s.max_replicas < s.replicas:
+        cfg = cfg.replace(**{"serve.max_replicas": s.replicas})
+    feedback = Path(cfg.serve.feedback_path).expanduser()
+    if not feedback.is_absolute():  # replicas run in other working directories: resolve on the driver
+        cfg = cfg.replace(**{"serve.feedback_path": str(Path.cwd() / feedback)})
+    if cfg.serve.feedback_store:
+        store = resolve_store_url(cfg.serve.feedback_store)  # a relative SQLite path: from here, as above
+    else:
+        store = default_store_url(cfg.serve.feedback_path)
+        if s.feedback_path != ServeConfig.feedback_path:
+            logger.warning(
+                "serve.feedback_path is deprecated: feedback is stored in a database now, here %s (beside "
+                "feedback_path); set serve.feedback_store instead (postgresql://... on a cluster)",
+                store,
+            )
+    cfg = cfg.replace(**{"serve.feedback_store": store})
+    return AppSettings(str(info.path.resolve()), cfg, model_name, num_cpus)
+
+
+def resolve_api_key(api_key: str, api_key_file: str = "") -> str:
+    """The API key: ``serve.api_key``, else the first line of ``serve.api_key_file``, else ``RLCHAT_API_KEY``.
+
+    An empty ``api_key`` (as ``serve_config.yaml`` ships it) means "not set here", so the file and the environment
+    still apply; the key never has to appear on a command line (visible in ``ps``).
+
+    Raises:
+        ConfigError: the key file cannot be read or is empty.
+    """
+    if api_key:
+        return api_key
+    if api_key_file:
+        path = Path(api_key_file).expanduser()
+        try:
+            key = path.read_text(encoding="utf-8").strip().splitlines()
+        except OSError as e:
+            raise ConfigError(
+                f"serve.api_key_file={api_key_file!r}: cannot read it ({e.strerror}); point it at a file holding the "
+                "key on its first line (chmod 600), or set RLCHAT_API_KEY instead"
+            ) from None
+        if not key or not key[0].strip():
+            raise ConfigError(
+                f"serve.api_key_file={api_key_file!r}: the file is empty; write the key on its first line"
+            )
+        return key[0].strip()
+    return os.environ.get(ENV_API_KEY, "")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name to bind / a client address) is this machine only."""
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, api_key: str) -> str | None:
+    """A warning when the endpoint listens beyond this machine without an API key (None when it is fine)."""
+    if api_key or is_loopback(host):
+        return None
+    return (
+        f"serving on {host}, reachable from other machines, without an API key: anyone who can reach the port can "
+        f"use the model and write feedback; set {ENV_API_KEY} (or serve.api_key_file / --api-key-file), or bind "
+        "127.0.0.1"
+    )
+
+
+def default_model_version(checkpoint: str | Path) -> str:
+    """``<run>/<checkpoint>`` (e.g. ``ppo-20260101-120000/step_000200``): the label feedback is grouped by when
+    ``serve.model_version`` is not set."""
+    path = Path(checkpoint)
+    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
+
+
+def deployment_options(settings: AppSettings) -> dict[str, Any]:
+    """Serve deployment options from ``cfg.serve``: fixed replicas, or autoscaling when max_replicas > replicas."""
+    s = settings.config.serve
+    opts: dict[str, Any] = {
+        # room for a full batch plus the next one filling while it runs (Serve's default of 5 would cap batching)
+        "max_ongoing_requests": max(64, 4 * s.max_batch_size),
+        "ray_actor_options": {"num_cpus": settings.num_cpus},
+        "health_check_period_s": 5.0,
+    }
+    if s.max_replicas > s.replicas:
+        opts["autoscaling_config"] = {
+            "min_replicas": s.replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        }
+    else:
+        opts["num_replicas"] = s.replicas
+    return opts
