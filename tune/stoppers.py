@@ -46,6 +46,7 @@ from typing import Any
 from ray import tune as ray_tune
 
 from rlchat.core.errors import ConfigError
+from rlchat.core.files import atomic_write_json
 from rlchat.core.metrics import (
     EVAL_GOLD_REWARD,
     EVAL_PROXY_REWARD,
@@ -393,6 +394,4 @@ def write_stops(path: str | os.PathLike[str], stops: Mapping[str, Mapping[str, A
     so a resumed sweep keeps the stops recorded before the kill."""
     p = Path(path)
     merged = {**read_stops(p), **{k: dict(v) for k, v in stops.items()}}
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True, default=float) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    atomic_write_json(p, merged, indent=2, sort_keys=True, default=float)

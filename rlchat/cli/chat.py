@@ -19,8 +19,8 @@ K most likely alternatives under the model (one teacher-forced forward over prom
 :func:`token_alternatives`); ``/why`` shows the reward components of the last reply under the checkpoint's
 ``reward`` config.
 
-The reply text is released by :class:`rlchat.core.text_stream.TextStreamer`, the same streamer the Serve endpoint uses, so
-a reply reads the same in the terminal, over HTTP and in the web page.
+The reply text is released by :class:`rlchat.core.text_stream.TextStreamer`, the same streamer the Serve endpoint
+uses, so a reply reads the same in the terminal, over HTTP and in the web page.
 """
 
 from __future__ import annotations

@@ -45,9 +45,9 @@ def _builtin_file(name: str) -> Path:
 def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run the whole demo; returns the summary written to ``run_dir/summary.json``."""
     from rlchat.core.checkpoint import find_best_checkpoint, resolve_checkpoint_dir
-    from rlchat.distributed.cluster import init_ray
     from rlchat.core.evaluation import evaluate_checkpoint
     from rlchat.core.metrics import plot_run
+    from rlchat.distributed.cluster import init_ray
     from rlchat.distributed.prepare import prepare
     from rlchat.distributed.stages import run_rm, run_sft
     from rlchat.distributed.trainer import train

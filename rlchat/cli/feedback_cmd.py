@@ -39,10 +39,10 @@ def export_feedback(url: str, out: str | Path, config: str | None = None, model_
         DataError: no pair to export (or a bad one with ``data.on_error: fail``).
     """
     from rlchat.core.data import split_rows
+    from rlchat.core.tokenizer import ChatTokenizer
 
     # prepare.py's own writer, so the output is exactly the layout `rlchat data prepare` writes (no Ray involved)
     from rlchat.distributed.prepare import _write_outputs, build_stats
-    from rlchat.core.tokenizer import ChatTokenizer
 
     cfg = load_config(config)
     url = resolve_store_url(url)

@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare and inspect conversation data").add_subparsers(
         dest="data_command", required=True, metavar="SUBCOMMAND"
     )
-    p = cmd("prepare", "rlchat.distributed.prepare:prepare_command", "normalise, validate, filter and split data (Ray Data)", data)
+    p = cmd(
+        "prepare",
+        "rlchat.cli.prepare_cmd:prepare_command",
+        "normalise, validate, filter and split data (Ray Data)",
+        data,
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl / .jsonl.gz files or directories")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
@@ -89,14 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default=None, choices=["fail", "skip"])
     p.add_argument("--config", "-c", default=None)
     p.add_argument("--address", default=None)
-    p = cmd("stats", "rlchat.distributed.prepare:stats_command", "print a table of a prepared dataset's statistics", data)
+    p = cmd("stats", "rlchat.cli.prepare_cmd:stats_command", "print a table of a prepared dataset's statistics", data)
     p.add_argument("path", help="prepared directory (or its stats.json)")
 
     # the Serve endpoint's feedback store
     feedback = sub.add_parser("feedback", help="export, summarise and delete the Serve endpoint's feedback")
     feedback = feedback.add_subparsers(dest="feedback_command", required=True, metavar="SUBCOMMAND")
     store_help = "the feedback store: postgresql://USER:PASSWORD@HOST:PORT/DB, sqlite:///PATH.db or PATH.db"
-    p = cmd("export", "rlchat.cli.feedback_cmd:feedback_export_command", "write the preference pairs as Parquet", feedback)
+    p = cmd(
+        "export", "rlchat.cli.feedback_cmd:feedback_export_command", "write the preference pairs as Parquet", feedback
+    )
     p.add_argument("url", metavar="URL", help=store_help)
     p.add_argument("--out", required=True, help="output directory (the layout of `rlchat data prepare`)")
     p.add_argument("--model-version", default=None, help="only this model version's pairs")
@@ -107,23 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL", help=store_help)
     p.add_argument("--json", dest="json_output", action="store_true", help="print JSON instead of a table")
     p = cmd(
-        "delete", "rlchat.cli.feedback_cmd:feedback_delete_command", "delete one conversation and its feedback", feedback
+        "delete",
+        "rlchat.cli.feedback_cmd:feedback_delete_command",
+        "delete one conversation and its feedback",
+        feedback,
     )
     p.add_argument("url", metavar="URL", help=store_help)
     p.add_argument("conversation_id", metavar="CONVERSATION_ID", help="X-RLChat-Conversation-Id, or a completion id")
 
     # training stages
-    p = cmd("sft", "rlchat.distributed.stages:sft_command", "supervised fine-tuning on Ray Train")
+    p = cmd("sft", "rlchat.cli.stages_cmd:sft_command", "supervised fine-tuning on Ray Train")
     _add_run_args(p)
-    p = cmd("rm", "rlchat.distributed.stages:rm_command", "reward-model training on preference pairs (Ray Train)")
+    p = cmd("rm", "rlchat.cli.stages_cmd:rm_command", "reward-model training on preference pairs (Ray Train)")
     _add_run_args(p)
-    p = cmd("train", "rlchat.distributed.trainer:train_command", "PPO: rollout workers + central learner on Ray")
+    p = cmd("train", "rlchat.cli.train_cmd:train_command", "PPO: rollout workers + central learner on Ray")
     _add_run_args(p)
     p = cmd("demo", "rlchat.cli.demo:demo_command", "built-in demo: prepare data, SFT, RM and PPO, then compare")
     _add_run_args(p, resume=False)
     p.add_argument("--quick", action="store_true", help="a reduced run (used by tests)")
 
-    p = cmd("eval", "rlchat.core.evaluation:eval_command", "evaluate a checkpoint on held-out prompts")
+    p = cmd("eval", "rlchat.cli.eval_cmd:eval_command", "evaluate a checkpoint on held-out prompts")
     p.add_argument("checkpoint")
     p.add_argument("--baseline", default=None, help="checkpoint to compare against (win rate by the reward model)")
     p.add_argument("--data", default=None, help="held-out data (default: the checkpoint config's prompts)")
@@ -132,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=3, help="sample conversations to show")
     p.add_argument("--max-prompts", type=int, default=128)
 
-    p = cmd("plot", "rlchat.core.metrics:plot_command", "write PNG curves of a run's metrics to RUN_DIR/plots/")
+    p = cmd("plot", "rlchat.cli.plot_cmd:plot_command", "write PNG curves of a run's metrics to RUN_DIR/plots/")
     p.add_argument("run_dir")
 
     # serving and chat
-    p = cmd("serve", "serve.app:serve_command", "serve a checkpoint behind an OpenAI-compatible HTTP API")
+    p = cmd("serve", "serve.launch:serve_command", "serve a checkpoint behind an OpenAI-compatible HTTP API")
     p.add_argument("checkpoint", nargs="?", default=None)
     p.add_argument("--from-run", default=None, metavar="RUN_DIR", help="serve this run's best checkpoint")
     p.add_argument("--port", type=int, default=None)
@@ -163,14 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None)
     _add_decoding_args(p)
 
-    p = cmd("tune", "tune.sweep:tune_command", "Ray Tune hyperparameter sweep over config keys")
+    p = cmd("tune", "rlchat.cli.tune_cmd:tune_command", "Ray Tune hyperparameter sweep over config keys")
     _add_run_args(p)
     p.add_argument("--space", default=None, help="search-space YAML, e.g. tune/spaces/demo.yaml (not with --resume)")
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--scheduler", default="asha", choices=["asha", "pbt"])
     p.add_argument("--deploy", action="store_true", help="serve the best checkpoint when the sweep ends")
 
-    p = cmd("generate", "rlchat.distributed.batch_generate:generate_command", "batch generation over many prompts (Ray Data)")
+    p = cmd("generate", "rlchat.cli.generate_cmd:generate_command", "batch generation over many prompts (Ray Data)")
     p.add_argument("checkpoint")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -233,8 +243,8 @@ def resolve_path_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Make every path argument absolute against the directory the user typed the command in.
 
     This is the CLI half of the one boundary where user paths become absolute (the config half is
-    :func:`rlchat.core.config.resolve_paths`): nothing downstream -- Ray tasks, actors, Ray Train workers, whose working
-    directories differ from the user's -- ever sees a relative path.
+    :func:`rlchat.core.config.resolve_paths`): nothing downstream -- Ray tasks, actors, Ray Train workers, whose
+    working directories differ from the user's -- ever sees a relative path.
     """
     from rlchat.core.config import resolve_path
 

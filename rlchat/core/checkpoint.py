@@ -30,7 +30,6 @@ rather than symlinks, so a run directory survives ``scp``/``rsync``/zip to anoth
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
@@ -54,6 +53,7 @@ import torch
 
 from rlchat.core.config import Config, from_dict
 from rlchat.core.errors import CheckpointError, ConfigError, RLChatError
+from rlchat.core.files import atomic_write_json, fsync_dir, fsync_path
 from rlchat.core.metrics import STAGE_BEST_METRIC
 from rlchat.core.tokenizer import ChatTokenizer
 
@@ -174,30 +174,6 @@ def _json_config(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return x
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes the rename itself durable; not supported on every platform/filesystem.
-    with contextlib.suppress(OSError):
-        _fsync_file(path)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 _SAFE_LEAVES = (torch.dtype, torch.device, torch.Size, int, float, bool, str, bytes, complex, type(None))
@@ -334,15 +310,15 @@ def save_checkpoint(
         # 3. durable before visible
         for p in tmp.rglob("*"):
             if p.is_file():
-                _fsync_file(p)
-        _fsync_dir(tmp)
+                fsync_path(p)
+        fsync_dir(tmp)
         # 4. publish: rename is atomic within one filesystem
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{token}"
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -810,7 +786,7 @@ class CheckpointManager:
                 shutil.rmtree(trash, ignore_errors=True)
         kept = [e for e in entries if e.path in keep]
         latest = kept[-1]
-        _write_json_atomic(
+        atomic_write_json(
             self.dir / INDEX_FILE,
             {
                 "latest": latest.path.name,
@@ -822,6 +798,8 @@ class CheckpointManager:
                 "best_value": best.value if best is not None else None,
                 "checkpoints": [{"name": e.path.name, "step": e.step, "value": e.value} for e in kept],
             },
+            indent=2,
+            allow_nan=False,
         )
 
     def latest(self) -> Path | None:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import yaml
 
 from rlchat.core.errors import ConfigError
+from rlchat.core.files import load_yaml_mapping
 
 # --------------------------------------------------------------------------------------------------------------
 # Sections
@@ -1067,19 +1068,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found; pass an existing YAML file, e.g. configs/demo.yaml")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-            raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{p}: expected a mapping of config sections at the top level, found {type(data).__name__}"
-            )
+        data, _ = load_yaml_mapping(path, "config file", "config sections", "configs/demo.yaml")
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
     try:

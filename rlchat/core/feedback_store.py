@@ -787,7 +787,8 @@ class FeedbackStore:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def preference_records(self, model_version: str | None = None) -> list[Record]:
-        """The pairs as :class:`rlchat.core.data.Record` objects (no filters, dedup or split; see :func:`load_records`)."""
+        """The pairs as :class:`rlchat.core.data.Record` objects (no filters, dedup or split; see
+        :func:`load_records`)."""
         from rlchat.core.data import parse_record
 
         return [

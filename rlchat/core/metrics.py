@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlchat.core import ppo as _ppo
 from rlchat.core.errors import RLChatError
+from rlchat.core.files import atomic_write_text
 
 if TYPE_CHECKING:
     from rlchat.core.config import Config
@@ -185,10 +186,7 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> Path:
     from rlchat.core.config import to_yaml
 
     path = Path(run_dir) / CONFIG_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(to_yaml(cfg), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, to_yaml(cfg))
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -353,10 +351,8 @@ class MetricsWriter:
         self._file.flush()
         records = read_metrics(self.run_dir) if self.path.stat().st_size else []
         keep = [r for r in records if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in keep), encoding="utf-8")
         self._file.close()
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
         self._file = self.path.open("a", encoding="utf-8")
         return len(records) - len(keep)
 
@@ -690,16 +686,3 @@ def plot_overoptimisation(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def plot_command(run_dir: str, **_: Any) -> int:
-    """``rlchat plot RUN_DIR``: write the PNGs and print their paths."""
-    path = Path(run_dir)
-    if not (path / METRICS_FILE).is_file():
-        raise RLChatError(
-            f"{path}: no {METRICS_FILE}; expected a run directory written by rlchat sft/rm/train/tune "
-            "(pass the directory printed at the start of the run)"
-        )
-    for p in plot_run(path):
-        print(p)
-    return 0

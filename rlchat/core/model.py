@@ -1,9 +1,9 @@
 """Models: the policy with its value head, tiny demo models, vocabulary bridging and the reward model.
 
 - :class:`PolicyValueModel` wraps any ``transformers`` causal LM (a local path, a hub id, or a tiny model built from
-  :class:`~rlchat.core.config.ModelConfig`) plus a scalar value head, either on the policy's own trunk (``critic: shared``)
-  or on a second trunk of the same config (``critic: separate``). One causal forward gives log-probs, entropy and
-  values for every position, aligned so that position ``t`` holds the quantities *for generating token t*.
+  :class:`~rlchat.core.config.ModelConfig`) plus a scalar value head, either on the policy's own trunk (``critic:
+  shared``) or on a second trunk of the same config (``critic: separate``). One causal forward gives log-probs,
+  entropy and values for every position, aligned so that position ``t`` holds the quantities *for generating token t*.
 - :func:`load_lm` bridges vocabularies: chat special tokens the model lacks get new embedding rows initialised
   from the mean embedding (tied weights stay tied); a pretrained model whose vocabulary is not the chosen tiktoken
   encoding is refused, unless ``model.reinit_embeddings`` asks to re-initialise the embeddings. The vocabulary is

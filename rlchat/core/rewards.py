@@ -448,7 +448,9 @@ class CheckpointRMScorer:
         self._max_len = 0
 
     def _load(self) -> None:
-        from rlchat.core.checkpoint import load_reward_model  # lazy: keeps torch/transformers off the env's import path
+        from rlchat.core.checkpoint import (
+            load_reward_model,  # lazy: keeps torch/transformers off the env's import path
+        )
 
         self._rm, self._tok, _ckpt = load_reward_model(self.path)
         self._rm.eval()

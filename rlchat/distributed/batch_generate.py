@@ -28,7 +28,8 @@ The job, in order (each step is a function here; docs/batch_generate.md has the 
    :class:`~rlchat.core.rewards.RewardFunction` with ``--rewards``). The same code scales from a laptop to a cluster:
    actors go wherever Ray has room, one CPU and one torch thread each, or one GPU each when the cluster has
    GPUs (:func:`worker_resources` says why one thread).
-4. **Write shards** (:class:`ShardStore`): the driver collects the returned rows per shard (with a tqdm bar) and
+4. **Write shards** (:class:`~rlchat.distributed.shard_store.ShardStore`): the driver collects the returned rows per
+shard (with a tqdm bar) and
    writes each finished shard atomically -- ``DIR/shards/part-00007.parquet`` through a temporary file, fsync
    and rename -- then rewrites ``DIR/manifest.json``. A shard file is self-describing: its Parquet metadata holds
    the run settings, its index and its input hash.
@@ -65,10 +66,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import secrets
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -77,8 +76,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from rlchat import __version__
 from rlchat.core.data import (
@@ -95,6 +92,15 @@ from rlchat.core.data import (
     parse_record,
 )
 from rlchat.core.errors import ConfigError, DataError, RLChatError
+from rlchat.distributed.shard_store import (
+    MANIFEST_FILE,
+    SHARDS_DIR,
+    ShardStore,
+    _json_settings,
+    _shard_stats,
+    assemble_outputs,
+    settings_differences,
+)
 
 if TYPE_CHECKING:
     from rlchat.core.checkpoint import Checkpoint
@@ -106,11 +112,6 @@ logger = logging.getLogger(__name__)
 
 SHARD_ROWS = 256
 """Input prompts per shard: the unit of resumption (a killed run loses at most the shards in flight)."""
-MANIFEST_FILE = "manifest.json"
-SHARDS_DIR = "shards"
-PARQUET_FILE = "generations.parquet"
-JSONL_FILE = "generations.jsonl"
-META_KEY = b"rlchat_generate"
 """Parquet schema-metadata key of a shard file: JSON with the settings, shard index, input hash and counts."""
 MAX_SKIPPED_IN_MANIFEST = 10_000
 """manifest.json lists at most this many skipped lines (the count is always exact)."""
@@ -441,136 +442,6 @@ class GenerateWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return generate_rows(self.engine, self.params, batch, self.n, self.seed, self.schema, self.reward_fn)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The shard store: atomic shard files, the manifest, resume
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path to write; on success fsync it and rename it to ``path`` (atomic)."""
-    tmp = _tmp_name(path)
-    try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)  # the rename itself survives a power cut
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def _shard_stats(table: pa.Table) -> dict[str, Any]:
-    reasons = Counter(table.column("finish_reason").to_pylist())
-    return {
-        "samples": table.num_rows,
-        "prompts": len(set(table.column("row").to_pylist())),
-        "prompt_tokens": int(pc.sum(table.column("prompt_tokens")).as_py() or 0),
-        "completion_tokens": int(pc.sum(table.column("completion_tokens")).as_py() or 0),
-        "finish_reasons": dict(sorted(reasons.items())),
-    }
-
-
-class ShardStore:
-    """The output directory: ``shards/part-NNNNN.parquet`` files (each written atomically) and ``manifest.json``.
-
-    Args:
-        directory: the ``--output`` directory (created).
-    """
-
-    def __init__(self, directory: str | Path) -> None:
-        self.dir = Path(directory)
-        self.shards_dir = self.dir / SHARDS_DIR
-        if self.dir.exists() and not self.dir.is_dir():
-            raise ConfigError(f"--output {self.dir}: is a file; expected a directory (new or from an earlier run)")
-        self.shards_dir.mkdir(parents=True, exist_ok=True)
-
-    def path(self, index: int) -> Path:
-        return self.shards_dir / f"part-{index:05d}.parquet"
-
-    def remove_temporaries(self) -> list[Path]:
-        """Delete the temporary files a killed run left behind (never a finished shard)."""
-        gone = []
-        for d in (self.dir, self.shards_dir):
-            for p in d.glob(".*.tmp-*"):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-                    gone.append(p)
-        return gone
-
-    def existing(self) -> dict[int, dict[str, Any]]:
-        """Index -> the metadata of every readable shard file (an unreadable one is reported and ignored)."""
-        found: dict[int, dict[str, Any]] = {}
-        for p in sorted(self.shards_dir.glob("part-*.parquet")):
-            try:
-                index = int(p.stem.split("-", 1)[1])
-                meta = json.loads((pq.read_schema(p).metadata or {})[META_KEY])
-            except Exception as e:  # a foreign or damaged file: regenerate that shard rather than trust it
-                logger.warning("%s: not a readable shard (%s: %s); it will be regenerated", p, type(e).__name__, e)
-                continue
-            if p == self.path(index):
-                found[index] = meta
-        return found
-
-    def write(self, index: int, table: pa.Table, meta: dict[str, Any]) -> Path:
-        """Write shard ``index`` atomically; ``meta`` goes into the file's Parquet metadata."""
-        path = self.path(index)
-        table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
-        with _atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
-        return path
-
-    def existing_stats(self, index: int) -> dict[str, Any]:
-        """The counts stored in a written shard's metadata (recomputed from its rows if missing)."""
-        meta = json.loads((pq.read_schema(self.path(index)).metadata or {})[META_KEY])
-        return meta.get("stats") or _shard_stats(pq.read_table(self.path(index)))
-
-    def read_manifest(self) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.dir / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        path = self.dir / MANIFEST_FILE
-        with _atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _json_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings as they read back from JSON (tuples become lists), so stored and new settings compare equal."""
-    return json.loads(json.dumps(settings, sort_keys=True))
-
-
-def settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: earlier value -> this run's value`` for every setting that differs (nested dicts by dotted key)."""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and v:
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(old), flat(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1142,93 +1013,9 @@ def _sum_stats(stats: Any) -> dict[str, Any]:
     return out
 
 
-def assemble_outputs(store: ShardStore, num_shards: int, jsonl: bool) -> list[Path]:
-    """Concatenate shards ``0..num_shards-1`` into ``generations.parquet`` (and ``.jsonl``), each atomically.
-
-    Streams one shard at a time (one Parquet row group per shard), so memory stays at one shard.
-
-    Returns:
-        The files written.
-    """
-    paths = [store.path(i) for i in range(num_shards)]
-    schema = pq.read_schema(paths[0]).remove_metadata()
-    out = store.dir / PARQUET_FILE
-    written = [out]
-    with _atomic_path(out) as tmp:
-        meta = {b"rlchat": json.dumps({"version": __version__, "shards": num_shards}).encode()}
-        with pq.ParquetWriter(tmp, schema.with_metadata(meta)) as writer:
-            for p in paths:
-                writer.write_table(pq.read_table(p).replace_schema_metadata(meta))
-    if jsonl:
-        out = store.dir / JSONL_FILE
-        written.append(out)
-        with _atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
-            for p in paths:
-                for row in pq.read_table(p).to_pylist():
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return written
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # CLI target
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def generate_command(
-    checkpoint: str,
-    input: str,
-    output: str,
-    n: int = 1,
-    batch_size: int = 32,
-    concurrency: int = 1,
-    jsonl: bool = False,
-    logprobs: bool = False,
-    rewards: bool = False,
-    on_error: str = "fail",
-    address: str | None = None,
-    temperature: float = 0.7,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    max_tokens: int = 64,
-    stop: Sequence[str] = (),
-    seed: int | None = None,
-    beams: int = 1,
-    **_: Any,
-) -> int:
-    """``rlchat generate``: run :func:`generate`, print each skipped line, the summary and the files written."""
-    from rlchat.core.generation import SamplingParams
-
-    params = SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        stop_strings=tuple(stop or ()),
-        num_beams=beams,
-        seed=seed,
-    )
-    result = generate(
-        checkpoint,
-        [input],
-        output,
-        params,
-        n=n,
-        batch_size=batch_size,
-        concurrency=concurrency,
-        jsonl=jsonl,
-        logprobs=logprobs,
-        rewards=rewards,
-        on_error=on_error,
-        address=address,
-    )
-    for s in result.skipped:
-        print(f"skipped {s.source}: {s.reason}")
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} bad record(s); each is listed above and in manifest.json")
-    print(format_summary(result))
-    return 0
 
 
 def format_summary(result: GenerateResult) -> str:
@@ -1267,7 +1054,6 @@ __all__ = [
     "derive_sample_seed",
     "format_summary",
     "generate",
-    "generate_command",
     "generate_rows",
     "output_schema",
     "plan_shards",

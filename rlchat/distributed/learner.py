@@ -33,8 +33,8 @@ Deviations from a textbook PPO step, and why:
 
 The driver calls one :class:`LearnerRank` (update, weights, save, load, restore, evaluate, set_learning_rate,
 set_kl_coef): in its own process (:class:`LocalLearner`), or on every Ray Train rank through :class:`LearnerGroup`,
-the typed rank group of :mod:`rlchat.distributed.rank_group` (Ray Train started once per run, not once per step: its start-up
-costs ~17 s on 2 cores). The driver keeps the loop -- sample -> update -> sync -> log.
+the typed rank group of :mod:`rlchat.distributed.rank_group` (Ray Train started once per run, not once per step: its
+start-up costs ~17 s on 2 cores). The driver keeps the loop -- sample -> update -> sync -> log.
 """
 
 from __future__ import annotations
@@ -618,14 +618,15 @@ class LearnerRank:
 
 
 class LearnerGroup(RankGroup):
-    """The PPO learner on ``ray.learner_workers`` Ray Train ranks: a :class:`~rlchat.distributed.rank_group.RankGroup` of
-    :class:`LearnerRank`, whose methods it mirrors (``group.update(batch_ref, iteration)`` runs
+    """The PPO learner on ``ray.learner_workers`` Ray Train ranks: a :class:`~rlchat.distributed.rank_group.RankGroup`
+    of :class:`LearnerRank`, whose methods it mirrors (``group.update(batch_ref, iteration)`` runs
     :meth:`LearnerRank.update` on every rank and returns rank 0's result).
 
     Ray Train places the ranks in its own placement group with the learner's resources (``ray.learner_*``), so
     rollout actors can never take the learner's GPUs/CPUs; after a rank dies it restarts them (at most
-    ``ray.learner_max_failures`` times) and the next call raises :class:`~rlchat.distributed.rank_group.RankGroupRestarted`,
-    on which :class:`~rlchat.distributed.trainer.PPOTrainer` restores the last checkpoint.
+    ``ray.learner_max_failures`` times) and the next call raises
+    :class:`~rlchat.distributed.rank_group.RankGroupRestarted`, on which
+    :class:`~rlchat.distributed.trainer.PPOTrainer` restores the last checkpoint.
     """
 
     def __init__(self, cfg: Config, run_dir: str, timeout_s: float = 1800.0) -> None:

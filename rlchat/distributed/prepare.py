@@ -24,8 +24,8 @@ starts a local Ray by itself.
 Prompt-only records (no reply: ``{"prompt": ..., "reference": ...}``, a conversation ending with the user turn; see
 :mod:`rlchat.core.data`) are kept, with no flag: preparing does not know which stage the files are for, and a prepared
 prompt set is as useful as a prepared SFT set. The stage that loads the directory decides: as ``data.prompts`` they
-are prompts; as SFT or reward-model data :func:`rlchat.core.data.load_records` refuses each one with the ``path:line`` it
-came from. ``stats.json`` counts them (``prompt_only``) and the stats table shows the count.
+are prompts; as SFT or reward-model data :func:`rlchat.core.data.load_records` refuses each one with the ``path:line``
+it came from. ``stats.json`` counts them (``prompt_only``) and the stats table shows the count.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +41,7 @@ from typing import Any, cast
 import pyarrow as pa
 
 from rlchat import __version__
-from rlchat.core.config import Config, DataConfig, TokenizerConfig, load_config
+from rlchat.core.config import Config, DataConfig, TokenizerConfig
 from rlchat.core.data import (
     FORMATS,
     PREPARED_SCHEMA,
@@ -57,6 +55,7 @@ from rlchat.core.data import (
     split_rows,
 )
 from rlchat.core.errors import DataError
+from rlchat.core.files import atomic_path, atomic_write_json
 from rlchat.core.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
@@ -297,23 +296,19 @@ def build_stats(
 def _write_outputs(
     out: Path, train: list[dict[str, Any]], val: list[dict[str, Any]], stats: dict[str, Any], tok: ChatTokenizer
 ) -> None:
-    """Write into a temporary sibling directory, then move each file into place (no partial outputs)."""
+    """Write each output file atomically (:func:`rlchat.core.files.atomic_path`): no partial outputs."""
     import pyarrow.parquet as pq
 
     out.mkdir(parents=True, exist_ok=True)
     meta = {b"rlchat": json.dumps({"version": __version__, "tokenizer": tok.to_dict()}).encode()}
     schema = PREPARED_SCHEMA.with_metadata(meta)
-    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
-    try:
-        for name, rows in (("train", train), ("val", val)):
-            table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
-            pq.write_table(table, tmp / f"{name}.parquet")
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        plot_stats(train, val, tmp / "stats.png")
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for name, rows in (("train", train), ("val", val)):
+        table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+        with atomic_path(out / f"{name}.parquet") as tmp:
+            pq.write_table(table, tmp)
+    atomic_write_json(out / "stats.json", stats, indent=2, ensure_ascii=False)
+    with atomic_path(out / "stats.png") as tmp:
+        plot_stats(train, val, tmp)
 
 
 def plot_stats(train: list[dict[str, Any]], val: list[dict[str, Any]], path: Path) -> None:
@@ -453,37 +448,6 @@ def format_stats_table(stats: dict[str, Any], title: str = "") -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def prepare_command(
-    inputs: list[str],
-    out: str,
-    format: str = "auto",
-    on_error: str | None = None,
-    config: str | None = None,
-    address: str | None = None,
-    **_: Any,
-) -> int:
-    """``rlchat data prepare``: run :func:`prepare`, print every skipped line, the count and the stats table."""
-    cfg = load_config(config)
-    fmt = format if format and format != "auto" else cfg.data.format
-    result = prepare(inputs, out, cfg, fmt, on_error, address)
-    for s in result.skipped:
-        print(f"skipped {s.source}: {s.reason}")
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} bad record(s); each is listed above and in stats.json")
-    print(format_stats_table(result.stats, title=f"prepared {result.out}/"))
-    print(
-        f"wrote {', '.join(str(result.out / n) for n in ('train.parquet', 'val.parquet', 'stats.json', 'stats.png'))}"
-    )
-    return 0
-
-
-def stats_command(path: str, **_: Any) -> int:
-    """``rlchat data stats PATH``: print the statistics table of a prepared directory (or its stats.json)."""
-    stats = load_stats(path)
-    print(format_stats_table(stats, title=f"{path}"))
-    return 0
-
-
 __all__ = [
     "PrepareResult",
     "build_stats",
@@ -491,6 +455,4 @@ __all__ = [
     "load_stats",
     "plot_stats",
     "prepare",
-    "prepare_command",
-    "stats_command",
 ]

@@ -383,8 +383,8 @@ class Sampler:
 
 
 def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """Driver-side rollout metrics (keys from :mod:`rlchat.core.metrics`): reward mean / std and every component, response
-    and context length, truncation, episodes and worker restarts."""
+    """Driver-side rollout metrics (keys from :mod:`rlchat.core.metrics`): reward mean / std and every component,
+    response and context length, truncation, episodes and worker restarts."""
     from rlchat.core import metrics as M
 
     out = {M.ROLLOUT_REWARD_PREFIX + k: float(np.mean(v)) for k, v in batch.reward_components.items() if k != "total"}

@@ -14,8 +14,8 @@ Roles (see docs/stages.md):
   Only the driver writes the run directory; data, weights and optimizer state travel through the object store,
   so workers on other nodes need no shared filesystem.
 - **Learners** (:class:`StageLearner`, plain torch, no Ray inside): one per Ray Train rank, built and called
-  through the typed rank group of :mod:`rlchat.distributed.rank_group` (one ``TorchTrainer.fit()`` per stage, the same as
-  PPO's learner); rank ``r`` of ``W`` trains on rows ``r::W`` of each global batch, DDP (gloo on CPU, NCCL on GPU)
+  through the typed rank group of :mod:`rlchat.distributed.rank_group` (one ``TorchTrainer.fit()`` per stage, the same
+  as PPO's learner); rank ``r`` of ``W`` trains on rows ``r::W`` of each global batch, DDP (gloo on CPU, NCCL on GPU)
   averages gradients. ``run_sft(..., use_ray=False)`` calls one StageLearner in this process instead (debugging,
   tests). When a worker dies, Ray Train restarts the group (``ray.learner_max_failures``) and the driver restores
   the run's last checkpoint into the new learners, as ``--resume`` would.
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlchat.core import ppo
-from rlchat.core.config import Config, from_dict, load_config
+from rlchat.core.config import Config, from_dict
 from rlchat.core.errors import CheckpointError, ConfigError, DataError
 from rlchat.core.metrics import (
     PERF_STEP_S,
@@ -388,7 +388,8 @@ RM_ECE_BINS = 10
 
 
 class RMTask:
-    """Reward modelling: Bradley-Terry loss of a :class:`~rlchat.core.model.RewardModel` on (chosen, rejected) pairs."""
+    """Reward modelling: Bradley-Terry loss of a :class:`~rlchat.core.model.RewardModel` on (chosen, rejected)
+    pairs."""
 
     stage = "rm"
     loss_key, lr_key, grad_norm_key, epoch_key = RM_LOSS, RM_LR, RM_GRAD_NORM, RM_EPOCH
@@ -747,7 +748,8 @@ def train_loop(
     """The stage's loop, run by the driver: steps from ``start`` to the plan's end, validation, checkpoints.
 
     Args:
-        learner: a :class:`StageLearner` in this process, or a :class:`~rlchat.distributed.rank_group.RankGroup` of them, which
+        learner: a :class:`StageLearner` in this process, or a :class:`~rlchat.distributed.rank_group.RankGroup` of
+        them, which
             runs the same methods on every Ray Train rank (rank 0's results come back).
         plan: the step plan (:func:`plan_steps`; the learner's own).
         cfg: the run config (``checkpoint.every``).
@@ -925,9 +927,9 @@ def run_stage(
     """Run the ``sft`` or ``rm`` stage end to end (see the module docstring); :func:`run_sft` / :func:`run_rm`."""
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    from rlchat.distributed.cluster import init_ray
     from rlchat.core.metrics import attach_log_file, detach_log_file, make_run_dir, write_run_config
     from rlchat.core.tokenizer import ChatTokenizer
+    from rlchat.distributed.cluster import init_ray
 
     if stage not in STAGE_NAMES:
         raise ConfigError(f"stage={stage!r}: expected one of {', '.join(STAGE_NAMES)}")
@@ -1105,55 +1107,3 @@ def run_rm(
         ``reward.model_path`` should point at.
     """
     return run_stage("rm", cfg, run_dir, address, resume, quiet, use_ray)
-
-
-def _command(
-    stage: str,
-    config: str | None,
-    overrides: list[str] | None,
-    run_dir: str | None,
-    address: str | None,
-    resume: str | None,
-) -> int:
-    """Resolve the config (a resumed run reads its own config.yaml unless --config is given) and run the stage."""
-    if resume:
-        if run_dir and Path(run_dir).resolve() != Path(resume).resolve():
-            raise ConfigError(
-                f"--resume {resume} and --run-dir {run_dir}: a resumed run continues in its own "
-                "directory; drop --run-dir"
-            )
-        stored = Path(resume) / "config.yaml"
-        if config is None and not stored.is_file():
-            raise CheckpointError(
-                f"--resume {resume}: no config.yaml there; expected a run directory of rlchat {stage}"
-            )
-        cfg = load_config(config or stored, overrides or [])
-        run_stage(stage, cfg, resume, address, resume=True)
-    else:
-        cfg = load_config(config, overrides or [])
-        run_stage(stage, cfg, run_dir, address)
-    return 0
-
-
-def sft_command(
-    config: str | None = None,
-    overrides: list[str] | None = None,
-    run_dir: str | None = None,
-    address: str | None = None,
-    resume: str | None = None,
-    **_: Any,
-) -> int:
-    """``rlchat sft --config FILE [key=value ...] [--run-dir DIR] [--address ADDR] [--resume RUN_DIR]``."""
-    return _command("sft", config, overrides, run_dir, address, resume)
-
-
-def rm_command(
-    config: str | None = None,
-    overrides: list[str] | None = None,
-    run_dir: str | None = None,
-    address: str | None = None,
-    resume: str | None = None,
-    **_: Any,
-) -> int:
-    """``rlchat rm --config FILE [key=value ...] [--run-dir DIR] [--address ADDR] [--resume RUN_DIR]``."""
-    return _command("rm", config, overrides, run_dir, address, resume)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from rlchat.core import ppo
-from rlchat.core.config import Config, load_config
+from rlchat.core.config import Config
 from rlchat.core.errors import RLChatError
 from rlchat.core.metrics import (
     EVAL_GOLD_REWARD,
@@ -174,10 +173,10 @@ class PPOTrainer:
     """The driver of one PPO run (see the module docstring)."""
 
     def __init__(self, cfg: Config, run_dir: Path, address: str | None = None, quiet: bool = False) -> None:
+        from rlchat.core.tokenizer import ChatTokenizer
         from rlchat.distributed.cluster import init_ray
         from rlchat.distributed.learner import check_ppo_config, make_learner
         from rlchat.distributed.rollout import make_rollouts
-        from rlchat.core.tokenizer import ChatTokenizer
 
         check_ppo_config(cfg)  # before Ray and the workers start
         self.cfg = cfg
@@ -449,34 +448,3 @@ def train(
     finally:
         detach_log_file(log_handler)
     return path, metrics
-
-
-def train_command(
-    config: str | None,
-    overrides: list[str],
-    run_dir: str | None,
-    address: str | None,
-    resume: str | None,
-    **_: Any,
-) -> int:
-    """``rlchat train``: PPO from a config (or ``--resume RUN_DIR`` with the run's own config.yaml)."""
-    if resume:
-        run_path = Path(resume)
-        saved = run_path / "config.yaml"
-        if not saved.is_file():
-            raise RLChatError(
-                f"--resume {resume}: no config.yaml there; expected a run directory written by rlchat train"
-            )
-        cfg = load_config(saved, overrides)
-        run_dir = str(run_path)
-    else:
-        cfg = load_config(config, overrides)
-    path, metrics = train(cfg, run_dir, resume=bool(resume), address=address)
-    print(f"done: {path.resolve()}  reward {metrics.get('rollout/reward_mean', float('nan')):.3f}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from rlchat.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

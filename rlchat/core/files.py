@@ -1,0 +1,141 @@
+"""Files written and read the one way: atomic writes that survive a crash, and YAML with line-numbered errors.
+
+Every writer of a file that another process (or a resumed run) reads goes through :func:`atomic_path`: it writes a
+temporary sibling, fsyncs it, renames it over the target (atomic within one filesystem) and fsyncs the directory,
+so a crash -- even SIGKILL or a power cut -- leaves either the old file or the new one, never half of one. Whole
+directories (checkpoints) are published with the same fsync helpers by :mod:`rlchat.core.checkpoint`.
+
+Every YAML file a user writes (configs, Tune search spaces) is read by :func:`load_yaml_mapping`, whose errors name
+the file and the line (``configs/demo.yaml:7: invalid YAML (...)``); :func:`yaml_key_lines` maps keys to lines for
+the messages of later checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlchat.core.errors import ConfigError
+
+TMP_GLOB = ".*.tmp-*"
+"""Leftovers of an :func:`atomic_path` write that a crash interrupted (safe to delete once their writer is gone)."""
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file's (or a directory's) data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the renames inside a directory durable; a no-op where the platform cannot fsync directories."""
+    with contextlib.suppress(OSError):
+        fsync_path(path)
+
+
+def temp_sibling(path: Path) -> Path:
+    """A unique hidden name next to ``path`` (same directory, so the final rename stays on one filesystem).
+
+    It ends in ``path``'s suffix, so writers that pick a format from the name (matplotlib) still do.
+    """
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; when the block succeeds, publish it as ``path`` atomically.
+
+    Steps: write the temporary file (the caller), fsync it, rename it over ``path``, fsync the directory. On an
+    exception the temporary file is removed and ``path`` is untouched.
+
+    Example::
+
+        with atomic_path(run_dir / "config.yaml") as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    """
+    final = Path(path)
+    tmp = temp_sibling(final)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any, **dumps: Any) -> Path:
+    """Write ``data`` as JSON (``json.dumps(data, **dumps)`` plus a newline) to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(data, **dumps) + "\n")
+
+
+def load_yaml_mapping(path: str | os.PathLike[str], kind: str, what: str, example: str) -> tuple[dict[str, Any], str]:
+    """Read a YAML file whose top level must be a mapping (an empty file is ``{}``).
+
+    Args:
+        path: the file.
+        kind: what the file is, for the error message ("config file", "search-space file").
+        what: what the top level maps, for the error message ("config sections", "dotted config keys to
+            distributions").
+        example: an existing file to suggest when ``path`` is missing.
+
+    Returns:
+        ``(data, text)``: the mapping and the file's text (for :func:`yaml_key_lines`).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, the YAML is invalid (``file:line: invalid YAML (...)``),
+            or the top level is not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {kind} not found; pass an existing YAML file, e.g. {example}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: unreadable ({e}); pass a UTF-8 YAML file") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of {what} at the top level, found {type(data).__name__}")
+    return data, text
+
+
+def yaml_key_lines(text: str) -> dict[str, int]:
+    """1-based line of every top-level key and of every key one level down (``fixed.rollout.num_workers``)."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if not isinstance(root, yaml.MappingNode):
+        return lines
+    for k, v in root.value:
+        name = str(k.value)
+        lines[name] = k.start_mark.line + 1
+        if isinstance(v, yaml.MappingNode):
+            for k2, _ in v.value:
+                lines[f"{name}.{k2.value}"] = k2.start_mark.line + 1
+    return lines
