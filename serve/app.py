@@ -75,19 +75,14 @@ Our top-level package is also called ``serve``: Ray Serve is always ``from ray i
 
 # No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` annotations of the routes
 # that Serve's ingress rewrites (string annotations made it read ``request`` as a query parameter).
-import asyncio
-import functools
 import hmac
 import importlib
 import json
 import logging
 import os
-import threading
 import time
 import uuid
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -100,11 +95,12 @@ from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlchat.errors import ConfigError, RLChatError
-from rlchat.feedback_store import RETRY_AFTER_S, FeedbackStore, InvalidFeedback, StoreUnavailable
+from rlchat.feedback_store import RETRY_AFTER_S
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer
 from rlchat.tokenizer import ContextOverflowError, fit_history
 from serve.batching import Batcher, GenerationJob, JobOutput, row_seeds
+from serve.feedback import FeedbackRecorder
 from serve.formats import ChatFormat, CompletionFormat, ResponseFormat
 from serve.safety import SAFETY_HOLDBACK_CHARS, WITHHELD_NOTICE, SafetyFilter
 from serve.schemas import (
@@ -114,7 +110,6 @@ from serve.schemas import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
-    FeedbackRef,
     FeedbackRequest,
     ModelCard,
     ModelList,
@@ -145,12 +140,8 @@ logger = logging.getLogger("ray.serve").getChild("rlchat")
 STREAM_INTERVAL_S = 0.02
 """Streamed text is sent at most this often per choice (the first piece at once): each SSE event costs a hop from
 the replica through Serve's proxy, and under load one event per token per client made that hop the bottleneck."""
-COMPLETION_CACHE_SIZE = 2048
-"""Recent completions a replica remembers so feedback can refer to them by id."""
 CONVERSATION_HEADER = "X-RLChat-Conversation-Id"
 """Optional request header grouping a conversation's completions in the store (transcripts, deletion by id)."""
-STORE_BACKLOG = 256
-"""Request rows a replica may have waiting for the database; beyond that (a long outage) they are dropped, logged."""
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """``/v1/completions`` budget when the request sets none (OpenAI's default)."""
@@ -311,25 +302,13 @@ class ChatServer:
                 "serve.safety_filter is on but reward.safety_patterns and reward.safety_classifier are empty, so "
                 "nothing is ever flagged; set one of them (e.g. reward.safety_patterns=['badword'])"
             )
-        # No connection yet: the replica serves chat while its database is down (see _store_call, _record_request).
-        self.store = FeedbackStore(
-            self.cfg.feedback_store,
-            transcripts=self.cfg.transcripts,
-            transcript_retention_days=self.cfg.transcript_retention_days,
-            scrub=self.cfg.scrub_pii,
-        )
+        self.feedback = FeedbackRecorder(self.cfg)
         self.model_version = self.cfg.model_version or default_model_version(ckpt.path)
-        self._store_log = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-store")
-        self._store_slots = threading.BoundedSemaphore(STORE_BACKLOG)
-        self._store_warned = 0.0
-        self._conversations: OrderedDict[str, str] = OrderedDict()
-        self._completions: OrderedDict[str, tuple[list[dict[str, str]], list[str | None]]] = OrderedDict()
         self.batcher = Batcher(self.engine, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
         self.stats = self.batcher.stats
         # Through the imported module: Serve's ingress ships this class by value, so its methods' globals are a copy
         # and a bare `_CORS_ORIGINS` here would not be the list the middleware (imported normally) reads.
         importlib.import_module(__name__)._CORS_ORIGINS[0] = tuple(self.cfg.cors_origins)
-        self._feedback_hits: OrderedDict[str, deque[float]] = OrderedDict()
         logger.info(
             "loaded %s (stage %s, step %d); max_batch_size=%d, safety_filter=%s, auth=%s",
             ckpt.path,
@@ -349,29 +328,6 @@ class ChatServer:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
         return request.client is not None and is_loopback(request.client.host)
-
-    def _rate_limit_feedback(self, request: Request) -> None:
-        """At most ``serve.feedback_rate_limit`` feedback requests per minute per client address (429 beyond)."""
-        limit = self.cfg.feedback_rate_limit
-        if limit <= 0:
-            return
-        client = request.client.host if request.client is not None else "?"
-        now = time.monotonic()
-        hits = self._feedback_hits.pop(client, None) or deque()
-        while hits and now - hits[0] > 60.0:
-            hits.popleft()
-        self._feedback_hits[client] = hits  # most recently seen last
-        while len(self._feedback_hits) > COMPLETION_CACHE_SIZE:
-            self._feedback_hits.popitem(last=False)
-        if len(hits) >= limit:
-            raise APIError(
-                429,
-                f"too many feedback requests from this address (limit {limit:g} per minute); retry in a minute",
-                None,
-                "rate_limit_exceeded",
-                "rate_limit_error",
-            )
-        hits.append(now)
 
     def _auth(self, request: Request) -> None:
         key = self.cfg.api_key
@@ -521,71 +477,6 @@ class ChatServer:
         flagged = self.safety is not None and self.safety.flagged(st.text)
         return (WITHHELD_NOTICE if flagged else st.text), flagged, st.stopped
 
-    def _remember(self, cid: str, messages: list[dict[str, str]], texts: list[str | None]) -> None:
-        self._completions[cid] = (messages, texts)
-        while len(self._completions) > COMPLETION_CACHE_SIZE:
-            self._completions.popitem(last=False)
-        self._record_request(cid, messages, texts)
-
-    def _note_conversation(self, cid: str, request: Request) -> None:
-        """Keep the client's conversation id (``X-RLChat-Conversation-Id``) until the completion is recorded."""
-        conversation = request.headers.get(CONVERSATION_HEADER)
-        if conversation:
-            self._conversations[cid] = conversation[:200]
-            while len(self._conversations) > COMPLETION_CACHE_SIZE:
-                self._conversations.popitem(last=False)
-
-    def _record_request(self, cid: str, messages: list[dict[str, str]], texts: list[str | None]) -> None:
-        """Count the completion (and, with ``serve.transcripts``, keep its transcript) in the store, in the
-        background: the reply never waits for the database, and an outage costs only these rows (logged)."""
-        conversation = self._conversations.pop(cid, None)
-        if not self._store_slots.acquire(blocking=False):
-            self._warn_store(f"request {cid} not recorded: {STORE_BACKLOG} rows are already waiting for the store")
-            return
-
-        def write() -> None:
-            try:
-                self.store.record_request(
-                    cid,
-                    model_version=self.model_version,
-                    n_choices=len(texts),
-                    withheld=sum(t is None for t in texts),
-                    conversation_id=conversation,
-                    messages=messages,
-                    replies=texts,
-                )
-            except Exception as e:  # noqa: BLE001 - analytics must never fail a reply
-                self._warn_store(f"request {cid} not recorded: {e}")
-            finally:
-                self._store_slots.release()
-
-        self._store_log.submit(write)
-
-    def _warn_store(self, message: str) -> None:
-        """Log store trouble at most once a minute (an outage would otherwise log every request)."""
-        now = time.monotonic()
-        if now - self._store_warned >= 60.0:
-            self._store_warned = now
-            logger.warning("%s (further such warnings are held back for 60 s)", message)
-
-    async def _store_call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run a store write off the event loop. A database outage is a 503 with ``Retry-After`` (nothing was
-        written, and the client is told so); feedback that makes no usable pair is a 400."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
-        except StoreUnavailable as e:
-            logger.warning("feedback not recorded: %s", e)
-            raise APIError(
-                503,
-                f"feedback was not recorded: the feedback store is unavailable; retry in {RETRY_AFTER_S} s",
-                None,
-                "feedback_store_unavailable",
-                "server_error",
-            ) from None
-        except InvalidFeedback as e:
-            raise APIError(400, f"this feedback does not make a usable preference pair: {e}", None) from None
-
     def _log(self, cid: str, status: int, t0: float, **fields: Any) -> None:
         parts = " ".join(f"{k}={v}" for k, v in fields.items())
         logger.info("chat id=%s status=%d latency_ms=%.0f %s", cid, status, (time.perf_counter() - t0) * 1e3, parts)
@@ -653,7 +544,7 @@ class ChatServer:
     async def chat_completions(self, request: Request) -> Response:
         t0 = time.perf_counter()
         cid = f"chatcmpl-{uuid.uuid4().hex}"
-        self._note_conversation(cid, request)
+        self.feedback.note_conversation(cid, request.headers.get(CONVERSATION_HEADER))
         try:
             self._auth(request)
             req, ignored = parse_chat_request(await self._body(request), strict=self.cfg.strict_requests)
@@ -769,7 +660,7 @@ class ChatServer:
         n_out = sum(len(t) for t in out.tokens)
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_out, total_tokens=len(prompt) + n_out)
         if messages is not None:
-            self._remember(cid, messages, texts)
+            self.feedback.remember(cid, self.model_version, messages, texts)
         self._log(
             cid,
             200,
@@ -879,7 +770,9 @@ class ChatServer:
                 yield {"data": fmt.usage_chunk(usage)}
             yield {"data": "[DONE]"}
             if messages is not None:
-                self._remember(cid, messages, [None if withheld[i] else streamers[i].text for i in range(n)])
+                self.feedback.remember(
+                    cid, self.model_version, messages, [None if withheld[i] else streamers[i].text for i in range(n)]
+                )
             self._log(
                 cid,
                 200,
@@ -911,7 +804,7 @@ class ChatServer:
     @api.post("/v1/feedback")
     async def feedback_route(self, request: Request) -> dict[str, Any]:
         self._auth(request)
-        self._rate_limit_feedback(request)
+        self.feedback.rate_limit(request.client.host if request.client is not None else "?")
         fb = parse_feedback_request(await self._body(request), strict=self.cfg.strict_requests)
         chars = fb.text_chars()
         if chars > self.cfg.max_chars:
@@ -921,75 +814,7 @@ class ChatServer:
                 None,
                 "too_many_characters",
             )
-        if fb.rating is not None:
-            assert fb.completion_id is not None
-            client_text = fb.completion_id not in self._completions  # the text comes from the request, not from here
-            prompt, content = self._lookup(fb.completion_id, fb.choice_index, fb.messages, fb.content)
-            record = await self._store_call(
-                self.store.add_rating,
-                fb.completion_id,
-                fb.choice_index,
-                fb.rating,
-                prompt,
-                content,
-                model_version=self.model_version,
-                client_text=client_text,
-            )
-            logger.info("feedback rating=%s id=%s pair_written=%s", fb.rating, fb.completion_id, record is not None)
-            return {"recorded": True, "kind": "rating", "preference_written": record is not None}
-        if isinstance(fb.chosen, FeedbackRef) and isinstance(fb.rejected, FeedbackRef):
-            p1, chosen = self._lookup(fb.chosen.completion_id, fb.chosen.choice_index, None, None)
-            p2, rejected = self._lookup(fb.rejected.completion_id, fb.rejected.choice_index, None, None)
-            if p1 != p2:
-                raise APIError(
-                    400,
-                    "chosen and rejected answer different conversations; compare replies to one prompt",
-                    "rejected",
-                )
-            ids = {"chosen_id": fb.chosen.completion_id, "rejected_id": fb.rejected.completion_id}
-            prompt, client_text = p1, False
-        else:
-            assert fb.prompt is not None and isinstance(fb.chosen, str) and isinstance(fb.rejected, str)
-            prompt, chosen, rejected, ids = [m.as_message() for m in fb.prompt], fb.chosen, fb.rejected, {}
-            client_text = True
-        await self._store_call(
-            self.store.add_preference,
-            prompt,
-            chosen,
-            rejected,
-            model_version=self.model_version,
-            client_text=client_text,
-            **ids,
-        )
-        logger.info("feedback preference written")
-        return {"recorded": True, "kind": "preference", "preference_written": True}
-
-    def _lookup(
-        self, cid: str, index: int, messages: list[Any] | None, content: str | None
-    ) -> tuple[list[dict[str, str]], str]:
-        """(prompt messages, reply text) of a completion choice: this replica's cache, else the request's copy."""
-        hit = self._completions.get(cid)
-        if hit is not None:
-            prompt, texts = hit
-            if index >= len(texts):
-                raise APIError(
-                    400, f"completion {cid} has {len(texts)} choice(s); choice_index={index}", "choice_index"
-                )
-            text = texts[index]
-            if text is None:
-                raise APIError(
-                    400, f"completion {cid} choice {index} was withheld by the safety filter", "completion_id"
-                )
-            return prompt, text
-        if messages is not None and content is not None:
-            return [m.as_message() for m in messages], content
-        raise APIError(
-            404,
-            f"unknown completion id {cid!r} (expired, or served by another replica); send messages and content "
-            "with the rating",
-            "completion_id",
-            "completion_not_found",
-        )
+        return await self.feedback.record(fb, self.model_version)
 
     def check_health(self) -> None:
         """Serve's periodic health check: the generation thread must still accept work."""

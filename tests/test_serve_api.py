@@ -164,25 +164,20 @@ def test_api_key_sources_and_exposure_warning(tmp_path, monkeypatch):
     assert exposure_warning("127.0.0.1", "") is None
 
 
-def test_feedback_rate_limit_per_client_address():
-    from collections import OrderedDict
-    from types import SimpleNamespace
-
+def test_feedback_rate_limit_per_client_address(tmp_path):
     from rlchat.config import ServeConfig
-    from serve.app import ChatServer
+    from serve.feedback import FeedbackRecorder
 
-    limit = ChatServer.func_or_class._rate_limit_feedback
-    server = SimpleNamespace(cfg=ServeConfig(feedback_rate_limit=3), _feedback_hits=OrderedDict())
-    alice, bob = (SimpleNamespace(client=SimpleNamespace(host=h)) for h in ("10.0.0.1", "10.0.0.2"))
+    recorder = FeedbackRecorder(ServeConfig(feedback_rate_limit=3, feedback_store=f"sqlite:///{tmp_path / 'f.db'}"))
     for _ in range(3):
-        limit(server, alice)
+        recorder.rate_limit("10.0.0.1")
     with pytest.raises(APIError) as info:
-        limit(server, alice)
+        recorder.rate_limit("10.0.0.1")
     assert info.value.status == 429 and info.value.code == "rate_limit_exceeded"
-    limit(server, bob)  # per address
-    server.cfg = ServeConfig(feedback_rate_limit=0)
+    recorder.rate_limit("10.0.0.2")  # per address
+    recorder.cfg = ServeConfig(feedback_rate_limit=0)
     for _ in range(10):
-        limit(server, alice)  # 0 = no limit
+        recorder.rate_limit("10.0.0.1")  # 0 = no limit
 
 
 def test_cors_middleware_is_off_by_default_and_allows_configured_origins():
