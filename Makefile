@@ -36,8 +36,9 @@ test: setup browser postgres
 test-fast: setup postgres
 	$(PY) -m pytest -q -m "not slow" --timeout=300
 
+# ruff, then the layer rules of docs/ARCHITECTURE.md as import contracts ([tool.importlinter] in pyproject.toml).
 lint: setup
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) bench/tokenizer_throughput.py

@@ -20,10 +20,6 @@ import pytest
 import torch
 
 from rlchat.batch_generate import (
-    JSONL_FILE,
-    MANIFEST_FILE,
-    PARQUET_FILE,
-    ShardStore,
     cut_at_stop,
     derive_sample_seed,
     generate,
@@ -32,12 +28,12 @@ from rlchat.batch_generate import (
     plan_shards,
     prompt_of,
     read_prompts,
-    settings_differences,
     shard_input_rows,
 )
 from rlchat.checkpoint import load_policy, read_checkpoint, save_checkpoint
 from rlchat.config import Config, load_config
 from rlchat.data import Record, parse_record
+from rlchat.distributed.shard_store import JSONL_FILE, MANIFEST_FILE, PARQUET_FILE, ShardStore, settings_differences
 from rlchat.errors import ConfigError, DataError
 from rlchat.generation import GenerationEngine, SamplingParams
 from rlchat.model import PolicyValueModel

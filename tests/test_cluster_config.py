@@ -247,3 +247,12 @@ def test_learner_placement_group_that_cannot_be_placed_says_what_to_change(ray_l
     cfg = load_config(None, {"ray.learner_resources": {"learner": 1}})
     with pytest.raises(ConfigError, match=r"ray.learner_workers=1: the cluster could not reserve .*'learner': 1.0"):
         rc.placement_group_for_learner(cfg, timeout_s=1)
+
+
+def test_job_config_env_name_matches_rays() -> None:
+    """rlchat spells the submitted-job variable instead of importing ray._private; it must still be Ray's name."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from rlchat.distributed.cluster import JOB_CONFIG_ENV
+
+    assert JOB_CONFIG_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR

@@ -165,8 +165,8 @@ def test_non_finite_floats_in_yaml_and_in_python(tmp_path):
         load_config(f)
     from rlchat.config import PPOConfig
 
-    with pytest.raises(ConfigError, match=r"ppo.kl_target=inf: expected a finite number"):
-        Config(ppo=PPOConfig(kl_target=float("inf")))  # built in Python: no parser ran
+    with pytest.raises(ConfigError, match=r"ppo.adaptive_kl_target=inf: expected a finite number"):
+        Config(ppo=PPOConfig(adaptive_kl_target=float("inf")))  # built in Python: no parser ran
 
 
 def test_infinite_default_round_trips_but_other_infinities_do_not(tmp_path):
@@ -191,7 +191,10 @@ def test_infinite_default_round_trips_but_other_infinities_do_not(tmp_path):
         (["rm.max_grad_norm=0"], ["rm.max_grad_norm=0.0", "positive"]),
         (["ppo.target_kl=-0.01"], ["ppo.target_kl=-0.01", "0 = off", "silently disable", "use 0 to disable"]),
         (["ppo.kl_coef=-0.1"], ["ppo.kl_coef=-0.1", "non-negative", "reference", "use 0 to disable"]),
-        (["ppo.adaptive_kl=true", "ppo.kl_target=0"], ["ppo.kl_target=0.0", "positive target", "adaptive_kl=false"]),
+        (
+            ["ppo.adaptive_kl=true", "ppo.adaptive_kl_target=0"],
+            ["ppo.adaptive_kl_target=0.0", "positive target", "adaptive_kl=false"],
+        ),
         (["ppo.adaptive_kl=true", "ppo.kl_horizon=0"], ["ppo.kl_horizon=0", "positive horizon", "10000"]),
         (["ppo.adaptive_kl=true", "ppo.kl_coef=0"], ["ppo.kl_coef=0.0", "can never move", "use e.g. 0.05"]),
         (["ppo.weight_decay=-1"], ["ppo.weight_decay=-1.0", "non-negative"]),
@@ -211,10 +214,19 @@ def test_ppo_coefficient_ranges_say_what_why_and_fix(overrides, fragments):
 def test_boundary_values_of_ppo_coefficients_are_accepted():
     cfg = load_config(
         None,
-        ["ppo.vf_coef=0", "ppo.ent_coef=0", "ppo.target_kl=0", "ppo.kl_coef=0", "ppo.kl_target=0", "ppo.max_ref_kl=0"],
+        [
+            "ppo.vf_coef=0",
+            "ppo.ent_coef=0",
+            "ppo.target_kl=0",
+            "ppo.kl_coef=0",
+            "ppo.adaptive_kl_target=0",
+            "ppo.max_ref_kl=0",
+        ],
     )
-    assert cfg.ppo.kl_target == 0.0  # unused while ppo.adaptive_kl is false
-    assert load_config(None, ["ppo.adaptive_kl=true", "ppo.kl_target=0.5", "ppo.kl_horizon=1"]).ppo.adaptive_kl
+    assert cfg.ppo.adaptive_kl_target == 0.0  # unused while ppo.adaptive_kl is false
+    assert load_config(
+        None, ["ppo.adaptive_kl=true", "ppo.adaptive_kl_target=0.5", "ppo.kl_horizon=1"]
+    ).ppo.adaptive_kl
 
 
 @pytest.mark.parametrize("override", ["rollout.top_k=40", "rollout.top_k=1", "rollout.top_p=0.9", "rollout.top_k=-1"])
@@ -320,3 +332,18 @@ def test_tune_spaces_do_not_sweep_the_kl_estimator_as_an_equivalent_choice(tmp_p
     space.write_text("ppo.kl_estimator: {choice: [k1, k3]}\n")
     with pytest.raises(ConfigError, match=r"value 'k3' .* not valid with the base config: .*ppo\.kl_in_loss=true"):
         load_space(space, base)
+
+
+def test_renamed_kl_target_is_accepted_with_a_deprecation_warning(tmp_path) -> None:
+    """ppo.kl_target (the adaptive controller's target) is now ppo.adaptive_kl_target; the old key still works, with
+    a one-line FutureWarning, from YAML and from key=value; giving both is an error."""
+    with pytest.warns(FutureWarning, match=r"ppo.kl_target is renamed ppo.adaptive_kl_target"):
+        assert load_config(None, ["ppo.kl_target=3.5"]).ppo.adaptive_kl_target == 3.5
+    old = tmp_path / "old.yaml"
+    old.write_text("ppo:\n  kl_target: 2.5\n", encoding="utf-8")
+    with pytest.warns(FutureWarning, match="renamed"):
+        assert load_config(old).ppo.adaptive_kl_target == 2.5
+    both = tmp_path / "both.yaml"
+    both.write_text("ppo:\n  kl_target: 2.5\n  adaptive_kl_target: 3.0\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(both)

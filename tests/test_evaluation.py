@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from rlchat.checkpoint import save_checkpoint
+from rlchat.cli.eval_cmd import eval_command
 from rlchat.config import Config, save_config
 from rlchat.data import Record
 from rlchat.errors import CheckpointError, ConfigError, DataError
-from rlchat.evaluation import eval_command, evaluate_checkpoint, teacher_forced_metrics, win_rate
+from rlchat.evaluation import evaluate_checkpoint, teacher_forced_metrics, win_rate
 from rlchat.metrics import (
     EVAL_ACCURACY,
     EVAL_DISTINCT_1,

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from rlchat.config import load_config
-from rlchat.rank_group import (
+from rlchat.distributed.faults import (
     DIE_AFTER_S_ENV,
     DIE_CALL_ENV,
     DIE_MARKER_ENV,
@@ -102,7 +102,7 @@ def test_rank_fault_hook_kills_the_armed_call_once(tmp_path: Path) -> None:
         fault_from_env(0, {DIE_METHOD_ENV: "update"})
 
     def run(hook_env: dict, calls: str) -> subprocess.CompletedProcess:
-        code = f"from rlchat.rank_group import fault_from_env; f = fault_from_env(0, {hook_env!r}); {calls}"
+        code = f"from rlchat.distributed.faults import fault_from_env; f = fault_from_env(0, {hook_env!r}); {calls}"
         return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
     calls = (

@@ -529,7 +529,7 @@ def test_adaptive_kl_controller_hand_computation() -> None:
     assert other.value == ctl.value
     with pytest.raises(CheckpointError, match="numeric 'value'"):
         other.load_state_dict({"beta": 1.0})
-    with pytest.raises(ConfigError, match="ppo.kl_target"):
+    with pytest.raises(ConfigError, match="ppo.adaptive_kl_target"):
         ppo.AdaptiveKLController(0.1, 0.0, 100)
 
 
@@ -539,7 +539,7 @@ def test_fixed_kl_controller_and_factory() -> None:
     assert fixed.update(100.0, 1000) == 0.3 and fixed.value == 0.3
     fixed.load_state_dict({"value": 0.7})
     assert fixed.state_dict() == {"value": 0.7}
-    adaptive = ppo.make_kl_controller(_cfg(kl_coef=0.2, adaptive_kl=True, kl_target=3.0, kl_horizon=50))
+    adaptive = ppo.make_kl_controller(_cfg(kl_coef=0.2, adaptive_kl=True, adaptive_kl_target=3.0, kl_horizon=50))
     assert isinstance(adaptive, ppo.AdaptiveKLController)
     assert (adaptive.value, adaptive.target, adaptive.horizon) == (0.2, 3.0, 50)
 

@@ -81,42 +81,58 @@ def test_rollout_worker_with_a_gpu_samples_on_it(ray_local) -> None:
 # ------------------------------------------------------------------------------------------- fault tolerance
 
 
-def test_die_hook_kills_exactly_once(tmp_path: Path) -> None:
-    """The test hook SIGKILLs its process at the configured step and never again once the marker exists."""
-    from rlchat.errors import RLChatError
-    from rlchat.rollout import DIE_AFTER_STEPS_ENV, DIE_MARKER_ENV, DIE_WORKER_ENV, die_hook_from_env
+def test_worker_fault_wraps_the_actor_class_only_when_armed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seam leaves RolloutWorker untouched when nothing is armed; armed, its sample() runs inside the fault, which
+    kills the armed worker's call after its work and before its reply, once (the marker disarms it)."""
+    from rlchat.distributed import faults
+    from rlchat.distributed.rollout import RolloutWorker
 
+    for key in list(os.environ):
+        if key.startswith(faults.TEST_ENV_PREFIX):
+            monkeypatch.delenv(key)
+    assert faults.actor_class(RolloutWorker, faults.WORKER, lambda w: 0) is RolloutWorker
+    assert faults.wrap(object, faults.DRIVER) is object
     marker = tmp_path / "died"
-    env = {DIE_AFTER_STEPS_ENV: "3", DIE_WORKER_ENV: "1", DIE_MARKER_ENV: str(marker)}
-    assert die_hook_from_env(1, {}) is None  # not armed
-    assert die_hook_from_env(0, env) is None  # armed for another worker
-    with pytest.raises(RLChatError, match=DIE_MARKER_ENV):
-        die_hook_from_env(0, {DIE_AFTER_STEPS_ENV: "3"})
+    env = {
+        faults.env_name(faults.WORKER, "METHOD"): "sample",
+        faults.env_name(faults.WORKER, "WORKER"): "1",
+        faults.env_name(faults.WORKER, "AT_REPLY"): "1",
+        faults.env_name(faults.WORKER, "MARKER"): str(marker),
+    }
     code = (
-        "import sys; from rlchat.rollout import die_hook_from_env; "
-        f"h = die_hook_from_env(1, {env!r}); h(1); h(2); print('alive at 2', flush=True); h(3); print('survived')"
+        "from rlchat.distributed import faults\n"
+        "class W:\n"
+        "    def __init__(self, i): self.i = i\n"
+        "    def sample(self): print('sampled', self.i, flush=True); return self.i\n"
+        "cls = faults.actor_class(W, faults.WORKER, lambda w: w.i)\n"
+        "assert cls is not W and cls(0).sample() == 0\n"
+        "cls(1).sample(); print('replied')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run_env = {**os.environ, **env}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
-    assert out.stdout == "alive at 2\n" and marker.exists()
-    hook = die_hook_from_env(1, env)
-    assert hook is not None
-    hook(3)  # the marker exists: disarmed (this test process is still alive)
-    hook(10)
+    assert out.stdout == "sampled 0\nsampled 1\n" and marker.exists()  # worker 1 did the work, never replied
+    again = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.endswith("replied\n")  # disarmed by the marker
 
 
-def _arm_die_hook(monkeypatch: pytest.MonkeyPatch, marker: Path, worker: int, steps: int) -> None:
-    from rlchat.rollout import DIE_AFTER_STEPS_ENV, DIE_MARKER_ENV, DIE_WORKER_ENV
+def _arm_die_hook(monkeypatch: pytest.MonkeyPatch, marker: Path, worker: int) -> None:
+    """Worker ``worker`` dies in its first sample() call, after sampling and before replying: the call is lost."""
+    from rlchat.distributed import faults
 
-    monkeypatch.setenv(DIE_AFTER_STEPS_ENV, str(steps))
-    monkeypatch.setenv(DIE_WORKER_ENV, str(worker))
-    monkeypatch.setenv(DIE_MARKER_ENV, str(marker))
+    monkeypatch.setenv(faults.env_name(faults.WORKER, "METHOD"), "sample")
+    monkeypatch.setenv(faults.env_name(faults.WORKER, "WORKER"), str(worker))
+    monkeypatch.setenv(faults.env_name(faults.WORKER, "AT_REPLY"), "1")
+    monkeypatch.setenv(faults.env_name(faults.WORKER, "MARKER"), str(marker))
 
 
 @pytest.mark.slow
 def test_killed_rollout_worker_is_restarted_and_its_share_resampled(ray_local, tmp_path, monkeypatch):
-    """Worker 0 SIGKILLs itself at its 2nd generation step (mid-sample by construction, not by timing): Ray restarts
-    it, the retried call re-samples its share, and the iteration's data equals an uninterrupted sample of it."""
+    """Worker 0 SIGKILLs itself inside its sample() call, after sampling and before replying (by construction, not by
+    timing: the whole share is lost): Ray restarts it, the retried call re-samples its share, and the iteration's
+    data equals an uninterrupted sample of it."""
     import torch
 
     from rlchat.batch import RolloutBatch
@@ -125,7 +141,7 @@ def test_killed_rollout_worker_is_restarted_and_its_share_resampled(ray_local, t
     from rlchat.rollout import WORKER_RESTARTS, RolloutGroup, batch_metrics
 
     marker = tmp_path / "worker-0-died"
-    _arm_die_hook(monkeypatch, marker, worker=0, steps=2)
+    _arm_die_hook(monkeypatch, marker, worker=0)
     cfg = load_config(DEMO, [*TINY, "rollout.num_workers=2", "rollout.envs_per_worker=8"])
     group = RolloutGroup(cfg)
     try:
@@ -134,7 +150,7 @@ def test_killed_rollout_worker_is_restarted_and_its_share_resampled(ray_local, t
         pids = group.pids()
         assert not marker.exists()
         batches = ray_local.get(group.sample_async(2, weights, 1), timeout=300)
-        assert marker.exists()  # worker 0 died inside sample(), at a generation step
+        assert marker.exists()  # worker 0 died inside sample(), before its reply
         new_pids = group.pids()
         assert new_pids[0] != pids[0] and new_pids[1] == pids[1]  # only worker 0 was restarted
         assert [b.worker_id for b in batches] == [0, 1] and [len(b) for b in batches] == [8, 8]
@@ -160,7 +176,7 @@ def test_train_iteration_completes_with_the_full_batch_when_a_worker_dies(ray_lo
     from rlchat.trainer import train
 
     marker = tmp_path / "worker-1-died"
-    _arm_die_hook(monkeypatch, marker, worker=1, steps=2)
+    _arm_die_hook(monkeypatch, marker, worker=1)
     cfg = load_config(
         DEMO,
         [*TINY, "rollout.num_workers=2", "rollout.envs_per_worker=4", "ray.learner_workers=0", "ppo.iterations=2"],
@@ -232,6 +248,18 @@ def _train(run_dir: Path, iterations: int, *extra: str, env: dict | None = None,
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
 
 
+def _driver_dies_after_save(call: int, marker: Path) -> dict[str, str]:
+    """The driver SIGKILLs itself right after its ``call``-th checkpoint save returns (faults.DRIVER)."""
+    from rlchat.distributed import faults
+
+    return {
+        faults.env_name(faults.DRIVER, "METHOD"): "save",
+        faults.env_name(faults.DRIVER, "CALL"): str(call),
+        faults.env_name(faults.DRIVER, "AT_REPLY"): "1",
+        faults.env_name(faults.DRIVER, "MARKER"): str(marker),
+    }
+
+
 def _metrics(run_dir: Path) -> dict[int, dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines)}
@@ -247,7 +275,7 @@ def test_resume_after_sigkill_is_step_exact(tmp_path):
 
     thread = threading.Thread(target=run_full)
     thread.start()
-    first = _train(killed, 3, env={"RLCHAT_TEST_KILL_AFTER_ITERATION": "2"})
+    first = _train(killed, 3, env=_driver_dies_after_save(2, tmp_path / "driver-died"))
     thread.join()
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert out["full"].returncode == 0, out["full"].stderr[-2000:]

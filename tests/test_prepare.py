@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlchat.cli import main
+from rlchat.cli.prepare_cmd import stats_command
 from rlchat.config import Config, save_config
 from rlchat.data import PREPARED_SCHEMA, Record, load_records
 from rlchat.errors import DataError
-from rlchat.prepare import format_stats_table, load_stats, prepare, stats_command
+from rlchat.prepare import format_stats_table, load_stats, prepare
 from rlchat.tokenizer import ChatTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -87,7 +87,7 @@ OVER_OPTIMISED = [(0.1, 0.30), None, (0.4, 0.50), None, (0.7, 0.45), None, (1.0,
 
 def test_gold_drop_guardrail_trips_when_gold_falls_from_its_best_while_proxy_rises(caplog):
     guard = _guard("ppo.max_gold_drop=0.1", "ppo.gold_window=3")
-    with caplog.at_level(logging.WARNING, logger="rlchat.trainer"):
+    with caplog.at_level(logging.WARNING, logger="rlchat.distributed.trainer"):
         tripped = _evals(guard, OVER_OPTIMISED)
     assert tripped == [[]] * 6 + [["gold_drop"]]
     assert "guardrail 'gold_drop' tripped at guard/gold_drop=0.15" in caplog.text

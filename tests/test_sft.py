@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from rlchat.checkpoint import find_best_checkpoint, load_policy, read_checkpoint
+from rlchat.cli.stages_cmd import sft_command
 from rlchat.config import Config, load_config
 from rlchat.data import load_records
 from rlchat.errors import CheckpointError, ConfigError, DataError
 from rlchat.evaluation import teacher_forced_metrics
 from rlchat.metrics import SFT_GRAD_NORM, SFT_LOSS, SFT_LR, SFT_VAL_ACCURACY, SFT_VAL_LOSS, SFT_VAL_PERPLEXITY
-from rlchat.stages import SFTTask, StageLearner, prepare_sft_data, run_sft, sft_command
+from rlchat.stages import SFTTask, StageLearner, prepare_sft_data, run_sft
 from rlchat.tokenizer import ChatTokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

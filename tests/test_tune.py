@@ -1,4 +1,5 @@
-"""Ray Tune sweeps (tune/sweep.py, tune/stoppers.py): space files, stoppers, results, a real ASHA sweep, resume.
+"""Ray Tune sweeps (tune/space.py, tune/sweep.py, tune/results.py, tune/stoppers.py, rlchat/cli/tune_cmd.py): space
+files, stoppers, results, a real ASHA sweep, resume.
 
 Fast tests check the space parser (every error names file:line and key), the RL stoppers on synthetic metric
 sequences (one test per reason), trial resources, PBT's checkpoint copy (the learner then takes the mutated learning
@@ -134,7 +135,7 @@ def test_override_of_a_searched_key_is_an_error(tmp_path: Path) -> None:
     ],
 )
 def test_space_errors_name_file_line_and_key(tmp_path: Path, text: str, line: int | None, pattern: str) -> None:
-    from tune.sweep import load_space
+    from tune.space import load_space
 
     path = _space(tmp_path, text)
     with pytest.raises(ConfigError, match=pattern) as info:
@@ -144,7 +145,7 @@ def test_space_errors_name_file_line_and_key(tmp_path: Path, text: str, line: in
 
 
 def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
-    from tune.sweep import load_space, resolve_space_path
+    from tune.space import load_space, resolve_space_path
 
     with pytest.raises(ConfigError, match=r"space\.yaml:2: invalid YAML"):
         load_space(_space(tmp_path, "ppo.clip_coef: {choice: [0.1]}\nppo.kl_coef: a: b\n"))
@@ -156,7 +157,8 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
 def test_distributions_sample_valid_values_and_pbt_clipping() -> None:
     from ray import tune as ray_tune
 
-    from tune.sweep import ClipToSpace, Distribution
+    from tune.space import Distribution
+    from tune.sweep import ClipToSpace
 
     randint = Distribution("randint", (1, 5))
     assert randint.probe_values() == [1, 4]  # high excluded, as in Tune
@@ -315,7 +317,7 @@ def test_deploy_serves_the_best_checkpoint_and_blocks_only_on_a_local_instance(
 ) -> None:
     import types
 
-    from tune import sweep
+    from rlchat.cli import tune_cmd as sweep
 
     calls: list[dict[str, Any]] = []
     fake = types.ModuleType("serve.launch")
@@ -442,8 +444,9 @@ def _fake_result(
 
 
 def test_results_table_csv_plot_and_stop_reasons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tune.results import best_row, collect_rows, plot_trials, write_csv, write_outputs
+    from tune.space import load_space
     from tune.stoppers import write_stops
-    from tune.sweep import best_row, collect_rows, load_space, plot_trials, write_csv, write_outputs
 
     base = load_config(DEMO_CONFIG, ["ppo.iterations=4"])
     space = load_space(_space(tmp_path, "ppo.clip_coef: {choice: [0.1, 0.2]}\n"), base)
@@ -490,7 +493,7 @@ def test_asha_sweep_on_the_demo_space_runs_four_trials(
     ray_local: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from rlchat.checkpoint import read_checkpoint
-    from tune.sweep import tune_command
+    from rlchat.cli.tune_cmd import tune_command
 
     sweep = tmp_path / "sweep"
     t0 = time.perf_counter()
@@ -545,8 +548,9 @@ def test_sweep_with_deploy_serves_the_best_checkpoint_over_http(
     """
     import requests
 
+    from rlchat.cli.tune_cmd import tune_command
     from serve import testing
-    from tune.sweep import BEST_CHECKPOINT_FILE, tune_command
+    from tune.results import BEST_CHECKPOINT_FILE
 
     monkeypatch.delenv("RLCHAT_API_KEY", raising=False)
     sweep = tmp_path / "sweep"

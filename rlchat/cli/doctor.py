@@ -738,6 +738,9 @@ try:
     mode, address, temp_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     out["version"] = ray.__version__
     try:
+        # The one private Ray call of rlchat, kept in this probe subprocess: Ray has no public API that lists the
+        # clusters `ray start` left running on this machine (`ray status` needs an address); a failure only
+        # empties the "existing" hint.
         from ray._private.services import find_gcs_addresses
         out["existing"] = sorted(find_gcs_addresses())
     except Exception:

@@ -23,6 +23,7 @@ import inspect
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -250,9 +251,9 @@ class PPOConfig:
     dr_grpo: bool = False
     """Dr. GRPO (Liu et al. 2025): no std scaling of group advantages, loss over a constant token count."""
     adaptive_kl: bool = False
-    """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
-    kl_target: float = 6.0
-    """Target sequence-level KL of the adaptive controller."""
+    """Adapt kl_coef towards adaptive_kl_target (Ziegler et al. 2019)."""
+    adaptive_kl_target: float = 6.0
+    """Target sequence-level KL of the adaptive controller (was ppo.kl_target; not the early stop target_kl)."""
     kl_horizon: int = 10000
     """Horizon of the adaptive KL controller."""
     weight_decay: float = 0.0
@@ -278,15 +279,15 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
-class SFTConfig:
-    """Supervised fine-tuning (rlchat sft)."""
+class SupervisedStageConfig:
+    """The optimisation fields every supervised stage has (``sft.*`` and ``rm.*``; the dotted keys are per stage)."""
 
     epochs: int = 3
-    """Passes over the training conversations."""
+    """Passes over the training data."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
     batch_size: int = 16
-    """Conversations per optimizer step (global, across workers)."""
+    """Examples per optimizer step (global, across workers): conversations for sft, preference pairs for rm."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     learning_rate: float = 1e-3
@@ -300,37 +301,22 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     """Global gradient-norm clip."""
     max_seq_len: int = 256
-    """Conversations are truncated to this many tokens."""
+    """Examples (a conversation, or each side of a pair) are truncated to this many tokens."""
 
 
 @dataclass(frozen=True)
-class RMConfig:
+class SFTConfig(SupervisedStageConfig):
+    """Supervised fine-tuning (rlchat sft)."""
+
+
+@dataclass(frozen=True)
+class RMConfig(SupervisedStageConfig):
     """Reward-model training on preference pairs (rlchat rm)."""
 
     name_or_path: str = ""
     """HF encoder or causal LM for the reward model; empty = a tiny model of model.arch."""
     init_from: str = ""
     """Policy checkpoint (e.g. the SFT run's best) whose trunk starts the reward model (the InstructGPT recipe)."""
-    epochs: int = 3
-    """Passes over the preference pairs."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps (0 = run all epochs)."""
-    batch_size: int = 16
-    """Pairs per optimizer step (global)."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    learning_rate: float = 1e-3
-    """AdamW learning rate."""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    """Learning-rate schedule after warm-up."""
-    warmup_steps: int = 10
-    """Optimizer steps of linear warm-up."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip."""
-    max_seq_len: int = 256
-    """Pairs are truncated to this many tokens."""
     feedback: tuple[str, ...] = ()
     """Extra preference data: files, or feedback store URLs (postgresql://..., sqlite:///feedback.db)."""
 
@@ -391,6 +377,10 @@ class ServeConfig:
     """Largest dynamic batch of concurrent requests (1 = no batching)."""
     batch_wait_timeout_s: float = 0.01
     """Longest wait to fill a dynamic batch."""
+    max_queued_requests: int = 64
+    """Requests a replica lets wait to join the batch; beyond that new ones get 503 + Retry-After; 0 = no limit."""
+    request_timeout_s: float = 60.0
+    """Per-request deadline: still queued then -> 503 queue_timeout; still generating -> ends 'length'; 0 = none."""
     api_key: str = ""
     """If set, requests need Authorization: Bearer <api_key>; empty = api_key_file, else RLCHAT_API_KEY, else none."""
     api_key_file: str = ""
@@ -685,12 +675,12 @@ def _validate_ppo_coefficients(cfg: Config) -> None:
     )
     if p.adaptive_kl:
         _check(
-            p.kl_target > 0,
-            "ppo.kl_target",
-            p.kl_target,
+            p.adaptive_kl_target > 0,
+            "ppo.adaptive_kl_target",
+            p.adaptive_kl_target,
             "a positive target KL for ppo.adaptive_kl=true",
             "use e.g. 6.0 (Ziegler et al. 2019), or set ppo.adaptive_kl=false to keep kl_coef fixed",
-            "the controller's error is KL / kl_target - 1",
+            "the controller's error is KL / adaptive_kl_target - 1",
         )
         _check(
             p.kl_horizon >= 1,
@@ -862,10 +852,13 @@ def _require_finite(key: str, value: float, given: Any = None) -> float:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written right under each field of a config dataclass."""
+    """The docstring written right under each field of a config dataclass (inherited fields: the base's)."""
+    docs: dict[str, str] = {}
+    for base in cls.__mro__[1:]:
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
     for prev, node in zip(body, body[1:]):
         if (
             isinstance(prev, ast.AnnAssign)
@@ -1054,10 +1047,41 @@ def from_dict(data: dict[str, Any] | None = None, overrides: dict[str, Any] | No
     """Build and validate a Config from a nested dict plus dotted-key overrides."""
     import copy
 
-    merged = copy.deepcopy(data or {})
+    merged = _renamed(copy.deepcopy(data or {}))
     for key, value in (overrides or {}).items():
-        _set_dotted(merged, key, value)
+        _set_dotted(merged, RENAMED_KEYS.get(key, key) if _warn_renamed(key) else key, value)
     return _build(Config, merged)
+
+
+RENAMED_KEYS: dict[str, str] = {"ppo.kl_target": "ppo.adaptive_kl_target"}
+"""Old dotted key -> its new name. An old key is still accepted, with a one-line FutureWarning, for one release
+(0.2 removes them): ``ppo.kl_target`` read one letter away from ``ppo.target_kl``, the early-stop threshold."""
+
+
+def _warn_renamed(key: str) -> bool:
+    """Warn (once per key and call site) when ``key`` is a renamed one; returns whether it is."""
+    new = RENAMED_KEYS.get(key)
+    if new is not None:
+        warnings.warn(f"{key} is renamed {new}; the old name stops working in rlchat 0.2", FutureWarning, stacklevel=3)
+    return new is not None
+
+
+def _renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a nested config dict) with renamed keys moved to their new names.
+
+    Raises:
+        ConfigError: both the old and the new name are given.
+    """
+    for old, new in RENAMED_KEYS.items():
+        (section, old_name), (_, new_name) = old.split(".", 1), new.split(".", 1)
+        block = data.get(section)
+        if not isinstance(block, dict) or old_name not in block:
+            continue
+        if new_name in block:
+            raise ConfigError(f"{old} and {new} are both set; {old} is the old name of {new}: keep only {new}")
+        _warn_renamed(old)
+        block[new_name] = block.pop(old_name)
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:

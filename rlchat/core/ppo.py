@@ -92,7 +92,7 @@ KL_LOSS = "ppo/kl_loss"
 """Token-mean k3 KL to the reference, the loss term of ``ppo.kl_in_loss`` (before ``kl_coef``)."""
 KL_REF = "kl/ref_kl"
 """Mean over sequences of the summed per-token KL to the reference (the configured estimator): what the
-adaptive controller tracks and ``ppo.kl_target`` / ``ppo.max_ref_kl`` are measured in."""
+adaptive controller tracks and ``ppo.adaptive_kl_target`` / ``ppo.max_ref_kl`` are measured in."""
 KL_COEF = "kl/coef"
 
 KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
@@ -451,7 +451,7 @@ def compute_targets(
     # 4. whiten advantages once over the whole batch (deviation 4 in the module docstring)
     if cfg.norm_adv and cfg.advantage == "gae":
         advantages = masked_whiten(advantages, action_mask, reduce_fn=reduce_fn)
-    # 5. batch metrics (sequence-level KL: the quantity kl_target is expressed in)
+    # 5. batch metrics (sequence-level KL: the quantity adaptive_kl_target is expressed in)
     seq_kl = sequence_kl(kl, action_mask)
     metrics = {
         KL_REF: masked_mean(seq_kl, torch.ones_like(seq_kl), reduce_fn=reduce_fn).item(),
@@ -714,7 +714,7 @@ class AdaptiveKLController:
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
         if target <= 0:
-            raise ConfigError(f"ppo.kl_target={target!r}: expected a positive target KL; use e.g. 6.0")
+            raise ConfigError(f"ppo.adaptive_kl_target={target!r}: expected a positive target KL; use e.g. 6.0")
         if horizon <= 0:
             raise ConfigError(f"ppo.kl_horizon={horizon!r}: expected a positive horizon; use e.g. 10000")
         self.value = float(init_kl_coef)
@@ -753,7 +753,7 @@ def _state_value(state: dict[str, Any], owner: str) -> float:
 def make_kl_controller(ppo_cfg: PPOConfig) -> FixedKLController | AdaptiveKLController:
     """The KL controller the config asks for: adaptive if ``ppo.adaptive_kl``, else fixed at ``ppo.kl_coef``."""
     if ppo_cfg.adaptive_kl:
-        return AdaptiveKLController(ppo_cfg.kl_coef, ppo_cfg.kl_target, ppo_cfg.kl_horizon)
+        return AdaptiveKLController(ppo_cfg.kl_coef, ppo_cfg.adaptive_kl_target, ppo_cfg.kl_horizon)
     return FixedKLController(ppo_cfg.kl_coef)
 
 

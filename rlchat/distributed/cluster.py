@@ -78,11 +78,18 @@ def project_runtime_env() -> dict[str, Any] | None:
     return {"working_dir": str(root), "excludes": list(RUNTIME_ENV_EXCLUDES)}
 
 
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in the driver of a submitted job (it holds the job's runtime_env as JSON).
+
+Ray has no public API that says "this process is a submitted job's driver" before ``ray.init`` (the runtime
+context needs a connection; ray-project/ray#28089 asks for a submission-id accessor), so the variable's name is
+spelled here rather than imported from ``ray._private.runtime_env.constants``; ``tests/test_cluster_config.py``
+checks it still matches Ray's."""
+
+
 def _in_submitted_job() -> bool:
     """True in the driver of a submitted job: Ray's job manager put the job's runtime_env in the environment."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    return RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
+    return JOB_CONFIG_ENV in os.environ
 
 
 def init_ray(address: str | None, num_cpus: int = 0) -> None:

@@ -39,6 +39,7 @@ start-up costs ~17 s on 2 cores). The driver keeps the loop -- sample -> update 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -49,7 +50,15 @@ import torch
 from torch import nn
 
 from rlchat.core import ppo
-from rlchat.core.batch import RolloutBatch
+from rlchat.core.batch import (
+    ACTION_MASK,
+    ATTENTION_MASK,
+    BEHAVIOUR_LOGPROBS,
+    INPUT_IDS,
+    SCORES,
+    TRUNCATED,
+    RolloutBatch,
+)
 from rlchat.core.config import Config, check_context_limits
 from rlchat.core.errors import ConfigError, RLChatError
 from rlchat.core.metrics import PPO_BEHAVIOUR_LOGPROB_MAXDIFF as BEHAVIOUR_DIFF
@@ -187,16 +196,16 @@ class Learner:
     @torch.no_grad()
     def _rollout_stats(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Old log-probs, values, reference log-probs and bootstrap values of this rank's rows, then gathered."""
-        n = t["input_ids"].shape[0]
+        n = t[INPUT_IDS].shape[0]
         rows = torch.arange(self.rank, n, self.world)
-        ids, attn, act = t["input_ids"][rows], t["attention_mask"][rows], t["action_mask"][rows]
+        ids, attn, act = t[INPUT_IDS][rows], t[ATTENTION_MASK][rows], t[ACTION_MASK][rows]
         self.policy.eval()
         temp = self.temperature
         out = self.policy(ids, attn, act, compute_entropy=False, temperature=temp)
         ref_lp = self.ref.action_logprobs(ids, attn, act, temperature=temp) if self.ref is not None else out.logprobs
         # V(state after the last token) matters only where the episode was cut (bootstrap at truncation).
         last_values = torch.zeros(len(rows), device=self.device)
-        trunc = t["truncated"][rows]
+        trunc = t[TRUNCATED][rows]
         if self.cfg.ppo.advantage == "gae" and bool(trunc.any()):  # critic-free estimators bootstrap nothing
             sel = trunc.nonzero(as_tuple=True)[0]
             last_values[sel] = self.policy.bootstrap_values(ids[sel], attn[sel]).float()
@@ -216,7 +225,7 @@ class Learner:
         """
         p = self.p
         t = batch.to_torch(self.device)
-        act = t["action_mask"]
+        act = t[ACTION_MASK]
         n = act.shape[0]
         if n // p.num_minibatches < self.world:
             raise RLChatError(
@@ -225,7 +234,7 @@ class Learner:
             )
         # 1. no-grad passes: old log-probs, values, reference log-probs (sharded, then gathered)
         stats = self._rollout_stats(t)
-        behaviour = t["behaviour_logprobs"]
+        behaviour = t[BEHAVIOUR_LOGPROBS]
         diff = ((stats["old_logprobs"] - behaviour).abs() * act).max().item() if act.any() else 0.0
         # When the batch was sampled with the weights the learner holds, the recomputed log-probs are the ratio's
         # denominator (robust to bf16 sampling noise). Whenever the versions differ (overlapped sampling, or any
@@ -237,10 +246,10 @@ class Learner:
             old_logprobs,
             stats["ref_logprobs"],
             stats["values"],
-            t["scores"],
+            t[SCORES],
             act,
             stats["last_values"],
-            t["truncated"],
+            t[TRUNCATED],
             p,
             self.kl_ctl.value,
             groups=_group_ids(batch, self.device) if p.advantage != "gae" else None,
@@ -271,10 +280,10 @@ class Learner:
                 mb_metrics = MinibatchMetrics(self.device)
                 for k, rows in enumerate(micro):
                     sync = k == len(micro) - 1
-                    ctx = self.train_module.no_sync() if (self.world > 1 and not sync) else _null()
+                    ctx = self.train_module.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
                     with ctx:
                         out = self.train_module(
-                            t["input_ids"][rows], t["attention_mask"][rows], act[rows], temperature=self.temperature
+                            t[INPUT_IDS][rows], t[ATTENTION_MASK][rows], act[rows], temperature=self.temperature
                         )
                         loss, m = ppo.ppo_loss(
                             out.logprobs,
@@ -461,14 +470,6 @@ class MinibatchMetrics:
         keys = sorted(self.sums)
         count = torch.tensor(self.tokens, dtype=torch.float64, device=self.device)
         return keys, torch.stack([self.sums[k] for k in keys] + [count])
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 def _group_ids(batch: RolloutBatch, device: torch.device) -> torch.Tensor:

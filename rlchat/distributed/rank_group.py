@@ -29,19 +29,16 @@ from the next call); the caller then brings the new learners to its last checkpo
 ``--resume`` (``PPOTrainer.run``, ``stages.train_loop``) -- and goes on. :attr:`RankGroup.generation` counts the
 incarnations (0 = the first).
 
-Fault injection for tests is a seam of the rank loop, outside every learner method: ``RLCHAT_TEST_RANK_DIE_*``
-(:func:`fault_from_env`) SIGKILLs a rank during the Nth call of a method: at its start, some seconds into it, or
-once a path appears (e.g. a partial checkpoint's first file, to die mid-save). Like
-rollout workers' ``RLCHAT_TEST_*`` hooks, the driver forwards every ``RLCHAT_TEST_*`` variable to the workers
-(``RunConfig.worker_runtime_env``).
+Fault injection for tests wraps the rank's learner, outside every learner method: ``RLCHAT_TEST_RANK_DIE_*``
+(:mod:`rlchat.distributed.faults`) SIGKILLs a rank during the Nth call of a method: at its start, some seconds into
+it, or once a path appears (e.g. a partial checkpoint's first file, to die mid-save). The driver forwards every
+``RLCHAT_TEST_*`` variable to the workers (``RunConfig.worker_runtime_env``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import threading
 import time
 import traceback
@@ -54,6 +51,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from rlchat.core.errors import ConfigError, RLChatError
+from rlchat.distributed import faults
 
 if TYPE_CHECKING:
     from rlchat.core.config import Config
@@ -69,22 +67,6 @@ _LARGE_ATTR = "__rlchat_large_result__"
 # Rank -> driver: (kind, token, call_id, rank, payload) with kind one of _HELLO, _READY, _RESULT, _ERROR.
 _CALL, _CLOSE = "call", "close"
 _HELLO, _READY, _RESULT, _ERROR = "hello", "ready", "result", "error"
-
-# Test hooks (read in the rank process; the driver forwards every RLCHAT_TEST_* variable to the workers).
-DIE_METHOD_ENV = "RLCHAT_TEST_RANK_DIE_METHOD"
-"""SIGKILL a rank when it is called with this method (fault-tolerance tests only)."""
-DIE_CALL_ENV = "RLCHAT_TEST_RANK_DIE_CALL"
-"""On which call of that method, counted per rank process from 1 (default 1)."""
-DIE_RANK_ENV = "RLCHAT_TEST_RANK_DIE_RANK"
-"""Which rank dies (default 0)."""
-DIE_AFTER_S_ENV = "RLCHAT_TEST_RANK_DIE_AFTER_S"
-"""Seconds into the call (default 0: as it starts). A call that returns sooner dies before it replies."""
-DIE_WHEN_EXISTS_ENV = "RLCHAT_TEST_RANK_DIE_WHEN_EXISTS"
-"""A glob: during that call, die as soon as a path matches it (after ``AFTER_S``), e.g. the first file of a partial
-checkpoint, to die in the middle of a save."""
-DIE_MARKER_ENV = "RLCHAT_TEST_RANK_DIE_MARKER"
-"""A file path (required with the hook): created just before the kill; once it exists the hook never fires, so the
-restarted rank lives."""
 
 
 def rank0_only(fn: F | None = None, *, large_result: bool = False) -> Any:
@@ -200,83 +182,6 @@ class _RemoteFailure:
         return error
 
 
-# ---------------------------------------------------------------------------------------------------- fault seam
-
-
-class RankFault:
-    """The test hook of one rank: SIGKILL during the ``call``-th call of ``method``.
-
-    The kill comes ``after_s`` seconds into the call and, with ``when_exists``, once a path matches that glob (polled
-    every 5 ms); a call that returns first dies before it replies, so the call is always lost. Applied by the rank
-    loop around a learner method (never inside one). The marker file makes it fire once per run: it is created
-    atomically just before the kill, and an existing marker disarms the hook.
-    """
-
-    def __init__(self, method: str, call: int, after_s: float, marker: str, when_exists: str = "") -> None:
-        self.method, self.call, self.after_s, self.marker = method, call, after_s, marker
-        self.when_exists = when_exists
-        self.calls = 0
-        self.armed = False
-
-    def before(self, method: str) -> None:
-        if method != self.method:
-            return
-        self.calls += 1
-        if self.calls != self.call or os.path.exists(self.marker):
-            return
-        self.armed = True
-        if self.after_s <= 0 and not self.when_exists:
-            self._die(force=True)
-        threading.Thread(target=self._watch, name="rlchat-test-fault", daemon=True).start()
-
-    def _watch(self) -> None:
-        import glob
-
-        time.sleep(max(self.after_s, 0.0))
-        while self.when_exists and not glob.glob(self.when_exists):
-            time.sleep(0.005)
-        self._die()
-
-    def after(self, method: str) -> None:
-        """The armed call returned before the timer: die now, before the reply, so the call is always lost."""
-        if self.armed and method == self.method:
-            self._die(force=True)
-
-    def _die(self, force: bool = False) -> None:
-        try:
-            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            if not force:
-                return
-        logger.warning("test hook %s: SIGKILL of this rank in %s() call %d", DIE_METHOD_ENV, self.method, self.calls)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fault_from_env(rank: int, environ: Any = None) -> RankFault | None:
-    """The fault-injection hook for this rank, or None when ``RLCHAT_TEST_RANK_DIE_METHOD`` is not set for it.
-
-    Raises:
-        RLChatError: the hook is set without ``RLCHAT_TEST_RANK_DIE_MARKER`` (the restarted rank would die again).
-    """
-    env = os.environ if environ is None else environ
-    method = env.get(DIE_METHOD_ENV)
-    if not method or int(env.get(DIE_RANK_ENV, "0")) != rank:
-        return None
-    marker = env.get(DIE_MARKER_ENV)
-    if not marker:
-        raise RLChatError(
-            f"{DIE_METHOD_ENV}={method} needs {DIE_MARKER_ENV}=<file path> so that the restarted rank does not die "
-            "again; set it (a path in the test's tmp_path)"
-        )
-    return RankFault(
-        method,
-        int(env.get(DIE_CALL_ENV, "1")),
-        float(env.get(DIE_AFTER_S_ENV, "0")),
-        marker,
-        env.get(DIE_WHEN_EXISTS_ENV, ""),
-    )
-
-
 # ---------------------------------------------------------------------------------------------------- rank side
 
 
@@ -324,11 +229,10 @@ def _rank_main(spec: dict[str, Any]) -> None:
     replies.put((_HELLO, token, None, rank, actor))
     ctx = RankContext(rank=rank, world=world, device=device, remote=True)
     learner: Any = None
-    fault: RankFault | None = None
     build_error: BaseException | None = None
     try:
-        fault = fault_from_env(rank)
-        learner = spec["factory"](ctx, *_fetch(spec["args"]))
+        # the fault-injection seam: a proxy around the learner when a test armed one (faults.RANK), else the learner
+        learner = faults.wrap(spec["factory"](ctx, *_fetch(spec["args"])), faults.RANK, rank)
     except Exception as e:  # reported; the rank then waits for "close", so a user error never costs a restart
         logger.exception("%s rank %d: building the learner failed", name, rank)
         build_error = e
@@ -345,11 +249,7 @@ def _rank_main(spec: dict[str, Any]) -> None:
         try:
             if learner is None:
                 raise RLChatError(f"{name} rank {rank}: its learner could not be built ({build_error})")
-            if fault is not None:
-                fault.before(method)
             result = getattr(learner, method)(*_fetch(args), **_fetch(kwargs))
-            if fault is not None:
-                fault.after(method)
             if rank != 0:
                 result = None  # the other ranks only acknowledge
             elif large:
@@ -361,13 +261,6 @@ def _rank_main(spec: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- driver side
-
-
-def forwarded_test_env() -> dict[str, str]:
-    """The driver's ``RLCHAT_TEST_*`` variables (forwarded to workers so tests can arm worker-side hooks)."""
-    from rlchat.distributed.rollout import TEST_ENV_PREFIX
-
-    return {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
 
 
 class RankGroup:
@@ -428,7 +321,7 @@ class RankGroup:
             use_gpu=r.learner_use_gpu,
             resources_per_worker={"CPU": r.learner_cpus, **r.learner_resources},
         )
-        test_env = forwarded_test_env()
+        test_env = faults.forwarded_env()
         run_config = ray.train.RunConfig(
             name=f"{name}-{int(time.time() * 1000)}",
             storage_path=str(Path(run_dir).resolve() / "ray_train"),

@@ -29,18 +29,18 @@ samples the same episodes as an uninterrupted one.
 
 :class:`RolloutWorker` is the Ray actor around a Sampler; :class:`RolloutGroup` runs N of them with Ray's actor
 restarts and task retries (a killed worker is restarted, loads the current weights and re-samples its share).
-A restarted worker says so in its next batch (``rollout/worker_restarts``), and the test hook
-``RLCHAT_TEST_DIE_AFTER_STEPS`` (see :func:`die_hook_from_env`) kills a worker mid-sample deterministically.
+A restarted worker says so in its next batch (``rollout/worker_restarts``). Tests kill a worker inside a ``sample``
+call with ``RLCHAT_TEST_WORKER_DIE_*`` (:mod:`rlchat.distributed.faults`, wrapped around the actor class; the
+Sampler's loop knows nothing of it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ from rlchat.core.batch import RolloutBatch
 from rlchat.core.config import Config
 from rlchat.core.generation import GenerationEngine, SamplingParams
 from rlchat.core.tokenizer import ChatTokenizer
+from rlchat.distributed import faults
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +64,6 @@ only the bootstrapped ones (a multi-turn context cut)."""
 WORKER_RESTARTS = "perf/worker_restarts"
 """In ``RolloutBatch.metrics``: 1 in the first batch a restarted worker process returns, else 0 (summed by concat).
 The driver logs the sum as :data:`rlchat.core.metrics.ROLLOUT_WORKER_RESTARTS`."""
-
-# Test hooks (read in the worker process; RolloutGroup forwards every RLCHAT_TEST_* variable to its actors).
-TEST_ENV_PREFIX = "RLCHAT_TEST_"
-DIE_AFTER_STEPS_ENV = "RLCHAT_TEST_DIE_AFTER_STEPS"
-"""SIGKILL the worker after this many generation steps of a ``sample`` call (fault-tolerance tests only)."""
-DIE_WORKER_ENV = "RLCHAT_TEST_DIE_WORKER"
-"""Which worker id the die hook applies to (default 0)."""
-DIE_MARKER_ENV = "RLCHAT_TEST_DIE_MARKER"
-"""A file path (required with the hook): created just before the kill, and the hook never fires once it exists, so
-the restarted worker does not die again."""
-
 
 GROUP_SEED = 0x6A09E667
 """Seed part of the per-group record draws (keeps them apart from the envs' own seeds)."""
@@ -98,43 +88,6 @@ def pick_device(gpu_ids: Sequence[Any], cuda_available: bool) -> torch.device:
         cuda_available: ``torch.cuda.is_available()``.
     """
     return torch.device("cuda", 0) if len(gpu_ids) > 0 and cuda_available else torch.device("cpu")
-
-
-def die_hook_from_env(worker_id: int, environ: Any = None) -> Callable[[int], None] | None:
-    """The fault-tolerance test hook for this worker, or None when ``RLCHAT_TEST_DIE_AFTER_STEPS`` is not set.
-
-    The hook is called with the number of generation steps done in the current ``sample`` call; at the configured
-    count it atomically creates ``RLCHAT_TEST_DIE_MARKER`` and SIGKILLs its own process -- mid-sample by construction,
-    unlike an external kill after a sleep, which may land after the sample has finished. An existing marker disarms
-    it, so the worker Ray restarts samples normally and the test sees exactly one death.
-
-    Raises:
-        RLChatError: the hook is set without a marker path (it would kill every restarted worker again).
-    """
-    from rlchat.core.errors import RLChatError
-
-    env = os.environ if environ is None else environ
-    steps = env.get(DIE_AFTER_STEPS_ENV)
-    if not steps or int(env.get(DIE_WORKER_ENV, "0")) != worker_id:
-        return None
-    marker = env.get(DIE_MARKER_ENV)
-    if not marker:
-        raise RLChatError(
-            f"{DIE_AFTER_STEPS_ENV}={steps} needs {DIE_MARKER_ENV}=<file path> so that the restarted worker does not "
-            "die again; set it (a path in the test's tmp_path)"
-        )
-    after = int(steps)
-
-    def hook(step: int) -> None:
-        if step < after or os.path.exists(marker):
-            return
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
 
 
 def set_torch_threads(n: int) -> None:
@@ -185,8 +138,6 @@ class Sampler:
         self.envs: list[Any] = []
         self._grow_envs(cfg.rollout.envs_per_worker)
         self.weights_version = 0
-        self.step_hook: Callable[[int], None] | None = None
-        """Called with the generation-step count of the current sample (test hook: :func:`die_hook_from_env`)."""
 
     def _grow_envs(self, n: int) -> None:
         """Have at least ``n`` envs (evaluation over more prompts than envs grows the pool once)."""
@@ -280,8 +231,6 @@ class Sampler:
             turn_open = np.ones(len(live), dtype=bool)
             for step in stream:
                 n_steps += 1
-                if self.step_hook is not None:
-                    self.step_hook(n_steps)
                 # 2. feed each generated token to its env (O(1) per step)
                 finished: list[int] = []
                 for j in np.flatnonzero(step.active & turn_open):
@@ -454,7 +403,6 @@ class RolloutWorker:
             )
         self.sampler = build_sampler(cfg_dict, worker_id, device=self.device)
         self.sampler.weights_version = -1  # the first call always loads the learner's weights
-        self.sampler.step_hook = die_hook_from_env(worker_id)
         self.eval_sampler: Sampler | None = None
         self._cfg_dict = cfg_dict
         # Ray re-runs __init__ in the new process after a crash; the next sampled batch reports the restart once.
@@ -578,12 +526,14 @@ class RolloutGroup:
 
         self.cfg = cfg
         options: dict[str, Any] = dict(rollout_actor_options(cfg))
-        test_env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
+        test_env = faults.forwarded_env()
         if test_env:
             runtime_env = dict(options.get("runtime_env") or {})
             runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **test_env}
             options["runtime_env"] = runtime_env
-        actor_cls = ray.remote(RolloutWorker).options(
+        # the fault-injection seam: RolloutWorker itself unless a test armed RLCHAT_TEST_WORKER_DIE_* (faults.WORKER)
+        worker_cls = faults.actor_class(RolloutWorker, faults.WORKER, lambda w: w.sampler.worker_id)
+        actor_cls = ray.remote(worker_cls).options(
             max_restarts=cfg.rollout.max_restarts,
             max_task_retries=cfg.rollout.max_restarts,
             **options,

@@ -27,8 +27,6 @@ The driver's own lines (progress, resume, rollback, stop) also go to ``RUN_DIR/l
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -57,14 +55,12 @@ from rlchat.core.metrics import (
     gold_drop,
 )
 from rlchat.core.rewards import GOLD_COMPONENT
+from rlchat.distributed import faults
 from rlchat.distributed.rollout import batch_metrics
 
 logger = logging.getLogger(__name__)
 
 EVAL_PREFIX = "eval/"
-
-# Test hook: SIGKILL the driver right after this iteration's checkpoint (resume tests use it; never set in use).
-_KILL_AFTER_ENV = "RLCHAT_TEST_KILL_AFTER_ITERATION"
 
 # Learning-rate factor per guardrail rollback: after n rollbacks the run trains at ROLLBACK_LR_FACTOR ** n.
 ROLLBACK_LR_FACTOR = 0.5
@@ -187,7 +183,9 @@ class PPOTrainer:
             init_ray(address or cfg.ray.address or None, cfg.ray.num_cpus)
         self.tokenizer = ChatTokenizer.from_config(cfg.tokenizer)
         self.rollouts = make_rollouts(cfg)
-        self.learner = make_learner(cfg, str(run_dir))
+        # the fault-injection seam: a proxy around the learner handle when a test armed faults.DRIVER (e.g. the
+        # driver dies right after a checkpoint save), else the handle itself
+        self.learner = faults.wrap(make_learner(cfg, str(run_dir)), faults.DRIVER)
         self.guard = Guardrails(cfg)
         self.rollbacks = 0
         self._eval_conversations: list[list[dict[str, str]]] | None = None
@@ -342,8 +340,6 @@ class PPOTrainer:
                             f"rolled back to {last_good}; learning rate x{self.lr_scale:g} "
                             f"({self.rollbacks} rollback(s), ppo.guardrail_action=rollback)"
                         )
-                    if os.environ.get(_KILL_AFTER_ENV) == str(it):
-                        os.kill(os.getpid(), signal.SIGKILL)
                 except RankGroupRestarted as restart:
                     # a learner rank died and Ray Train restarted the worker group: its fresh learners take the
                     # run's last checkpoint and this loop goes back to that iteration, as --resume would; the batch
