@@ -1,38 +1,51 @@
-"""Generation scheduling for a replica: requests become rows of one lock-step generation batch.
+"""Generation scheduling for a replica: continuous batching of requests on one generation thread.
 
-:class:`BatchRun` advances a batch of :class:`GenerationJob` one token per step (jobs grouped by sampling settings);
-:class:`Batcher` feeds it from Ray Serve's ``@serve.batch`` queue on the replica's single generation thread and hands
-every caller its share of each step. Pure pieces (:class:`BatchRun`, :func:`run_jobs`) need no Ray and are
-unit-tested directly.
+Every request becomes a :class:`GenerationJob` (a prompt, its sampling settings, one seed per choice). Its rows
+join the replica's running decode batch (:class:`serve.decode_batch.DecodeBatch`) at the next decoding step and
+leave it when they end (stop token, stop string, budget, the model's position limit, the request side's
+:attr:`StreamControl.finish`, the job's deadline), so a new request never waits for the running ones to finish.
+
+- :class:`BatchRun` is the step loop's state: the jobs in the batch and their replies so far. :meth:`BatchRun.add`
+  takes a job at any time; :meth:`BatchRun.step` advances every job by one token. It needs no Ray (unit-tested
+  directly; :func:`run_jobs` runs jobs to completion).
+- :class:`Batcher` is the replica's scheduler: an asyncio loop that admits waiting jobs (up to
+  ``serve.max_batch_size``), runs one :meth:`BatchRun.step` at a time on the single generation thread and hands
+  every caller its share of each step (:class:`StepItem`). Beam searches run whole on a second thread, so they do
+  not stall the streams of the decode batch.
+
+Why not Ray Serve's ``@serve.batch`` (used before): it forms a batch from its queue and hands it to the method as a
+fixed list; a batch runs to completion and Serve has no way to admit a request into a batch that is running. With
+lock-step batches a request waited for the running batch to end, and at 16 closed-loop clients the two halves of
+the clients alternated (mean batch 8; bench/README.md, "Serve load").
 """
 
 import asyncio
-import dataclasses
+import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
-from ray import serve as ray_serve
-
+from rlchat.errors import RLChatError
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
+from serve.decode_batch import DecodeBatch
 
-MAX_CONCURRENT_BATCHES = 8
-"""Batches Ray Serve hands to a replica at once. Serve's batch queue forms the next batch as soon as its wait
-timeout passes, even while a batch is still generating, so with one batch in flight the queue froze a trickle of
-arrivals into many small batches that then ran one after another (measured: a mean batch of 2.8 requests at 16
-closed-loop clients). Several in flight let every formed batch reach the replica at once, where
-:meth:`Batcher._run_batches` coalesces all that are waiting into one generation batch (up to
-``serve.max_batch_size`` requests) when the generation thread is free: a mean batch of ~11 at 16 clients."""
+logger = logging.getLogger(__name__)
+
+
+class DeadlineExceeded(RLChatError):
+    """A job was still waiting for a place in the batch at its :attr:`GenerationJob.deadline` (an overload answer,
+    not a server error: the client may retry later)."""
 
 
 @dataclass
 class StreamControl:
     """What the request side tells the batch loop between steps: choices to end now (stop string seen, reply
-    flagged by the safety filter, client gone). Ended rows report ``finish_reason`` ``stop``."""
+    flagged by the safety filter, client gone). Ended rows report ``finish_reason`` ``stop``; a job whose every
+    choice is listed leaves the queue or the batch at the next step."""
 
     finish: set[int] = field(default_factory=set)
 
@@ -45,6 +58,9 @@ class GenerationJob:
     params: SamplingParams
     seeds: tuple[int, ...]
     control: StreamControl = field(default_factory=StreamControl, compare=False)
+    deadline: float | None = None
+    """A ``time.monotonic()`` instant: still queued then, the job ends with :class:`DeadlineExceeded`; running,
+    its rows end there with ``finish_reason`` ``length`` (what it generated is its reply). None = no deadline."""
 
 
 @dataclass
@@ -69,7 +85,11 @@ class StepItem:
 
 @dataclass
 class BatchStats:
-    """Counters reported by ``/readyz`` (how well batching works under the current load)."""
+    """Counters reported by ``/readyz`` (how well batching works under the current load).
+
+    A "batch" is one decoding step of the replica's decode batch (one batched forward); its size is the rows it
+    decoded, so ``rows / batches`` is the mean batch over a period.
+    """
 
     batches: int = 0
     rows: int = 0
@@ -79,167 +99,232 @@ class BatchStats:
     errors: int = 0
     sizes: dict[int, int] = field(default_factory=dict)
 
-    def add_batch(self, n_jobs: int, n_rows: int) -> None:
+    def add_batch(self, n_rows: int) -> None:
+        """Count one decoding step of ``n_rows`` rows."""
         self.batches += 1
         self.rows += n_rows
-        self.largest = max(self.largest, n_jobs)
-        self.sizes[n_jobs] = self.sizes.get(n_jobs, 0) + 1
+        self.largest = max(self.largest, n_rows)
+        self.sizes[n_rows] = self.sizes.get(n_rows, 0) + 1
 
 
-def _group_key(params: SamplingParams) -> SamplingParams:
-    """Jobs whose settings differ only in their budget (and base seed) share one lock-step stream."""
-    if params.num_beams > 1:
-        return params
-    return dataclasses.replace(params, max_new_tokens=1, seed=None)
+class BatchObserver(Protocol):
+    """What :class:`Batcher` reports as it runs (e.g. to Prometheus metrics); called on the event loop."""
+
+    def on_step(self, rows: int, queued: int, seconds: float) -> None:
+        """After every decoding step: rows decoded, jobs still waiting to join, the step's wall time."""
+
+    def on_admit(self, n_jobs: int) -> None:
+        """When ``n_jobs`` waiting jobs join the batch."""
 
 
-class _Group:
-    """The jobs of a batch that share sampling settings: one lock-step stream (or one beam search)."""
+class _JobState:
+    """A job in a :class:`BatchRun`: its rows' handles and its reply so far."""
 
-    def __init__(self, engine: GenerationEngine, jobs: Sequence[GenerationJob], idx: Sequence[int]) -> None:
-        self.engine = engine
-        self.jobs = jobs
-        self.rows = [(j, c) for j in idx for c in range(len(jobs[j].seeds))]  # stream row -> (job, choice)
-        self.prompts = [list(jobs[j].prompt) for j, _ in self.rows]
-        self.seeds = [jobs[j].seeds[c] for j, c in self.rows]
-        self.budgets = np.array([jobs[j].params.max_new_tokens for j, _ in self.rows])
-        self.params = jobs[idx[0]].params
-        self.stop_ids = {engine.tokenizer.eot_id, *self.params.stop_token_ids}
-        self.max = int(self.budgets.max())
-        self.done = False
-        self.stream = None
-        if self.params.num_beams > 1:
-            engine._check_prompts(self.prompts, self.params)  # noqa: SLF001 - fail at batch start, not mid-batch
-        else:  # the prefill runs here; a prompt beyond the context raises now
-            run_params = dataclasses.replace(self.params, max_new_tokens=self.max, seed=None)
-            self.stream = engine.steps(self.prompts, run_params, self.seeds)
+    def __init__(self, job: GenerationJob) -> None:
+        n = len(job.seeds)
+        self.job = job
+        self.handles: list[int] = []
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.reasons: list[str | None] = [None] * n
+        self.alts: list[list[Any]] = [[] for _ in range(n)]
+        self.new: list[list[int]] = [[] for _ in range(n)]
+        self.new_alts: list[list[Any]] = [[] for _ in range(n)]
+        self.error: Exception | None = None
+        self.reported = False
 
-    def step(self, run: "BatchRun") -> None:  # noqa: UP037 - defined below; no __future__ annotations here
-        """Generate one token per live row (a beam search runs whole) and record tokens and finish reasons."""
-        if self.stream is None:
-            res = self.engine.generate(self.prompts, self.params, self.seeds)
-            for r, (j, c) in enumerate(self.rows):
-                run.tokens[j][c] = list(res.tokens[r])
-                run.new[j][c] = list(res.tokens[r])
-                run.reasons[j][c] = res.finish_reasons[r]
-            self.done = True
-            return
-        stream = self.stream
-        # 1. rows the request side asked to end (their reply is complete for the client)
-        asked = [
-            r for r, (j, c) in enumerate(self.rows) if c in self.jobs[j].control.finish and run.reasons[j][c] is None
-        ]
-        if asked:
-            stream.finish(asked, FINISH_STOP)
-            for r in asked:
-                j, c = self.rows[r]
-                run.reasons[j][c] = FINISH_STOP
-        # 2. one batched forward
-        out = next(stream, None)
-        if out is not None:
-            for r in np.flatnonzero(out.active).tolist():
-                j, c = self.rows[r]
-                t = int(out.tokens[r])
-                run.tokens[j][c].append(t)
-                run.new[j][c].append(t)
-                if out.alternatives is not None:
-                    run.alts[j][c].append(out.alternatives[r])
-                    run.new_alts[j][c].append(out.alternatives[r])
-            # 3. rows at their own budget end with "length" (the stream runs to the group's largest budget)
-            over = np.flatnonzero(stream.active & (stream.num_steps >= self.budgets))
-            if len(over):
-                stream.finish(over, FINISH_LENGTH)
-                for r in over.tolist():
-                    j, c = self.rows[r]
-                    run.reasons[j][c] = FINISH_LENGTH
-        # 4. rows the engine ended itself: a stop token or stop string ("stop"), or the group's last step
-        active = stream.active
-        for r, (j, c) in enumerate(self.rows):
-            if run.reasons[j][c] is None and not active[r]:
-                toks = run.tokens[j][c]
-                at_limit = len(toks) >= self.max and not (toks and toks[-1] in self.stop_ids)
-                run.reasons[j][c] = FINISH_LENGTH if at_limit else FINISH_STOP
-        self.done = not active.any()
+    def end(self, choice: int, reason: str) -> None:
+        if self.reasons[choice] is None:
+            self.reasons[choice] = reason
+
+    def item(self) -> StepItem:
+        """This step's share (and the result once every choice ended); resets the step's new tokens."""
+        wants_alts = self.job.params.top_logprobs >= 0
+        item = StepItem(self.new, alternatives=self.new_alts if wants_alts else None)
+        if self.error is not None:
+            item.done = self.error
+        elif all(r is not None for r in self.reasons):
+            item.done = JobOutput(self.tokens, [str(r) for r in self.reasons], self.alts if wants_alts else None)
+        n = len(self.job.seeds)
+        self.new, self.new_alts = [[] for _ in range(n)], [[] for _ in range(n)]
+        self.reported = item.done is not None
+        return item
 
 
 class BatchRun:
-    """Lock-step generation of one dynamic batch, advanced one token per :meth:`step` (on the generation thread).
+    """Continuous batching on the generation thread: jobs join with :meth:`add`, :meth:`step` advances them all.
 
-    Jobs are grouped by sampling settings (:func:`_group_key`); each step advances every group once. A job is
-    reported complete (:attr:`StepItem.done`) at the step its last choice ends, so a short request does not wait
-    for the longest one of its batch. A group that cannot start (e.g. a prompt beyond the context) is retried job by
-    job, so one bad request never fails the others; a job's own failure is its result.
+    Each step first applies the request side's wishes (:attr:`StreamControl.finish`: those rows end with ``stop``;
+    a passed :attr:`GenerationJob.deadline`: the job's rows end with ``length``), then runs one
+    :meth:`DecodeBatch.step` for every row of every job, whatever its settings. A job is reported complete
+    (:attr:`StepItem.done`) at the step its last choice ends. A job that cannot start (a prompt beyond the context, a
+    bad logit bias) gets its error as its result at the next step and never touches the others. Beam-search jobs
+    (``num_beams > 1``) run whole at the next step (:class:`Batcher` runs them on their own thread instead).
 
     Args:
         engine: the generation engine.
-        jobs: the batch.
+        jobs: jobs to start with (more can join with :meth:`add`).
+        keep_history: keep every job's state after it was reported (:attr:`tokens`, :attr:`reasons`; for tests and
+            :func:`run_jobs`); a long-lived scheduler sets False.
     """
 
-    def __init__(self, engine: GenerationEngine, jobs: Sequence[GenerationJob]) -> None:
-        self.jobs = jobs
-        self.tokens: list[list[list[int]]] = [[[] for _ in job.seeds] for job in jobs]
-        self.reasons: list[list[str | None]] = [[None] * len(job.seeds) for job in jobs]
-        self.new: list[list[list[int]]] = [[[] for _ in job.seeds] for job in jobs]
-        self.alts: list[list[list[Any]]] = [[[] for _ in job.seeds] for job in jobs]
-        self.new_alts: list[list[list[Any]]] = [[[] for _ in job.seeds] for job in jobs]
-        self.errors: list[Exception | None] = [None] * len(jobs)
-        self.reported = [False] * len(jobs)
-        self.groups: list[_Group] = []
-        keyed: dict[SamplingParams, list[int]] = {}
-        for i, job in enumerate(jobs):
-            keyed.setdefault(_group_key(job.params), []).append(i)
-        for idx in keyed.values():
-            try:
-                self.groups.append(_Group(engine, jobs, idx))
-            except Exception as e:  # noqa: BLE001 - retried / reported per job
-                for i in idx:
-                    try:
-                        self.groups.append(_Group(engine, jobs, [i]))
-                    except Exception as e1:  # noqa: BLE001
-                        self.errors[i] = e1 if len(idx) > 1 else e
+    def __init__(
+        self, engine: GenerationEngine, jobs: Sequence[GenerationJob] = (), keep_history: bool = True
+    ) -> None:
+        self.engine = engine
+        self.batch = DecodeBatch(engine)
+        self.keep_history = keep_history
+        self.history: list[_JobState] = []
+        self._live: dict[int, _JobState] = {}  # job id -> state, until reported
+        self._rows: dict[int, tuple[_JobState, int]] = {}  # row handle -> (job, choice)
+        self._next_id = 0
+        self.total_rows = 0
+        self.last_rows = 0
+        """Rows decoded by the last step (the size of that batch)."""
+        for job in jobs:
+            self.add(job)
+
+    # ---------------------------------------------------------------- legacy views (keep_history=True)
+    @property
+    def jobs(self) -> list[GenerationJob]:
+        return [s.job for s in self.history]
+
+    @property
+    def tokens(self) -> list[list[list[int]]]:
+        return [s.tokens for s in self.history]
+
+    @property
+    def reasons(self) -> list[list[str | None]]:
+        return [s.reasons for s in self.history]
 
     @property
     def rows(self) -> int:
-        return sum(len(job.seeds) for job in self.jobs)
+        """Rows (choices) of every job added so far."""
+        return self.total_rows
+
+    # ---------------------------------------------------------------- scheduling
+    @property
+    def live_jobs(self) -> int:
+        """Jobs added and not reported complete yet."""
+        return len(self._live)
+
+    @property
+    def active_rows(self) -> int:
+        """Rows generating (or waiting for their prefill at the next step)."""
+        return self.batch.rows
+
+    def add(self, job: GenerationJob) -> int:
+        """Add a job; its rows are prefilled and decode their first token at the next :meth:`step`.
+
+        Returns:
+            The job's id: the key of its items in :meth:`step_items`, its index in :meth:`step`'s list.
+        """
+        state = _JobState(job)
+        jid = self._next_id
+        self._next_id += 1
+        self.total_rows += len(job.seeds)
+        if self.keep_history:
+            self.history.append(state)
+        self._live[jid] = state
+        if job.params.num_beams > 1:
+            return jid  # runs whole at the next step
+        n = len(job.seeds)
+        try:
+            state.handles = self.batch.add([job.prompt] * n, job.params, job.seeds)
+        except Exception as e:  # noqa: BLE001 - this job's own failure is its result
+            state.error = e
+            return jid
+        for c, h in enumerate(state.handles):
+            self._rows[h] = (state, c)
+        return jid
+
+    def step_items(self, now: float | None = None) -> dict[int, StepItem]:
+        """Advance every live job by one token.
+
+        Args:
+            now: the ``time.monotonic()`` instant deadlines are checked against (default: now).
+
+        Returns:
+            Per live job id: its new tokens, and its result once complete (the job is then no longer live).
+        """
+        now = time.monotonic() if now is None else now
+        # 1. the request side's wishes and deadlines (rows ended here generate nothing more)
+        for state in self._live.values():
+            job = state.job
+            ended = [c for c in range(len(job.seeds)) if c in job.control.finish and state.reasons[c] is None]
+            for c in ended:
+                state.end(c, FINISH_STOP)
+            if job.deadline is not None and now >= job.deadline:
+                for c in range(len(job.seeds)):
+                    if state.reasons[c] is None:
+                        ended.append(c)
+                    state.end(c, FINISH_LENGTH)
+            if ended and state.handles:
+                self.batch.finish([state.handles[c] for c in ended])
+        # 2. beam searches (run whole; the scheduler keeps them out of the decode batch)
+        for state in self._live.values():
+            if state.job.params.num_beams > 1 and state.error is None and None in state.reasons:
+                self._run_beam(state)
+        # 3. one token for every live row
+        self.last_rows = 0
+        if self.batch.rows:
+            try:
+                outs = self.batch.step()
+                self.last_rows = len(outs)
+            except Exception as e:  # noqa: BLE001 - every job of the batch fails with it; a fresh batch follows
+                logger.exception("decode step failed; failing the %d jobs of the batch", len(self._live))
+                for state in self._live.values():
+                    if state.handles and state.error is None:
+                        state.error = e
+                self.batch = DecodeBatch(self.engine)
+                self._rows.clear()
+                outs = []
+            for out in outs:
+                state, c = self._rows[out.handle]
+                state.tokens[c].append(out.token)
+                state.new[c].append(out.token)
+                if out.alternative is not None:
+                    state.alts[c].append(out.alternative)
+                    state.new_alts[c].append(out.alternative)
+                if out.reason is not None:
+                    state.end(c, out.reason)
+        # 4. each live job's share; completed jobs leave
+        items = {}
+        for jid in list(self._live):
+            state = self._live[jid]
+            items[jid] = state.item()
+            if state.reported:
+                del self._live[jid]
+                for h in state.handles:
+                    self._rows.pop(h, None)
+        return items
 
     def step(self) -> list[StepItem | None] | None:
-        """Advance every group by one token.
+        """:meth:`step_items` as a list over every job added (``keep_history`` only).
 
         Returns:
             Per job: its new tokens (and its result once complete), or None once it was reported complete;
             None when every job has been reported.
         """
-        if all(self.reported):
+        if not self._live:
             return None
-        self.new = [[[] for _ in job.seeds] for job in self.jobs]
-        self.new_alts = [[[] for _ in job.seeds] for job in self.jobs]
-        for g in self.groups:
-            if not g.done:
-                try:
-                    g.step(self)
-                except Exception as e:  # noqa: BLE001 - e.g. a failed beam search: its jobs fail, not the batch
-                    g.done = True
-                    for j, _ in g.rows:
-                        self.errors[j] = self.errors[j] or e
-        items: list[StepItem | None] = []
-        for j in range(len(self.jobs)):
-            if self.reported[j]:
-                items.append(None)
-                continue
-            wants_alts = self.jobs[j].params.top_logprobs >= 0
-            item = StepItem(self.new[j], alternatives=self.new_alts[j] if wants_alts else None)
-            if self.errors[j] is not None:
-                item.done = self.errors[j]
-            elif all(r is not None for r in self.reasons[j]):
-                alts = self.alts[j] if wants_alts else None
-                item.done = JobOutput(self.tokens[j], [str(r) for r in self.reasons[j]], alts)
-            self.reported[j] = item.done is not None
-            items.append(item)
-        return items
+        items = self.step_items()
+        return [items.get(j) for j in range(self._next_id)]
+
+    def _run_beam(self, state: _JobState) -> None:
+        job = state.job
+        try:
+            res = self.engine.generate([list(job.prompt)] * len(job.seeds), job.params, list(job.seeds))
+        except Exception as e:  # noqa: BLE001 - this job's own failure is its result
+            state.error = e
+            return
+        for c in range(len(job.seeds)):
+            state.tokens[c] = list(res.tokens[c])
+            state.new[c] = list(res.tokens[c])
+            state.reasons[c] = res.finish_reasons[c]
 
 
 def run_jobs(engine: GenerationEngine, jobs: Sequence[GenerationJob]) -> list[JobOutput | Exception]:
-    """Run a batch to completion (what a replica does step by step): one result or exception per job, in order."""
+    """Run jobs to completion in one batch (what a replica does step by step): one result or exception per job."""
     run = BatchRun(engine, jobs)
     results: list[JobOutput | Exception | None] = [None] * len(jobs)
     while (items := run.step()) is not None:
@@ -256,73 +341,178 @@ def row_seeds(seed: int | None, n: int) -> tuple[int, ...]:
     return tuple(int(seed) * 1_000_003 + i for i in range(n))
 
 
+@dataclass
+class _Waiting:
+    job: GenerationJob
+    queue: asyncio.Queue
+
+    def cancelled(self) -> bool:
+        return all(c in self.job.control.finish for c in range(len(self.job.seeds)))
+
+
 class Batcher:
-    """A replica's generation scheduler: dynamic batches from ``@serve.batch``, run on one generation thread.
+    """A replica's generation scheduler: continuous batching on one generation thread, beam search on another.
+
+    Waiting jobs join the decode batch at the next step, up to ``max_batch_size`` jobs decoding at once; when the
+    batch is idle, the first arrival waits up to ``batch_wait_timeout_s`` so that a burst is prefilled together.
+    Jobs still waiting at their :attr:`GenerationJob.deadline` end with :class:`DeadlineExceeded`; waiting jobs
+    whose every choice is in :attr:`StreamControl.finish` (the client left) are dropped, as is a caller that stops
+    iterating :meth:`submit` before its job is done.
 
     Args:
         engine: the generation engine.
-        max_batch_size: most requests in one generation batch (``serve.max_batch_size``; 1 = batch-1 serving).
-        batch_wait_timeout_s: longest wait to fill a batch (``serve.batch_wait_timeout_s``).
+        max_batch_size: most requests decoding at once (``serve.max_batch_size``; 1 = batch-1 serving).
+        batch_wait_timeout_s: longest wait to gather a burst when the batch is idle (``serve.batch_wait_timeout_s``).
+        observer: optional :class:`BatchObserver` (metrics).
     """
 
-    def __init__(self, engine: GenerationEngine, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self.engine = engine
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.batch_wait_timeout_s = float(batch_wait_timeout_s)
+        self.observer = observer
         self.stats = BatchStats()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-generate")
-        self._waiting: deque[tuple[list[GenerationJob], asyncio.Queue]] = deque()
+        self.beam_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-beam")
+        self._run = BatchRun(engine, keep_history=False)
+        self._queues: dict[int, asyncio.Queue] = {}  # live job id -> its caller's queue
+        self._waiting: deque[_Waiting] = deque()
+        self._beams: deque[_Waiting] = deque()
         self._runner: asyncio.Task | None = None
-        self._batch.set_max_batch_size(max_batch_size)
-        self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._beam_runner: asyncio.Task | None = None
+        self._active_rows = 0
 
-    def submit(self, job: GenerationJob) -> AsyncIterator[StepItem]:
-        """The job's share of every generation step until its :attr:`StepItem.done` (iterate it)."""
-        return self._batch(job)
+    # ---------------------------------------------------------------- public API
+    async def submit(self, job: GenerationJob) -> AsyncIterator[StepItem]:
+        """The job's share of every generation step until its :attr:`StepItem.done` (iterate it).
+
+        A caller that stops iterating before ``done`` (a client that went away) ends the job's rows.
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+        waiting = _Waiting(job, queue)
+        loop = asyncio.get_running_loop()
+        if job.params.num_beams > 1:
+            self._beams.append(waiting)
+            if self._beam_runner is None or self._beam_runner.done():
+                self._beam_runner = loop.create_task(self._run_beams())
+        else:
+            self._waiting.append(waiting)
+            if self._runner is None or self._runner.done():
+                self._runner = loop.create_task(self._run_steps())
+        done = False
+        try:
+            while True:
+                item = await queue.get()
+                done = item.done is not None
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:
+                job.control.finish.update(range(len(job.seeds)))
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting to join the decode batch (beam searches waiting for their thread included)."""
+        return len(self._waiting) + len(self._beams)
+
+    @property
+    def active_rows(self) -> int:
+        """Rows in the decode batch after the last step."""
+        return self._active_rows
 
     @property
     def alive(self) -> bool:
         """Whether the generation thread still accepts work (Serve's health check)."""
         return not self.pool._shutdown  # noqa: SLF001 - ThreadPoolExecutor has no public flag
 
-    @ray_serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def _batch(self, jobs: list[GenerationJob]) -> AsyncIterator[list[StepItem | type[StopIteration]]]:
-        """The dynamic batch: one item per job per generation step; each caller iterates its own items.
-
-        Serve's batch is queued for :meth:`_run_batches`, which merges it with every other batch waiting at that
-        moment (see :data:`MAX_CONCURRENT_BATCHES`), runs one :class:`BatchRun` and hands each batch its slice of
-        every step.
-        """
-        queue: asyncio.Queue = asyncio.Queue()
-        self._waiting.append((list(jobs), queue))
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.get_running_loop().create_task(self._run_batches())
-        while (items := await queue.get()) is not None:
-            if isinstance(items, BaseException):
-                raise items
-            yield items
-
-    async def _run_batches(self) -> None:
-        """Run the waiting batches, merged up to ``serve.max_batch_size`` requests, one generation batch at a time."""
-        loop = asyncio.get_running_loop()
-        while self._waiting:
-            taken: list[tuple[list[GenerationJob], asyncio.Queue]] = []
-            n_jobs = 0
-            while self._waiting and (not taken or n_jobs + len(self._waiting[0][0]) <= self.max_batch_size):
-                taken.append(self._waiting.popleft())
-                n_jobs += len(taken[-1][0])
-            jobs = [job for batch, _ in taken for job in batch]
-            try:
-                run = await loop.run_in_executor(self.pool, BatchRun, self.engine, jobs)
-                self.stats.add_batch(len(jobs), run.rows)
-                while (items := await loop.run_in_executor(self.pool, run.step)) is not None:
-                    start = 0
-                    for batch, queue in taken:
-                        part = items[start : start + len(batch)]
-                        queue.put_nowait([StopIteration if item is None else item for item in part])
-                        start += len(batch)
-            except Exception as e:  # noqa: BLE001 - the callers of this generation batch get the error
-                for _, queue in taken:
-                    queue.put_nowait(e)
+    # ---------------------------------------------------------------- the step loop (event loop side)
+    def _settle_waiting(self, waiting: deque[_Waiting], now: float) -> None:
+        """Answer waiting jobs that were cancelled (every choice ended) or passed their deadline."""
+        for w in list(waiting):
+            job = w.job
+            n = len(job.seeds)
+            if w.cancelled():
+                w.queue.put_nowait(
+                    StepItem([[] for _ in range(n)], JobOutput([[] for _ in range(n)], [FINISH_STOP] * n))
+                )
+            elif job.deadline is not None and now >= job.deadline:
+                msg = (
+                    "the request reached its deadline while waiting for a place in the generation batch (the server "
+                    "is overloaded); retry later or allow a longer deadline"
+                )
+                w.queue.put_nowait(StepItem([[] for _ in range(n)], DeadlineExceeded(msg)))
+            else:
                 continue
-            for _, queue in taken:
-                queue.put_nowait(None)
+            waiting.remove(w)
+
+    async def _run_steps(self) -> None:
+        """Admit waiting jobs and run decoding steps until no job is waiting or decoding."""
+        loop = asyncio.get_running_loop()
+        run = self._run
+        while True:
+            self._settle_waiting(self._waiting, time.monotonic())
+            if not self._waiting and not run.live_jobs:
+                self._active_rows = 0
+                return
+            room = self.max_batch_size - len(self._waiting)
+            if not run.live_jobs and room > 0 and self.batch_wait_timeout_s > 0:  # idle: a burst shares one prefill
+                await asyncio.sleep(self.batch_wait_timeout_s)
+                self._settle_waiting(self._waiting, time.monotonic())
+            admit: list[_Waiting] = []
+            while self._waiting and run.live_jobs + len(admit) < self.max_batch_size:
+                admit.append(self._waiting.popleft())
+            t0 = time.perf_counter()
+            try:
+                items, rows = await loop.run_in_executor(self.pool, self._step, admit)
+            except Exception as e:  # noqa: BLE001 - the thread is gone (shutdown): every caller gets the error
+                for w in admit:
+                    w.queue.put_nowait(StepItem([[] for _ in w.job.seeds], e))
+                for q in self._queues.values():
+                    q.put_nowait(StepItem([], e))
+                self._queues.clear()
+                self._run = run = BatchRun(self.engine, keep_history=False)
+                continue
+            seconds = time.perf_counter() - t0
+            for jid, item in items.items():
+                queue = self._queues[jid]
+                queue.put_nowait(item)
+                if item.done is not None:
+                    del self._queues[jid]
+            self._active_rows = run.active_rows
+            if rows:
+                self.stats.add_batch(rows)
+            if self.observer is not None:
+                if admit:
+                    self.observer.on_admit(len(admit))
+                if rows:
+                    self.observer.on_step(rows, len(self._waiting), seconds)
+
+    def _step(self, admit: list[_Waiting]) -> tuple[dict[int, StepItem], int]:
+        """On the generation thread: add the admitted jobs, run one step; (items per job id, rows decoded)."""
+        run = self._run
+        for w in admit:
+            self._queues[run.add(w.job)] = w.queue
+        items = run.step_items()
+        return items, run.last_rows
+
+    async def _run_beams(self) -> None:
+        """Beam searches one after another on their own thread (the decode batch keeps stepping meanwhile)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._settle_waiting(self._beams, time.monotonic())
+            if not self._beams:
+                return
+            w = self._beams.popleft()
+            try:
+                out = (await loop.run_in_executor(self.beam_pool, run_jobs, self.engine, [w.job]))[0]
+            except Exception as e:  # noqa: BLE001 - the thread is gone (shutdown)
+                out = e
+            tokens = out.tokens if isinstance(out, JobOutput) else [[] for _ in w.job.seeds]
+            w.queue.put_nowait(StepItem([list(t) for t in tokens], out))

@@ -1,0 +1,399 @@
+"""A decode batch that rows join and leave between steps: the engine side of continuous batching.
+
+:class:`DecodeBatch` holds one KV cache for every row that is generating. Each :meth:`DecodeBatch.step`:
+
+1. drops the rows that ended since the last step from the batch and its cache (compaction), and trims cache columns
+   that are padding in every remaining row;
+2. feeds each running row its last sampled token (one batched forward);
+3. prefills the rows added since the last step in a batch of their own (left-padded) and merges their cache into
+   the running one: the shorter of the two is left-padded along the sequence (zero keys / values, mask 0), so a
+   newcomer whose prompt is longer than the running cache pads the existing rows, not the other way round;
+4. samples one token per row and applies its stop conditions.
+
+Rows keep their own positions (real tokens only, ``cumsum(mask) - 1`` at prefill, then +1 per step) and their own
+attention mask, exactly as :class:`rlchat.generation.GenerationStream` does for a left-padded batch, so a row's
+logits do not depend on what it is batched with (up to float noise of batched matmuls).
+
+Each row has its own :class:`~rlchat.generation.SamplingParams`: logits are computed for the whole batch; the
+per-row processing (repetition penalty, presence / frequency penalties, logit bias, min-tokens masking, top
+log-probs) is applied row by row where a row asks for it, then rows are sampled in groups of equal sampling settings
+(greedy / temperature / top-k / top-p). Random numbers are the engine's counter-based ones,
+``row_uniforms(seed_keys([seed]), row_step)``, with the row's own step count, so a seeded row samples exactly what
+it samples alone, whenever it joined. The processing mirrors ``GenerationStream._sample`` / ``_pick`` / ``_record``
+operation for operation (same tensors, same order); ``tests/test_serve_batching.py`` checks the equality.
+
+Beam search is not handled here (its beams share one step count and reorder the cache every step): the scheduler
+runs it whole through :meth:`GenerationEngine.generate` on its own thread.
+
+No Ray import here; one :class:`DecodeBatch` is used from one thread at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlchat.errors import ConfigError
+from rlchat.generation import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    GenerationEngine,
+    SamplingParams,
+    _inverse_cdf,
+    _left_pad,
+    _StopStrings,
+    row_uniforms,
+    seed_keys,
+)
+
+
+@dataclass
+class RowStep:
+    """What one row did in one :meth:`DecodeBatch.step`.
+
+    Attributes:
+        handle: the row's handle (from :meth:`DecodeBatch.add`).
+        token: the token generated (a stop token included).
+        logprob: its log-prob under the distribution sampled from (as ``GenerationResult.logprobs``).
+        alternative: with ``top_logprobs >= 0``: ``(chosen log-prob, top ids, top log-probs)`` as in
+            :attr:`rlchat.generation.StepOutput.alternatives`; else None.
+        reason: ``"stop"`` / ``"length"`` if the row ended with this token, else None.
+    """
+
+    handle: int
+    token: int
+    logprob: float
+    alternative: tuple[float, list[int], list[float]] | None
+    reason: str | None
+
+
+class _Settings:
+    """What a :class:`SamplingParams` needs at every step, built once per distinct settings."""
+
+    def __init__(self, engine: GenerationEngine, params: SamplingParams) -> None:
+        tok, dev, v = engine.tokenizer, engine.device, engine.vocab_size
+        stops = sorted({tok.eot_id, *params.stop_token_ids})
+        self.stop_ids = frozenset(stops)
+        self.stop_ids_t = torch.tensor(stops, dtype=torch.long, device=dev)
+        self.stop_strings = _StopStrings(tok, params.stop_strings) if params.stop_strings else None
+        self.bias: torch.Tensor | None = None
+        if params.logit_bias:
+            self.bias = torch.zeros(v, dtype=torch.float32, device=dev)
+            for tid, bias in params.logit_bias:
+                if not 0 <= tid < v:
+                    raise ConfigError(
+                        f"SamplingParams.logit_bias: token id {tid} is outside the vocabulary (0..{v - 1}); "
+                        "use ids from the model's tokenizer"
+                    )
+                self.bias[tid] = bias
+        self.penalties = bool(params.presence_penalty or params.frequency_penalty)
+        # rows sampled together: settings that change how a row's processed logits become a token
+        self.pick_key = (params.greedy, params.temperature, params.top_k, params.top_p)
+
+
+class _Row:
+    """One generating row: its settings, random key, step count, stop state and penalty state."""
+
+    def __init__(
+        self, handle: int, prompt: Sequence[int], params: SamplingParams, settings: _Settings, seed: int, budget: int
+    ) -> None:
+        self.handle = handle
+        self.prompt = prompt
+        self.params = params
+        self.settings = settings
+        self.key = seed_keys([seed])[0]
+        self.budget = budget
+        self.step = 0
+        self.tail = b""
+        self.reason: str | None = None
+        self.pending: int | None = None  # the token to feed at the next step
+        self.seen: list[int] | None = list(prompt) if params.repetition_penalty != 1.0 else None
+        self.counts: torch.Tensor | None = None  # (V,) tokens generated so far, for presence / frequency penalties
+
+
+class DecodeBatch:
+    """Rows with their own prompts, settings and seeds, decoded together one token per :meth:`step`.
+
+    Args:
+        engine: the generation engine (its model, tokenizer and position limit).
+    """
+
+    def __init__(self, engine: GenerationEngine) -> None:
+        self.engine = engine
+        self._dec = engine._decoder()  # noqa: SLF001 - the engine's own plumbing: same head, precision, cache
+        self._device = engine.device
+        self._pad = engine.tokenizer.pad_id
+        self._settings: dict[SamplingParams, _Settings] = {}
+        self._rows: list[_Row] = []  # batch order = the cache's batch dimension
+        self._new: list[_Row] = []  # added, not prefilled yet
+        self._by_handle: dict[int, _Row] = {}
+        self._next_handle = 0
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # (B, L) attention mask over the cache's columns
+        self._pos: torch.Tensor | None = None  # (B, 1) position of each row's next token
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def rows(self) -> int:
+        """Rows still generating (prefilled or waiting for their prefill at the next step)."""
+        return sum(r.reason is None for r in self._rows) + sum(r.reason is None for r in self._new)
+
+    @property
+    def cache_length(self) -> int:
+        """Columns of the shared KV cache (longest live prompt + its tokens, plus padding not trimmed yet)."""
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def add(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]) -> list[int]:
+        """Queue rows for the next step (their prefill runs there); returns one handle per row.
+
+        Raises:
+            ConfigError: an empty prompt, an id outside the vocabulary, a prompt that fills the model's positions,
+                beam search, a logit bias outside the vocabulary, or a seed count that does not match. Nothing is
+                added then.
+        """
+        if params.num_beams > 1:
+            raise ConfigError(
+                f"SamplingParams.num_beams={params.num_beams}: a decode batch samples one token per row; "
+                "run beam search with GenerationEngine.generate"
+            )
+        if len(seeds) != len(prompts):
+            raise ConfigError(f"seeds has {len(seeds)} entries: expected one per prompt ({len(prompts)})")
+        if not prompts:
+            return []
+        self.engine._check_prompts(prompts, params, cap_at_limit=True)  # noqa: SLF001 - same rules as steps()
+        settings = self._settings.get(params)
+        if settings is None:
+            settings = self._settings[params] = _Settings(self.engine, params)
+        budgets = self.engine.row_budgets(prompts, params)
+        handles = []
+        for prompt, seed, budget in zip(prompts, seeds, budgets.tolist()):
+            row = _Row(self._next_handle, list(prompt), params, settings, int(seed), int(budget))
+            if settings.penalties:
+                row.counts = torch.zeros(self.engine.vocab_size, dtype=torch.float32, device=self._device)
+            self._next_handle += 1
+            self._new.append(row)
+            self._by_handle[row.handle] = row
+            handles.append(row.handle)
+        return handles
+
+    def finish(self, handles: Sequence[int], reason: str = FINISH_STOP) -> None:
+        """End rows now (they generate nothing more and leave the batch at the next step); ended rows are skipped."""
+        for h in handles:
+            row = self._by_handle.get(int(h))
+            if row is not None and row.reason is None:
+                row.reason = reason
+
+    def step(self) -> list[RowStep]:
+        """One token for every live row (the rows added since the last step included).
+
+        Returns:
+            One :class:`RowStep` per row that generated a token, in batch order.
+        """
+        with torch.no_grad():
+            self._compact()
+            h_old = self._feed()
+            h_new = self._prefill()
+            parts = [h for h in (h_old, h_new) if h is not None]
+            if not parts:
+                return []
+            h = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, H) in batch order
+            return self._sample_and_record(h)
+
+    # ---------------------------------------------------------------- internals
+    def _compact(self) -> None:
+        """1. Drop ended rows (batch and cache), then cache columns that are padding in every row."""
+        for row in self._new:
+            if row.reason is not None:
+                self._by_handle.pop(row.handle, None)
+        self._new = [r for r in self._new if r.reason is None]
+        live = [i for i, r in enumerate(self._rows) if r.reason is None]
+        if len(live) == len(self._rows):
+            return
+        for r in self._rows:
+            if r.reason is not None:
+                self._by_handle.pop(r.handle, None)
+        if not live:
+            self._rows, self._cache, self._mask, self._pos = [], None, None, None
+            return
+        idx = torch.tensor(live, dtype=torch.long, device=self._device)
+        self._cache.reorder_cache(idx)
+        self._rows = [self._rows[i] for i in live]
+        self._mask = self._mask.index_select(0, idx)
+        self._pos = self._pos.index_select(0, idx)
+        used = torch.nonzero(self._mask.any(0)).flatten()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:  # the rows that needed these columns have left
+            self._mask = self._mask[:, first:]
+            _map_kv(self._cache, lambda t: t[:, :, first:])
+
+    def _feed(self) -> torch.Tensor | None:
+        """2. The running rows' last tokens through the model: their (B, H) hidden states (None if none)."""
+        if not self._rows:
+            return None
+        pending = torch.tensor([r.pending for r in self._rows], dtype=torch.long, device=self._device)
+        ones = torch.ones(len(self._rows), 1, dtype=self._mask.dtype, device=self._device)
+        self._mask = torch.cat([self._mask, ones], 1)
+        h = self._dec.forward(pending[:, None], self._mask, self._pos, self._cache)
+        self._pos += 1
+        return h
+
+    def _prefill(self) -> torch.Tensor | None:
+        """3. Prefill the new rows (their own left-padded batch) and merge them into the running batch."""
+        if not self._new:
+            return None
+        new, self._new = self._new, []
+        ids, mask = _left_pad([r.prompt for r in new], self._pad, 0)
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        cache = self._dec.new_cache()
+        pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+        h = self._dec.forward(ids, mask, pos, cache)
+        new_pos = torch.tensor([len(r.prompt) for r in new], dtype=torch.long, device=self._device)[:, None]
+        if not self._rows:
+            self._cache, self._mask, self._pos = cache, mask, new_pos
+        else:
+            old_len, new_len = self._mask.shape[1], mask.shape[1]
+            width = max(old_len, new_len)
+            self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], 0)
+            _merge_kv(self._cache, cache, width)
+            self._pos = torch.cat([self._pos, new_pos], 0)
+        self._rows.extend(new)
+        return h
+
+    def _sample_and_record(self, h: torch.Tensor) -> list[RowStep]:
+        """4. Per-row logit processing, sampling per settings group, then each row's stop conditions."""
+        rows = self._rows
+        z = self._dec.logits(h)  # (B, V) fp32
+        # a. per-row processing, as GenerationStream._sample does it for a batch of one setting
+        alts: dict[int, tuple[float, list[int], list[float]]] = {}
+        tops: dict[int, tuple[torch.Tensor, list[int], list[float]]] = {}
+        for i, r in enumerate(rows):
+            p, s = r.params, r.settings
+            zi = z[i]
+            if r.seen is not None:
+                hist = torch.tensor(r.seen, dtype=torch.long, device=self._device)
+                g = zi.gather(0, hist)
+                zi.scatter_(0, hist, torch.where(g > 0, g / p.repetition_penalty, g * p.repetition_penalty))
+            if r.counts is not None:  # OpenAI's penalties: mu -= c * frequency + (c > 0) * presence
+                zi.sub_(r.counts * p.frequency_penalty + (r.counts > 0).float() * p.presence_penalty)
+            if s.bias is not None:
+                zi.add_(s.bias)
+            if r.step < p.min_new_tokens:
+                zi.index_fill_(0, s.stop_ids_t, float("-inf"))
+            if p.top_logprobs >= 0:  # the processed distribution (temperature applied; 0 = greedy reads as 1)
+                full = torch.log_softmax(zi[None] / (p.temperature if p.temperature > 0 else 1.0), -1)  # (1, V)
+                k = min(p.top_logprobs, full.shape[1])
+                top_v, top_i = full.topk(k, dim=-1) if k else (full[:, :0], full[:, :0].long())
+                tops[i] = (full[0], top_i[0].tolist(), top_v[0].tolist())
+        # b. sampling, one group per distinct (greedy, temperature, top_k, top_p)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.settings.pick_key, []).append(i)
+        toks = torch.empty(len(rows), dtype=torch.long, device=self._device)
+        lps = torch.empty(len(rows), dtype=torch.float32, device=self._device)
+        for idx in groups.values():
+            whole = len(idx) == len(rows)
+            zg = z if whole else z[torch.tensor(idx, device=self._device)]
+            t, lp = self._pick(zg, [rows[i] for i in idx])
+            if whole:
+                toks, lps = t, lp
+            else:
+                sel = torch.tensor(idx, device=self._device)
+                toks[sel], lps[sel] = t, lp
+        for i, (full, ti, tv) in tops.items():
+            alts[i] = (float(full[toks[i]]), ti, tv)
+        # c. record tokens and stop conditions (stop token / stop string first, then budget or position limit)
+        out = []
+        toks_l, lps_l = toks.tolist(), lps.tolist()
+        for i, r in enumerate(rows):
+            t = toks_l[i]
+            r.step += 1
+            reason = None
+            if t in r.settings.stop_ids:
+                reason = FINISH_STOP
+            ss = r.settings.stop_strings
+            if ss is not None:
+                r.tail, hit = ss.push(r.tail, t)
+                if hit and r.step > r.params.min_new_tokens:
+                    reason = FINISH_STOP
+            if reason is None and r.step >= r.budget:
+                reason = FINISH_LENGTH
+            if r.counts is not None:
+                r.counts[t] += 1.0
+            if r.seen is not None:
+                r.seen.append(t)
+            r.pending = t
+            r.reason = reason
+            out.append(RowStep(r.handle, t, lps_l[i], alts.get(i), reason))
+        return out
+
+    def _pick(self, z: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy / top-k / top-p / plain sampling of rows with the same settings (``GenerationStream._pick``)."""
+        p = rows[0].params
+        if p.greedy:
+            tok = z.argmax(-1)
+            lp = z.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(z, -1)
+            return tok, lp
+        if p.temperature != 1.0:
+            z.div_(p.temperature)
+        u = torch.from_numpy(_uniforms(rows)).to(self._device)[:, None]  # (n, 1)
+        if 0 < p.top_k < z.shape[1]:
+            vals, idx = z.topk(p.top_k, dim=-1)
+            j, lp = _inverse_cdf(vals, u, p.top_p, sorted_desc=True)
+            return idx.gather(1, j).squeeze(1), lp
+        if p.top_p < 1.0:
+            vals, idx = z.sort(dim=-1, descending=True)
+            j, lp = _inverse_cdf(vals, u, p.top_p, sorted_desc=True)
+            return idx.gather(1, j).squeeze(1), lp
+        j, lp = _inverse_cdf(z, u, 1.0, sorted_desc=False)
+        return j.squeeze(1), lp
+
+
+def _uniforms(rows: Sequence[_Row]) -> np.ndarray:
+    """(n,) float32 uniforms: each row's own ``row_uniforms(key, step)`` (rows that joined at other times differ in
+    step, so rows are drawn in groups of equal step)."""
+    keys = np.array([r.key for r in rows], dtype=np.uint64)
+    steps = np.array([r.step for r in rows])
+    out = np.empty(len(rows), dtype=np.float32)
+    for s in np.unique(steps).tolist():
+        sel = steps == s
+        out[sel] = row_uniforms(keys[sel], int(s))
+    return out
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``x`` left-padded with zeros along ``dim`` to ``width``."""
+    extra = width - x.shape[dim]
+    if extra <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x.new_zeros(shape), x], dim)
+
+
+def _layers(cache: Any) -> list[Any]:
+    """The per-layer key / value holders of a ``transformers`` ``DynamicCache`` (``layers[i].keys / .values``)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        raise RuntimeError(
+            f"continuous batching needs a DynamicCache with per-layer keys / values (transformers >= 4.56); got "
+            f"{type(cache).__name__}; upgrade transformers or set serve.max_batch_size=1"
+        )
+    return list(layers)
+
+
+def _map_kv(cache: Any, fn: Any) -> None:
+    """Apply ``fn`` to every layer's (B, heads, L, d) keys and values."""
+    for layer in _layers(cache):
+        if getattr(layer, "is_initialized", True) and layer.keys is not None and layer.keys.numel():
+            layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+
+
+def _merge_kv(cache: Any, new: Any, width: int) -> None:
+    """Append ``new``'s rows to ``cache``'s along the batch, both left-padded to ``width`` columns."""
+    for layer, other in zip(_layers(cache), _layers(new)):
+        layer.keys = torch.cat([_pad_left(layer.keys, width, 2), _pad_left(other.keys, width, 2)], 0)
+        layer.values = torch.cat([_pad_left(layer.values, width, 2), _pad_left(other.values, width, 2)], 0)

@@ -1,0 +1,306 @@
+"""Continuous batching (serve/batching.py, serve/decode_batch.py) on a tiny model: no Ray, no HTTP.
+
+Rows join a running decode batch and leave it; a seeded reply equals the same request run alone whenever it
+joined and whatever it shared the batch with; control, deadlines and beam search never hold up other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from rlchat.config import Config
+from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
+from rlchat.model import PolicyValueModel
+from rlchat.tokenizer import ChatTokenizer
+from serve.batching import Batcher, BatchRun, DeadlineExceeded, GenerationJob, JobOutput, StepItem
+from serve.decode_batch import DecodeBatch
+
+VOCAB = 4096
+
+
+@pytest.fixture(scope="module")
+def tok() -> ChatTokenizer:
+    return ChatTokenizer("cl100k_base", VOCAB)
+
+
+@pytest.fixture(scope="module")
+def engine(tok) -> GenerationEngine:
+    sizes = {"tokenizer.vocab_size": VOCAB, "model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2}
+    cfg = Config().replace(**sizes, **{"model.n_positions": 128})
+    return GenerationEngine(PolicyValueModel.build(cfg, tok).eval(), tok, precision="fp32")
+
+
+def _prompt(tok, text: str) -> tuple[int, ...]:
+    return tuple(tok.render_prompt([{"role": "user", "content": text}]))
+
+
+def _solo(engine: GenerationEngine, job: GenerationJob) -> tuple[list[list[int]], list[str], list | None]:
+    """The job's tokens, finish reasons and log-prob entries when it runs alone, through the engine's own stream."""
+    stream = engine.steps([list(job.prompt)] * len(job.seeds), job.params, list(job.seeds))
+    alts: list[list] = [[] for _ in job.seeds]
+    for out in stream:
+        if out.alternatives is not None:
+            for r, a in enumerate(out.alternatives):
+                if a is not None:
+                    alts[r].append(a)
+    res = stream.result()
+    return res.tokens, res.finish_reasons, (alts if job.params.top_logprobs >= 0 else None)
+
+
+def _drive(run: BatchRun, arrivals: dict[int, list[GenerationJob]]) -> tuple[dict[int, JobOutput], dict, dict]:
+    """Step ``run`` to completion, adding ``arrivals[s]`` before step s; results and first / last step per job."""
+    results: dict[int, JobOutput] = {}
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    step = 0
+    while step in arrivals or run.live_jobs or any(s > step for s in arrivals):
+        for job in arrivals.get(step, []):
+            run.add(job)
+        step += 1
+        for jid, item in run.step_items().items():
+            if any(item.tokens):
+                first.setdefault(jid, step)
+            if item.done is not None:
+                assert isinstance(item.done, JobOutput), item.done
+                results[jid], last[jid] = item.done, step
+    return results, first, last
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Joining, leaving, equality with a solo run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_job_added_mid_generation_joins_before_the_first_one_finishes(engine, tok):
+    a = GenerationJob(_prompt(tok, "first"), SamplingParams(max_new_tokens=12, temperature=1.0), (1,))
+    b = GenerationJob(_prompt(tok, "second, a bit later"), SamplingParams(max_new_tokens=4, temperature=1.0), (2,))
+    results, first, last = _drive(BatchRun(engine, keep_history=False), {0: [a], 3: [b]})
+    assert first[1] == 4  # b's first token came at the very next step after it arrived
+    assert first[1] < last[0] and last[1] < last[0]  # the steps overlapped: b ran and finished inside a's run
+    assert len(results[0].tokens[0]) == 12 and len(results[1].tokens[0]) == 4
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
+def test_replies_equal_solo_runs_for_prompts_of_any_length_joining_at_any_step(engine, tok, temperature):
+    texts = ["hi", "a much longer question that makes the prompt longer than the running cache " * 2, "mid size?"]
+    params = [SamplingParams(max_new_tokens=n, temperature=temperature) for n in (20, 9, 14)]
+    jobs = [GenerationJob(_prompt(tok, t), p, (100 + i, 200 + i)) for i, (t, p) in enumerate(zip(texts, params))]
+    # job 1's prompt is longer than the cache when it joins (the running rows get left-padded); job 2's is shorter
+    assert len(jobs[1].prompt) > len(jobs[0].prompt) + 3 > len(jobs[2].prompt)
+    results, _, _ = _drive(BatchRun(engine, keep_history=False), {0: [jobs[0]], 3: [jobs[1]], 5: [jobs[2]]})
+    for jid, job in enumerate(jobs):
+        tokens, reasons, _ = _solo(engine, job)
+        assert results[jid].tokens == tokens, f"job {jid}"
+        assert results[jid].finish_reasons == reasons
+
+
+def test_rows_with_different_settings_share_the_batch_and_keep_their_own_processing(engine, tok):
+    """Penalties, logit bias, min tokens, top-k / top-p, stop ids and top log-probs are per row."""
+    p = _prompt(tok, "tell me a story")
+    stop = tok.encode(" the")[0]
+    settings = [
+        SamplingParams(max_new_tokens=10, temperature=0.8, top_k=20, repetition_penalty=1.3),
+        SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, presence_penalty=1.5, frequency_penalty=0.5),
+        SamplingParams(max_new_tokens=10, temperature=0.0, logit_bias=((stop, 6.0),), stop_token_ids=(stop,)),
+        SamplingParams(max_new_tokens=10, temperature=0.0, logit_bias=((stop, 6.0),), stop_token_ids=(stop,),
+                       min_new_tokens=3),
+        SamplingParams(max_new_tokens=10, temperature=1.0, top_logprobs=3),
+        SamplingParams(max_new_tokens=10, temperature=1.0, stop_strings=("e",)),
+    ]  # fmt: skip
+    jobs = [GenerationJob(p[: len(p) - i], s, (7 + i,)) for i, s in enumerate(settings)]
+    results, _, _ = _drive(BatchRun(engine, keep_history=False), {0: jobs[:3], 2: jobs[3:]})
+    for jid, job in enumerate(jobs):
+        tokens, reasons, alts = _solo(engine, job)
+        assert results[jid].tokens == tokens, f"job {jid}"
+        assert results[jid].finish_reasons == reasons
+        if alts is not None:  # (chosen log-prob, top ids, top log-probs) per token
+            got = results[jid].alternatives[0]
+            assert [a[1] for a in got] == [a[1] for a in alts[0]]
+            flat = [x for a in got for x in (a[0], *a[2])]
+            assert flat == pytest.approx([x for a in alts[0] for x in (a[0], *a[2])], abs=1e-5)
+    assert results[2].finish_reasons == [FINISH_STOP] and results[2].tokens[0] == [stop]  # the bias made it stop
+    assert len(results[3].tokens[0]) == 4 and results[3].tokens[0][-1] == stop  # ... but not before 3 tokens
+
+
+def test_rows_leave_and_the_batch_and_cache_compact(engine, tok):
+    batch = DecodeBatch(engine)
+    long_prompt = _prompt(tok, "a long prompt " * 6)
+    short_prompt = _prompt(tok, "short")
+    (h_long,) = batch.add([long_prompt], SamplingParams(max_new_tokens=2, temperature=1.0), [1])
+    h_short = batch.add([short_prompt] * 2, SamplingParams(max_new_tokens=6, temperature=1.0), [2, 3])
+    batch.step()
+    assert batch.rows == 3 and batch.cache_length == len(long_prompt)
+    outs = batch.step()
+    assert [o.reason for o in outs if o.handle == h_long] == [FINISH_LENGTH]
+    batch.finish([h_short[1]])
+    outs = batch.step()  # the long row and the finished short row left; padding only they needed is trimmed
+    assert [o.handle for o in outs] == [h_short[0]]
+    assert batch.rows == 1 and batch.cache_length == len(short_prompt) + 2
+
+
+def test_a_bad_job_fails_alone(engine, tok):
+    good = GenerationJob(_prompt(tok, "fine"), SamplingParams(max_new_tokens=3, temperature=1.0), (1,))
+    too_long = GenerationJob(tuple([5] * 200), SamplingParams(max_new_tokens=3), (2,))
+    bad_bias = GenerationJob(_prompt(tok, "x"), SamplingParams(max_new_tokens=3, logit_bias=((VOCAB + 5, 1.0),)), (3,))
+    run = BatchRun(engine, [good, too_long, bad_bias])
+    items = run.step()
+    assert isinstance(items[1].done, Exception) and "positions" in str(items[1].done)
+    assert isinstance(items[2].done, Exception) and "logit_bias" in str(items[2].done)
+    while (items := run.step()) is not None:
+        pass
+    assert len(run.tokens[0][0]) == 3 and run.reasons[0] == [FINISH_LENGTH]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Control and deadlines
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_job_whose_every_choice_is_finished_leaves_at_the_next_step(engine, tok):
+    keep = GenerationJob(_prompt(tok, "keep"), SamplingParams(max_new_tokens=8, temperature=1.0), (1,))
+    gone = GenerationJob(_prompt(tok, "gone"), SamplingParams(max_new_tokens=8, temperature=1.0), (2, 3))
+    run = BatchRun(engine, [keep, gone], keep_history=False)
+    run.step_items()
+    run.step_items()
+    gone.control.finish.update({0, 1})  # the client went away
+    items = run.step_items()
+    assert items[1].tokens == [[], []] and items[1].done.finish_reasons == [FINISH_STOP, FINISH_STOP]
+    assert [len(t) for t in items[1].done.tokens] == [2, 2]
+    assert run.active_rows == 1 and run.last_rows == 1  # only the other job's row was decoded
+
+
+def test_a_running_job_ends_with_length_at_its_deadline(engine, tok):
+    job = GenerationJob(_prompt(tok, "late"), SamplingParams(max_new_tokens=50, temperature=1.0), (1,), deadline=100.0)
+    run = BatchRun(engine, [job], keep_history=False)
+    for _ in range(3):
+        assert run.step_items(now=99.0)[0].done is None
+    done = run.step_items(now=100.0)[0].done
+    assert isinstance(done, JobOutput) and done.finish_reasons == [FINISH_LENGTH] and len(done.tokens[0]) == 3
+
+
+async def _collect(batcher: Batcher, job: GenerationJob, log: list | None = None, tag: str = "") -> StepItem:
+    async for item in batcher.submit(job):
+        if log is not None:
+            log.append((tag, item))
+        if item.done is not None:
+            return item
+    raise AssertionError("no result")
+
+
+def test_batcher_queued_jobs_meet_deadline_and_cancellation_and_report_depth(engine, tok):
+    class Observer:
+        def __init__(self) -> None:
+            self.steps: list[tuple[int, int]] = []
+            self.admits: list[int] = []
+
+        def on_step(self, rows: int, queued: int, seconds: float) -> None:
+            assert seconds >= 0
+            self.steps.append((rows, queued))
+
+        def on_admit(self, n_jobs: int) -> None:
+            self.admits.append(n_jobs)
+
+    obs = Observer()
+
+    async def main() -> None:
+        batcher = Batcher(engine, max_batch_size=1, batch_wait_timeout_s=0.0, observer=obs)
+        batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
+        batch.step = lambda: (time.sleep(0.005), fast_step())[1]  # a model slow enough to outlast the deadline
+        p = _prompt(tok, "hello")
+        running = GenerationJob(p, SamplingParams(max_new_tokens=100, temperature=1.0), (1,))
+        late = GenerationJob(p, SamplingParams(max_new_tokens=5), (2,), deadline=time.monotonic() + 0.05)
+        cancelled = GenerationJob(p, SamplingParams(max_new_tokens=5), (3,))
+        waits = GenerationJob(p, SamplingParams(max_new_tokens=5), (4,))
+        tasks = [asyncio.create_task(_collect(batcher, j)) for j in (running, late, cancelled, waits)]
+        await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 3 and batcher.active_rows == 1
+        cancelled.control.finish.add(0)
+        await asyncio.sleep(0.1)
+        running.control.finish.add(0)  # let the rest through
+        r_running, r_late, r_cancelled, r_waits = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        assert isinstance(r_late.done, DeadlineExceeded)
+        assert r_cancelled.done.tokens == [[]]  # dropped from the queue without generating
+        assert isinstance(r_waits.done, JobOutput) and len(r_waits.done.tokens[0]) == 5
+        assert batcher.queue_depth == 0 and batcher.active_rows == 0
+        assert batcher.stats.largest == 1 and batcher.stats.batches == len(obs.steps)
+
+    asyncio.run(main())
+    assert obs.admits == [1, 1] and all(rows == 1 for rows, _ in obs.steps)
+    assert obs.steps[0][1] == 3  # three jobs were waiting behind the first
+
+
+def test_batcher_caller_that_stops_iterating_ends_its_rows(engine, tok):
+    async def main() -> None:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        job = GenerationJob(_prompt(tok, "bye"), SamplingParams(max_new_tokens=100, temperature=1.0), (1,))
+        agen = batcher.submit(job)
+        await agen.__anext__()
+        await agen.aclose()  # what a cancelled request handler does
+        assert job.control.finish == {0}
+        for _ in range(100):
+            if batcher.active_rows == 0 and batcher._runner.done():  # noqa: SLF001
+                break
+            await asyncio.sleep(0.01)
+        assert batcher.active_rows == 0 and batcher.stats.rows < 10
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Continuous batching and beam search through the Batcher
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_batcher_admits_arrivals_into_the_running_batch_with_unchanged_replies(engine, tok):
+    log: list[tuple[str, StepItem]] = []
+    a = GenerationJob(_prompt(tok, "first one"), SamplingParams(max_new_tokens=24, temperature=1.0), (11,))
+    b = GenerationJob(_prompt(tok, "the second, longer request"), SamplingParams(max_new_tokens=6), (12,))
+
+    async def main() -> tuple[StepItem, StepItem]:
+        batcher = Batcher(engine, max_batch_size=8, batch_wait_timeout_s=0.0)
+        ta = asyncio.create_task(_collect(batcher, a, log, "a"))
+        while sum(tag == "a" for tag, _ in log) < 3:
+            await asyncio.sleep(0.001)
+        rb = await _collect(batcher, b, log, "b")
+        return await ta, rb
+
+    ra, rb = asyncio.run(main())
+    order = [tag for tag, item in log if item.done is not None]
+    assert order == ["b", "a"]  # b joined the running batch and finished inside a's run
+    assert ra.done.tokens == _solo(engine, a)[0] and rb.done.tokens == _solo(engine, b)[0]
+
+
+def test_a_beam_search_does_not_stall_the_decode_batch(engine, tok, monkeypatch):
+    """The beam job is held inside its search until the sampled stream has finished: only possible if the stream
+    keeps stepping on the generation thread while the beam thread is busy."""
+    release = threading.Event()
+    started = threading.Event()
+    real_generate = engine.generate
+
+    def slow_generate(prompts, params, seeds=None):
+        if params.num_beams > 1:
+            started.set()
+            assert release.wait(60), "the stream never finished while the beam search ran"
+        return real_generate(prompts, params, seeds)
+
+    monkeypatch.setattr(engine, "generate", slow_generate)
+    beam = GenerationJob(_prompt(tok, "beam"), SamplingParams(max_new_tokens=6, num_beams=3), (1,))
+    stream = GenerationJob(_prompt(tok, "stream"), SamplingParams(max_new_tokens=16, temperature=1.0), (2,))
+
+    async def main() -> tuple[StepItem, StepItem]:
+        batcher = Batcher(engine, max_batch_size=8, batch_wait_timeout_s=0.0)
+        tb = asyncio.create_task(_collect(batcher, beam))
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        rs = await asyncio.wait_for(_collect(batcher, stream), 60)
+        release.set()
+        return await asyncio.wait_for(tb, 60), rs
+
+    rb, rs = asyncio.run(main())
+    assert isinstance(rs.done, JobOutput) and len(rs.done.tokens[0]) == 16
+    monkeypatch.setattr(engine, "generate", real_generate)
+    assert rb.done.tokens == engine.generate([list(beam.prompt)], beam.params, [1]).tokens
