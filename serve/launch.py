@@ -9,7 +9,7 @@ from ray import serve as ray_serve
 
 from rlchat.feedback_store import display_url
 from serve.app import ChatServer
-from serve.settings import APP_NAME, deployment_options, exposure_warning, resolve_settings
+from serve.settings import APP_NAME, deployment_options, exposure_warning, resolve_settings, ship_checkpoints
 
 
 def serve_command(
@@ -23,9 +23,13 @@ def serve_command(
     api_key_file: str | None = None,
     address: str | None = None,
     blocking: bool = True,
+    follow: bool = False,
     **_: Any,
 ) -> int:
     """``rlchat serve``: deploy a checkpoint (or a run's best) and print how to talk to it.
+
+    With ``follow`` (``--from-run RUN --follow``) the replicas watch the run's best checkpoint and swap to each new
+    one while the run trains (``serve.follow_interval_s``).
 
     Returns:
         0 after Ctrl-C (blocking) or once deployed (``--no-blocking``, the app keeps running on the cluster).
@@ -45,9 +49,20 @@ def serve_command(
         args["api_key_file"] = api_key_file
     if replicas is not None:
         args["replicas"] = replicas
+    if follow:
+        args["follow"] = True
     settings = resolve_settings(args)
     s = settings.config.serve
     init_ray(address, settings.config.ray.num_cpus)
+    settings = ship_checkpoints(settings)  # the object store needs Ray
+    shipped = settings.shipped is not None or any(v.shipped is not None for v in settings.versions)
+    if shipped and not blocking:
+        print(
+            "warning: the checkpoint is shipped to the replicas through Ray's object store, which keeps it only while "
+            "this process runs; with --no-blocking a replica that restarts later cannot load it. Put it on shared "
+            "storage or give a URI (docs/serving.md, multi-node)",
+            flush=True,
+        )
     try:
         ray_serve.start(http_options={"host": s.host, "port": s.port})
         app = ChatServer.options(**deployment_options(settings)).bind(settings)
@@ -59,6 +74,12 @@ def serve_command(
         auth = ' -H "Authorization: Bearer $RLCHAT_API_KEY"' if s.api_key else ""
         body = f'{{"model": "{settings.model_name}", "messages": [{{"role": "user", "content": "hi"}}]}}'
         print(f"serving {settings.checkpoint} as model {settings.model_name!r} at {url}")
+        for v in settings.versions:
+            print(f"  version {v.name!r}: {v.checkpoint} (weight {v.weight:g})")
+        if settings.from_run:
+            print(f"  following {settings.from_run}: new best checkpoints are served within {s.follow_interval_s:g} s")
+        if s.num_gpus:
+            print(f"  GPUs per replica: {s.num_gpus:g}")
         print(f"  web chat:      {url}/")
         print(f"  terminal chat: rlchat chat {url}" + (" --api-key $RLCHAT_API_KEY" if s.api_key else ""))
         print(f"  curl:          curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'")

@@ -681,6 +681,10 @@ class ModelCard(BaseModel):
     """Most characters a request's messages may hold (``serve.max_chars``)."""
     max_tokens: int | None = None
     """Largest ``max_tokens`` a request may ask for (``serve.max_tokens``)."""
+    parent: str | None = None
+    """On a version's card: the app's model name, whose requests are split between versions by ``weight``."""
+    weight: float | None = None
+    """On a version's card: its relative share of requests for ``parent`` (0 = only requests naming it)."""
 
 
 class ModelList(BaseModel):

@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("serve", "serve.launch:serve_command", "serve a checkpoint behind an OpenAI-compatible HTTP API")
     p.add_argument("checkpoint", nargs="?", default=None)
     p.add_argument("--from-run", default=None, metavar="RUN_DIR", help="serve this run's best checkpoint")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="with --from-run: swap to each new best checkpoint while the run trains (serve.follow_interval_s)",
+    )
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--host", default=None)
     p.add_argument("--replicas", type=int, default=None)

@@ -413,6 +413,20 @@ class ServeConfig:
     """Label stored with requests and feedback (rlchat feedback stats groups by it); empty = the checkpoint's dir."""
     log_bodies: bool = False
     """Log message bodies (off by default for privacy)."""
+    versions: tuple[dict[str, str], ...] = ()
+    """Checkpoints served side by side: [{name, checkpoint, weight}]; the app's model name splits by weight."""
+    follow: bool = False
+    """With --from-run: swap to each new best checkpoint of the run while it trains (rlchat serve --follow)."""
+    follow_interval_s: float = 5.0
+    """How often a following replica looks for a new best checkpoint."""
+    num_gpus: float = 0.0
+    """GPUs per replica (the model then runs on CUDA; model.precision auto = bf16)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per replica, e.g. {serve: 1} to place replicas on nodes that have it."""
+    ship_checkpoint: Literal["auto", "always", "never"] = "auto"
+    """Ship local checkpoints to replicas through Ray's object store: auto = when the cluster has several nodes."""
+    checkpoint_cache: str = ""
+    """Node-local directory for checkpoints copied from URIs or shipped; empty = <tmp>/rlchat-checkpoints."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,653 @@
+"""The models a replica serves: named versions (each a checkpoint with its own engine and scheduler), the traffic
+split between them, live swaps, and getting a checkpoint onto the replica's node.
+
+A replica holds a :class:`ModelSet`. With ``serve.versions`` (or a deployment ``user_config``) it serves several
+checkpoints side by side::
+
+    versions: [{name: stable, checkpoint: /runs/a/checkpoints/step_000200, weight: 90},
+               {name: canary, checkpoint: s3://bucket/runs/b/step_000300, weight: 10}]
+
+A request whose ``model`` names a version gets that version; the app's model name (``model_name``, the alias) or no
+``model`` picks one by the weights, with a smooth weighted round-robin (nginx's): over any N alias requests each
+version gets its share to within one request, with no randomness to make a 90/10 canary look like 85/15. Without
+versions the replica serves one version named after the alias, exactly as before.
+
+Changing versions in place (``ChatServer.reconfigure``, from a ``serve deploy`` that changes only the deployment's
+``user_config``, and ``--follow``) never drops a request: new and changed versions load first, on a loader thread
+(the event loop keeps serving); then the routing table and weights swap in one step; a version that left the table
+drains -- requests already running finish on the engine they started with -- and is closed once it is idle.
+
+How a request is bound to its version without threading it through every helper: :meth:`ChatServer._check_model`
+stores the chosen :class:`ServedVersion` in a context variable (:func:`use_version`), and the replica's ``engine``,
+``tokenizer``, ``batcher`` and ``stats`` resolve through it (:func:`current_version`). An asyncio task (the request)
+and the tasks it starts (an SSE stream's sender) carry their own copy of the context, so a request never sees a
+version chosen by another one, and a swap in the middle of a request does not move it.
+
+Where a checkpoint comes from (:func:`fetch_checkpoint`), in this order:
+
+1. a URI that ``pyarrow.fs`` understands (``s3://``, ``gs://``, ``hdfs://``, ``file://``, ...): copied once into the
+   node's cache (``serve.checkpoint_cache``) and loaded from there;
+2. a local path that exists on the replica's node (shared storage, or the driver's own node);
+3. a copy the driver shipped through the object store (:func:`ship_checkpoint`): the driver packs the directory
+   (tar, uncompressed: weights do not compress) and ``ray.put`` s it once; each node unpacks it once into its cache.
+   The object lives as long as the driver process that put it (``rlchat serve``, blocking, or ``serve run``); with
+   ``--no-blocking`` or ``serve deploy`` use shared storage or a URI. The pack is held in the driver's memory and
+   in the object store, so it is limited to :data:`SHIP_MAX_BYTES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlchat.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from rlchat.checkpoint import Checkpoint
+    from rlchat.config import ServeConfig
+    from rlchat.generation import GenerationEngine
+    from rlchat.tokenizer import ChatTokenizer
+    from serve.batching import Batcher, BatchStats, GenerationJob, StepItem
+
+logger = logging.getLogger("ray.serve").getChild("rlchat")
+
+VERSION_HEADER = "X-RLChat-Model"
+"""Response header naming the version that answered (also the body's ``model`` field)."""
+SHIP_MAX_BYTES = 2 * 1024**3
+"""Largest checkpoint directory shipped through the object store (the driver holds the pack in memory)."""
+DRAIN_GRACE_S = 2.0
+"""A removed version is closed no sooner than this after it left the routing table (a request that picked it just
+before the swap may not have reached its scheduler yet) and only once it has no request in flight."""
+DRAIN_TIMEOUT_S = 600.0
+"""A removed version still busy after this long is closed anyway (its stragglers then fail), logged."""
+
+_CURRENT: contextvars.ContextVar[ServedVersion | None] = contextvars.ContextVar("rlchat_served_version", default=None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Version specs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """One served version as configured: a name, where its checkpoint is, and its share of alias traffic.
+
+    Attributes:
+        name: what a request's ``model`` names to get this version.
+        checkpoint: a local directory (absolute) or a ``pyarrow.fs`` URI.
+        weight: relative share of requests for the alias (0 = only explicit requests).
+        shipped: an object-store reference to the packed checkpoint (:func:`ship_checkpoint`), or None.
+    """
+
+    name: str
+    checkpoint: str
+    weight: float = 1.0
+    shipped: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def source(self) -> tuple[str, str]:
+        """What identifies the loaded model: a version whose source is unchanged is not reloaded."""
+        return (self.name, self.checkpoint)
+
+    def as_config(self) -> dict[str, Any]:
+        return {"name": self.name, "checkpoint": self.checkpoint, "weight": self.weight}
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` is a URI (``scheme://...``) rather than a local path."""
+    scheme, sep, _ = str(path).partition("://")
+    return bool(sep) and scheme.isidentifier()
+
+
+def parse_versions(raw: Any, where: str = "serve.versions", alias: str = "") -> tuple[VersionSpec, ...]:
+    """Validate a list of ``{name, checkpoint, weight}`` mappings.
+
+    Args:
+        raw: the list (from the config, builder args or a ``user_config``); None / empty = no versions.
+        where: what to call it in error messages.
+        alias: the app's model name, which a version may not take.
+
+    Raises:
+        ConfigError: not a list of mappings, a missing or unknown key, a duplicate name, a bad weight, weights that
+            are all zero.
+    """
+    if raw is None or raw == [] or raw == ():
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"{where}={raw!r}: expected a list of {{name, checkpoint, weight}} mappings")
+    specs: list[VersionSpec] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}[{i}]={item!r}: expected a mapping {{name: ..., checkpoint: ..., weight: ...}}")
+        unknown = set(item) - {"name", "checkpoint", "weight"}
+        if unknown:
+            raise ConfigError(f"{where}[{i}]: unknown key(s) {sorted(unknown)}; expected name, checkpoint, weight")
+        name, ckpt = str(item.get("name") or ""), str(item.get("checkpoint") or "")
+        if not name or not ckpt:
+            raise ConfigError(
+                f"{where}[{i}]={item!r}: name and checkpoint are required, e.g. {{name: canary, "
+                "checkpoint: runs/b/checkpoints/best, weight: 10}"
+            )
+        if alias and name == alias:
+            raise ConfigError(
+                f"{where}[{i}]: the version name {name!r} is the app's model name, which picks a version by weight; "
+                "name the version differently (e.g. stable, canary)"
+            )
+        try:
+            weight = float(item.get("weight", 1.0))
+        except (TypeError, ValueError):
+            weight = float("nan")
+        if not weight >= 0 or weight == float("inf"):
+            raise ConfigError(f"{where}[{i}] ({name}): weight={item.get('weight')!r}: expected a number >= 0")
+        if any(s.name == name for s in specs):
+            raise ConfigError(f"{where}: the version name {name!r} appears twice; names must be unique")
+        specs.append(VersionSpec(name, ckpt, weight))
+    if sum(s.weight for s in specs) <= 0:
+        raise ConfigError(
+            f"{where}: every weight is 0, so requests for the app's model name have no version to go to; "
+            "give at least one version a weight > 0"
+        )
+    return tuple(specs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints on any node
+# --------------------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "rlchat-checkpoints"
+
+
+def _cache_entry(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir or default_cache_dir()) / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """Move a fully written ``tmp`` directory to ``final`` (another replica on this node may have won the race)."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / "meta.json").is_file():
+            raise
+    return final
+
+
+def _checkpoint_root(directory: Path) -> Path:
+    """The checkpoint inside a copied tree: the directory itself or its single subdirectory holding meta.json."""
+    if (directory / "meta.json").is_file():
+        return directory
+    found = [p.parent for p in directory.rglob("meta.json")]
+    return min(found, key=lambda p: len(p.parts)) if found else directory
+
+
+def fetch_uri(uri: str, cache_dir: str | Path = "") -> Path:
+    """Copy the checkpoint at ``uri`` (any ``pyarrow.fs`` filesystem) into the node's cache, once; its local path.
+
+    Raises:
+        CheckpointError: pyarrow cannot open or copy it.
+    """
+    from pyarrow import fs as pafs
+
+    final = _cache_entry(cache_dir, uri)
+    if (final / "meta.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(path)
+        if info.type != pafs.FileType.Directory:
+            raise CheckpointError(
+                f"{uri}: not a checkpoint directory ({info.type.name.lower()}); point at the "
+                "directory that holds meta.json"
+            )
+        tmp.mkdir()
+        pafs.copy_files(path, str(tmp), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{uri}: cannot copy the checkpoint ({e.__class__.__name__}: {e}); check the URI and "
+            "this node's credentials for that storage"
+        ) from e
+    if not (tmp / "meta.json").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{uri}: no meta.json there; point at a checkpoint directory (runs/<run>/checkpoints/step_XXXXXX)"
+        )
+    return _publish(tmp, final)
+
+
+def pack_checkpoint(directory: str | Path, max_bytes: int = SHIP_MAX_BYTES) -> bytes:
+    """The checkpoint directory as an uncompressed tar in memory.
+
+    Raises:
+        ConfigError: the directory is larger than ``max_bytes``.
+    """
+    directory = Path(directory)
+    size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    if size > max_bytes:
+        raise ConfigError(
+            f"{directory}: {size / 2**20:.0f} MiB is more than the {max_bytes / 2**20:.0f} MiB a checkpoint may be "
+            "to ship through Ray's object store; put it on shared storage or give a URI (s3://, gs://) instead, and "
+            "set serve.ship_checkpoint=never"
+        )
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(directory, arcname="checkpoint")
+    return buf.getvalue()
+
+
+def unpack_checkpoint(data: bytes, key: str, cache_dir: str | Path = "") -> Path:
+    """Unpack a :func:`pack_checkpoint` tar into the node's cache under ``key`` (once per node); its path."""
+    final = _cache_entry(cache_dir, f"shipped:{key}")
+    if (final / "meta.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        tar.extractall(tmp, filter="data")
+    try:
+        return _publish(tmp / "checkpoint", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ship_checkpoint(spec: VersionSpec, mode: str) -> VersionSpec:
+    """On the driver: ``ray.put`` the packed checkpoint of ``spec`` when ``mode`` asks for it.
+
+    Args:
+        spec: a version whose checkpoint is a local path or a URI (URIs are never shipped).
+        mode: ``always``; ``auto`` = when the Ray cluster has more than one node (a replica may land where the path
+            does not exist); ``never``.
+
+    Returns:
+        ``spec`` with :attr:`VersionSpec.shipped` set, or unchanged.
+    """
+    import ray
+
+    if mode == "never" or is_uri(spec.checkpoint):
+        return spec
+    if mode == "auto" and sum(bool(n.get("Alive")) for n in ray.nodes()) <= 1:
+        return spec
+    try:
+        data = pack_checkpoint(spec.checkpoint)
+    except ConfigError:
+        if mode == "always":
+            raise
+        logger.warning(
+            "not shipping %s through the object store: it is too large; replicas load it from that path "
+            "(shared storage) -- give a URI if other nodes cannot read it",
+            spec.checkpoint,
+        )
+        return spec
+    ref = ray.put(data)
+    logger.info("shipping %s (%.1f MiB) to the replicas through the object store", spec.checkpoint, len(data) / 2**20)
+    return VersionSpec(spec.name, spec.checkpoint, spec.weight, shipped=ref)
+
+
+def fetch_checkpoint(spec: VersionSpec, cache_dir: str | Path = "") -> Path:
+    """A local directory holding ``spec``'s checkpoint on this node (see the module docstring for the order).
+
+    Raises:
+        CheckpointError: neither a URI, nor a path on this node, nor a shipped copy.
+    """
+    if is_uri(spec.checkpoint):
+        return _checkpoint_root(fetch_uri(spec.checkpoint, cache_dir))
+    path = Path(spec.checkpoint)
+    if (path / "meta.json").is_file():
+        return path
+    if spec.shipped is not None:
+        import ray
+
+        key = f"{spec.checkpoint}:{spec.shipped.hex()}"
+        return unpack_checkpoint(ray.get(spec.shipped), key, cache_dir)
+    node = ""
+    with contextlib.suppress(Exception):
+        import ray
+
+        node = f" on node {ray.get_runtime_context().get_node_id()[:12]}"
+    raise CheckpointError(
+        f"{spec.checkpoint}: no checkpoint at this path{node}; on a multi-node cluster put checkpoints on shared "
+        "storage mounted at the same path, give a URI (s3://..., gs://...), or let the driver ship it "
+        "(serve.ship_checkpoint=always)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loaded versions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_batcher(engine: GenerationEngine, cfg: ServeConfig, observer: Any = None) -> Batcher:
+    """A version's scheduler, built as the replica always built its one (``serve.batching.Batcher``).
+
+    Args:
+        observer: the replica's metrics (``serve.metrics.ServeMetrics``), shared by every version's scheduler.
+    """
+    from serve.batching import Batcher
+
+    extra = {"observer": observer} if observer is not None else {}
+    return Batcher(engine, cfg.max_batch_size, cfg.batch_wait_timeout_s, **extra)
+
+
+class ServedVersion:
+    """One loaded version: checkpoint info, tokenizer, engine and its own scheduler, plus a count of the requests
+    that are using it (so a removed version is closed only once they are done).
+
+    Exposes the scheduler's ``submit`` / ``stats`` / ``alive``, so the replica's ``batcher`` can be this object.
+    """
+
+    def __init__(
+        self,
+        spec: VersionSpec,
+        checkpoint: Checkpoint,
+        tokenizer: ChatTokenizer,
+        engine: GenerationEngine,
+        batcher: Batcher,
+        max_positions: int,
+        label: str,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.checkpoint = checkpoint
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.scheduler = batcher
+        self.max_positions = max_positions
+        self.label = label
+        self.loaded_at = time.time()
+        self.inflight = 0
+        self.closed = False
+
+    @property
+    def stats(self) -> BatchStats:
+        return self.scheduler.stats
+
+    @property
+    def alive(self) -> bool:
+        return self.scheduler.alive
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a caller asks of "the batcher" (counters, queue depth added by the scheduler's owners).
+        if name == "scheduler":
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+    async def submit(self, job: GenerationJob) -> AsyncIterator[StepItem]:
+        """The scheduler's ``submit``, counted in :attr:`inflight` until the caller stops iterating."""
+        self.inflight += 1
+        try:
+            async for item in self.scheduler.submit(job):
+                yield item
+        finally:
+            self.inflight -= 1
+
+    def describe(self, operator: bool, weight: float | None = None) -> dict[str, Any]:
+        from serve.settings import default_model_version
+
+        path = self.checkpoint.path
+        return {
+            "name": self.name,
+            "checkpoint": str(path) if operator else default_model_version(path),
+            **({"source": self.spec.checkpoint} if operator and self.spec.checkpoint != str(path) else {}),
+            "stage": self.checkpoint.stage,
+            "step": self.checkpoint.step,
+            **({"weight": weight} if weight is not None else {}),
+            "inflight": self.inflight,
+            "loaded_at": int(self.loaded_at),
+        }
+
+    def close(self) -> None:
+        """Stop the scheduler's threads and tasks, so the model's memory can be freed."""
+        self.closed = True
+        b = self.scheduler
+        closer = getattr(b, "close", None) or getattr(b, "shutdown", None)
+        if callable(closer):
+            with contextlib.suppress(Exception):
+                closer()
+            return
+        # The Batcher has no close(): shut its generation threads down and cancel its step-loop tasks (and, for a
+        # scheduler on Serve's @serve.batch, the batch-queue task), which would otherwise keep the scheduler and the
+        # model referenced for the life of the replica. Drained first, so nothing is waiting on them.
+        from concurrent.futures import ThreadPoolExecutor
+
+        for value in list(vars(b).values()):
+            if isinstance(value, ThreadPoolExecutor):
+                value.shutdown(wait=False, cancel_futures=True)
+                continue
+            task = getattr(value, "_handle_batch_task", None) or (value if isinstance(value, asyncio.Task) else None)
+            if isinstance(task, asyncio.Task) and not task.done():
+                task.cancel()
+
+
+def load_version(
+    spec: VersionSpec,
+    cfg: ServeConfig,
+    precision: str,
+    device: str,
+    label: str = "",
+    cache_dir: str = "",
+    observer: Any = None,
+) -> ServedVersion:
+    """Load ``spec``'s checkpoint (blocking: run it off the event loop) into a ready :class:`ServedVersion`.
+
+    Args:
+        spec: the version.
+        cfg: the replica's ``serve`` settings (the scheduler's batch size and wait).
+        precision: ``model.precision`` (``auto`` = bf16 on a GPU).
+        device: ``cpu`` or ``cuda``.
+        label: the feedback-store label; empty = ``<run>/<checkpoint dir>``.
+        cache_dir: where URIs and shipped checkpoints are copied (``serve.checkpoint_cache``).
+        observer: the replica's metrics, passed to the scheduler.
+    """
+    from rlchat.checkpoint import load_policy
+    from rlchat.generation import GenerationEngine
+    from serve.settings import default_model_version
+
+    t0 = time.perf_counter()
+    path = fetch_checkpoint(spec, cache_dir)
+    model, tok, ckpt = load_policy(path, device=device)
+    model.eval()
+    engine = GenerationEngine(model, tok, precision=precision)
+    max_positions = int(engine.max_positions or ckpt.config.model.n_positions)
+    version = ServedVersion(
+        spec,
+        ckpt,
+        tok,
+        engine,
+        make_batcher(engine, cfg, observer),
+        max_positions,
+        label or default_model_version(ckpt.path),
+    )
+    logger.info(
+        "loaded version %r from %s (stage %s, step %d) on %s in %.1f s",
+        spec.name,
+        ckpt.path,
+        ckpt.stage,
+        ckpt.step,
+        device,
+        time.perf_counter() - t0,
+    )
+    return version
+
+
+def use_version(version: ServedVersion) -> None:
+    """Bind ``version`` to the current request (its asyncio task's context)."""
+    _CURRENT.set(version)
+
+
+def current_version(default: ServedVersion) -> ServedVersion:
+    """The version bound to the current request, else ``default``."""
+    v = _CURRENT.get()
+    return default if v is None else v
+
+
+class ModelSet:
+    """A replica's versions and the alias's traffic split; :meth:`apply` changes them in place.
+
+    Args:
+        alias: the app's model name (requests for it, or for none, are split by weight).
+        aliases: other names that mean the alias (``rlchat``, the default model name).
+    """
+
+    def __init__(self, alias: str, aliases: Sequence[str] = ()) -> None:
+        self.alias = alias
+        self.aliases = {alias, *aliases}
+        self.versions: dict[str, ServedVersion] = {}
+        self.weights: dict[str, float] = {}
+        self._credit: dict[str, float] = {}
+        self._draining: list[ServedVersion] = []
+        self._lock = asyncio.Lock()
+        self.swaps = 0
+
+    @property
+    def default(self) -> ServedVersion:
+        """The heaviest version (what alias-level fields in ``/readyz`` and ``/v1/models`` describe)."""
+        return max(self.versions.values(), key=lambda v: self.weights.get(v.name, 0.0))
+
+    def names(self) -> list[str]:
+        return list(self.versions)
+
+    def pick(self, model: str | None) -> ServedVersion | None:
+        """The version for a request's ``model``: by name, or by weight for the alias / None; None if unknown.
+
+        The split is a smooth weighted round-robin: each pick adds every version's weight to its credit, takes the
+        version with the most credit and subtracts the total from it (deterministic, exact to within one request).
+        """
+        if model is not None and model not in self.aliases:
+            return self.versions.get(model)
+        live = [(n, w) for n, w in self.weights.items() if w > 0 and n in self.versions]
+        if not live:
+            return self.default
+        total = sum(w for _, w in live)
+        for n, w in live:
+            self._credit[n] = self._credit.get(n, 0.0) + w
+        name = max(live, key=lambda nw: self._credit[nw[0]])[0]
+        self._credit[name] -= total
+        return self.versions[name]
+
+    def set(self, versions: Sequence[ServedVersion], weights: dict[str, float]) -> list[ServedVersion]:
+        """Swap the table in one step; returns the versions that left it (to be drained)."""
+        new = {v.name: v for v in versions}
+        gone = [v for n, v in self.versions.items() if new.get(n) is not v]
+        self.versions = new
+        self.weights = dict(weights)
+        self._credit = {n: c for n, c in self._credit.items() if n in new}
+        self.swaps += 1
+        return gone
+
+    async def apply(self, specs: Sequence[VersionSpec], load: Callable[[VersionSpec], ServedVersion]) -> None:
+        """Make ``specs`` the served set: load new or changed versions (``load`` runs on a loader thread), swap,
+        then drain the versions that were replaced or removed.
+
+        Raises:
+            Exception: whatever a load raised; nothing was swapped then (the old set keeps serving).
+        """
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            keep, loaded = [], []
+            for spec in specs:
+                old = self.versions.get(spec.name)
+                if old is not None and old.spec.source == spec.source:
+                    keep.append(old)
+                else:
+                    try:
+                        loaded.append(await loop.run_in_executor(None, load, spec))
+                    except BaseException:
+                        for v in loaded:
+                            v.close()
+                        raise
+                    keep.append(loaded[-1])
+            gone = self.set(keep, {s.name: s.weight for s in specs})
+            if loaded or gone:
+                logger.info(
+                    "versions now %s (loaded %s, draining %s)",
+                    {s.name: s.weight for s in specs},
+                    [v.name for v in loaded],
+                    [v.name for v in gone],
+                )
+            for v in gone:
+                self.drain(v)
+
+    def drain(self, version: ServedVersion) -> None:
+        """Close ``version`` in the background once it has no request in flight."""
+        self._draining.append(version)
+
+        async def wait_idle() -> None:
+            t0 = time.monotonic()
+            await asyncio.sleep(DRAIN_GRACE_S)
+            while version.inflight > 0 and time.monotonic() - t0 < DRAIN_TIMEOUT_S:
+                await asyncio.sleep(0.1)
+            if version.inflight > 0:
+                logger.warning(
+                    "closing version %r with %d request(s) still running after %.0f s",
+                    version.name,
+                    version.inflight,
+                    DRAIN_TIMEOUT_S,
+                )
+            version.close()
+            self._draining.remove(version)
+            logger.info("version %r (%s) drained and closed", version.name, version.checkpoint.path)
+
+        asyncio.get_running_loop().create_task(wait_idle())
+
+    @property
+    def draining(self) -> list[ServedVersion]:
+        return list(self._draining)
+
+
+async def follow_run(
+    run_dir: str,
+    interval_s: float,
+    current: Callable[[], Path],
+    swap: Callable[[Path], Awaitable[None]],
+) -> None:
+    """Every ``interval_s``, look up the run's best checkpoint; when it differs from ``current()``, ``swap`` to it.
+
+    Errors (a run directory mid-write, a checkpoint that fails to load) are logged once per cause and retried at
+    the next tick; the served model stays as it is meanwhile.
+    """
+    from rlchat.checkpoint import find_best_checkpoint
+
+    loop = asyncio.get_running_loop()
+    last_error = ""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            best = await loop.run_in_executor(None, find_best_checkpoint, run_dir)
+            if Path(best).resolve() != Path(current()).resolve():
+                logger.info("follow: %s has a new best checkpoint %s; loading it", run_dir, best)
+                await swap(Path(best))
+            last_error = ""
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - keep serving the current model and retry
+            msg = f"{e.__class__.__name__}: {e}"
+            if msg != last_error:
+                logger.warning(
+                    "follow: cannot switch to the best checkpoint of %s yet (%s); retrying every %.0f s",
+                    run_dir,
+                    msg,
+                    interval_s,
+                )
+                last_error = msg

@@ -1,0 +1,299 @@
+"""Model versions in one app (canary split, explicit picks, promote / roll back in place), ``--follow``, and where
+replicas get checkpoints (``pyarrow.fs`` URIs, shipped copies). Pure pieces run in-process; the Serve tests run on
+the session's local Ray and Serve (serve.testing), each with its own small app under its own route."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from rlchat.errors import CheckpointError, ConfigError
+from serve import testing
+from serve.models import (
+    VERSION_HEADER,
+    ModelSet,
+    VersionSpec,
+    fetch_checkpoint,
+    pack_checkpoint,
+    parse_versions,
+    unpack_checkpoint,
+)
+
+KEY = testing.TEST_API_KEY
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("versions")
+    return {
+        "a": testing.make_tiny_checkpoint(root / "a", seed=0, step=100),
+        "b": testing.make_tiny_checkpoint(root / "b", seed=1, step=200),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_parse_versions_checks_names_and_weights():
+    specs = parse_versions(
+        [{"name": "stable", "checkpoint": "/x", "weight": 90}, {"name": "canary", "checkpoint": "/y", "weight": "10"}],
+        alias="rlchat",
+    )
+    assert [(s.name, s.weight) for s in specs] == [("stable", 90.0), ("canary", 10.0)]
+    assert parse_versions(None) == ()
+    bad = [
+        ([{"name": "a", "checkpoint": "/x"}, {"name": "a", "checkpoint": "/y"}], "appears twice"),
+        ([{"name": "a", "checkpoint": "/x", "weight": -1}], "weight"),
+        ([{"name": "a", "checkpoint": "/x", "weight": 0}], "every weight is 0"),
+        ([{"name": "rlchat", "checkpoint": "/x"}], "app's model name"),
+        ([{"name": "a", "checkpoint": "/x", "wieght": 1}], "unknown key"),
+        ([{"name": "a"}], "required"),
+        ("a", "expected a list"),
+    ]
+    for raw, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            parse_versions(raw, alias="rlchat")
+
+
+class _FakeVersion:
+    def __init__(self, name: str, weight: float) -> None:
+        self.name = name
+        self.spec = VersionSpec(name, f"/{name}", weight)
+
+
+def test_alias_split_matches_the_weights_exactly_and_names_pick_their_version():
+    models = ModelSet("rlchat", ("default",))
+    models.set([_FakeVersion("stable", 90), _FakeVersion("canary", 10)], {"stable": 90, "canary": 10})  # type: ignore[list-item]
+    counts = Counter(models.pick(None).name for _ in range(1000))  # type: ignore[union-attr]
+    assert counts == {"stable": 900, "canary": 100}
+    # smooth: the canary's requests are spread out, never in a burst
+    picks = [models.pick("rlchat").name for _ in range(20)]  # type: ignore[union-attr]
+    assert picks.count("canary") == 2 and picks.index("canary") != picks.index("canary", picks.index("canary") + 1) - 1
+    assert models.pick("canary").name == "canary"  # type: ignore[union-attr]
+    assert models.pick("default").name in ("stable", "canary")  # type: ignore[union-attr]
+    assert models.pick("nope") is None
+    models.set(list(models.versions.values()), {"stable": 0, "canary": 100})
+    assert {models.pick(None).name for _ in range(50)} == {"canary"}  # type: ignore[union-attr]
+    assert models.pick("stable").name == "stable"  # type: ignore[union-attr]
+
+
+def test_file_uri_is_copied_through_pyarrow_into_the_cache(ckpts, tmp_path):
+    from rlchat.checkpoint import load_policy
+
+    cache = tmp_path / "cache"
+    uri = f"file://{ckpts['a']}"
+    path = fetch_checkpoint(VersionSpec("a", uri), cache)
+    assert path.is_relative_to(cache) and (path / "meta.json").is_file()
+    assert fetch_checkpoint(VersionSpec("a", uri), cache) == path  # once per node
+    _, _, info = load_policy(path)
+    assert info.step == 100
+    with pytest.raises(CheckpointError, match="cannot copy|not a checkpoint"):
+        fetch_checkpoint(VersionSpec("a", f"file://{tmp_path}/missing"), cache)
+
+
+def test_shipped_pack_unpacks_where_the_path_is_gone(ckpts, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ckpts["b"], src)
+    data = pack_checkpoint(src)
+    shutil.rmtree(src)
+    path = unpack_checkpoint(data, "k1", tmp_path / "cache")
+    assert (path / "meta.json").is_file() and unpack_checkpoint(data, "k1", tmp_path / "cache") == path
+    with pytest.raises(CheckpointError, match="no checkpoint at this path"):
+        fetch_checkpoint(VersionSpec("b", str(src)), tmp_path / "cache")
+    with pytest.raises(ConfigError, match="shared storage"):
+        pack_checkpoint(ckpts["b"], max_bytes=10)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# On Serve
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _chat(url: str, model: str | None = None, timeout: float = 60) -> requests.Response:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": 1}
+    if model is not None:
+        body["model"] = model
+    return requests.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=timeout)
+
+
+class _Load:
+    """Background clients that chat with ``url`` until stopped, recording every status (and the version that
+    answered)."""
+
+    def __init__(self, url: str, clients: int = 3) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.results: list[tuple[int, str]] = []
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                r = _chat(self.url)
+                self.results.append((r.status_code, r.headers.get(VERSION_HEADER, "")))
+            except requests.RequestException as e:
+                self.results.append((-1, repr(e)))
+
+    def __enter__(self) -> _Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def _deploy_config(name: str, route: str, ckpt: Path, versions: list[dict[str, Any]]) -> None:
+    """What ``serve deploy config.yaml`` does (the controller's apply_config), for one app whose only change between
+    calls is the deployment's ``user_config``: a lightweight update, applied by ``ChatServer.reconfigure``."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {
+        "name": name,
+        "route_prefix": route,
+        "import_path": "serve.app:build_app",
+        "args": {
+            "checkpoint": str(ckpt),
+            "api_key": KEY,
+            "num_cpus": 0,
+            "max_batch_size": 4,
+            "feedback_store": f"sqlite:///{ckpt.parent / 'fb.db'}",
+            "model_name": "chat",
+        },
+        "deployments": [{"name": "ChatServer", "user_config": {"versions": versions}}],
+    }
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))
+
+
+def _wait_versions(url: str, want: dict[str, float], timeout_s: float = 180.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    info: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            info = testing.wait_ready(url, timeout_s=max(1.0, deadline - time.monotonic()), api_key=KEY)
+        except TimeoutError:
+            break
+        if {v["name"]: v.get("weight") for v in info.get("versions", [])} == want:
+            return info
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not reach versions {want}: {info.get('versions')}")
+
+
+def test_canary_split_explicit_pick_promote_and_roll_back_without_dropping_requests(ray_local, ckpts):
+    from ray import serve as ray_serve
+
+    port = testing.start_serve()
+    url = f"http://127.0.0.1:{port}/versions"
+    a, b = str(ckpts["a"]), str(ckpts["b"])
+    canary = [{"name": "stable", "checkpoint": a, "weight": 90}, {"name": "canary", "checkpoint": b, "weight": 10}]
+    try:
+        _deploy_config("rlchat-versions", "/versions", ckpts["a"], canary)
+        info = _wait_versions(url, {"stable": 90.0, "canary": 10.0})
+        pid = info["pid"]
+        assert {v["name"]: v["step"] for v in info["versions"]} == {"stable": 100, "canary": 200}
+
+        # /v1/models: the alias plus both versions
+        cards = {c["id"]: c for c in requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"]}
+        assert set(cards) == {"chat", "stable", "canary"}
+        assert (cards["canary"]["parent"], cards["canary"]["weight"], cards["canary"]["step"]) == ("chat", 10, 200)
+
+        # the alias (or no model) splits 90/10, reported in the body and a header; a name picks its version
+        served = []
+        for i in range(20):
+            r = _chat(url, None if i % 2 else "chat")
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == r.headers[VERSION_HEADER]
+            served.append(r.headers[VERSION_HEADER])
+        assert Counter(served) == {"stable": 18, "canary": 2}
+        for name in ("canary", "stable"):
+            r = _chat(url, name)
+            assert r.status_code == 200 and r.json()["model"] == name
+        assert _chat(url, "nope").status_code == 404
+
+        # promote (0/100), then roll back (100, canary removed), under load: no request fails, no replica restarts
+        with _Load(url) as load:
+            time.sleep(1.0)
+            promoted = [dict(canary[0], weight=0), dict(canary[1], weight=100)]
+            _deploy_config("rlchat-versions", "/versions", ckpts["a"], promoted)
+            info = _wait_versions(url, {"stable": 0.0, "canary": 100.0})
+            n = len(load.results)
+            time.sleep(1.5)
+            after_promote = [v for _, v in load.results[n + 3 :]]  # requests that started after the swap
+            _deploy_config("rlchat-versions", "/versions", ckpts["a"], [dict(canary[0], weight=100)])
+            info = _wait_versions(url, {"stable": 100.0})
+            time.sleep(1.5)
+        statuses = Counter(s for s, _ in load.results)
+        assert set(statuses) == {200}, (statuses, [r for r in load.results if r[0] != 200][:5])
+        assert len(load.results) >= 6
+        assert after_promote and set(after_promote) == {"canary"}, after_promote
+        assert info["pid"] == pid  # reconfigured in place, never restarted
+        assert {v["name"] for v in info["versions"]} == {"stable"}
+        assert _chat(url, "canary").status_code == 404
+        r = _chat(url)
+        assert r.status_code == 200 and r.headers[VERSION_HEADER] == "stable"
+    finally:
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        _get_global_client().deploy_apps(ServeDeploySchema(applications=[]))  # deletes this declarative app only
+        deadline = time.monotonic() + 60
+        while "rlchat-versions" in ray_serve.status().applications and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def test_follow_swaps_to_each_new_best_checkpoint_while_requests_keep_working(ray_local, ckpts, tmp_path):
+    from ray import serve as ray_serve
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpts["a"], run / "checkpoints" / "step_000100")
+    from serve.app import build_app
+
+    port = testing.start_serve()
+    args = {
+        "from_run": str(run),
+        "follow": True,
+        "follow_interval_s": 0.5,
+        "api_key": KEY,
+        "num_cpus": 0,
+        "max_batch_size": 4,
+        "feedback_store": f"sqlite:///{tmp_path / 'fb.db'}",
+    }
+    ray_serve.run(build_app(args), name="rlchat-follow", route_prefix="/follow")
+    url = f"http://127.0.0.1:{port}/follow"
+    try:
+        info = testing.wait_ready(url, api_key=KEY)
+        assert info["step"] == 100 and info["follow"]
+        pid = info["pid"]
+        with _Load(url, clients=2) as load:
+            time.sleep(1.0)
+            # the trainer's layout: written under a temporary name, then renamed into place
+            tmp = run / "checkpoints" / f".step_000200.partial-{os.getpid()}-x"
+            shutil.copytree(ckpts["b"], tmp)
+            tmp.rename(run / "checkpoints" / "step_000200")
+            deadline = time.monotonic() + 60
+            while (info := testing.wait_ready(url, api_key=KEY))["step"] != 200:
+                assert time.monotonic() < deadline, info
+                time.sleep(0.3)
+            time.sleep(1.0)
+        assert set(s for s, _ in load.results) == {200}, Counter(s for s, _ in load.results)
+        assert info["pid"] == pid and info["checkpoint"].endswith("step_000200")
+        card = requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"][0]
+        assert card["step"] == 200
+        assert _chat(url).status_code == 200
+    finally:
+        ray_serve.delete("rlchat-follow")
