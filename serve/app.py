@@ -75,6 +75,7 @@ Our top-level package is also called ``serve``: Ray Serve is always ``from ray i
 
 # No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` annotations of the routes
 # that Serve's ingress rewrites (string annotations made it read ``request`` as a query parameter).
+import asyncio
 import hmac
 import importlib
 import json
@@ -99,9 +100,10 @@ from rlchat.feedback_store import RETRY_AFTER_S
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer
 from rlchat.tokenizer import ContextOverflowError, fit_history
-from serve.batching import Batcher, GenerationJob, JobOutput, row_seeds
+from serve.batching import Batcher, DeadlineExceeded, GenerationJob, JobOutput, row_seeds
 from serve.feedback import FeedbackRecorder
 from serve.formats import ChatFormat, CompletionFormat, ResponseFormat
+from serve.metrics import REJECT_OVERLOADED, REJECT_QUEUE_TIMEOUT, RequestTimer, ServeMetrics
 from serve.safety import SAFETY_HOLDBACK_CHARS, WITHHELD_NOTICE, SafetyFilter
 from serve.schemas import (
     IGNORED_FIELDS_HEADER,
@@ -123,6 +125,7 @@ from serve.schemas import (
 from serve.settings import (
     DEFAULT_MODEL_NAME,
     DEPLOYMENT_NAME,
+    OVERLOAD_RETRY_AFTER_S,
     AppSettings,
     default_model_version,
     deployment_options,
@@ -147,6 +150,14 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 """``/v1/completions`` budget when the request sets none (OpenAI's default)."""
 EXPOSED_HEADERS = ("X-Request-Id", DROPPED_TURNS_HEADER, IGNORED_FIELDS_HEADER)
 """Response headers a browser page on an allowed CORS origin may read."""
+DISCONNECT_POLL_S = 0.25
+"""How often a non-streamed request checks whether its client is still connected (its rows are cancelled if not)."""
+OVERLOAD_CODES = ("overloaded", "queue_timeout")
+"""``code`` of the 503s that shed load (``Retry-After``: :data:`serve.settings.OVERLOAD_RETRY_AFTER_S`)."""
+STALE_WAITING_S = 300.0
+"""Without a deadline (``serve.request_timeout_s: 0``), an admitted request counts as waiting for at most this long."""
+CLIENT_CLOSED_REQUEST = 499
+"""Status logged and counted for a request whose client went away before its reply (nginx's convention)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -242,7 +253,7 @@ api.add_middleware(_CORSMiddleware)
 async def _api_error(_: Request, e: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
     if e.status == 503:
-        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        headers = {"Retry-After": str(OVERLOAD_RETRY_AFTER_S if e.code in OVERLOAD_CODES else RETRY_AFTER_S)}
     if e.status == 429:
         headers = {"Retry-After": "60"}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -304,7 +315,11 @@ class ChatServer:
             )
         self.feedback = FeedbackRecorder(self.cfg)
         self.model_version = self.cfg.model_version or default_model_version(ckpt.path)
-        self.batcher = Batcher(self.engine, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
+        self.metrics = ServeMetrics(self.model_name)  # also the Batcher's observer (rows, queue depth, tokens)
+        self._waiting: dict[str, float] = {}  # admitted requests without a first token yet -> admitted at (_admit)
+        self.batcher = Batcher(
+            self.engine, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s, observer=self.metrics
+        )
         self.stats = self.batcher.stats
         # Through the imported module: Serve's ingress ships this class by value, so its methods' globals are a copy
         # and a bare `_CORS_ORIGINS` here would not be the list the middleware (imported normally) reads.
@@ -477,7 +492,112 @@ class ChatServer:
         flagged = self.safety is not None and self.safety.flagged(st.text)
         return (WITHHELD_NOTICE if flagged else st.text), flagged, st.stopped
 
+    def _admit(self, cid: str) -> None:
+        """Admit a completion request, or refuse it (503 + ``Retry-After``, code ``overloaded``) when
+        ``serve.max_queued_requests`` admitted requests are still waiting for their first token. Runs at the route
+        before the body is parsed, so a refusal costs no generation work.
+
+        Waiting means admitted and not generating yet: in the scheduler's queue, or between admission and joining
+        it. The route's own count is used, not only the scheduler's queue, so a burst of requests that all arrive
+        before any of them reaches the scheduler is still bounded. Released by :meth:`_started`.
+        """
+        limit = self.cfg.max_queued_requests
+        now = time.monotonic()
+        if limit and len(self._waiting) >= limit:
+            # a stream whose client left before its first event never runs its cleanup: forget such entries once
+            # they are older than any request can wait (its deadline, else STALE_WAITING_S)
+            horizon = now - (self.cfg.request_timeout_s + 5.0 if self.cfg.request_timeout_s else STALE_WAITING_S)
+            for stale in [k for k, t in self._waiting.items() if t < horizon]:
+                del self._waiting[stale]
+        if limit and len(self._waiting) >= limit:
+            self.metrics.reject(REJECT_OVERLOADED)
+            raise APIError(
+                503,
+                f"the server is overloaded: {len(self._waiting)} requests are already waiting on this replica "
+                f"(serve.max_queued_requests={limit}); retry after {OVERLOAD_RETRY_AFTER_S} s",
+                None,
+                "overloaded",
+                "server_error",
+            )
+        self._waiting[cid] = now
+
+    def _started(self, cid: str) -> None:
+        """The request got its first token, its result, or left: it no longer counts as waiting (:meth:`_admit`)."""
+        self._waiting.pop(cid, None)
+
+    def _deadline(self, t0: float) -> float | None:
+        """The ``time.monotonic()`` deadline of a request that arrived at ``t0`` (``time.perf_counter()``), from
+        ``serve.request_timeout_s`` (None: no deadline). Still queued then -> 503 ``queue_timeout``; generating ->
+        its rows end with ``length``."""
+        timeout = self.cfg.request_timeout_s
+        return time.monotonic() + timeout - (time.perf_counter() - t0) if timeout > 0 else None
+
+    def _queue_timeout(self, cid: str, t0: float, stream: bool) -> APIError:
+        """The 503 of a request that reached its deadline before it joined the batch (logged and counted)."""
+        waited = time.perf_counter() - t0
+        self.metrics.reject(REJECT_QUEUE_TIMEOUT)
+        self._log(cid, 503, t0, stream=stream, error=REJECT_QUEUE_TIMEOUT)
+        return APIError(
+            503,
+            f"the request waited {waited:.1f} s for a place in the generation batch and reached its deadline "
+            f"(serve.request_timeout_s={self.cfg.request_timeout_s:g}): the server is overloaded; retry after "
+            f"{OVERLOAD_RETRY_AFTER_S} s",
+            None,
+            REJECT_QUEUE_TIMEOUT,
+            "server_error",
+        )
+
+    def _note_deadline(self, job: GenerationJob, out: JobOutput) -> None:
+        """Count a reply that its deadline cut short (a ``length`` row below its budget after the deadline)."""
+        if job.deadline is None or time.monotonic() < job.deadline:
+            return
+        budget = job.params.max_new_tokens
+        if any(r == FINISH_LENGTH and len(t) < budget for t, r in zip(out.tokens, out.finish_reasons)):
+            self.metrics.deadline_truncated()
+
+    async def _collect(
+        self, job: GenerationJob, cid: str, timer: RequestTimer, request: Request | None
+    ) -> JobOutput | Exception | None:
+        """Run a plain (non-streamed) job to its result, watching its client.
+
+        Every :data:`DISCONNECT_POLL_S` the request checks ``request.is_disconnected()``; a client that went away
+        (or a cancelled handler: Serve cancels it when the HTTP connection closes) gets its rows finished at the
+        batch's next step, as a closed stream does, instead of generating up to ``max_tokens`` for nobody.
+
+        Returns:
+            The job's output or its exception; None when the client went away first.
+        """
+
+        async def consume() -> JobOutput | Exception:
+            try:
+                async for item in self.batcher.submit(job):
+                    n_new = sum(len(t) for t in item.tokens)
+                    if n_new or item.done is not None:
+                        self._started(cid)
+                    timer.tokens(n_new, time.perf_counter())
+                    if item.done is not None:
+                        return item.done
+            except Exception as e:  # noqa: BLE001 - reported like a job's own failure
+                return e
+            return RuntimeError("the batch ended without a result")
+
+        task = asyncio.ensure_future(consume())
+        finished = False
+        try:
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=DISCONNECT_POLL_S)
+                if done:
+                    finished = True
+                    return task.result()
+                if request is not None and await request.is_disconnected():
+                    return None
+        finally:
+            self._started(cid)
+            if not finished:  # the batch ends these rows at its next step; the task then ends by itself
+                job.control.finish.update(range(len(job.seeds)))
+
     def _log(self, cid: str, status: int, t0: float, **fields: Any) -> None:
+        self.metrics.response(status)
         parts = " ".join(f"{k}={v}" for k, v in fields.items())
         logger.info("chat id=%s status=%d latency_ms=%.0f %s", cid, status, (time.perf_counter() - t0) * 1e3, parts)
 
@@ -518,6 +638,12 @@ class ChatServer:
                 "largest_batch": st.largest,
                 "batch_sizes": {str(k): v for k, v in sorted(st.sizes.items())},
             },
+            "load": {
+                "max_queued_requests": self.cfg.max_queued_requests,
+                "request_timeout_s": self.cfg.request_timeout_s,
+                "waiting": len(self._waiting),
+                **self.metrics.snapshot(),
+            },
         }
 
     @api.get("/v1/models", response_model=ModelList)
@@ -547,14 +673,16 @@ class ChatServer:
         self.feedback.note_conversation(cid, request.headers.get(CONVERSATION_HEADER))
         try:
             self._auth(request)
+            self._admit(cid)
             req, ignored = parse_chat_request(await self._body(request), strict=self.cfg.strict_requests)
             messages, prompt, params, dropped = self._check_limits(req)
         except APIError as e:
+            self._started(cid)
             self.stats.errors += 1
             self._log(cid, e.status, t0, error=e.code or e.type)
             raise
         fmt = ChatFormat(cid, int(time.time()), self.model_name, self.tokenizer, bool(req.logprobs))
-        return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0)
+        return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0, request)
 
     @api.post(
         "/v1/completions",
@@ -566,6 +694,7 @@ class ChatServer:
         cid = f"cmpl-{uuid.uuid4().hex}"
         try:
             self._auth(request)
+            self._admit(cid)
             req, ignored = parse_completion_request(await self._body(request), strict=self.cfg.strict_requests)
             self._check_model(req.model)
             text = req.text()
@@ -596,11 +725,12 @@ class ChatServer:
             top = -1 if req.logprobs is None else req.logprobs
             params = self._sampling_params(req, budget, top)
         except APIError as e:
+            self._started(cid)
             self.stats.errors += 1
             self._log(cid, e.status, t0, error=e.code or e.type)
             raise
         fmt = CompletionFormat(cid, int(time.time()), self.model_name, self.tokenizer, req.logprobs is not None)
-        return await self._respond(req, fmt, None, prompt, params, 0, ignored, t0)
+        return await self._respond(req, fmt, None, prompt, params, 0, ignored, t0, request)
 
     async def _respond(
         self,
@@ -612,8 +742,10 @@ class ChatServer:
         dropped: int,
         ignored: list[str],
         t0: float,
+        request: Request | None = None,
     ) -> Response:
-        """Generate and answer, plain or streamed, in ``fmt``'s shape (chat or text completion)."""
+        """Generate and answer, plain or streamed, in ``fmt``'s shape (chat or text completion). A plain request
+        whose client goes away while it waits is cancelled (:meth:`_collect`)."""
         cid = fmt.cid
         seeds = row_seeds(req.seed, req.choices())
         headers = {"X-Request-Id": cid, DROPPED_TURNS_HEADER: str(dropped)}
@@ -632,11 +764,18 @@ class ChatServer:
             return EventSourceResponse(events, ping=15, headers=headers)
 
         self.stats.requests += 1
-        out: JobOutput | Exception = RuntimeError("the batch ended without a result")
-        async for item in self.batcher.submit(GenerationJob(tuple(prompt), params, seeds)):
-            if item.done is not None:
-                out = item.done
-                break
+        job = GenerationJob(tuple(prompt), params, seeds, deadline=self._deadline(t0))
+        try:
+            out = await self._collect(job, cid, self.metrics.timer(t0), request)
+        except asyncio.CancelledError:  # Serve cancels the handler when the client's connection closes
+            self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=False, error="client_disconnected")
+            raise
+        if out is None:  # the client went away: its rows were cancelled, nobody reads an answer
+            self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=False, error="client_disconnected")
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if isinstance(out, DeadlineExceeded):
+            self.stats.errors += 1
+            raise self._queue_timeout(cid, t0, stream=False)
         if isinstance(out, Exception):
             status = 400 if isinstance(out, RLChatError) else 500
             self.stats.errors += 1
@@ -657,6 +796,7 @@ class ChatServer:
             choices.append(fmt.choice(i, text, reason, tokens, alts))
             texts.append(None if flagged else text)
             reasons.append(reason)
+        self._note_deadline(job, out)
         n_out = sum(len(t) for t in out.tokens)
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_out, total_tokens=len(prompt) + n_out)
         if messages is not None:
@@ -696,9 +836,10 @@ class ChatServer:
         withheld = [False] * n
         counts = [0] * n
         reasons: list[str] = [FINISH_LENGTH] * n
-        job = GenerationJob(tuple(prompt), params, seeds)
+        job = GenerationJob(tuple(prompt), params, seeds, deadline=self._deadline(t0))
         done = False
         first_token_ms = None
+        timer = self.metrics.timer(t0)
 
         try:
             first = fmt.first_chunk(n)
@@ -717,6 +858,10 @@ class ChatServer:
 
             async for item in self.batcher.submit(job):
                 now = time.perf_counter()
+                n_new = sum(len(t) for t in item.tokens)
+                if n_new or item.done is not None:
+                    self._started(cid)
+                timer.tokens(n_new, now)
                 if first_token_ms is None and any(item.tokens):
                     first_token_ms = (now - t0) * 1e3
                 for i, toks in enumerate(item.tokens):
@@ -746,6 +891,7 @@ class ChatServer:
                     yield {"data": flush(i)}
             if isinstance(result, Exception):
                 raise result
+            self._note_deadline(job, result)
             reasons = list(result.finish_reasons)
             done = True
             finals = []
@@ -785,6 +931,12 @@ class ChatServer:
                 first_token_ms=f"{first_token_ms or 0:.0f}",
                 finish=",".join(reasons),
             )
+        except DeadlineExceeded:  # the response has started (200): the 503 goes in-band, as errors below do
+            done = True
+            self.stats.errors += 1
+            err = self._queue_timeout(cid, t0, stream=True)
+            yield {"data": json.dumps(err.body())}
+            yield {"data": "[DONE]"}
         except Exception as e:  # noqa: BLE001 - the response has started: report in-band, as OpenAI does
             done = True
             self.stats.errors += 1
@@ -797,9 +949,17 @@ class ChatServer:
             yield {"data": json.dumps(error_body(msg, kind))}
             yield {"data": "[DONE]"}
         finally:
+            self._started(cid)
             if not done:  # the client went away: the batch ends this request's rows at its next step
                 job.control.finish.update(range(n))
-                self._log(cid, 499, t0, stream=True, error="client_disconnected", completion_tokens=sum(counts))
+                self._log(
+                    cid,
+                    CLIENT_CLOSED_REQUEST,
+                    t0,
+                    stream=True,
+                    error="client_disconnected",
+                    completion_tokens=sum(counts),
+                )
 
     @api.post("/v1/feedback")
     async def feedback_route(self, request: Request) -> dict[str, Any]:

@@ -23,6 +23,12 @@ ENV_FEEDBACK_STORE = "RLCHAT_FEEDBACK_STORE"
 """Environment variable read for ``serve.feedback_store`` when the config leaves it empty (like RLCHAT_API_KEY)."""
 ENV_API_KEY = "RLCHAT_API_KEY"
 """Environment variable read for ``serve.api_key`` when the config leaves it empty (keys never on a command line)."""
+OVERLOAD_RETRY_AFTER_S = 1
+"""``Retry-After`` (seconds) of an overload 503, from the replica or Serve's proxy: a queue drains in about a second
+or two at the batch rates of docs/serving.md, and clients that retry sooner only add load."""
+OVERLOAD_HEADROOM = 8
+"""Requests a replica is sent beyond a full batch plus ``serve.max_queued_requests``: ones being parsed, refused, or
+finishing a stream (so the replica, not the proxy, answers most overload 503s, with an OpenAI-style body)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,15 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         raise ConfigError(f"serve.batch_wait_timeout_s={s.batch_wait_timeout_s}: expected >= 0, e.g. 0.01")
     if s.replicas < 1:
         raise ConfigError(f"serve.replicas={s.replicas}: expected at least 1")
+    if s.max_queued_requests < 0:
+        raise ConfigError(
+            f"serve.max_queued_requests={s.max_queued_requests}: expected >= 0 requests waiting per replica; use e.g. "
+            "64 (beyond it new requests get 503 + Retry-After), or 0 for no limit"
+        )
+    if s.request_timeout_s < 0:
+        raise ConfigError(
+            f"serve.request_timeout_s={s.request_timeout_s}: expected >= 0 seconds; use e.g. 60, or 0 for no deadline"
+        )
     if s.feedback_rate_limit < 0:
         raise ConfigError(
             f"serve.feedback_rate_limit={s.feedback_rate_limit}: expected >= 0 requests per minute; use 60, or 0 for "
@@ -171,6 +186,8 @@ def default_model_version(checkpoint: str | Path) -> str:
 
 def deployment_options(settings: AppSettings) -> dict[str, Any]:
     """Serve deployment options from ``cfg.serve``: fixed replicas, or autoscaling when max_replicas > replicas."""
+    from ray.serve.config import BackpressureConfig
+
     s = settings.config.serve
     opts: dict[str, Any] = {
         # room for a full batch plus the next one filling while it runs (Serve's default of 5 would cap batching)
@@ -178,6 +195,15 @@ def deployment_options(settings: AppSettings) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": settings.num_cpus},
         "health_check_period_s": 5.0,
     }
+    if s.max_queued_requests > 0:
+        # Two layers of load shedding (docs/serving.md, "Overload and deadlines"). The replica refuses a request when
+        # serve.max_queued_requests are already waiting for the batch (503, OpenAI-style body, code "overloaded"), so
+        # it must be sent that many beyond a full batch, plus room for requests being parsed or refused. Serve's own
+        # max_queued_requests bounds what waits at each proxy for a replica slot (all replicas full); Serve answers
+        # those with 503 and the same Retry-After, before they reach a replica.
+        opts["max_ongoing_requests"] = s.max_batch_size + s.max_queued_requests + OVERLOAD_HEADROOM
+        opts["max_queued_requests"] = s.max_queued_requests
+        opts["backpressure_config"] = BackpressureConfig(status_code=503, retry_after_s=float(OVERLOAD_RETRY_AFTER_S))
     if s.max_replicas > s.replicas:
         opts["autoscaling_config"] = {
             "min_replicas": s.replicas,

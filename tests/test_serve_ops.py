@@ -1,0 +1,273 @@
+"""Operating the Serve endpoint under load: overload 503s with ``Retry-After``, per-request deadlines, cancelled
+rows of clients that go away, and the Prometheus metrics (scraped from Ray's metrics agent).
+
+Everything runs against one small application (``ops`` at ``/ops``) deployed beside the session's shared app on the
+session's local Ray: batch-1 serving (``serve.max_batch_size=1``), two requests allowed to wait
+(``serve.max_queued_requests=2``) and a 2 s deadline, so overload and deadlines show within seconds on 2 shared cores.
+Replies are kept from ending early by a ``logit_bias`` that forbids the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+import requests
+
+from rlchat.tokenizer import ChatTokenizer
+from serve import testing
+
+APP = "ops"
+PREFIX = "/ops"
+MAX_QUEUED = 2
+TIMEOUT_S = 2.0
+"""The app's ``serve.request_timeout_s``."""
+SLACK_S = 1.0
+"""What a reply may take beyond its deadline: the step that notices it and the trip back through Serve's proxy."""
+MAX_TOKENS = 1900
+CONTEXT = 2048
+VOCAB = 4096
+
+
+@pytest.fixture(scope="module")
+def ops(ray_local, tmp_path_factory) -> str:
+    """The ``ops`` app's base URL (deleted at the end of the module; Serve itself stays for the session)."""
+    from ray import serve as ray_serve
+
+    root = tmp_path_factory.mktemp("serve_ops")
+    ckpt = testing.make_tiny_checkpoint(root / "ckpt", n_positions=CONTEXT, vocab_size=VOCAB)
+    url = testing.deploy(
+        ckpt,
+        name=APP,
+        route_prefix=PREFIX,
+        max_batch_size=1,
+        batch_wait_timeout_s=0.0,
+        max_queued_requests=MAX_QUEUED,
+        request_timeout_s=TIMEOUT_S,
+        max_tokens=MAX_TOKENS,
+        feedback_store=f"sqlite:///{root / 'feedback.db'}",
+        model_name=APP,
+        num_cpus=0,
+    )
+    yield url
+    ray_serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def no_eot() -> dict[str, float]:
+    """``logit_bias`` that forbids the end-of-turn token: an untrained model's reply then runs to its budget."""
+    return {str(ChatTokenizer("cl100k_base", VOCAB).eot_id): -100}
+
+
+def _chat(url: str, max_tokens: int, bias: dict[str, float], timeout: float = 60, **extra) -> requests.Response:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "logit_bias": bias, **extra}
+    return requests.post(f"{url}/v1/chat/completions", json=body, timeout=timeout)
+
+
+def _load(url: str) -> dict:
+    return requests.get(f"{url}/readyz", timeout=10).json()["load"]
+
+
+def _fire(url: str, n: int, max_tokens: int, bias: dict[str, float]) -> list[tuple[requests.Response, float]]:
+    """``n`` requests at once (a barrier releases them together); each response with its latency."""
+    barrier = threading.Barrier(n)
+
+    def one(_: int) -> tuple[requests.Response, float]:
+        barrier.wait()
+        t = time.perf_counter()
+        r = _chat(url, max_tokens, bias)
+        return r, time.perf_counter() - t
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def _check_refusal(r: requests.Response) -> None:
+    """A load-shedding 503: ``Retry-After``; from the replica, an OpenAI-style body with code ``overloaded``."""
+    assert r.status_code == 503
+    assert int(r.headers["Retry-After"]) >= 1
+    if r.headers.get("content-type", "").startswith("application/json"):  # Serve's proxy answers in plain text
+        err = r.json()["error"]
+        assert err["code"] in ("overloaded", "queue_timeout") and err["type"] == "server_error", err
+
+
+def test_overload_is_refused_with_503_and_retry_after(ops, no_eot):
+    results = _fire(ops, 16, 40, no_eot)
+    codes = [r.status_code for r, _ in results]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= MAX_QUEUED, codes  # a burst: the first ones admitted wait too, until their first token
+    assert codes.count(503) >= 4, codes
+    for r, _ in results:
+        if r.status_code == 503:
+            _check_refusal(r)
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 40
+    replica = [r for r, _ in results if r.status_code == 503 and "json" in r.headers.get("content-type", "")]
+    assert replica, "no 503 came from the replica's own queue bound"
+    assert _load(ops)["rejected"]["overloaded"] >= len(replica)
+
+
+def test_four_times_overload_gives_only_503s_and_accepted_requests_meet_their_deadline(ops, no_eot):
+    # 1. the replica's capacity: batch-1 requests of 40 tokens, one after another
+    t = time.perf_counter()
+    for _ in range(3):
+        assert _chat(ops, 40, no_eot).status_code == 200
+    service_s = (time.perf_counter() - t) / 3
+    # 2. open-loop arrivals at 4x that rate: 60 requests (or ~4 s of them)
+    interval = service_s / 4
+    n = min(60, max(12, int(4.0 / interval)))
+    results: list[tuple[int, float, str | None]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        t0 = time.perf_counter()
+        r = _chat(ops, 40, no_eot)
+        reason = r.json()["choices"][0]["finish_reason"] if r.status_code == 200 else None
+        if r.status_code == 503:
+            _check_refusal(r)
+        with lock:
+            results.append((r.status_code, time.perf_counter() - t0, reason))
+
+    threads = []
+    start = time.perf_counter()
+    for i in range(n):
+        time.sleep(max(0.0, start + i * interval - time.perf_counter()))
+        threads.append(threading.Thread(target=one))
+        threads[-1].start()
+    for th in threads:
+        th.join(60)
+    codes = [c for c, _, _ in results]
+    assert len(results) == n
+    assert set(codes) <= {200, 503}, codes  # no 5xx except the intended 503s
+    assert codes.count(503) >= 1 and codes.count(200) >= 3, (service_s, codes)
+    slow = [(lat, reason) for c, lat, reason in results if c == 200 and lat > TIMEOUT_S + SLACK_S]
+    assert not slow, f"accepted requests past their deadline (+{SLACK_S} s): {slow}; service {service_s:.3f} s"
+
+
+def test_a_long_reply_ends_with_length_at_its_deadline(ops, no_eot):
+    t = time.perf_counter()
+    r = _chat(ops, MAX_TOKENS, no_eot)
+    elapsed = time.perf_counter() - t
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert 0 < body["usage"]["completion_tokens"] < MAX_TOKENS, "the deadline, not the budget, ended the reply"
+    assert TIMEOUT_S - 0.2 < elapsed < TIMEOUT_S + SLACK_S, elapsed
+
+    # streamed: the final chunk says "length" too
+    t = time.perf_counter()
+    with _chat(ops, MAX_TOKENS, no_eot, stream=True) as s:
+        data = [line[5:].strip() for line in s.iter_lines(decode_unicode=True) if line.startswith("data:")]
+    elapsed = time.perf_counter() - t
+    assert data[-1] == "[DONE]"
+    finals = [c["finish_reason"] for d in data[:-1] for c in json.loads(d).get("choices", ()) if c["finish_reason"]]
+    assert finals == ["length"] and elapsed < TIMEOUT_S + SLACK_S, (finals, elapsed)
+    assert _load(ops)["deadline_truncated"] >= 2
+
+
+def test_a_plain_client_that_goes_away_gets_its_rows_cancelled(ops, no_eot):
+    before = _load(ops)
+    t = time.perf_counter()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        _chat(ops, MAX_TOKENS, no_eot, timeout=0.4)  # the client gives up and closes the connection
+    # well before the 2 s deadline, generation must already have stopped
+    time.sleep(0.5)
+    mid = _load(ops)
+    time.sleep(0.6)
+    after = _load(ops)
+    assert time.perf_counter() - t < TIMEOUT_S, "too slow to tell cancellation from the deadline; rerun"
+    assert after["generated_tokens"] == mid["generated_tokens"], (mid, after)  # nothing generates any more
+    generated = mid["generated_tokens"] - before["generated_tokens"]
+    assert 0 < generated < MAX_TOKENS // 2, generated
+    assert after["responses"].get("499", 0) == before["responses"].get("499", 0) + 1, after["responses"]
+    assert after["waiting"] == 0
+    # the replica serves the next request at once (batch-1: nothing still occupies the row)
+    t = time.perf_counter()
+    assert _chat(ops, 20, no_eot).status_code == 200
+    assert time.perf_counter() - t < 1.0
+
+
+def _scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Prometheus text from Ray's metrics agent, as name -> [(labels, value)] for the rlchat samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "rlchat_serve_" in sample.name:
+                out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def _total(samples: dict, name: str, **labels: str) -> float:
+    return sum(
+        v
+        for lab, v in samples.get(name, ())
+        if lab.get("model") == APP and all(lab.get(k) == x for k, x in labels.items())
+    )
+
+
+def test_prometheus_metrics_are_exported(ops, no_eot, ray_local):
+    for _ in range(3):
+        assert _chat(ops, 20, no_eot).status_code == 200
+    with _chat(ops, 20, no_eot, stream=True) as s:
+        assert s.status_code == 200 and list(s.iter_lines())
+    ports = {n["MetricsExportPort"] for n in ray_local.nodes() if n["Alive"] and n.get("MetricsExportPort")}
+    assert ports, "no node exports metrics"
+    load = _load(ops)
+    want = {
+        "ray_rlchat_serve_ttft_seconds_count": 4,
+        "ray_rlchat_serve_inter_token_seconds_count": 4 * 19,
+        "ray_rlchat_serve_generated_tokens_total": 80,
+        "ray_rlchat_serve_batch_rows_count": 80,
+        "ray_rlchat_serve_step_seconds_count": 80,
+        "ray_rlchat_serve_admitted_jobs_total": 4,
+    }
+    deadline = time.monotonic() + 45  # Ray's agent exports what replicas recorded every few seconds
+    samples: dict = {}
+    while time.monotonic() < deadline:
+        samples = {}
+        for port in ports:
+            for k, v in _scrape(port).items():
+                samples.setdefault(k, []).extend(v)
+        if (
+            all(_total(samples, k) >= v for k, v in want.items())
+            and _total(samples, "ray_rlchat_serve_responses_total", code="200") >= 4
+        ):
+            break
+        time.sleep(1.0)
+    got = {k: _total(samples, k) for k in want}
+    assert all(got[k] >= v for k, v in want.items()), (got, sorted(samples))
+    # sane values: tokens generated match the replica's own count up to the export lag; latencies are finite
+    assert got["ray_rlchat_serve_generated_tokens_total"] <= _load(ops)["generated_tokens"]
+    assert got["ray_rlchat_serve_generated_tokens_total"] >= 0.5 * load["generated_tokens"]
+    assert _total(samples, "ray_rlchat_serve_responses_total", code="200") >= 4
+    assert _total(samples, "ray_rlchat_serve_rejected_requests_total", reason="overloaded") >= 1
+    assert "ray_rlchat_serve_queue_depth" in samples
+    ttft_sum = _total(samples, "ray_rlchat_serve_ttft_seconds_sum")
+    assert 0 < ttft_sum < 60 * got["ray_rlchat_serve_ttft_seconds_count"]
+    rows_le_1 = _total(samples, "ray_rlchat_serve_batch_rows_bucket", le="1.0")
+    assert rows_le_1 == got["ray_rlchat_serve_batch_rows_count"]  # batch-1 serving: every step has one row
+
+
+def test_settings_bound_the_queue_at_the_replica_and_at_serves_proxy(tmp_path):
+    from ray.serve.config import BackpressureConfig
+
+    from rlchat.errors import ConfigError
+    from serve.settings import deployment_options, resolve_settings
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
+    opts = deployment_options(resolve_settings({"checkpoint": str(ckpt), "max_queued_requests": 5}))
+    assert opts["max_queued_requests"] == 5
+    assert opts["backpressure_config"] == BackpressureConfig(status_code=503, retry_after_s=1.0)
+    assert opts["max_ongoing_requests"] > 16 + 5  # a full batch plus the queue reach the replica, which refuses first
+    unbounded = deployment_options(resolve_settings({"checkpoint": str(ckpt), "max_queued_requests": 0}))
+    assert "max_queued_requests" not in unbounded and "backpressure_config" not in unbounded
+    for key, bad in (("max_queued_requests", -1), ("request_timeout_s", -5)):
+        with pytest.raises(ConfigError, match=f"serve.{key}={bad}"):
+            resolve_settings({"checkpoint": str(ckpt), key: bad})
