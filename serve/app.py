@@ -30,13 +30,12 @@ route                          what
 
 How requests are served, and why:
 
-- **Dynamic batching.** Every request, plain or streamed, goes through ``@serve.batch``
-  (``serve.max_batch_size``, ``serve.batch_wait_timeout_s``): concurrent requests become one lock-step generation
-  batch (:class:`BatchRun`), advanced one token per step; each request receives its share of every step (an async
-  generator batch), so streams stream and a short request leaves the batch when its own reply ends. Requests whose
-  settings differ only in their token budgets share one stream (each row ends at its own budget); other settings
-  form sub-batches. Per-row seeds make a seeded reply independent of what it was batched with.
-  ``serve.max_batch_size=1`` is batch-1 serving (the benchmark's "off").
+- **Continuous batching.** Every request, plain or streamed, goes to the replica's :class:`Batcher`
+  (``serve/batching.py``): its rows join the running decode batch at the next decoding step (up to
+  ``serve.max_batch_size`` requests) and leave it when their reply ends; each request receives its share of every
+  step, so streams stream. Rows with different settings share the batch. Per-row seeds make a seeded reply
+  independent of what it was batched with. Beam searches run on their own thread and do not stall the batch.
+  ``serve.max_batch_size=1`` is batch-1 serving.
 - **One generation thread per replica.** Every forward runs on a single-thread executor, so the event loop stays
   free to accept requests (and to fill the next batch) while the model computes, and torch gets a fixed thread
   budget (the replica's CPUs) instead of fighting other processes for the cores.
