@@ -24,7 +24,7 @@ from typing import Any
 
 from rlchat.core.config import Config, load_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 QUICK_OVERRIDES = {
     "rm.max_steps": 20,
     "ppo.iterations": 30,

@@ -1219,7 +1219,7 @@ def builtin_path(name: str) -> Path:
     """The file of a built-in demo data set (``task``, ``chat`` or ``prefs``)."""
     if name not in BUILTIN:
         raise DataError(f"builtin:{name}: unknown built-in data set; expected one of {', '.join(BUILTIN)}")
-    return Path(__file__).resolve().parent / "demo_data" / f"{name}.jsonl"
+    return Path(__file__).resolve().parents[1] / "demo_data" / f"{name}.jsonl"
 
 
 def _split_name(split: str) -> None:

@@ -59,7 +59,7 @@ def project_root() -> Path | None:
     Returns:
         The directory holding ``pyproject.toml`` and ``rlchat/``, when there is one.
     """
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if (root / "pyproject.toml").is_file() and (root / "rlchat" / "__init__.py").is_file():
         return root
     return None
