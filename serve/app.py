@@ -62,6 +62,12 @@ How requests are served, and why:
   a latest turn that alone exceeds the context, temperature range -> 400 with an OpenAI-style ``{"error": {...}}``
   body; requests for unsupported features (non-empty ``tools``, JSON ``response_format``) -> 400 naming them. A
   malformed body is a 400, never a 500 (a schemathesis fuzz of ``/openapi.json`` checks it).
+- **Overload and time.** At most ``serve.max_queued_requests`` admitted requests wait per replica; more get 503 +
+  ``Retry-After`` (code ``overloaded``) before any work; ``serve.request_timeout_s`` is a deadline (still queued:
+  503 ``queue_timeout``; generating: the reply ends with ``length``); a client that goes away, streamed or plain,
+  has its rows ended at the next step (logged as 499). See :meth:`ChatServer._admit`, :meth:`ChatServer._collect`.
+- **Metrics.** Prometheus metrics through Ray Serve's metrics API (:mod:`serve.metrics`): TTFT, inter-token latency,
+  generated tokens, rows per step, queue depth, rejections, responses by status.
 - **Logs.** One line per request (id, status, token counts, finish reasons, latency) without message bodies
   unless ``serve.log_bodies`` is set.
 - **Crashes.** A replica whose process dies is replaced by Serve's controller; ``/readyz`` reports the new pid.
