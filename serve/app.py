@@ -105,10 +105,22 @@ from rlchat.feedback_store import RETRY_AFTER_S
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer
 from rlchat.tokenizer import ContextOverflowError, fit_history
-from serve.batching import Batcher, DeadlineExceeded, GenerationJob, JobOutput, row_seeds
+from serve.batching import DeadlineExceeded, GenerationJob, JobOutput, row_seeds
 from serve.feedback import FeedbackRecorder
 from serve.formats import ChatFormat, CompletionFormat, ResponseFormat
 from serve.metrics import REJECT_OVERLOADED, REJECT_QUEUE_TIMEOUT, RequestTimer, ServeMetrics
+from serve.models import (
+    VERSION_HEADER,
+    ModelSet,
+    ServedVersion,
+    VersionSpec,
+    current_version,
+    follow_run,
+    is_uri,
+    load_version,
+    parse_versions,
+    use_version,
+)
 from serve.safety import SAFETY_HOLDBACK_CHARS, WITHHELD_NOTICE, SafetyFilter
 from serve.schemas import (
     IGNORED_FIELDS_HEADER,
@@ -137,6 +149,7 @@ from serve.settings import (
     exposure_warning,
     is_loopback,
     resolve_settings,
+    ship_checkpoints,
 )
 
 if TYPE_CHECKING:
@@ -153,7 +166,7 @@ CONVERSATION_HEADER = "X-RLChat-Conversation-Id"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """``/v1/completions`` budget when the request sets none (OpenAI's default)."""
-EXPOSED_HEADERS = ("X-Request-Id", DROPPED_TURNS_HEADER, IGNORED_FIELDS_HEADER)
+EXPOSED_HEADERS = ("X-Request-Id", DROPPED_TURNS_HEADER, IGNORED_FIELDS_HEADER, VERSION_HEADER)
 """Response headers a browser page on an allowed CORS origin may read."""
 DISCONNECT_POLL_S = 0.25
 """How often a non-streamed request checks whether its client is still connected (its rows are cancelled if not)."""
@@ -183,6 +196,16 @@ _REQUEST_BODIES: dict[tuple[str, str], type] = {
 }
 """Request models of the routes that parse their raw body themselves (strict JSON, OpenAI-style errors): the
 OpenAPI spec gets them as request bodies, so ``/docs`` and schema-driven clients see every accepted field."""
+
+
+def _node_id() -> str:
+    """The Ray node this replica runs on (``/readyz``, for the operator)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - informational only
+        return ""
 
 
 def _openapi() -> dict[str, Any]:
@@ -297,19 +320,26 @@ class ChatServer:
     def __init__(self, settings: AppSettings) -> None:
         import torch
 
-        from rlchat.checkpoint import load_policy
-
         torch.set_num_threads(max(1, int(settings.num_cpus)))
         self.settings = settings
         self.cfg = settings.config.serve
-        model, tok, ckpt = load_policy(settings.checkpoint)
-        model.eval()
-        self.tokenizer = tok
-        self.checkpoint = ckpt
-        self.engine = GenerationEngine(model, tok, precision=settings.config.model.precision)
-        self.max_positions = int(self.engine.max_positions or settings.config.model.n_positions)
         self.model_name = settings.model_name
         self.created = int(time.time())
+        self.device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if self.cfg.num_gpus > 0 and self.device == "cpu":
+            logger.warning("serve.num_gpus=%s but this replica sees no CUDA device; the model runs on the CPU",
+                           self.cfg.num_gpus)  # fmt: skip
+        # The versions (serve/models.py): one per checkpoint, each with its engine and scheduler. `engine`,
+        # `tokenizer`, `batcher`, `stats`, `checkpoint`, `max_positions` and `model_version` are properties that
+        # resolve to the version bound to the current request (_check_model), else the default version.
+        self.metrics = ServeMetrics(self.model_name)  # also the Batcher's observer (rows, queue depth, tokens)
+        self.models = ModelSet(self.model_name, (DEFAULT_MODEL_NAME,))
+        initial = [self._load_version(spec) for spec in settings.version_specs()]
+        self.models.set(initial, {v.name: v.spec.weight for v in initial})
+        self._follower: asyncio.Task | None = None
+        if settings.from_run:
+            self._start_follower()
+        tok, ckpt = self.tokenizer, self.checkpoint
         self.safety = SafetyFilter(settings.config.reward, tok) if self.cfg.safety_filter else None
         if self.safety is not None and not (
             settings.config.reward.safety_patterns or settings.config.reward.safety_classifier
@@ -319,13 +349,7 @@ class ChatServer:
                 "nothing is ever flagged; set one of them (e.g. reward.safety_patterns=['badword'])"
             )
         self.feedback = FeedbackRecorder(self.cfg)
-        self.model_version = self.cfg.model_version or default_model_version(ckpt.path)
-        self.metrics = ServeMetrics(self.model_name)  # also the Batcher's observer (rows, queue depth, tokens)
         self._waiting: dict[str, float] = {}  # admitted requests without a first token yet -> admitted at (_admit)
-        self.batcher = Batcher(
-            self.engine, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s, observer=self.metrics
-        )
-        self.stats = self.batcher.stats
         # Through the imported module: Serve's ingress ships this class by value, so its methods' globals are a copy
         # and a bare `_CORS_ORIGINS` here would not be the list the middleware (imported normally) reads.
         importlib.import_module(__name__)._CORS_ORIGINS[0] = tuple(self.cfg.cors_origins)
@@ -337,6 +361,99 @@ class ChatServer:
             self.cfg.max_batch_size,
             self.cfg.safety_filter,
             bool(self.cfg.api_key),
+        )
+
+    # ------------------------------------------------------------------------------------------------ versions
+    def _load_version(self, spec: VersionSpec) -> ServedVersion:
+        """Load one version (blocking; :meth:`reconfigure` and the follower run it on a loader thread)."""
+        if self.settings.versions:
+            label = f"{spec.name}/{default_model_version(spec.checkpoint)}"
+        else:
+            label = self.cfg.model_version
+        return load_version(
+            spec,
+            self.cfg,
+            self.settings.config.model.precision,
+            self.device,
+            label=label,
+            cache_dir=self.cfg.checkpoint_cache,
+            observer=self.metrics,
+        )
+
+    @property
+    def served(self) -> ServedVersion:
+        """The version answering the current request (bound by :meth:`_check_model`), else the default one."""
+        return current_version(self.models.default)
+
+    @property
+    def engine(self) -> GenerationEngine:
+        return self.served.engine
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.served.tokenizer
+
+    @property
+    def batcher(self) -> Any:
+        """The current version's scheduler (``submit``, ``stats``, ``alive``), counting its requests in flight."""
+        return self.served
+
+    @property
+    def stats(self) -> Any:
+        return self.served.stats
+
+    @property
+    def checkpoint(self) -> Any:
+        return self.served.checkpoint
+
+    @property
+    def max_positions(self) -> int:
+        return self.served.max_positions
+
+    @property
+    def model_version(self) -> str:
+        """The feedback-store label of the current version (``serve.model_version``, else ``<run>/<ckpt>``)."""
+        return self.served.label
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's in-place update (a ``serve deploy`` that changes only the deployment's ``user_config``).
+
+        ``user_config: {versions: [{name, checkpoint, weight}, ...]}`` becomes the served set: new or changed
+        versions load before they take traffic, then weights and versions swap at once, and removed versions drain
+        (requests already running finish on them). An empty list goes back to the app's own checkpoint(s). Raises
+        (and Serve reports the update as failed, the replica keeping its current set) when a version cannot load.
+        """
+        raw = (user_config or {}).get("versions")
+        if raw is None:
+            return
+        specs = parse_versions(raw, "user_config.versions", self.model_name) or self.settings.version_specs()
+        own = {v.source: v for v in self.settings.version_specs()}
+        resolved = []
+        for spec in specs:
+            if spec.source in own:  # keeps the driver's shipped copy, if any
+                resolved.append(VersionSpec(spec.name, spec.checkpoint, spec.weight, own[spec.source].shipped))
+            elif not is_uri(spec.checkpoint) and not Path(spec.checkpoint).is_absolute():
+                raise ConfigError(
+                    f"user_config.versions: {spec.name}: checkpoint {spec.checkpoint!r} is relative; a replica runs "
+                    "in another directory: give an absolute path or a URI"
+                )
+            else:
+                resolved.append(spec)
+        await self.models.apply(resolved, self._load_version)
+
+    def _start_follower(self) -> None:
+        """``serve.follow``: watch the run's best checkpoint and swap to each new one (:func:`follow_run`)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop in this constructor: check_health starts it
+        run = self.settings.from_run
+
+        async def swap(path: Path) -> None:
+            await self.models.apply([VersionSpec(self.model_name, str(path), 1.0)], self._load_version)
+
+        self._follower = loop.create_task(
+            follow_run(run, self.cfg.follow_interval_s, lambda: self.models.default.checkpoint.path, swap)
         )
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -414,13 +531,18 @@ class ChatServer:
         return messages, prompt, params, dropped
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model not in (self.model_name, DEFAULT_MODEL_NAME):
+        """Bind the request to its version: the one ``model`` names, or one by weight for the app's name (404 for
+        an unknown name). Everything after this (tokenizer, context, engine, scheduler) is that version's."""
+        version = self.models.pick(model)
+        if version is None:
+            names = ", ".join(repr(n) for n in [self.model_name, *self.models.names()] if n)
             raise APIError(
                 404,
-                f"the model {model!r} does not exist on this server; it serves {self.model_name!r} (GET /v1/models)",
+                f"the model {model!r} does not exist on this server; it serves {names} (GET /v1/models)",
                 "model",
                 "model_not_found",
             )
+        use_version(version)
 
     def _sampling_params(self, req: SamplingFields, budget: int, top_logprobs: int, beams: int = 1) -> SamplingParams:
         """The engine's settings for a valid request (a 400 for values the engine refuses)."""
@@ -627,7 +749,12 @@ class ChatServer:
             "stage": self.checkpoint.stage,
             "step": self.checkpoint.step,
             "replica": ctx.replica_id.unique_id,
-            **({"pid": os.getpid()} if operator else {}),
+            **({"pid": os.getpid(), "node_id": _node_id()} if operator else {}),
+            "device": self.device,
+            "versions": [v.describe(operator, self.models.weights.get(n)) for n, v in self.models.versions.items()],
+            "draining": [v.describe(operator) for v in self.models.draining],
+            "swaps": self.models.swaps - 1,
+            **({"follow": {"interval_s": self.cfg.follow_interval_s}} if self.settings.from_run else {}),
             "auth": bool(self.cfg.api_key),
             "safety_filter": self.cfg.safety_filter,
             "batching": {
@@ -653,20 +780,31 @@ class ChatServer:
 
     @api.get("/v1/models", response_model=ModelList)
     async def models(self, request: Request) -> dict[str, Any]:
+        """The app's model name (the alias: described by its heaviest version) and, with several versions, one card
+        per version (``parent`` = the alias, ``weight`` = its share of the alias's requests)."""
         self._auth(request)
         operator = self._operator(request)
-        card = ModelCard(
-            id=self.model_name,
-            created=self.created,
-            checkpoint=str(self.checkpoint.path) if operator else default_model_version(self.checkpoint.path),
-            stage=self.checkpoint.stage,
-            step=self.checkpoint.step,
-            max_model_len=self.max_positions,
-            max_messages=self.cfg.max_messages,
-            max_chars=self.cfg.max_chars,
-            max_tokens=self.cfg.max_tokens,
-        )
-        return ModelList(data=[card]).model_dump()
+
+        def card(model_id: str, v: ServedVersion, **extra: Any) -> ModelCard:
+            path = v.checkpoint.path
+            return ModelCard(
+                id=model_id,
+                created=int(v.loaded_at),
+                checkpoint=str(path) if operator else default_model_version(path),
+                stage=v.checkpoint.stage,
+                step=v.checkpoint.step,
+                max_model_len=v.max_positions,
+                max_messages=self.cfg.max_messages,
+                max_chars=self.cfg.max_chars,
+                max_tokens=self.cfg.max_tokens,
+                **extra,
+            )
+
+        cards = [card(self.model_name, self.models.default)]
+        if self.models.names() != [self.model_name]:
+            w = self.models.weights
+            cards += [card(n, v, parent=self.model_name, weight=w.get(n)) for n, v in self.models.versions.items()]
+        return ModelList(data=cards).model_dump()
 
     @api.post(
         "/v1/chat/completions",
@@ -686,7 +824,7 @@ class ChatServer:
             self.stats.errors += 1
             self._log(cid, e.status, t0, error=e.code or e.type)
             raise
-        fmt = ChatFormat(cid, int(time.time()), self.model_name, self.tokenizer, bool(req.logprobs))
+        fmt = ChatFormat(cid, int(time.time()), self.served.name, self.tokenizer, bool(req.logprobs))
         return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0, request)
 
     @api.post(
@@ -734,7 +872,7 @@ class ChatServer:
             self.stats.errors += 1
             self._log(cid, e.status, t0, error=e.code or e.type)
             raise
-        fmt = CompletionFormat(cid, int(time.time()), self.model_name, self.tokenizer, req.logprobs is not None)
+        fmt = CompletionFormat(cid, int(time.time()), self.served.name, self.tokenizer, req.logprobs is not None)
         return await self._respond(req, fmt, None, prompt, params, 0, ignored, t0, request)
 
     async def _respond(
@@ -753,7 +891,7 @@ class ChatServer:
         whose client goes away while it waits is cancelled (:meth:`_collect`)."""
         cid = fmt.cid
         seeds = row_seeds(req.seed, req.choices())
-        headers = {"X-Request-Id": cid, DROPPED_TURNS_HEADER: str(dropped)}
+        headers = {"X-Request-Id": cid, DROPPED_TURNS_HEADER: str(dropped), VERSION_HEADER: fmt.model}
         if ignored:
             # header values are latin-1 on the wire: percent-encode whatever a client put in its key names
             headers[IGNORED_FIELDS_HEADER] = ",".join(quote(k, safe="[]._-") for k in ignored)[:1000]
@@ -983,7 +1121,9 @@ class ChatServer:
 
     def check_health(self) -> None:
         """Serve's periodic health check: the generation thread must still accept work."""
-        if not self.batcher.alive:
+        if self.settings.from_run and self._follower is None:
+            self._start_follower()  # the constructor had no running event loop to start it on
+        if not self.models.default.alive:
             raise RuntimeError("the generation thread pool is shut down")
 
 
@@ -998,7 +1138,7 @@ def build_app(args: dict[str, Any]) -> "Application":
     Args:
         args: see :func:`resolve_settings`.
     """
-    settings = resolve_settings(args)
+    settings = ship_checkpoints(resolve_settings(args))  # builders run with Ray connected
     s = settings.config.serve
     warning = exposure_warning(s.host, s.api_key) if "host" in args else None
     if warning:

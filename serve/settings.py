@@ -39,6 +39,22 @@ class AppSettings:
     config: Config
     model_name: str = DEFAULT_MODEL_NAME
     num_cpus: float = 1.0
+    versions: tuple[Any, ...] = ()
+    """``serve.models.VersionSpec`` s (checkpoints absolute or URIs); empty = serve ``checkpoint`` alone."""
+    from_run: str = ""
+    """The run directory (absolute) with ``serve.follow``: replicas follow its best checkpoint."""
+    source: str = ""
+    """The checkpoint as given when it is a URI (``checkpoint`` is then the driver's cached copy)."""
+    shipped: Any = None
+    """Object-store reference of the packed checkpoint (:func:`ship_checkpoints`), or None."""
+
+    def version_specs(self) -> tuple[Any, ...]:
+        """What a replica loads at start: the versions, or ``checkpoint`` as the one version named ``model_name``."""
+        from serve.models import VersionSpec
+
+        if self.versions:
+            return self.versions
+        return (VersionSpec(self.model_name, self.source or self.checkpoint, 1.0, shipped=self.shipped),)
 
 
 def resolve_settings(args: dict[str, Any]) -> AppSettings:
@@ -55,15 +71,25 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
     """
     from rlchat.checkpoint import POLICY_STAGES, find_best_checkpoint, read_checkpoint
     from rlchat.config import ServeConfig
+    from serve.models import fetch_uri, is_uri
 
     args = dict(args)
     ckpt, run = args.pop("checkpoint", None), args.pop("from_run", None)
-    if bool(ckpt) == bool(run):
+    raw_versions = args.pop("versions", None)
+    if bool(ckpt) == bool(run) and not (raw_versions and not ckpt and not run):
         raise ConfigError(
             "serve: expected exactly one of a checkpoint directory or --from-run RUN_DIR; "
             f"got checkpoint={ckpt!r}, from_run={run!r}"
         )
-    path = find_best_checkpoint(run) if run else Path(ckpt)
+    versions = _resolve_versions(raw_versions, "versions", str(args.get("model_name", DEFAULT_MODEL_NAME)))
+    source = str(ckpt) if ckpt and is_uri(str(ckpt)) else ""
+    if run:
+        path = find_best_checkpoint(run)
+    elif ckpt:
+        path = fetch_uri(source, args.get("checkpoint_cache") or "") if source else Path(ckpt)
+    else:  # versions only: the first one's config is the app's
+        first = versions[0].checkpoint
+        path = fetch_uri(first, args.get("checkpoint_cache") or "") if is_uri(first) else Path(first)
     info = read_checkpoint(path, expect_stage=POLICY_STAGES)
     config_path = args.pop("config", None)
     cfg = load_config(config_path) if config_path else info.config
@@ -77,7 +103,8 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         dotted = key if "." in key else f"serve.{key}"
         if "." not in key and key not in serve_fields:
             raise ConfigError(
-                f"serve app argument {key!r}: unknown; expected checkpoint, from_run, config, model_name, num_cpus, "
+                f"serve app argument {key!r}: unknown; expected checkpoint, from_run, versions, config, model_name, "
+                "num_cpus, "
                 f"a serve.* field ({', '.join(sorted(serve_fields))}) or a dotted config key"
             )
         if isinstance(value, str) and not key.endswith("api_key"):
@@ -109,6 +136,16 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
             f"serve.feedback_rate_limit={s.feedback_rate_limit}: expected >= 0 requests per minute; use 60, or 0 for "
             "no limit"
         )
+    if s.versions and not versions:
+        versions = _resolve_versions([dict(v) for v in s.versions], "serve.versions", model_name)
+    if s.follow and not run:
+        raise ConfigError("serve.follow=true: following needs a run directory; serve it with --from-run RUN_DIR")
+    if s.follow and versions:
+        raise ConfigError("serve.follow=true with serve.versions: a followed run is one version; drop one of them")
+    if s.follow_interval_s <= 0:
+        raise ConfigError(f"serve.follow_interval_s={s.follow_interval_s}: expected > 0 seconds, e.g. 5")
+    if s.num_gpus < 0:
+        raise ConfigError(f"serve.num_gpus={s.num_gpus}: expected >= 0 GPUs per replica (0 = CPU, 1, or 0.5 to share)")
     if s.max_replicas < s.replicas:
         cfg = cfg.replace(**{"serve.max_replicas": s.replicas})
     feedback = Path(cfg.serve.feedback_path).expanduser()
@@ -125,7 +162,39 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
                 store,
             )
     cfg = cfg.replace(**{"serve.feedback_store": store})
-    return AppSettings(str(info.path.resolve()), cfg, model_name, num_cpus)
+    follow = str(Path(run).resolve()) if run and s.follow else ""
+    return AppSettings(str(info.path.resolve()), cfg, model_name, num_cpus, versions, follow, source)
+
+
+def _resolve_versions(raw: Any, where: str, model_name: str) -> tuple[Any, ...]:
+    """Validated version specs, local checkpoints made absolute and checked now (not first on a replica)."""
+    from rlchat.checkpoint import POLICY_STAGES, read_checkpoint
+    from serve.models import VersionSpec, is_uri, parse_versions
+
+    if isinstance(raw, str):  # `serve run serve.app:build_app 'versions=[...]'`
+        raw = parse_override(f"serve.versions={raw}")[1]
+    out = []
+    for v in parse_versions(raw, where, model_name):
+        if not is_uri(v.checkpoint):
+            v = VersionSpec(
+                v.name, str(read_checkpoint(v.checkpoint, expect_stage=POLICY_STAGES).path.resolve()), v.weight
+            )
+        out.append(v)
+    return tuple(out)
+
+
+def ship_checkpoints(settings: AppSettings) -> AppSettings:
+    """On the driver, with Ray connected: ship local checkpoints through the object store per
+    ``serve.ship_checkpoint`` (see :mod:`serve.models`); a followed run is never shipped (replicas read the run)."""
+    from serve.models import ship_checkpoint
+
+    mode = settings.config.serve.ship_checkpoint
+    if mode == "never" or settings.from_run:
+        return settings
+    if settings.versions:
+        return dataclasses.replace(settings, versions=tuple(ship_checkpoint(v, mode) for v in settings.versions))
+    (spec,) = settings.version_specs()
+    return dataclasses.replace(settings, shipped=ship_checkpoint(spec, mode).shipped)
 
 
 def resolve_api_key(api_key: str, api_key_file: str = "") -> str:
@@ -184,6 +253,17 @@ def default_model_version(checkpoint: str | Path) -> str:
     return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
 
 
+def replica_actor_options(settings: AppSettings) -> dict[str, Any]:
+    """``ray_actor_options`` of a replica: its CPUs, ``serve.num_gpus`` GPUs and ``serve.resources``."""
+    s = settings.config.serve
+    opts: dict[str, Any] = {"num_cpus": settings.num_cpus}
+    if s.num_gpus > 0:
+        opts["num_gpus"] = s.num_gpus
+    if s.resources:
+        opts["resources"] = dict(s.resources)
+    return opts
+
+
 def deployment_options(settings: AppSettings) -> dict[str, Any]:
     """Serve deployment options from ``cfg.serve``: fixed replicas, or autoscaling when max_replicas > replicas."""
     from ray.serve.config import BackpressureConfig
@@ -192,7 +272,7 @@ def deployment_options(settings: AppSettings) -> dict[str, Any]:
     opts: dict[str, Any] = {
         # room for a full batch plus the next one filling while it runs (Serve's default of 5 would cap batching)
         "max_ongoing_requests": max(64, 4 * s.max_batch_size),
-        "ray_actor_options": {"num_cpus": settings.num_cpus},
+        "ray_actor_options": replica_actor_options(settings),
         "health_check_period_s": 5.0,
     }
     if s.max_queued_requests > 0:

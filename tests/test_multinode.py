@@ -519,3 +519,23 @@ def test_two_replicas_on_two_nodes_write_1000_ratings_into_one_store(ray_cluster
         pairs = store.rows("pairs")
         assert sorted(p["chosen_id"] for p in pairs) == sorted(f"chatcmpl-{name}-{i}" for i in range(0, n, 2)), name
         store.close()
+
+
+SHIPPED_TIMEOUT_S = 480.0
+
+
+def test_replica_on_the_worker_node_loads_a_checkpoint_shipped_from_the_driver(ray_cluster):
+    """#13 item 5: the checkpoint exists only on the driver's node (and not even there once the app is built); the
+    replica, forced onto the worker node, loads the copy shipped through the object store and answers."""
+    info, logs = ray_cluster.run_job(f"python tests/jobs/serve_shipped.py --port {_free_port()}", SHIPPED_TIMEOUT_S)
+    _assert_succeeded(info, logs)
+    lines = [line for line in logs.splitlines() if line.startswith("SHIPPED_RESULT ")]
+    assert len(lines) == 1, logs[-6000:]
+    result = json.loads(lines[0].removeprefix("SHIPPED_RESULT "))
+    assert result["checkpoint_gone"] is True
+    assert result["status"] == 200 and isinstance(result["content"], str), result
+    assert result["step"] == 1 and "only_on_the_driver" not in result["loaded_from"], result
+    rollout_nodes = ray_cluster.rollout_node_ids()
+    assert result["replica_node_id"] in rollout_nodes and result["driver_node_id"] not in rollout_nodes, result
+    replicas = [a for a in ray_cluster.actors() if a.class_name == "ServeReplica:shipped:ChatServer"]
+    assert replicas and {a.node_id for a in replicas} <= rollout_nodes, [(a.class_name, a.node_id) for a in replicas]
