@@ -287,8 +287,8 @@ def ship_checkpoint(spec: VersionSpec, mode: str) -> VersionSpec:
 
     if mode == "never" or is_uri(spec.checkpoint):
         return spec
-    if mode == "auto" and sum(bool(n.get("Alive")) for n in ray.nodes()) <= 1:
-        return spec
+    if mode == "auto" and (not ray.is_initialized() or sum(bool(n.get("Alive")) for n in ray.nodes()) <= 1):
+        return spec  # no cluster to ship to (e.g. `serve build`, or the builder called to check a config)
     try:
         data = pack_checkpoint(spec.checkpoint)
     except ConfigError:
