@@ -306,7 +306,7 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config(ckpt, tmp_path, monkey
 
 
 def test_serve_command_needs_a_checkpoint():
-    from serve.launch import serve_command
+    from rlchat.cli.serve_cmd import serve_command
 
     with pytest.raises(ConfigError, match="exactly one"):
         serve_command(checkpoint=None, from_run=None, blocking=False)
@@ -617,8 +617,8 @@ def test_serve_from_run_serves_the_runs_best_checkpoint_to_the_openai_client(
     from openai import OpenAI
 
     from rlchat.checkpoint import CheckpointManager, find_best_checkpoint
+    from rlchat.cli.serve_cmd import serve_command
     from rlchat.metrics import EVAL_REWARD_MEAN, MetricsWriter, make_run_dir, read_metrics, write_run_config
-    from serve.launch import serve_command
 
     monkeypatch.delenv("RLCHAT_API_KEY", raising=False)
     # 1. a short PPO run: three checkpoints, the middle one best by eval/reward_mean, the oldest pruned

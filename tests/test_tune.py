@@ -320,9 +320,9 @@ def test_deploy_serves_the_best_checkpoint_and_blocks_only_on_a_local_instance(
     from rlchat.cli import tune_cmd as sweep
 
     calls: list[dict[str, Any]] = []
-    fake = types.ModuleType("serve.launch")
+    fake = types.ModuleType("rlchat.cli.serve_cmd")
     fake.serve_command = lambda **kw: calls.append(kw) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "serve.launch", fake)
+    monkeypatch.setitem(sys.modules, "rlchat.cli.serve_cmd", fake)
     assert sweep.deploy_best("/ckpt/step_000004", "10.0.0.1:6379", blocking=False) == 0
     assert calls == [{"checkpoint": "/ckpt/step_000004", "address": "10.0.0.1:6379", "blocking": False}]
     assert "deploying the best checkpoint /ckpt/step_000004" in capsys.readouterr().out

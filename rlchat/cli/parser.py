@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
 
     # serving and chat
-    p = cmd("serve", "serve.launch:serve_command", "serve a checkpoint behind an OpenAI-compatible HTTP API")
+    p = cmd("serve", "rlchat.cli.serve_cmd:serve_command", "serve a checkpoint behind an OpenAI-compatible HTTP API")
     p.add_argument("checkpoint", nargs="?", default=None)
     p.add_argument("--from-run", default=None, metavar="RUN_DIR", help="serve this run's best checkpoint")
     p.add_argument(

@@ -37,8 +37,8 @@ def _connects_to_cluster(address: str | None, base: Config) -> bool:
 
 
 def deploy_best(checkpoint: str, address: str | None, blocking: bool) -> int:
-    """Serve ``checkpoint`` with the Serve app (``serve.launch:serve_command``; it prints the URL)."""
-    from serve.launch import serve_command  # lazily: Serve's imports cost seconds and only --deploy needs them
+    """Serve ``checkpoint`` with the Serve app (``rlchat.cli.serve_cmd:serve_command``; it prints the URL)."""
+    from rlchat.cli.serve_cmd import serve_command  # lazily: Serve's imports cost seconds and only --deploy needs them
 
     print(f"deploying the best checkpoint {checkpoint}")
     return int(serve_command(checkpoint=checkpoint, address=address, blocking=blocking) or 0)
@@ -58,8 +58,8 @@ def tune_command(
 ) -> int:
     """``rlchat tune``: run (or ``--resume``) a sweep and write its results; ``--deploy`` serves the best.
 
-    With ``deploy``, the best checkpoint is served through :func:`serve.launch.serve_command` when the sweep ends:
-    blocking (until Ctrl-C) when this call started a local Ray instance, which would end with the process;
+    With ``deploy``, the best checkpoint is served through :func:`rlchat.cli.serve_cmd.serve_command` when the sweep
+    ends: blocking (until Ctrl-C) when this call started a local Ray instance, which would end with the process;
     non-blocking on a cluster or on a Ray instance the caller already runs (the app stays up on it).
 
     Returns:

@@ -7,7 +7,7 @@ from typing import Any
 
 from ray import serve as ray_serve
 
-from rlchat.feedback_store import display_url
+from rlchat.core.feedback_store import display_url
 from serve.app import ChatServer
 from serve.settings import APP_NAME, deployment_options, exposure_warning, resolve_settings, ship_checkpoints
 
@@ -36,7 +36,7 @@ def serve_command(
     """
     import ray
 
-    from rlchat.cluster import init_ray
+    from rlchat.distributed.cluster import init_ray
 
     args: dict[str, Any] = {"checkpoint": checkpoint, "from_run": from_run, "config": config}
     if host is not None:
