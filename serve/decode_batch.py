@@ -50,6 +50,10 @@ from rlchat.generation import (
     seed_keys,
 )
 
+MAX_CACHED_SETTINGS = 256
+"""Distinct (stop ids, stop strings, logit bias) whose tensors are kept for reuse by later rows (a bound: a long-lived
+replica sees ever new logit biases)."""
+
 
 @dataclass
 class RowStep:
@@ -72,7 +76,7 @@ class RowStep:
 
 
 class _Settings:
-    """What a :class:`SamplingParams` needs at every step, built once per distinct settings."""
+    """Stop conditions and logit bias of a :class:`SamplingParams` as tensors, shared by rows with equal ones."""
 
     def __init__(self, engine: GenerationEngine, params: SamplingParams) -> None:
         tok, dev, v = engine.tokenizer, engine.device, engine.vocab_size
@@ -90,9 +94,6 @@ class _Settings:
                         "use ids from the model's tokenizer"
                     )
                 self.bias[tid] = bias
-        self.penalties = bool(params.presence_penalty or params.frequency_penalty)
-        # rows sampled together: settings that change how a row's processed logits become a token
-        self.pick_key = (params.greedy, params.temperature, params.top_k, params.top_p)
 
 
 class _Row:
@@ -106,6 +107,8 @@ class _Row:
         self.params = params
         self.settings = settings
         self.key = seed_keys([seed])[0]
+        # rows sampled together: the settings that change how a row's processed logits become a token
+        self.pick_key = (params.greedy, params.temperature, params.top_k, params.top_p)
         self.budget = budget
         self.step = 0
         self.tail = b""
@@ -127,7 +130,7 @@ class DecodeBatch:
         self._dec = engine._decoder()  # noqa: SLF001 - the engine's own plumbing: same head, precision, cache
         self._device = engine.device
         self._pad = engine.tokenizer.pad_id
-        self._settings: dict[SamplingParams, _Settings] = {}
+        self._settings: dict[tuple, _Settings] = {}
         self._rows: list[_Row] = []  # batch order = the cache's batch dimension
         self._new: list[_Row] = []  # added, not prefilled yet
         self._by_handle: dict[int, _Row] = {}
@@ -165,14 +168,17 @@ class DecodeBatch:
         if not prompts:
             return []
         self.engine._check_prompts(prompts, params, cap_at_limit=True)  # noqa: SLF001 - same rules as steps()
-        settings = self._settings.get(params)
+        key = (params.stop_token_ids, params.stop_strings, params.logit_bias)
+        settings = self._settings.get(key)
         if settings is None:
-            settings = self._settings[params] = _Settings(self.engine, params)
+            if len(self._settings) >= MAX_CACHED_SETTINGS:  # rows keep theirs; only the lookup is dropped
+                self._settings.clear()
+            settings = self._settings[key] = _Settings(self.engine, params)
         budgets = self.engine.row_budgets(prompts, params)
         handles = []
         for prompt, seed, budget in zip(prompts, seeds, budgets.tolist()):
             row = _Row(self._next_handle, list(prompt), params, settings, int(seed), int(budget))
-            if settings.penalties:
+            if params.presence_penalty or params.frequency_penalty:
                 row.counts = torch.zeros(self.engine.vocab_size, dtype=torch.float32, device=self._device)
             self._next_handle += 1
             self._new.append(row)
@@ -291,7 +297,7 @@ class DecodeBatch:
         # b. sampling, one group per distinct (greedy, temperature, top_k, top_p)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault(r.settings.pick_key, []).append(i)
+            groups.setdefault(r.pick_key, []).append(i)
         toks = torch.empty(len(rows), dtype=torch.long, device=self._device)
         lps = torch.empty(len(rows), dtype=torch.float32, device=self._device)
         for idx in groups.values():
