@@ -201,6 +201,8 @@ class DecodeBatch:
         """
         with torch.no_grad():
             self._compact()
+            if not self._rows:  # idle: take a fresh snapshot of the head, so reloaded weights are used from here on
+                self._dec = self.engine._decoder()  # noqa: SLF001
             h_old = self._feed()
             h_new = self._prefill()
             parts = [h for h in (h_old, h_new) if h is not None]
