@@ -180,7 +180,8 @@ def shared_app(root: str | Path) -> TestApp:
 
 @contextlib.contextmanager
 def serve_command_port() -> Iterator[int]:
-    """For a test that deploys through :func:`serve.launch.serve_command` (``rlchat serve``, ``rlchat tune --deploy``).
+    """For a test that deploys through :func:`rlchat.cli.serve_cmd.serve_command` (``rlchat serve``, ``rlchat tune
+    --deploy``).
 
     ``serve_command`` always deploys application ``rlchat`` at ``/`` -- the name and route of the shared app -- and
     starts Serve on the port it is given, so the test gets a port to pass it: the running Serve's (Serve keeps its
