@@ -74,3 +74,24 @@ def test_written_pairs_load_as_preference_data(checkpoint, tmp_path):
     loaded = load_records(str(path), split="train", cfg=cfg)
     assert len(loaded) == len(pairs) and all(r.is_preference for r in loaded)
     assert sorted(r.chosen[0]["content"] for r in loaded) == sorted(p.chosen[0]["content"] for p in pairs)
+
+
+def test_more_pairs_per_prompt_reject_each_distinct_failing_reply_once(checkpoint):
+    records = _prompts(12)
+    one, _ = policy_pairs(checkpoint, records, _cfg(), samples=6, min_margin=0.5, rater=RATER, seed=5)
+    many, stats = policy_pairs(
+        checkpoint, records, _cfg(), samples=6, min_margin=0.5, rater=RATER, seed=5, max_pairs_per_prompt=3
+    )
+    assert len(many) > len(one) and stats.pairs == len(many)
+    by_prompt: dict[str, list] = {}
+    for p in many:
+        by_prompt.setdefault(json.dumps(p.messages), []).append(p)
+    for group in by_prompt.values():
+        rejected = [p.rejected[0]["content"] for p in group]
+        assert len(group) <= 3 and len(set(rejected)) == len(rejected)
+        assert all("," not in p.chosen[0]["content"] and "." not in p.chosen[0]["content"] for p in group)
+        assert all(("," in r or "." in r) for r in rejected)
+    # the first pair of each prompt is the single-pair choice
+    assert {(p.chosen[0]["content"], p.rejected[0]["content"]) for p in one} <= {
+        (p.chosen[0]["content"], p.rejected[0]["content"]) for p in many
+    }

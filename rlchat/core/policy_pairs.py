@@ -51,6 +51,7 @@ def policy_pairs(
     rater: RewardConfig | None = None,
     seed: int = 0,
     batch_prompts: int = 64,
+    max_pairs_per_prompt: int = 1,
 ) -> tuple[list[Record], PairStats]:
     """Sample ``samples`` replies per prompt from ``checkpoint`` and pair each prompt's best and worst reply.
 
@@ -63,6 +64,8 @@ def policy_pairs(
         rater: the reward config that labels (default: ``cfg.reward`` with only its verifiable term).
         seed: sampling seed (per prompt and sample, so a rerun makes the same pairs).
         batch_prompts: prompts per generation batch.
+        max_pairs_per_prompt: 1 = the best against the worst reply; more = also each other distinct rejected reply
+            against a reply that beats it by ``min_margin`` (more of the policy's own mistakes per prompt).
 
     Returns:
         The pairs, and :class:`PairStats`.
@@ -108,22 +111,33 @@ def policy_pairs(
             if len(usable) < 2:
                 stats.empty += 1
                 continue
-            best = max(usable, key=lambda k: scores[i, k])
-            worst = min(usable, key=lambda k: scores[i, k])
-            margin = float(scores[i, best] - scores[i, worst])
-            if margin < min_margin:
+            ranked = sorted(usable, key=lambda k: -scores[i, k])
+            if float(scores[i, ranked[0]] - scores[i, ranked[-1]]) < min_margin:
                 stats.tied += 1
                 continue
-            pairs.append(
-                Record(
-                    messages=prompts[i],
-                    chosen=[{"role": "assistant", "content": texts[i * samples + best]}],
-                    rejected=[{"role": "assistant", "content": texts[i * samples + worst]}],
-                    source=f"{origin}:{rec.source}",
-                    format="preference",
-                    meta={"margin": margin, "labeller": "gold"},
-                )
-            )
+            # the best against the worst first; with max_pairs_per_prompt > 1 also the other distinct texts that
+            # score min_margin apart (each rejected reply once: the reward model sees each mistake of this prompt)
+            made: set[tuple[str, str]] = set()
+            for lo in reversed(ranked):
+                for hi in ranked:
+                    c, r = texts[i * samples + hi], texts[i * samples + lo]
+                    margin = float(scores[i, hi] - scores[i, lo])
+                    if margin < min_margin or c == r or (c, r) in made or any(x[1] == r for x in made):
+                        continue
+                    made.add((c, r))
+                    pairs.append(
+                        Record(
+                            messages=prompts[i],
+                            chosen=[{"role": "assistant", "content": c}],
+                            rejected=[{"role": "assistant", "content": r}],
+                            source=f"{origin}:{rec.source}",
+                            format="preference",
+                            meta={"margin": margin, "labeller": "gold"},
+                        )
+                    )
+                    break
+                if len(made) >= max_pairs_per_prompt:
+                    break
     stats.pairs = len(pairs)
     stats.mean_score = float(np.mean(all_scores)) if all_scores else 0.0
     return pairs, stats
