@@ -20,8 +20,10 @@ the clients alternated (mean batch 8; bench/README.md, "Serve load").
 """
 
 import asyncio
+import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -343,28 +345,59 @@ def row_seeds(seed: int | None, n: int) -> tuple[int, ...]:
 
 @dataclass
 class _Waiting:
+    """A submitted job and where its items go: its caller's queue on its caller's event loop."""
+
     job: GenerationJob
     queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
 
     def cancelled(self) -> bool:
         return all(c in self.job.control.finish for c in range(len(self.job.seeds)))
+
+    def settle(self, now: float) -> StepItem | None:
+        """The final item of a job that never joined: cancelled (empty reply) or past its deadline; else None."""
+        n = len(self.job.seeds)
+        if self.cancelled():  # nothing generated: an empty, complete reply for anyone still listening
+            return StepItem([[] for _ in range(n)], JobOutput([[] for _ in range(n)], [FINISH_STOP] * n))
+        if self.job.deadline is not None and now >= self.job.deadline:
+            msg = (
+                "the request reached its deadline while waiting for a place in the generation batch (the server is "
+                "overloaded); retry later or allow a longer deadline"
+            )
+            return StepItem([[] for _ in range(n)], DeadlineExceeded(msg))
+        return None
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, StepItem]]) -> None:
+    """On the event loop: hand one step's items to their callers."""
+    for queue, item in batch:
+        queue.put_nowait(item)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    """Run ``fn(*args)`` on ``loop`` from the generation thread; a closed loop has no one left to tell."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed (its callers are gone)
+        loop.call_soon_threadsafe(fn, *args)
 
 
 class Batcher:
     """A replica's generation scheduler: continuous batching on one generation thread, beam search on another.
 
-    Waiting jobs join the decode batch at the next step, up to ``max_batch_size`` jobs decoding at once; when the
-    batch is idle, the first arrival waits up to ``batch_wait_timeout_s`` so that a burst is prefilled together.
-    Jobs still waiting at their :attr:`GenerationJob.deadline` end with :class:`DeadlineExceeded`; waiting jobs
-    whose every choice is in :attr:`StreamControl.finish` (the client left) are dropped, as is a caller that stops
-    iterating :meth:`submit` before its job is done. A beam search is not cut at its deadline once it has started
-    (it runs whole); one still waiting for the beam thread at its deadline ends with :class:`DeadlineExceeded`.
+    The generation thread runs decoding steps back to back while any job is decoding, and posts each step's items
+    to the callers' event loop (one callback per step), so work on the event loop (HTTP, streaming) never delays
+    the next step. Waiting jobs join the decode batch at the next step, up to ``max_batch_size`` jobs decoding at
+    once; when the batch is idle, the first arrival waits up to ``batch_wait_timeout_s`` so that a burst is
+    prefilled together. Jobs still waiting at their :attr:`GenerationJob.deadline` end with
+    :class:`DeadlineExceeded`; waiting jobs whose every choice is in :attr:`StreamControl.finish` (the client left)
+    are dropped, as is a caller that stops iterating :meth:`submit` before its job is done. A beam search is not cut
+    at its deadline once it has started (it runs whole); one still waiting for the beam thread at its deadline ends
+    with :class:`DeadlineExceeded`.
 
     Args:
         engine: the generation engine.
         max_batch_size: most requests decoding at once (``serve.max_batch_size``; 1 = batch-1 serving).
         batch_wait_timeout_s: longest wait to gather a burst when the batch is idle (``serve.batch_wait_timeout_s``).
-        observer: optional :class:`BatchObserver` (metrics).
+        observer: optional :class:`BatchObserver` (metrics), called on the event loop.
     """
 
     def __init__(
@@ -379,13 +412,14 @@ class Batcher:
         self.batch_wait_timeout_s = float(batch_wait_timeout_s)
         self.observer = observer
         self.stats = BatchStats()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-generate")
         self.beam_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-beam")
         self._run = BatchRun(engine, keep_history=False)
-        self._queues: dict[int, asyncio.Queue] = {}  # live job id -> its caller's queue
-        self._waiting: deque[_Waiting] = deque()
+        self._jobs: dict[int, _Waiting] = {}  # live job id -> its caller (generation thread only)
+        self._cond = threading.Condition()
+        self._waiting: deque[_Waiting] = deque()  # guarded by _cond
+        self._thread: threading.Thread | None = None
+        self._closed = False
         self._beams: deque[_Waiting] = deque()
-        self._runner: asyncio.Task | None = None
         self._beam_runner: asyncio.Task | None = None
         self._active_rows = 0
 
@@ -395,21 +429,25 @@ class Batcher:
 
         A caller that stops iterating before ``done`` (a client that went away) ends the job's rows.
         """
-        queue: asyncio.Queue = asyncio.Queue()
-        waiting = _Waiting(job, queue)
         loop = asyncio.get_running_loop()
+        waiting = _Waiting(job, asyncio.Queue(), loop)
         if job.params.num_beams > 1:
             self._beams.append(waiting)
             if self._beam_runner is None or self._beam_runner.done():
                 self._beam_runner = loop.create_task(self._run_beams())
         else:
-            self._waiting.append(waiting)
-            if self._runner is None or self._runner.done():
-                self._runner = loop.create_task(self._run_steps())
+            with self._cond:
+                if self._closed:
+                    raise RuntimeError("the replica's generation thread has stopped")
+                self._waiting.append(waiting)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._generate, name="rlchat-generate", daemon=True)
+                    self._thread.start()
+                self._cond.notify()
         done = False
         try:
             while True:
-                item = await queue.get()
+                item = await waiting.queue.get()
                 done = item.done is not None
                 yield item
                 if done:
@@ -425,95 +463,104 @@ class Batcher:
 
     @property
     def active_rows(self) -> int:
-        """Rows in the decode batch after the last step."""
+        """Rows in the decode batch (admitted and not ended at the last step)."""
         return self._active_rows
 
     @property
     def alive(self) -> bool:
         """Whether the generation thread still accepts work (Serve's health check)."""
-        return not self.pool._shutdown  # noqa: SLF001 - ThreadPoolExecutor has no public flag
+        return not self._closed and (self._thread is None or self._thread.is_alive())
 
-    # ---------------------------------------------------------------- the step loop (event loop side)
-    def _settle_waiting(self, waiting: deque[_Waiting], now: float) -> None:
-        """Answer waiting jobs that were cancelled (every choice ended) or passed their deadline."""
-        for w in list(waiting):
-            job = w.job
-            n = len(job.seeds)
-            if w.cancelled():
-                w.queue.put_nowait(
-                    StepItem([[] for _ in range(n)], JobOutput([[] for _ in range(n)], [FINISH_STOP] * n))
-                )
-            elif job.deadline is not None and now >= job.deadline:
-                msg = (
-                    "the request reached its deadline while waiting for a place in the generation batch (the server "
-                    "is overloaded); retry later or allow a longer deadline"
-                )
-                w.queue.put_nowait(StepItem([[] for _ in range(n)], DeadlineExceeded(msg)))
-            else:
-                continue
-            waiting.remove(w)
+    def close(self) -> None:
+        """Stop the generation thread after its current step; jobs still waiting or decoding get an error."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
 
-    async def _run_steps(self) -> None:
-        """Admit waiting jobs and run decoding steps until no job is waiting or decoding."""
-        loop = asyncio.get_running_loop()
+    # ---------------------------------------------------------------- the generation thread
+    def _generate(self) -> None:
+        """Admit waiting jobs and run decoding steps back to back; sleep while there is nothing to do."""
+        try:
+            while self._generate_step():
+                pass
+        except Exception as e:  # noqa: BLE001 - a bug in the loop itself: fail every caller rather than hang them
+            logger.exception("the generation thread failed")
+            with self._cond:
+                self._closed = True
+                waiting, self._waiting = list(self._waiting), deque()
+            for w in [*waiting, *self._jobs.values()]:
+                _post(w.loop, _deliver, [(w.queue, StepItem([[] for _ in w.job.seeds], e))])
+            self._jobs.clear()
+
+    def _generate_step(self) -> bool:
+        """One iteration of the generation thread: settle and admit waiting jobs, one step; False to stop."""
         run = self._run
-        while True:
-            self._settle_waiting(self._waiting, time.monotonic())
-            if not self._waiting and not run.live_jobs:
+        settled: list[tuple[_Waiting, StepItem]] = []
+        with self._cond:
+            while not self._waiting and not run.live_jobs and not self._closed:
                 self._active_rows = 0
-                return
-            room = self.max_batch_size - len(self._waiting)
-            if not run.live_jobs and room > 0 and self.batch_wait_timeout_s > 0:  # idle: a burst shares one prefill
-                await asyncio.sleep(self.batch_wait_timeout_s)
-                self._settle_waiting(self._waiting, time.monotonic())
+                self._cond.wait()
+            if self._closed:
+                raise RuntimeError("the replica's generation thread has stopped")
+            if not run.live_jobs and self.batch_wait_timeout_s > 0 and self.max_batch_size > 1:
+                until = time.monotonic() + self.batch_wait_timeout_s  # idle: a burst shares one prefill
+                while len(self._waiting) < self.max_batch_size and (left := until - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            now = time.monotonic()
+            for w in list(self._waiting):
+                item = w.settle(now)
+                if item is not None:
+                    self._waiting.remove(w)
+                    settled.append((w, item))
             admit: list[_Waiting] = []
             while self._waiting and run.live_jobs + len(admit) < self.max_batch_size:
                 admit.append(self._waiting.popleft())
-            t0 = time.perf_counter()
-            try:
-                items, rows = await loop.run_in_executor(self.pool, self._step, admit)
-            except Exception as e:  # noqa: BLE001 - the thread is gone (shutdown): every caller gets the error
-                for w in admit:
-                    w.queue.put_nowait(StepItem([[] for _ in w.job.seeds], e))
-                for q in self._queues.values():
-                    q.put_nowait(StepItem([], e))
-                self._queues.clear()
-                self._run = run = BatchRun(self.engine, keep_history=False)
-                continue
-            seconds = time.perf_counter() - t0
-            for jid, item in items.items():
-                queue = self._queues[jid]
-                queue.put_nowait(item)
-                if item.done is not None:
-                    del self._queues[jid]
-            self._active_rows = run.active_rows
-            if rows:
-                self.stats.add_batch(rows)
-            if self.observer is not None:
-                if admit:
-                    self.observer.on_admit(len(admit))
-                if rows:
-                    self.observer.on_step(rows, len(self._waiting), seconds)
-
-    def _step(self, admit: list[_Waiting]) -> tuple[dict[int, StepItem], int]:
-        """On the generation thread: add the admitted jobs, run one step; (items per job id, rows decoded)."""
-        run = self._run
+            queued = len(self._waiting)
         for w in admit:
-            self._queues[run.add(w.job)] = w.queue
-        items = run.step_items()
-        return items, run.last_rows
+            self._jobs[run.add(w.job)] = w
+        self._active_rows = run.active_rows
+        t0 = time.perf_counter()
+        items = run.step_items() if run.live_jobs else {}
+        seconds = time.perf_counter() - t0
+        rows = run.last_rows if items else 0
+        self._active_rows = run.active_rows
+        out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepItem]]] = {}
+        for w, item in settled:
+            out.setdefault(w.loop, []).append((w.queue, item))
+        for jid, item in items.items():
+            w = self._jobs[jid] if item.done is None else self._jobs.pop(jid)
+            out.setdefault(w.loop, []).append((w.queue, item))
+        for i, (loop, batch) in enumerate(out.items()):
+            report = (rows, queued, seconds, len(admit)) if i == 0 else None
+            _post(loop, self._deliver_step, batch, report)
+        return True
 
+    def _deliver_step(self, batch: list[tuple[asyncio.Queue, StepItem]], report: tuple | None) -> None:
+        """On the event loop: hand a step's items to their callers, count it and tell the observer."""
+        _deliver(batch)
+        if report is None:
+            return
+        rows, queued, seconds, admitted = report
+        if rows:
+            self.stats.add_batch(rows)
+        if self.observer is not None:
+            if admitted:
+                self.observer.on_admit(admitted)
+            if rows:
+                self.observer.on_step(rows, queued, seconds)
+
+    # ---------------------------------------------------------------- beam search (event loop + beam thread)
     async def _run_beams(self) -> None:
         """Beam searches one after another on their own thread (the decode batch keeps stepping meanwhile)."""
         loop = asyncio.get_running_loop()
-        while True:
-            self._settle_waiting(self._beams, time.monotonic())
-            if not self._beams:
-                return
+        while self._beams:
             w = self._beams.popleft()
-            try:
-                out = (await loop.run_in_executor(self.beam_pool, run_jobs, self.engine, [w.job]))[0]
-            except Exception as e:  # noqa: BLE001 - the thread is gone (shutdown)
-                out = e
-            tokens = out.tokens if isinstance(out, JobOutput) else [[] for _ in w.job.seeds]
-            w.queue.put_nowait(StepItem([list(t) for t in tokens], out))
+            item = w.settle(time.monotonic())
+            if item is None:
+                try:
+                    out = (await loop.run_in_executor(self.beam_pool, run_jobs, self.engine, [w.job]))[0]
+                except Exception as e:  # noqa: BLE001 - the thread is gone (shutdown)
+                    out = e
+                tokens = out.tokens if isinstance(out, JobOutput) else [[] for _ in w.job.seeds]
+                item = StepItem([list(t) for t in tokens], out)
+            w.queue.put_nowait(item)
