@@ -2,6 +2,7 @@
 
     python bench/serve_load.py                    # ~3 minutes on 2 CPU cores (streamed, 1 and 16 clients)
     python bench/serve_load.py --clients 1 4 16 64 --kind both
+    python bench/serve_load.py --in-process       # the scheduler alone (Batcher, no Ray / HTTP), ~1 minute
 
 What it does: builds an untrained checkpoint of the demo's model size (configs/demo.yaml: GPT-2, 2 layers, d=64,
 4096-token vocabulary, 256 positions), starts a local Ray (2 CPUs) and Serve on a free loopback port, and for each
@@ -114,6 +115,73 @@ async def run_level(
     }
 
 
+async def run_in_process(batcher, prompt: tuple[int, ...], clients: int, per_client: int, max_tokens: int) -> dict:
+    """The scheduler alone: C closed-loop asyncio clients submitting jobs straight to a ``Batcher`` (no HTTP)."""
+    from rlchat.generation import SamplingParams
+    from serve.batching import GenerationJob
+
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=1.0)
+    results: list[tuple[float, float, int]] = []
+    b0, n0 = batcher.stats.batches, batcher.stats.rows
+
+    async def client(k: int) -> None:
+        for i in range(per_client):
+            t0, first, n = time.perf_counter(), None, 0
+            async for item in batcher.submit(GenerationJob(prompt, params, (k * per_client + i,))):
+                if first is None and any(item.tokens):
+                    first = time.perf_counter() - t0
+                n += sum(len(t) for t in item.tokens)
+                if item.done is not None:
+                    break
+            total = time.perf_counter() - t0
+            results.append((first if first is not None else total, total, n))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    wall = time.perf_counter() - t0
+    ttft = [r[0] * 1e3 for r in results]
+    return {
+        "tok_s": sum(r[2] for r in results) / wall,
+        "ttft_p50": percentile(ttft, 50),
+        "ttft_p99": percentile(ttft, 99),
+        "itl_p50": percentile([(r[1] - r[0]) * 1e3 / (r[2] - 1) for r in results if r[2] > 1], 50),
+        "mean_batch": (batcher.stats.rows - n0) / max(batcher.stats.batches - b0, 1),
+    }
+
+
+def main_in_process(args: argparse.Namespace) -> int:
+    """``--in-process``: the same closed-loop load on the scheduler alone (no Ray, no HTTP)."""
+    import torch
+
+    from rlchat.config import Config
+    from rlchat.generation import GenerationEngine
+    from rlchat.model import PolicyValueModel
+    from rlchat.tokenizer import ChatTokenizer
+    from serve.batching import Batcher
+
+    torch.set_num_threads(1)
+    tok = ChatTokenizer("cl100k_base", 4096)
+    demo = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "model.n_positions": 256}
+    cfg = Config().replace(**{"tokenizer.vocab_size": 4096, **demo})
+    engine = GenerationEngine(PolicyValueModel.build(cfg, tok).eval(), tok, precision="fp32")
+    prompt = tuple(tok.render_prompt([{"role": "user", "content": "Tell me something about the sea."}]))
+    print(f"scheduler alone (no HTTP), load average {os.getloadavg()[0]:.1f}")
+    print("| batching | clients | tokens/s | TTFT p50 / p99 (ms) | ITL p50 (ms) | mean batch (rows) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode, size in (("continuous", args.batch_size), ("batch-1", 1)):
+        for c in args.clients:
+            batcher = Batcher(engine, size, args.batch_wait if size > 1 else 0.0)
+            per = args.requests_per_client or max(4, 192 // c)
+            r = asyncio.run(run_in_process(batcher, prompt, c, per, args.max_tokens))
+            batcher.close()
+            print(
+                f"| {mode} | {c} | {r['tok_s']:.0f} | {r['ttft_p50']:.1f} / {r['ttft_p99']:.1f} | "
+                f"{r['itl_p50']:.1f} | {r['mean_batch']:.1f} |",
+                flush=True,
+            )
+    return 0
+
+
 def batch_counters(url: str) -> tuple[int, int]:
     """(decoding steps, rows decoded) the replica has run so far, from ``/readyz``: the mean batch of a level."""
     import urllib.request
@@ -134,7 +202,10 @@ def main() -> int:
     )
     ap.add_argument("--replica-cpus", type=float, default=1.0)
     ap.add_argument("--kind", choices=["stream", "plain", "both"], default="stream", help="streaming and/or plain")
+    ap.add_argument("--in-process", action="store_true", help="the scheduler alone: no Ray, no HTTP")
     args = ap.parse_args()
+    if args.in_process:
+        return main_in_process(args)
 
     import ray
     import torch

@@ -485,12 +485,18 @@ class Batcher:
                 pass
         except Exception as e:  # noqa: BLE001 - a bug in the loop itself: fail every caller rather than hang them
             logger.exception("the generation thread failed")
-            with self._cond:
-                self._closed = True
-                waiting, self._waiting = list(self._waiting), deque()
-            for w in [*waiting, *self._jobs.values()]:
-                _post(w.loop, _deliver, [(w.queue, StepItem([[] for _ in w.job.seeds], e))])
-            self._jobs.clear()
+            self._fail_all(e)
+        else:
+            self._fail_all(RuntimeError("the replica's generation thread has stopped"))
+
+    def _fail_all(self, error: Exception) -> None:
+        """Stop taking work; every job still waiting or decoding ends with ``error``."""
+        with self._cond:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), deque()
+        for w in [*waiting, *self._jobs.values()]:
+            _post(w.loop, _deliver, [(w.queue, StepItem([[] for _ in w.job.seeds], error))])
+        self._jobs.clear()
 
     def _generate_step(self) -> bool:
         """One iteration of the generation thread: settle and admit waiting jobs, one step; False to stop."""
@@ -501,7 +507,7 @@ class Batcher:
                 self._active_rows = 0
                 self._cond.wait()
             if self._closed:
-                raise RuntimeError("the replica's generation thread has stopped")
+                return False
             if not run.live_jobs and self.batch_wait_timeout_s > 0 and self.max_batch_size > 1:
                 until = time.monotonic() + self.batch_wait_timeout_s  # idle: a burst shares one prefill
                 while len(self._waiting) < self.max_batch_size and (left := until - time.monotonic()) > 0:

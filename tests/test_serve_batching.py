@@ -309,3 +309,20 @@ def test_a_beam_search_does_not_stall_the_decode_batch(engine, tok, monkeypatch)
     assert isinstance(rs.done, JobOutput) and len(rs.done.tokens[0]) == 16
     monkeypatch.setattr(engine, "generate", real_generate)
     assert rb.done.tokens == engine.generate([list(beam.prompt)], beam.params, [1]).tokens
+
+
+def test_batcher_close_stops_the_generation_thread(engine, tok):
+    async def main() -> None:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        job = GenerationJob(_prompt(tok, "one"), SamplingParams(max_new_tokens=3, temperature=1.0), (1,))
+        assert isinstance((await _collect(batcher, job)).done, JobOutput) and batcher.alive
+        batcher.close()
+        for _ in range(500):
+            if not batcher.alive:
+                break
+            await asyncio.sleep(0.01)
+        assert not batcher.alive
+        with pytest.raises(RuntimeError, match="stopped"):
+            await _collect(batcher, job)
+
+    asyncio.run(main())
