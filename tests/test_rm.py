@@ -146,6 +146,53 @@ def test_rm_validation_reports_margin_and_calibration(cfg, tok, data):
     assert 0.0 <= m["rm/val_ece"] <= 0.5 and math.isfinite(m["rm/val_margin"])
 
 
+def test_validation_reports_data_preferences_accuracy_apart_from_feedback(cfg, tok, data, tmp_path):
+    """With rm.feedback (or policy pairs) in the validation split, rm/val_accuracy_preferences is the accuracy on
+    data.preferences' own pairs: the same number the reward model scores on them alone."""
+    from rlchat.metrics import RM_VAL_ACCURACY_PREFERENCES
+    from rlchat.model import RewardModel
+
+    feedback = tmp_path / "feedback.jsonl"
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Yes {i}.", "rejected": f"No way {i}!"} for i in range(60)]
+    feedback.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    mixed, counts = prepare_rm_data(cfg.replace(**{"rm.feedback": [str(feedback)]}), tok, cfg.rm.max_seq_len)
+    assert counts["val"] > data[1]["val"] and set(mixed.val_source.tolist()) == {0, 1}
+    torch.manual_seed(0)
+    model = RewardModel.build(cfg, tok)
+    alone = RMTask(data[0], "fp32").validate(model, rank=0, world=1)
+    both = RMTask(mixed, "fp32").validate(model, rank=0, world=1)
+    assert RM_VAL_ACCURACY_PREFERENCES not in alone  # one source: the plain accuracy says it
+    assert both[RM_VAL_ACCURACY_PREFERENCES] == pytest.approx(alone[RM_VAL_ACCURACY])
+
+
+def test_rm_policy_pairs_need_a_policy_and_are_made_once_per_run(cfg, tmp_path):
+    from serve.testing import make_tiny_checkpoint
+
+    with pytest.raises(ConfigError, match="rm.policy_samples=1"):
+        cfg.replace(**{"rm.policy_samples": 1})
+    with pytest.raises(ConfigError, match="rm.init_from is empty"):
+        run_rm(cfg.replace(**{"rm.policy_samples": 2}), run_dir=tmp_path / "none", quiet=True, use_ray=False)
+    policy = make_tiny_checkpoint(tmp_path / "policy", vocab_size=cfg.tokenizer.vocab_size)
+    small = cfg.replace(
+        **{
+            "data.prompts": "builtin:task",
+            "rm.policy_samples": 2,
+            "rm.max_steps": 2,
+            "rm.epochs": 1,
+            "checkpoint.every": 0,
+        }
+    )
+    # the pairs come from rm.init_from's policy; an untrained one answers nothing right: no pair, the file is empty
+    # and training goes on with data.preferences alone (the pairing itself: tests/test_policy_pairs.py)
+    run, m = run_rm(
+        small.replace(**{"rm.init_from": str(policy)}), run_dir=tmp_path / "run", quiet=True, use_ray=False
+    )
+    from rlchat.stages import POLICY_PAIRS_FILE
+
+    pairs = run / POLICY_PAIRS_FILE
+    assert pairs.is_file() and pairs.read_text() == "" and m[RM_VAL_ACCURACY] >= 0.0
+
+
 def test_rm_without_preference_pairs_says_why(cfg, tmp_path):
     bad = cfg.replace(**{"data.preferences": "builtin:chat"})
     with pytest.raises(DataError, match=r"no usable preference pairs.*\d+ are not preference records.*chosen"):

@@ -319,6 +319,11 @@ class RMConfig(SupervisedStageConfig):
     """Policy checkpoint (e.g. the SFT run's best) whose trunk starts the reward model (the InstructGPT recipe)."""
     feedback: tuple[str, ...] = ()
     """Extra preference data: files, or feedback store URLs (postgresql://..., sqlite:///feedback.db)."""
+    policy_samples: int = 0
+    """Replies sampled per data.prompts train prompt from the rm.init_from policy, labelled by the verifiable
+    reward and paired into extra preference data (the policy's own mistakes; 0 = off)."""
+    policy_pairs_per_prompt: int = 1
+    """Pairs per prompt from those samples: 1 = best vs worst; more = each distinct wrong reply once."""
 
 
 @dataclass(frozen=True)
@@ -517,6 +522,21 @@ def _validate(cfg: Config) -> None:
     _check(r.envs_per_worker >= 1, "rollout.envs_per_worker", r.envs_per_worker, "at least 1", "use 8-64")
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "a positive temperature", "use 1.0 for PPO")
     _validate_rollout_sampling(r)
+    rm = cfg.rm
+    _check(
+        rm.policy_samples == 0 or rm.policy_samples >= 2,
+        "rm.policy_samples",
+        rm.policy_samples,
+        "0 (off) or at least 2 replies per prompt to compare",
+        "use 4",
+    )
+    _check(
+        rm.policy_pairs_per_prompt >= 1,
+        "rm.policy_pairs_per_prompt",
+        rm.policy_pairs_per_prompt,
+        "at least 1",
+        "use 1 (best vs worst) or 2-4",
+    )
     _check(0 <= cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "a value in [0, 1)", "use 0.1")
     _check(
         cfg.data.max_line_bytes >= 1,

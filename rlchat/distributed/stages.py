@@ -74,6 +74,7 @@ from rlchat.core.metrics import (
     RM_LR,
     RM_MARGIN,
     RM_VAL_ACCURACY,
+    RM_VAL_ACCURACY_PREFERENCES,
     RM_VAL_ECE,
     RM_VAL_LOSS,
     RM_VAL_MARGIN,
@@ -171,6 +172,8 @@ class StageData:
     val: TokenRows
     train_rejected: TokenRows | None = None
     val_rejected: TokenRows | None = None
+    val_source: np.ndarray | None = None
+    """RM: (N_val,) index of each validation pair's source (0 = data.preferences, then rm.feedback in order)."""
 
     @property
     def num_train(self) -> int:
@@ -268,8 +271,9 @@ def prepare_rm_data(cfg: Config, tokenizer: ChatTokenizer, max_len: int) -> tupl
     sources = [cfg.data.preferences, *cfg.rm.feedback]
     counts: dict[str, int] = {"not_preference": 0, "identical": 0}
     rows: dict[str, tuple[list[list[int]], list[list[int]]]] = {"train": ([], []), "val": ([], [])}
+    val_source: list[int] = []
     total = 0
-    for source in sources:
+    for k, source in enumerate(sources):
         for split in ("train", "val"):
             if feedback_store.is_store_url(source):
                 records = feedback_store.load_records(source, split, cfg)
@@ -286,6 +290,8 @@ def prepare_rm_data(cfg: Config, tokenizer: ChatTokenizer, max_len: int) -> tupl
                     continue
                 rows[split][0].append(pair[0])
                 rows[split][1].append(pair[1])
+                if split == "val":
+                    val_source.append(k)
     counts["train"], counts["val"] = len(rows["train"][0]), len(rows["val"][0])
     if counts["train"] == 0:
         raise DataError(
@@ -306,6 +312,7 @@ def prepare_rm_data(cfg: Config, tokenizer: ChatTokenizer, max_len: int) -> tupl
         flat(rows["val"][0]),
         flat(rows["train"][1]),
         flat(rows["val"][1]),
+        np.array(val_source, dtype=np.int64),
     )
     return data, counts
 
@@ -462,7 +469,8 @@ class RMTask:
         if len(val) == 0 or val_rej is None:
             return {}
         mine = np.arange(rank, len(val), world)
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, pairs, margin
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, correct, pairs, margin, and correct, pairs of source 0
+        source = self.data.val_source
         # calibration: the Bradley-Terry probability sigmoid(|diff|) that the model's pick is right, against how
         # often it is right, in RM_ECE_BINS confidence bins (count, correct, confidence per bin)
         bins = torch.zeros(3, RM_ECE_BINS, dtype=torch.float64)
@@ -473,8 +481,16 @@ class RMTask:
                 idx = mine[i : i + batch_size]
                 diff, _ = self._scores(model, model, val, val_rej, idx)
                 d = diff.double()
+                main = torch.as_tensor(source[idx] == 0) if source is not None else torch.ones(len(idx), dtype=bool)
                 sums += torch.tensor(
-                    [float(-F.logsigmoid(d).sum()), float((d > 0).sum()), float(len(idx)), float(d.sum())],
+                    [
+                        float(-F.logsigmoid(d).sum()),
+                        float((d > 0).sum()),
+                        float(len(idx)),
+                        float(d.sum()),
+                        float(((d > 0) & main).sum()),
+                        float(main.sum()),
+                    ],
                     dtype=torch.float64,
                 )
                 conf = torch.sigmoid(d.abs())  # in [0.5, 1)
@@ -488,12 +504,15 @@ class RMTask:
         bins = _all_reduce(bins, world)
         n = max(float(s[2]), 1.0)
         ece = float((bins[1] - bins[2]).abs().sum()) / n  # sum_b n_b/N * |acc_b - conf_b|
-        return {
+        out = {
             RM_VAL_LOSS: float(s[0]) / n,
             RM_VAL_ACCURACY: float(s[1]) / n,
             RM_VAL_MARGIN: float(s[3]) / n,
             RM_VAL_ECE: ece,
         }
+        if float(s[5]) < n and float(s[5]) > 0:  # other sources too: data.preferences' own accuracy
+            out[RM_VAL_ACCURACY_PREFERENCES] = float(s[4]) / float(s[5])
+        return out
 
 
 Task = SFTTask | RMTask
@@ -915,6 +934,55 @@ def _latest_metrics(manager: Any) -> dict[str, Any]:
     return read_checkpoint(latest).metrics if latest is not None else {}
 
 
+POLICY_PAIRS_FILE = "data/policy_pairs.jsonl"
+"""Where the RM stage keeps the pairs of :func:`_with_policy_pairs` (inside its run directory)."""
+
+
+def _with_policy_pairs(cfg: Config, run_dir: Path, say: Any) -> Config:
+    """``cfg`` with the policy's own labelled pairs added to ``rm.feedback`` (``rm.policy_samples``).
+
+    The ``rm.init_from`` policy answers every ``data.prompts`` *train* prompt ``rm.policy_samples`` times, the
+    verifiable reward labels the replies, and each prompt's best and worst become a pair
+    (:func:`rlchat.core.policy_pairs.policy_pairs`): the reward model learns to tell apart the replies PPO will
+    actually produce. Generated once per run directory (a resumed run reuses the file); on the driver, which holds
+    the data (a few seconds to minutes for a small policy: one batched generation per 64 prompts).
+    """
+    from rlchat.core.data import load_records
+    from rlchat.core.policy_pairs import policy_pairs, write_pairs
+
+    out = run_dir / POLICY_PAIRS_FILE
+    if not out.is_file():
+        if not cfg.rm.init_from:
+            raise ConfigError(
+                f"rm.policy_samples={cfg.rm.policy_samples}: rm.init_from is empty; set it to the policy whose "
+                "replies are sampled (the SFT run's best checkpoint, as `rlchat demo` does), or rm.policy_samples=0"
+            )
+        if not cfg.data.prompts:
+            raise ConfigError(
+                "rm.policy_samples: data.prompts is empty; the policy's replies are sampled on its train split "
+                "(set data.prompts, e.g. builtin:task, or rm.policy_samples=0)"
+            )
+        t0 = time.perf_counter()
+        records = load_records(cfg.data.prompts, "train", cfg)
+        pairs, stats = policy_pairs(
+            cfg.rm.init_from,
+            records,
+            cfg,
+            samples=cfg.rm.policy_samples,
+            seed=cfg.seed,
+            max_pairs_per_prompt=cfg.rm.policy_pairs_per_prompt,
+        )
+        write_pairs(pairs, out)
+        say(
+            f"rm: {stats.pairs} pairs from the policy's own replies ({cfg.rm.policy_samples} per prompt on "
+            f"{stats.prompts} train prompts, {stats.mean_score:.2f} right; {stats.tied} prompts all right or all "
+            f"wrong) in {time.perf_counter() - t0:.0f} s -> {out}"
+        )
+    if out.stat().st_size == 0:  # no prompt had a right and a wrong reply: nothing to add
+        return cfg
+    return cfg.replace(**{"rm.feedback": (*cfg.rm.feedback, str(out))})
+
+
 def run_stage(
     stage: str,
     cfg: Config,
@@ -945,6 +1013,8 @@ def run_stage(
         skeleton = (SFTTask if stage == "sft" else RMTask).build_model(cfg, tokenizer)
         sec = cfg.sft if stage == "sft" else cfg.rm
         max_len = _max_len(sec.max_seq_len, skeleton)
+        if stage == "rm" and cfg.rm.policy_samples:
+            cfg = _with_policy_pairs(cfg, path, say)
         prepare = prepare_sft_data if stage == "sft" else prepare_rm_data
         data, counts = prepare(cfg, tokenizer, max_len)
         world = cfg.ray.learner_workers if use_ray else 1
