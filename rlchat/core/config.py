@@ -320,8 +320,7 @@ class RMConfig(SupervisedStageConfig):
     feedback: tuple[str, ...] = ()
     """Extra preference data: files, or feedback store URLs (postgresql://..., sqlite:///feedback.db)."""
     policy_samples: int = 0
-    """Replies sampled per data.prompts train prompt from the rm.init_from policy, labelled by the verifiable
-    reward and paired into extra preference data (the policy's own mistakes; 0 = off)."""
+    """Replies per data.prompts train prompt sampled from rm.init_from, checked, paired as extra data (0 = off)."""
     policy_pairs_per_prompt: int = 1
     """Pairs per prompt from those samples: 1 = best vs worst; more = each distinct wrong reply once."""
 
