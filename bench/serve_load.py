@@ -8,13 +8,17 @@ What it does: builds an untrained checkpoint of the demo's model size (configs/d
 4096-token vocabulary, 256 positions), starts a local Ray (2 CPUs) and Serve on a free loopback port, and for each
 setting (continuous batching: ``serve.max_batch_size=16``; batch-1: ``1``) redeploys the app and runs closed-loop
 clients: each of C concurrent clients sends requests (``max_tokens=32``, ``temperature=1``, a distinct seed per
-request) one after the other, a fixed number each, streamed (SSE) and/or plain (``stream=false``). Per level it
-reports requests/s, generated tokens/s (and its ratio to batch-1 serving at the same level), the p50/p99 time to
-the first content chunk (TTFT), the p50 inter-token latency (per request: (last token - first token) / (tokens -
-1); the server coalesces SSE chunks to one per 20 ms, so single chunk gaps are not token gaps), the p50 whole
-reply, and the mean batch in rows per decoding step (the replica's ``/readyz`` counters over the level). The load
-average is printed, since the 2 cores may be shared. Traffic goes to 127.0.0.1 only; every loop is bounded by a
-request count and a timeout.
+request) one after the other, a fixed number each, streamed (SSE) and/or plain (``stream=false``). Both settings
+get the same request mix (same prompt, ``max_tokens``, seeds, clients and requests per client). Per level it
+reports requests/s, generated tokens/s (completion tokens from each reply's ``usage`` over the level's wall time,
+and its ratio to batch-1 serving at the same level), the p50/p99 time to the first content chunk (TTFT, measured
+by the client from sending the request to the first SSE chunk with text), the p50 inter-token latency (per
+request: (last token - first token) / (tokens - 1); the server coalesces SSE chunks to one per 20 ms, so single
+chunk gaps are not token gaps), the p50 whole reply, and the mean batch in rows per decoding step (the replica's
+``/readyz`` counters over the level). The 1-client TTFT of continuous batching is the reference of the TTFT target
+(``serve.batch_wait_timeout_s`` defaults to 0, so it is not inflated by an idle wait). The load average is printed,
+since the 2 cores may be shared. Traffic goes to 127.0.0.1 only; every loop is bounded by a request count and a
+timeout.
 
 Untrained weights almost never emit the end-of-turn token, so replies are 32 tokens (the table shows the mean).
 """
@@ -198,7 +202,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16, help="serve.max_batch_size with batching on")
     ap.add_argument(
-        "--batch-wait", type=float, default=0.01, help="serve.batch_wait_timeout_s with batching on (idle batch only)"
+        "--batch-wait", type=float, default=0.0, help="serve.batch_wait_timeout_s with batching on (idle batch only)"
     )
     ap.add_argument("--replica-cpus", type=float, default=1.0)
     ap.add_argument("--kind", choices=["stream", "plain", "both"], default="stream", help="streaming and/or plain")

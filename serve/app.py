@@ -86,6 +86,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -161,6 +162,14 @@ logger = logging.getLogger("ray.serve").getChild("rlchat")
 STREAM_INTERVAL_S = 0.02
 """Streamed text is sent at most this often per choice (the first piece at once): each SSE event costs a hop from
 the replica through Serve's proxy, and under load one event per token per client made that hop the bottleneck."""
+PLAIN_DELIVERY_S = 0.1
+"""A plain (non-streamed) request is handed its new tokens at most this often (its first tokens and its result at
+once): it only counts them (metrics), so waking it at every step would be wasted event-loop work."""
+GIL_SWITCH_INTERVAL_S = 0.0005
+"""The replica process's ``sys.setswitchinterval``. Every torch op releases the GIL, so while the event loop runs
+Python the generation thread waits up to this long after each op to get the GIL back, and the event loop as long after
+each call that drops it (a socket write, a Ray call); Python's default 5 ms made both stall under load
+(bench/README.md, "Serve load")."""
 CONVERSATION_HEADER = "X-RLChat-Conversation-Id"
 """Optional request header grouping a conversation's completions in the store (transcripts, deletion by id)."""
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -321,6 +330,7 @@ class ChatServer:
         import torch
 
         torch.set_num_threads(max(1, int(settings.num_cpus)))
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the replica is its own process: this is its setting
         self.settings = settings
         self.cfg = settings.config.serve
         self.model_name = settings.model_name
@@ -701,7 +711,7 @@ class ChatServer:
                     n_new = sum(len(t) for t in item.tokens)
                     if n_new or item.done is not None:
                         self._started(cid)
-                    timer.tokens(n_new, time.perf_counter())
+                    timer.tokens(n_new, time.perf_counter(), max(map(len, item.tokens), default=0))
                     if item.done is not None:
                         return item.done
             except Exception as e:  # noqa: BLE001 - reported like a job's own failure
@@ -907,7 +917,10 @@ class ChatServer:
             return EventSourceResponse(events, ping=15, headers=headers)
 
         self.stats.requests += 1
-        job = GenerationJob(tuple(prompt), params, seeds, deadline=self._deadline(t0))
+        # its steps' tokens in one item per PLAIN_DELIVERY_S: only the first (TTFT) and the result matter here
+        job = GenerationJob(
+            tuple(prompt), params, seeds, deadline=self._deadline(t0), delivery_interval_s=PLAIN_DELIVERY_S
+        )
         try:
             out = await self._collect(job, cid, self.metrics.timer(t0), request)
         except asyncio.CancelledError:  # Serve cancels the handler when the client's connection closes
@@ -979,7 +992,9 @@ class ChatServer:
         withheld = [False] * n
         counts = [0] * n
         reasons: list[str] = [FINISH_LENGTH] * n
-        job = GenerationJob(tuple(prompt), params, seeds, deadline=self._deadline(t0))
+        job = GenerationJob(
+            tuple(prompt), params, seeds, deadline=self._deadline(t0), delivery_interval_s=STREAM_INTERVAL_S
+        )
         done = False
         first_token_ms = None
         timer = self.metrics.timer(t0)
@@ -1004,23 +1019,32 @@ class ChatServer:
                 n_new = sum(len(t) for t in item.tokens)
                 if n_new or item.done is not None:
                     self._started(cid)
-                timer.tokens(n_new, now)
+                timer.tokens(n_new, now, max(map(len, item.tokens), default=0))
                 if first_token_ms is None and any(item.tokens):
                     first_token_ms = (now - t0) * 1e3
                 for i, toks in enumerate(item.tokens):
                     counts[i] += len(toks)
-                    for k, t in enumerate(toks):
-                        if withheld[i] or streamers[i].stopped:
-                            break
-                        piece = streamers[i].push(t)
-                        if self.safety is not None and self.safety.flagged(streamers[i].text):
-                            withheld[i] = True  # the hold-back window kept the flagged text unsent
-                            pending[i], pending_tokens[i], pending_alts[i] = "", [], []
-                        else:
-                            pending[i] += piece
-                            pending_tokens[i].append(t)
-                            if item.alternatives is not None:
-                                pending_alts[i].append(item.alternatives[i][k])
+                    if not toks or withheld[i] or streamers[i].stopped:
+                        pass
+                    elif self.safety is None:  # the item's tokens at once (up to a stop string)
+                        piece, used = streamers[i].push_many(toks)
+                        pending[i] += piece
+                        pending_tokens[i].extend(toks[:used])
+                        if item.alternatives is not None:
+                            pending_alts[i].extend(item.alternatives[i][:used])
+                    else:  # token by token: the safety filter checks the text after each one
+                        for k, t in enumerate(toks):
+                            if withheld[i] or streamers[i].stopped:
+                                break
+                            piece = streamers[i].push(t)
+                            if self.safety.flagged(streamers[i].text):
+                                withheld[i] = True  # the hold-back window kept the flagged text unsent
+                                pending[i], pending_tokens[i], pending_alts[i] = "", [], []
+                            else:
+                                pending[i] += piece
+                                pending_tokens[i].append(t)
+                                if item.alternatives is not None:
+                                    pending_alts[i].append(item.alternatives[i][k])
                     if withheld[i] or streamers[i].stopped:
                         job.control.finish.add(i)  # no more tokens needed: the batch ends this row
                     if pending[i] and now - last_sent[i] >= STREAM_INTERVAL_S:

@@ -63,6 +63,10 @@ class GenerationJob:
     deadline: float | None = None
     """A ``time.monotonic()`` instant: still queued then, the job ends with :class:`DeadlineExceeded`; running,
     its rows end there with ``finish_reason`` ``length`` (what it generated is its reply). None = no deadline."""
+    delivery_interval_s: float = 0.0
+    """How often the caller wants the job's new tokens: 0 = after every step; else its steps' tokens are merged and
+    handed over at most once per this many seconds (its first tokens and its result always at once). A stream
+    sends a chunk per ``STREAM_INTERVAL_S`` anyway, so waking it at every step is wasted event-loop work."""
 
 
 @dataclass
@@ -77,12 +81,23 @@ class JobOutput:
 
 @dataclass
 class StepItem:
-    """One job's share of one batch step: the new tokens of each choice, and its result once it is complete."""
+    """One job's share of one batch step (or of consecutive steps merged, see
+    :attr:`GenerationJob.delivery_interval_s`): the new tokens of each choice, and its result once it is complete."""
 
     tokens: list[list[int]]
     done: JobOutput | Exception | None = None
     alternatives: list[list[Any]] | None = None
     """Per choice, the log-prob entries of this step's new tokens (with ``SamplingParams.top_logprobs >= 0``)."""
+
+    def merge(self, later: "StepItem") -> "StepItem":
+        """This item followed by ``later`` (of the same job) as one item; extends this item's lists in place."""
+        for mine, new in zip(self.tokens, later.tokens):
+            mine.extend(new)
+        if self.alternatives is not None and later.alternatives is not None:
+            for mine, new in zip(self.alternatives, later.alternatives):
+                mine.extend(new)
+        self.done = later.done
+        return self
 
 
 @dataclass
@@ -350,6 +365,19 @@ class _Waiting:
     job: GenerationJob
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    held: StepItem | None = None
+    """Steps' items not handed over yet (:attr:`GenerationJob.delivery_interval_s`); generation thread only."""
+    last: float | None = None
+    """When items were last handed over (``time.monotonic()``); None until the first tokens were."""
+
+    def due(self, item: StepItem, now: float) -> bool:
+        """Whether to hand over now: the result, the first tokens, or the job's interval has passed."""
+        interval = self.job.delivery_interval_s
+        if item.done is not None or interval <= 0:
+            return True
+        if self.last is None:
+            return any(item.tokens)
+        return now - self.last >= interval
 
     def cancelled(self) -> bool:
         return all(c in self.job.control.finish for c in range(len(self.job.seeds)))
@@ -366,6 +394,10 @@ class _Waiting:
             )
             return StepItem([[] for _ in range(n)], DeadlineExceeded(msg))
         return None
+
+
+REPORT_INTERVAL_S = 0.1
+"""Longest a step's counts (``BatchStats``, the observer) wait for a post of items (jobs with a delivery interval)."""
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, StepItem]]) -> None:
@@ -422,6 +454,10 @@ class Batcher:
         self._beams: deque[_Waiting] = deque()
         self._beam_runner: asyncio.Task | None = None
         self._active_rows = 0
+        self._reports: list[tuple] = []  # steps not counted yet: they ride with the next post (generation thread)
+        self._reports_since = 0.0
+        self._kick_pending = False
+        self._report_loop: asyncio.AbstractEventLoop | None = None  # where stats are counted (the first caller's)
 
     # ---------------------------------------------------------------- public API
     async def submit(self, job: GenerationJob) -> AsyncIterator[StepItem]:
@@ -431,6 +467,8 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         waiting = _Waiting(job, asyncio.Queue(), loop)
+        if self._report_loop is None:
+            self._report_loop = loop
         if job.params.num_beams > 1:
             self._beams.append(waiting)
             if self._beam_runner is None or self._beam_runner.done():
@@ -440,10 +478,9 @@ class Batcher:
                 if self._closed:
                     raise RuntimeError("the replica's generation thread has stopped")
                 self._waiting.append(waiting)
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._generate, name="rlchat-generate", daemon=True)
-                    self._thread.start()
-                self._cond.notify()
+            if not self._kick_pending:  # wake the thread once this tick's other submits are queued too
+                self._kick_pending = True
+                loop.call_soon(self._kick)
         done = False
         try:
             while True:
@@ -455,6 +492,16 @@ class Batcher:
         finally:
             if not done:
                 job.control.finish.update(range(len(job.seeds)))
+
+    def _kick(self) -> None:
+        """On the event loop, after the submits of one tick: start or wake the generation thread, so that a burst
+        arriving at an idle batch is prefilled together even with ``batch_wait_timeout_s=0``."""
+        self._kick_pending = False
+        with self._cond:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._generate, name="rlchat-generate", daemon=True)
+                self._thread.start()
+            self._cond.notify()
 
     @property
     def queue_depth(self) -> int:
@@ -533,27 +580,43 @@ class Batcher:
         out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepItem]]] = {}
         for w, item in settled:
             out.setdefault(w.loop, []).append((w.queue, item))
+        now = time.monotonic()
         for jid, item in items.items():
             w = self._jobs[jid] if item.done is None else self._jobs.pop(jid)
+            if w.held is not None:  # merge with what the caller has not been handed yet
+                item = w.held.merge(item)
+                w.held = None
+            if not w.due(item, now):
+                w.held = item
+                continue
+            if w.last is not None or any(item.tokens):
+                w.last = now
             out.setdefault(w.loop, []).append((w.queue, item))
-        for i, (loop, batch) in enumerate(out.items()):
-            report = (rows, queued, seconds, len(admit)) if i == 0 else None
-            _post(loop, self._deliver_step, batch, report)
+        if items:
+            self._reports.append((rows, queued, seconds, len(admit)))
+            if not self._reports_since:
+                self._reports_since = now
+        # steps whose items all wait for their interval post nothing (the event loop sleeps on), unless their counts
+        # (/readyz, metrics) have waited REPORT_INTERVAL_S
+        if out or (self._reports and now - self._reports_since >= REPORT_INTERVAL_S):
+            reports, self._reports, self._reports_since = self._reports, [], 0.0
+            if not out:
+                _post(self._report_loop, self._deliver_step, [], reports)
+            for i, (loop, batch) in enumerate(out.items()):
+                _post(loop, self._deliver_step, batch, reports if i == 0 else [])
         return True
 
-    def _deliver_step(self, batch: list[tuple[asyncio.Queue, StepItem]], report: tuple | None) -> None:
-        """On the event loop: hand a step's items to their callers, count it and tell the observer."""
+    def _deliver_step(self, batch: list[tuple[asyncio.Queue, StepItem]], reports: list[tuple]) -> None:
+        """On the event loop: hand steps' items to their callers, count the steps and tell the observer."""
         _deliver(batch)
-        if report is None:
-            return
-        rows, queued, seconds, admitted = report
-        if rows:
-            self.stats.add_batch(rows)
-        if self.observer is not None:
-            if admitted:
-                self.observer.on_admit(admitted)
+        for rows, queued, seconds, admitted in reports:
             if rows:
-                self.observer.on_step(rows, queued, seconds)
+                self.stats.add_batch(rows)
+            if self.observer is not None:
+                if admitted:
+                    self.observer.on_admit(admitted)
+                if rows:
+                    self.observer.on_step(rows, queued, seconds)
 
     # ---------------------------------------------------------------- beam search (event loop + beam thread)
     async def _run_beams(self) -> None:

@@ -42,6 +42,15 @@ class ResponseFormat:
     def __init__(self, cid: str, created: int, model: str, tokenizer: ChatTokenizer, logprobs: bool) -> None:
         self.cid, self.created, self.model, self.logprobs = cid, created, model, logprobs
         self.tokenizer = tokenizer
+        # a streamed chunk's JSON up to its choice's index, as _chunk / _json write it (pydantic field order)
+        cid_json, model_json = json.dumps(cid, ensure_ascii=False), json.dumps(model, ensure_ascii=False)
+        self._head = (
+            f'{{"id": {cid_json}, "object": "{self.OBJECT}", "created": {created}, "model": {model_json}, '
+            '"choices": [{"index": '
+        )
+
+    OBJECT = ""
+    """The ``object`` of a streamed chunk."""
 
     def _entries(
         self, tokens: Sequence[int], alts: Sequence[Any] | None
@@ -56,6 +65,8 @@ class ResponseFormat:
 
 
 class ChatFormat(ResponseFormat):
+    OBJECT = "chat.completion.chunk"
+
     def _logprobs(self, tokens: Sequence[int], alts: Sequence[Any] | None) -> ChoiceLogprobs | None:
         if not self.logprobs:
             return None
@@ -95,6 +106,12 @@ class ChatFormat(ResponseFormat):
         return _chunk(self.cid, self.created, self.model, roles)
 
     def delta_chunk(self, i: int, text: str, tokens: Sequence[int], alts: Sequence[Any]) -> str:
+        if not self.logprobs:  # the common chunk, written directly (the model's JSON, tests/test_serve_api.py)
+            content = json.dumps(text, ensure_ascii=False)
+            return (
+                f'{self._head}{i}, "delta": {{"content": {content}}}, "finish_reason": null, "logprobs": null}}], '
+                '"system_fingerprint": null}'
+            )
         choice = ChunkChoice(index=i, delta=Delta(content=text), logprobs=self._logprobs(tokens, alts))
         return _chunk(self.cid, self.created, self.model, [choice])
 
@@ -107,6 +124,8 @@ class ChatFormat(ResponseFormat):
 
 
 class CompletionFormat(ResponseFormat):
+    OBJECT = "text_completion"
+
     def _logprobs(
         self, tokens: Sequence[int], alts: Sequence[Any] | None, offset: int = 0
     ) -> CompletionLogprobs | None:
@@ -138,6 +157,12 @@ class CompletionFormat(ResponseFormat):
         return None
 
     def delta_chunk(self, i: int, text: str, tokens: Sequence[int], alts: Sequence[Any]) -> str:
+        if not self.logprobs:  # the common chunk, written directly (the model's JSON, tests/test_serve_api.py)
+            content = json.dumps(text, ensure_ascii=False)
+            return (
+                f'{self._head}{i}, "text": {content}, "finish_reason": null, "logprobs": null}}], "usage": null, '
+                '"system_fingerprint": null}'
+            )
         return self._json([CompletionChoice(index=i, text=text, logprobs=self._logprobs(tokens, alts))])
 
     def final_chunk(self, finals: list[tuple[int, str]]) -> str:

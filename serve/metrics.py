@@ -15,11 +15,20 @@ Two feeds:
 
 Every recorder also keeps a plain running total (:attr:`ServeMetrics.totals`) that ``/readyz`` reports, so tests and
 operators without Prometheus see the same numbers.
+
+Recording is deferred: the hot paths (every decoding step, every delivered token) only append to a queue, and a
+daemon thread (``rlchat-metrics``) passes the samples to Ray every :data:`FLUSH_INTERVAL_S`. Ray's ``record`` drops
+the GIL around its C++ call, and a thread that drops the GIL while another runs Python waits up to the interpreter's
+switch interval to get it back: on the event loop, ~20 samples per decoding step stalled every stream of the
+replica (bench/README.md, "Serve load"). The flush thread waiting instead costs nobody.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from collections import deque
 from typing import Any
 
 TTFT_SECONDS = "rlchat_serve_ttft_seconds"
@@ -44,6 +53,50 @@ TOKEN_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 """Inter-token and step-time buckets: a tiny model's 1 ms step to a stalled one."""
 ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 """Rows per decoding step (powers of two up to large GPU batches)."""
+logger = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S = 0.25
+"""How often the ``rlchat-metrics`` thread passes queued samples to Ray (Ray's agent exports every few seconds)."""
+
+
+class _Deferred:
+    """A Ray metric whose ``observe`` / ``inc`` / ``set`` only queue the sample; :class:`_Flusher` records it."""
+
+    def __init__(self, metric: Any, flusher: _Flusher) -> None:
+        self.metric = metric
+        self._put = flusher.queue.append
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._put((self.metric.observe, value, tags))
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        self._put((self.metric.inc, value, tags))
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._put((self.metric.set, value, tags))
+
+
+class _Flusher:
+    """The daemon thread that records queued samples into Ray's metrics every :data:`FLUSH_INTERVAL_S`."""
+
+    def __init__(self) -> None:
+        self.queue: deque[tuple[Any, float, dict[str, str] | None]] = deque()
+        self._thread = threading.Thread(target=self._run, name="rlchat-metrics", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(FLUSH_INTERVAL_S)
+            self.flush()
+
+    def flush(self) -> None:
+        """Record every queued sample now (samples queued meanwhile by other threads are taken too)."""
+        while self.queue:
+            fn, value, tags = self.queue.popleft()
+            try:
+                fn(value, tags)
+            except Exception:  # noqa: BLE001 - a metric must never take the replica down
+                logger.debug("recording a metric sample failed", exc_info=True)
 
 
 class ServeMetrics:
@@ -56,10 +109,12 @@ class ServeMetrics:
     def __init__(self, model: str) -> None:
         from ray.serve import metrics
 
+        self._flusher = _Flusher()
+
         def made(metric: Any) -> Any:
             # a fresh dict each time: Serve adds its deployment/replica tags to the dict it is given, in place
             metric.set_default_tags({"model": model})
-            return metric
+            return _Deferred(metric, self._flusher)
 
         self.ttft = made(
             metrics.Histogram(
@@ -206,13 +261,20 @@ class RequestTimer:
         self.last: float | None = None
         self.first_token_s: float | None = None
 
-    def tokens(self, n_new: int, now: float) -> None:
-        """``n_new`` tokens (over all choices) of one step arrived at ``now`` (``time.perf_counter()``)."""
+    def tokens(self, n_new: int, now: float, steps: int = 1) -> None:
+        """``n_new`` tokens (over all choices) of ``steps`` decoding steps arrived at ``now`` (``perf_counter()``).
+
+        Steps handed over together (a stream's tokens come once per chunk interval) count as ``steps`` inter-token
+        samples of their mean gap, so the histogram keeps one sample per step of the request.
+        """
         if n_new <= 0:
             return
         if self.last is None:
             self.first_token_s = now - self.t0
             self.metrics.ttft.observe(self.first_token_s)
         else:
-            self.metrics.inter_token.observe(now - self.last)
+            steps = max(1, steps)
+            gap = (now - self.last) / steps
+            for _ in range(steps):
+                self.metrics.inter_token.observe(gap)
         self.last = now

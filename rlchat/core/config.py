@@ -379,8 +379,8 @@ class ServeConfig:
     """Autoscaling target of ongoing requests per replica."""
     max_batch_size: int = 16
     """Largest dynamic batch of concurrent requests (1 = no batching)."""
-    batch_wait_timeout_s: float = 0.01
-    """Longest wait to fill a dynamic batch."""
+    batch_wait_timeout_s: float = 0.0
+    """Idle batch only: how long the first arrival waits so a burst is prefilled together (0 = start at once)."""
     max_queued_requests: int = 64
     """Requests a replica lets wait to join the batch; beyond that new ones get 503 + Retry-After; 0 = no limit."""
     request_timeout_s: float = 60.0

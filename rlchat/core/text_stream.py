@@ -49,6 +49,28 @@ class TextStreamer:
         self._text += self._dec.push(token_id)
         return self._release(final=False)
 
+    def push_many(self, token_ids: Sequence[int]) -> tuple[str, int]:
+        """Add tokens at once; the same text as :meth:`push` token by token, for less work per token.
+
+        Returns:
+            The newly releasable text, and how many of the tokens were taken: all of them, unless a stop string
+            ended the reply (then up to the token that completed it; later ones are ignored, as :meth:`push` does).
+        """
+        if self.stopped:
+            return "", 0
+        push = self._dec.push
+        if not self._stops:
+            self._text += "".join([push(t) for t in token_ids])
+            return self._release(final=False), len(token_ids)
+        start = max(0, self._sent - self._longest)  # where :meth:`_release` looks for stop strings
+        taken = 0
+        for t in token_ids:
+            taken += 1
+            self._text += push(t)
+            if any(self._text.find(s, start) >= 0 for s in self._stops):
+                break  # the first token that completes a stop string: _release cuts there
+        return self._release(final=False), taken
+
     def finish(self) -> str:
         """End of the reply: the rest of the text (an incomplete UTF-8 tail becomes U+FFFD)."""
         if not self.stopped:
