@@ -92,8 +92,10 @@ from rlchat.core.data import (
     parse_record,
 )
 from rlchat.core.errors import ConfigError, DataError, RLChatError
-from rlchat.distributed.shard_store import (
+from rlchat.distributed.shard_store import (  # the output file names stay importable from here (users read them)
+    JSONL_FILE,  # noqa: F401
     MANIFEST_FILE,
+    PARQUET_FILE,  # noqa: F401
     SHARDS_DIR,
     ShardStore,
     _json_settings,
