@@ -36,9 +36,10 @@ How requests are served, and why:
   step, so streams stream. Rows with different settings share the batch. Per-row seeds make a seeded reply
   independent of what it was batched with. Beam searches run on their own thread and do not stall the batch.
   ``serve.max_batch_size=1`` is batch-1 serving.
-- **One generation thread per replica.** Every forward runs on a single-thread executor, so the event loop stays
-  free to accept requests (and to fill the next batch) while the model computes, and torch gets a fixed thread
-  budget (the replica's CPUs) instead of fighting other processes for the cores.
+- **One generation thread per replica.** The :class:`serve.batching.Batcher` steps the decode batch back to back on
+  its own thread and hands each job its tokens once per chunk interval, so the event loop stays free to accept
+  requests while the model computes, and torch gets a fixed thread budget (the replica's CPUs) instead of fighting
+  other processes for the cores.
 - **UTF-8-safe, stop-aware streaming.** :class:`rlchat.text_stream.TextStreamer` decodes tokens incrementally
   (never half a character), holds back text that may be the start of a stop string (stop strings are never shown, as on
   OpenAI), and, with the safety filter on, holds back a window of text so a flagged phrase is withheld before any

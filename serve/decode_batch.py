@@ -46,6 +46,7 @@ from rlchat.generation import (
     _inverse_cdf,
     _left_pad,
     _StopStrings,
+    logit_bias_vector,
     row_uniforms,
     seed_keys,
 )
@@ -84,16 +85,7 @@ class _Settings:
         self.stop_ids = frozenset(stops)
         self.stop_ids_t = torch.tensor(stops, dtype=torch.long, device=dev)
         self.stop_strings = _StopStrings(tok, params.stop_strings) if params.stop_strings else None
-        self.bias: torch.Tensor | None = None
-        if params.logit_bias:
-            self.bias = torch.zeros(v, dtype=torch.float32, device=dev)
-            for tid, bias in params.logit_bias:
-                if not 0 <= tid < v:
-                    raise ConfigError(
-                        f"SamplingParams.logit_bias: token id {tid} is outside the vocabulary (0..{v - 1}); "
-                        "use ids from the model's tokenizer"
-                    )
-                self.bias[tid] = bias
+        self.bias = logit_bias_vector(params.logit_bias, v, dev)  # (V,) or None
 
 
 class _Row:

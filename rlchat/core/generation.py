@@ -455,6 +455,24 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+def logit_bias_vector(
+    logit_bias: Sequence[tuple[int, float]], vocab_size: int, device: torch.device
+) -> torch.Tensor | None:
+    """(V,) fp32 logit offsets of ``SamplingParams.logit_bias`` (None when empty); an id outside the vocabulary is a
+    ConfigError."""
+    if not logit_bias:
+        return None
+    out = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+    for tid, bias in logit_bias:
+        if not 0 <= tid < vocab_size:
+            raise ConfigError(
+                f"SamplingParams.logit_bias: token id {tid} is outside the vocabulary (0..{vocab_size - 1}); "
+                "use ids from the model's tokenizer"
+            )
+        out[tid] = bias
+    return out
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, P) left-padded ids and a (B, P + extra) attention-mask buffer (1 on prompts and the generated slots)."""
     b, p = len(prompts), max(len(x) for x in prompts)
@@ -555,16 +573,7 @@ class GenerationStream:
         self._counts = None  # (B, V) tokens generated so far per row, for presence / frequency penalties
         if params.presence_penalty or params.frequency_penalty:
             self._counts = torch.zeros(b, v, dtype=torch.float32, device=dev)
-        self._bias = None  # (V,) logit_bias
-        if params.logit_bias:
-            self._bias = torch.zeros(v, dtype=torch.float32, device=dev)
-            for tid, bias in params.logit_bias:
-                if not 0 <= tid < v:
-                    raise ConfigError(
-                        f"SamplingParams.logit_bias: token id {tid} is outside the vocabulary (0..{v - 1}); "
-                        "use ids from the model's tokenizer"
-                    )
-                self._bias[tid] = bias
+        self._bias = logit_bias_vector(params.logit_bias, v, dev)  # (V,) or None
         self._alts: list | None = None
         # (B, V) scratch reused every step (fresh full-vocabulary tensors per step cost page faults on CPU)
         plain = not params.greedy and params.top_k == 0 and params.top_p == 1.0
