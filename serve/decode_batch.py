@@ -47,6 +47,7 @@ from rlchat.generation import (
     _left_pad,
     _StopStrings,
     logit_bias_vector,
+    process_logits,
     row_uniforms,
     seed_keys,
 )
@@ -273,16 +274,8 @@ class DecodeBatch:
         for i, r in enumerate(rows):
             p, s = r.params, r.settings
             zi = z[i]
-            if r.seen is not None:
-                hist = torch.tensor(r.seen, dtype=torch.long, device=self._device)
-                g = zi.gather(0, hist)
-                zi.scatter_(0, hist, torch.where(g > 0, g / p.repetition_penalty, g * p.repetition_penalty))
-            if r.counts is not None:  # OpenAI's penalties: mu -= c * frequency + (c > 0) * presence
-                zi.sub_(r.counts * p.frequency_penalty + (r.counts > 0).float() * p.presence_penalty)
-            if s.bias is not None:
-                zi.add_(s.bias)
-            if r.step < p.min_new_tokens:
-                zi.index_fill_(0, s.stop_ids_t, float("-inf"))
+            hist = torch.tensor(r.seen, dtype=torch.long, device=self._device) if r.seen is not None else None
+            process_logits(zi, p, r.step, hist, r.counts, s.bias, s.stop_ids_t)
             if p.top_logprobs >= 0:  # the processed distribution (temperature applied; 0 = greedy reads as 1)
                 full = torch.log_softmax(zi[None] / (p.temperature if p.temperature > 0 else 1.0), -1)  # (1, V)
                 k = min(p.top_logprobs, full.shape[1])

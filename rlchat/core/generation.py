@@ -455,6 +455,33 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+def process_logits(
+    z: torch.Tensor,
+    params: SamplingParams,
+    step: int,
+    history: torch.Tensor | None,
+    counts: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stop_ids: torch.Tensor,
+) -> None:
+    """Apply the sampling settings to logits ``z`` in place -- (B, V) rows sharing ``params``, or one (V,) row.
+
+    In order: the repetition penalty over ``history`` (token ids seen so far, (B, T) or (T,)), OpenAI's presence /
+    frequency penalties from ``counts`` (tokens generated so far per id), ``logit_bias`` (``bias``, (V,)), and no stop
+    token before ``params.min_new_tokens`` (``stop_ids``). One implementation for the engine's lock-step streams and
+    the Serve replica's per-row decode batch, so a reply is the same whichever produced it.
+    """
+    if history is not None and params.repetition_penalty != 1.0:
+        g = z.gather(-1, history)
+        z.scatter_(-1, history, torch.where(g > 0, g / params.repetition_penalty, g * params.repetition_penalty))
+    if counts is not None:  # OpenAI's penalties: mu -= c * frequency + (c > 0) * presence
+        z.sub_(counts * params.frequency_penalty + (counts > 0).float() * params.presence_penalty)
+    if bias is not None:
+        z.add_(bias)
+    if step < params.min_new_tokens:
+        z.index_fill_(-1, stop_ids, float("-inf"))
+
+
 def logit_bias_vector(
     logit_bias: Sequence[tuple[int, float]], vocab_size: int, device: torch.device
 ) -> torch.Tensor | None:
@@ -675,16 +702,8 @@ class GenerationStream:
         p = self.params
         bc = self._h.shape[0]
         z = self._dec.logits(self._h, self._buf_z[:bc] if self._buf_z is not None else None)  # (Bc, V)
-        if p.repetition_penalty != 1.0:
-            hist = self._hist[:, : self._p + self._step]
-            g = z.gather(1, hist)
-            z.scatter_(1, hist, torch.where(g > 0, g / p.repetition_penalty, g * p.repetition_penalty))
-        if self._counts is not None:  # OpenAI's penalties: mu -= c * frequency + (c > 0) * presence
-            z.sub_(self._counts * p.frequency_penalty + (self._counts > 0).float() * p.presence_penalty)
-        if self._bias is not None:
-            z.add_(self._bias)
-        if self._step < p.min_new_tokens:
-            z.index_fill_(1, self._stop_ids_t, float("-inf"))
+        hist = self._hist[:, : self._p + self._step] if p.repetition_penalty != 1.0 else None
+        process_logits(z, p, self._step, hist, self._counts, self._bias, self._stop_ids_t)
         alts = None
         if p.top_logprobs >= 0:  # the processed distribution (temperature applied; 0 = greedy reads as 1)
             full = torch.log_softmax(z / (p.temperature if p.temperature > 0 else 1.0), -1)  # (Bc, V)
