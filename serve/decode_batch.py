@@ -43,10 +43,10 @@ from rlchat.generation import (
     FINISH_STOP,
     GenerationEngine,
     SamplingParams,
-    _inverse_cdf,
     _left_pad,
     _StopStrings,
     logit_bias_vector,
+    pick_tokens,
     process_logits,
     row_uniforms,
     seed_keys,
@@ -324,25 +324,8 @@ class DecodeBatch:
         return out
 
     def _pick(self, z: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy / top-k / top-p / plain sampling of rows with the same settings (``GenerationStream._pick``)."""
-        p = rows[0].params
-        if p.greedy:
-            tok = z.argmax(-1)
-            lp = z.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(z, -1)
-            return tok, lp
-        if p.temperature != 1.0:
-            z.div_(p.temperature)
-        u = torch.from_numpy(_uniforms(rows)).to(self._device)[:, None]  # (n, 1)
-        if 0 < p.top_k < z.shape[1]:
-            vals, idx = z.topk(p.top_k, dim=-1)
-            j, lp = _inverse_cdf(vals, u, p.top_p, sorted_desc=True)
-            return idx.gather(1, j).squeeze(1), lp
-        if p.top_p < 1.0:
-            vals, idx = z.sort(dim=-1, descending=True)
-            j, lp = _inverse_cdf(vals, u, p.top_p, sorted_desc=True)
-            return idx.gather(1, j).squeeze(1), lp
-        j, lp = _inverse_cdf(z, u, 1.0, sorted_desc=False)
-        return j.squeeze(1), lp
+        """Greedy / top-k / top-p / plain sampling of rows with the same settings (the engine's own sampler)."""
+        return pick_tokens(z, rows[0].params, lambda: _uniforms(rows))
 
 
 def _uniforms(rows: Sequence[_Row]) -> np.ndarray:

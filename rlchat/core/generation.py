@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -482,6 +482,39 @@ def process_logits(
         z.index_fill_(-1, stop_ids, float("-inf"))
 
 
+def pick_tokens(
+    z: torch.Tensor,
+    params: SamplingParams,
+    uniforms: Callable[[], np.ndarray],
+    e_buf: torch.Tensor | None = None,
+    c_buf: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy / top-k / top-p / plain sampling of rows sharing ``params`` from processed (B, V) logits ``z``
+    (modified in place): (B,) token ids and (B,) log-probs under the sampling distribution.
+
+    ``uniforms()`` gives each row's (B,) uniform draw (called only when sampling): per-row keys make a row's draw
+    independent of its batch. ``e_buf`` / ``c_buf``: optional (B, V) scratch for plain sampling. One implementation
+    for the engine's streams and the Serve replica's decode batch.
+    """
+    if params.greedy:
+        tok = z.argmax(-1)
+        lp = z.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(z, -1)
+        return tok, lp
+    if params.temperature != 1.0:
+        z.div_(params.temperature)
+    u = torch.from_numpy(uniforms()).to(z.device)[:, None]  # (B, 1)
+    if 0 < params.top_k < z.shape[1]:
+        vals, idx = z.topk(params.top_k, dim=-1)  # (B, k) sorted descending
+        j, lp = _inverse_cdf(vals, u, params.top_p, sorted_desc=True)
+        return idx.gather(1, j).squeeze(1), lp
+    if params.top_p < 1.0:
+        vals, idx = z.sort(dim=-1, descending=True)
+        j, lp = _inverse_cdf(vals, u, params.top_p, sorted_desc=True)
+        return idx.gather(1, j).squeeze(1), lp
+    j, lp = _inverse_cdf(z, u, 1.0, sorted_desc=False, e_buf=e_buf, c_buf=c_buf)
+    return j.squeeze(1), lp
+
+
 def logit_bias_vector(
     logit_bias: Sequence[tuple[int, float]], vocab_size: int, device: torch.device
 ) -> torch.Tensor | None:
@@ -720,26 +753,9 @@ class GenerationStream:
 
     def _pick(self, z: torch.Tensor, bc: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy / top-k / top-p / plain sampling from the processed (Bc, V) logits ``z`` (modified in place)."""
-        p = self.params
-        if p.greedy:
-            tok = z.argmax(-1)
-            lp = z.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(z, -1)
-            return tok, lp
-        if p.temperature != 1.0:
-            z.div_(p.temperature)
-        u = torch.from_numpy(row_uniforms(self._keys, self._step)).to(self._device)[:, None]  # (Bc, 1)
-        if 0 < p.top_k < z.shape[1]:
-            vals, idx = z.topk(p.top_k, dim=-1)  # (Bc, k) sorted descending
-            j, lp = _inverse_cdf(vals, u, p.top_p, sorted_desc=True)
-            return idx.gather(1, j).squeeze(1), lp
-        if p.top_p < 1.0:
-            vals, idx = z.sort(dim=-1, descending=True)
-            j, lp = _inverse_cdf(vals, u, p.top_p, sorted_desc=True)
-            return idx.gather(1, j).squeeze(1), lp
         e_buf = self._buf_e[:bc] if self._buf_e is not None else None
         c_buf = self._buf_c[:bc] if self._buf_c is not None else None
-        j, lp = _inverse_cdf(z, u, 1.0, sorted_desc=False, e_buf=e_buf, c_buf=c_buf)
-        return j.squeeze(1), lp
+        return pick_tokens(z, self.params, lambda: row_uniforms(self._keys, self._step), e_buf, c_buf)
 
     def _record(self, toks: np.ndarray, lps: np.ndarray) -> StepOutput:
         """Store this step's tokens for live rows, apply stop conditions, and build the full-batch StepOutput."""
