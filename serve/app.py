@@ -732,7 +732,7 @@ class ChatServer:
         finally:
             self._started(cid)
             if not finished:  # the batch ends these rows at its next step; the task then ends by itself
-                job.control.finish.update(range(len(job.seeds)))
+                job.control.end(range(len(job.seeds)))
 
     def _log(self, cid: str, status: int, t0: float, **fields: Any) -> None:
         self.metrics.response(status)
@@ -1047,7 +1047,7 @@ class ChatServer:
                                 if item.alternatives is not None:
                                     pending_alts[i].append(item.alternatives[i][k])
                     if withheld[i] or streamers[i].stopped:
-                        job.control.finish.add(i)  # no more tokens needed: the batch ends this row
+                        job.control.end([i])  # no more tokens needed: the batch ends this row
                     if pending[i] and now - last_sent[i] >= STREAM_INTERVAL_S:
                         yield {"data": flush(i)}
                         last_sent[i] = now
@@ -1119,7 +1119,7 @@ class ChatServer:
         finally:
             self._started(cid)
             if not done:  # the client went away: the batch ends this request's rows at its next step
-                job.control.finish.update(range(n))
+                job.control.end(range(n))
                 self._log(
                     cid,
                     CLIENT_CLOSED_REQUEST,

@@ -26,7 +26,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,6 +50,16 @@ class StreamControl:
     choice is listed leaves the queue or the batch at the next step."""
 
     finish: set[int] = field(default_factory=set)
+    listener: Callable[[set[int]], None] | None = field(default=None, compare=False, repr=False)
+    """Told of every :meth:`end` (the engine process forwards them to its own copy of the job)."""
+
+    def end(self, choices: Any) -> None:
+        """End these choices at the next step (an iterable of choice indices)."""
+        new = set(choices) - self.finish
+        if new:
+            self.finish.update(new)
+            if self.listener is not None:
+                self.listener(new)
 
 
 @dataclass(frozen=True)
@@ -491,7 +501,7 @@ class Batcher:
                     return
         finally:
             if not done:
-                job.control.finish.update(range(len(job.seeds)))
+                job.control.end(range(len(job.seeds)))
 
     def _kick(self) -> None:
         """On the event loop, after the submits of one tick: start or wake the generation thread, so that a burst

@@ -45,6 +45,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -418,7 +419,7 @@ class ServedVersion:
         }
 
     def close(self) -> None:
-        """Stop the scheduler's threads and tasks, so the model's memory can be freed."""
+        """Stop the scheduler's threads, tasks or engine process, so the model's memory can be freed."""
         self.closed = True
         b = self.scheduler
         closer = getattr(b, "close", None) or getattr(b, "shutdown", None)
@@ -460,22 +461,42 @@ def load_version(
         cache_dir: where URIs and shipped checkpoints are copied (``serve.checkpoint_cache``).
         observer: the replica's metrics, passed to the scheduler.
     """
-    from rlchat.checkpoint import load_policy
+    import torch
+
+    from rlchat.checkpoint import POLICY_STAGES, load_policy, read_checkpoint
     from rlchat.generation import GenerationEngine
+    from serve.engine_process import EngineProcess, EngineSpec
     from serve.settings import default_model_version
 
     t0 = time.perf_counter()
     path = fetch_checkpoint(spec, cache_dir)
-    model, tok, ckpt = load_policy(path, device=device)
-    model.eval()
-    engine = GenerationEngine(model, tok, precision=precision)
+    if cfg.engine_process:
+        # The weights live in the engine process only; this replica reads the tokenizer and metadata.
+        ckpt = read_checkpoint(path, expect_stage=POLICY_STAGES)
+        tok = ckpt.tokenizer
+        engine_spec = EngineSpec(
+            str(ckpt.path),
+            device=device,
+            precision=precision,
+            max_batch_size=cfg.max_batch_size,
+            batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+            torch_threads=torch.get_num_threads(),
+            switch_interval_s=sys.getswitchinterval(),
+        )
+        scheduler: Any = EngineProcess(engine_spec, observer=observer)
+        engine: Any = scheduler.info
+    else:
+        model, tok, ckpt = load_policy(path, device=device)
+        model.eval()
+        engine = GenerationEngine(model, tok, precision=precision)
+        scheduler = make_batcher(engine, cfg, observer)
     max_positions = int(engine.max_positions or ckpt.config.model.n_positions)
     version = ServedVersion(
         spec,
         ckpt,
         tok,
         engine,
-        make_batcher(engine, cfg, observer),
+        scheduler,
         max_positions,
         label or default_model_version(ckpt.path),
     )

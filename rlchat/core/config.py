@@ -381,6 +381,10 @@ class ServeConfig:
     """Largest dynamic batch of concurrent requests (1 = no batching)."""
     batch_wait_timeout_s: float = 0.0
     """Idle batch only: how long the first arrival waits so a burst is prefilled together (0 = start at once)."""
+    ingress: Literal["haproxy", "proxy"] = "haproxy"
+    """When rlchat serve starts Ray: haproxy = HAProxy to each replica's own HTTP server; proxy = Serve's proxy."""
+    engine_process: bool = True
+    """Run each replica's decode loop in a process of its own (its own GIL; off = a thread of the replica)."""
     max_queued_requests: int = 64
     """Requests a replica lets wait to join the batch; beyond that new ones get 503 + Retry-After; 0 = no limit."""
     request_timeout_s: float = 60.0

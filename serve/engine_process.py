@@ -1,0 +1,394 @@
+"""The replica's decode loop in a process of its own (``serve.engine_process``, on by default).
+
+Why: a decoding step of the demo-size model is ~300 small torch ops, and every op releases the GIL. In the
+replica's own interpreter the HTTP side (uvicorn, Ray Serve's asyncio thread and core-worker threads, SSE chunks,
+metrics) takes the GIL back at each of those hand-offs, so a 16-row step that costs 1.85 ms alone took 9-12 ms under
+16 streaming clients (profile in ``bench/README.md``, "Serve load"). A second process has its own GIL: the decode
+loop runs at its own speed and the replica only moves requests in and tokens out. vLLM's engine core runs apart from
+its API server for the same reason.
+
+How: the replica (:class:`EngineProcess`) starts a Python process running :func:`main` with one end of a
+``socket.socketpair`` and sends it an :class:`EngineSpec` (where the checkpoint is, device, precision, batch
+settings). The child loads the model and runs an ordinary :class:`serve.batching.Batcher` -- the same continuous
+batching, deadlines, cancellation and beam thread as in-process -- on its own event loop. Messages are pickled
+tuples over the socket (``multiprocessing.connection``):
+
+- replica -> engine: ``("submit", rid, job)``, ``("finish", rid, choices)`` (the request side ended those rows:
+  client gone, stop string, safety filter), ``("close",)``.
+- engine -> replica: lists of ``("item", rid, StepItem)`` and ``("step", rows, queued, seconds, admitted)``, one list
+  per event-loop tick (one ``send`` for every job's share of a step).
+
+A reader thread in the replica receives them and posts each list to the callers' event loop in one callback. The
+replica never loads the weights (only the checkpoint's tokenizer and metadata), so a GPU replica holds one copy.
+When the replica dies the socket closes and the engine exits; when the engine dies every request still running gets
+an error and :attr:`EngineProcess.alive` turns False (Serve's health check then replaces the replica).
+
+Why not Ray for this (an actor, a compiled graph): an actor call per step costs milliseconds of Python on both
+sides, which is what this module takes off the hot path; and the engine must live and die with its replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from typing import Any
+
+from serve.batching import BatchStats, GenerationJob, StepItem, StreamControl
+
+logger = logging.getLogger(__name__)
+
+FD_ENV = "RLCHAT_ENGINE_FD"
+"""The environment variable that tells the child which file descriptor is its end of the socket pair."""
+
+CHILD_COMMAND = "import sys; from serve.engine_process import main; sys.exit(main())"
+"""How the child starts: imported by name (not ``-m``), so the classes it pickles are ``serve.engine_process``'s."""
+
+START_TIMEOUT_S = 600.0
+"""Longest the replica waits for the engine to load its checkpoint (a large model from a slow disk)."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the engine process needs to build its engine and scheduler (pickled to the child)."""
+
+    checkpoint: str
+    """A local checkpoint directory (already fetched / unpacked by the replica)."""
+    device: str = "cpu"
+    precision: str = "auto"
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.0
+    torch_threads: int = 1
+    switch_interval_s: float = 0.0005
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the replica needs to know of the engine it does not hold (the child reports it once loaded)."""
+
+    vocab_size: int
+    max_positions: int | None
+    device: str
+    pid: int
+
+
+class EngineStartError(RuntimeError):
+    """The engine process could not load its checkpoint or exited before it was ready."""
+
+
+def _portable_error(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling (the replica maps its type to an HTTP code), else a RuntimeError with its
+    text (a library exception whose constructor takes other arguments than its message)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001 - any unpicklable exception becomes its text
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def _portable(item: StepItem) -> StepItem:
+    if isinstance(item.done, BaseException):
+        item.done = _portable_error(item.done)
+    return item
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The replica's side
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class EngineProcess:
+    """The replica's handle on its engine process; the same interface as :class:`serve.batching.Batcher`
+    (``submit``, ``stats``, ``queue_depth``, ``active_rows``, ``alive``, ``close``).
+
+    Args:
+        spec: the engine to build.
+        observer: optional :class:`serve.batching.BatchObserver` (metrics), called on the callers' event loop.
+        start_timeout_s: longest wait for the engine to be ready.
+
+    Raises:
+        EngineStartError: the checkpoint could not be loaded (the child's error text), or the child died.
+    """
+
+    def __init__(self, spec: EngineSpec, observer: Any = None, start_timeout_s: float = START_TIMEOUT_S) -> None:
+        self.spec = spec
+        self.observer = observer
+        self.stats = BatchStats()
+        self.queue_depth = 0
+        """Jobs the engine had waiting to join its batch at its last reported step."""
+        self.active_rows = 0
+        """Rows the engine decoded at its last reported step."""
+        self._closed = False
+        self._dead: str | None = None
+        self._callers: dict[int, tuple[asyncio.Queue, asyncio.AbstractEventLoop, int]] = {}
+        self._ids = itertools.count()
+        self._send_lock = threading.Lock()
+        self._report_loop: asyncio.AbstractEventLoop | None = None
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        env[FD_ENV] = str(child.fileno())
+        # The child imports serve/ and rlchat/ as this process does (a Ray runtime_env's working_dir included).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", CHILD_COMMAND], env=env, pass_fds=(child.fileno(),), close_fds=True
+            )
+        finally:
+            child.close()
+        self.conn = Connection(parent.detach())
+        try:
+            self.conn.send(spec)
+            self.info = self._wait_ready(start_timeout_s)
+        except BaseException:
+            self._kill()
+            raise
+        self._reader = threading.Thread(target=self._read, name="rlchat-engine-reader", daemon=True)
+        self._reader.start()
+
+    def _wait_ready(self, timeout_s: float) -> EngineInfo:
+        until = time.monotonic() + timeout_s
+        while not self.conn.poll(0.1):
+            if self.proc.poll() is not None:
+                raise EngineStartError(f"the engine process exited with code {self.proc.returncode} while loading "
+                                       f"{self.spec.checkpoint}; its log is the replica's stderr")  # fmt: skip
+            if time.monotonic() > until:
+                raise EngineStartError(f"the engine process did not load {self.spec.checkpoint} in {timeout_s:g} s")
+        try:
+            kind, payload = self.conn.recv()
+        except (EOFError, OSError) as e:
+            raise EngineStartError(f"the engine process closed its connection while loading ({e})") from None
+        if kind != "ready":
+            raise EngineStartError(str(payload))
+        return payload
+
+    # -------------------------------------------------------------------------------------------- public API
+    @property
+    def alive(self) -> bool:
+        """Whether the engine still accepts work (Serve's health check)."""
+        return not self._closed and self._dead is None and self.proc.poll() is None
+
+    async def submit(self, job: GenerationJob) -> AsyncIterator[StepItem]:
+        """The job's share of every generation step until its :attr:`StepItem.done` (iterate it).
+
+        The request side ends rows with ``job.control.end(...)``; a caller that stops iterating before ``done``
+        ends all of them.
+        """
+        loop = asyncio.get_running_loop()
+        self._report_loop = loop  # step counts go to the latest caller's loop (a replica has one)
+        if not self.alive:
+            raise RuntimeError(self._dead or "the replica's engine process has stopped")
+        rid = next(self._ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        n = len(job.seeds)
+        self._callers[rid] = (queue, loop, n)
+        job.control.listener = lambda choices: self._send(("finish", rid, sorted(choices)))
+        # The engine gets its own StreamControl (the rows already ended go with it); later ends follow as messages.
+        self._send(("submit", rid, replace(job, control=StreamControl(set(job.control.finish)))))
+        done = False
+        try:
+            while True:
+                item = await queue.get()
+                done = item.done is not None
+                yield item
+                if done:
+                    return
+        finally:
+            self._callers.pop(rid, None)
+            job.control.listener = None
+            if not done:
+                self._send(("finish", rid, list(range(n))))
+
+    def close(self) -> None:
+        """Stop the engine after its current step; requests still running get an error."""
+        if self._closed:
+            return
+        self._closed = True
+        self._send(("close",))
+        threading.Thread(target=self._reap, name="rlchat-engine-reap", daemon=True).start()
+
+    # -------------------------------------------------------------------------------------------- internals
+    def _send(self, msg: tuple) -> None:
+        if self._dead is not None:
+            return
+        try:
+            with self._send_lock:
+                self.conn.send(msg)
+        except (OSError, ValueError) as e:  # the engine is gone: the reader fails the callers
+            logger.warning("cannot reach the engine process (%s)", e)
+
+    def _read(self) -> None:
+        """The reader thread: every list of engine messages is posted to the callers' event loops at once."""
+        while True:
+            try:
+                msgs = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepItem]]] = {}
+            reports = []
+            for msg in msgs:
+                if msg[0] == "item":
+                    caller = self._callers.get(msg[1])
+                    if caller is not None:
+                        out.setdefault(caller[1], []).append((caller[0], msg[2]))
+                else:
+                    reports.append(msg)
+            if reports and self._report_loop is not None and self._report_loop not in out:
+                out[self._report_loop] = []
+            for i, (loop, batch) in enumerate(out.items()):
+                with contextlib.suppress(RuntimeError):  # that caller's loop is closed: no one is listening
+                    loop.call_soon_threadsafe(self._deliver, batch, reports if i == 0 else [])
+        code = self.proc.wait()
+        self._dead = f"the replica's engine process exited (code {code})"
+        if not self._closed:
+            logger.error("%s; failing the requests it was running", self._dead)
+        error = RuntimeError(self._dead)
+        for rid, (queue, loop, n) in list(self._callers.items()):
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, StepItem([[] for _ in range(n)], error))
+            self._callers.pop(rid, None)
+
+    def _deliver(self, batch: list[tuple[asyncio.Queue, StepItem]], reports: list[tuple]) -> None:
+        """On an event loop: hand the items to their callers, count the steps, tell the observer."""
+        for queue, item in batch:
+            queue.put_nowait(item)
+        for _, rows, queued, seconds, admitted in reports:
+            self.queue_depth, self.active_rows = queued, rows
+            if rows:
+                self.stats.add_batch(rows)
+            if self.observer is not None:
+                if admitted:
+                    self.observer.on_admit(admitted)
+                if rows:
+                    self.observer.on_step(rows, queued, seconds)
+
+    def _reap(self) -> None:
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._kill()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+    def _kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The engine's side (the child process)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _Outbox:
+    """Messages for the replica, sent as one list per event-loop tick; also the child Batcher's observer."""
+
+    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+        self.conn = conn
+        self.loop = loop
+        self.msgs: list[tuple] = []
+        self.admitted = 0
+
+    def put(self, msg: tuple) -> None:
+        if not self.msgs:
+            self.loop.call_soon(self.flush)  # after the other callers woken by the same step have put theirs
+        self.msgs.append(msg)
+
+    def flush(self) -> None:
+        msgs, self.msgs = self.msgs, []
+        if msgs:
+            with contextlib.suppress(OSError):  # the replica is gone: the reader below stops the loop
+                self.conn.send(msgs)
+
+    def on_admit(self, n_jobs: int) -> None:
+        self.admitted += n_jobs
+
+    def on_step(self, rows: int, queued: int, seconds: float) -> None:
+        self.put(("step", rows, queued, seconds, self.admitted))
+        self.admitted = 0
+
+
+async def _serve(conn: Connection, spec: EngineSpec, engine: Any) -> None:
+    """Run jobs from the replica on a :class:`Batcher` until the replica closes the connection or says close."""
+    from serve.batching import Batcher
+
+    loop = asyncio.get_running_loop()
+    outbox = _Outbox(conn, loop)
+    batcher = Batcher(engine, spec.max_batch_size, spec.batch_wait_timeout_s, observer=outbox)
+    jobs: dict[int, GenerationJob] = {}
+    tasks: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)
+    stopped = loop.create_future()
+
+    async def run(rid: int, job: GenerationJob) -> None:
+        try:
+            async for item in batcher.submit(job):
+                outbox.put(("item", rid, _portable(item)))
+        except Exception as e:  # noqa: BLE001 - the job's failure is its result
+            outbox.put(("item", rid, StepItem([[] for _ in job.seeds], _portable_error(e))))
+        finally:
+            jobs.pop(rid, None)
+
+    def on_readable() -> None:
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                if msg[0] == "submit":
+                    jobs[msg[1]] = msg[2]
+                    task = loop.create_task(run(msg[1], msg[2]))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                elif msg[0] == "finish":
+                    job = jobs.get(msg[1])
+                    if job is not None:
+                        job.control.finish.update(msg[2])
+                elif msg[0] == "close" and not stopped.done():
+                    stopped.set_result(None)
+        except (EOFError, OSError):  # the replica is gone
+            if not stopped.done():
+                stopped.set_result(None)
+
+    loop.add_reader(conn.fileno(), on_readable)
+    await stopped
+    loop.remove_reader(conn.fileno())
+    batcher.close()
+
+
+def load_engine(spec: EngineSpec) -> Any:
+    """The generation engine of ``spec``'s checkpoint (the same loading as an in-process replica)."""
+    from rlchat.checkpoint import load_policy
+    from rlchat.generation import GenerationEngine
+
+    model, tok, _ = load_policy(spec.checkpoint, device=spec.device)
+    model.eval()
+    return GenerationEngine(model, tok, precision=spec.precision)
+
+
+def main() -> int:
+    """The engine process: read the spec, load, say ready (or why not), serve until the replica goes."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s engine %(process)d -- %(message)s")
+    conn = Connection(int(os.environ.pop(FD_ENV)))
+    spec: EngineSpec = conn.recv()
+    import torch
+
+    torch.set_num_threads(max(1, spec.torch_threads))
+    sys.setswitchinterval(spec.switch_interval_s)
+    try:
+        engine = load_engine(spec)
+    except Exception as e:  # noqa: BLE001 - the replica raises it with this text
+        conn.send(("failed", f"{spec.checkpoint}: {type(e).__name__}: {e}"))
+        return 1
+    conn.send(("ready", EngineInfo(int(engine.vocab_size), engine.max_positions, str(spec.device), os.getpid())))
+    asyncio.run(_serve(conn, spec, engine))
+    return 0

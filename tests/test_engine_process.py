@@ -1,0 +1,155 @@
+"""The replica's decode loop in its own process (serve/engine_process.py): a real child process, no Ray.
+
+The child's replies must equal the in-process scheduler's for the same jobs (the same Batcher runs there), ends and
+cancellations must reach it, its errors must keep their type (the replica maps them to HTTP codes), and a dead child
+must fail the running requests instead of hanging them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from rlchat.checkpoint import load_policy
+from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
+from serve import testing
+from serve.batching import GenerationJob, JobOutput, StepItem, run_jobs
+from serve.engine_process import EngineProcess, EngineSpec, EngineStartError
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return testing.make_tiny_checkpoint(tmp_path_factory.mktemp("engine") / "tiny", n_positions=128)
+
+
+@pytest.fixture(scope="module")
+def local(checkpoint) -> GenerationEngine:
+    model, tok, _ = load_policy(checkpoint)
+    return GenerationEngine(model.eval(), tok, precision="auto")
+
+
+@pytest.fixture(scope="module")
+def proc(checkpoint):
+    ep = EngineProcess(EngineSpec(str(checkpoint), max_batch_size=8))
+    yield ep
+    ep.close()
+
+
+def _prompt(engine: GenerationEngine, text: str) -> tuple[int, ...]:
+    return tuple(engine.tokenizer.render_prompt([{"role": "user", "content": text}]))
+
+
+async def _collect(ep: EngineProcess, job: GenerationJob) -> tuple[list[StepItem], JobOutput | BaseException]:
+    items = []
+    async for item in ep.submit(job):
+        items.append(item)
+        if item.done is not None:
+            return items, item.done
+    raise AssertionError("the stream ended without a result")
+
+
+def test_replies_equal_the_in_process_scheduler(proc, local):
+    assert proc.info.vocab_size == local.vocab_size and proc.info.max_positions == 128
+    assert proc.info.pid != os.getpid() and proc.alive
+    jobs = [
+        GenerationJob(_prompt(local, "hello"), SamplingParams(max_new_tokens=9, temperature=1.0), (1, 2)),
+        GenerationJob(_prompt(local, "a much longer question about the sea"), SamplingParams(max_new_tokens=5), (3,)),
+        GenerationJob(_prompt(local, "greedy"), SamplingParams(max_new_tokens=7, temperature=0.0), (4,)),
+        GenerationJob(
+            _prompt(local, "penalties"),
+            SamplingParams(max_new_tokens=6, temperature=0.7, top_k=20, frequency_penalty=1.0, top_logprobs=2),
+            (5,),
+        ),
+        GenerationJob(_prompt(local, "beam"), SamplingParams(max_new_tokens=5, temperature=0.0, num_beams=2), (6,)),
+    ]
+    want = run_jobs(local, jobs)
+    b0 = proc.stats.batches
+
+    async def main():
+        return await asyncio.gather(*(_collect(proc, j) for j in jobs))
+
+    got = asyncio.run(main())
+    for (items, out), ref, job in zip(got, want, jobs):
+        assert isinstance(out, JobOutput), out
+        assert out.tokens == ref.tokens and out.finish_reasons == ref.finish_reasons
+        # the streamed shares add up to the reply
+        assert [sum((it.tokens[c] for it in items), []) for c in range(len(job.seeds))] == out.tokens
+    assert got[3][1].alternatives is not None and len(got[3][1].alternatives[0]) == len(got[3][1].tokens[0])
+    assert proc.stats.batches > b0 and proc.stats.largest >= 2  # the engine's steps are counted in this process
+
+
+def test_ends_and_cancellation_reach_the_engine(proc, local):
+    long = SamplingParams(max_new_tokens=100, min_new_tokens=100, temperature=1.0)
+
+    async def main():
+        job = GenerationJob(_prompt(local, "stop me"), long, (7, 8))
+        items = []
+        async for item in proc.submit(job):
+            items.append(item)
+            if len(items) == 1:
+                job.control.end([1])  # the request side saw a stop string in choice 1
+            if item.done is not None:
+                break
+        out = items[-1].done
+        assert out.finish_reasons == [FINISH_LENGTH, FINISH_STOP]
+        assert len(out.tokens[0]) == 100 and len(out.tokens[1]) < 100
+
+        rows0 = proc.stats.rows
+        gone = proc.submit(GenerationJob(_prompt(local, "client leaves"), long, (9,)))
+        await gone.__anext__()
+        await gone.aclose()  # a caller that stops iterating: the engine drops its row
+        await asyncio.sleep(0.5)
+        probe = await _collect(proc, GenerationJob(_prompt(local, "x"), SamplingParams(max_new_tokens=1), (1,)))
+        assert isinstance(probe[1], JobOutput)
+        assert proc.stats.rows - rows0 < 60  # not the abandoned row's 100 steps
+
+    asyncio.run(main())
+
+
+def test_engine_errors_keep_their_type(proc, local):
+    too_long = GenerationJob(tuple([1] * 128), SamplingParams(max_new_tokens=4), (1,))
+    ref = run_jobs(local, [too_long])[0]
+    assert isinstance(ref, ValueError)
+    _, out = asyncio.run(_collect(proc, too_long))
+    assert type(out) is type(ref) and str(out) == str(ref)
+    ok = GenerationJob(_prompt(local, "still fine"), SamplingParams(max_new_tokens=3), (2,))
+    assert isinstance(asyncio.run(_collect(proc, ok))[1], JobOutput)  # the failure touched no one else
+
+
+def test_a_dead_engine_fails_running_requests(checkpoint, local):
+    ep = EngineProcess(EngineSpec(str(checkpoint)))
+    job = GenerationJob(_prompt(local, "x"), SamplingParams(max_new_tokens=50), (1,))
+    os.kill(ep.info.pid, signal.SIGSTOP)  # the job cannot finish before the kill below
+
+    async def main():
+        async def killer():
+            await asyncio.sleep(0.3)
+            os.kill(ep.info.pid, signal.SIGKILL)
+
+        task = asyncio.create_task(killer())
+        _, out = await asyncio.wait_for(_collect(ep, job), 30)
+        await task
+        return out
+
+    out = asyncio.run(main())
+    assert isinstance(out, RuntimeError) and "engine process exited" in str(out)
+    assert not ep.alive
+    with pytest.raises(RuntimeError, match="engine process"):
+        asyncio.run(_collect(ep, job))
+    ep.close()
+
+
+def test_a_checkpoint_the_engine_cannot_load_is_a_start_error(tmp_path):
+    with pytest.raises(EngineStartError, match="no_such_checkpoint"):
+        EngineProcess(EngineSpec(str(tmp_path / "no_such_checkpoint")), start_timeout_s=120)
+
+
+def test_close_stops_the_child(checkpoint):
+    ep = EngineProcess(EngineSpec(str(checkpoint)))
+    ep.close()
+    assert not ep.alive
+    assert ep.proc.wait(timeout=20) == 0
