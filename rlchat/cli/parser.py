@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from FILE's first line")
     p.add_argument("--address", default=None)
+    p.add_argument(
+        "--ingress",
+        choices=["proxy", "haproxy"],
+        default=None,
+        help="serve.ingress when this command starts Ray: proxy (Ray Serve's) or haproxy (faster; docs/serving.md)",
+    )
     p.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True)
 
     p = cmd("chat", "rlchat.cli.chat:chat_command", "interactive terminal chat with a checkpoint or an endpoint URL")

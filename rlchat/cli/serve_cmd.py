@@ -1,6 +1,7 @@
 """``rlchat serve``: deploy a checkpoint (or a run's best) on Ray Serve and print how to talk to it."""
 
 import contextlib
+import os
 import signal
 import time
 from typing import Any
@@ -9,7 +10,15 @@ from ray import serve as ray_serve
 
 from rlchat.core.feedback_store import display_url
 from serve.app import ChatServer
-from serve.settings import APP_NAME, deployment_options, exposure_warning, resolve_settings, ship_checkpoints
+from serve.settings import (
+    APP_NAME,
+    active_ingress,
+    deployment_options,
+    exposure_warning,
+    ingress_environment,
+    resolve_settings,
+    ship_checkpoints,
+)
 
 
 def serve_command(
@@ -22,6 +31,7 @@ def serve_command(
     api_key: str | None = None,
     api_key_file: str | None = None,
     address: str | None = None,
+    ingress: str | None = None,
     blocking: bool = True,
     follow: bool = False,
     **_: Any,
@@ -51,8 +61,13 @@ def serve_command(
         args["replicas"] = replicas
     if follow:
         args["follow"] = True
+    if ingress is not None:
+        args["ingress"] = ingress
     settings = resolve_settings(args)
     s = settings.config.serve
+    starts_local = not ray.is_initialized() and (address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+    if starts_local:  # Ray Serve reads its ingress switches from the environment of every Ray process it starts
+        os.environ.update(ingress_environment(s.ingress))
     init_ray(address, settings.config.ray.num_cpus)
     settings = ship_checkpoints(settings)  # the object store needs Ray
     shipped = settings.shipped is not None or any(v.shipped is not None for v in settings.versions)
@@ -80,6 +95,14 @@ def serve_command(
             print(f"  following {settings.from_run}: new best checkpoints are served within {s.follow_interval_s:g} s")
         if s.num_gpus:
             print(f"  GPUs per replica: {s.num_gpus:g}")
+        if starts_local:
+            print(f"  ingress: {s.ingress} (serve.ingress)")
+        elif active_ingress() != s.ingress:
+            print(
+                f"  note: serve.ingress={s.ingress} applies when rlchat serve starts Ray itself; on this cluster the "
+                'ingress is set by the environment of `ray start` (docs/serving.md, "Ingress")',
+                flush=True,
+            )
         print(f"  web chat:      {url}/")
         print(f"  terminal chat: rlchat chat {url}" + (" --api-key $RLCHAT_API_KEY" if s.api_key else ""))
         print(f"  curl:          curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'")

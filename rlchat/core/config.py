@@ -381,8 +381,8 @@ class ServeConfig:
     """Largest dynamic batch of concurrent requests (1 = no batching)."""
     batch_wait_timeout_s: float = 0.0
     """Idle batch only: how long the first arrival waits so a burst is prefilled together (0 = start at once)."""
-    ingress: Literal["haproxy", "proxy"] = "haproxy"
-    """When rlchat serve starts Ray: haproxy = HAProxy to each replica's own HTTP server; proxy = Serve's proxy."""
+    ingress: Literal["proxy", "haproxy"] = "proxy"
+    """When rlchat serve starts Ray: proxy = Serve's Python proxy; haproxy = HAProxy to each replica (faster)."""
     engine_process: bool = True
     """Run each replica's decode loop in a process of its own (its own GIL; off = a thread of the replica)."""
     max_queued_requests: int = 64

@@ -1,0 +1,73 @@
+"""``rlchat serve`` run the way a user runs it: a process of its own that starts its own Ray, from another
+directory, with ``--ingress haproxy`` (HAProxy to the replica's own HTTP server; the rest of the serve tests use the
+default ``proxy`` ingress) and the default engine process; the official ``openai`` client talks to it, plain and
+streamed, and Ctrl-C stops it cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from serve import testing
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> list[str]:
+    lines: list[str] = []
+    until = time.monotonic() + timeout_s
+    while time.monotonic() < until:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line.rstrip())
+        if needle in line:
+            return lines
+    raise AssertionError(f"no {needle!r} from rlchat serve (exit {proc.poll()}):\n" + "\n".join(lines[-40:]))
+
+
+def test_rlchat_serve_as_typed_answers_through_haproxy_and_stops_on_ctrl_c(tmp_path):
+    from openai import OpenAI
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
+    port = testing.free_port()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_ENABLE"))}
+    env["RLCHAT_API_KEY"] = ""
+    rlchat = Path(sys.executable).with_name("rlchat")
+    proc = subprocess.Popen(
+        [str(rlchat), "serve", os.path.relpath(ckpt, elsewhere), "--port", str(port), "--ingress", "haproxy"],
+        cwd=elsewhere,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines = _wait_for_line(proc, "Ctrl-C to stop", 240)
+        assert any("ingress: haproxy" in line for line in lines), lines
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "hello"}]
+        reply = client.chat.completions.create(model="rlchat", messages=messages, max_tokens=8, seed=1)
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+        chunks = list(
+            client.chat.completions.create(model="rlchat", messages=messages, max_tokens=8, seed=1, stream=True)
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == reply.choices[0].message.content  # same seed, same reply, plain or streamed
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
