@@ -125,6 +125,11 @@ def test_a_grpo_run_learns_the_demo_task(tmp_path):
             "rollout.num_workers=0",
             "checkpoint.every=0",
             "data.sft=builtin:task",
+            # the demo's earlier recipe (rlchat.demo.QUICK_OVERRIDES): an SFT with room to improve, small batches
+            "sft.epochs=10",
+            "rollout.envs_per_worker=128",
+            "ppo.update_epochs=8",
+            "ppo.num_minibatches=2",
         ],
     )
     sft_dir, _ = run_sft(base, tmp_path / "sft", quiet=True, use_ray=False)

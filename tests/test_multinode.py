@@ -441,6 +441,7 @@ def test_train_job_places_rollout_workers_on_the_rollout_node(ray_cluster, tmp_p
     # The run dir is absolute: a job's cwd is its unpacked working_dir, which Ray deletes.
     entrypoint = (
         "rlchat train --config configs/demo.yaml ppo.iterations=2 ppo.eval_every=0 checkpoint.every=1 "
+        "rollout.envs_per_worker=128 "
         "'rollout.resources={rollout: 1}' 'ray.learner_resources={learner: 1}' "
         f"--run-dir {run_dir}"
     )

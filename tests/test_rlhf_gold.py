@@ -156,11 +156,14 @@ def _demo_sft_data(cfg, out: Path) -> Path:
     return out
 
 
-SFT_OVERRIDES = {"sft.epochs": 5}  # half the demo's SFT (chat + task train): the same pattern, half the CI time
+SFT_OVERRIDES = {"sft.epochs": 5}  # half the demo's earlier 10-epoch SFT (chat + task train): a quick start
 RM_OVERRIDES = {"rm.epochs": 8, "rm.learning_rate": 1e-3}
 PPO_OVERRIDES = {
     "ppo.advantage": "grpo",  # a reward model's score means something only against replies to the same prompt
     "rollout.samples_per_prompt": 4,
+    "rollout.envs_per_worker": 128,  # 32 prompts x 4 replies per iteration (as measured in docs/ppo.md)
+    "ppo.update_epochs": 8,
+    "ppo.num_minibatches": 2,
     "ppo.iterations": 30,
     "ppo.eval_every": 10,
     "ppo.eval_prompts": 64,

@@ -26,14 +26,20 @@ from rlchat.core.config import Config, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 QUICK_OVERRIDES = {
+    "sft.epochs": 10,
     "rm.max_steps": 20,
+    "rollout.envs_per_worker": 128,
+    "ppo.update_epochs": 8,
+    "ppo.num_minibatches": 2,
     "ppo.iterations": 30,
     "ppo.eval_every": 0,
     "ppo.eval_prompts": 64,
     "checkpoint.every": 0,
 }
-"""``--quick``: the reduced run the slow test uses: the same SFT (a weaker one leaves PPO too sparse a reward to
-learn from), a short reward-model run, half the PPO iterations and no periodic evaluation."""
+"""``--quick``: the reduced run the slow test uses, the demo's earlier recipe: a 10-epoch SFT (held-out sampled task
+reward ~0.50, so PPO has room to show a gain; a weaker one leaves PPO too sparse a reward to learn from), a short
+reward-model run, 30 PPO iterations of 128 episodes (8 epochs x 2 minibatches) and no periodic evaluation. The full
+demo's 25-epoch SFT already reaches ~0.93, and its gain comes from 100 iterations of 512 episodes."""
 
 
 def _builtin_file(name: str) -> Path:
