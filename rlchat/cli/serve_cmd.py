@@ -68,6 +68,9 @@ def serve_command(
     starts_local = not ray.is_initialized() and (address or os.environ.get("RAY_ADDRESS") or "local") == "local"
     if starts_local:  # Ray Serve reads its ingress switches from the environment of every Ray process it starts
         os.environ.update(ingress_environment(s.ingress))
+        # Direct-ingress replicas stay up 30 s after a stop by default so that an outside load balancer can drop them;
+        # this command owns its HAProxy, so Ctrl-C need not wait for that.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     init_ray(address, settings.config.ray.num_cpus)
     settings = ship_checkpoints(settings)  # the object store needs Ray
     shipped = settings.shipped is not None or any(v.shipped is not None for v in settings.versions)
