@@ -416,6 +416,20 @@ def _deliver(batch: list[tuple[asyncio.Queue, StepItem]]) -> None:
         queue.put_nowait(item)
 
 
+def count_step(
+    stats: BatchStats, observer: BatchObserver | None, rows: int, queued: int, seconds: float, admitted: int
+) -> None:
+    """On the event loop: count one decoding step (``rows`` decoded, ``admitted`` jobs joined) and tell the observer;
+    shared by the in-process :class:`Batcher` and the engine process's handle."""
+    if rows:
+        stats.add_batch(rows)
+    if observer is not None:
+        if admitted:
+            observer.on_admit(admitted)
+        if rows:
+            observer.on_step(rows, queued, seconds)
+
+
 def _post(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
     """Run ``fn(*args)`` on ``loop`` from the generation thread; a closed loop has no one left to tell."""
     with contextlib.suppress(RuntimeError):  # the loop is closed (its callers are gone)
@@ -620,13 +634,7 @@ class Batcher:
         """On the event loop: hand steps' items to their callers, count the steps and tell the observer."""
         _deliver(batch)
         for rows, queued, seconds, admitted in reports:
-            if rows:
-                self.stats.add_batch(rows)
-            if self.observer is not None:
-                if admitted:
-                    self.observer.on_admit(admitted)
-                if rows:
-                    self.observer.on_step(rows, queued, seconds)
+            count_step(self.stats, self.observer, rows, queued, seconds, admitted)
 
     # ---------------------------------------------------------------- beam search (event loop + beam thread)
     async def _run_beams(self) -> None:

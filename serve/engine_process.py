@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
-from serve.batching import BatchStats, GenerationJob, StepItem, StreamControl
+from serve.batching import BatchStats, GenerationJob, StepItem, StreamControl, count_step
 
 logger = logging.getLogger(__name__)
 
@@ -264,13 +264,7 @@ class EngineProcess:
             queue.put_nowait(item)
         for _, rows, queued, seconds, admitted in reports:
             self.queue_depth, self.active_rows = queued, rows
-            if rows:
-                self.stats.add_batch(rows)
-            if self.observer is not None:
-                if admitted:
-                    self.observer.on_admit(admitted)
-                if rows:
-                    self.observer.on_step(rows, queued, seconds)
+            count_step(self.stats, self.observer, rows, queued, seconds, admitted)
 
     def _reap(self) -> None:
         try:
