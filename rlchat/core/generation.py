@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlchat.core.fast_decode import DecodeStep, decode_step_fn
 from rlchat.errors import ConfigError
 from rlchat.model import PolicyValueModel, autocast_context, logit_transform, resolve_precision
 
@@ -390,6 +391,7 @@ class GenerationEngine:
             w_t=(w.to(dtype) if dtype is not None else w).t(),
             bias=b.detach()[: self.vocab_size].float() if b is not None else None,
             transform=self.transform,
+            step=decode_step_fn(self.trunk),
         )
 
 
@@ -405,10 +407,13 @@ class _Decoder:
     w_t: torch.Tensor  # (H, V) head weight, transposed view (bf16 copy under bf16)
     bias: torch.Tensor | None
     transform: tuple[float, float]
+    step: DecodeStep | None = None  # the one-token step without Hugging Face's module stack (rlchat.fast_decode)
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         """(B, H) fp32 hidden state of the last input position; ``cache`` is extended in place."""
         with autocast_context(self.dtype, self.device):
+            if self.step is not None and input_ids.shape[1] == 1:
+                return self.step(input_ids, mask, pos, cache).float()
             out = self.trunk(
                 input_ids=input_ids,
                 attention_mask=mask,

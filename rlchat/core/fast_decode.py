@@ -1,0 +1,226 @@
+"""One-token decode steps for GPT-2 and Llama-family trunks, without the Hugging Face module stack.
+
+Why this exists: a decode step feeds one token per row, so its matmuls are tiny and its cost is the Python around
+them. Hugging Face's ``GPT2Model.forward`` spends ~300 torch ops and much more Python per step on a 2-layer model
+(mask construction through ``create_causal_mask``, module calls, kwargs plumbing, cache bookkeeping): 0.9 ms for 16
+rows of the demo model on one core, against ~0.3 ms for the same math written as ~15 ops per layer. That overhead is
+what a 2-core CPU deployment pays per generated token in rollouts (``rlchat.generation``) and in serving
+(``serve.decode_batch``), so the single-token step is written out here for the architectures we build and test
+(``model.arch`` gpt2 / llama / qwen2), exactly as vLLM and TRL's fast paths keep their own decoder code.
+
+Scope, on purpose:
+
+- **Only the one-token step.** Prefill (many positions, causal + padding masks) stays on the Hugging Face forward,
+  so its masking rules and any architecture quirks stay Hugging Face's.
+- **The same cache, grown in place.** Keys / values stay in the ``transformers`` ``DynamicCache`` the prefill
+  filled (``layers[i].keys / .values``), so everything that reorders, crops or merges caches (beam search,
+  continuous batching) is unchanged. ``DynamicCache.update`` appends by ``torch.cat``, which copies the whole cache
+  into fresh memory every step (a 16-row, 120-column cache: ~70 us per layer and side, mostly page faults on the
+  new allocation); :func:`_append_kv` instead keeps each layer's keys / values as a view of a buffer with spare
+  columns and writes the new column in place, reallocating (with headroom) only when someone else replaced the
+  tensors (a merge, a compaction, a beam reorder).
+- **The same math, op for op where it matters**: the same weights, ``addmm`` for GPT-2's ``Conv1D``, layer /
+  RMS norms with the module's epsilon, the attention module's own ``scaling``, rotary tables from the model's own
+  ``rotary_emb`` (so RoPE scaling variants are Hugging Face's). Attention is PyTorch's SDPA with the padding mask
+  (a row's query may see every unmasked column: a decode step's query is the newest position). Results match the
+  Hugging Face forward to float noise (``tests/test_fast_decode.py``).
+- **Anything else falls back**: a model in training mode, cross-attention, sliding-window layers, biases or
+  activations we do not mirror, or another architecture -> :func:`decode_step_fn` returns None and the caller
+  uses the Hugging Face forward. ``RLCHAT_FAST_DECODE=0`` turns the fast path off (a debugging switch).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
+"""``(input_ids (B, 1), mask (B, L), pos (B, 1), cache) -> (B, H)`` last hidden state (after the final norm); the
+cache gains one column per layer (``mask`` already covers it)."""
+
+_TANH_GELU = frozenset({"gelu_new", "gelu_pytorch_tanh", "gelu_fast"})
+
+
+def fast_decode_enabled() -> bool:
+    """False when ``RLCHAT_FAST_DECODE=0`` (compare against the Hugging Face forward while debugging)."""
+    return os.environ.get("RLCHAT_FAST_DECODE", "1") != "0"
+
+
+def decode_step_fn(trunk: nn.Module) -> DecodeStep | None:
+    """A one-token step for ``trunk`` (a ``base_model``), or None when it must run through Hugging Face.
+
+    The weights are read when the step is built (a snapshot, like the engine's head weight), so build one per
+    generation call.
+    """
+    if not fast_decode_enabled() or trunk.training:
+        return None
+    name = type(trunk).__name__
+    if name == "GPT2Model":
+        return _gpt2_step(trunk)
+    if name in ("LlamaModel", "Qwen2Model"):
+        return _llama_step(trunk)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------- cache
+_SPARE_COLUMNS = 64
+"""Columns a reallocated buffer gets beyond what it holds (at least; half its length for long caches)."""
+
+
+def _append_kv(layer: Any, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append one column (``k``, ``v``: (B, heads, 1, d)) to a ``DynamicCache`` layer; returns its keys, values.
+
+    The layer's tensors are views ``buf[:, :, :n]`` of a (B, heads, capacity, d) buffer kept on the layer; the new
+    column is written at ``n``. When the layer's tensors are not such a view any more (replaced by a merge,
+    compaction, reorder or crop from elsewhere) or the buffer is full, a new buffer with spare columns is made.
+    """
+    keys, values = layer.keys, layer.values
+    b, heads, n, d = keys.shape
+    buf = getattr(layer, "_rlchat_kv", None)
+    if (
+        buf is None
+        or buf[0].shape[2] <= n
+        or keys.data_ptr() != buf[0].data_ptr()
+        or values.data_ptr() != buf[1].data_ptr()
+        or keys.shape[:2] != buf[0].shape[:2]
+        or keys.stride() != buf[0].stride()
+        or values.stride() != buf[1].stride()
+        or keys.dtype != k.dtype
+    ):
+        cap = n + max(_SPARE_COLUMNS, n // 2)
+        kb = keys.new_empty((b, heads, cap, d), dtype=k.dtype)
+        vb = values.new_empty((b, v.shape[1], cap, v.shape[3]), dtype=v.dtype)
+        kb[:, :, :n] = keys
+        vb[:, :, :n] = values
+        buf = layer._rlchat_kv = (kb, vb)
+    kb, vb = buf
+    kb[:, :, n] = k[:, :, 0]
+    vb[:, :, n] = v[:, :, 0]
+    layer.keys, layer.values = kb[:, :, : n + 1], vb[:, :, : n + 1]
+    return layer.keys, layer.values
+
+
+# ----------------------------------------------------------------------------------------------------------- GPT-2
+def _gpt2_step(trunk: nn.Module) -> DecodeStep | None:
+    cfg = trunk.config
+    if getattr(cfg, "add_cross_attention", False) or cfg.activation_function not in (_TANH_GELU | {"gelu", "relu"}):
+        return None
+    if getattr(cfg, "reorder_and_upcast_attn", False) and cfg._attn_implementation == "eager":  # noqa: SLF001
+        return None  # fp32-upcast attention: keep Hugging Face's
+    act = cfg.activation_function
+    gelu_approx = "tanh" if act in _TANH_GELU else "none"
+    wte, wpe = trunk.wte.weight, trunk.wpe.weight
+    ln_f = (trunk.ln_f.weight, trunk.ln_f.bias, trunk.ln_f.eps)
+    width = wte.shape[1]
+    layers = []
+    for blk in trunk.h:
+        at, mlp = blk.attn, blk.mlp
+        layers.append(
+            (
+                (blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps),
+                at.c_attn.weight,
+                at.c_attn.bias,
+                at.c_proj.weight,
+                at.c_proj.bias,
+                (blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps),
+                mlp.c_fc.weight,
+                mlp.c_fc.bias,
+                mlp.c_proj.weight,
+                mlp.c_proj.bias,
+                at.num_heads,
+                at.head_dim,
+                float(at.scaling),
+            )
+        )
+    shape = (width,)
+
+    def step(input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        b = input_ids.shape[0]
+        h = F.embedding(input_ids[:, 0], wte) + F.embedding(pos[:, 0], wpe)  # (B, E)
+        attn_mask = mask[:, None, None, :].bool()  # (B, 1, 1, L): the newest position sees every real column
+        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_fc, b_fc, w_pr, b_pr, nh, hd, scale) in enumerate(layers):
+            x = F.layer_norm(h, shape, ln1[0], ln1[1], ln1[2])
+            q, k, v = torch.addmm(b_qkv, x, w_qkv).view(b, 3, nh, 1, hd).unbind(1)  # each (B, nh, 1, hd)
+            k, v = _append_kv(cache.layers[i], k, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)  # (B, nh, 1, hd)
+            h = torch.addmm(b_o, o.reshape(b, width), w_o) + h
+            x = F.layer_norm(h, shape, ln2[0], ln2[1], ln2[2])
+            x = torch.addmm(b_fc, x, w_fc)
+            x = F.relu(x) if act == "relu" else F.gelu(x, approximate=gelu_approx)
+            h = h + torch.addmm(b_pr, x, w_pr)
+        return F.layer_norm(h, shape, ln_f[0], ln_f[1], ln_f[2])
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------------- Llama
+def _llama_step(trunk: nn.Module) -> DecodeStep | None:
+    cfg = trunk.config
+    types = getattr(cfg, "layer_types", None) or []
+    if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in types):
+        return None
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return None
+    emb = trunk.embed_tokens.weight
+    rotary = trunk.rotary_emb
+    norm = trunk.norm
+    layers = []
+    for lyr in trunk.layers:
+        at, mlp = lyr.self_attn, lyr.mlp
+        if type(lyr.input_layernorm).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm"):
+            return None
+        layers.append(
+            (
+                (lyr.input_layernorm.weight, lyr.input_layernorm.variance_epsilon),
+                (at.q_proj.weight, at.q_proj.bias),
+                (at.k_proj.weight, at.k_proj.bias),
+                (at.v_proj.weight, at.v_proj.bias),
+                (at.o_proj.weight, at.o_proj.bias),
+                (lyr.post_attention_layernorm.weight, lyr.post_attention_layernorm.variance_epsilon),
+                (mlp.gate_proj.weight, mlp.gate_proj.bias),
+                (mlp.up_proj.weight, mlp.up_proj.bias),
+                (mlp.down_proj.weight, mlp.down_proj.bias),
+                at.head_dim,
+                float(at.scaling),
+            )
+        )
+    norm_w, norm_eps = norm.weight, norm.variance_epsilon
+    gqa = cfg.num_attention_heads != getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+
+    def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        # LlamaRMSNorm: normalise in fp32, cast back, then scale
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return w * xf.to(x.dtype)
+
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
+        return x * cos + rotated * sin
+
+    def step(input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        b = input_ids.shape[0]
+        h = F.embedding(input_ids, emb)  # (B, 1, E): the rotary module wants a sequence axis
+        cos, sin = rotary(h, pos)  # (B, 1, hd) each
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, hd): broadcast over heads
+        h = h[:, 0]
+        attn_mask = mask[:, None, None, :].bool()
+        for i, (ln1, qp, kp, vp, op, ln2, gp, upp, dp, hd, scale) in enumerate(layers):
+            x = rms(h, ln1[0], ln1[1])
+            q = F.linear(x, qp[0], qp[1]).view(b, -1, 1, hd)
+            k = F.linear(x, kp[0], kp[1]).view(b, -1, 1, hd)
+            v = F.linear(x, vp[0], vp[1]).view(b, -1, 1, hd)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            k, v = _append_kv(cache.layers[i], k, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
+            h = h + F.linear(o.reshape(b, -1), op[0], op[1])
+            x = rms(h, ln2[0], ln2[1])
+            h = h + F.linear(F.silu(F.linear(x, gp[0], gp[1])) * F.linear(x, upp[0], upp[1]), dp[0], dp[1])
+        return rms(h, norm_w, norm_eps)
+
+    return step

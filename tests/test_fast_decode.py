@@ -1,0 +1,155 @@
+"""The one-token decode step (rlchat.core.fast_decode) against the Hugging Face forward it replaces."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlchat.config import ModelConfig
+from rlchat.core.fast_decode import decode_step_fn
+from rlchat.generation import GenerationEngine, SamplingParams, _left_pad
+from rlchat.model import autocast_context, build_tiny_lm
+from rlchat.tokenizer import ChatTokenizer
+
+VOCAB = 300
+
+
+def _tiny(arch: str, **extra: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    lm = build_tiny_lm(ModelConfig(arch=arch, n_layer=2, n_embd=32, n_head=4, n_positions=64), VOCAB)
+    for k, v in extra.items():
+        setattr(lm.config, k, v)
+    return lm.eval()
+
+
+def _gqa_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0,
+    )  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def _prefilled(trunk: torch.nn.Module, dtype: torch.dtype | None = None):  # noqa: ANN202 - test helper
+    """A left-padded batch of 3 prompts of different lengths prefilled by the Hugging Face forward."""
+    from transformers import DynamicCache
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    ids, mask = _left_pad(prompts, 0, 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=trunk.config)
+    with torch.no_grad(), autocast_context(dtype, torch.device("cpu")):
+        trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, cache=cache)
+    next_pos = torch.tensor([[len(p)] for p in prompts])
+    return cache, mask, next_pos
+
+
+def _hf_step(trunk, ids, mask, pos, cache, dtype=None):  # noqa: ANN001, ANN202
+    with torch.no_grad(), autocast_context(dtype, torch.device("cpu")):
+        out = trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, cache=cache)
+    return out.last_hidden_state[:, -1].float()
+
+
+@pytest.mark.parametrize("make", [lambda: _tiny("gpt2"), lambda: _tiny("llama"), lambda: _tiny("qwen2"), _gqa_llama])
+def test_step_matches_hugging_face_over_several_steps(make) -> None:  # noqa: ANN001
+    trunk = make().base_model
+    step = decode_step_fn(trunk)
+    assert step is not None
+    cache, mask, pos = _prefilled(trunk)
+    ref_cache = copy.deepcopy(cache)
+    ref_mask, ref_pos = mask.clone(), pos.clone()
+    ids = torch.tensor([[20], [21], [22]])
+    for _ in range(4):  # several steps: the cache each side wrote is what the next step reads
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+        ref_mask = torch.cat([ref_mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+        with torch.no_grad():
+            h = step(ids, mask, pos, cache)
+        h_ref = _hf_step(trunk, ids, ref_mask, ref_pos, ref_cache)
+        assert h.shape == (3, trunk.config.hidden_size)
+        torch.testing.assert_close(h, h_ref, atol=2e-5, rtol=1e-4)
+        for a, b in zip(cache.layers, ref_cache.layers):
+            torch.testing.assert_close(a.keys, b.keys, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(a.values, b.values, atol=2e-5, rtol=1e-4)
+        pos, ref_pos = pos + 1, ref_pos + 1
+        ids = (h_ref.sum(-1, keepdim=True).abs() * 1000).long() % VOCAB  # some next token, equal on both sides
+
+
+def test_step_under_bf16_autocast_stays_close() -> None:
+    trunk = _tiny("gpt2").base_model
+    step = decode_step_fn(trunk)
+    cache, mask, pos = _prefilled(trunk, torch.bfloat16)
+    ref_cache = copy.deepcopy(cache)
+    mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+    ids = torch.tensor([[20], [21], [22]])
+    with torch.no_grad(), autocast_context(torch.bfloat16, torch.device("cpu")):
+        h = step(ids, mask, pos, cache).float()
+    h_ref = _hf_step(trunk, ids, mask, pos, ref_cache, torch.bfloat16)
+    assert cache.layers[0].keys.dtype == ref_cache.layers[0].keys.dtype
+    torch.testing.assert_close(h, h_ref, atol=3e-2, rtol=3e-2)
+
+
+def test_falls_back_where_it_does_not_mirror_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = _tiny("gpt2")
+    assert decode_step_fn(lm.base_model) is not None
+    lm.train()
+    assert decode_step_fn(lm.base_model) is None  # dropout on: Hugging Face's forward
+    lm.eval()
+    assert decode_step_fn(_tiny("gpt2", activation_function="swish").base_model) is None
+    assert decode_step_fn(_tiny("qwen2", use_sliding_window=True).base_model) is None
+    assert decode_step_fn(torch.nn.Linear(2, 2)) is None  # an architecture we do not mirror
+    monkeypatch.setenv("RLCHAT_FAST_DECODE", "0")
+    assert decode_step_fn(lm.base_model) is None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_engine_replies_equal_with_and_without_the_fast_step(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = ChatTokenizer("cl100k_base", 4096)
+    torch.manual_seed(0)
+    lm = build_tiny_lm(ModelConfig(arch=arch, n_layer=2, n_embd=64, n_head=4, n_positions=128), tok.n_vocab)
+    engine = GenerationEngine(lm.eval(), tok, precision="fp32")
+    prompts = [
+        tok.render_prompt([{"role": "user", "content": text}]) for text in ("What is 2 + 3?", "Hi", "Tell me more")
+    ]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    fast = engine.generate(prompts, params, seeds=[1, 2, 3])
+    assert engine._decoder().step is not None  # noqa: SLF001 - the fast step is what ran
+    monkeypatch.setenv("RLCHAT_FAST_DECODE", "0")
+    assert engine._decoder().step is None  # noqa: SLF001
+    slow = engine.generate(prompts, params, seeds=[1, 2, 3])
+    assert fast.tokens == slow.tokens
+    for a, b in zip(fast.logprobs, slow.logprobs):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_cache_grows_in_place_and_survives_replacement() -> None:
+    from rlchat.core.fast_decode import _append_kv
+
+    class Layer:  # the two attributes of a transformers DynamicLayer that the step uses
+        def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+            self.keys, self.values = k, v
+
+    k0 = torch.randn(2, 3, 5, 4)
+    layer = Layer(k0.clone(), k0.clone() + 1)
+    cols = [torch.randn(2, 3, 1, 4) for _ in range(3)]
+    _append_kv(layer, cols[0], cols[0] + 1)
+    ptr = layer.keys.data_ptr()
+    _append_kv(layer, cols[1], cols[1] + 1)
+    assert layer.keys.data_ptr() == ptr  # written into the spare column, not copied
+    torch.testing.assert_close(layer.keys, torch.cat([k0, cols[0], cols[1]], 2))
+    torch.testing.assert_close(layer.values, torch.cat([k0, cols[0], cols[1]], 2) + 1)
+    # someone else replaces the tensors (a merge / compaction / reorder): the next append starts a new buffer
+    layer.keys, layer.values = layer.keys[[1, 0]], layer.values[[1, 0]]
+    _append_kv(layer, cols[2], cols[2] + 1)
+    want = torch.cat([torch.cat([k0, cols[0], cols[1]], 2)[[1, 0]], cols[2]], 2)
+    torch.testing.assert_close(layer.keys, want)
+    torch.testing.assert_close(layer.values, want + 1)
+    # a crop (a shorter view of the same buffer) continues from the cropped length
+    layer.keys, layer.values = layer.keys[:, :, :-2], layer.values[:, :, :-2]
+    _append_kv(layer, cols[0], cols[0] + 1)
+    torch.testing.assert_close(layer.keys, torch.cat([want[:, :, :-2], cols[0]], 2))
