@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rlchat.config import ServeConfig
-from rlchat.feedback_store import RETRY_AFTER_S, FeedbackStore, InvalidFeedback, StoreUnavailable
+from rlchat.feedback_store import RETRY_AFTER_S, FeedbackStore, InvalidFeedback, RequestRecord, StoreUnavailable
 from serve.schemas import APIError, FeedbackRef, FeedbackRequest
 
 logger = logging.getLogger("ray.serve").getChild("rlchat")
@@ -46,6 +46,9 @@ class FeedbackRecorder:
         )
         self._store_log = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-store")
         self._store_slots = threading.BoundedSemaphore(STORE_BACKLOG)
+        self._store_lock = threading.Lock()
+        self._store_pending: list[RequestRecord] = []  # rows waiting for the writer thread
+        self._store_writing = False  # a _write_pending is queued or running
         self._store_warned = 0.0
         self._conversations: OrderedDict[str, str] = OrderedDict()
         self._completions: OrderedDict[str, tuple[list[dict[str, str]], list[str | None]]] = OrderedDict()
@@ -136,29 +139,38 @@ class FeedbackRecorder:
         self, cid: str, model_version: str, messages: list[dict[str, str]], texts: list[str | None]
     ) -> None:
         """Count the completion (and, with ``serve.transcripts``, keep its transcript) in the store, in the
-        background: the reply never waits for the database, and an outage costs only these rows (logged)."""
+        background: the reply never waits for the database, and an outage costs only these rows (logged).
+
+        Rows queue up while the writer thread writes; it then writes all of them in one transaction
+        (:meth:`FeedbackStore.record_requests`), so under load the store costs one commit per batch, not per
+        request."""
         conversation = self._conversations.pop(cid, None)
         if not self._store_slots.acquire(blocking=False):
             self._warn_store(f"request {cid} not recorded: {STORE_BACKLOG} rows are already waiting for the store")
             return
+        record = RequestRecord(cid, model_version, len(texts), sum(t is None for t in texts), conversation,
+                               messages, texts)  # fmt: skip
+        with self._store_lock:
+            self._store_pending.append(record)
+            start, self._store_writing = not self._store_writing, True
+        if start:
+            self._store_log.submit(self._write_pending)
 
-        def write() -> None:
+    def _write_pending(self) -> None:
+        """The writer thread: write what is queued, one transaction per batch, until the queue is empty."""
+        while True:
+            with self._store_lock:
+                batch, self._store_pending = self._store_pending, []
+                if not batch:
+                    self._store_writing = False
+                    return
             try:
-                self.store.record_request(
-                    cid,
-                    model_version=model_version,
-                    n_choices=len(texts),
-                    withheld=sum(t is None for t in texts),
-                    conversation_id=conversation,
-                    messages=messages,
-                    replies=texts,
-                )
+                self.store.record_requests(batch)
             except Exception as e:  # noqa: BLE001 - analytics must never fail a reply
-                self._warn_store(f"request {cid} not recorded: {e}")
+                self._warn_store(f"{len(batch)} request(s) not recorded, e.g. {batch[0].request_id}: {e}")
             finally:
-                self._store_slots.release()
-
-        self._store_log.submit(write)
+                for _ in batch:
+                    self._store_slots.release()
 
     def _warn_store(self, message: str) -> None:
         """Log store trouble at most once a minute (an outage would otherwise log every request)."""

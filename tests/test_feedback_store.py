@@ -455,3 +455,52 @@ def test_served_chats_are_counted_and_transcribed_and_a_conversation_can_be_dele
     assert store.delete_conversation(conv)["transcripts"] == 2
     assert not [t for t in store.rows("transcripts") if t["conversation_id"] == conv]
     store.close()
+
+
+def test_record_requests_writes_a_batch_like_one_call_per_request(store):
+    from rlchat.feedback_store import RequestRecord
+
+    now = time.time()
+    store.record_request("a", model_version="v", n_choices=2, withheld=1, conversation_id="c", messages=PROMPT,
+                         replies=["4", None], now=now)  # fmt: skip
+    store.record_requests([
+        RequestRecord("b", "v", 2, 1, "c", PROMPT, ["4", None], now),
+        RequestRecord("d", "w", 1, created_at=now),  # no conversation id: the request id
+    ])  # fmt: skip
+    reqs = {r["request_id"]: r for r in store.rows("requests")}
+    assert set(reqs) == {"a", "b", "d"}
+    for key in ("created_at", "conversation_id", "model_version", "n_choices", "withheld"):
+        assert reqs["a"][key] == reqs["b"][key]
+    assert reqs["d"]["conversation_id"] == "d" and reqs["d"]["model_version"] == "w"
+    trans = {r["request_id"]: r for r in store.rows("transcripts")}
+    assert set(trans) == {"a", "b"} and trans["a"]["replies"] == trans["b"]["replies"] == ["4", None]
+    store.record_requests([])  # nothing to write: no transaction, no error
+    assert len(store.rows("requests")) == 3
+
+
+def test_replica_recorder_writes_queued_completions_in_batches(tmp_path):
+    import threading
+
+    from rlchat.config import ServeConfig
+    from serve.feedback import FeedbackRecorder
+
+    rec = FeedbackRecorder(ServeConfig(feedback_store=f"sqlite:///{tmp_path / 'fb.db'}", transcripts=True))
+    gate, calls = threading.Event(), []
+    real = rec.store.record_requests
+
+    def held(records):  # the first write waits, as a slow database would, while completions keep coming
+        calls.append(len(records))
+        gate.wait(30)
+        real(records)
+
+    rec.store.record_requests = held
+    for i in range(40):
+        rec.remember(f"r{i}", "v1", [{"role": "user", "content": f"q{i}"}], [f"a{i}"])
+    gate.set()
+    deadline = time.monotonic() + 30
+    while len(rec.store.rows("requests")) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(r["request_id"] for r in rec.store.rows("requests")) == sorted(f"r{i}" for i in range(40))
+    assert sum(calls) == 40 and len(calls) <= 3  # the first row alone, then the rest that queued meanwhile
+    assert {r["request_id"]: r["replies"] for r in rec.store.rows("transcripts")}["r7"] == ["a7"]
+    rec.store.close()
