@@ -6,6 +6,7 @@ import gzip
 import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -448,7 +449,13 @@ def test_load_records_builtin_sets() -> None:
     chat = load_records("builtin:chat", "all")
     assert len(chat) >= 500 and any(len(r.messages) >= 4 for r in chat)
     prefs = load_records("builtin:prefs", "all")
-    assert len(prefs) >= 500 and all(r.is_preference and r.chosen != r.rejected for r in prefs)
+    assert len(prefs) == 2169 and all(r.is_preference and r.chosen != r.rejected for r in prefs)
+    # sized for the demo's reward model: ~1,000 wrong-answer pairs to learn from (about half the set, as before the
+    # set grew), and a held-out split large enough for its pairwise accuracy to mean something (+-0.02, not +-0.05)
+    kinds = Counter(r.meta["kind"] for r in prefs)
+    assert kinds["wrong_answer"] >= 1000 and 0.4 <= kinds["wrong_answer"] / len(prefs) <= 0.6
+    assert kinds["off_format"] >= 200 and kinds["rude"] >= 200
+    assert len(load_records("builtin:prefs", "val")) >= 200
     # the split follows the config's seed and fraction
     other = load_records("builtin:task", "val", Config().replace(**{"seed": 1, "data.val_fraction": 0.25}))
     assert len(other) == 500 and {r.source for r in other} != {r.source for r in task_val}

@@ -14,7 +14,9 @@ check. The sets are sized for the laptop demo (a 2-layer, d=64 model with a 4096
   teaches the answer format PPO then rewards.
 - **prefs**: preference pairs whose chosen reply is correct, polite and on-format, and whose rejected reply is
   wrong, rude or off-format, in the preference format (string prompts and, for some, a message list with a
-  system prompt), so a tiny reward model can learn the difference.
+  system prompt), so a tiny reward model can learn the difference. ~2,200 pairs, about half of them wrong answers:
+  enough for a reward model from the SFT trunk to learn which answers are right, and a held-out 10% (~217 pairs)
+  large enough for its pairwise accuracy to be measured to +-0.02.
 """
 
 from __future__ import annotations
@@ -438,6 +440,12 @@ def _wrong_number(rng: random.Random, answer: int) -> int:
     return rng.choice(candidates)
 
 
+PREF_ARITHMETIC = 1040
+"""Arithmetic pairs drawn (before de-duplication): half wrong answers, a quarter off-format, a quarter rude."""
+PREF_REPEATS = 4
+"""Draws per chat fact / greeting / small-talk item (before de-duplication), each a fresh phrasing and rejection."""
+
+
 def pref_records(rng: random.Random) -> list[dict[str, Any]]:
     """Preference pairs: chosen is correct, polite and on-format; rejected is wrong, rude or off-format."""
     records: list[dict[str, Any]] = []
@@ -458,7 +466,7 @@ def pref_records(rng: random.Random) -> list[dict[str, Any]]:
         records.append(rec)
 
     problems = arithmetic_problems()
-    for _ in range(260):
+    for _ in range(PREF_ARITHMETIC):
         op, a, b, ans = rng.choice(problems)
         prompt = task_prompt(op, a, b, rng.randrange(len(ADD_TEMPLATES)))
         kind = rng.choice(("wrong_answer", "wrong_answer", "off_format", "rude"))
@@ -472,36 +480,40 @@ def pref_records(rng: random.Random) -> list[dict[str, Any]]:
 
     capitals = [c for _, c in CAPITALS]
     for country, capital in CAPITALS:
-        for t in rng.sample(CAPITAL_TEMPLATES, 2):
+        for _ in range(2 * PREF_REPEATS):
             wrong = rng.choice([c for c in capitals if c != capital])
             correct = f"The capital of {country} is {capital}."
-            add("capitals", "wrong_answer", t.format(c=country), correct, f"The capital of {country} is {wrong}.")
+            q = rng.choice(CAPITAL_TEMPLATES).format(c=country)
+            add("capitals", "wrong_answer", q, correct, f"The capital of {country} is {wrong}.")
     for thing, color in COLORS:
-        wrong = rng.choice([c for c in COLOR_NAMES if c != color])
-        q = rng.choice(COLOR_TEMPLATES).format(t=thing)
-        add("colors", "wrong_answer", q, f"{_cap(thing)} is {color}.", f"{_cap(thing)} is {wrong}.")
+        for _ in range(PREF_REPEATS):
+            wrong = rng.choice([c for c in COLOR_NAMES if c != color])
+            q = rng.choice(COLOR_TEMPLATES).format(t=thing)
+            add("colors", "wrong_answer", q, f"{_cap(thing)} is {color}.", f"{_cap(thing)} is {wrong}.")
     sounds = [s for _, s in ANIMALS]
     for animal, sound in ANIMALS:
-        wrong = rng.choice([s for s in sounds if s != sound])
-        q = rng.choice(ANIMAL_TEMPLATES).format(x=animal)
-        subject = _cap(_article(animal))
-        add("animals", "wrong_answer", q, f"{subject} says {sound}.", f"{subject} says {wrong}.")
-    for word, opposite, _ in OPPOSITES:
-        q = rng.choice(OPPOSITE_TEMPLATES).format(w=word)
-        add(
-            "opposites",
-            "wrong_answer",
-            q,
-            f"The opposite of {word} is {opposite}.",
-            f"The opposite of {word} is {word}.",
-        )
-    for category, question, answer in rng.sample(_fact_pairs(), 80):
+        for _ in range(PREF_REPEATS):
+            wrong = rng.choice([s for s in sounds if s != sound])
+            q = rng.choice(ANIMAL_TEMPLATES).format(x=animal)
+            subject = _cap(_article(animal))
+            add("animals", "wrong_answer", q, f"{subject} says {sound}.", f"{subject} says {wrong}.")
+    for word, opposite, reversible in OPPOSITES:
+        for w, o in ((word, opposite), (opposite, word)) if reversible else ((word, opposite),):
+            for t in OPPOSITE_TEMPLATES:
+                add(
+                    "opposites",
+                    "wrong_answer",
+                    t.format(w=w),
+                    f"The opposite of {w} is {o}.",
+                    f"The opposite of {w} is {w}.",
+                )
+    for category, question, answer in rng.sample(_fact_pairs(), 80 * PREF_REPEATS):
         add(category, "rude", question, answer, rng.choice(RUDE_REPLIES))
     for greeting in GREETINGS:
-        for _ in range(4):
+        for _ in range(4 * PREF_REPEATS):
             add("greetings", "rude", greeting, rng.choice(GREETING_REPLIES), rng.choice(RUDE_REPLIES))
     for question, answer in SMALL_TALK:
-        for _ in range(2):
+        for _ in range(2 * PREF_REPEATS):
             add("small_talk", "rude", question, answer, rng.choice(RUDE_REPLIES))
     return _unique(records, lambda r: [r["prompt"], r["chosen"], r["rejected"]])
 
