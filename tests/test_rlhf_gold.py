@@ -225,8 +225,9 @@ def test_rlhf_run_logs_proxy_and_gold_and_the_gold_check_sees_over_optimisation(
     assert M.plot_run(run)[-1] == run / "plots" / M.OVEROPTIMISATION_PLOT
     gold, proxy = rlhf_run["gold"], rlhf_run["proxy"]
     assert proxy["ppo"]["mean"] > proxy["sft"]["mean"], proxy  # the learner did optimise its reward
-    # measured (2 cores): gold 0.46 -> 0.13 while the proxy rose 4.8 -> 5.8; when a better reward model makes gold
-    # rise instead, this fails together with the xfail below passing: swap them
+    # measured (2 cores, 2,169 built-in pairs since 2026-12-05; RM val accuracy 0.80 from this 5-epoch trunk): gold
+    # 0.15 -> 0.00 while the proxy rose 6.6 -> 13.0 (0.46 -> 0.13, 4.8 -> 5.8 on the 562-pair set); when a better
+    # reward model makes gold rise instead, this fails together with the xfail below passing: swap them
     assert gold["ppo"]["mean"] <= gold["sft"]["mean"] - 0.1, gold
 
 
@@ -234,7 +235,7 @@ def test_rlhf_run_logs_proxy_and_gold_and_the_gold_check_sees_over_optimisation(
 @pytest.mark.xfail(
     strict=True,
     reason="issue #14 target not met: the demo's reward model ranks the policy's nearby wrong numbers barely above "
-    "chance (61-64% within a prompt), so PPO on it alone lowers held-out gold (0.46 -> 0.13 sampled)",
+    "chance (61-64% within a prompt), so PPO on it alone lowers held-out gold (0.15 -> 0.00 sampled)",
 )
 def test_ppo_on_the_reward_model_alone_raises_held_out_gold_reward(rlhf_run):
     gold = rlhf_run["gold"]
