@@ -153,3 +153,16 @@ def test_cache_grows_in_place_and_survives_replacement() -> None:
     layer.keys, layer.values = layer.keys[:, :, :-2], layer.values[:, :, :-2]
     _append_kv(layer, cols[0], cols[0] + 1)
     torch.testing.assert_close(layer.keys, torch.cat([want[:, :, :-2], cols[0]], 2))
+
+
+def test_a_stream_started_in_train_mode_uses_the_fast_step_and_restores_the_mode() -> None:
+    tok = ChatTokenizer("cl100k_base", 4096)
+    torch.manual_seed(0)
+    lm = build_tiny_lm(ModelConfig(arch="gpt2", n_layer=2, n_embd=64, n_head=4, n_positions=128), tok.n_vocab)
+    engine = GenerationEngine(lm.train(), tok, precision="fp32")  # e.g. a learner that generates between updates
+    stream = engine.steps([tok.render_prompt([{"role": "user", "content": "Hi"}])], SamplingParams(max_new_tokens=4))
+    assert stream._dec.step is not None  # noqa: SLF001 - the snapshot was taken in eval mode
+    assert not lm.training  # dropout off while generating
+    for _ in stream:
+        pass
+    assert lm.training  # and the caller's mode is back

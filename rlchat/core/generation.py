@@ -603,6 +603,8 @@ class GenerationStream:
         engine._check_prompts(prompts, params, cap_at_limit=True)
         self._budget = engine.row_budgets(prompts, params)  # (B,) new tokens per row (the model's limit)
         self._last_pos = (engine.max_positions or 0) - 1
+        self._was_training = engine.lm.training
+        engine.lm.eval()  # before the decoder snapshot: the fast one-token step exists for eval mode only
         self._dec = engine._decoder()
         self._device = dev = engine.device
         v = engine.vocab_size
@@ -646,8 +648,6 @@ class GenerationStream:
         self._buf_e = torch.empty(b, v, dtype=torch.float32, device=dev) if plain else None
         self._buf_c = torch.empty(b, v, dtype=torch.float32, device=dev) if plain else None
         self._pending: torch.Tensor | None = None
-        self._was_training = engine.lm.training
-        engine.lm.eval()
         self._cache = self._dec.new_cache()
         with torch.no_grad():
             pos = (self._mask[:, : self._p].cumsum(-1) - 1).clamp_(min=0)
