@@ -166,3 +166,23 @@ def test_a_stream_started_in_train_mode_uses_the_fast_step_and_restores_the_mode
     for _ in stream:
         pass
     assert lm.training  # and the caller's mode is back
+
+
+def test_a_one_token_prompt_is_prefilled_by_hugging_face(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-token prefill has an empty cache: the one-token step is for decoding only (found by schemathesis:
+    /v1/completions with a one-token prompt was a 500)."""
+    from serve.decode_batch import DecodeBatch
+
+    tok = ChatTokenizer("cl100k_base", 4096)
+    torch.manual_seed(0)
+    lm = build_tiny_lm(ModelConfig(arch="gpt2", n_layer=2, n_embd=64, n_head=4, n_positions=128), tok.n_vocab)
+    engine = GenerationEngine(lm.eval(), tok, precision="fp32")
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    fast = engine.generate([[5], [7, 8]], params, seeds=[1, 2])
+    batch = DecodeBatch(engine)
+    batch.add([[5]], params, [1])
+    served = [batch.step()[0].token for _ in range(6)]
+    monkeypatch.setenv("RLCHAT_FAST_DECODE", "0")
+    slow = engine.generate([[5], [7, 8]], params, seeds=[1, 2])
+    assert fast.tokens == slow.tokens and len(fast.tokens[0]) == 6
+    assert served == slow.tokens[0]

@@ -259,6 +259,9 @@ def test_openai_client_with_every_accepted_field(app):
         if ch.choices
     ]
     assert "".join(pieces) == c.choices[0].text
+    # a one-token prompt is a prefill of its own (it was a 500 when the one-token decode step took it)
+    one = client.completions.create(model="rlchat", prompt="The", max_tokens=3, seed=1)
+    assert one.usage.prompt_tokens == 1 and one.usage.completion_tokens >= 1
 
 
 @pytest.mark.slow

@@ -29,8 +29,11 @@ TIMEOUT_S = 2.0
 SLACK_S = 1.0
 """What a reply may take beyond its deadline: the step that notices it and the trip back through Serve's proxy."""
 MAX_TOKENS = 3900
-"""A reply this long must outlast ``TIMEOUT_S`` (the deadline tests): the batch-1 replica generates ~1,000 tokens/s of
-this model, so 1,900 tokens (the value before) finished inside the 2 s deadline once streaming got cheaper."""
+"""A reply this long must outlast the deadline of the deadline tests: the batch-1 replica generates ~2,000 tokens/s of
+this model since the fast one-token step, so these tests use an app of their own with ``DEADLINE_S`` (3,900 tokens
+also finished inside the ops app's 2 s)."""
+DEADLINE_S = 0.5
+"""``serve.request_timeout_s`` of the deadline tests' app (3,900 tokens in 0.5 s: ~8,000 tokens/s at batch 1)."""
 CONTEXT = 4096
 VOCAB = 4096
 
@@ -150,7 +153,24 @@ def test_four_times_overload_gives_only_503s_and_accepted_requests_meet_their_de
     assert not slow, f"accepted requests past their deadline (+{SLACK_S} s): {slow}; service {service_s:.3f} s"
 
 
-def test_a_long_reply_ends_with_length_at_its_deadline(ops, no_eot):
+@pytest.fixture(scope="module")
+def short_deadline(ray_local, tmp_path_factory) -> str:
+    """An app like ``ops`` whose requests have a ``DEADLINE_S`` deadline (deleted at the end of the module)."""
+    from ray import serve as ray_serve
+
+    root = tmp_path_factory.mktemp("serve_deadline")
+    ckpt = testing.make_tiny_checkpoint(root / "ckpt", n_positions=CONTEXT, vocab_size=VOCAB)
+    url = testing.deploy(
+        ckpt, name=APP + "-deadline", route_prefix=PREFIX + "-deadline", max_batch_size=1, batch_wait_timeout_s=0.0,
+        request_timeout_s=DEADLINE_S, max_tokens=MAX_TOKENS, feedback_store=f"sqlite:///{root / 'feedback.db'}",
+        model_name=APP, num_cpus=0,
+    )  # fmt: skip
+    yield url
+    ray_serve.delete(APP + "-deadline")
+
+
+def test_a_long_reply_ends_with_length_at_its_deadline(short_deadline, no_eot):
+    ops = short_deadline
     t = time.perf_counter()
     r = _chat(ops, MAX_TOKENS, no_eot)
     elapsed = time.perf_counter() - t
@@ -158,7 +178,7 @@ def test_a_long_reply_ends_with_length_at_its_deadline(ops, no_eot):
     body = r.json()
     assert body["choices"][0]["finish_reason"] == "length"
     assert 0 < body["usage"]["completion_tokens"] < MAX_TOKENS, "the deadline, not the budget, ended the reply"
-    assert TIMEOUT_S - 0.2 < elapsed < TIMEOUT_S + SLACK_S, elapsed
+    assert DEADLINE_S - 0.2 < elapsed < DEADLINE_S + SLACK_S, elapsed
 
     # streamed: the final chunk says "length" too
     t = time.perf_counter()
@@ -167,7 +187,7 @@ def test_a_long_reply_ends_with_length_at_its_deadline(ops, no_eot):
     elapsed = time.perf_counter() - t
     assert data[-1] == "[DONE]"
     finals = [c["finish_reason"] for d in data[:-1] for c in json.loads(d).get("choices", ()) if c["finish_reason"]]
-    assert finals == ["length"] and elapsed < TIMEOUT_S + SLACK_S, (finals, elapsed)
+    assert finals == ["length"] and elapsed < DEADLINE_S + SLACK_S, (finals, elapsed)
     assert _load(ops)["deadline_truncated"] >= 2
 
 

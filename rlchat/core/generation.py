@@ -412,7 +412,8 @@ class _Decoder:
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         """(B, H) fp32 hidden state of the last input position; ``cache`` is extended in place."""
         with autocast_context(self.dtype, self.device):
-            if self.step is not None and input_ids.shape[1] == 1:
+            # the one-token step decodes after a prefill; a one-token *prompt* (empty cache) is a prefill
+            if self.step is not None and input_ids.shape[1] == 1 and cache.get_seq_length() > 0:
                 return self.step(input_ids, mask, pos, cache).float()
             out = self.trunk(
                 input_ids=input_ids,
