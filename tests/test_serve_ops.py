@@ -204,7 +204,9 @@ def test_a_plain_client_that_goes_away_gets_its_rows_cancelled(ops, no_eot):
     assert time.perf_counter() - t < TIMEOUT_S, "too slow to tell cancellation from the deadline; rerun"
     assert after["generated_tokens"] == mid["generated_tokens"], (mid, after)  # nothing generates any more
     generated = mid["generated_tokens"] - before["generated_tokens"]
-    assert 0 < generated < MAX_TOKENS // 2, generated
+    # stopped before the reply was done (this asserted half the budget before the fast one-token step; at ~2,000
+    # tokens/s at batch 1 a machine twice as fast would reach that by the disconnect, so only "not finished" holds)
+    assert 0 < generated < MAX_TOKENS, generated
     assert after["responses"].get("499", 0) == before["responses"].get("499", 0) + 1, after["responses"]
     assert after["waiting"] == 0
     # the replica serves the next request at once (batch-1: nothing still occupies the row)
