@@ -163,7 +163,7 @@ def short_deadline(ray_local, tmp_path_factory) -> str:
     url = testing.deploy(
         ckpt, name=APP + "-deadline", route_prefix=PREFIX + "-deadline", max_batch_size=1, batch_wait_timeout_s=0.0,
         request_timeout_s=DEADLINE_S, max_tokens=MAX_TOKENS, feedback_store=f"sqlite:///{root / 'feedback.db'}",
-        model_name=APP, num_cpus=0,
+        model_name=APP + "-deadline", num_cpus=0,  # its own model label: the metrics test counts the ops app's only
     )  # fmt: skip
     yield url
     ray_serve.delete(APP + "-deadline")
