@@ -156,12 +156,15 @@ def _demo_sft_data(cfg, out: Path) -> Path:
     return out
 
 
-SFT_OVERRIDES = {"sft.epochs": 5}  # half the demo's earlier 10-epoch SFT (chat + task train): a quick start
-RM_OVERRIDES = {"rm.epochs": 8, "rm.learning_rate": 1e-3}
+SFT_OVERRIDES = {"sft.epochs": 5}  # the policy's start: a fifth of the demo's SFT, so gold has room to rise (~0.15)
+RM_SFT_OVERRIDES = {"sft.epochs": 25}  # the reward model's start: the demo's SFT (a judge that knows more)
+RM_OVERRIDES = {"rm.kind": "implicit", "rm.epochs": 4, "rm.learning_rate": 1e-3}
 PPO_OVERRIDES = {
     "ppo.advantage": "grpo",  # a reward model's score means something only against replies to the same prompt
     "rollout.samples_per_prompt": 4,
-    "rollout.envs_per_worker": 128,  # 32 prompts x 4 replies per iteration (as measured in docs/ppo.md)
+    "rollout.envs_per_worker": 256,  # 64 prompts x 4 replies per iteration: at 32 prompts gains swung +0.05-0.08
+    "ppo.learning_rate": 5e-4,  # at 1e-3 the policy over-optimises within 30 iterations (KL 16, gold 0.15 -> 0.03)
+    "ppo.kl_coef": 0.05,
     "ppo.update_epochs": 8,
     "ppo.num_minibatches": 2,
     "ppo.iterations": 30,
@@ -169,13 +172,18 @@ PPO_OVERRIDES = {
     "ppo.eval_prompts": 64,
 }
 GOLD_MARGIN = 0.05
-"""The target (issue #14): held-out gold reward (sampled) gained by PPO trained on the reward model alone."""
+"""The target (issue #14, stated in README.md): held-out gold reward (sampled) gained by PPO on the reward model
+alone."""
 
 
 @pytest.fixture(scope="module")
 def rlhf_run(tmp_path_factory):
-    """SFT -> reward model (from the SFT trunk) -> PPO whose reward is the reward model alone, all in-process; then
-    held-out gold and proxy of the SFT and PPO policies, sampled at the rollout temperature as the demo measures."""
+    """SFT -> reward model -> PPO whose reward is the reward model alone, all in-process; then held-out gold and
+    proxy of the SFT and PPO policies, sampled at the rollout temperature as the demo measures.
+
+    The reward model is implicit (``rm.kind=implicit``: DPO's log-ratio, docs/ppo.md) and starts from the demo's
+    25-epoch SFT while the policy starts from a 5-epoch one: the judge knows more than the policy it judges, as in
+    practice; its reward is only what it learned from the preference pairs (the log-ratio to its own start)."""
     from rlchat.data import load_records
     from rlchat.demo import sampled_reward
     from rlchat.stages import run_rm, run_sft
@@ -187,7 +195,8 @@ def rlhf_run(tmp_path_factory):
     base = base.replace(**{"data.sft": str(_demo_sft_data(base, tmp / "sft_data")), **SFT_OVERRIDES})
     sft_dir, _ = run_sft(base, tmp / "sft", quiet=True, use_ray=False)
     sft_ckpt = sft_dir / "checkpoints" / "best"
-    rm_cfg = base.replace(**{"rm.init_from": str(sft_ckpt), **RM_OVERRIDES})
+    judge_dir, _ = run_sft(base.replace(**RM_SFT_OVERRIDES), tmp / "sft_judge", quiet=True, use_ray=False)
+    rm_cfg = base.replace(**{"rm.init_from": str(judge_dir / "checkpoints" / "best"), **RM_OVERRIDES})
     rm_dir, rm_metrics = run_rm(rm_cfg, tmp / "rm", quiet=True, use_ray=False)
     cfg = base.replace(
         **{
@@ -211,32 +220,23 @@ def rlhf_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_rlhf_run_logs_proxy_and_gold_and_the_gold_check_sees_over_optimisation(rlhf_run):
+def test_rlhf_run_logs_proxy_and_gold_against_kl_and_draws_the_overoptimisation_curve(rlhf_run):
     """The gold check on a real RLHF run: proxy and gold logged side by side against KL, the over-optimisation
-    curve drawn, and -- what this tiny reward model does today -- proxy up while gold falls, the pattern the
-    gold-drop guardrail and stopper act on (docs/ppo.md "RLHF with a gold check")."""
+    curve drawn, the reward model above issue #14's 0.85, and the learner optimising its proxy."""
     run = rlhf_run["run"]
-    assert rlhf_run["rm"][M.RM_VAL_ACCURACY] >= 0.7, rlhf_run["rm"]
+    assert rlhf_run["rm"][M.RM_VAL_ACCURACY] >= 0.85, rlhf_run["rm"]
     lines = _lines(run)
     assert all(M.ROLLOUT_REWARD_PREFIX + "verifiable" in r for r in lines)
     evals = [r for r in lines if M.EVAL_GOLD_REWARD in r]
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert all(M.EVAL_PROXY_REWARD in r and M.KL_REF_KL in r and M.GUARD_GOLD_DROP in r for r in evals)
     assert M.plot_run(run)[-1] == run / "plots" / M.OVEROPTIMISATION_PLOT
-    gold, proxy = rlhf_run["gold"], rlhf_run["proxy"]
+    proxy = rlhf_run["proxy"]
     assert proxy["ppo"]["mean"] > proxy["sft"]["mean"], proxy  # the learner did optimise its reward
-    # measured (2 cores, 2,169 built-in pairs since 2026-12-05; RM val accuracy 0.80 from this 5-epoch trunk): gold
-    # 0.15 -> 0.00 while the proxy rose 6.6 -> 13.0 (0.46 -> 0.13, 4.8 -> 5.8 on the 562-pair set); when a better
-    # reward model makes gold rise instead, this fails together with the xfail below passing: swap them
-    assert gold["ppo"]["mean"] <= gold["sft"]["mean"] - 0.1, gold
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #14 target not met: the demo's reward model ranks the policy's nearby wrong numbers barely above "
-    "chance (61-64% within a prompt), so PPO on it alone lowers held-out gold (0.15 -> 0.00 sampled)",
-)
 def test_ppo_on_the_reward_model_alone_raises_held_out_gold_reward(rlhf_run):
+    # measured on 2 cores (docs/ppo.md): sampled held-out gold 0.152 -> 0.238 (seed 0), 0.176 -> 0.305 (seed 1)
     gold = rlhf_run["gold"]
     assert gold["ppo"]["mean"] - gold["sft"]["mean"] >= GOLD_MARGIN, gold

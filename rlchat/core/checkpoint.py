@@ -30,7 +30,6 @@ rather than symlinks, so a run directory survives ``scp``/``rsync``/zip to anoth
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -58,7 +57,7 @@ from rlchat.core.metrics import STAGE_BEST_METRIC
 from rlchat.core.tokenizer import ChatTokenizer
 
 if TYPE_CHECKING:
-    from rlchat.core.model import PolicyValueModel, RewardModel
+    from rlchat.core.model import ImplicitRewardModel, PolicyValueModel, RewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +235,7 @@ def _write_generation_config(directory: Path, tokenizer: ChatTokenizer) -> None:
 def save_checkpoint(
     directory: str | Path,
     *,
-    model: PolicyValueModel | RewardModel,
+    model: PolicyValueModel | RewardModel | ImplicitRewardModel,
     tokenizer: ChatTokenizer,
     config: Config,
     stage: str,
@@ -566,19 +565,17 @@ def load_policy(
 
 def load_reward_model(
     directory: str | Path, device: str | torch.device = "cpu", expect_tokenizer: ChatTokenizer | None = None
-) -> tuple[RewardModel, ChatTokenizer, Checkpoint]:
-    """Load a reward-model checkpoint (``rlchat rm``) and its tokenizer.
+) -> tuple[RewardModel | ImplicitRewardModel, ChatTokenizer, Checkpoint]:
+    """Load a reward-model checkpoint (``rlchat rm``, either ``rm.kind``) and its tokenizer.
 
     Raises:
         CheckpointError: see :func:`read_checkpoint`; also a policy checkpoint or unreadable weights.
     """
-    from rlchat.core.model import RewardModel
+    from rlchat.core.model import reward_model_from_pretrained
 
     ckpt = read_checkpoint(directory, expect_tokenizer=expect_tokenizer, expect_stage="rm")
     try:
-        accepts_cfg = "cfg" in inspect.signature(RewardModel.from_pretrained).parameters
-        kwargs = {"cfg": ckpt.config} if accepts_cfg else {}
-        model = RewardModel.from_pretrained(ckpt.path, **kwargs)
+        model = reward_model_from_pretrained(ckpt.path, ckpt.config)
     except RLChatError:
         raise
     except Exception as e:

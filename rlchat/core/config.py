@@ -323,6 +323,10 @@ class RMConfig(SupervisedStageConfig):
     """Replies per data.prompts train prompt sampled from rm.init_from, checked, paired as extra data (0 = off)."""
     policy_pairs_per_prompt: int = 1
     """Pairs per prompt from those samples: 1 = best vs worst; more = each distinct wrong reply once."""
+    kind: Literal["scalar", "implicit"] = "scalar"
+    """scalar: a score head on a trunk; implicit: a causal LM scored by beta * log(pi_rm / pi_start) (DPO's reward)."""
+    beta: float = 0.1
+    """rm.kind=implicit: scale of the log-ratio score (DPO's beta)."""
 
 
 @dataclass(frozen=True)
@@ -533,6 +537,7 @@ def _validate(cfg: Config) -> None:
         "0 (off) or at least 2 replies per prompt to compare",
         "use 4",
     )
+    _check(rm.beta > 0, "rm.beta", rm.beta, "a positive scale of the implicit reward", "use 0.1")
     _check(
         rm.policy_pairs_per_prompt >= 1,
         "rm.policy_pairs_per_prompt",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -778,6 +779,8 @@ class RewardModel(nn.Module):
             self.score_head.bias.zero_()
         self.hf_tokenizer = hf_tokenizer
 
+    kind = "scalar"
+
     @classmethod
     def build(cls, cfg: Config, tokenizer: ChatTokenizer) -> RewardModel:
         """``cfg.rm.name_or_path`` (an encoder or a causal LM) or, when empty, a tiny trunk of ``cfg.model.arch``.
@@ -898,6 +901,164 @@ class RewardModel(nn.Module):
         model = cls(trunk, hf_tok)
         model.score_head.load_state_dict(load_file(head_file))
         return model
+
+
+IMPLICIT_REFERENCE_DIR = "reference"
+"""Sub-directory of an implicit reward model's checkpoint holding its frozen starting LM (the log-ratio's base)."""
+
+
+class ImplicitRewardModel(nn.Module):
+    """A causal LM as a reward model: ``r(x, y) = beta * sum_t log(pi(y_t | ...) / pi_start(y_t | ...))``.
+
+    DPO's implicit reward (Rafailov et al. 2023), used as an explicit reward model as in PRIME (Cui et al. 2025)
+    ("implicit PRM"). Why beside :class:`RewardModel`: a scalar head sees a reply once, at its last token, and on
+    the arithmetic task a 2-layer trunk trained that way ranks a nearby wrong number barely above chance (61-64%,
+    docs/ppo.md), although the same trunk *generates* the right number: the log-ratio keeps the LM head's
+    per-token supervision, so the Bradley-Terry loss on these scores (which is the DPO loss) teaches the model
+    which digits are right, not a pooled feature. The reference is the starting LM, frozen and saved with the
+    checkpoint (``reference/``) so the scorer needs nothing else.
+
+    Attributes:
+        policy: the trained LM (:class:`PolicyLM`).
+        reference: its frozen starting copy.
+        beta: scale of the log-ratio.
+    """
+
+    causal = True
+    hf_tokenizer = None
+    kind = "implicit"
+
+    def __init__(self, policy: PolicyLM, reference: PolicyLM | None = None, beta: float = 0.1) -> None:
+        super().__init__()
+        self.policy = policy
+        self.reference = reference if reference is not None else policy.frozen_copy()
+        self.reference.requires_grad_(False)
+        self.beta = float(beta)
+
+    @classmethod
+    def build(cls, cfg: Config, tokenizer: ChatTokenizer) -> ImplicitRewardModel:
+        """From ``cfg.rm.init_from`` (a policy checkpoint: the usual start), ``cfg.rm.name_or_path`` (a causal LM) or
+        a tiny LM of ``cfg.model.arch``; the reference is a frozen copy of that start.
+
+        Raises:
+            ConfigError: both starts given, or ``name_or_path`` is an encoder.
+        """
+        rm = cfg.rm
+        if rm.init_from and rm.name_or_path:
+            raise ConfigError(
+                f"rm.init_from={rm.init_from!r} and rm.name_or_path={rm.name_or_path!r}: both name the reward "
+                "model's starting LM; keep one"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            if rm.init_from:
+                from rlchat.core.checkpoint import load_policy
+
+                loaded, _, _ = load_policy(rm.init_from, expect_tokenizer=tokenizer)
+                lm = loaded.lm
+            else:
+                if rm.name_or_path:
+                    from transformers import AutoConfig
+
+                    try:
+                        encoder = is_encoder(AutoConfig.from_pretrained(rm.name_or_path))
+                    except (OSError, ValueError):
+                        encoder = False  # load_lm says what is wrong with the path
+                    if encoder:
+                        raise ConfigError(
+                            f"rm.kind=implicit with rm.name_or_path={rm.name_or_path!r}: the implicit reward is a "
+                            "causal LM's log-ratio and this is an encoder; use a causal LM, or rm.kind=scalar"
+                        )
+                lm = load_lm(dataclasses.replace(cfg.model, name_or_path=rm.name_or_path), tokenizer)
+        return cls(PolicyLM(lm, precision=cfg.model.precision, vocab_size=tokenizer.n_vocab), beta=rm.beta)
+
+    @property
+    def trunk(self) -> nn.Module:
+        return self.policy.trunk
+
+    @property
+    def lm(self) -> PreTrainedModel:
+        return self.policy.lm
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    def train(self, mode: bool = True) -> ImplicitRewardModel:
+        super().train(mode)
+        self.reference.eval()  # dropout never perturbs the base of the ratio
+        return self
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, reply_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores.
+
+        Args:
+            input_ids: (B, T) chat-tokenizer ids, right-padded.
+            attention_mask: (B, T) 1 for real tokens.
+            reply_mask: (B, T) 1 on the tokens to score (the reply); None = every real token after the first.
+                Training leaves it None: the prompt's terms are equal in both replies of a pair and cancel.
+
+        Returns:
+            (B,) float32 ``beta * sum_t mask_t * (log pi - log pi_start)``.
+        """
+        mask = attention_mask if reply_mask is None else reply_mask * attention_mask
+        lp = self.policy.action_logprobs(input_ids, attention_mask, mask)  # (B, T), 0 off the mask
+        with torch.no_grad():
+            ref = self.reference.action_logprobs(input_ids, attention_mask, mask)  # (B, T)
+        return self.beta * (lp - ref).sum(-1)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """The trained LM (HF format), the reference in ``reference/``, and the meta file saying ``implicit``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.policy.lm.save_pretrained(d)
+        self.reference.lm.save_pretrained(d / IMPLICIT_REFERENCE_DIR)
+        meta = {"kind": "implicit", "beta": self.beta, "causal": True, "hf_tokenizer": False}
+        (d / REWARD_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, cfg: Config | None = None) -> ImplicitRewardModel:
+        """Load what :meth:`save_pretrained` wrote.
+
+        Raises:
+            CheckpointError: missing or unreadable files.
+        """
+        from transformers import AutoModelForCausalLM
+
+        d = Path(directory)
+        meta = json.loads((d / REWARD_META_FILE).read_text(encoding="utf-8"))
+        precision = cfg.model.precision if cfg is not None else "auto"
+        try:
+            lms = [
+                AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in (d, d / IMPLICIT_REFERENCE_DIR)
+            ]
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{d}: cannot load the implicit reward model ({e}); expected config.json + weights and "
+                f"{IMPLICIT_REFERENCE_DIR}/ written by ImplicitRewardModel.save_pretrained"
+            ) from None
+        policy, reference = (PolicyLM(lm, precision=precision) for lm in lms)
+        return cls(policy, reference.eval(), beta=float(meta.get("beta", 0.1)))
+
+
+def reward_model_from_pretrained(
+    directory: str | Path, cfg: Config | None = None
+) -> RewardModel | ImplicitRewardModel:
+    """Load a reward-model checkpoint's weights of either kind (the meta file says which)."""
+    meta_file = Path(directory) / REWARD_META_FILE
+    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+    if meta.get("kind") == "implicit":
+        return ImplicitRewardModel.from_pretrained(directory, cfg)
+    return RewardModel.from_pretrained(directory)
+
+
+def build_reward_model(cfg: Config, tokenizer: ChatTokenizer) -> RewardModel | ImplicitRewardModel:
+    """The reward model ``cfg.rm.kind`` names, before training."""
+    if cfg.rm.kind == "implicit":
+        return ImplicitRewardModel.build(cfg, tokenizer)
+    return RewardModel.build(cfg, tokenizer)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -476,17 +476,27 @@ class CheckpointRMScorer:
             if getattr(self._rm, "hf_tokenizer", None) is not None:
                 texts = [tok.decode(tok.render_conversation(c)[0]) for c in convs]
                 input_ids, attention_mask = self._rm.tokenize(texts, tok, max_length=self._max_len or 512)
+                kwargs = {}
             else:
                 seqs = [tok.render_conversation(c)[0] for c in convs]
-                seqs = [s[-self._max_len :] if self._max_len else s for s in seqs]
+                # the reply's tokens (text + end of turn) follow the prompt rendered for a reply
+                starts = [len(tok.render_prompt(c[:-1])) for c in convs]
+                if self._max_len:
+                    starts = [max(0, st - max(0, len(s) - self._max_len)) for st, s in zip(starts, seqs)]
+                    seqs = [s[-self._max_len :] for s in seqs]
                 width = max(len(s) for s in seqs)
                 input_ids = torch.full((len(seqs), width), tok.pad_id, dtype=torch.long)  # (B, T)
                 attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-                for r, s in enumerate(seqs):
+                reply_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+                for r, (s, st) in enumerate(zip(seqs, starts)):
                     input_ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
                     attention_mask[r, : len(s)] = 1
+                    reply_mask[r, st : len(s)] = 1
+                # an implicit reward model scores the reply's log-ratio alone (the prompt's would be a per-prompt
+                # offset); a scalar one reads the last token either way
+                kwargs = {"reply_mask": reply_mask} if getattr(self._rm, "kind", "scalar") == "implicit" else {}
             with torch.no_grad():
-                out = self._rm(input_ids, attention_mask)  # (B,)
+                out = self._rm(input_ids, attention_mask, **kwargs)  # (B,)
             scores.extend(float(x) for x in out.float().reshape(-1))
         return scores
 

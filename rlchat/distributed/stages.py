@@ -87,7 +87,14 @@ from rlchat.core.metrics import (
     SFT_VAL_PERPLEXITY,
     STAGE_BEST_METRIC,
 )
-from rlchat.core.model import PolicyValueModel, RewardModel, autocast_context, resolve_precision
+from rlchat.core.model import (
+    ImplicitRewardModel,
+    PolicyValueModel,
+    RewardModel,
+    autocast_context,
+    build_reward_model,
+    resolve_precision,
+)
 from rlchat.distributed.rank_group import RankContext, rank0_only
 
 if TYPE_CHECKING:
@@ -411,10 +418,13 @@ class RMTask:
         return cfg.rm
 
     @staticmethod
-    def build_model(cfg: Config, tokenizer: ChatTokenizer) -> RewardModel:
-        """The reward model with its score bias frozen: a constant cancels in ``r(chosen) - r(rejected)``, so the
-        Bradley-Terry loss gives it no gradient (it would only drift under weight decay)."""
-        model = RewardModel.build(cfg, tokenizer)
+    def build_model(cfg: Config, tokenizer: ChatTokenizer) -> RewardModel | ImplicitRewardModel:
+        """The reward model ``rm.kind`` names; a scalar one with its score bias frozen: a constant cancels in
+        ``r(chosen) - r(rejected)``, so the Bradley-Terry loss gives it no gradient (it would only drift under
+        weight decay). For the implicit kind this loss is exactly DPO's."""
+        model = build_reward_model(cfg, tokenizer)
+        if isinstance(model, ImplicitRewardModel):
+            return model
         model.score_head.bias.requires_grad_(False)
         if model.hf_tokenizer is not None:
             raise ConfigError(
