@@ -66,18 +66,25 @@ def test_quick_demo_with_the_default_run_dir(tmp_path):
 
 @pytest.mark.slow
 def test_demo_with_a_relative_run_dir_from_another_directory(tmp_path):
-    """``--run-dir ../some/relative/dir`` from another working directory: every stage reads and writes there (the
-    stages are cut to a few steps; the margin is the test above's job)."""
+    """``--run-dir ../some/relative/dir`` from another working directory, with ``--full``: every stage (the RLHF
+    run's too) reads and writes there (the stages are cut to a few steps, and the command line's keys win over the
+    RLHF run's own settings; the margins are the test above's and tests/test_rlhf_gold.py's job)."""
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     short = ["sft.epochs=1", "sft.max_steps=5", "rm.max_steps=3", "ppo.iterations=2", "ppo.eval_prompts=8"]
-    proc = _run_demo(cwd, "--run-dir", "../some/relative/dir", *short)
+    proc = _run_demo(cwd, "--run-dir", "../some/relative/dir", "--full", *short)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "some" / "relative" / "dir"
     summary = json.loads((run / "summary.json").read_text())
     for stage in ("sft", "rm", "ppo"):
         assert Path(summary["checkpoints"][stage]).is_relative_to(run)
         assert (run / stage / "metrics.jsonl").is_file()
+        assert Path(summary["rlhf"]["checkpoints"][stage]).is_relative_to(run / "rlhf")
+        assert len((run / "rlhf" / stage / "metrics.jsonl").read_text().splitlines()) >= 2
+    rlhf = summary["rlhf"]
+    assert rlhf["gold"]["ppo"]["n"] == rlhf["proxy"]["sft"]["n"] == 32  # 8 held-out prompts x 4 samples
+    assert (run / "rlhf" / "ppo" / "metrics.jsonl").read_text().count('"step"') == 2  # ppo.iterations=2 kept
+    assert "RLHF: PPO (GRPO) on the reward model alone" in proc.stdout and "== 6/6 RLHF" in proc.stdout
     assert "held-out metric" in proc.stdout and "SFT policy" in proc.stdout
     assert not [line for line in (proc.stdout + proc.stderr).splitlines() if NOISE.search(line)]
     assert not (cwd / "runs").exists()

@@ -20,6 +20,7 @@ from tiny_configs import IN_PROCESS, TINY_PPO
 from rlchat import metrics as M
 from rlchat.config import load_config
 from rlchat.errors import ConfigError
+from rlchat.ppo import VALUE_LOSS
 from rlchat.trainer import Guardrails, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,21 +157,9 @@ def _demo_sft_data(cfg, out: Path) -> Path:
     return out
 
 
-SFT_OVERRIDES = {"sft.epochs": 5}  # the policy's start: a fifth of the demo's SFT, so gold has room to rise (~0.15)
-RM_SFT_OVERRIDES = {"sft.epochs": 25}  # the reward model's start: the demo's SFT (a judge that knows more)
-RM_OVERRIDES = {"rm.kind": "implicit", "rm.epochs": 4, "rm.learning_rate": 1e-3}
-PPO_OVERRIDES = {
-    "ppo.advantage": "grpo",  # a reward model's score means something only against replies to the same prompt
-    "rollout.samples_per_prompt": 4,
-    "rollout.envs_per_worker": 256,  # 64 prompts x 4 replies per iteration: at 32 prompts gains swung +0.05-0.08
-    "ppo.learning_rate": 5e-4,  # at 1e-3 the policy over-optimises within 30 iterations (KL 16, gold 0.15 -> 0.03)
-    "ppo.kl_coef": 0.05,
-    "ppo.update_epochs": 8,
-    "ppo.num_minibatches": 2,
-    "ppo.iterations": 30,
-    "ppo.eval_every": 10,
-    "ppo.eval_prompts": 64,
-}
+JUDGE_SFT = {"sft.epochs": 25}
+"""The reward model's start: the demo's SFT policy; the RLHF settings themselves are the demo's ``--full`` run
+(:data:`rlchat.cli.demo.RLHF_PPO` and its neighbours), run here in-process."""
 GOLD_MARGIN = 0.05
 """The target (issue #14, stated in README.md): held-out gold reward (sampled) gained by PPO on the reward model
 alone."""
@@ -178,45 +167,20 @@ alone."""
 
 @pytest.fixture(scope="module")
 def rlhf_run(tmp_path_factory):
-    """SFT -> reward model -> PPO whose reward is the reward model alone, all in-process; then held-out gold and
-    proxy of the SFT and PPO policies, sampled at the rollout temperature as the demo measures.
-
-    The reward model is implicit (``rm.kind=implicit``: DPO's log-ratio, docs/ppo.md) and starts from the demo's
-    25-epoch SFT while the policy starts from a 5-epoch one: the judge knows more than the policy it judges, as in
-    practice; its reward is only what it learned from the preference pairs (the log-ratio to its own start)."""
-    from rlchat.data import load_records
-    from rlchat.demo import sampled_reward
-    from rlchat.stages import run_rm, run_sft
+    """The demo's SFT (the judge's start), then :func:`rlchat.cli.demo.run_rlhf`: a 5-epoch SFT policy, an implicit
+    reward model from the judge, PPO (GRPO) whose reward is that model alone, and the held-out gold and proxy of
+    both policies sampled at the rollout temperature, as ``rlchat demo --full`` reports them."""
+    from rlchat.cli.demo import run_rlhf
+    from rlchat.stages import run_sft
 
     tmp = tmp_path_factory.mktemp("rlhf")
     base = load_config(
         ROOT / "configs" / "demo.yaml", ["ray.learner_workers=0", "rollout.num_workers=0", "checkpoint.every=0"]
     )
-    base = base.replace(**{"data.sft": str(_demo_sft_data(base, tmp / "sft_data")), **SFT_OVERRIDES})
-    sft_dir, _ = run_sft(base, tmp / "sft", quiet=True, use_ray=False)
-    sft_ckpt = sft_dir / "checkpoints" / "best"
-    judge_dir, _ = run_sft(base.replace(**RM_SFT_OVERRIDES), tmp / "sft_judge", quiet=True, use_ray=False)
-    rm_cfg = base.replace(**{"rm.init_from": str(judge_dir / "checkpoints" / "best"), **RM_OVERRIDES})
-    rm_dir, rm_metrics = run_rm(rm_cfg, tmp / "rm", quiet=True, use_ray=False)
-    cfg = base.replace(
-        **{
-            "checkpoint.init_from": str(sft_ckpt),
-            "reward.verifiable": 0.0,  # the learner never sees the checked answer ...
-            "reward.model": 1.0,  # ... only the reward model's score
-            "reward.model_path": str(rm_dir / "checkpoints" / "best"),
-            **PPO_OVERRIDES,
-        }
-    )
-    run, _ = train(cfg, tmp / "ppo", quiet=True)
-    gold = cfg.replace(**{"reward.verifiable": 1.0, "reward.model": 0.0})
-    held_out = load_records(cfg.data.prompts, split="val", cfg=cfg)
-    ppo_ckpt = run / "checkpoints" / "latest"
-    return {
-        "run": run,
-        "rm": rm_metrics,
-        "gold": {k: sampled_reward(c, gold, held_out, 64) for k, c in (("sft", sft_ckpt), ("ppo", ppo_ckpt))},
-        "proxy": {k: sampled_reward(c, cfg, held_out, 64) for k, c in (("sft", sft_ckpt), ("ppo", ppo_ckpt))},
-    }
+    base = base.replace(**{"data.sft": str(_demo_sft_data(base, tmp / "sft_data"))})
+    judge_dir, _ = run_sft(base.replace(**JUDGE_SFT), tmp / "judge", quiet=True, use_ray=False)
+    out = run_rlhf(base, tmp / "rlhf", judge=judge_dir / "checkpoints" / "best", quiet=True, use_ray=False)
+    return {**out, "run": Path(out["run_dir"]) / "ppo", "rm": out["rm_final"]}
 
 
 @pytest.mark.slow
@@ -233,10 +197,14 @@ def test_rlhf_run_logs_proxy_and_gold_against_kl_and_draws_the_overoptimisation_
     assert M.plot_run(run)[-1] == run / "plots" / M.OVEROPTIMISATION_PLOT
     proxy = rlhf_run["proxy"]
     assert proxy["ppo"]["mean"] > proxy["sft"]["mean"], proxy  # the learner did optimise its reward
+    assert all(r[VALUE_LOSS] == 0.0 for r in lines)  # GRPO: no critic was trained
 
 
 @pytest.mark.slow
 def test_ppo_on_the_reward_model_alone_raises_held_out_gold_reward(rlhf_run):
     # measured on 2 cores (docs/ppo.md): sampled held-out gold 0.152 -> 0.238 (seed 0), 0.176 -> 0.305 (seed 1)
+    from rlchat.cli.demo import format_rlhf
+
     gold = rlhf_run["gold"]
     assert gold["ppo"]["mean"] - gold["sft"]["mean"] >= GOLD_MARGIN, gold
+    assert "PPO raised the held-out gold reward it never sees" in format_rlhf(rlhf_run)

@@ -1,6 +1,6 @@
 """``rlchat demo``: the built-in end-to-end demo, the README's first command.
 
-    rlchat demo [--config configs/demo.yaml] [key=value ...] [--run-dir DIR] [--quick]
+    rlchat demo [--config configs/demo.yaml] [key=value ...] [--run-dir DIR] [--quick] [--full]
 
 On one local Ray instance that starts by itself (2 CPU cores are enough), with the built-in data and a tiny model:
 
@@ -9,16 +9,19 @@ On one local Ray instance that starts by itself (2 CPU cores are enough), with t
 3. reward-model training on the preference pairs (Ray Train);
 4. PPO from the SFT policy on the arithmetic task with its verifiable reward (rollout workers + learner);
 5. a table: held-out task reward (and every component) of the SFT policy vs the PPO policy, KL to the
-   reference, one sample conversation; plots of every stage under ``RUN_DIR/*/plots``.
+   reference, one sample conversation; plots of every stage under ``RUN_DIR/*/plots``;
+6. with ``--full`` (beyond the 10-minute budget): RLHF with a gold check (:func:`run_rlhf`) -- PPO (GRPO) on the
+   learned reward model alone, scored on the task's checked answer it never sees; its rows join the table.
 
 Everything lands under one run directory (``runs/demo-<time>/`` by default): ``data/``, ``sft/``, ``rm/``,
-``ppo/``, ``summary.json``.
+``ppo/``, ``summary.json`` (and ``rlhf/`` with ``--full``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +45,100 @@ reward-model run, 30 PPO iterations of 128 episodes (8 epochs x 2 minibatches) a
 demo's 25-epoch SFT already reaches ~0.93, and its gain comes from 100 iterations of 512 episodes."""
 
 
+RLHF_POLICY_SFT = {"sft.epochs": 5}
+"""RLHF run: the policy's start, a fifth of the demo's SFT (held-out sampled gold ~0.15): room for gold to rise."""
+RLHF_RM = {"rm.kind": "implicit", "rm.epochs": 4, "rm.learning_rate": 1e-3, "rm.name_or_path": ""}
+"""RLHF run: the reward model, implicit (DPO's log-ratio) from the demo's SFT policy (a judge that knows more than
+the policy it judges); a scalar head from either trunk ranks the policy's nearby wrong numbers near chance
+(docs/ppo.md)."""
+RLHF_PPO = {
+    "ppo.advantage": "grpo",  # a reward model's score means something only against replies to the same prompt
+    "rollout.samples_per_prompt": 4,
+    "rollout.envs_per_worker": 256,  # 64 prompts x 4 replies per iteration: at 32 prompts gains swung +0.05-0.08
+    "ppo.learning_rate": 5e-4,  # at 1e-3 the policy over-optimises within 30 iterations (KL 16, gold 0.15 -> 0.03)
+    "ppo.kl_coef": 0.05,
+    "ppo.update_epochs": 8,
+    "ppo.num_minibatches": 2,
+    "ppo.iterations": 30,
+    "ppo.eval_every": 10,
+    "ppo.eval_prompts": 64,
+    "checkpoint.every": 0,
+}
+"""RLHF run: GRPO on the reward model alone (``reward.model=1``, ``reward.verifiable=0``), gold monitored."""
+
+
+def run_rlhf(
+    cfg: Config, run_dir: Path, judge: Path, keep: Collection[str] = (), quiet: bool = False, use_ray: bool = True
+) -> dict[str, Any]:
+    """RLHF with a gold check: SFT a weak policy, train an implicit reward model from ``judge`` (a stronger policy
+    checkpoint), run PPO whose reward is that model alone, and score both policies' held-out *gold* reward (the
+    task's checked answer, which the learner never sees) beside the proxy, sampled at the rollout temperature.
+
+    Args:
+        cfg: the demo's config with ``data.sft``, ``data.preferences`` and ``data.prompts`` set.
+        run_dir: where ``sft/``, ``rm/`` and ``ppo/`` go.
+        judge: the reward model's starting policy checkpoint (the demo's SFT policy).
+        keep: dotted keys the user set on the command line; the RLHF settings above do not override them.
+        use_ray: False runs SFT and RM in-process (tests); PPO follows ``ray.learner_workers`` / ``rollout.*``.
+
+    Returns:
+        ``gold`` and ``proxy`` (``{"sft": ..., "ppo": ...}`` as :func:`sampled_reward`), ``rm_final`` (the reward
+        model's metrics), ``kl`` (KL to the reference at the last iteration), ``checkpoints``, ``run_dir``.
+    """
+    from rlchat.core.checkpoint import find_best_checkpoint, resolve_checkpoint_dir
+    from rlchat.core.data import load_records
+    from rlchat.distributed.stages import run_rm, run_sft
+    from rlchat.distributed.trainer import train
+
+    def ours(settings: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in settings.items() if k not in keep}
+
+    weak_dir, _ = run_sft(cfg.replace(**ours(RLHF_POLICY_SFT)), run_dir / "sft", quiet=quiet, use_ray=use_ray)
+    weak = find_best_checkpoint(weak_dir)
+    rm_cfg = cfg.replace(**{"rm.init_from": str(judge), **ours(RLHF_RM)})
+    rm_dir, rm_metrics = run_rm(rm_cfg, run_dir / "rm", quiet=quiet, use_ray=use_ray)
+    rm_ckpt = find_best_checkpoint(rm_dir)
+    ppo_cfg = cfg.replace(
+        **{
+            "checkpoint.init_from": str(weak),
+            "reward.verifiable": 0.0,  # the learner never sees the checked answer ...
+            "reward.model": 1.0,  # ... only the reward model's score
+            "reward.model_path": str(rm_ckpt),
+            **ours(RLHF_PPO),
+        }
+    )
+    ppo_dir, ppo_metrics = train(ppo_cfg, run_dir / "ppo", quiet=quiet)
+    ppo_ckpt = resolve_checkpoint_dir(ppo_dir / "checkpoints" / "latest")
+    gold_cfg = ppo_cfg.replace(**{"reward.verifiable": 1.0, "reward.model": 0.0})
+    held_out = load_records(cfg.data.prompts, split="val", cfg=cfg)
+    n = ppo_cfg.ppo.eval_prompts
+    pairs = (("sft", weak), ("ppo", ppo_ckpt))
+    return {
+        "run_dir": str(run_dir),
+        "checkpoints": {"sft": str(weak), "rm": str(rm_ckpt), "ppo": str(ppo_ckpt)},
+        "gold": {k: sampled_reward(c, gold_cfg, held_out, n) for k, c in pairs},
+        "proxy": {k: sampled_reward(c, ppo_cfg, held_out, n) for k, c in pairs},
+        "rm_final": rm_metrics,
+        "kl": ppo_metrics.get("kl/ref_kl"),
+    }
+
+
 def _builtin_file(name: str) -> Path:
     from rlchat.core.data import builtin_path
 
     return builtin_path(name)
 
 
-def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Run the whole demo; returns the summary written to ``run_dir/summary.json``."""
+def run_demo(
+    cfg: Config,
+    run_dir: Path,
+    address: str | None = None,
+    quiet: bool = False,
+    full: bool = False,
+    keep: Collection[str] = (),
+) -> dict[str, Any]:
+    """Run the whole demo (with ``full``, the RLHF run too; ``keep``: keys the user set, see :func:`run_rlhf`);
+    returns the summary written to ``run_dir/summary.json``."""
     from rlchat.core.checkpoint import find_best_checkpoint, resolve_checkpoint_dir
     from rlchat.core.evaluation import evaluate_checkpoint
     from rlchat.core.metrics import plot_run
@@ -66,9 +155,10 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     run_dir.mkdir(parents=True, exist_ok=True)
     init_ray(address or cfg.ray.address or None, cfg.ray.num_cpus)
     timings: dict[str, float] = {}
+    stages = 6 if full else 5
 
     # 1. data
-    say("== 1/5 prepare the built-in data (Ray Data)")
+    say(f"== 1/{stages} prepare the built-in data (Ray Data)")
     t = time.perf_counter()
     data_dirs = {}
     for name in ("task", "chat", "prefs"):
@@ -86,14 +176,14 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     timings["prepare_s"] = time.perf_counter() - t
 
     # 2. SFT
-    say("== 2/5 supervised fine-tuning (Ray Train)")
+    say(f"== 2/{stages} supervised fine-tuning (Ray Train)")
     t = time.perf_counter()
     sft_dir, sft_metrics = run_sft(cfg, run_dir / "sft", quiet=quiet)
     sft_ckpt = find_best_checkpoint(sft_dir)
     timings["sft_s"] = time.perf_counter() - t
 
     # 3. reward model
-    say("== 3/5 reward model on preference pairs (Ray Train)")
+    say(f"== 3/{stages} reward model on preference pairs (Ray Train)")
     t = time.perf_counter()
     # the reward model starts from the SFT policy's trunk (InstructGPT), unless the config names another start
     rm_cfg = cfg if (cfg.rm.init_from or cfg.rm.name_or_path) else cfg.replace(**{"rm.init_from": str(sft_ckpt)})
@@ -102,7 +192,7 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     timings["rm_s"] = time.perf_counter() - t
 
     # 4. PPO from the SFT policy
-    say("== 4/5 PPO from the SFT policy (rollout workers + learner)")
+    say(f"== 4/{stages} PPO from the SFT policy (rollout workers + learner)")
     t = time.perf_counter()
     ppo_cfg = cfg.replace(**{"checkpoint.init_from": str(sft_ckpt)})
     ppo_dir, ppo_metrics = train(ppo_cfg, run_dir / "ppo", quiet=quiet)
@@ -112,7 +202,7 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     timings["ppo_s"] = time.perf_counter() - t
 
     # 5. held-out comparison: greedy metrics (evaluation code) + the sampled env reward PPO optimises
-    say("== 5/5 held-out evaluation: SFT policy vs PPO policy")
+    say(f"== 5/{stages} held-out evaluation: SFT policy vs PPO policy")
     t = time.perf_counter()
     from rlchat.core.data import load_records
 
@@ -123,8 +213,17 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
     ppo_eval = evaluate_checkpoint(ppo_ckpt, held_out, cfg=eval_cfg, baseline=sft_ckpt, max_prompts=n)
     sampled = {name: sampled_reward(ck, cfg, held_out, n) for name, ck in (("sft", sft_ckpt), ("ppo", ppo_ckpt))}
     timings["eval_s"] = time.perf_counter() - t
+    rlhf = None
+    if full:
+        say(f"== 6/{stages} RLHF with a gold check: PPO on the reward model alone from a weaker SFT policy")
+        t = time.perf_counter()
+        rlhf = run_rlhf(cfg, run_dir / "rlhf", judge=sft_ckpt, keep=keep, quiet=quiet)
+        timings["rlhf_s"] = time.perf_counter() - t
     plots = []
-    for d in (sft_dir, rm_dir, ppo_dir):
+    stage_dirs = [sft_dir, rm_dir, ppo_dir]
+    if rlhf is not None:
+        stage_dirs += [run_dir / "rlhf" / d for d in ("sft", "rm", "ppo")]
+    for d in stage_dirs:
         plots += [str(p) for p in plot_run(d)]
     timings["total_s"] = time.perf_counter() - t0
 
@@ -142,6 +241,8 @@ def run_demo(cfg: Config, run_dir: Path, address: str | None = None, quiet: bool
         "timings": timings,
         "plots": plots,
     }
+    if rlhf is not None:
+        summary["rlhf"] = rlhf
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     say(format_summary(summary))
     return summary
@@ -222,6 +323,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         if i == 0:
             lines.append("  " + "-" * (sum(w) + 4))
     lines.append("\n" + verdict(s_sft, s_ppo))
+    if summary.get("rlhf"):
+        lines.append(format_rlhf(summary["rlhf"]))
     sample = summary.get("sample")
     if sample:
         lines.append("\nSample conversation (PPO policy, greedy):")
@@ -229,16 +332,56 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  {m['role']:>9}: {m['content']}")
         lines.append(f"  {'assistant':>9}: {sample.get('reply', '')}   (reference: {sample.get('reference')})")
     t = summary["timings"]
+    rlhf_time = f", RLHF {t['rlhf_s']:.0f}" if "rlhf_s" in t else ""
     lines.append(
         f"\nTime: {t['total_s']:.0f} s (prepare {t['prepare_s']:.0f}, SFT {t['sft_s']:.0f}, RM {t['rm_s']:.0f}, "
-        f"PPO {t['ppo_s']:.0f}, eval {t['eval_s']:.0f}).  Run directory: {summary['run_dir']}"
+        f"PPO {t['ppo_s']:.0f}, eval {t['eval_s']:.0f}{rlhf_time}).  Run directory: {summary['run_dir']}"
     )
     lines.append(f"Plots: {len(summary['plots'])} PNGs under {summary['run_dir']}/*/plots/")
     return "\n".join(lines)
 
 
+def format_rlhf(rlhf: dict[str, Any]) -> str:
+    """The ``--full`` rows: held-out gold and proxy of the weak SFT policy and of PPO on the reward model alone."""
+    g, p = rlhf["gold"], rlhf["proxy"]
+
+    def cell(d: dict[str, float]) -> str:
+        return f"{d['mean']:.3f} ± {d['stderr']:.3f}"
+
+    rows = [
+        ("RLHF: PPO (GRPO) on the reward model alone", "weak SFT", "RLHF policy"),
+        (f"gold: task reward, sampled T=1 ({g['ppo']['n']} episodes)", cell(g["sft"]), cell(g["ppo"])),
+        ("proxy: reward-model score, sampled", cell(p["sft"]), cell(p["ppo"])),
+    ]
+    if rlhf.get("kl") is not None:
+        rows.append(("KL to the weak SFT reference (last iteration)", "0", f"{rlhf['kl']:.3f}"))
+    acc = (rlhf.get("rm_final") or {}).get("rm/val_accuracy")
+    if acc is not None:
+        rows.append(("reward model (implicit): held-out pairwise accuracy", "-", f"{acc:.3f}"))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [""]
+    for i, r in enumerate(rows):
+        lines.append(f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}")
+        if i == 0:
+            lines.append("  " + "-" * (sum(w) + 4))
+    gain = g["ppo"]["mean"] - g["sft"]["mean"]
+    noise = 2.0 * (g["sft"]["stderr"] ** 2 + g["ppo"]["stderr"] ** 2) ** 0.5
+    said = "raised" if gain > noise else ("did not clearly raise" if gain > 0 else "lowered")
+    lines.append(
+        f"\nTrained on the reward model alone, PPO {said} the held-out gold reward it never sees: {gain:+.3f} "
+        f"(noise ±{noise:.3f})."
+    )
+    return "\n".join(lines)
+
+
 def demo_command(
-    config: str | None, overrides: list[str], run_dir: str | None, address: str | None, quick: bool = False, **_: Any
+    config: str | None,
+    overrides: list[str],
+    run_dir: str | None,
+    address: str | None,
+    quick: bool = False,
+    full: bool = False,
+    **_: Any,
 ) -> int:
     """``rlchat demo``."""
     from rlchat.core.metrics import make_run_dir
@@ -250,5 +393,6 @@ def demo_command(
         )
     path = make_run_dir(run_dir, "demo")
     print(f"run directory: {path.resolve()}", flush=True)
-    run_demo(cfg, path, address=address)
+    keep = {o.split("=", 1)[0] for o in overrides if "=" in o}
+    run_demo(cfg, path, address=address, full=full, keep=keep)
     return 0

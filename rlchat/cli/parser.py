@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("demo", "rlchat.cli.demo:demo_command", "built-in demo: prepare data, SFT, RM and PPO, then compare")
     _add_run_args(p, resume=False)
     p.add_argument("--quick", action="store_true", help="a reduced run (used by tests)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="also RLHF with a gold check: PPO on the reward model alone from a weaker SFT policy (~3 min more)",
+    )
 
     p = cmd("eval", "rlchat.cli.eval_cmd:eval_command", "evaluate a checkpoint on held-out prompts")
     p.add_argument("checkpoint")
