@@ -7,7 +7,9 @@ tokens only). The end-to-end RLHF run on it is in tests/test_rlhf_gold.py.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,35 @@ def test_implicit_rm_settings_are_checked(cfg, tok, tmp_path):
         ImplicitRewardModel.build(cfg.replace(**{"rm.name_or_path": str(tmp_path / "bert")}), tok)
     # the scalar kind is unchanged by the new key
     assert isinstance(RMTask.build_model(cfg.replace(**{"rm.kind": "scalar"}), tok), RewardModel)
+
+
+def test_implicit_rm_resume_continues_step_exactly(cfg, sft_ckpt, tmp_path):
+    """Resumed from its epoch-1 checkpoint (policy and reference restored), an interrupted run logs exactly the
+    uninterrupted run's metrics."""
+    small = cfg.replace(
+        **{
+            "rm.init_from": str(sft_ckpt),
+            "rm.epochs": 2,
+            "rm.max_steps": 0,
+            "rm.batch_size": 64,
+            "checkpoint.every": 1,
+            "checkpoint.keep_last": 5,
+        }
+    )
+    full, _ = run_rm(small, run_dir=tmp_path / "full", quiet=True, use_ray=False)
+    half = tmp_path / "half"
+    shutil.copytree(full, half)
+    steps = sorted(int(p.name.split("_")[1]) for p in (half / "checkpoints").glob("step_*"))
+    assert len(steps) >= 2, steps
+    for s in steps[1:]:
+        shutil.rmtree(half / "checkpoints" / f"step_{s:06d}")
+    run_rm(small, run_dir=half, resume=True, quiet=True, use_ray=False)
+
+    def lines(run: Path) -> dict[int, dict]:
+        return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+    a, b = lines(full), lines(half)
+    assert sorted(a) == sorted(b) and max(a) > steps[0]
+    for step in a:
+        for key in (RM_LOSS, RM_ACCURACY, RM_VAL_ACCURACY):
+            assert b[step].get(key) == a[step].get(key), (step, key)
