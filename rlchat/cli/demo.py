@@ -289,6 +289,17 @@ def verdict(sft: dict[str, float], ppo: dict[str, float]) -> str:
     )
 
 
+def _table(rows: list[tuple[str, str, str]]) -> list[str]:
+    """Three aligned plain-text columns, a rule under the header row."""
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    out = []
+    for i, r in enumerate(rows):
+        out.append(f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}")
+        if i == 0:
+            out.append("  " + "-" * (sum(w) + 4))
+    return out
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The demo's closing table (plain text)."""
     sft, ppo = summary["sft_eval"], summary["ppo_eval"]
@@ -316,12 +327,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     kl = summary["ppo_final"].get("kl/ref_kl")
     if kl is not None:
         rows.append(("KL to the SFT reference (last iteration)", "0", num(kl)))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [""]
-    for i, r in enumerate(rows):
-        lines.append(f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}")
-        if i == 0:
-            lines.append("  " + "-" * (sum(w) + 4))
+    lines = ["", *_table(rows)]
     lines.append("\n" + verdict(s_sft, s_ppo))
     if summary.get("rlhf"):
         lines.append(format_rlhf(summary["rlhf"]))
@@ -358,12 +364,7 @@ def format_rlhf(rlhf: dict[str, Any]) -> str:
     acc = (rlhf.get("rm_final") or {}).get("rm/val_accuracy")
     if acc is not None:
         rows.append(("reward model (implicit): held-out pairwise accuracy", "-", f"{acc:.3f}"))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [""]
-    for i, r in enumerate(rows):
-        lines.append(f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}")
-        if i == 0:
-            lines.append("  " + "-" * (sum(w) + 4))
+    lines = ["", *_table(rows)]
     gain = g["ppo"]["mean"] - g["sft"]["mean"]
     noise = 2.0 * (g["sft"]["stderr"] ** 2 + g["ppo"]["stderr"] ** 2) ** 0.5
     said = "raised" if gain > noise else ("did not clearly raise" if gain > 0 else "lowered")
