@@ -36,7 +36,7 @@ QUICK_OVERRIDES = {
     "ppo.num_minibatches": 2,
     "ppo.iterations": 30,
     "ppo.eval_every": 0,
-    "ppo.eval_prompts": 64,
+    "ppo.eval_prompts": 200,  # every held-out prompt: the gold gain is judged on 800 sampled replies (noise ~0.04)
     "checkpoint.every": 0,
 }
 """``--quick``: the reduced run the slow test uses, the demo's earlier recipe: a 10-epoch SFT (held-out sampled task
@@ -47,7 +47,7 @@ demo's 25-epoch SFT already reaches ~0.93, and its gain comes from 100 iteration
 
 RLHF_POLICY_SFT = {"sft.epochs": 5}
 """RLHF run: the policy's start, a fifth of the demo's SFT (held-out sampled gold ~0.15): room for gold to rise."""
-RLHF_RM = {"rm.kind": "implicit", "rm.epochs": 4, "rm.learning_rate": 1e-3, "rm.name_or_path": ""}
+RLHF_RM = {"rm.kind": "implicit", "rm.epochs": 8, "rm.learning_rate": 1e-3, "rm.name_or_path": ""}
 """RLHF run: the reward model, implicit (DPO's log-ratio) from the demo's SFT policy (a judge that knows more than
 the policy it judges); a scalar head from either trunk ranks the policy's nearby wrong numbers near chance
 (docs/ppo.md)."""
@@ -61,7 +61,7 @@ RLHF_PPO = {
     "ppo.num_minibatches": 2,
     "ppo.iterations": 30,
     "ppo.eval_every": 10,
-    "ppo.eval_prompts": 64,
+    "ppo.eval_prompts": 200,  # every held-out prompt: the gold gain is judged on 800 sampled replies (noise ~0.04)
     "checkpoint.every": 0,
 }
 """RLHF run: GRPO on the reward model alone (``reward.model=1``, ``reward.verifiable=0``), gold monitored."""
