@@ -203,3 +203,22 @@ def test_implicit_rm_resume_continues_step_exactly(cfg, sft_ckpt, tmp_path):
     for step in a:
         for key in (RM_LOSS, RM_ACCURACY, RM_VAL_ACCURACY):
             assert b[step].get(key) == a[step].get(key), (step, key)
+
+
+def test_a_padded_vocabulary_scores_the_same_after_a_round_trip(cfg, tok, tmp_path):
+    """A pretrained LM's head often has more rows than the tokenizer's ids (padded vocabularies): the softmax runs
+    over the tokenizer's ids in training, so it must after loading too (the saved model keeps its vocab_size)."""
+    from rlchat.model import PolicyLM, build_tiny_lm
+
+    torch.manual_seed(0)
+    lm = build_tiny_lm(cfg.model, tok.n_vocab + 64)  # 64 padding rows beyond the tokenizer's ids
+    rm = _perturbed(ImplicitRewardModel(PolicyLM(lm, precision="fp32", vocab_size=tok.n_vocab), beta=BETA)).eval()
+    ids = torch.tensor(
+        [tok.render_conversation([{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}])[0]]
+    )
+    mask = torch.ones_like(ids)
+    rm.save_pretrained(tmp_path / "rm")
+    back = ImplicitRewardModel.from_pretrained(tmp_path / "rm").eval()
+    assert back.policy.vocab_size == back.reference.vocab_size == tok.n_vocab
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids, mask), rm(ids, mask))

@@ -779,8 +779,6 @@ class RewardModel(nn.Module):
             self.score_head.bias.zero_()
         self.hf_tokenizer = hf_tokenizer
 
-    kind = "scalar"
-
     @classmethod
     def build(cls, cfg: Config, tokenizer: ChatTokenizer) -> RewardModel:
         """``cfg.rm.name_or_path`` (an encoder or a causal LM) or, when empty, a tiny trunk of ``cfg.model.arch``.
@@ -826,12 +824,16 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.score_head.weight.device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, reply_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scores.
 
         Args:
             input_ids: (B, T) ids (chat-tokenizer ids, or :attr:`hf_tokenizer` ids when set).
             attention_mask: (B, T) 1 for real tokens; any padding side for causal trunks, right padding for encoders.
+            reply_mask: unused (the score is read at one token); accepted so that every reward model takes the
+                scorer's arguments (:class:`ImplicitRewardModel` sums over it).
 
         Returns:
             (B,) float32 scores: from the last real token for causal LMs, the first token for encoders.
@@ -926,7 +928,6 @@ class ImplicitRewardModel(nn.Module):
 
     causal = True
     hf_tokenizer = None
-    kind = "implicit"
 
     def __init__(self, policy: PolicyLM, reference: PolicyLM | None = None, beta: float = 0.1) -> None:
         super().__init__()
@@ -1015,7 +1016,13 @@ class ImplicitRewardModel(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         self.policy.lm.save_pretrained(d)
         self.reference.lm.save_pretrained(d / IMPLICIT_REFERENCE_DIR)
-        meta = {"kind": "implicit", "beta": self.beta, "causal": True, "hf_tokenizer": False}
+        meta = {
+            "kind": "implicit",
+            "beta": self.beta,
+            "vocab_size": self.policy.vocab_size,  # the softmax's ids (a padded head has more rows)
+            "causal": True,
+            "hf_tokenizer": False,
+        }
         (d / REWARD_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
     @classmethod
@@ -1039,7 +1046,8 @@ class ImplicitRewardModel(nn.Module):
                 f"{d}: cannot load the implicit reward model ({e}); expected config.json + weights and "
                 f"{IMPLICIT_REFERENCE_DIR}/ written by ImplicitRewardModel.save_pretrained"
             ) from None
-        policy, reference = (PolicyLM(lm, precision=precision) for lm in lms)
+        vocab = meta.get("vocab_size")
+        policy, reference = (PolicyLM(lm, precision=precision, vocab_size=vocab) for lm in lms)
         return cls(policy, reference.eval(), beta=float(meta.get("beta", 0.1)))
 
 

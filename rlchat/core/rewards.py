@@ -493,8 +493,8 @@ class CheckpointRMScorer:
                     attention_mask[r, : len(s)] = 1
                     reply_mask[r, st : len(s)] = 1
                 # an implicit reward model scores the reply's log-ratio alone (the prompt's would be a per-prompt
-                # offset); a scalar one reads the last token either way
-                kwargs = {"reply_mask": reply_mask} if getattr(self._rm, "kind", "scalar") == "implicit" else {}
+                # offset); a scalar one reads the last token and ignores it
+                kwargs = {"reply_mask": reply_mask}
             with torch.no_grad():
                 out = self._rm(input_ids, attention_mask, **kwargs)  # (B,)
             scores.extend(float(x) for x in out.float().reshape(-1))
