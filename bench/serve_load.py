@@ -5,22 +5,24 @@
     python bench/serve_load.py --in-process       # the scheduler alone (Batcher, no Ray / HTTP), ~1 minute
     python bench/serve_load.py --ingress haproxy  # Serve's HAProxy ingress (HAProxy -> the replica's own HTTP server)
     python bench/serve_load.py --in-replica       # the decode loop on a replica thread (serve.engine_process=false)
+    python bench/serve_load.py --model 8x512 --vocab 0 --requests-per-client 4   # a real vocabulary (cl100k, 100k)
 
 What it does: builds an untrained checkpoint of the demo's model size (configs/demo.yaml: GPT-2, 2 layers, d=64,
-4096-token vocabulary, 256 positions), starts a local Ray (2 CPUs) and Serve on a free loopback port, and for each
-setting (continuous batching: ``serve.max_batch_size=16``; batch-1: ``1``) redeploys the app and runs closed-loop
-clients: each of C concurrent clients sends requests (``max_tokens=32``, ``temperature=1``, a distinct seed per
-request) one after the other, a fixed number each, streamed (SSE) and/or plain (``stream=false``). Both settings
-get the same request mix (same prompt, ``max_tokens``, seeds, clients and requests per client). Per level it
-reports requests/s, generated tokens/s (completion tokens from each reply's ``usage`` over the level's wall time,
-and its ratio to batch-1 serving at the same level), the p50/p99 time to the first content chunk (TTFT, measured
-by the client from sending the request to the first SSE chunk with text), the p50 inter-token latency (per
-request: (last token - first token) / (tokens - 1); the server coalesces SSE chunks to one per 20 ms, so single
-chunk gaps are not token gaps), the p50 whole reply, and the mean batch in rows per decoding step (the replica's
-``/readyz`` counters over the level). The 1-client TTFT of continuous batching is the reference of the TTFT target
-(``serve.batch_wait_timeout_s`` defaults to 0, so it is not inflated by an idle wait). The load average is printed,
-since the 2 cores may be shared. Traffic goes to 127.0.0.1 only; every loop is bounded by a request count and a
-timeout.
+4096-token vocabulary, 256 positions; ``--model LxD --vocab 0`` for a GPT-2 trunk of L layers of width D over the
+full cl100k vocabulary, where the decoding step, not the HTTP path, is the cost), starts a local Ray (2 CPUs) and
+Serve on a free loopback port, and for each setting (continuous batching: ``serve.max_batch_size=16``; batch-1:
+``1``) redeploys the app and runs closed-loop clients: each of C concurrent clients sends requests
+(``max_tokens=32``, ``temperature=1``, a distinct seed per request) one after the other, a fixed number each,
+streamed (SSE) and/or plain (``stream=false``). Both settings get the same request mix (same prompt, ``max_tokens``,
+seeds, clients and requests per client). Per level it reports requests/s, generated tokens/s (completion tokens from
+each reply's ``usage`` over the level's wall time, and its ratio to batch-1 serving at the same level), the p50/p99
+time to the first content chunk (TTFT, measured by the client from sending the request to the first SSE chunk with
+text), the p50 inter-token latency (per request: (last token - first token) / (tokens - 1); the server coalesces SSE
+chunks to one per 20 ms, so single chunk gaps are not token gaps), the p50 whole reply, and the mean batch in rows
+per decoding step (the replica's ``/readyz`` counters over the level). The 1-client TTFT of continuous batching is
+the reference of the TTFT target (``serve.batch_wait_timeout_s`` defaults to 0, so it is not inflated by an idle
+wait). The load average is printed, since the 2 cores may be shared. Traffic goes to 127.0.0.1 only; every loop is
+bounded by a request count and a timeout.
 
 Untrained weights almost never emit the end-of-turn token, so replies are 32 tokens (the table shows the mean).
 """
@@ -166,12 +168,13 @@ def main_in_process(args: argparse.Namespace) -> int:
     from serve.batching import Batcher
 
     torch.set_num_threads(1)
-    tok = ChatTokenizer("cl100k_base", 4096)
-    demo = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "model.n_positions": 256}
-    cfg = Config().replace(**{"tokenizer.vocab_size": 4096, **demo})
-    engine = GenerationEngine(PolicyValueModel.build(cfg, tok).eval(), tok, precision="fp32")
+    shape = model_shape(args.model, args.vocab)
+    cfg = Config().replace(**{f"model.{k}": v for k, v in shape.items() if k != "vocab_size"})
+    cfg = cfg.replace(**{"tokenizer.vocab_size": shape["vocab_size"]})
+    tok = ChatTokenizer.from_config(cfg.tokenizer)
+    engine = GenerationEngine.for_inference(PolicyValueModel.build(cfg, tok).eval(), tok, precision=args.precision)
     prompt = tuple(tok.render_prompt([{"role": "user", "content": "Tell me something about the sea."}]))
-    print(f"scheduler alone (no HTTP), load average {os.getloadavg()[0]:.1f}")
+    print(f"scheduler alone (no HTTP), {describe(shape, args.precision)}, load average {os.getloadavg()[0]:.1f}")
     print("| batching | clients | tokens/s | TTFT p50 / p99 (ms) | ITL p50 (ms) | mean batch (rows) |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode, size in (("continuous", args.batch_size), ("batch-1", 1)):
@@ -186,6 +189,20 @@ def main_in_process(args: argparse.Namespace) -> int:
                 flush=True,
             )
     return 0
+
+
+def model_shape(model: str, vocab: int) -> dict[str, int]:
+    """``demo`` or ``LxD`` (layers x width, 64-wide heads) as ``make_tiny_checkpoint`` keywords."""
+    if model == "demo":
+        return {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256, "vocab_size": vocab}  # configs/demo.yaml
+    layers, width = (int(x) for x in model.lower().split("x"))
+    return {"n_layer": layers, "n_embd": width, "n_head": max(width // 64, 1), "n_positions": 512, "vocab_size": vocab}
+
+
+def describe(shape: dict[str, int], precision: str) -> str:
+    """The model line of the report."""
+    vocab = f"{shape['vocab_size']:,}-token" if shape["vocab_size"] else "full cl100k (100,277-token)"
+    return f"GPT-2 {shape['n_layer']} x {shape['n_embd']}, {vocab} vocabulary (untrained), model.precision {precision}"
 
 
 def batch_counters(url: str) -> tuple[int, int]:
@@ -207,6 +224,11 @@ def main() -> int:
         "--batch-wait", type=float, default=0.0, help="serve.batch_wait_timeout_s with batching on (idle batch only)"
     )
     ap.add_argument("--replica-cpus", type=float, default=1.0)
+    ap.add_argument("--model", default="demo", help="demo (2 x 64) or LxD, e.g. 8x512: a GPT-2 trunk")
+    ap.add_argument("--vocab", type=int, default=4096, help="tokenizer.vocab_size (0 = the full cl100k, 100,277)")
+    ap.add_argument(
+        "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="the checkpoint's model.precision"
+    )
     ap.add_argument("--kind", choices=["stream", "plain", "both"], default="stream", help="streaming and/or plain")
     ap.add_argument("--in-process", action="store_true", help="the scheduler alone: no Ray, no HTTP")
     ap.add_argument(
@@ -232,8 +254,10 @@ def main() -> int:
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            demo = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256}  # configs/demo.yaml's model
-            ckpt = testing.make_tiny_checkpoint(Path(tmp) / "demo_size", **demo)
+            shape = model_shape(args.model, args.vocab)
+            ckpt = testing.make_tiny_checkpoint(
+                Path(tmp) / "model", **shape, overrides={"model.precision": args.precision}
+            )
             for mode, batch in (("continuous", args.batch_size), ("batch-1", 1)):
                 url = testing.deploy(
                     ckpt,
@@ -268,7 +292,8 @@ def main() -> int:
     by = {(r["kind"], r["batching"], r["clients"]): r for r in rows}
     print()
     print(
-        f"{args.max_tokens}-token replies, demo-size model (untrained), 2 CPU cores, loopback, ingress "
+        f"{args.max_tokens}-token replies, {describe(model_shape(args.model, args.vocab), args.precision)}, "
+        "2 CPU cores, loopback, ingress "
         f"{args.ingress}, decode loop {'on a replica thread' if args.in_replica else 'in the engine process'}; "
         "load average "
         f"{load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after; 'plain' = stream=false (TTFT = whole reply)."

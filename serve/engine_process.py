@@ -366,7 +366,7 @@ def load_engine(spec: EngineSpec) -> Any:
 
     model, tok, _ = load_policy(spec.checkpoint, device=spec.device)
     model.eval()
-    return GenerationEngine(model, tok, precision=spec.precision)
+    return GenerationEngine.for_inference(model, tok, precision=spec.precision)
 
 
 def main() -> int:

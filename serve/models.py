@@ -488,7 +488,7 @@ def load_version(
     else:
         model, tok, ckpt = load_policy(path, device=device)
         model.eval()
-        engine = GenerationEngine(model, tok, precision=precision)
+        engine = GenerationEngine.for_inference(model, tok, precision=precision)
         scheduler = make_batcher(engine, cfg, observer)
     max_positions = int(engine.max_positions or ckpt.config.model.n_positions)
     version = ServedVersion(

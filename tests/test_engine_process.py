@@ -153,3 +153,26 @@ def test_close_stops_the_child(checkpoint):
     ep.close()
     assert not ep.alive
     assert ep.proc.wait(timeout=20) == 0
+
+
+def test_a_bf16_engine_stores_its_weights_in_bf16_once(checkpoint):
+    """Serving under bf16 keeps bf16 weights: no step re-casts them and a batch's head snapshot is not a copy.
+
+    Autocast casts fp32 weights again on every forward, and the snapshot a batch takes when it starts re-cast the whole
+    head (at a 100k vocabulary ~100 ms before a first token): both are gone when the weights are stored in bf16.
+    """
+    import torch
+
+    from serve.engine_process import load_engine
+
+    engine = load_engine(EngineSpec(str(checkpoint), precision="bf16"))
+    dtypes = {p.dtype for p in engine.lm.parameters()}
+    assert dtypes == {torch.bfloat16}
+    head = engine.lm.get_output_embeddings().weight
+    assert engine._decoder().w_t.data_ptr() == head.data_ptr()  # a view of the stored weight, not a cast copy
+    prompt = _prompt(engine, "Hello there")
+    greedy = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.0)).tokens[0]
+    assert len(greedy) >= 1
+    # fp32 (and auto on a narrow model) leaves the weights as they are: the learner-precision path is unchanged
+    fp32 = load_engine(EngineSpec(str(checkpoint), precision="fp32"))
+    assert {p.dtype for p in fp32.lm.parameters()} == {torch.float32}

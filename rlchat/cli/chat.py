@@ -200,7 +200,8 @@ class LocalBackend:
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
         self.model, self.tokenizer, self.checkpoint = load_policy(path)
         self.model.eval()
-        self.engine = GenerationEngine(self.model, self.tokenizer, precision=self.checkpoint.config.model.precision)
+        precision = self.checkpoint.config.model.precision
+        self.engine = GenerationEngine.for_inference(self.model, self.tokenizer, precision=precision)
         self.max_positions = int(self.engine.max_positions or self.checkpoint.config.model.n_positions)
         self.last = Reply()
         self.last_prompt: list[int] = []
