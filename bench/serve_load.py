@@ -92,10 +92,17 @@ async def one_request(session, url: str, seed: int, max_tokens: int, stream: boo
     return (first if first is not None else total), total, tokens
 
 
+def first_budget(k: int, clients: int, max_tokens: int, stagger: bool) -> int:
+    """``max_tokens`` of client k's first request: with ``stagger``, ``1 + k * max_tokens // clients``, so the
+    clients' replies end at different steps from the start (else, with equal-length replies from a model that never
+    ends a reply early, all of them end at the same step and arrive again together, for the whole run)."""
+    return max(1, 1 + k * max_tokens // clients) if stagger and clients > 1 else max_tokens
+
+
 async def run_level(
-    url: str, clients: int, per_client: int, max_tokens: int, seed0: int, stream: bool
+    url: str, clients: int, per_client: int, max_tokens: int, seed0: int, stream: bool, stagger: bool = False
 ) -> dict[str, float]:
-    """C closed-loop clients, each sending ``per_client`` requests back to back."""
+    """C closed-loop clients, each sending ``per_client`` requests back to back (see :func:`first_budget`)."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=600)
@@ -104,7 +111,8 @@ async def run_level(
 
         async def client(k: int) -> None:
             for i in range(per_client):
-                results.append(await one_request(session, url, seed0 + k * per_client + i, max_tokens, stream))
+                budget = first_budget(k, clients, max_tokens, stagger) if i == 0 else max_tokens
+                results.append(await one_request(session, url, seed0 + k * per_client + i, budget, stream))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
@@ -232,6 +240,12 @@ def main() -> int:
     ap.add_argument("--kind", choices=["stream", "plain", "both"], default="stream", help="streaming and/or plain")
     ap.add_argument("--in-process", action="store_true", help="the scheduler alone: no Ray, no HTTP")
     ap.add_argument(
+        "--stagger",
+        action="store_true",
+        help="client k's first request asks for 1 + k * max_tokens / clients tokens, so replies end at different "
+        "steps (default: all of equal length, so all clients arrive again together at every wave)",
+    )
+    ap.add_argument(
         "--ingress", choices=["proxy", "haproxy"], default="proxy", help="serve.ingress (default: proxy, the config's)"
     )
     ap.add_argument(
@@ -274,7 +288,9 @@ def main() -> int:
                     for c in args.clients:
                         per = args.requests_per_client or max(4, 192 // c)
                         b0, n0 = batch_counters(url)
-                        r = asyncio.run(run_level(url, c, per, args.max_tokens, 1000 * c, kind == "stream"))
+                        r = asyncio.run(
+                            run_level(url, c, per, args.max_tokens, 1000 * c, kind == "stream", args.stagger)
+                        )
                         b1, n1 = batch_counters(url)
                         r["mean_batch"] = (n1 - n0) / max(b1 - b0, 1)
                         r["load"] = os.getloadavg()[0]
@@ -294,8 +310,8 @@ def main() -> int:
     print(
         f"{args.max_tokens}-token replies, {describe(model_shape(args.model, args.vocab), args.precision)}, "
         "2 CPU cores, loopback, ingress "
-        f"{args.ingress}, decode loop {'on a replica thread' if args.in_replica else 'in the engine process'}; "
-        "load average "
+        f"{args.ingress}, decode loop {'on a replica thread' if args.in_replica else 'in the engine process'}, "
+        f"{'staggered' if args.stagger else 'lockstep'} arrivals; load average "
         f"{load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after; 'plain' = stream=false (TTFT = whole reply)."
     )
     print()

@@ -84,6 +84,19 @@ def test_a_job_added_mid_generation_joins_before_the_first_one_finishes(engine, 
     assert len(results[0].tokens[0]) == 12 and len(results[1].tokens[0]) == 4
 
 
+def test_a_newcomer_gets_its_first_token_before_the_running_rows_step_again(engine, tok):
+    """Prefill first: the step after rows arrive prefills and samples them alone, so a newcomer's first token does
+    not wait for the running rows' next token (a whole decode step of the batch, the largest part of its time to
+    first token at a real vocabulary); the running rows take their next token at the step after."""
+    batch = DecodeBatch(engine)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    old = batch.add([_prompt(tok, "first")] * 2, params, [1, 2])
+    assert [o.handle for o in batch.step()] == old
+    (new,) = batch.add([_prompt(tok, "a later, longer question")], params, [3])
+    assert [o.handle for o in batch.step()] == [new]  # the newcomer alone
+    assert sorted(o.handle for o in batch.step()) == sorted([*old, new])  # then everyone, in one decode step
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
 def test_replies_equal_solo_runs_for_prompts_of_any_length_joining_at_any_step(engine, tok, temperature):
     texts = ["hi", "a much longer question that makes the prompt longer than the running cache " * 2, "mid size?"]

@@ -448,11 +448,10 @@ class _Decoder:
         """(B, V) fp32 logits of hidden rows (B, H), written into ``out`` (a contiguous buffer) when given."""
         if self.dtype is None and out is not None:
             z = torch.mm(h, self.w_t, out=out)
+        elif out is not None:
+            z = out.copy_(h.to(self.w_t.dtype) @ self.w_t)  # widened to fp32 by the copy: no fp32 temporary
         else:
             z = (h.to(self.w_t.dtype) @ self.w_t).float()
-            if out is not None:
-                out.copy_(z)
-                z = out
         if self.bias is not None:
             z += self.bias
         scale, softcap = self.transform
