@@ -237,6 +237,9 @@ def _total(samples: dict, name: str, **labels: str) -> float:
 
 
 def test_prometheus_metrics_are_exported(ops, no_eot, ray_local):
+    # a rejection of its own, so the test does not depend on the overload tests having run first
+    burst = _fire(ops, 16, 40, no_eot)
+    assert any(r.status_code == 503 and "json" in r.headers.get("content-type", "") for r, _ in burst)
     for _ in range(3):
         assert _chat(ops, 20, no_eot).status_code == 200
     with _chat(ops, 20, no_eot, stream=True) as s:
