@@ -5,7 +5,8 @@
     python bench/serve_load.py --in-process       # the scheduler alone (Batcher, no Ray / HTTP), ~1 minute
     python bench/serve_load.py --ingress haproxy  # Serve's HAProxy ingress (HAProxy -> the replica's own HTTP server)
     python bench/serve_load.py --in-replica       # the decode loop on a replica thread (serve.engine_process=false)
-    python bench/serve_load.py --model 8x512 --vocab 0 --requests-per-client 4   # a real vocabulary (cl100k, 100k)
+    python bench/serve_load.py --model 8x512 --vocab 0 --requests-per-client 8   # a real vocabulary (cl100k), ~8 min
+    python bench/serve_load.py --stagger          # clients start with different reply lengths (no arrival waves)
 
 What it does: builds an untrained checkpoint of the demo's model size (configs/demo.yaml: GPT-2, 2 layers, d=64,
 4096-token vocabulary, 256 positions; ``--model LxD --vocab 0`` for a GPT-2 trunk of L layers of width D over the
