@@ -324,6 +324,32 @@ def test_a_beam_search_does_not_stall_the_decode_batch(engine, tok, monkeypatch)
     assert rb.done.tokens == engine.generate([list(beam.prompt)], beam.params, [1]).tokens
 
 
+def test_batcher_close_waits_for_the_step_in_flight(engine, tok, monkeypatch):
+    """close() returns once the generation thread has left its step: a process that exits right after it (the
+    engine process, the benchmark) must not kill the thread inside a torch op, which aborts the process
+    ("terminate called without an active exception") instead of exiting 0."""
+    entered = threading.Event()
+    real = BatchRun.step_items
+
+    def slow(self, now=None):  # noqa: ANN001, ANN202 - a step long enough to close() during it
+        entered.set()
+        time.sleep(0.5)
+        return real(self, now)
+
+    monkeypatch.setattr(BatchRun, "step_items", slow)
+
+    async def main() -> None:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        job = GenerationJob(_prompt(tok, "one"), SamplingParams(max_new_tokens=50, temperature=1.0), (1,))
+        task = asyncio.ensure_future(_collect(batcher, job))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        batcher.close()
+        assert not batcher._thread.is_alive()  # noqa: SLF001 - the thread itself, not the alive flag
+        assert not isinstance((await task).done, JobOutput)  # the job ended with an error, not a reply
+
+    asyncio.run(main())
+
+
 def test_batcher_close_stops_the_generation_thread(engine, tok):
     async def main() -> None:
         batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
