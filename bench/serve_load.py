@@ -11,8 +11,8 @@
 What it does: builds an untrained checkpoint of the demo's model size (configs/demo.yaml: GPT-2, 2 layers, d=64,
 4096-token vocabulary, 256 positions; ``--model LxD --vocab 0`` for a GPT-2 trunk of L layers of width D over the
 full cl100k vocabulary, where the decoding step, not the HTTP path, is the cost), starts a local Ray (2 CPUs) and
-Serve on a free loopback port, and for each setting (continuous batching: ``serve.max_batch_size=16``; batch-1:
-``1``) redeploys the app and runs closed-loop clients: each of C concurrent clients sends requests
+Serve on a free loopback port, and for each level and setting (continuous batching: ``serve.max_batch_size=16``;
+batch-1: ``1``; the two alternate level by level) redeploys the app and runs closed-loop clients: each of C concurrent clients sends requests
 (``max_tokens=32``, ``temperature=1``, a distinct seed per request) one after the other, a fixed number each,
 streamed (SSE) and/or plain (``stream=false``). Both settings get the same request mix (same prompt, ``max_tokens``,
 seeds, clients and requests per client). Per level it reports requests/s, generated tokens/s (completion tokens from
@@ -273,20 +273,22 @@ def main() -> int:
             ckpt = testing.make_tiny_checkpoint(
                 Path(tmp) / "model", **shape, overrides={"model.precision": args.precision}
             )
-            for mode, batch in (("continuous", args.batch_size), ("batch-1", 1)):
-                url = testing.deploy(
-                    ckpt,
-                    max_batch_size=batch,
-                    batch_wait_timeout_s=args.batch_wait if batch > 1 else 0.0,
-                    max_tokens=args.max_tokens,
-                    feedback_store=f"sqlite:///{Path(tmp) / 'feedback.db'}",
-                    num_cpus=args.replica_cpus,
-                    engine_process=not args.in_replica,
-                )
-                kinds = ["stream", "plain"] if args.kind == "both" else [args.kind]
-                asyncio.run(run_level(url, 2, 2, args.max_tokens, 10_000, True))  # warm-up
-                for kind in kinds:
-                    for c in args.clients:
+            kinds = ["stream", "plain"] if args.kind == "both" else [args.kind]
+            # continuous and batch-1 alternate level by level (a redeploy each), so that the VM's speed, which drifts
+            # within minutes here, weighs on both sides of each ratio alike
+            for kind in kinds:
+                for c in args.clients:
+                    for mode, batch in (("continuous", args.batch_size), ("batch-1", 1)):
+                        url = testing.deploy(
+                            ckpt,
+                            max_batch_size=batch,
+                            batch_wait_timeout_s=args.batch_wait if batch > 1 else 0.0,
+                            max_tokens=args.max_tokens,
+                            feedback_store=f"sqlite:///{Path(tmp) / 'feedback.db'}",
+                            num_cpus=args.replica_cpus,
+                            engine_process=not args.in_replica,
+                        )
+                        asyncio.run(run_level(url, 2, 2, args.max_tokens, 10_000, True))  # warm-up
                         per = args.requests_per_client or max(4, 192 // c)
                         b0, n0 = batch_counters(url)
                         r = asyncio.run(
