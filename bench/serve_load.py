@@ -12,18 +12,18 @@ What it does: builds an untrained checkpoint of the demo's model size (configs/d
 4096-token vocabulary, 256 positions; ``--model LxD --vocab 0`` for a GPT-2 trunk of L layers of width D over the
 full cl100k vocabulary, where the decoding step, not the HTTP path, is the cost), starts a local Ray (2 CPUs) and
 Serve on a free loopback port, and for each level and setting (continuous batching: ``serve.max_batch_size=16``;
-batch-1: ``1``; the two alternate level by level) redeploys the app and runs closed-loop clients: each of C concurrent clients sends requests
-(``max_tokens=32``, ``temperature=1``, a distinct seed per request) one after the other, a fixed number each,
-streamed (SSE) and/or plain (``stream=false``). Both settings get the same request mix (same prompt, ``max_tokens``,
-seeds, clients and requests per client). Per level it reports requests/s, generated tokens/s (completion tokens from
-each reply's ``usage`` over the level's wall time, and its ratio to batch-1 serving at the same level), the p50/p99
-time to the first content chunk (TTFT, measured by the client from sending the request to the first SSE chunk with
-text), the p50 inter-token latency (per request: (last token - first token) / (tokens - 1); the server coalesces SSE
-chunks to one per 20 ms, so single chunk gaps are not token gaps), the p50 whole reply, and the mean batch in rows
-per decoding step (the replica's ``/readyz`` counters over the level). The 1-client TTFT of continuous batching is
-the reference of the TTFT target (``serve.batch_wait_timeout_s`` defaults to 0, so it is not inflated by an idle
-wait). The load average is printed, since the 2 cores may be shared. Traffic goes to 127.0.0.1 only; every loop is
-bounded by a request count and a timeout.
+batch-1: ``1``; the two alternate level by level) redeploys the app and runs closed-loop clients: each of C
+concurrent clients sends requests (``max_tokens=32``, ``temperature=1``, a distinct seed per request) one after the
+other, a fixed number each, streamed (SSE) and/or plain (``stream=false``). Both settings get the same request mix
+(same prompt, ``max_tokens``, seeds, clients and requests per client). Per level it reports requests/s, generated
+tokens/s (completion tokens from each reply's ``usage`` over the level's wall time, and its ratio to batch-1 serving
+at the same level), the p50/p99 time to the first content chunk (TTFT, measured by the client from sending the
+request to the first SSE chunk with text), the p50 inter-token latency (per request: (last token - first token) /
+(tokens - 1); the server coalesces SSE chunks to one per 20 ms, so single chunk gaps are not token gaps), the p50
+whole reply, and the mean batch in rows per decoding step (the replica's ``/readyz`` counters over the level). The
+1-client TTFT of continuous batching is the reference of the TTFT target (``serve.batch_wait_timeout_s`` defaults to
+0, so it is not inflated by an idle wait). The load average is printed, since the 2 cores may be shared. Traffic
+goes to 127.0.0.1 only; every loop is bounded by a request count and a timeout.
 
 Untrained weights almost never emit the end-of-turn token, so replies are 32 tokens (the table shows the mean).
 """
