@@ -286,7 +286,7 @@ class DecodeBatch:
             hist = torch.tensor(r.seen, dtype=torch.long, device=self._device) if r.seen is not None else None
             process_logits(zi, p, r.step, hist, r.counts, s.bias, s.stop_ids_t)
             if p.top_logprobs >= 0:  # the processed distribution (temperature applied; 0 = greedy reads as 1)
-                full = torch.log_softmax(zi[None] / (p.temperature if p.temperature > 0 else 1.0), -1)  # (1, V)
+                full = torch.log_softmax(zi[None] / (1.0 if p.greedy else p.temperature), -1)  # (1, V)
                 k = min(p.top_logprobs, full.shape[1])
                 top_v, top_i = full.topk(k, dim=-1) if k else (full[:, :0], full[:, :0].long())
                 tops[i] = (full[0], top_i[0].tolist(), top_v[0].tolist())

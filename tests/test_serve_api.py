@@ -282,6 +282,21 @@ def test_openapi_publishes_request_bodies_and_paths_need_the_key(app):
     assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_characters"
 
 
+def test_the_fuzzed_overflowing_penalty_is_answered(app):
+    """The request the schema fuzz turned into a 500 (a repetition penalty of 5e-324 made a logit +inf, the sampler
+    nan), replayed on both routes, plain and streamed, with a tiny temperature too: 200s with text."""
+    for route, body in (
+        ("/v1/completions", {"prompt": " q<k t u", "repetition_penalty": 5e-324, "echo": None}),
+        ("/v1/chat/completions", {"messages": USER, "repetition_penalty": 5e-324, "temperature": 1e-45}),
+    ):
+        for stream in (False, True):
+            r = requests.post(
+                app.url + route, json={**body, "max_tokens": 8, "stream": stream}, headers=_auth(app), timeout=60
+            )
+            assert r.status_code == 200, (route, stream, r.text[:300])
+            assert r.text.strip()
+
+
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_errors(app):
     """Bounded fuzz of every operation from /openapi.json: no 5xx (25 examples per operation, 2 s deadline)."""

@@ -365,3 +365,28 @@ def test_batcher_close_stops_the_generation_thread(engine, tok):
             await _collect(batcher, job)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "extreme",
+    [{"repetition_penalty": 5e-324}, {"repetition_penalty": 1e-45, "top_logprobs": 2}, {"temperature": 1e-45},
+     {"temperature": 1e-45, "top_p": 0.5}, {"repetition_penalty": 5e-324, "temperature": 0.0}],
+    ids=["tiny-repetition-penalty", "with-logprobs", "tiny-temperature", "tiny-temperature-top-p", "greedy"],
+)  # fmt: skip
+def test_extreme_accepted_settings_sample_finite_tokens_on_both_paths(engine, tok, extreme):
+    """Settings the API accepts (repetition_penalty > 0, temperature >= 0) but that overflow the logits (a seen
+    token's logit / 5e-324 = inf, inf - inf = nan) must still give in-vocabulary tokens and finite log-probs: the
+    schema fuzz found a 500 ('index 4096 is out of bounds') from such a request. A temperature too small to divide by
+    is greedy decoding."""
+    import math
+
+    params = SamplingParams(max_new_tokens=6, **{"temperature": 1.0, **extreme})
+    job = GenerationJob(_prompt(tok, "hi hi hi"), params, (3,))
+    tokens, _, _ = _solo(engine, job)
+    assert len(tokens[0]) == 6 and all(0 <= t < VOCAB for t in tokens[0])
+    results, _, _ = _drive(BatchRun(engine, keep_history=False), {0: [job]})
+    assert results[0].tokens == tokens
+    batch = DecodeBatch(engine)
+    batch.add([job.prompt], params, [3])
+    steps = [o for _ in range(6) for o in batch.step()]
+    assert [o.token for o in steps] == tokens[0] and all(math.isfinite(o.logprob) for o in steps)

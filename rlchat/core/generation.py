@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,16 +71,26 @@ FINISH_LENGTH = "length"
 # --------------------------------------------------------------------------------------------------------------
 
 
+SAMPLING_EPS = 1e-5
+"""Temperatures below this decode greedily (vLLM's rule too): dividing logits by a smaller one overflows them."""
+
+LOGIT_CAP = float(torch.finfo(torch.float32).max) * SAMPLING_EPS
+"""Largest logit the penalties may leave: a repetition penalty near 0 divides a positive logit into +inf (then
+inf - inf = nan in the sampler); capped here, the logit stays finite even after division by a temperature >=
+:data:`SAMPLING_EPS`, so the token stays the likeliest by far and its log-prob is finite."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to decode. ``temperature == 0`` is greedy; ``num_beams > 1`` is beam search."""
+    """How to decode. ``temperature == 0`` (or below :data:`SAMPLING_EPS`) is greedy; ``num_beams > 1`` is beam
+    search."""
 
     max_new_tokens: int = 64
     """Upper bound on generated tokens per row (finish reason ``length``)."""
     min_new_tokens: int = 0
     """Stop tokens are masked out (and stop strings ignored) until this many tokens were generated."""
     temperature: float = 1.0
-    """Softmax temperature; 0 = greedy."""
+    """Softmax temperature; 0 = greedy (so is any temperature below :data:`SAMPLING_EPS`)."""
     top_k: int = 0
     """Sample among the k most likely tokens (0 = off)."""
     top_p: float = 1.0
@@ -123,7 +134,7 @@ class SamplingParams:
                 "use 0 to let a row stop at its first token",
             ),
             (
-                self.temperature >= 0,
+                math.isfinite(self.temperature) and self.temperature >= 0,
                 "temperature",
                 self.temperature,
                 ">= 0 (0 = greedy)",
@@ -144,7 +155,7 @@ class SamplingParams:
                 "use 1.0 to turn nucleus sampling off or e.g. 0.9; for deterministic output set temperature=0",
             ),
             (
-                self.repetition_penalty > 0,
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
                 "repetition_penalty",
                 self.repetition_penalty,
                 "> 0 (1 = off)",
@@ -165,6 +176,14 @@ class SamplingParams:
                 "remove the empty string: every text contains it, so it would end each row at once",
             ),
             (
+                all(math.isfinite(x) for x in (self.presence_penalty, self.frequency_penalty))
+                and all(math.isfinite(b) for _, b in self.logit_bias),
+                "presence_penalty / frequency_penalty / logit_bias",
+                (self.presence_penalty, self.frequency_penalty),
+                "finite numbers",
+                "use values such as OpenAI's: penalties in [-2, 2], biases in [-100, 100]",
+            ),
+            (
                 self.top_logprobs >= -1,
                 "top_logprobs",
                 self.top_logprobs,
@@ -178,7 +197,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass
@@ -498,9 +517,11 @@ def process_logits(
     """
     if history is not None and params.repetition_penalty != 1.0:
         g = z.gather(-1, history)
-        z.scatter_(-1, history, torch.where(g > 0, g / params.repetition_penalty, g * params.repetition_penalty))
+        g = torch.where(g > 0, g / params.repetition_penalty, g * params.repetition_penalty)
+        z.scatter_(-1, history, g.clamp_(max=LOGIT_CAP))  # a tiny penalty (5e-324) would make +inf, then nan
     if counts is not None:  # OpenAI's penalties: mu -= c * frequency + (c > 0) * presence
         z.sub_(counts * params.frequency_penalty + (counts > 0).float() * params.presence_penalty)
+        z.clamp_(max=LOGIT_CAP)
     if bias is not None:
         z.add_(bias)
     if step < params.min_new_tokens:
@@ -764,7 +785,7 @@ class GenerationStream:
         process_logits(z, p, self._step, hist, self._counts, self._bias, self._stop_ids_t)
         alts = None
         if p.top_logprobs >= 0:  # the processed distribution (temperature applied; 0 = greedy reads as 1)
-            full = torch.log_softmax(z / (p.temperature if p.temperature > 0 else 1.0), -1)  # (Bc, V)
+            full = torch.log_softmax(z / (1.0 if p.greedy else p.temperature), -1)  # (Bc, V)
             k = min(p.top_logprobs, full.shape[1])
             top_v, top_i = full.topk(k, dim=-1) if k else (full[:, :0], full[:, :0].long())
             alts = (full, top_v, top_i)
