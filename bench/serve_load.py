@@ -132,17 +132,20 @@ async def run_level(
     }
 
 
-async def run_in_process(batcher, prompt: tuple[int, ...], clients: int, per_client: int, max_tokens: int) -> dict:
+async def run_in_process(
+    batcher, prompt: tuple[int, ...], clients: int, per_client: int, max_tokens: int, stagger: bool = False
+) -> dict:
     """The scheduler alone: C closed-loop asyncio clients submitting jobs straight to a ``Batcher`` (no HTTP)."""
     from rlchat.generation import SamplingParams
     from serve.batching import GenerationJob
 
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=1.0)
     results: list[tuple[float, float, int]] = []
     b0, n0 = batcher.stats.batches, batcher.stats.rows
 
     async def client(k: int) -> None:
         for i in range(per_client):
+            budget = first_budget(k, clients, max_tokens, stagger) if i == 0 else max_tokens
+            params = SamplingParams(max_new_tokens=budget, temperature=1.0)
             t0, first, n = time.perf_counter(), None, 0
             async for item in batcher.submit(GenerationJob(prompt, params, (k * per_client + i,))):
                 if first is None and any(item.tokens):
@@ -183,14 +186,16 @@ def main_in_process(args: argparse.Namespace) -> int:
     tok = ChatTokenizer.from_config(cfg.tokenizer)
     engine = GenerationEngine.for_inference(PolicyValueModel.build(cfg, tok).eval(), tok, precision=args.precision)
     prompt = tuple(tok.render_prompt([{"role": "user", "content": "Tell me something about the sea."}]))
-    print(f"scheduler alone (no HTTP), {describe(shape, args.precision)}, load average {os.getloadavg()[0]:.1f}")
+    arrivals = "staggered" if args.stagger else "lockstep"
+    load = os.getloadavg()[0]
+    print(f"scheduler alone (no HTTP), {describe(shape, args.precision)}, {arrivals} arrivals, load {load:.1f}")
     print("| batching | clients | tokens/s | TTFT p50 / p99 (ms) | ITL p50 (ms) | mean batch (rows) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for mode, size in (("continuous", args.batch_size), ("batch-1", 1)):
-        for c in args.clients:
+    for c in args.clients:
+        for mode, size in (("continuous", args.batch_size), ("batch-1", 1)):
             batcher = Batcher(engine, size, args.batch_wait if size > 1 else 0.0)
             per = args.requests_per_client or max(4, 192 // c)
-            r = asyncio.run(run_in_process(batcher, prompt, c, per, args.max_tokens))
+            r = asyncio.run(run_in_process(batcher, prompt, c, per, args.max_tokens, args.stagger))
             batcher.close()
             print(
                 f"| {mode} | {c} | {r['tok_s']:.0f} | {r['ttft_p50']:.1f} / {r['ttft_p99']:.1f} | "

@@ -298,12 +298,7 @@ class BatchRun:
                 outs = self.batch.step()
                 self.last_rows = len(outs)
             except Exception as e:  # noqa: BLE001 - every job of the batch fails with it; a fresh batch follows
-                logger.exception("decode step failed; failing the %d jobs of the batch", len(self._live))
-                for state in self._live.values():
-                    if state.handles and state.error is None:
-                        state.error = e
-                self.batch = DecodeBatch(self.engine)
-                self._rows.clear()
+                self._fail_batch(e)
                 outs = []
             for out in outs:
                 state, c = self._rows[out.handle]
@@ -324,6 +319,26 @@ class BatchRun:
                 for h in state.handles:
                     self._rows.pop(h, None)
         return items
+
+    def feed_ahead(self) -> None:
+        """The running rows' trunk pass of the next step, now (:meth:`DecodeBatch.feed_ahead`): the scheduler calls
+        it once a step's items are handed over, so a job added meanwhile waits for its prefill and one head pass."""
+        if not self.batch.rows:
+            return
+        try:
+            self.batch.feed_ahead()
+        except Exception as e:  # noqa: BLE001 - as a failed step: the batch's jobs fail at the next step_items
+            self._fail_batch(e)
+
+    def _fail_batch(self, error: Exception) -> None:
+        """Every job of the decode batch fails with ``error`` (reported by the next :meth:`step_items`); a fresh
+        batch takes the jobs that come next."""
+        logger.exception("decode step failed; failing the %d jobs of the batch", len(self._live))
+        for state in self._live.values():
+            if state.handles and state.error is None:
+                state.error = error
+        self.batch = DecodeBatch(self.engine)
+        self._rows.clear()
 
     def step(self) -> list[StepItem | None] | None:
         """:meth:`step_items` as a list over every job added (``keep_history`` only).
@@ -480,6 +495,7 @@ class Batcher:
         self._active_rows = 0
         self._reports: list[tuple] = []  # steps not counted yet: they ride with the next post (generation thread)
         self._reports_since = 0.0
+        self._ahead_s = 0.0  # seconds of the trunk pass run ahead of the next step (generation thread)
         self._kick_pending = False
         self._report_loop: asyncio.AbstractEventLoop | None = None  # where stats are counted (the first caller's)
 
@@ -607,7 +623,8 @@ class Batcher:
         self._active_rows = run.active_rows
         t0 = time.perf_counter()
         items = run.step_items() if run.live_jobs else {}
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + self._ahead_s  # the step's trunk pass may have run ahead of it
+        self._ahead_s = 0.0
         rows = run.last_rows if items else 0
         self._active_rows = run.active_rows
         out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepItem]]] = {}
@@ -637,6 +654,9 @@ class Batcher:
                 _post(self._report_loop, self._deliver_step, [], reports)
             for i, (loop, batch) in enumerate(out.items()):
                 _post(loop, self._deliver_step, batch, reports if i == 0 else [])
+        t0 = time.perf_counter()
+        run.feed_ahead()  # the tokens are handed over: the next step's trunk pass now, not in a newcomer's wait
+        self._ahead_s = time.perf_counter() - t0
         return True
 
     def _deliver_step(self, batch: list[tuple[asyncio.Queue, StepItem]], reports: list[tuple]) -> None:

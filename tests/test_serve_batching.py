@@ -52,7 +52,8 @@ def _solo(engine: GenerationEngine, job: GenerationJob) -> tuple[list[list[int]]
 
 
 def _drive(run: BatchRun, arrivals: dict[int, list[GenerationJob]]) -> tuple[dict[int, JobOutput], dict, dict]:
-    """Step ``run`` to completion, adding ``arrivals[s]`` before step s; results and first / last step per job."""
+    """Step ``run`` to completion, adding ``arrivals[s]`` before step s (with the running rows' trunk pass run ahead
+    after each step, as the Batcher runs it); results and first / last step per job."""
     results: dict[int, JobOutput] = {}
     first: dict[int, int] = {}
     last: dict[int, int] = {}
@@ -67,6 +68,7 @@ def _drive(run: BatchRun, arrivals: dict[int, list[GenerationJob]]) -> tuple[dic
             if item.done is not None:
                 assert isinstance(item.done, JobOutput), item.done
                 results[jid], last[jid] = item.done, step
+        run.feed_ahead()  # as the Batcher does once a step's tokens are handed over
     return results, first, last
 
 
@@ -84,17 +86,48 @@ def test_a_job_added_mid_generation_joins_before_the_first_one_finishes(engine, 
     assert len(results[0].tokens[0]) == 12 and len(results[1].tokens[0]) == 4
 
 
-def test_a_newcomer_gets_its_first_token_before_the_running_rows_step_again(engine, tok):
-    """Prefill first: the step after rows arrive prefills and samples them alone, so a newcomer's first token does
-    not wait for the running rows' next token (a whole decode step of the batch, the largest part of its time to
-    first token at a real vocabulary); the running rows take their next token at the step after."""
+def test_a_newcomer_and_the_running_rows_take_their_tokens_in_the_same_step(engine, tok):
+    """A newcomer joins the running rows at the next step: its first token and their next one come from one step
+    (one pass of the head, the largest weight at a real vocabulary), not from a step of its own."""
     batch = DecodeBatch(engine)
     params = SamplingParams(max_new_tokens=8, temperature=1.0)
     old = batch.add([_prompt(tok, "first")] * 2, params, [1, 2])
     assert [o.handle for o in batch.step()] == old
     (new,) = batch.add([_prompt(tok, "a later, longer question")], params, [3])
-    assert [o.handle for o in batch.step()] == [new]  # the newcomer alone
-    assert sorted(o.handle for o in batch.step()) == sorted([*old, new])  # then everyone, in one decode step
+    assert [o.handle for o in batch.step()] == [*old, new]
+
+
+def _count_forwards(batch: DecodeBatch, monkeypatch) -> list[int]:
+    """Rows of each trunk pass ``batch`` runs from now on."""
+    calls: list[int] = []
+    forward = batch._dec.forward
+
+    def counted(ids, *args, **kwargs):
+        calls.append(int(ids.shape[0]))
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(batch._dec, "forward", counted)
+    return calls
+
+
+def test_feed_ahead_leaves_a_newcomer_only_its_prefill_and_the_head(engine, tok, monkeypatch):
+    """``feed_ahead`` runs the running rows' trunk pass of the next step right after a step (once its tokens are
+    handed over), so a request that arrives meanwhile waits at the next step for its own prefill and one head pass
+    only; rows ended in between leave the pre-computed states too."""
+    batch = DecodeBatch(engine)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    old = batch.add([_prompt(tok, "first")] * 3, params, [1, 2, 3])
+    batch.step()
+    calls = _count_forwards(batch, monkeypatch)
+    batch.feed_ahead()
+    batch.feed_ahead()  # idempotent: the pass is run once
+    assert calls == [3]
+    batch.finish([old[1]])  # a client leaves between the pass and the step
+    (new,) = batch.add([_prompt(tok, "a later, longer question")], params, [4])
+    assert [o.handle for o in batch.step()] == [old[0], old[2], new]
+    assert calls == [3, 1]  # the step itself ran the newcomer's prefill only
+    batch.step()
+    assert calls == [3, 1, 3]  # no pass ahead: the step runs the running rows' own
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
