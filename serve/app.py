@@ -107,7 +107,7 @@ from rlchat.feedback_store import RETRY_AFTER_S
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer
 from rlchat.tokenizer import ContextOverflowError, fit_history
-from serve.batching import DeadlineExceeded, GenerationJob, JobOutput, row_seeds
+from serve.batching import DeadlineExceeded, GenerationJob, JobOutput, SubmittedNow, row_seeds
 from serve.feedback import FeedbackRecorder
 from serve.formats import ChatFormat, CompletionFormat, ResponseFormat
 from serve.metrics import REJECT_OVERLOADED, REJECT_QUEUE_TIMEOUT, RequestTimer, ServeMetrics
@@ -914,7 +914,11 @@ class ChatServer:
             self.stats.streams += 1
             from sse_starlette.sse import EventSourceResponse
 
-            events = self._stream(req, fmt, messages, prompt, params, seeds, t0)
+            job = GenerationJob(
+                tuple(prompt), params, seeds, deadline=self._deadline(t0), delivery_interval_s=STREAM_INTERVAL_S
+            )
+            items = SubmittedNow(self.batcher.submit(job))  # queued now, not once the response starts
+            events = self._stream(req, fmt, messages, prompt, params, job, items, t0)
             return EventSourceResponse(events, ping=15, headers=headers)
 
         self.stats.requests += 1
@@ -981,21 +985,20 @@ class ChatServer:
         messages: list[dict[str, str]] | None,
         prompt: list[int],
         params: SamplingParams,
-        seeds: tuple[int, ...],
+        job: GenerationJob,
+        items: SubmittedNow,
         t0: float,
     ) -> AsyncIterator[dict[str, str]]:
-        """SSE events of one streamed completion (OpenAI chunk format, then ``[DONE]``)."""
+        """SSE events of one streamed completion (OpenAI chunk format, then ``[DONE]``) of ``job``, whose ``items``
+        were submitted already."""
 
         cid = fmt.cid
-        n = len(seeds)
+        n = len(job.seeds)
         holdback = SAFETY_HOLDBACK_CHARS if self.safety is not None else 0
         streamers = [TextStreamer(self.tokenizer, params.stop_strings, holdback) for _ in range(n)]
         withheld = [False] * n
         counts = [0] * n
         reasons: list[str] = [FINISH_LENGTH] * n
-        job = GenerationJob(
-            tuple(prompt), params, seeds, deadline=self._deadline(t0), delivery_interval_s=STREAM_INTERVAL_S
-        )
         done = False
         first_token_ms = None
         timer = self.metrics.timer(t0)
@@ -1015,7 +1018,7 @@ class ChatServer:
                 pending[i], pending_tokens[i], pending_alts[i] = "", [], []
                 return chunk
 
-            async for item in self.batcher.submit(job):
+            async for item in items:
                 now = time.perf_counter()
                 n_new = sum(len(t) for t in item.tokens)
                 if n_new or item.done is not None:
@@ -1120,6 +1123,7 @@ class ChatServer:
             self._started(cid)
             if not done:  # the client went away: the batch ends this request's rows at its next step
                 job.control.end(range(n))
+                await items.aclose()
                 self._log(
                     cid,
                     CLIENT_CLOSED_REQUEST,

@@ -26,14 +26,14 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rlchat.errors import RLChatError
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
-from serve.decode_batch import DecodeBatch
+from serve.decode_batch import DecodeBatch, RowStep
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +147,10 @@ class BatchObserver(Protocol):
 class _JobState:
     """A job in a :class:`BatchRun`: its rows' handles and its reply so far."""
 
-    def __init__(self, job: GenerationJob) -> None:
+    def __init__(self, job: GenerationJob, jid: int = 0) -> None:
         n = len(job.seeds)
         self.job = job
+        self.jid = jid
         self.handles: list[int] = []
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.reasons: list[str | None] = [None] * n
@@ -245,8 +246,8 @@ class BatchRun:
         Returns:
             The job's id: the key of its items in :meth:`step_items`, its index in :meth:`step`'s list.
         """
-        state = _JobState(job)
         jid = self._next_id
+        state = _JobState(job, jid)
         self._next_id += 1
         self.total_rows += len(job.seeds)
         if self.keep_history:
@@ -264,11 +265,16 @@ class BatchRun:
             self._rows[h] = (state, c)
         return jid
 
-    def step_items(self, now: float | None = None) -> dict[int, StepItem]:
+    def step_items(
+        self, now: float | None = None, early: Callable[[dict[int, StepItem]], None] | None = None
+    ) -> dict[int, StepItem]:
         """Advance every live job by one token.
 
         Args:
             now: the ``time.monotonic()`` instant deadlines are checked against (default: now).
+            early: called with the items of the jobs that joined at this step (their first tokens) as soon as those
+                are sampled, before the running rows are (:meth:`DecodeBatch.step`); those jobs are then not in the
+                returned dict.
 
         Returns:
             Per live job id: its new tokens, and its result once complete (the job is then no longer live).
@@ -293,25 +299,44 @@ class BatchRun:
                 self._run_beam(state)
         # 3. one token for every live row
         self.last_rows = 0
+        handed: set[int] = set()  # jobs whose items went to ``early``
+
+        def first_tokens(outs: list[RowStep]) -> None:
+            self.last_rows += len(outs)
+            jids = self._record(outs)
+            handed.update(jids)
+            early(self._items(jids))  # type: ignore[misc]
+
         if self.batch.rows:
             try:
-                outs = self.batch.step()
-                self.last_rows = len(outs)
+                outs = self.batch.step(first_tokens if early is not None else None)
+                self.last_rows += len(outs)
             except Exception as e:  # noqa: BLE001 - every job of the batch fails with it; a fresh batch follows
                 self._fail_batch(e)
                 outs = []
-            for out in outs:
-                state, c = self._rows[out.handle]
-                state.tokens[c].append(out.token)
-                state.new[c].append(out.token)
-                if out.alternative is not None:
-                    state.alts[c].append(out.alternative)
-                    state.new_alts[c].append(out.alternative)
-                if out.reason is not None:
-                    state.end(c, out.reason)
+            self._record(outs)
         # 4. each live job's share; completed jobs leave
+        return self._items([jid for jid in self._live if jid not in handed])
+
+    def _record(self, outs: list[RowStep]) -> set[int]:
+        """Add a step's tokens to their jobs; the ids of the jobs they belong to."""
+        jids = set()
+        for out in outs:
+            state, c = self._rows[out.handle]
+            jids.add(state.jid)
+            state.tokens[c].append(out.token)
+            state.new[c].append(out.token)
+            if out.alternative is not None:
+                state.alts[c].append(out.alternative)
+                state.new_alts[c].append(out.alternative)
+            if out.reason is not None:
+                state.end(c, out.reason)
+        return jids
+
+    def _items(self, jids: Iterable[int]) -> dict[int, StepItem]:
+        """These live jobs' shares of the step; the completed ones leave."""
         items = {}
-        for jid in list(self._live):
+        for jid in jids:
             state = self._live[jid]
             items[jid] = state.item()
             if state.reported:
@@ -374,6 +399,42 @@ def run_jobs(engine: GenerationEngine, jobs: Sequence[GenerationJob]) -> list[Jo
             if item is not None and item.done is not None:
                 results[j] = item.done
     return [r if r is not None else RuntimeError("job produced no result") for r in results]
+
+
+class SubmittedNow:
+    """The items of ``submit(job)``, with the job submitted at once rather than at the first ``async for`` turn.
+
+    A streamed reply's generator only starts once the HTTP response does; under load the replica's event loop gets
+    there in several turns (headers, the SSE task group, the role chunk), each queued behind other streams' chunks,
+    and the job reached the scheduler only after them (a profile at 16 clients: ~6 ms of a ~70 ms time to first
+    token). Here the first item is asked for (so the job sent) as soon as this object is made.
+
+    :meth:`aclose` ends the submission (its rows end at the next step); an object dropped without it is closed by
+    the event loop's async-generator finalizer once its first item has come.
+    """
+
+    def __init__(self, items: AsyncIterator[StepItem]) -> None:
+        self._items = items
+        self._first: asyncio.Future | None = asyncio.ensure_future(items.__anext__())
+        self._first.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved"
+
+    def __aiter__(self) -> "SubmittedNow":
+        return self
+
+    async def __anext__(self) -> StepItem:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return await first
+        return await self._items.__anext__()
+
+    async def aclose(self) -> None:
+        if self._first is not None:
+            self._first.cancel()  # raises in the submission's wait: its cleanup ends the job's rows
+            self._first = None
+        aclose = getattr(self._items, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(RuntimeError):  # already running its cleanup (cancelled just above)
+                await aclose()
 
 
 def row_seeds(seed: int | None, n: int) -> tuple[int, ...]:
@@ -621,28 +682,24 @@ class Batcher:
         for w in admit:
             self._jobs[run.add(w.job)] = w
         self._active_rows = run.active_rows
+
+        def hand_over_first_tokens(early: dict[int, StepItem]) -> None:  # before the running rows are sampled
+            for loop, batch in self._due(early, time.monotonic(), {}).items():
+                _post(loop, _deliver, batch)
+
         t0 = time.perf_counter()
-        items = run.step_items() if run.live_jobs else {}
+        stepped = run.live_jobs > 0
+        items = run.step_items(early=hand_over_first_tokens) if stepped else {}
         seconds = time.perf_counter() - t0 + self._ahead_s  # the step's trunk pass may have run ahead of it
         self._ahead_s = 0.0
-        rows = run.last_rows if items else 0
+        rows = run.last_rows if stepped else 0
         self._active_rows = run.active_rows
         out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepItem]]] = {}
         for w, item in settled:
             out.setdefault(w.loop, []).append((w.queue, item))
         now = time.monotonic()
-        for jid, item in items.items():
-            w = self._jobs[jid] if item.done is None else self._jobs.pop(jid)
-            if w.held is not None:  # merge with what the caller has not been handed yet
-                item = w.held.merge(item)
-                w.held = None
-            if not w.due(item, now):
-                w.held = item
-                continue
-            if w.last is not None or any(item.tokens):
-                w.last = now
-            out.setdefault(w.loop, []).append((w.queue, item))
-        if items:
+        out = self._due(items, now, out)
+        if stepped:
             self._reports.append((rows, queued, seconds, len(admit)))
             if not self._reports_since:
                 self._reports_since = now
@@ -658,6 +715,27 @@ class Batcher:
         run.feed_ahead()  # the tokens are handed over: the next step's trunk pass now, not in a newcomer's wait
         self._ahead_s = time.perf_counter() - t0
         return True
+
+    def _due(
+        self,
+        items: dict[int, StepItem],
+        now: float,
+        out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepItem]]],
+    ) -> dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepItem]]]:
+        """Add to ``out`` (per caller loop) the items due now; the others are held and merged with the next ones
+        (:meth:`_Waiting.due`: a stream is handed its tokens at most once per chunk interval)."""
+        for jid, item in items.items():
+            w = self._jobs[jid] if item.done is None else self._jobs.pop(jid)
+            if w.held is not None:  # merge with what the caller has not been handed yet
+                item = w.held.merge(item)
+                w.held = None
+            if not w.due(item, now):
+                w.held = item
+                continue
+            if w.last is not None or any(item.tokens):
+                w.last = now
+            out.setdefault(w.loop, []).append((w.queue, item))
+        return out
 
     def _deliver_step(self, batch: list[tuple[asyncio.Queue, StepItem]], reports: list[tuple]) -> None:
         """On the event loop: hand steps' items to their callers, count the steps and tell the observer."""

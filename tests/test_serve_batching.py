@@ -16,7 +16,7 @@ from rlchat.config import Config
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from rlchat.model import PolicyValueModel
 from rlchat.tokenizer import ChatTokenizer
-from serve.batching import Batcher, BatchRun, DeadlineExceeded, GenerationJob, JobOutput, StepItem
+from serve.batching import Batcher, BatchRun, DeadlineExceeded, GenerationJob, JobOutput, StepItem, SubmittedNow
 from serve.decode_batch import DecodeBatch
 
 VOCAB = 4096
@@ -62,7 +62,8 @@ def _drive(run: BatchRun, arrivals: dict[int, list[GenerationJob]]) -> tuple[dic
         for job in arrivals.get(step, []):
             run.add(job)
         step += 1
-        for jid, item in run.step_items().items():
+        handed: dict[int, StepItem] = {}
+        for jid, item in {**run.step_items(early=handed.update), **handed}.items():
             if any(item.tokens):
                 first.setdefault(jid, step)
             if item.done is not None:
@@ -95,6 +96,31 @@ def test_a_newcomer_and_the_running_rows_take_their_tokens_in_the_same_step(engi
     assert [o.handle for o in batch.step()] == old
     (new,) = batch.add([_prompt(tok, "a later, longer question")], params, [3])
     assert [o.handle for o in batch.step()] == [*old, new]
+
+
+def test_a_newcomers_first_token_is_handed_over_before_the_running_rows_are_sampled(engine, tok):
+    """With ``early``, the newcomers' first tokens leave the step as soon as they are sampled: the running rows are
+    sampled after (their tokens come back from the step, the newcomers' do not), and every token is the one the
+    step samples without ``early``."""
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    runs = []
+    for early in (False, True):
+        batch = DecodeBatch(engine)
+        old = batch.add([_prompt(tok, "first")] * 2, params, [1, 2])
+        batch.step()
+        (new,) = batch.add([_prompt(tok, "a later, longer question")], params, [3])
+        handed: list[tuple[list[int], list[int]]] = []
+
+        def take(outs, batch=batch, old=old, handed=handed):  # the running rows' step counts when it is called
+            handed.append(([o.handle for o in outs], [batch._by_handle[h].step for h in old]))
+
+        outs = batch.step(take if early else None)
+        runs.append({o.handle: o.token for o in outs})
+        if early:
+            assert handed == [([new], [1, 1])]  # the newcomer alone, the running rows not sampled yet
+            assert [o.handle for o in outs] == old
+            runs[-1][new] = batch._by_handle[new].pending
+    assert runs[0] == runs[1]
 
 
 def _count_forwards(batch: DecodeBatch, monkeypatch) -> list[int]:
@@ -255,7 +281,7 @@ def test_batcher_queued_jobs_meet_deadline_and_cancellation_and_report_depth(eng
     async def main() -> None:
         batcher = Batcher(engine, max_batch_size=1, batch_wait_timeout_s=0.0, observer=obs)
         batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
-        batch.step = lambda: (time.sleep(0.005), fast_step())[1]  # a model slow enough to outlast the deadline
+        batch.step = lambda *a: (time.sleep(0.005), fast_step(*a))[1]  # a model slow enough to outlast the deadline
         p = _prompt(tok, "hello")
         running = GenerationJob(p, SamplingParams(max_new_tokens=100, temperature=1.0), (1,))
         late = GenerationJob(p, SamplingParams(max_new_tokens=5), (2,), deadline=time.monotonic() + 0.05)
@@ -286,7 +312,7 @@ def test_batcher_caller_that_stops_iterating_ends_its_rows(engine, tok):
     async def main() -> None:
         batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
         batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
-        batch.step = lambda: (time.sleep(0.005), fast_step())[1]
+        batch.step = lambda *a: (time.sleep(0.005), fast_step(*a))[1]
         job = GenerationJob(_prompt(tok, "bye"), SamplingParams(max_new_tokens=100, temperature=1.0), (1,))
         agen = batcher.submit(job)
         await agen.__anext__()
@@ -423,3 +449,37 @@ def test_extreme_accepted_settings_sample_finite_tokens_on_both_paths(engine, to
     batch.add([job.prompt], params, [3])
     steps = [o for _ in range(6) for o in batch.step()]
     assert [o.token for o in steps] == tokens[0] and all(math.isfinite(o.logprob) for o in steps)
+
+
+def test_submitted_now_queues_the_job_before_anyone_iterates_and_aclose_ends_it(engine, tok):
+    """``SubmittedNow`` sends the job at once (a streamed reply's generator starts only when the HTTP response does);
+    its items are the submission's, and closing it before the end ends the job's rows."""
+
+    async def main() -> None:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        try:
+            p = _prompt(tok, "hello")
+            whole = GenerationJob(p, SamplingParams(max_new_tokens=6, temperature=1.0), (5,))
+            items = SubmittedNow(batcher.submit(whole))
+            for _ in range(2000):  # nobody iterates: the job runs anyway
+                if batcher.stats.rows:
+                    break
+                await asyncio.sleep(0.001)
+            assert batcher.stats.rows >= 1
+            got = [item async for item in items]
+            assert got[-1].done.tokens == [[t for item in got for t in item.tokens[0]]]
+            assert len(got[-1].done.tokens[0]) == 6
+
+            gone = GenerationJob(p, SamplingParams(max_new_tokens=10_000, temperature=1.0), (6,))
+            items = SubmittedNow(batcher.submit(gone))
+            await asyncio.sleep(0.05)
+            await items.aclose()  # a client that left before its stream started
+            for _ in range(2000):
+                if not batcher.active_rows:
+                    break
+                await asyncio.sleep(0.001)
+            assert batcher.active_rows == 0
+        finally:
+            batcher.close()
+
+    asyncio.run(main())

