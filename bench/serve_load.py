@@ -193,7 +193,7 @@ def main_in_process(args: argparse.Namespace) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for c in args.clients:
         for mode, size in (("continuous", args.batch_size), ("batch-1", 1)):
-            batcher = Batcher(engine, size, args.batch_wait if size > 1 else 0.0)
+            batcher = Batcher(engine, size, args.batch_wait if size > 1 else 0.0, prefill_first=args.prefill_first)
             per = args.requests_per_client or max(4, 192 // c)
             r = asyncio.run(run_in_process(batcher, prompt, c, per, args.max_tokens, args.stagger))
             batcher.close()
@@ -257,6 +257,11 @@ def main() -> int:
     ap.add_argument(
         "--in-replica", action="store_true", help="serve.engine_process=false: the decode loop on a replica thread"
     )
+    ap.add_argument(
+        "--prefill-first",
+        action="store_true",
+        help="serve.prefill_first=true: a new request's first token from a step of its own (latency over throughput)",
+    )
     args = ap.parse_args()
     if args.in_process:
         return main_in_process(args)
@@ -292,6 +297,7 @@ def main() -> int:
                             feedback_store=f"sqlite:///{Path(tmp) / 'feedback.db'}",
                             num_cpus=args.replica_cpus,
                             engine_process=not args.in_replica,
+                            prefill_first=args.prefill_first,
                         )
                         asyncio.run(run_level(url, 2, 2, args.max_tokens, 10_000, True))  # warm-up
                         per = args.requests_per_client or max(4, 192 // c)
@@ -319,7 +325,8 @@ def main() -> int:
         f"{args.max_tokens}-token replies, {describe(model_shape(args.model, args.vocab), args.precision)}, "
         "2 CPU cores, loopback, ingress "
         f"{args.ingress}, decode loop {'on a replica thread' if args.in_replica else 'in the engine process'}, "
-        f"{'staggered' if args.stagger else 'lockstep'} arrivals; load average "
+        f"{'staggered' if args.stagger else 'lockstep'} arrivals, "
+        f"{'prefill first' if args.prefill_first else 'newcomers join the running step'}; load average "
         f"{load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after; 'plain' = stream=false (TTFT = whole reply)."
     )
     print()

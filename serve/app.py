@@ -771,6 +771,7 @@ class ChatServer:
             "batching": {
                 "max_batch_size": self.cfg.max_batch_size,
                 "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
+                "prefill_first": self.cfg.prefill_first,
             },
             "stats": {
                 "requests": st.requests,

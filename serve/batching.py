@@ -193,13 +193,20 @@ class BatchRun:
         jobs: jobs to start with (more can join with :meth:`add`).
         keep_history: keep every job's state after it was reported (:attr:`tokens`, :attr:`reasons`; for tests and
             :func:`run_jobs`); a long-lived scheduler sets False.
+        prefill_first: jobs that join get a step of their own (:class:`DecodeBatch`), and no trunk pass runs
+            ahead (:meth:`feed_ahead` does nothing).
     """
 
     def __init__(
-        self, engine: GenerationEngine, jobs: Sequence[GenerationJob] = (), keep_history: bool = True
+        self,
+        engine: GenerationEngine,
+        jobs: Sequence[GenerationJob] = (),
+        keep_history: bool = True,
+        prefill_first: bool = False,
     ) -> None:
         self.engine = engine
-        self.batch = DecodeBatch(engine)
+        self.prefill_first = prefill_first
+        self.batch = DecodeBatch(engine, prefill_first)
         self.keep_history = keep_history
         self.history: list[_JobState] = []
         self._live: dict[int, _JobState] = {}  # job id -> state, until reported
@@ -362,7 +369,7 @@ class BatchRun:
         for state in self._live.values():
             if state.handles and state.error is None:
                 state.error = error
-        self.batch = DecodeBatch(self.engine)
+        self.batch = DecodeBatch(self.engine, self.prefill_first)
         self._rows.clear()
 
     def step(self) -> list[StepItem | None] | None:
@@ -529,6 +536,7 @@ class Batcher:
         engine: the generation engine.
         max_batch_size: most requests decoding at once (``serve.max_batch_size``; 1 = batch-1 serving).
         batch_wait_timeout_s: longest wait to gather a burst when the batch is idle (``serve.batch_wait_timeout_s``).
+        prefill_first: new jobs get a step of their own (``serve.prefill_first``; :class:`DecodeBatch`).
         observer: optional :class:`BatchObserver` (metrics), called on the event loop.
     """
 
@@ -538,6 +546,7 @@ class Batcher:
         max_batch_size: int,
         batch_wait_timeout_s: float,
         observer: BatchObserver | None = None,
+        prefill_first: bool = False,
     ) -> None:
         self.engine = engine
         self.max_batch_size = max(1, int(max_batch_size))
@@ -545,7 +554,7 @@ class Batcher:
         self.observer = observer
         self.stats = BatchStats()
         self.beam_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-beam")
-        self._run = BatchRun(engine, keep_history=False)
+        self._run = BatchRun(engine, keep_history=False, prefill_first=prefill_first)
         self._jobs: dict[int, _Waiting] = {}  # live job id -> its caller (generation thread only)
         self._cond = threading.Condition()
         self._waiting: deque[_Waiting] = deque()  # guarded by _cond

@@ -129,10 +129,16 @@ class DecodeBatch:
 
     Args:
         engine: the generation engine (its model, tokenizer and position limit).
+        prefill_first: latency over throughput (``serve.prefill_first``): the step after rows arrive prefills and
+            samples them alone and the running rows take their next token at the step after, so a newcomer's first
+            token does not wait for the running rows' trunk pass, head rows and sampling; it costs one more pass of
+            the whole model per arrival. :meth:`feed_ahead` does nothing then (the running rows are fed at the step
+            that samples them).
     """
 
-    def __init__(self, engine: GenerationEngine) -> None:
+    def __init__(self, engine: GenerationEngine, prefill_first: bool = False) -> None:
         self.engine = engine
+        self.prefill_first = prefill_first
         self._dec = engine._decoder()  # noqa: SLF001 - the engine's own plumbing: same head, precision, cache
         self._device = engine.device
         self._pad = engine.tokenizer.pad_id
@@ -217,6 +223,12 @@ class DecodeBatch:
             self._compact()
             if not self._rows:  # idle: take a fresh snapshot of the head, so reloaded weights are used from here on
                 self._dec = self.engine._decoder()  # noqa: SLF001
+            if self.prefill_first and self._new:  # the newcomers alone (at the batch's end), then merged
+                first = len(self._rows)
+                z = self._dec.logits(self._prefill(), out=self._scratch(len(self._rows) - first)[0])
+                outs = self._sample_and_record(z, first, len(self._rows), offset=first)
+                self._merge_fresh()
+                return outs
             h, self._ahead = (self._ahead if self._ahead is not None else self._feed()), None
             running = len(self._rows)
             if self._new:
@@ -242,6 +254,8 @@ class DecodeBatch:
         step, where only their own prefill and the shared head pass are left. Rows ended before that step are dropped
         from the states fed here as from the cache.
         """
+        if self.prefill_first:
+            return
         with torch.no_grad():
             self._compact()
             if self._rows and self._ahead is None:
@@ -318,11 +332,11 @@ class DecodeBatch:
         _merge_kv(self._cache, cache, width)
         self._pos = torch.cat([self._pos, new_pos], 0)
 
-    def _sample_and_record(self, logits: torch.Tensor, lo: int, hi: int) -> list[RowStep]:
+    def _sample_and_record(self, logits: torch.Tensor, lo: int, hi: int, offset: int = 0) -> list[RowStep]:
         """4. Per-row logit processing, sampling per settings group, then each row's stop conditions, for the rows
-        ``lo:hi`` of the batch (``logits``: the whole batch's (B, V) head output; rows ``lo:hi`` are modified)."""
+        ``lo:hi`` of the batch (``logits``: the head output of rows ``offset:``; rows ``lo:hi`` are modified)."""
         rows = self._rows[lo:hi]
-        z = logits[lo:hi]
+        z = logits[lo - offset : hi - offset]
         _, e_buf, c_buf = self._scratch(len(rows))
         # a. per-row processing, as GenerationStream._sample does it for a batch of one setting
         alts: dict[int, tuple[float, list[int], list[float]]] = {}

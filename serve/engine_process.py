@@ -69,6 +69,7 @@ class EngineSpec:
     precision: str = "auto"
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.0
+    prefill_first: bool = False
     torch_threads: int = 1
     switch_interval_s: float = 0.0005
 
@@ -320,7 +321,9 @@ async def _serve(conn: Connection, spec: EngineSpec, engine: Any) -> None:
 
     loop = asyncio.get_running_loop()
     outbox = _Outbox(conn, loop)
-    batcher = Batcher(engine, spec.max_batch_size, spec.batch_wait_timeout_s, observer=outbox)
+    batcher = Batcher(
+        engine, spec.max_batch_size, spec.batch_wait_timeout_s, observer=outbox, prefill_first=spec.prefill_first
+    )
     jobs: dict[int, GenerationJob] = {}
     tasks: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)
     stopped = loop.create_future()

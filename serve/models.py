@@ -348,7 +348,7 @@ def make_batcher(engine: GenerationEngine, cfg: ServeConfig, observer: Any = Non
     from serve.batching import Batcher
 
     extra = {"observer": observer} if observer is not None else {}
-    return Batcher(engine, cfg.max_batch_size, cfg.batch_wait_timeout_s, **extra)
+    return Batcher(engine, cfg.max_batch_size, cfg.batch_wait_timeout_s, prefill_first=cfg.prefill_first, **extra)
 
 
 class ServedVersion:
@@ -480,6 +480,7 @@ def load_version(
             precision=precision,
             max_batch_size=cfg.max_batch_size,
             batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+            prefill_first=cfg.prefill_first,
             torch_threads=torch.get_num_threads(),
             switch_interval_s=sys.getswitchinterval(),
         )

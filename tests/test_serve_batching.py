@@ -7,6 +7,7 @@ joined and whatever it shared the batch with; control, deadlines and beam search
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 
@@ -98,6 +99,23 @@ def test_a_newcomer_and_the_running_rows_take_their_tokens_in_the_same_step(engi
     assert [o.handle for o in batch.step()] == [*old, new]
 
 
+def test_prefill_first_gives_a_newcomer_a_step_of_its_own(engine, tok, monkeypatch):
+    """``serve.prefill_first``: the step after rows arrive prefills and samples them alone (their first token does
+    not wait for the running rows' pass); the running rows take their next token at the step after, and nothing
+    runs ahead."""
+    batch = DecodeBatch(engine, prefill_first=True)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    old = batch.add([_prompt(tok, "first")] * 2, params, [1, 2])
+    assert [o.handle for o in batch.step()] == old
+    calls = _count_forwards(batch, monkeypatch)
+    batch.feed_ahead()
+    assert calls == []
+    (new,) = batch.add([_prompt(tok, "a later, longer question")], params, [3])
+    assert [o.handle for o in batch.step()] == [new]  # the newcomer alone
+    assert sorted(o.handle for o in batch.step()) == sorted([*old, new])  # then everyone, in one decode step
+    assert calls == [1, 3]
+
+
 def test_a_newcomers_first_token_is_handed_over_before_the_running_rows_are_sampled(engine, tok):
     """With ``early``, the newcomers' first tokens leave the step as soon as they are sampled: the running rows are
     sampled after (their tokens come back from the step, the newcomers' do not), and every token is the one the
@@ -156,14 +174,18 @@ def test_feed_ahead_leaves_a_newcomer_only_its_prefill_and_the_head(engine, tok,
     assert calls == [3, 1, 3]  # no pass ahead: the step runs the running rows' own
 
 
+@pytest.mark.parametrize("prefill_first", [False, True], ids=["join", "prefill-first"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
-def test_replies_equal_solo_runs_for_prompts_of_any_length_joining_at_any_step(engine, tok, temperature):
+def test_replies_equal_solo_runs_for_prompts_of_any_length_joining_at_any_step(
+    engine, tok, temperature, prefill_first
+):
     texts = ["hi", "a much longer question that makes the prompt longer than the running cache " * 2, "mid size?"]
     params = [SamplingParams(max_new_tokens=n, temperature=temperature) for n in (20, 9, 14)]
     jobs = [GenerationJob(_prompt(tok, t), p, (100 + i, 200 + i)) for i, (t, p) in enumerate(zip(texts, params))]
     # job 1's prompt is longer than the cache when it joins (the running rows get left-padded); job 2's is shorter
     assert len(jobs[1].prompt) > len(jobs[0].prompt) + 3 > len(jobs[2].prompt)
-    results, _, _ = _drive(BatchRun(engine, keep_history=False), {0: [jobs[0]], 3: [jobs[1]], 5: [jobs[2]]})
+    run = BatchRun(engine, keep_history=False, prefill_first=prefill_first)
+    results, _, _ = _drive(run, {0: [jobs[0]], 3: [jobs[1]], 5: [jobs[2]]})
     for jid, job in enumerate(jobs):
         tokens, reasons, _ = _solo(engine, job)
         assert results[jid].tokens == tokens, f"job {jid}"
@@ -479,6 +501,17 @@ def test_submitted_now_queues_the_job_before_anyone_iterates_and_aclose_ends_it(
                     break
                 await asyncio.sleep(0.001)
             assert batcher.active_rows == 0
+
+            dropped = GenerationJob(p, SamplingParams(max_new_tokens=10_000, temperature=1.0), (7,))
+            items = SubmittedNow(batcher.submit(dropped))
+            await asyncio.sleep(0.05)
+            del items  # a response that never started its body: nobody closes it
+            gc.collect()
+            for _ in range(2000):
+                if not batcher.active_rows:
+                    break
+                await asyncio.sleep(0.001)
+            assert batcher.active_rows == 0  # the loop's async-generator finalizer ended the rows
         finally:
             batcher.close()
 

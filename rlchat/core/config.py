@@ -385,6 +385,8 @@ class ServeConfig:
     """Largest dynamic batch of concurrent requests (1 = no batching)."""
     batch_wait_timeout_s: float = 0.0
     """Idle batch only: how long the first arrival waits so a burst is prefilled together (0 = start at once)."""
+    prefill_first: bool = False
+    """Latency over throughput: new requests get a step of their own (off = they join the running rows' step)."""
     ingress: Literal["proxy", "haproxy"] = "proxy"
     """When rlchat serve starts Ray: proxy = Serve's Python proxy; haproxy = HAProxy to each replica (faster)."""
     engine_process: bool = True
