@@ -90,6 +90,19 @@ class RowStep:
     reason: str | None
 
 
+@dataclass
+class Prefill:
+    """Rows' prompts run through the trunk ahead of their step (:meth:`DecodeBatch.prefill`)."""
+
+    hidden: torch.Tensor
+    """(n, H) last hidden state of each row."""
+    cache: Any
+    mask: torch.Tensor
+    """(n, P) attention mask of the left-padded prompts."""
+    pos: torch.Tensor
+    """(n, 1) position of each row's next token."""
+
+
 class _Settings:
     """Stop conditions and logit bias of a :class:`SamplingParams` as tensors, shared by rows with equal ones."""
 
@@ -144,7 +157,8 @@ class DecodeBatch:
         self._pad = engine.tokenizer.pad_id
         self._settings: dict[tuple, _Settings] = {}
         self._rows: list[_Row] = []  # batch order = the cache's batch dimension
-        self._new: list[_Row] = []  # added, not prefilled yet
+        self._new: list[_Row] = []  # added, not in the batch yet
+        self._ready: dict[int, Prefill] = {}  # first handle of rows added with their prefill done -> that prefill
         self._by_handle: dict[int, _Row] = {}
         self._next_handle = 0
         self._cache: Any = None
@@ -152,7 +166,7 @@ class DecodeBatch:
         self._pos: torch.Tensor | None = None  # (B, 1) position of each row's next token
         self._buf: torch.Tensor | None = None  # (3, rows, V) scratch of _scratch
         self._ahead: torch.Tensor | None = None  # (B, H) the running rows' hidden states fed by feed_ahead
-        self._fresh: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # prefilled, not merged (_merge_fresh)
+        self._fresh: list[Prefill] | None = None  # prefilled, not merged yet (_merge_fresh)
 
     # ---------------------------------------------------------------- public API
     @property
@@ -165,8 +179,32 @@ class DecodeBatch:
         """Columns of the shared KV cache (longest live prompt + its tokens, plus padding not trimmed yet)."""
         return 0 if self._mask is None else int(self._mask.shape[1])
 
-    def add(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]) -> list[int]:
-        """Queue rows for the next step (their prefill runs there); returns one handle per row.
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> Prefill:
+        """Run prompts through the trunk now, for an :meth:`add` to come: the one part of adding rows that is safe on
+        another thread while this batch steps (its own cache; the weights are only read).
+
+        The scheduler starts it when a request arrives at a running batch, on a second thread: the prefill then
+        overlaps the step in progress (on a 2-core CPU the engine's step holds one core) instead of following it.
+        The prompts are assumed checked (``GenerationEngine._check_prompts``).
+        """
+        with torch.no_grad():
+            ids, mask = _left_pad(prompts, self._pad, 0)
+            ids, mask = ids.to(self._device), mask.to(self._device)
+            cache = self._dec.new_cache()
+            pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+            h = self._dec.forward(ids, mask, pos, cache)
+            new_pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self._device)[:, None]
+        return Prefill(h, cache, mask, new_pos)
+
+    def add(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seeds: Sequence[int],
+        prefill: Prefill | None = None,
+    ) -> list[int]:
+        """Queue rows for the next step (their prefill runs there, unless ``prefill`` is theirs, from
+        :meth:`prefill` of these prompts); returns one handle per row.
 
         Raises:
             ConfigError: an empty prompt, an id outside the vocabulary, a prompt that fills the model's positions,
@@ -190,6 +228,10 @@ class DecodeBatch:
                 self._settings.clear()
             settings = self._settings[key] = _Settings(self.engine, params)
         budgets = self.engine.row_budgets(prompts, params)
+        if prefill is not None:
+            if int(prefill.hidden.shape[0]) != len(prompts):
+                raise ConfigError(f"a prefill of {prefill.hidden.shape[0]} rows for {len(prompts)} prompts")
+            self._ready[self._next_handle] = prefill
         handles = []
         for prompt, seed, budget in zip(prompts, seeds, budgets.tolist()):
             row = _Row(self._next_handle, list(prompt), params, settings, int(seed), int(budget))
@@ -264,10 +306,14 @@ class DecodeBatch:
     # ---------------------------------------------------------------- internals
     def _compact(self) -> None:
         """1. Drop ended rows (batch and cache), then cache columns that are padding in every row."""
-        for row in self._new:
-            if row.reason is not None:
-                self._by_handle.pop(row.handle, None)
-        self._new = [r for r in self._new if r.reason is None]
+        ended = {row.handle for row in self._new if row.reason is not None}
+        for h in ended:
+            self._by_handle.pop(h, None)
+        if ended:
+            self._new = [r for r in self._new if r.reason is None]
+            for first, p in list(self._ready.items()):  # a group that lost rows is prefilled again, smaller
+                if any(first <= h < first + int(p.hidden.shape[0]) for h in ended):
+                    del self._ready[first]
         live = [i for i, r in enumerate(self._rows) if r.reason is None]
         if len(live) == len(self._rows):
             return
@@ -302,35 +348,46 @@ class DecodeBatch:
         return h
 
     def _prefill(self) -> torch.Tensor | None:
-        """3. Prefill the new rows (their own left-padded batch): their (n, H) last hidden states. They join the
-        batch's rows now (sampled with it); their cache joins the running one at :meth:`_merge_fresh`."""
+        """3. The new rows' last hidden states: those added with a :class:`Prefill` take theirs, the others are
+        prefilled now (one left-padded batch). They join the batch's rows now (sampled with it); their caches join
+        the running one at :meth:`_merge_fresh`."""
         if not self._new:
             return None
         new, self._new = self._new, []
-        ids, mask = _left_pad([r.prompt for r in new], self._pad, 0)
-        ids, mask = ids.to(self._device), mask.to(self._device)
-        cache = self._dec.new_cache()
-        pos = (mask.cumsum(-1) - 1).clamp_(min=0)
-        h = self._dec.forward(ids, mask, pos, cache)
-        new_pos = torch.tensor([len(r.prompt) for r in new], dtype=torch.long, device=self._device)[:, None]
-        self._fresh = (cache, mask, new_pos)
-        self._rows.extend(new)
-        return h
+        order: list[_Row] = []
+        parts: list[Prefill] = []
+        rest: list[_Row] = []
+        i = 0
+        while i < len(new):
+            ready = self._ready.pop(new[i].handle, None)
+            if ready is None:
+                rest.append(new[i])
+                i += 1
+                continue
+            n = int(ready.hidden.shape[0])
+            order.extend(new[i : i + n])
+            parts.append(ready)
+            i += n
+        if rest:
+            parts.append(self.prefill([r.prompt for r in rest]))
+            order.extend(rest)
+        self._fresh = parts
+        self._rows.extend(order)
+        return parts[0].hidden if len(parts) == 1 else torch.cat([p.hidden for p in parts], 0)
 
     def _merge_fresh(self) -> None:
         """3b. The prefilled newcomers' cache, mask and positions appended to the running ones (after the
         running rows: the batch order of :attr:`_rows`). It copies the whole running cache, so :meth:`step` runs it
         after handing the newcomers' first tokens over."""
-        if self._fresh is None:
-            return
-        (cache, mask, new_pos), self._fresh = self._fresh, None
-        if self._cache is None:
-            self._cache, self._mask, self._pos = cache, mask, new_pos
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], 0)
-        _merge_kv(self._cache, cache, width)
-        self._pos = torch.cat([self._pos, new_pos], 0)
+        parts, self._fresh = self._fresh or [], None
+        for p in parts:
+            if self._cache is None:
+                self._cache, self._mask, self._pos = p.cache, p.mask, p.pos
+                continue
+            width = max(self._mask.shape[1], p.mask.shape[1])
+            self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(p.mask, width, 1)], 0)
+            _merge_kv(self._cache, p.cache, width)
+            self._pos = torch.cat([self._pos, p.pos], 0)
 
     def _sample_and_record(self, logits: torch.Tensor, lo: int, hi: int, offset: int = 0) -> list[RowStep]:
         """4. Per-row logit processing, sampling per settings group, then each row's stop conditions, for the rows

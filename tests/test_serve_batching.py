@@ -116,6 +116,63 @@ def test_prefill_first_gives_a_newcomer_a_step_of_its_own(engine, tok, monkeypat
     assert calls == [1, 3]
 
 
+def test_rows_added_with_their_prefill_skip_it_at_the_step_and_sample_the_same(engine, tok, monkeypatch):
+    """``DecodeBatch.prefill`` (run by the scheduler's prefill thread while a step is in progress) gives ``add`` the
+    rows' trunk pass: with the running rows fed ahead, the step that takes them runs no trunk pass at all, and every
+    token is the one the in-step prefill samples; a group that lost a row before joining is prefilled again."""
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    prompts = [_prompt(tok, "a later, longer question")] * 2
+    runs = []
+    for given in (False, True, "one left"):
+        batch = DecodeBatch(engine)
+        batch.add([_prompt(tok, "first")] * 2, params, [1, 2])
+        batch.step()
+        batch.feed_ahead()
+        pre = batch.prefill(prompts) if given else None
+        calls = _count_forwards(batch, monkeypatch)
+        new = batch.add(prompts, params, [3, 4], pre)
+        if given == "one left":
+            batch.finish(new[:1])
+        outs = [{o.handle: o.token for o in batch.step()}]
+        assert calls == {False: [2], True: [], "one left": [1]}[given]
+        while batch.rows:
+            outs.append({o.handle: o.token for o in batch.step()})
+        runs.append(outs)
+    assert runs[0] == runs[1]
+    assert [{h: t for h, t in o.items() if h != 2} for o in runs[0]] == runs[2]  # handle 2: the row that left
+
+
+def test_a_job_joining_a_running_batch_is_prefilled_on_the_prefill_thread(engine, tok, monkeypatch):
+    """The Batcher starts a joining job's prefill when it arrives, on its prefill thread, beside the step in
+    progress (a job arriving at an idle batch is prefilled by its step); its reply is the one it gets alone."""
+    threads: list[str] = []
+    prefill = DecodeBatch.prefill
+
+    def traced(self, prompts):
+        threads.append(threading.current_thread().name)
+        return prefill(self, prompts)
+
+    monkeypatch.setattr(DecodeBatch, "prefill", traced)
+    joining = GenerationJob(_prompt(tok, "a later question"), SamplingParams(max_new_tokens=5), (2,))
+
+    async def main() -> list[StepItem]:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
+        batch.step = lambda *a: (time.sleep(0.1), fast_step(*a))[1]  # the step in progress outlasts the prefill
+        try:
+            running = GenerationJob(_prompt(tok, "first"), SamplingParams(max_new_tokens=20, temperature=1.0), (1,))
+            task = asyncio.create_task(_collect(batcher, running))
+            while not batcher.active_rows:
+                await asyncio.sleep(0.001)
+            return await asyncio.wait_for(asyncio.gather(task, _collect(batcher, joining)), 60)
+        finally:
+            batcher.close()
+
+    _, joined = asyncio.run(main())
+    assert sorted(threads) == ["rlchat-generate", "rlchat-prefill_0"]  # its prefill ran once, on that thread
+    assert joined.done.tokens == _solo(engine, joining)[0]
+
+
 def test_a_newcomers_first_token_is_handed_over_before_the_running_rows_are_sampled(engine, tok):
     """With ``early``, the newcomers' first tokens leave the step as soon as they are sampled: the running rows are
     sampled after (their tokens come back from the step, the newcomers' do not), and every token is the one the
