@@ -525,15 +525,17 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
 class Batcher:
     """A replica's generation scheduler: continuous batching on one generation thread, beam search on another.
 
-    The generation thread runs decoding steps back to back while any job is decoding, and posts each step's items
-    to the callers' event loop (one callback per step), so work on the event loop (HTTP, streaming) never delays
-    the next step. Waiting jobs join the decode batch at the next step, up to ``max_batch_size`` jobs decoding at
-    once; when the batch is idle, the first arrival waits up to ``batch_wait_timeout_s`` so that a burst is
-    prefilled together. Jobs still waiting at their :attr:`GenerationJob.deadline` end with
-    :class:`DeadlineExceeded`; waiting jobs whose every choice is in :attr:`StreamControl.finish` (the client left)
-    are dropped, as is a caller that stops iterating :meth:`submit` before its job is done. A beam search is not cut
-    at its deadline once it has started (it runs whole); one still waiting for the beam thread at its deadline ends
-    with :class:`DeadlineExceeded`.
+    The generation thread runs decoding steps back to back while any job is decoding, and posts each step's items to
+    the callers' event loop (one callback per step), so work on the event loop (HTTP, streaming) never delays the
+    next step; after posting it runs the running rows' trunk pass of the next step (:meth:`BatchRun.feed_ahead`). A
+    job that arrives at a running batch with room for it is prefilled at once on a third thread (``prefill_pool``),
+    beside the step in progress; the step that takes it runs only the shared head pass for it. Waiting jobs join the
+    decode batch at the next step, up to ``max_batch_size`` jobs decoding at once; when the batch is idle, the first
+    arrival waits up to ``batch_wait_timeout_s`` so that a burst is prefilled together. Jobs still waiting at their
+    :attr:`GenerationJob.deadline` end with :class:`DeadlineExceeded`; waiting jobs whose every choice is in
+    :attr:`StreamControl.finish` (the client left) are dropped, as is a caller that stops iterating :meth:`submit`
+    before its job is done. A beam search is not cut at its deadline once it has started (it runs whole); one still
+    waiting for the beam thread at its deadline ends with :class:`DeadlineExceeded`.
 
     Args:
         engine: the generation engine.
@@ -592,8 +594,10 @@ class Batcher:
                 if self._closed:
                     raise RuntimeError("the replica's generation thread has stopped")
                 self._waiting.append(waiting)
-                # joining a running batch at its next step: prefill now, beside the step in progress
-                early = self._run.live_jobs and self._run.live_jobs + len(self._waiting) <= self.max_batch_size
+                # a lone arrival joining a running batch at its next step: prefill now, beside the step in progress
+                # (arrivals in a burst are prefilled together by the step: one pass of the trunk for all of them,
+                # and the prefill thread would take the core the burst's HTTP handling needs)
+                early = len(self._waiting) == 1 and 0 < self._run.live_jobs < self.max_batch_size
             if early:
                 waiting.prefill = self.prefill_pool.submit(self._prefill, job)
             if not self._kick_pending:  # wake the thread once this tick's other submits are queued too

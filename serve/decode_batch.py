@@ -13,15 +13,15 @@
    running cache pads the existing rows, not the other way round; then samples the running rows. Each row's stop
    conditions are applied to its token.
 
-Why this order (*feed ahead, then join at the head*): at a real vocabulary the head is the largest weight (cl100k x
-512 in bf16 is 100 MB, the 8 layers of an 8 x 512 trunk 50 MB) and a decoding step on a CPU is bound by reading the
-weights, so a step costs about the same for 1 row as for 16 (~19 vs ~23 ms, one thread). A newcomer that joins the
-running rows' step shares their head pass: its first token costs its own prefill and that pass, and the running
-rows are delayed by its prefill only. The scheduler runs the running rows' trunk pass ahead
-(:meth:`DecodeBatch.feed_ahead`, once a step's tokens are handed over), so that pass is not in the newcomer's wait
-either. The alternatives measured worse: a step of its own for the newcomers (prefill first) read the head twice per
-arrival (~15% of the throughput under staggered arrivals); feeding the running rows after the newcomer's prefill put
-their trunk pass into its time to first token.
+Why this order (*feed ahead, join at the head*): at a real vocabulary the head is the largest weight (cl100k x 512
+in bf16 is 100 MB, the 8 layers of an 8 x 512 trunk 50 MB) and a decoding step on a CPU is bound by reading the
+weights, so a step costs about as much for 1 row as for 16 (~19 vs ~23 ms, one thread). A newcomer that joins the
+running rows' step shares their head pass, and the running rows are delayed by its prefill only. The scheduler
+runs the running rows' trunk pass ahead (:meth:`DecodeBatch.feed_ahead`, once a step's tokens are handed over) and
+a joining request's prefill on a second thread as soon as it arrives (:meth:`DecodeBatch.prefill`), so neither is
+in the newcomer's wait. The other order, a step of their own for the newcomers (``prefill_first``), reads the
+whole model once more per arrival: measured back to back, ~15-20% less throughput for a ~10-25% lower time to
+first token (bench/README.md, "Serve load"); it stays as a setting for latency-bound deployments.
 
 Rows keep their own positions (real tokens only, ``cumsum(mask) - 1`` at prefill, then +1 per step) and their own
 attention mask, exactly as :class:`rlchat.generation.GenerationStream` does for a left-padded batch, so a row's
