@@ -676,6 +676,7 @@ class Batcher:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
         self.prefill_pool.shutdown(wait=True, cancel_futures=True)
+        self.beam_pool.shutdown(wait=False, cancel_futures=True)  # a beam search running finishes on its own
 
     # ---------------------------------------------------------------- the generation thread
     def _generate(self) -> None:
