@@ -38,7 +38,8 @@ operation for operation (same tensors, same order); ``tests/test_serve_batching.
 Beam search is not handled here (its beams share one step count and reorder the cache every step): the scheduler
 runs it whole through :meth:`GenerationEngine.generate` on its own thread.
 
-No Ray import here; one :class:`DecodeBatch` is used from one thread at a time.
+No Ray import here. One :class:`DecodeBatch` is stepped from one thread; :meth:`DecodeBatch.prefill` alone may run
+on another meanwhile (it reads the weights and fills a cache of its own).
 """
 
 from __future__ import annotations
