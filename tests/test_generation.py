@@ -450,3 +450,32 @@ def test_rows_end_with_length_at_the_models_position_limit(tok: ChatTokenizer) -
     # a prompt that fills every position leaves nothing to generate: that is still an error, with the fix
     with pytest.raises(ConfigError, match=r"prompt of 32 tokens fills the model's 32 positions"):
         engine.generate([list(range(100, 132))], no_stop)
+
+
+def test_the_fp32_head_copy_follows_weight_updates(tok: ChatTokenizer) -> None:
+    """The fp32 CPU engine reads the head from a contiguous (H, V) copy it keeps across calls (a strided view of the
+    tied (V, H) embedding halves MKL's speed at a real vocabulary); any update of the weights -- an optimizer step,
+    ``load_state_dict`` -- must reach the next call's logits, and the copy must not be rebuilt when nothing changed."""
+    model = build(tok, seed=3)
+    eng = GenerationEngine(model, tok, precision="fp32")
+    h = torch.randn(4, 32)
+    w = model.lm.get_output_embeddings().weight
+
+    def expected() -> torch.Tensor:
+        return h @ w.detach()[: eng.vocab_size].t()
+
+    first = eng._decoder()
+    assert first.w_t.is_contiguous() and first.w_t.shape == (32, eng.vocab_size)
+    torch.testing.assert_close(first.logits(h), expected())
+    assert eng._decoder().w_t.data_ptr() == first.w_t.data_ptr()  # kept: no copy per call
+
+    with torch.no_grad():
+        w.mul_(-2.0)  # in place, as an optimizer step
+    torch.testing.assert_close(eng._decoder().logits(h), expected())
+
+    other = build(tok, seed=4)
+    model.load_state_dict(other.state_dict())  # a weight sync
+    torch.testing.assert_close(eng._decoder().logits(h), h @ other.lm.get_output_embeddings().weight.detach().t())
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    ref = GenerationEngine(other, tok, precision="fp32").generate([[1, 2, 3]], greedy)
+    assert eng.generate([[1, 2, 3]], greedy).tokens == ref.tokens
