@@ -38,12 +38,14 @@ operation for operation (same tensors, same order); ``tests/test_serve_batching.
 Beam search is not handled here (its beams share one step count and reorder the cache every step): the scheduler
 runs it whole through :meth:`GenerationEngine.generate` on its own thread.
 
-No Ray import here. One :class:`DecodeBatch` is stepped from one thread; :meth:`DecodeBatch.prefill` alone may run
-on another meanwhile (it reads the weights and fills a cache of its own).
+No Ray import here. One :class:`DecodeBatch` is stepped from one thread; :meth:`DecodeBatch.prefill` and
+:meth:`DecodeBatch.start` alone may run on another meanwhile (they read the weights, fill a cache of their own and
+touch no state of the batch but the handle counter, which a lock guards).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +106,17 @@ class Prefill:
     """(n, 1) position of each row's next token."""
 
 
+@dataclass
+class StartedRow:
+    """A row whose first token was sampled off the generation thread (:meth:`DecodeBatch.start`), for
+    :meth:`DecodeBatch.add_started`."""
+
+    handle: int
+    row: _Row
+    prefill: Prefill | None
+    """Its state after its first token (that token fed through its own cache); None if the first token ended it."""
+
+
 class _Settings:
     """Stop conditions and logit bias of a :class:`SamplingParams` as tensors, shared by rows with equal ones."""
 
@@ -162,6 +175,7 @@ class DecodeBatch:
         self._ready: dict[int, Prefill] = {}  # first handle of rows added with their prefill done -> that prefill
         self._by_handle: dict[int, _Row] = {}
         self._next_handle = 0
+        self._handle_lock = threading.Lock()  # start() takes handles on the prefill thread
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # (B, L) attention mask over the cache's columns
         self._pos: torch.Tensor | None = None  # (B, 1) position of each row's next token
@@ -180,20 +194,22 @@ class DecodeBatch:
         """Columns of the shared KV cache (longest live prompt + its tokens, plus padding not trimmed yet)."""
         return 0 if self._mask is None else int(self._mask.shape[1])
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> Prefill:
+    def prefill(self, prompts: Sequence[Sequence[int]], dec: Any = None) -> Prefill:
         """Run prompts through the trunk now, for an :meth:`add` to come: the one part of adding rows that is safe on
         another thread while this batch steps (its own cache; the weights are only read).
 
         The scheduler starts it when a request arrives at a running batch, on a second thread: the prefill then
         overlaps the step in progress (on a 2-core CPU the engine's step holds one core) instead of following it.
-        The prompts are assumed checked (``GenerationEngine._check_prompts``).
+        The prompts are assumed checked (``GenerationEngine._check_prompts``). ``dec``: the engine snapshot to run
+        (default: the batch's own).
         """
+        dec = self._dec if dec is None else dec
         with torch.no_grad():
             ids, mask = _left_pad(prompts, self._pad, 0)
             ids, mask = ids.to(self._device), mask.to(self._device)
-            cache = self._dec.new_cache()
+            cache = dec.new_cache()
             pos = (mask.cumsum(-1) - 1).clamp_(min=0)
-            h = self._dec.forward(ids, mask, pos, cache)
+            h = dec.forward(ids, mask, pos, cache)
             new_pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self._device)[:, None]
         return Prefill(h, cache, mask, new_pos)
 
@@ -222,27 +238,101 @@ class DecodeBatch:
         if not prompts:
             return []
         self.engine._check_prompts(prompts, params, cap_at_limit=True)  # noqa: SLF001 - same rules as steps()
+        settings = self._settings_for(params, keep=True)
+        budgets = self.engine.row_budgets(prompts, params)
+        if prefill is not None and int(prefill.hidden.shape[0]) != len(prompts):
+            raise ConfigError(f"a prefill of {prefill.hidden.shape[0]} rows for {len(prompts)} prompts")
+        first = self._take_handles(len(prompts))
+        if prefill is not None:
+            self._ready[first] = prefill
+        rows = [
+            self._new_row(first + i, prompt, params, settings, seed, budget)
+            for i, (prompt, seed, budget) in enumerate(zip(prompts, seeds, budgets.tolist()))
+        ]
+        for row in rows:
+            self._new.append(row)
+            self._by_handle[row.handle] = row
+        return [row.handle for row in rows]
+
+    def start(
+        self, prompt: Sequence[int], params: SamplingParams, seed: int, first: Callable[[RowStep], None]
+    ) -> StartedRow:
+        """A row's prefill, first token and the feed of that token, off the generation thread (safe beside a step).
+
+        The scheduler runs it on its prefill thread for a request that arrives alone at a running batch: its first
+        token is sampled and handed to ``first`` as soon as the prompt has been through the trunk and the head, not
+        after the step in progress and the whole batch's head pass. On a CPU where a many-row step is compute-bound
+        (AVX2 fp32: a 16-row step of 8 x 512 over cl100k costs ~4x a one-row step), that wait was most of a joining
+        request's time to first token; on a 2-core machine the generation thread holds one core and this runs on the
+        other. The token is then fed through the row's own cache, so :meth:`add_started` hands the batch a row that
+        joins like a prefilled newcomer: the next step runs no trunk pass for it and samples its second token.
+        (Disaggregated serving does the same across machines: the prefill worker returns the first token and the
+        KV cache.) The same weights, sampler and random numbers as a step, so the tokens are the ones :meth:`add`
+        gives (up to float noise of batched matmuls).
+
+        Raises:
+            ConfigError: as :meth:`add` (the prompt is checked here, before any forward).
+        """
+        if params.num_beams > 1:
+            raise ConfigError("DecodeBatch.start: beam search runs whole through GenerationEngine.generate")
+        self.engine._check_prompts([prompt], params, cap_at_limit=True)  # noqa: SLF001 - same rules as add()
+        budget = int(self.engine.row_budgets([prompt], params)[0])
+        row = self._new_row(
+            self._take_handles(1), prompt, params, self._settings_for(params, keep=False), seed, budget
+        )
+        dec = self._dec  # one snapshot for the whole start (the step may take a fresh one when the batch idles)
+        with torch.no_grad():
+            ready = self.prefill([prompt], dec)
+            z = dec.logits(ready.hidden)
+            (out,) = _sample_rows([row], z, torch.empty_like(z), torch.empty_like(z), self._device)
+            first(out)
+            if row.reason is not None:
+                return StartedRow(row.handle, row, None)
+            mask = torch.cat([ready.mask, torch.ones_like(ready.mask[:, :1])], 1)
+            pending = torch.tensor([[out.token]], dtype=torch.long, device=self._device)
+            h = dec.forward(pending, mask, ready.pos, ready.cache)
+        return StartedRow(row.handle, row, Prefill(h, ready.cache, mask, ready.pos + 1))
+
+    def add_started(self, started: StartedRow) -> int:
+        """Queue a row from :meth:`start` for the next step (on the generation thread); returns its handle.
+
+        Raises:
+            ConfigError: the row ended at its first token (it has nothing left to generate).
+        """
+        if started.prefill is None:
+            raise ConfigError("a row that ended at its first token has nothing to add")
+        self._ready[started.handle] = started.prefill
+        self._new.append(started.row)
+        self._by_handle[started.handle] = started.row
+        return started.handle
+
+    def _take_handles(self, n: int) -> int:
+        """The first of ``n`` consecutive new handles (any thread)."""
+        with self._handle_lock:
+            first = self._next_handle
+            self._next_handle += n
+        return first
+
+    def _settings_for(self, params: SamplingParams, keep: bool) -> _Settings:
+        """The stop / bias tensors of ``params``: shared with earlier rows when cached; ``keep`` caches new ones
+        (the generation thread only: another thread builds its own)."""
         key = (params.stop_token_ids, params.stop_strings, params.logit_bias)
         settings = self._settings.get(key)
         if settings is None:
-            if len(self._settings) >= MAX_CACHED_SETTINGS:  # rows keep theirs; only the lookup is dropped
-                self._settings.clear()
-            settings = self._settings[key] = _Settings(self.engine, params)
-        budgets = self.engine.row_budgets(prompts, params)
-        if prefill is not None:
-            if int(prefill.hidden.shape[0]) != len(prompts):
-                raise ConfigError(f"a prefill of {prefill.hidden.shape[0]} rows for {len(prompts)} prompts")
-            self._ready[self._next_handle] = prefill
-        handles = []
-        for prompt, seed, budget in zip(prompts, seeds, budgets.tolist()):
-            row = _Row(self._next_handle, list(prompt), params, settings, int(seed), int(budget))
-            if params.presence_penalty or params.frequency_penalty:
-                row.counts = torch.zeros(self.engine.vocab_size, dtype=torch.float32, device=self._device)
-            self._next_handle += 1
-            self._new.append(row)
-            self._by_handle[row.handle] = row
-            handles.append(row.handle)
-        return handles
+            settings = _Settings(self.engine, params)
+            if keep:
+                if len(self._settings) >= MAX_CACHED_SETTINGS:  # rows keep theirs; only the lookup is dropped
+                    self._settings.clear()
+                self._settings[key] = settings
+        return settings
+
+    def _new_row(
+        self, handle: int, prompt: Sequence[int], params: SamplingParams, settings: _Settings, seed: int, budget: int
+    ) -> _Row:
+        row = _Row(handle, list(prompt), params, settings, int(seed), int(budget))
+        if params.presence_penalty or params.frequency_penalty:
+            row.counts = torch.zeros(self.engine.vocab_size, dtype=torch.float32, device=self._device)
+        return row
 
     def finish(self, handles: Sequence[int], reason: str = FINISH_STOP) -> None:
         """End rows now (they generate nothing more and leave the batch at the next step); ended rows are skipped."""
@@ -391,68 +481,10 @@ class DecodeBatch:
             self._pos = torch.cat([self._pos, p.pos], 0)
 
     def _sample_and_record(self, logits: torch.Tensor, lo: int, hi: int, offset: int = 0) -> list[RowStep]:
-        """4. Per-row logit processing, sampling per settings group, then each row's stop conditions, for the rows
-        ``lo:hi`` of the batch (``logits``: the head output of rows ``offset:``; rows ``lo:hi`` are modified)."""
-        rows = self._rows[lo:hi]
-        z = logits[lo - offset : hi - offset]
-        _, e_buf, c_buf = self._scratch(len(rows))
-        # a. per-row processing, as GenerationStream._sample does it for a batch of one setting
-        alts: dict[int, tuple[float, list[int], list[float]]] = {}
-        tops: dict[int, tuple[torch.Tensor, list[int], list[float]]] = {}
-        for i, r in enumerate(rows):
-            p, s = r.params, r.settings
-            zi = z[i]
-            hist = torch.tensor(r.seen, dtype=torch.long, device=self._device) if r.seen is not None else None
-            process_logits(zi, p, r.step, hist, r.counts, s.bias, s.stop_ids_t)
-            if p.top_logprobs >= 0:  # the processed distribution (temperature applied; 0 = greedy reads as 1)
-                full = torch.log_softmax(zi[None] / (1.0 if p.greedy else p.temperature), -1)  # (1, V)
-                k = min(p.top_logprobs, full.shape[1])
-                top_v, top_i = full.topk(k, dim=-1) if k else (full[:, :0], full[:, :0].long())
-                tops[i] = (full[0], top_i[0].tolist(), top_v[0].tolist())
-        # b. sampling, one group per distinct (greedy, temperature, top_k, top_p)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault(r.pick_key, []).append(i)
-        toks = torch.empty(len(rows), dtype=torch.long, device=self._device)
-        lps = torch.empty(len(rows), dtype=torch.float32, device=self._device)
-        for idx in groups.values():
-            whole = len(idx) == len(rows)
-            zg = z if whole else z[torch.tensor(idx, device=self._device)]
-            group = [rows[i] for i in idx]
-            t, lp = pick_tokens(
-                zg, group[0].params, lambda g=group: _uniforms(g), e_buf[: len(group)], c_buf[: len(group)]
-            )
-            if whole:
-                toks, lps = t, lp
-            else:
-                sel = torch.tensor(idx, device=self._device)
-                toks[sel], lps[sel] = t, lp
-        for i, (full, ti, tv) in tops.items():
-            alts[i] = (float(full[toks[i]]), ti, tv)
-        # c. record tokens and stop conditions (stop token / stop string first, then budget or position limit)
-        out = []
-        toks_l, lps_l = toks.tolist(), lps.tolist()
-        for i, r in enumerate(rows):
-            t = toks_l[i]
-            r.step += 1
-            reason = None
-            if t in r.settings.stop_ids:
-                reason = FINISH_STOP
-            ss = r.settings.stop_strings
-            if ss is not None:
-                r.tail, hit = ss.push(r.tail, t)
-                if hit and r.step > r.params.min_new_tokens:
-                    reason = FINISH_STOP
-            if reason is None and r.step >= r.budget:
-                reason = FINISH_LENGTH
-            if r.counts is not None:
-                r.counts[t] += 1.0
-            if r.seen is not None:
-                r.seen.append(t)
-            r.pending = t
-            r.reason = reason
-            out.append(RowStep(r.handle, t, lps_l[i], alts.get(i), reason))
-        return out
+        """4. Per-row logit processing, sampling and stop conditions (:func:`_sample_rows`) for the rows ``lo:hi`` of
+        the batch (``logits``: the head output of rows ``offset:``; rows ``lo:hi`` are modified)."""
+        _, e_buf, c_buf = self._scratch(hi - lo)
+        return _sample_rows(self._rows[lo:hi], logits[lo - offset : hi - offset], e_buf, c_buf, self._device)
 
     def _scratch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Contiguous (rows, V) fp32 buffers for the logits and the sampler's exp / cumsum, kept across steps.
@@ -465,6 +497,70 @@ class DecodeBatch:
             v = self.engine.vocab_size
             self._buf = torch.empty(3, max(rows, 1), v, dtype=torch.float32, device=self._device)
         return self._buf[0, :rows], self._buf[1, :rows], self._buf[2, :rows]
+
+
+def _sample_rows(
+    rows: Sequence[_Row], z: torch.Tensor, e_buf: torch.Tensor, c_buf: torch.Tensor, device: torch.device
+) -> list[RowStep]:
+    """Per-row logit processing, sampling per settings group, then each row's stop conditions, for ``rows`` and
+    their logits ``z`` (modified); ``e_buf`` / ``c_buf``: the sampler's (rows, V) scratch. Rows' state advances."""
+    # a. per-row processing, as GenerationStream._sample does it for a batch of one setting
+    alts: dict[int, tuple[float, list[int], list[float]]] = {}
+    tops: dict[int, tuple[torch.Tensor, list[int], list[float]]] = {}
+    for i, r in enumerate(rows):
+        p, s = r.params, r.settings
+        zi = z[i]
+        hist = torch.tensor(r.seen, dtype=torch.long, device=device) if r.seen is not None else None
+        process_logits(zi, p, r.step, hist, r.counts, s.bias, s.stop_ids_t)
+        if p.top_logprobs >= 0:  # the processed distribution (temperature applied; 0 = greedy reads as 1)
+            full = torch.log_softmax(zi[None] / (1.0 if p.greedy else p.temperature), -1)  # (1, V)
+            k = min(p.top_logprobs, full.shape[1])
+            top_v, top_i = full.topk(k, dim=-1) if k else (full[:, :0], full[:, :0].long())
+            tops[i] = (full[0], top_i[0].tolist(), top_v[0].tolist())
+    # b. sampling, one group per distinct (greedy, temperature, top_k, top_p)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r.pick_key, []).append(i)
+    toks = torch.empty(len(rows), dtype=torch.long, device=device)
+    lps = torch.empty(len(rows), dtype=torch.float32, device=device)
+    for idx in groups.values():
+        whole = len(idx) == len(rows)
+        zg = z if whole else z[torch.tensor(idx, device=device)]
+        group = [rows[i] for i in idx]
+        t, lp = pick_tokens(
+            zg, group[0].params, lambda g=group: _uniforms(g), e_buf[: len(group)], c_buf[: len(group)]
+        )
+        if whole:
+            toks, lps = t, lp
+        else:
+            sel = torch.tensor(idx, device=device)
+            toks[sel], lps[sel] = t, lp
+    for i, (full, ti, tv) in tops.items():
+        alts[i] = (float(full[toks[i]]), ti, tv)
+    # c. record tokens and stop conditions (stop token / stop string first, then budget or position limit)
+    out = []
+    toks_l, lps_l = toks.tolist(), lps.tolist()
+    for i, r in enumerate(rows):
+        t = toks_l[i]
+        r.step += 1
+        reason = None
+        if t in r.settings.stop_ids:
+            reason = FINISH_STOP
+        ss = r.settings.stop_strings
+        if ss is not None:
+            r.tail, hit = ss.push(r.tail, t)
+            if hit and r.step > r.params.min_new_tokens:
+                reason = FINISH_STOP
+        if reason is None and r.step >= r.budget:
+            reason = FINISH_LENGTH
+        if r.counts is not None:
+            r.counts[t] += 1.0
+        if r.seen is not None:
+            r.seen.append(t)
+        r.pending = t
+        r.reason = reason
+        out.append(RowStep(r.handle, t, lps_l[i], alts.get(i), reason))
+    return out
 
 
 def _uniforms(rows: Sequence[_Row]) -> np.ndarray:

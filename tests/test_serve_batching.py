@@ -142,35 +142,133 @@ def test_rows_added_with_their_prefill_skip_it_at_the_step_and_sample_the_same(e
     assert [{h: t for h, t in o.items() if h != 2} for o in runs[0]] == runs[2]  # handle 2: the row that left
 
 
-def test_a_job_joining_a_running_batch_is_prefilled_on_the_prefill_thread(engine, tok, monkeypatch):
-    """The Batcher starts a joining job's prefill when it arrives, on its prefill thread, beside the step in
-    progress (a job arriving at an idle batch is prefilled by its step); its reply is the one it gets alone."""
+def test_a_lone_arrival_at_a_running_batch_gets_its_first_token_from_the_prefill_thread(engine, tok, monkeypatch):
+    """The Batcher starts a lone arrival at a running batch on its prefill thread, beside the step in progress: its
+    prefill, its first token (handed over from there) and the feed of that token; the step after takes it in as a
+    running row. Its first token does not wait for the step in progress (slowed to 0.3 s here), and its reply is the
+    one it gets alone. A job arriving at an idle batch is prefilled by its step."""
     threads: list[str] = []
     prefill = DecodeBatch.prefill
 
-    def traced(self, prompts):
+    def traced(self, prompts, *args):
         threads.append(threading.current_thread().name)
-        return prefill(self, prompts)
+        return prefill(self, prompts, *args)
 
     monkeypatch.setattr(DecodeBatch, "prefill", traced)
     joining = GenerationJob(_prompt(tok, "a later question"), SamplingParams(max_new_tokens=5), (2,))
 
-    async def main() -> list[StepItem]:
+    async def main() -> tuple[list[StepItem], float]:
         batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
         batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
-        batch.step = lambda *a: (time.sleep(0.1), fast_step(*a))[1]  # the step in progress outlasts the prefill
+        batch.step = lambda *a: (time.sleep(0.3), fast_step(*a))[1]  # the step in progress outlasts the start
         try:
             running = GenerationJob(_prompt(tok, "first"), SamplingParams(max_new_tokens=20, temperature=1.0), (1,))
             task = asyncio.create_task(_collect(batcher, running))
             while not batcher.active_rows:
                 await asyncio.sleep(0.001)
-            return await asyncio.wait_for(asyncio.gather(task, _collect(batcher, joining)), 60)
+            t0 = time.monotonic()
+            items = batcher.submit(joining)
+            first = await asyncio.wait_for(items.__anext__(), 60)
+            ttft = time.monotonic() - t0
+            assert first.tokens[0] and first.done is None
+            async for item in items:
+                if item.done is not None:
+                    return [await asyncio.wait_for(task, 60), item], ttft
+            raise AssertionError("no result")
         finally:
             batcher.close()
 
-    _, joined = asyncio.run(main())
+    (_, joined), ttft = asyncio.run(main())
     assert sorted(threads) == ["rlchat-generate", "rlchat-prefill_0"]  # its prefill ran once, on that thread
+    assert ttft < 0.25, ttft  # not behind the 0.3 s step in progress
     assert joined.done.tokens == _solo(engine, joining)[0]
+
+
+def test_a_started_job_that_fails_after_its_first_token_ends_with_the_error_not_a_second_start(
+    engine, tok, monkeypatch
+):
+    """If the prefill thread fails after handing the first token over, the job ends with that error at the next
+    step; it is not started again (that would send a second first token). The running job is unaffected."""
+    from serve.decode_batch import RowStep
+
+    def broken(self, prompt, params, seed, first):
+        first(RowStep(self._take_handles(1), 7, -1.0, None, None))
+        raise RuntimeError("feed failed")
+
+    monkeypatch.setattr(DecodeBatch, "start", broken)
+    joining = GenerationJob(_prompt(tok, "a later question"), SamplingParams(max_new_tokens=5), (2,))
+
+    async def main() -> tuple[list[StepItem], StepItem]:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
+        batch.step = lambda *a: (time.sleep(0.05), fast_step(*a))[1]
+        try:
+            running = GenerationJob(_prompt(tok, "first"), SamplingParams(max_new_tokens=8, temperature=1.0), (1,))
+            task = asyncio.create_task(_collect(batcher, running))
+            while not batcher.active_rows:
+                await asyncio.sleep(0.001)
+            log: list = []
+            await asyncio.wait_for(_collect(batcher, joining, log), 60)
+            return [item for _, item in log], await asyncio.wait_for(task, 60)
+        finally:
+            batcher.close()
+
+    items, other = asyncio.run(main())
+    assert [i.tokens for i in items] == [[[7]], [[]]]
+    assert isinstance(items[-1].done, RuntimeError) and "feed failed" in str(items[-1].done)
+    assert isinstance(other.done, JobOutput) and len(other.done.tokens[0]) == 8
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
+def test_a_row_started_off_the_generation_thread_continues_in_the_batch_as_if_added(
+    engine, tok, monkeypatch, temperature
+):
+    """``DecodeBatch.start`` (what the prefill thread runs for a lone arrival): the row's prefill, its first token
+    (handed to ``first`` at once) and the feed of that token through its own cache; ``add_started`` then puts it in
+    the batch, whose next step runs no trunk pass for it and samples its second token. Every token of both rows is
+    the one ``add`` gives."""
+    params = SamplingParams(max_new_tokens=6, temperature=temperature)
+    prompt = _prompt(tok, "a later, longer question")
+    runs = []
+    for started in (False, True):
+        batch = DecodeBatch(engine)
+        (old,) = batch.add([_prompt(tok, "first")], params, [1])
+        batch.step()
+        batch.feed_ahead()
+        tokens: dict[int, list[int]] = {}
+        if started:
+            firsts = []
+            row = batch.start(prompt, params, 3, firsts.append)
+            assert [(o.handle, o.reason) for o in firsts] == [(row.handle, None)] and row.prefill is not None
+            tokens["new"] = [firsts[0].token]
+            calls = _count_forwards(batch, monkeypatch)
+            new = batch.add_started(row)
+            assert new == row.handle != old
+        else:
+            calls = _count_forwards(batch, monkeypatch)
+            (new,) = batch.add([prompt], params, [3])
+        outs = batch.step()
+        assert calls == ([] if started else [1])  # the started row brought its state: no trunk pass for it
+        while True:
+            for o in outs:
+                tokens.setdefault("new" if o.handle == new else "old", []).append(o.token)
+            if not batch.rows:
+                break
+            outs = batch.step()
+        runs.append(tokens)
+    assert runs[0] == runs[1]
+    assert len(runs[1]["new"]) == 6
+
+
+def test_a_row_that_ends_at_its_first_token_is_not_left_to_the_batch(engine, tok):
+    """A started row whose first token ends it (budget 1, here) reports ``length`` with that token and carries no
+    state to add: the scheduler hands its result over and never adds it."""
+    batch = DecodeBatch(engine)
+    firsts = []
+    row = batch.start(_prompt(tok, "hi"), SamplingParams(max_new_tokens=1), 5, firsts.append)
+    assert row.prefill is None
+    assert [o.reason for o in firsts] == [FINISH_LENGTH]
+    assert batch.rows == 0
 
 
 def test_a_newcomers_first_token_is_handed_over_before_the_running_rows_are_sampled(engine, tok):
