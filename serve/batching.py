@@ -602,6 +602,8 @@ class Batcher:
         self._reports: list[tuple] = []  # steps not counted yet: they ride with the next post (generation thread)
         self._reports_since = 0.0
         self._ahead_s = 0.0  # seconds of the trunk pass run ahead of the next step (generation thread)
+        self._step_s = 0.0  # the last step's seconds (written by the generation thread; read by submit)
+        self._last_submit = 0.0  # time.monotonic() of the last submit (event loop)
         self._kick_pending = False
         self._report_loop: asyncio.AbstractEventLoop | None = None  # where stats are counted (the first caller's)
 
@@ -624,10 +626,15 @@ class Batcher:
                 if self._closed:
                     raise RuntimeError("the replica's generation thread has stopped")
                 self._waiting.append(waiting)
-                # a lone arrival joining a running batch at its next step: prefill now, beside the step in progress
-                # (arrivals in a burst are prefilled together by the step: one pass of the trunk for all of them,
-                # and the prefill thread would take the core the burst's HTTP handling needs)
-                early = len(self._waiting) == 1 and 0 < self._run.live_jobs < self.max_batch_size
+                # a lone arrival joining a running batch: started now, beside the step in progress. Arrivals in a
+                # burst (the previous one less than half a step ago) are prefilled together by the step: one pass of
+                # the trunk for all of them, and the prefill thread would take the core the burst's HTTP handling
+                # needs (lockstep waves, 8 x 512 over cl100k, AVX2: p50 TTFT 338 -> 385 ms with every lone arrival
+                # of a wave started on the thread; bench/README.md, "Serve load", eighth session)
+                now = time.monotonic()
+                apart = now - self._last_submit >= 0.5 * self._step_s
+                self._last_submit = now
+                early = apart and len(self._waiting) == 1 and 0 < self._run.live_jobs < self.max_batch_size
             if early and len(job.seeds) == 1:
                 waiting.prefill = self.prefill_pool.submit(self._start, waiting)
             elif early:
@@ -807,6 +814,8 @@ class Batcher:
         items = run.step_items(early=hand_over_first_tokens) if stepped else {}
         seconds = time.perf_counter() - t0 + self._ahead_s  # the step's trunk pass may have run ahead of it
         self._ahead_s = 0.0
+        if stepped:
+            self._step_s = seconds
         rows = run.last_rows if stepped else 0
         self._active_rows = run.active_rows
         out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepItem]]] = {}

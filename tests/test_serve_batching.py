@@ -146,7 +146,8 @@ def test_a_lone_arrival_at_a_running_batch_gets_its_first_token_from_the_prefill
     """The Batcher starts a lone arrival at a running batch on its prefill thread, beside the step in progress: its
     prefill, its first token (handed over from there) and the feed of that token; the step after takes it in as a
     running row. Its first token does not wait for the step in progress (slowed to 0.3 s here), and its reply is the
-    one it gets alone. A job arriving at an idle batch is prefilled by its step."""
+    one it gets alone. A job arriving at an idle batch is prefilled by its step, as are arrivals in a burst (the
+    previous one less than half a step before: one trunk pass for all of them at the step)."""
     threads: list[str] = []
     prefill = DecodeBatch.prefill
 
@@ -163,8 +164,9 @@ def test_a_lone_arrival_at_a_running_batch_gets_its_first_token_from_the_prefill
         batch.step = lambda *a: (time.sleep(0.3), fast_step(*a))[1]  # the step in progress outlasts the start
         try:
             running = GenerationJob(_prompt(tok, "first"), SamplingParams(max_new_tokens=20, temperature=1.0), (1,))
-            task = asyncio.create_task(_collect(batcher, running))
-            while not batcher.active_rows:
+            first_items: list = []
+            task = asyncio.create_task(_collect(batcher, running, first_items))
+            while not first_items:  # it runs; and this arrival comes a step after it (not in its burst)
                 await asyncio.sleep(0.001)
             t0 = time.monotonic()
             items = batcher.submit(joining)
@@ -182,6 +184,35 @@ def test_a_lone_arrival_at_a_running_batch_gets_its_first_token_from_the_prefill
     assert sorted(threads) == ["rlchat-generate", "rlchat-prefill_0"]  # its prefill ran once, on that thread
     assert ttft < 0.25, ttft  # not behind the 0.3 s step in progress
     assert joined.done.tokens == _solo(engine, joining)[0]
+
+    started: list[tuple[int, ...]] = []
+    start = Batcher._start
+
+    def traced_start(self, w):
+        started.append(w.job.prompt)
+        return start(self, w)
+
+    monkeypatch.setattr(Batcher, "_start", traced_start)
+    a_job = GenerationJob(_prompt(tok, "question a"), SamplingParams(max_new_tokens=3), (3,))
+    b_job = GenerationJob(_prompt(tok, "question b"), SamplingParams(max_new_tokens=3), (4,))
+
+    async def burst() -> list[StepItem]:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
+        batch.step = lambda *a: (time.sleep(0.2), fast_step(*a))[1]
+        try:  # a 0.2 s step first (the scheduler's measure of a step), then a at the idle batch and b just after
+            warm = GenerationJob((1, 2), SamplingParams(max_new_tokens=2), (1,))
+            await asyncio.wait_for(_collect(batcher, warm), 60)
+            a_task = asyncio.create_task(_collect(batcher, a_job))
+            while not batcher.active_rows:
+                await asyncio.sleep(0.001)
+            return await asyncio.wait_for(asyncio.gather(a_task, _collect(batcher, b_job)), 60)
+        finally:
+            batcher.close()
+
+    a_out, b_out = asyncio.run(burst())
+    assert started == []  # a found the batch idle; b came right after a (its burst) while a's step ran
+    assert a_out.done.tokens == _solo(engine, a_job)[0] and b_out.done.tokens == _solo(engine, b_job)[0]
 
 
 def test_a_started_job_that_fails_after_its_first_token_ends_with_the_error_not_a_second_start(
@@ -204,8 +235,9 @@ def test_a_started_job_that_fails_after_its_first_token_ends_with_the_error_not_
         batch.step = lambda *a: (time.sleep(0.05), fast_step(*a))[1]
         try:
             running = GenerationJob(_prompt(tok, "first"), SamplingParams(max_new_tokens=8, temperature=1.0), (1,))
-            task = asyncio.create_task(_collect(batcher, running))
-            while not batcher.active_rows:
+            first_items: list = []
+            task = asyncio.create_task(_collect(batcher, running, first_items))
+            while not first_items:
                 await asyncio.sleep(0.001)
             log: list = []
             await asyncio.wait_for(_collect(batcher, joining, log), 60)
