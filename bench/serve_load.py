@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -173,19 +174,11 @@ def main_in_process(args: argparse.Namespace) -> int:
     """``--in-process``: the same closed-loop load on the scheduler alone (no Ray, no HTTP)."""
     import torch
 
-    from rlchat.config import Config
-    from rlchat.generation import GenerationEngine
-    from rlchat.model import PolicyValueModel
-    from rlchat.tokenizer import ChatTokenizer
     from serve.batching import Batcher
 
     torch.set_num_threads(1)
     shape = model_shape(args.model, args.vocab)
-    cfg = Config().replace(**{f"model.{k}": v for k, v in shape.items() if k != "vocab_size"})
-    cfg = cfg.replace(**{"tokenizer.vocab_size": shape["vocab_size"]})
-    tok = ChatTokenizer.from_config(cfg.tokenizer)
-    engine = GenerationEngine.for_inference(PolicyValueModel.build(cfg, tok).eval(), tok, precision=args.precision)
-    prompt = tuple(tok.render_prompt([{"role": "user", "content": "Tell me something about the sea."}]))
+    engine, prompt = build_engine(args)
     arrivals = "staggered" if args.stagger else "lockstep"
     load = os.getloadavg()[0]
     print(f"scheduler alone (no HTTP), {describe(shape, args.precision)}, {arrivals} arrivals, load {load:.1f}")
@@ -202,7 +195,60 @@ def main_in_process(args: argparse.Namespace) -> int:
                 f"{r['itl_p50']:.1f} | {r['mean_batch']:.1f} |",
                 flush=True,
             )
+    print_ceiling(engine, prompt, args.batch_size)
     return 0
+
+
+def build_engine(args: argparse.Namespace) -> tuple[Any, tuple[int, ...]]:
+    """The serving engine of the benchmark's model (untrained, as the checkpoint it serves) and its prompt."""
+    from rlchat.config import Config
+    from rlchat.generation import GenerationEngine
+    from rlchat.model import PolicyValueModel
+    from rlchat.tokenizer import ChatTokenizer
+
+    shape = model_shape(args.model, args.vocab)
+    cfg = Config().replace(**{f"model.{k}": v for k, v in shape.items() if k != "vocab_size"})
+    cfg = cfg.replace(**{"tokenizer.vocab_size": shape["vocab_size"], "model.precision": args.precision})
+    tok = ChatTokenizer.from_config(cfg.tokenizer)
+    engine = GenerationEngine.for_inference(PolicyValueModel.build(cfg, tok).eval(), tok, precision=args.precision)
+    return engine, tuple(tok.render_prompt([{"role": "user", "content": "Tell me something about the sea."}]))
+
+
+def step_seconds(engine: Any, prompt: tuple[int, ...], rows: int, steps: int = 12) -> float:
+    """Median seconds of one ``DecodeBatch`` step with ``rows`` rows decoding (one torch thread, nothing else)."""
+    from rlchat.generation import SamplingParams
+    from serve.decode_batch import DecodeBatch
+
+    batch = DecodeBatch(engine)
+    batch.add([prompt] * rows, SamplingParams(max_new_tokens=steps + 4, temperature=1.0), list(range(rows)))
+    batch.step()  # the prefill
+    batch.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def print_ceiling(engine: Any, prompt: tuple[int, ...], rows: int) -> None:
+    """The most continuous batching can gain over batch-1 serving on this machine: a step of ``rows`` rows makes
+    ``rows`` tokens, a one-row step one, so ``rows x t(1) / t(rows)`` (prefills and HTTP not counted). Where the
+    step is bound by reading the weights (bf16 matrix units) that is near ``rows``; where it is compute-bound (fp32
+    on an AVX2 CPU) a 16-row step costs several one-row steps and no scheduler can reach 6x."""
+    import torch
+
+    from rlchat.cli.doctor import _cpu_model, cpu_bf16_flags
+
+    torch.set_num_threads(1)
+    one, many = step_seconds(engine, prompt, 1), step_seconds(engine, prompt, rows)
+    units = ", ".join(cpu_bf16_flags()) or "no bf16 matrix units"
+    print(
+        f"decoding step alone (one torch thread, {_cpu_model()}, {units}; engine dtype "
+        f"{engine.autocast_dtype() or 'fp32'}): 1 row {one * 1e3:.1f} ms, "
+        f"{rows} rows {many * 1e3:.1f} ms -> continuous batching can reach at most {rows * one / many:.1f}x "
+        "batch-1 throughput here"
+    )
 
 
 def model_shape(model: str, vocab: int) -> dict[str, int]:
@@ -352,6 +398,7 @@ def main() -> int:
         if on and one and kind == "stream":
             ratio = on["ttft_p50"] / one["ttft_p50"]
             print(f"{kind}: TTFT p50 at 16 clients / at 1 client = {ratio:.1f}x (target <= 2x)")
+    print_ceiling(*build_engine(args), args.batch_size)  # after the levels: nothing else runs now
     return 0
 
 
