@@ -238,13 +238,13 @@ def print_ceiling(engine: Any, prompt: tuple[int, ...], rows: int) -> None:
     on an AVX2 CPU) a 16-row step costs several one-row steps and no scheduler can reach 6x."""
     import torch
 
-    from rlchat.cli.doctor import _cpu_model, cpu_bf16_flags
+    from rlchat.cli.doctor import cpu_model, cpu_bf16_flags
 
     torch.set_num_threads(1)
     one, many = step_seconds(engine, prompt, 1), step_seconds(engine, prompt, rows)
     units = ", ".join(cpu_bf16_flags()) or "no bf16 matrix units"
     print(
-        f"decoding step alone (one torch thread, {_cpu_model()}, {units}; engine dtype "
+        f"decoding step alone (one torch thread, {cpu_model()}, {units}; engine dtype "
         f"{engine.autocast_dtype() or 'fp32'}): 1 row {one * 1e3:.1f} ms, "
         f"{rows} rows {many * 1e3:.1f} ms -> continuous batching can reach at most {rows * one / many:.1f}x "
         "batch-1 throughput here"

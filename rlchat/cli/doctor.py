@@ -321,7 +321,8 @@ def cpu_bf16_flags(flags: set[str] | None = None) -> list[str]:
     return [f for f in BF16_FLAGS if f in flags]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith("model name"):
@@ -415,7 +416,7 @@ def check_cpu(
         timing = (
             f"; bf16 matmul {ratio:.1f}x " + ("faster than fp32" if ratio >= 1 else "the speed of fp32") + " (1 core)"
         )
-    detail = f"{_cpu_model()}, {_available_cpus()} CPUs; bf16 units: {', '.join(bf16) or 'none'}{timing}"
+    detail = f"{cpu_model()}, {_available_cpus()} CPUs; bf16 units: {', '.join(bf16) or 'none'}{timing}"
     if bf16 and ratio is not None and ratio < 1.0:
         return CheckResult(
             "cpu bf16",
