@@ -238,7 +238,7 @@ def print_ceiling(engine: Any, prompt: tuple[int, ...], rows: int) -> None:
     on an AVX2 CPU) a 16-row step costs several one-row steps and no scheduler can reach 6x."""
     import torch
 
-    from rlchat.cli.doctor import cpu_model, cpu_bf16_flags
+    from rlchat.cli.doctor import cpu_bf16_flags, cpu_model
 
     torch.set_num_threads(1)
     one, many = step_seconds(engine, prompt, 1), step_seconds(engine, prompt, rows)
