@@ -18,8 +18,8 @@ in bf16 is 100 MB, the 8 layers of an 8 x 512 trunk 50 MB) and a decoding step o
 weights, so a step costs about as much for 1 row as for 16 (~19 vs ~23 ms, one thread). A newcomer that joins the
 running rows' step shares their head pass, and the running rows are delayed by its prefill only. The scheduler
 runs the running rows' trunk pass ahead (:meth:`DecodeBatch.feed_ahead`, once a step's tokens are handed over) and
-a joining request's prefill on a second thread as soon as it arrives (:meth:`DecodeBatch.prefill`), so neither is
-in the newcomer's wait. The other order, a step of their own for the newcomers (``prefill_first``), reads the
+a joining request's prefill on a second thread as soon as it arrives (:meth:`DecodeBatch.prefill`; for a lone
+one-row request its first token too, :meth:`DecodeBatch.start`), so neither is in the newcomer's wait. The other order, a step of their own for the newcomers (``prefill_first``), reads the
 whole model once more per arrival: measured back to back, ~15-20% less throughput for a ~10-25% lower time to
 first token (bench/README.md, "Serve load"); it stays as a setting for latency-bound deployments.
 
