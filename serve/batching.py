@@ -560,12 +560,12 @@ class Batcher:
     next step; after posting it runs the running rows' trunk pass of the next step (:meth:`BatchRun.feed_ahead`). A
     job that arrives alone at a running batch with room for it is started at once on a third thread
     (``prefill_pool``), beside the step in progress: a one-row job's prefill and first token (handed over from
-    there, :meth:`_start`), a many-row job's prefill; the step that takes it runs only the shared head pass for it. Waiting jobs join the
-    decode batch at the next step, up to ``max_batch_size`` jobs decoding at once; when the batch is idle, the first
-    arrival waits up to ``batch_wait_timeout_s`` so that a burst is prefilled together. Jobs still waiting at their
-    :attr:`GenerationJob.deadline` end with :class:`DeadlineExceeded`; waiting jobs whose every choice is in
-    :attr:`StreamControl.finish` (the client left) are dropped, as is a caller that stops iterating :meth:`submit`
-    before its job is done. A beam search is not cut at its deadline once it has started (it runs whole); one still
+    there, :meth:`_start`), a many-row job's prefill; the step that takes it runs only the shared head pass for it.
+    Waiting jobs join the decode batch at the next step, up to ``max_batch_size`` jobs decoding at once; when the
+    batch is idle, the first arrival waits up to ``batch_wait_timeout_s`` so that a burst is prefilled together.
+    Jobs still waiting at their :attr:`GenerationJob.deadline` end with :class:`DeadlineExceeded`; waiting jobs
+    whose every choice is in :attr:`StreamControl.finish` (the client left) are dropped, as is a caller that stops
+    iterating :meth:`submit` before its job is done. A beam search is not cut at its deadline once it has started (it runs whole); one still
     waiting for the beam thread at its deadline ends with :class:`DeadlineExceeded`.
 
     Args:

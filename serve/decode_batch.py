@@ -19,9 +19,11 @@ weights, so a step costs about as much for 1 row as for 16 (~19 vs ~23 ms, one t
 running rows' step shares their head pass, and the running rows are delayed by its prefill only. The scheduler
 runs the running rows' trunk pass ahead (:meth:`DecodeBatch.feed_ahead`, once a step's tokens are handed over) and
 a joining request's prefill on a second thread as soon as it arrives (:meth:`DecodeBatch.prefill`; for a lone
-one-row request its first token too, :meth:`DecodeBatch.start`), so neither is in the newcomer's wait. The other order, a step of their own for the newcomers (``prefill_first``), reads the
-whole model once more per arrival: measured back to back, ~15-20% less throughput for a ~10-25% lower time to
-first token (bench/README.md, "Serve load"); it stays as a setting for latency-bound deployments.
+one-row request its first token too, :meth:`DecodeBatch.start`), so neither is in the newcomer's wait. The other
+order, a step of their own for the newcomers (``prefill_first``), reads the whole model once more per arrival:
+measured back to back, ~15-20% less throughput for a ~10-25% lower time to first token (bench/README.md, "Serve
+load"); it stays as a setting for latency-bound deployments. (On a CPU without bf16 units, fp32, a many-row step is
+compute-bound instead: a 16-row step of 8 x 512 over cl100k costs ~4x a one-row one, see :meth:`DecodeBatch.start`.)
 
 Rows keep their own positions (real tokens only, ``cumsum(mask) - 1`` at prefill, then +1 per step) and their own
 attention mask, exactly as :class:`rlchat.generation.GenerationStream` does for a left-padded batch, so a row's
