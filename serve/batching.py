@@ -565,8 +565,8 @@ class Batcher:
     batch is idle, the first arrival waits up to ``batch_wait_timeout_s`` so that a burst is prefilled together.
     Jobs still waiting at their :attr:`GenerationJob.deadline` end with :class:`DeadlineExceeded`; waiting jobs
     whose every choice is in :attr:`StreamControl.finish` (the client left) are dropped, as is a caller that stops
-    iterating :meth:`submit` before its job is done. A beam search is not cut at its deadline once it has started (it runs whole); one still
-    waiting for the beam thread at its deadline ends with :class:`DeadlineExceeded`.
+    iterating :meth:`submit` before its job is done. A beam search is not cut at its deadline once it has started (it
+    runs whole); one still waiting for the beam thread at its deadline ends with :class:`DeadlineExceeded`.
 
     Args:
         engine: the generation engine.
