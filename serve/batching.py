@@ -296,7 +296,7 @@ class BatchRun:
         self._live[jid] = state
         if started is not None and state.error is None:
             state.handles = [self.batch.add_started(started)]
-            self._rows[started.handle] = (state, 0)
+            self._rows[state.handles[0]] = (state, 0)
         return jid
 
     def step_items(

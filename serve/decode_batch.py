@@ -42,12 +42,11 @@ runs it whole through :meth:`GenerationEngine.generate` on its own thread.
 
 No Ray import here. One :class:`DecodeBatch` is stepped from one thread; :meth:`DecodeBatch.prefill` and
 :meth:`DecodeBatch.start` alone may run on another meanwhile (they read the weights, fill a cache of their own and
-touch no state of the batch but the handle counter, which a lock guards).
+touch no state of the batch).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +68,9 @@ from rlchat.generation import (
     row_uniforms,
     seed_keys,
 )
+
+UNASSIGNED = -1
+"""The handle of a row started off the generation thread until :meth:`DecodeBatch.add_started` gives it one."""
 
 MAX_CACHED_SETTINGS = 256
 """Distinct (stop ids, stop strings, logit bias) whose tensors are kept for reuse by later rows (a bound: a long-lived
@@ -111,9 +113,8 @@ class Prefill:
 @dataclass
 class StartedRow:
     """A row whose first token was sampled off the generation thread (:meth:`DecodeBatch.start`), for
-    :meth:`DecodeBatch.add_started`."""
+    :meth:`DecodeBatch.add_started`, which gives it its handle."""
 
-    handle: int
     row: _Row
     prefill: Prefill | None
     """Its state after its first token (that token fed through its own cache); None if the first token ended it."""
@@ -177,7 +178,6 @@ class DecodeBatch:
         self._ready: dict[int, Prefill] = {}  # first handle of rows added with their prefill done -> that prefill
         self._by_handle: dict[int, _Row] = {}
         self._next_handle = 0
-        self._handle_lock = threading.Lock()  # start() takes handles on the prefill thread
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # (B, L) attention mask over the cache's columns
         self._pos: torch.Tensor | None = None  # (B, 1) position of each row's next token
@@ -279,9 +279,8 @@ class DecodeBatch:
             raise ConfigError("DecodeBatch.start: beam search runs whole through GenerationEngine.generate")
         self.engine._check_prompts([prompt], params, cap_at_limit=True)  # noqa: SLF001 - same rules as add()
         budget = int(self.engine.row_budgets([prompt], params)[0])
-        row = self._new_row(
-            self._take_handles(1), prompt, params, self._settings_for(params, keep=False), seed, budget
-        )
+        settings = self._settings_for(params, keep=False)
+        row = self._new_row(UNASSIGNED, prompt, params, settings, seed, budget)  # its handle: add_started's
         dec = self._dec  # one snapshot for the whole start (the step may take a fresh one when the batch idles)
         with torch.no_grad():
             ready = self.prefill([prompt], dec)
@@ -289,30 +288,32 @@ class DecodeBatch:
             (out,) = _sample_rows([row], z, torch.empty_like(z), torch.empty_like(z), self._device)
             first(out)
             if row.reason is not None:
-                return StartedRow(row.handle, row, None)
+                return StartedRow(row, None)
             mask = torch.cat([ready.mask, torch.ones_like(ready.mask[:, :1])], 1)
             pending = torch.tensor([[out.token]], dtype=torch.long, device=self._device)
             h = dec.forward(pending, mask, ready.pos, ready.cache)
-        return StartedRow(row.handle, row, Prefill(h, ready.cache, mask, ready.pos + 1))
+        return StartedRow(row, Prefill(h, ready.cache, mask, ready.pos + 1))
 
     def add_started(self, started: StartedRow) -> int:
-        """Queue a row from :meth:`start` for the next step (on the generation thread); returns its handle.
+        """Queue a row from :meth:`start` for the next step (on the generation thread); returns its handle (given
+        here: the batch that started it may have been replaced since, after a failed step).
 
         Raises:
             ConfigError: the row ended at its first token (it has nothing left to generate).
         """
         if started.prefill is None:
             raise ConfigError("a row that ended at its first token has nothing to add")
-        self._ready[started.handle] = started.prefill
-        self._new.append(started.row)
-        self._by_handle[started.handle] = started.row
-        return started.handle
+        row = started.row
+        row.handle = self._take_handles(1)
+        self._ready[row.handle] = started.prefill
+        self._new.append(row)
+        self._by_handle[row.handle] = row
+        return row.handle
 
     def _take_handles(self, n: int) -> int:
-        """The first of ``n`` consecutive new handles (any thread)."""
-        with self._handle_lock:
-            first = self._next_handle
-            self._next_handle += n
+        """The first of ``n`` consecutive new handles."""
+        first = self._next_handle
+        self._next_handle += n
         return first
 
     def _settings_for(self, params: SamplingParams, keep: bool) -> _Settings:

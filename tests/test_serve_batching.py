@@ -223,7 +223,7 @@ def test_a_started_job_that_fails_after_its_first_token_ends_with_the_error_not_
     from serve.decode_batch import RowStep
 
     def broken(self, prompt, params, seed, first):
-        first(RowStep(self._take_handles(1), 7, -1.0, None, None))
+        first(RowStep(-1, 7, -1.0, None, None))
         raise RuntimeError("feed failed")
 
     monkeypatch.setattr(DecodeBatch, "start", broken)
@@ -271,11 +271,11 @@ def test_a_row_started_off_the_generation_thread_continues_in_the_batch_as_if_ad
         if started:
             firsts = []
             row = batch.start(prompt, params, 3, firsts.append)
-            assert [(o.handle, o.reason) for o in firsts] == [(row.handle, None)] and row.prefill is not None
+            assert [o.reason for o in firsts] == [None] and row.prefill is not None
             tokens["new"] = [firsts[0].token]
             calls = _count_forwards(batch, monkeypatch)
             new = batch.add_started(row)
-            assert new == row.handle != old
+            assert new == row.row.handle != old
         else:
             calls = _count_forwards(batch, monkeypatch)
             (new,) = batch.add([prompt], params, [3])
@@ -290,6 +290,23 @@ def test_a_row_started_off_the_generation_thread_continues_in_the_batch_as_if_ad
         runs.append(tokens)
     assert runs[0] == runs[1]
     assert len(runs[1]["new"]) == 6
+
+
+def test_a_started_row_takes_its_handle_from_the_batch_it_joins(engine, tok):
+    """``add_started`` gives the row its handle, so a row started before a failed step replaced the batch cannot
+    collide with the new batch's rows."""
+    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    old_batch, new_batch = DecodeBatch(engine), DecodeBatch(engine)
+    (running,) = new_batch.add([_prompt(tok, "first")], params, [1])
+    new_batch.step()
+    started = old_batch.start(_prompt(tok, "a later question"), params, 2, lambda out: None)
+    joined = new_batch.add_started(started)
+    assert joined != running
+    seen: dict[int, int] = {}
+    while new_batch.rows:
+        for o in new_batch.step():
+            seen[o.handle] = seen.get(o.handle, 0) + 1
+    assert seen == {running: 3, joined: 3}  # each its own tokens: 4 - 1 and 4 - 1 (its first came from start)
 
 
 def test_a_row_that_ends_at_its_first_token_is_not_left_to_the_batch(engine, tok):
