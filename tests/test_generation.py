@@ -452,7 +452,7 @@ def test_rows_end_with_length_at_the_models_position_limit(tok: ChatTokenizer) -
         engine.generate([list(range(100, 132))], no_stop)
 
 
-def test_the_fp32_head_copy_follows_weight_updates(tok: ChatTokenizer) -> None:
+def test_the_fp32_head_copy_follows_weight_updates(tok: ChatTokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fp32 CPU engine reads the head from a contiguous (H, V) copy it keeps across calls (a strided view of the
     tied (V, H) embedding halves MKL's speed at a real vocabulary); any update of the weights -- an optimizer step,
     ``load_state_dict`` -- must reach the next call's logits, and the copy must not be rebuilt when nothing changed."""
@@ -479,3 +479,10 @@ def test_the_fp32_head_copy_follows_weight_updates(tok: ChatTokenizer) -> None:
     greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
     ref = GenerationEngine(other, tok, precision="fp32").generate([[1, 2, 3]], greedy)
     assert eng.generate([[1, 2, 3]], greedy).tokens == ref.tokens
+
+    import rlchat.core.generation as generation
+
+    monkeypatch.setattr(generation, "HEAD_COPY_MAX_BYTES", 0)  # a head above the cap: read through the view
+    big = GenerationEngine(other, tok, precision="fp32")._decoder()
+    assert not big.w_t.is_contiguous()
+    torch.testing.assert_close(big.logits(h), h @ other.lm.get_output_embeddings().weight.detach().t())

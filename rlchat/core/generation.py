@@ -442,11 +442,12 @@ class GenerationEngine:
         every batch size: 14.1 vs 6.8 ms for one row, 47 vs 39 ms for 16 (``bench/README.md``, "Serve load",
         eighth session). The copy costs ~175 ms and 4 bytes x V x H there, so it is kept and rebuilt only when the
         weight was replaced or updated in place (an optimizer step or ``load_state_dict`` bumps its version
-        counter). The kept pair holds the weight itself, so a new weight can never reuse its address unnoticed.
+        counter). The kept triple holds the weight itself, so a new weight can never reuse its address unnoticed.
+        Heads above :data:`HEAD_COPY_MAX_BYTES` are read through the view (a model that large belongs on a GPU).
         GPUs take the view as it is (cuBLAS reads either layout at the same speed).
         """
         w = weight.detach()[: self.vocab_size]
-        if w.device.type != "cpu":
+        if w.device.type != "cpu" or w.numel() * w.element_size() > HEAD_COPY_MAX_BYTES:
             return w.t()
         version = weight._version  # noqa: SLF001 - torch's in-place update counter
         kept = self._head_copy
@@ -454,6 +455,10 @@ class GenerationEngine:
             kept = (weight, version, w.t().contiguous())
             self._head_copy = kept  # one assignment: a concurrent caller sees the old triple or the new one
         return kept[2]
+
+
+HEAD_COPY_MAX_BYTES = 1 << 30
+"""Largest fp32 head the engine keeps a contiguous copy of (``GenerationEngine._head_t``): cl100k x 512 is 200 MB."""
 
 
 @dataclass
