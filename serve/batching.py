@@ -636,10 +636,12 @@ class Batcher:
                 apart = now - self._last_submit >= 0.5 * self._step_s
                 self._last_submit = now
                 early = apart and len(self._waiting) == 1 and 0 < self._run.live_jobs < self.max_batch_size
-            if early and len(job.seeds) == 1:
-                waiting.prefill = self.prefill_pool.submit(self._start, waiting)
-            elif early:
-                waiting.prefill = self.prefill_pool.submit(self._prefill, job)
+                # registered before the generation thread can take the job (it takes _cond): else the step could
+                # start it as well and the caller would get two first tokens
+                if early and len(job.seeds) == 1:
+                    waiting.prefill = self.prefill_pool.submit(self._start, waiting)
+                elif early:
+                    waiting.prefill = self.prefill_pool.submit(self._prefill, job)
             if not self._kick_pending:  # wake the thread once this tick's other submits are queued too
                 self._kick_pending = True
                 loop.call_soon(self._kick)
@@ -697,7 +699,7 @@ class Batcher:
     def _prefilled(w: _Waiting) -> Prefill | _Started | None:
         """What the prefill thread did for a joining job: waited for if it has started; one that has not started
         is cancelled (the step prefills it together with the other newcomers: one pass of the trunk for all)."""
-        if w.prefill is None or w.prefill.cancel():
+        if w.prefill is None or w.prefill.cancel() or w.prefill.cancelled():
             return None
         try:
             return w.prefill.result()
@@ -783,6 +785,8 @@ class Batcher:
                     self._cond.wait(left)
             now = time.monotonic()
             for w in list(self._waiting):
+                if w.prefill is not None and (w.prefill.running() or w.prefill.done()):
+                    continue  # its start may have handed a token over: it joins, and the batch applies its end
                 item = w.settle(now)
                 if item is not None:
                     self._waiting.remove(w)
@@ -791,10 +795,11 @@ class Batcher:
             later: list[_Waiting] = []
             while self._waiting and run.live_jobs + len(admit) + len(later) < self.max_batch_size:
                 w = self._waiting.popleft()
-                if run.live_jobs and w.prefill is not None and w.prefill.running():
-                    later.append(w)  # still on the prefill thread: joins at a later step, this one is not held up
+                f = w.prefill
+                if run.live_jobs and f is not None and not f.done() and not f.cancel():
+                    later.append(w)  # running on the prefill thread: joins at a later step, this one is not held up
                 else:
-                    admit.append(w)
+                    admit.append(w)  # a cancelled prefill is done by the step, with the other newcomers
             self._waiting.extendleft(reversed(later))
             queued = len(self._waiting)
         for w in admit:
@@ -815,9 +820,9 @@ class Batcher:
         items = run.step_items(early=hand_over_first_tokens) if stepped else {}
         seconds = time.perf_counter() - t0 + self._ahead_s  # the step's trunk pass may have run ahead of it
         self._ahead_s = 0.0
-        if stepped:
-            self._step_s = seconds
         rows = run.last_rows if stepped else 0
+        if rows:  # a step that decoded rows (a lone arrival is one that comes half of it after the last)
+            self._step_s = seconds
         self._active_rows = run.active_rows
         out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepItem]]] = {}
         for w, item in settled:

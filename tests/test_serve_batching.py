@@ -251,6 +251,81 @@ def test_a_started_job_that_fails_after_its_first_token_ends_with_the_error_not_
     assert isinstance(other.done, JobOutput) and len(other.done.tokens[0]) == 8
 
 
+def _slow_batcher(engine, step_s: float) -> Batcher:
+    batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+    batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
+    batch.step = lambda *a: (time.sleep(step_s), fast_step(*a))[1]
+    return batcher
+
+
+async def _running_job(batcher: Batcher, tok) -> asyncio.Task:
+    """A long job decoding, its first token out (so the next arrival is a lone one)."""
+    running = GenerationJob(_prompt(tok, "first"), SamplingParams(max_new_tokens=12, temperature=1.0), (1,))
+    first_items: list = []
+    task = asyncio.create_task(_collect(batcher, running, first_items))
+    while not first_items:
+        await asyncio.sleep(0.001)
+    return task
+
+
+def test_a_started_job_is_never_also_started_by_the_step(engine, tok, monkeypatch):
+    """The generation thread must not take a lone arrival in before its start is registered: it would prefill and
+    sample it too, and the caller would get two first tokens (seen with a slow ``prefill_pool.submit``, as on the
+    pool's first use, which starts its thread)."""
+    joining = GenerationJob(_prompt(tok, "a later question"), SamplingParams(max_new_tokens=5), (2,))
+
+    async def main() -> list[StepItem]:
+        batcher = _slow_batcher(engine, 0.02)
+        submit = batcher.prefill_pool.submit
+
+        def slow_submit(*args, **kwargs):
+            future = submit(*args, **kwargs)
+            time.sleep(0.1)  # the generation thread runs several steps meanwhile
+            return future
+
+        batcher.prefill_pool.submit = slow_submit
+        try:
+            task = await _running_job(batcher, tok)
+            log: list = []
+            await asyncio.wait_for(_collect(batcher, joining, log), 60)
+            await asyncio.wait_for(task, 60)
+            return [item for _, item in log]
+        finally:
+            batcher.close()
+
+    items = asyncio.run(main())
+    delivered = [t for item in items for t in item.tokens[0]]
+    assert delivered == items[-1].done.tokens[0] == _solo(engine, joining)[0][0]
+
+
+def test_a_started_job_past_its_deadline_keeps_its_first_token(engine, tok):
+    """A started job whose deadline passes before the step takes it in is not a queue timeout: its first token is
+    out, so it ends like a running job at its deadline, ``length``, with what it generated."""
+
+    async def main() -> list[StepItem]:
+        batcher = _slow_batcher(engine, 0.3)
+        try:
+            task = await _running_job(batcher, tok)
+            job = GenerationJob(
+                _prompt(tok, "a later question"),
+                SamplingParams(max_new_tokens=5),
+                (2,),
+                deadline=time.monotonic() + 0.1,  # passes during the 0.3 s step in progress
+            )
+            log: list = []
+            await asyncio.wait_for(_collect(batcher, job, log), 60)
+            await asyncio.wait_for(task, 60)
+            return [item for _, item in log]
+        finally:
+            batcher.close()
+
+    items = asyncio.run(main())
+    assert len(items[0].tokens[0]) == 1  # the first token, from the prefill thread
+    done = items[-1].done
+    assert isinstance(done, JobOutput), done
+    assert done.finish_reasons == [FINISH_LENGTH] and done.tokens[0] == items[0].tokens[0]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
 def test_a_row_started_off_the_generation_thread_continues_in_the_batch_as_if_added(
     engine, tok, monkeypatch, temperature
