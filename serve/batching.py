@@ -482,6 +482,8 @@ class _Waiting:
     prefill: Future | None = None
     """Started on the prefill thread when it arrived alone at a running batch (:class:`Batcher`): a one-row job's
     first token (:meth:`Batcher._start`, a :class:`_Started`), else its rows' prefill (a :class:`Prefill`)."""
+    first_on_thread: bool = False
+    """``prefill`` is :meth:`Batcher._start`, which hands the first token over itself."""
     held: StepItem | None = None
     """Steps' items not handed over yet (:attr:`GenerationJob.delivery_interval_s`); generation thread only."""
     last: float | None = None
@@ -640,6 +642,7 @@ class Batcher:
                 # start it as well and the caller would get two first tokens
                 if early and len(job.seeds) == 1:
                     waiting.prefill = self.prefill_pool.submit(self._start, waiting)
+                    waiting.first_on_thread = True
                 elif early:
                     waiting.prefill = self.prefill_pool.submit(self._prefill, job)
             if not self._kick_pending:  # wake the thread once this tick's other submits are queued too
@@ -785,7 +788,7 @@ class Batcher:
                     self._cond.wait(left)
             now = time.monotonic()
             for w in list(self._waiting):
-                if w.prefill is not None and (w.prefill.running() or w.prefill.done()):
+                if w.first_on_thread and (w.prefill.running() or w.prefill.done()):
                     continue  # its start may have handed a token over: it joins, and the batch applies its end
                 item = w.settle(now)
                 if item is not None:
