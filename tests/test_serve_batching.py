@@ -268,6 +268,18 @@ async def _running_job(batcher: Batcher, tok) -> asyncio.Task:
     return task
 
 
+async def _beside_a_running_job(batcher: Batcher, tok, make_job) -> list[StepItem]:
+    """The items of ``make_job()``, submitted alone while a long job decodes on ``batcher`` (closed after)."""
+    try:
+        task = await _running_job(batcher, tok)
+        log: list = []
+        await asyncio.wait_for(_collect(batcher, make_job(), log), 60)
+        await asyncio.wait_for(task, 60)
+        return [item for _, item in log]
+    finally:
+        batcher.close()
+
+
 def test_a_started_job_is_never_also_started_by_the_step(engine, tok, monkeypatch):
     """The generation thread must not take a lone arrival in before its start is registered: it would prefill and
     sample it too, and the caller would get two first tokens (seen with a slow ``prefill_pool.submit``, as on the
@@ -284,14 +296,7 @@ def test_a_started_job_is_never_also_started_by_the_step(engine, tok, monkeypatc
             return future
 
         batcher.prefill_pool.submit = slow_submit
-        try:
-            task = await _running_job(batcher, tok)
-            log: list = []
-            await asyncio.wait_for(_collect(batcher, joining, log), 60)
-            await asyncio.wait_for(task, 60)
-            return [item for _, item in log]
-        finally:
-            batcher.close()
+        return await _beside_a_running_job(batcher, tok, lambda: joining)
 
     items = asyncio.run(main())
     delivered = [t for item in items for t in item.tokens[0]]
@@ -302,24 +307,12 @@ def test_a_started_job_past_its_deadline_keeps_its_first_token(engine, tok):
     """A started job whose deadline passes before the step takes it in is not a queue timeout: its first token is
     out, so it ends like a running job at its deadline, ``length``, with what it generated."""
 
-    async def main() -> list[StepItem]:
-        batcher = _slow_batcher(engine, 0.3)
-        try:
-            task = await _running_job(batcher, tok)
-            job = GenerationJob(
-                _prompt(tok, "a later question"),
-                SamplingParams(max_new_tokens=5),
-                (2,),
-                deadline=time.monotonic() + 0.1,  # passes during the 0.3 s step in progress
-            )
-            log: list = []
-            await asyncio.wait_for(_collect(batcher, job, log), 60)
-            await asyncio.wait_for(task, 60)
-            return [item for _, item in log]
-        finally:
-            batcher.close()
+    def job() -> GenerationJob:  # its deadline passes during the 0.3 s step in progress
+        return GenerationJob(
+            _prompt(tok, "a later question"), SamplingParams(max_new_tokens=5), (2,), deadline=time.monotonic() + 0.1
+        )
 
-    items = asyncio.run(main())
+    items = asyncio.run(_beside_a_running_job(_slow_batcher(engine, 0.3), tok, job))
     assert len(items[0].tokens[0]) == 1  # the first token, from the prefill thread
     done = items[-1].done
     assert isinstance(done, JobOutput), done
