@@ -264,13 +264,8 @@ class BatchRun:
         Returns:
             The job's id: the key of its items in :meth:`step_items`, its index in :meth:`step`'s list.
         """
-        jid = self._next_id
-        state = _JobState(job, jid)
-        self._next_id += 1
-        self.total_rows += len(job.seeds)
-        if self.keep_history:
-            self.history.append(state)
-        self._live[jid] = state
+        state = _JobState(job)
+        jid = self._register(state)
         if job.params.num_beams > 1:
             return jid  # runs whole at the next step
         n = len(job.seeds)
@@ -287,16 +282,20 @@ class BatchRun:
         """Take in a one-row job whose first token was already handed over (:meth:`Batcher._start`): ``state`` holds
         that token, ``started`` the row for :meth:`DecodeBatch.add_started` (None with ``state.error`` set). Returns
         the job's id, as :meth:`add`."""
-        jid = self._next_id
-        state.jid = jid
+        jid = self._register(state)
+        if started is not None and state.error is None:
+            state.handles = [self.batch.add_started(started)]
+            self._rows[state.handles[0]] = (state, 0)
+        return jid
+
+    def _register(self, state: "_JobState") -> int:
+        """Give a job its id and make it live (reported by the next :meth:`step_items`); returns the id."""
+        state.jid = jid = self._next_id
         self._next_id += 1
         self.total_rows += len(state.job.seeds)
         if self.keep_history:
             self.history.append(state)
         self._live[jid] = state
-        if started is not None and state.error is None:
-            state.handles = [self.batch.add_started(started)]
-            self._rows[state.handles[0]] = (state, 0)
         return jid
 
     def step_items(
@@ -702,7 +701,7 @@ class Batcher:
     def _prefilled(w: _Waiting) -> Prefill | _Started | None:
         """What the prefill thread did for a joining job: waited for if it has started; one that has not started
         is cancelled (the step prefills it together with the other newcomers: one pass of the trunk for all)."""
-        if w.prefill is None or w.prefill.cancel() or w.prefill.cancelled():
+        if w.prefill is None or w.prefill.cancel():  # True for one cancelled at admission too
             return None
         try:
             return w.prefill.result()
