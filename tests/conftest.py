@@ -1,7 +1,8 @@
 """Shared pytest fixtures: one local Ray instance per session, tiny configs, thread budgets, and a throwaway
 PostgreSQL server for the feedback-store tests.
 
-Start-up costs dominate on 2 cores (imports ~4 s, ray.init 2-4 s), so every Ray test shares one instance.
+Start-up costs dominate on 2 cores (imports ~4 s, ray.init 2-4 s), so every Ray test of a test process shares one
+instance (`make test` runs two test processes, whole modules each: pytest-xdist `--dist loadfile`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the whole session (2 CPUs, no dashboard)."""
+    """One local Ray instance for the whole session (2 CPUs, no dashboard): a new one, never a cluster some other
+    test process (``make test`` runs two) started with ``ray start`` (tests/test_multinode.py)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -68,10 +68,13 @@ def test_quick_demo_with_the_default_run_dir(tmp_path):
 def test_demo_with_a_relative_run_dir_from_another_directory(tmp_path):
     """``--run-dir ../some/relative/dir`` from another working directory, with ``--full``: every stage (the RLHF
     run's too) reads and writes there (the stages are cut to a few steps, and the command line's keys win over the
-    RLHF run's own settings; the margins are the test above's and tests/test_rlhf_gold.py's job)."""
+    RLHF run's own settings; the margins are the test above's and tests/test_rlhf_gold.py's job). The learners run
+    in the driver process (``ray.learner_workers=0``: six Ray Train start-ups cost ~70 s here); the test above runs
+    them on Ray Train from a relative default run directory."""
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     short = ["sft.epochs=1", "sft.max_steps=5", "rm.max_steps=3", "ppo.iterations=2", "ppo.eval_prompts=8"]
+    short.append("ray.learner_workers=0")
     proc = _run_demo(cwd, "--run-dir", "../some/relative/dir", "--full", *short)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "some" / "relative" / "dir"

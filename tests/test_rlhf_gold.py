@@ -64,6 +64,31 @@ def test_a_run_without_the_verifiable_reward_still_logs_gold_beside_proxy(tmp_pa
     assert M.EVAL_PROXY_REWARD in r
 
 
+def reply_score(prompt_messages, response_text, response_ids, record) -> float:
+    """A reward plugin that varies with every reply (a tiny random policy's replies all score alike otherwise)."""
+    return float(sum(response_ids) % 7)
+
+
+def test_one_sampling_scores_the_proxy_and_the_gold_as_two_samplings_would(tmp_path):
+    """``sampled_scores`` (what ``run_rlhf`` reports) samples each policy once: the total of those episodes equals a
+    sampling under the training reward alone, and their monitored checked answer the total of a sampling scored by
+    the checked answer alone -- the episodes do not depend on how they are scored."""
+    from rlchat.cli.demo import sampled_reward, sampled_scores
+    from rlchat.core.checkpoint import resolve_checkpoint_dir
+    from rlchat.core.data import load_records
+
+    proxy_reward = ["reward.verifiable=0", "reward.plugins={'test_rlhf_gold:reply_score': 1.0}", "reward.monitor=[]"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*TINY, *proxy_reward, "ppo.iterations=1"])
+    run, _ = train(cfg, tmp_path / "run", quiet=True)
+    ckpt = resolve_checkpoint_dir(run / "checkpoints" / "latest")
+    held_out = load_records(cfg.data.prompts, split="val", cfg=cfg)
+    both = sampled_scores(ckpt, cfg, held_out, 6, samples=2, components=["verifiable"])
+    proxy = sampled_reward(ckpt, cfg, held_out, 6, samples=2)
+    gold = sampled_reward(ckpt, cfg.replace(**{"reward.verifiable": 1.0, "reward.plugins": {}}), held_out, 6, 2)
+    assert both["total"] == proxy and both["verifiable"] == gold
+    assert proxy["n"] == gold["n"] == 12 and proxy["stderr"] > 0
+
+
 # ------------------------------------------------------------------------------------ the gold-drop guardrail
 
 

@@ -154,6 +154,35 @@ def test_resume_in_process_continues_step_exactly(cfg, tmp_path):
     assert final[SFT_VAL_LOSS] == a[max(a)][SFT_VAL_LOSS]
 
 
+def test_in_process_stage_trains_with_the_learner_thread_budget(cfg, tmp_path, monkeypatch):
+    """use_ray=False trains in this process with ray.learner_threads, as the in-process PPO learner does (it once
+    inherited whatever an earlier sampler had left)."""
+    seen = []
+    real = StageLearner.train_steps
+
+    def spy(self, n=1):
+        seen.append(torch.get_num_threads())
+        return real(self, n)
+
+    monkeypatch.setattr(StageLearner, "train_steps", spy)
+    torch.set_num_threads(1)
+    run_sft(cfg.replace(**{"ray.learner_threads": 2, "sft.max_steps": 2}), tmp_path / "run", quiet=True, use_ray=False)
+    assert seen and set(seen) == {2}
+
+
+def test_zero_learner_workers_trains_the_stage_in_the_driver_process(cfg, tmp_path, monkeypatch):
+    """ray.learner_workers=0 means what it means for PPO: no Ray Train worker group (once a ConfigError from it)."""
+    from rlchat.distributed import rank_group
+
+    def no_group(*a, **k):
+        raise AssertionError("a Ray Train rank group was started")
+
+    monkeypatch.setattr(rank_group.RankGroup, "__init__", no_group)
+    run, final = run_sft(cfg.replace(**{"ray.learner_workers": 0, "sft.max_steps": 2}), tmp_path / "run", quiet=True)
+    assert find_best_checkpoint(run) is not None and math.isfinite(final[SFT_VAL_LOSS])
+    assert sorted(_records(run)) == [0, 1, 2]
+
+
 def test_sft_command_resume_errors_say_what_to_do(tmp_path):
     with pytest.raises(CheckpointError, match="no config.yaml"):
         sft_command(resume=str(tmp_path / "missing"))

@@ -78,6 +78,31 @@ def test_in_process_run_logs_every_documented_metric(tmp_path):
     assert "step 1/2" in log and "step 2/2" in log
 
 
+def test_each_phase_in_the_driver_process_runs_with_its_own_thread_budget(tmp_path, monkeypatch):
+    """rollout.num_workers=0 and ray.learner_workers=0 share one process: sampling runs on rollout.torch_threads and
+    the update on ray.learner_threads, each time (the sampler's budget once stayed for every later update)."""
+    import torch
+
+    from rlchat.distributed import learner, rollout
+
+    seen: dict[str, list[int]] = {"sample": [], "update": []}
+
+    def spy(cls, name, key):
+        real = getattr(cls, name)
+
+        def wrapped(self, *a, **k):
+            seen[key].append(torch.get_num_threads())
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(cls, name, wrapped)
+
+    spy(rollout.Sampler, "sample", "sample")
+    spy(learner.LearnerRank, "update", "update")
+    train(_cfg("rollout.torch_threads=1", "ray.learner_threads=2", "ppo.iterations=2"), tmp_path / "run", quiet=True)
+    assert seen["sample"] and set(seen["sample"]) == {1}
+    assert seen["update"] == [2, 2]
+
+
 def test_guardrail_stop_ends_the_run_and_is_recorded(tmp_path):
     # an impossible entropy floor trips at once
     cfg = _cfg("ppo.iterations=4", "ppo.min_entropy=1000", "ppo.guardrail_action=stop")

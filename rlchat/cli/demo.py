@@ -109,15 +109,16 @@ def run_rlhf(
     )
     ppo_dir, ppo_metrics = train(ppo_cfg, run_dir / "ppo", quiet=quiet)
     ppo_ckpt = resolve_checkpoint_dir(ppo_dir / "checkpoints" / "latest")
-    gold_cfg = ppo_cfg.replace(**{"reward.verifiable": 1.0, "reward.model": 0.0})
     held_out = load_records(cfg.data.prompts, split="val", cfg=cfg)
     n = ppo_cfg.ppo.eval_prompts
-    pairs = (("sft", weak), ("ppo", ppo_ckpt))
+    # one sampling per policy: its reward-model total is the proxy, its checked answer (monitored) the gold
+    policies = (("sft", weak), ("ppo", ppo_ckpt))
+    scores = {k: sampled_scores(c, ppo_cfg, held_out, n, components=["verifiable"]) for k, c in policies}
     return {
         "run_dir": str(run_dir),
         "checkpoints": {"sft": str(weak), "rm": str(rm_ckpt), "ppo": str(ppo_ckpt)},
-        "gold": {k: sampled_reward(c, gold_cfg, held_out, n) for k, c in pairs},
-        "proxy": {k: sampled_reward(c, ppo_cfg, held_out, n) for k, c in pairs},
+        "gold": {k: s["verifiable"] for k, s in scores.items()},
+        "proxy": {k: s["total"] for k, s in scores.items()},
         "rm_final": rm_metrics,
         "kl": ppo_metrics.get("kl/ref_kl"),
     }
@@ -254,15 +255,37 @@ def sampled_reward(checkpoint: Path, cfg: Config, records: list[Any], n_prompts:
     ``samples`` episodes per prompt on the first ``n_prompts`` held-out records, seeded, through the same envs and
     rewards as training (:class:`rlchat.distributed.rollout.Sampler`).
     """
+    return sampled_scores(checkpoint, cfg, records, n_prompts, samples)["total"]
+
+
+def sampled_scores(
+    checkpoint: Path,
+    cfg: Config,
+    records: list[Any],
+    n_prompts: int,
+    samples: int = 4,
+    components: Collection[str] = (),
+) -> dict[str, dict]:
+    """:func:`sampled_reward` (``"total"``) and, from the same episodes, the mean of each reward component named in
+    ``components`` (monitored when ``cfg`` gives it no weight): one sampling scores the proxy and the gold alike.
+
+    Raises:
+        ConfigError: a component ``reward.monitor`` cannot report.
+    """
     from rlchat.core.checkpoint import load_policy
     from rlchat.distributed.rollout import Sampler
 
+    monitor = tuple(dict.fromkeys([*cfg.reward.monitor, *components]))
+    cfg = cfg.replace(**{"reward.monitor": monitor})
     model, tokenizer, _ = load_policy(checkpoint)
     sampler = Sampler(cfg, tokenizer, model.lm, records)
     n = min(n_prompts, len(records))
     batch = sampler.sample(iteration=10**6, record_indices=list(range(n)) * samples)
-    total = batch.reward_components["total"]
-    return {"mean": float(total.mean()), "stderr": float(total.std() / max(len(total), 1) ** 0.5), "n": len(total)}
+    out = {}
+    for key in ("total", *components):
+        v = batch.reward_components[key]
+        out[key] = {"mean": float(v.mean()), "stderr": float(v.std() / max(len(v), 1) ** 0.5), "n": len(v)}
+    return out
 
 
 def verdict(sft: dict[str, float], ppo: dict[str, float]) -> str:

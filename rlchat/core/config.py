@@ -338,7 +338,7 @@ class RayConfig:
     num_cpus: int = 0
     """CPUs of the local Ray instance (0 = all)."""
     learner_workers: int = 1
-    """Ray Train workers of the learner / SFT / RM stages (DDP when > 1; 0 = PPO learns inside the driver process)."""
+    """Ray Train workers of the learner / SFT / RM stages (DDP when > 1; 0 = each learns inside the driver process)."""
     learner_use_gpu: bool = False
     """Give each learner worker a GPU."""
     learner_cpus: float = 1.0

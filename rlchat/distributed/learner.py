@@ -68,6 +68,7 @@ from rlchat.core.metrics import PPO_GRAD_NORM as GRAD_NORM
 from rlchat.core.metrics import PPO_LR as LR
 from rlchat.core.model import PolicyLM, PolicyValueModel
 from rlchat.distributed.rank_group import RankContext, RankGroup, rank0_only
+from rlchat.distributed.rollout import set_torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -648,15 +649,25 @@ class LocalLearner(LearnerRank):
     build, called directly, with this process's thread budget.
 
     For small sweeps and tests, where a Ray Train worker group (~17 s to start on 2 cores) costs more than it gives.
-    Weights are handed over as plain state dicts instead of object-store refs.
+    Weights are handed over as plain state dicts instead of object-store refs. In-process sampling
+    (``rollout.num_workers=0``) shares the process with its own budget, so each update and evaluation sets the
+    learner's budget again.
     """
 
     def __init__(self, cfg: Config, run_dir: str = "") -> None:
         from rlchat.distributed.cluster import torch_thread_budget
-        from rlchat.distributed.rollout import set_torch_threads
 
-        set_torch_threads(torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, 1, cfg.rollout.overlap))
+        self.threads = torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, 1, cfg.rollout.overlap)
+        set_torch_threads(self.threads)
         super().__init__(RankContext(), cfg)
+
+    def update(self, batch: Any, iteration: int) -> tuple[dict[str, float], Any, int]:
+        set_torch_threads(self.threads)
+        return super().update(batch, iteration)
+
+    def evaluate(self, conversations: list[list[dict[str, str]]]) -> dict[str, float]:
+        set_torch_threads(self.threads)
+        return super().evaluate(conversations)
 
 
 def make_learner(cfg: Config, run_dir: str) -> LearnerGroup | LocalLearner:

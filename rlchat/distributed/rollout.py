@@ -353,6 +353,17 @@ def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------- Ray layer
 
 
+def rollout_thread_budget(cfg: Config) -> int:
+    """Torch threads of one rollout worker's sampling (``rollout.torch_threads``; 0 = auto, see
+    :func:`rlchat.distributed.cluster.torch_thread_budget`)."""
+    from rlchat.distributed.cluster import node_cpus, rollout_workers_per_node, torch_thread_budget
+
+    r = cfg.rollout
+    return torch_thread_budget(
+        r.torch_threads, r.num_cpus_per_worker, rollout_workers_per_node(cfg, node_cpus()), r.overlap
+    )
+
+
 def build_sampler(
     cfg_dict: dict[str, Any], worker_id: int, split: str = "train", device: torch.device | str = "cpu"
 ) -> Sampler:
@@ -362,14 +373,7 @@ def build_sampler(
     from rlchat.core.model import PolicyValueModel
 
     cfg = from_dict(cfg_dict)
-    from rlchat.distributed.cluster import node_cpus, rollout_workers_per_node, torch_thread_budget
-
-    r = cfg.rollout
-    set_torch_threads(
-        torch_thread_budget(
-            r.torch_threads, r.num_cpus_per_worker, rollout_workers_per_node(cfg, node_cpus()), r.overlap
-        )
-    )
+    set_torch_threads(rollout_thread_budget(cfg))
     tokenizer = ChatTokenizer.from_config(cfg.tokenizer)
     torch.manual_seed(cfg.seed)
     if cfg.checkpoint.init_from:
@@ -467,12 +471,15 @@ class LocalRollouts:
     """Sampling in the driver process (``rollout.num_workers=0``): same interface as :class:`RolloutGroup`.
 
     Samples on CPU: the driver has no Ray GPU assignment (a GPU learner in the driver keeps its GPU to itself).
+    The driver process also runs the in-process learner (``ray.learner_workers=0``), whose budget differs, so
+    each sampling call sets this phase's thread budget again.
     """
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.sampler = build_sampler(cfg.to_dict(), 0)
         self.eval_sampler: Sampler | None = None
+        self.threads = rollout_thread_budget(cfg)
 
     def sync(self, weights: Any, version: int) -> None:
         if version != self.sampler.weights_version:
@@ -480,6 +487,7 @@ class LocalRollouts:
 
     def sample(self, iteration: int, weights: Any, version: int, pad_id: int) -> RolloutBatch:
         self.sync(weights, version)
+        set_torch_threads(self.threads)
         return self.sampler.sample(iteration)
 
     def sample_async(self, iteration: int, weights: Any, version: int) -> list[Any]:
@@ -495,6 +503,7 @@ class LocalRollouts:
             self.eval_sampler = Sampler(self.cfg, s.tokenizer, s.model, records, worker_id=0, reward_fn=s.reward_fn)
         self.eval_sampler.weights_version = self.sampler.weights_version
         n = min(n_prompts, len(self.eval_sampler.records))
+        set_torch_threads(self.threads)
         return self.eval_sampler.sample(iteration, greedy=True, record_indices=list(range(n)))
 
     def pids(self) -> list[int]:

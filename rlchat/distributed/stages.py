@@ -16,9 +16,10 @@ Roles (see docs/stages.md):
 - **Learners** (:class:`StageLearner`, plain torch, no Ray inside): one per Ray Train rank, built and called
   through the typed rank group of :mod:`rlchat.distributed.rank_group` (one ``TorchTrainer.fit()`` per stage, the same
   as PPO's learner); rank ``r`` of ``W`` trains on rows ``r::W`` of each global batch, DDP (gloo on CPU, NCCL on GPU)
-  averages gradients. ``run_sft(..., use_ray=False)`` calls one StageLearner in this process instead (debugging,
-  tests). When a worker dies, Ray Train restarts the group (``ray.learner_max_failures``) and the driver restores
-  the run's last checkpoint into the new learners, as ``--resume`` would.
+  averages gradients. ``ray.learner_workers=0`` or ``run_sft(..., use_ray=False)`` calls one StageLearner in this
+  process instead (debugging, small runs, tests). When a worker dies, Ray Train restarts the group
+  (``ray.learner_max_failures``) and the driver restores the run's last checkpoint into the new learners, as
+  ``--resume`` would.
 
 The training step (one optimizer step per ``batch_size`` conversations / pairs, global across workers):
 
@@ -1027,6 +1028,7 @@ def run_stage(
             cfg = _with_policy_pairs(cfg, path, say)
         prepare = prepare_sft_data if stage == "sft" else prepare_rm_data
         data, counts = prepare(cfg, tokenizer, max_len)
+        use_ray = use_ray and cfg.ray.learner_workers > 0  # 0: in the driver process, as PPO's learner
         world = cfg.ray.learner_workers if use_ray else 1
         plan = plan_steps(data.num_train, sec, world)
         unit = "conversations" if stage == "sft" else "pairs"
@@ -1064,6 +1066,11 @@ def run_stage(
                 init_ray(address or cfg.ray.address or None, cfg.ray.num_cpus)
                 _train_on_ray(stage, cfg, path, data, plan, start, resume_state, tokenizer, driver)
             else:
+                from rlchat.distributed.cluster import torch_thread_budget
+                from rlchat.distributed.rollout import set_torch_threads
+
+                # the budget a Ray Train rank would get (one rank on this node), not whatever this process had
+                set_torch_threads(torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, 1, False))
                 learner = StageLearner(make_task(stage, data, cfg), cfg, tokenizer, resume=resume_state)
                 train_loop(learner, plan, cfg, driver, start)
         finally:
