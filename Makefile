@@ -31,7 +31,7 @@ demo: setup
 	$(VENV)/bin/rlchat demo
 
 test: setup browser postgres
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --timeout=900 --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder --timeout=900 --durations=25
 
 test-fast: setup postgres
 	$(PY) -m pytest -q -m "not slow" --timeout=300
