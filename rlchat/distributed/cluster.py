@@ -321,6 +321,12 @@ def torch_thread_budget(requested: int, reserved_cpus: float, same_phase_on_node
     return max(1, node_cpus() // max(1, same_phase_on_node))
 
 
+def learner_thread_budget(cfg: Config, overlap: bool = False) -> int:
+    """Torch threads of a learner in the driver process (``ray.learner_workers=0``: PPO's learner with
+    ``overlap=rollout.overlap``, an SFT / RM stage with none): one rank alone on this node."""
+    return torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, 1, overlap)
+
+
 def rollout_workers_per_node(cfg: Config, cpus: int) -> int:
     """How many of the run's rollout workers Ray can place on a node of ``cpus`` CPUs (at most all of them)."""
     per = cfg.rollout.num_cpus_per_worker

@@ -655,9 +655,9 @@ class LocalLearner(LearnerRank):
     """
 
     def __init__(self, cfg: Config, run_dir: str = "") -> None:
-        from rlchat.distributed.cluster import torch_thread_budget
+        from rlchat.distributed.cluster import learner_thread_budget
 
-        self.threads = torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, 1, cfg.rollout.overlap)
+        self.threads = learner_thread_budget(cfg, cfg.rollout.overlap)
         set_torch_threads(self.threads)
         super().__init__(RankContext(), cfg)
 

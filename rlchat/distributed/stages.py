@@ -1066,11 +1066,11 @@ def run_stage(
                 init_ray(address or cfg.ray.address or None, cfg.ray.num_cpus)
                 _train_on_ray(stage, cfg, path, data, plan, start, resume_state, tokenizer, driver)
             else:
-                from rlchat.distributed.cluster import torch_thread_budget
+                from rlchat.distributed.cluster import learner_thread_budget
                 from rlchat.distributed.rollout import set_torch_threads
 
                 # the budget a Ray Train rank would get (one rank on this node), not whatever this process had
-                set_torch_threads(torch_thread_budget(cfg.ray.learner_threads, cfg.ray.learner_cpus, 1, False))
+                set_torch_threads(learner_thread_budget(cfg))
                 learner = StageLearner(make_task(stage, data, cfg), cfg, tokenizer, resume=resume_state)
                 train_loop(learner, plan, cfg, driver, start)
         finally:
