@@ -455,7 +455,8 @@ def test_rows_end_with_length_at_the_models_position_limit(tok: ChatTokenizer) -
 def test_the_fp32_head_copy_follows_weight_updates(tok: ChatTokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fp32 CPU engine reads the head from a contiguous (H, V) copy it keeps across calls (a strided view of the
     tied (V, H) embedding halves MKL's speed at a real vocabulary); any update of the weights -- an optimizer step,
-    ``load_state_dict`` -- must reach the next call's logits, and the copy must not be rebuilt when nothing changed."""
+    ``load_state_dict``, a write through ``.data`` that torch's version counter misses -- must reach the next call's
+    logits, and the copy must not be rebuilt when nothing changed."""
     model = build(tok, seed=3)
     eng = GenerationEngine(model, tok, precision="fp32")
     h = torch.randn(4, 32)
@@ -476,6 +477,16 @@ def test_the_fp32_head_copy_follows_weight_updates(tok: ChatTokenizer, monkeypat
     other = build(tok, seed=4)
     model.load_state_dict(other.state_dict())  # a weight sync
     torch.testing.assert_close(eng._decoder().logits(h), h @ other.lm.get_output_embeddings().weight.detach().t())
+    # updates torch's version counter does not see: through ``.data`` (older training loops, DeepSpeed-style
+    # loaders) and ``vector_to_parameters`` (which assigns ``.data``)
+    w.data.copy_(w.data * 0.5)
+    torch.testing.assert_close(eng._decoder().logits(h), expected())
+    w.data = w.data.clone() * 3.0
+    torch.testing.assert_close(eng._decoder().logits(h), expected())
+    vec = torch.nn.utils.parameters_to_vector([w])
+    torch.nn.utils.vector_to_parameters(-vec, [w])
+    torch.testing.assert_close(eng._decoder().logits(h), expected())
+    model.load_state_dict(other.state_dict())
     greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
     ref = GenerationEngine(other, tok, precision="fp32").generate([[1, 2, 3]], greedy)
     assert eng.generate([[1, 2, 3]], greedy).tokens == ref.tokens

@@ -293,7 +293,7 @@ class GenerationEngine:
         self.precision = precision
         params = inspect.signature(self.trunk.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._head_copy: tuple[torch.Tensor, int, torch.Tensor] | None = None  # see _head_t
+        self._head_copy: _HeadCopy | None = None  # see _head_t
 
     @classmethod
     def for_inference(
@@ -441,8 +441,11 @@ class GenerationEngine:
         AVX2 CPU (AMD EPYC, one thread, cl100k x 512) that ran at half the speed of a contiguous (H, V) operand at
         every batch size: 14.1 vs 6.8 ms for one row, 47 vs 39 ms for 16 (``bench/README.md``, "Serve load",
         eighth session). The copy costs ~175 ms and 4 bytes x V x H there, so it is kept and rebuilt only when the
-        weight was replaced or updated in place (an optimizer step or ``load_state_dict`` bumps its version
-        counter). The kept triple holds the weight itself, so a new weight can never reuse its address unnoticed.
+        weight changed: replaced, updated in place through autograd's view (an optimizer step or ``load_state_dict``
+        bumps its version counter), given new storage (``p.data = ...``, ``vector_to_parameters``: a new address),
+        or written through ``p.data`` (which no counter sees: a sample of 4,096 elements spread over the whole head,
+        ~10 us to compare, differs after any real update). The kept entry holds the weight itself, so a new weight
+        can never reuse its address unnoticed.
         Heads above :data:`HEAD_COPY_MAX_BYTES` are read through the view (a model that large belongs on a GPU).
         GPUs take the view as it is (cuBLAS reads either layout at the same speed).
         """
@@ -451,10 +454,30 @@ class GenerationEngine:
             return w.t()
         version = weight._version  # noqa: SLF001 - torch's in-place update counter
         kept = self._head_copy
-        if kept is None or kept[0] is not weight or kept[1] != version:
-            kept = (weight, version, w.t().contiguous())
-            self._head_copy = kept  # one assignment: a concurrent caller sees the old triple or the new one
-        return kept[2]
+        flat = w.reshape(-1)
+        if (
+            kept is None
+            or kept.weight is not weight
+            or kept.version != version
+            or kept.address != w.data_ptr()
+            or not torch.equal(flat[kept.probe], kept.sample)
+        ):
+            probe = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel())).long()
+            kept = _HeadCopy(weight, version, w.data_ptr(), probe, flat[probe], w.t().contiguous())
+            self._head_copy = kept  # one assignment: a concurrent caller sees the old entry or the new one
+        return kept.w_t
+
+
+@dataclass(frozen=True)
+class _HeadCopy:
+    """The engine's kept fp32 (H, V) head and what it was copied from (see ``GenerationEngine._head_t``)."""
+
+    weight: torch.Tensor  # the head parameter itself: identity, not just an address
+    version: int  # its version counter at the copy
+    address: int  # its data pointer at the copy
+    probe: torch.Tensor  # flat indices of the sampled elements
+    sample: torch.Tensor  # their values at the copy
+    w_t: torch.Tensor
 
 
 HEAD_COPY_MAX_BYTES = 1 << 30
