@@ -497,3 +497,15 @@ def test_the_fp32_head_copy_follows_weight_updates(tok: ChatTokenizer, monkeypat
     big = GenerationEngine(other, tok, precision="fp32")._decoder()
     assert not big.w_t.is_contiguous()
     torch.testing.assert_close(big.logits(h), h @ other.lm.get_output_embeddings().weight.detach().t())
+
+
+@pytest.mark.parametrize("n", [1, 2, 4095, 4096, 4097, 100_277 * 512, 152_064 * 4096])
+def test_head_probe_indices_stay_inside_the_head_at_real_sizes(n: int) -> None:
+    """The head copy's change probe samples elements spread over the whole head: at cl100k x 512 (51M elements) a
+    float32 ``linspace`` rounded its last index past the end."""
+    from rlchat.core.generation import _spread_indices
+
+    idx = _spread_indices(n, 4096)
+    assert idx.dtype == torch.int64 and len(idx) == min(n, 4096)
+    assert int(idx[0]) == 0 and int(idx[-1]) == n - 1
+    assert len(idx) == 1 or bool((idx[1:] > idx[:-1]).all())

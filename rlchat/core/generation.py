@@ -444,7 +444,7 @@ class GenerationEngine:
         weight changed: replaced, updated in place through autograd's view (an optimizer step or ``load_state_dict``
         bumps its version counter), given new storage (``p.data = ...``, ``vector_to_parameters``: a new address),
         or written through ``p.data`` (which no counter sees: a sample of 4,096 elements spread over the whole head,
-        ~10 us to compare, differs after any real update). The kept entry holds the weight itself, so a new weight
+        ~75 us to compare, differs after any real update). The kept entry holds the weight itself, so a new weight
         can never reuse its address unnoticed.
         Heads above :data:`HEAD_COPY_MAX_BYTES` are read through the view (a model that large belongs on a GPU).
         GPUs take the view as it is (cuBLAS reads either layout at the same speed).
@@ -462,10 +462,17 @@ class GenerationEngine:
             or kept.address != w.data_ptr()
             or not torch.equal(flat[kept.probe], kept.sample)
         ):
-            probe = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel())).long()
+            probe = _spread_indices(flat.numel(), 4096)
             kept = _HeadCopy(weight, version, w.data_ptr(), probe, flat[probe], w.t().contiguous())
             self._head_copy = kept  # one assignment: a concurrent caller sees the old entry or the new one
         return kept.w_t
+
+
+def _spread_indices(n: int, k: int) -> torch.Tensor:
+    """``min(n, k)`` int64 indices spread evenly over ``range(n)``, first and last included (integer arithmetic: a
+    float32 ``linspace`` rounds past ``n - 1`` at a real head's 51M elements)."""
+    k = max(1, min(n, k))
+    return torch.arange(k, dtype=torch.int64) * (n - 1) // max(1, k - 1)
 
 
 @dataclass(frozen=True)
