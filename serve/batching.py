@@ -389,6 +389,9 @@ class BatchRun:
         for state in self._live.values():
             if state.handles and state.error is None:
                 state.error = error
+            # the new batch numbers its rows from 0 again: a failed job's old handles would name a later job's rows
+            # (ended for it when its client leaves, dropped when its error is reported)
+            state.handles = []
         self.batch = DecodeBatch(self.engine, self.prefill_first)
         self._rows.clear()
 

@@ -521,6 +521,39 @@ def test_a_bad_job_fails_alone(engine, tok):
     assert len(run.tokens[0][0]) == 3 and run.reasons[0] == [FINISH_LENGTH]
 
 
+def test_jobs_of_a_failed_batch_never_touch_the_rows_of_the_batch_that_replaces_it(engine, tok, monkeypatch):
+    """A failed trunk pass replaces the decode batch, whose handles start again from 0: the failed jobs must not end
+    or drop the rows of jobs added after it (a client of the failed job that leaves, a report of its error)."""
+    params = SamplingParams(max_new_tokens=5, min_new_tokens=5, temperature=1.0)
+    a = GenerationJob(_prompt(tok, "first"), params, (1,))
+    run = BatchRun(engine, [a], keep_history=False)
+    run.step_items()
+    calls = {"n": 0}
+    real = DecodeBatch.feed_ahead
+
+    def fail_once(self):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory")
+        return real(self)
+
+    monkeypatch.setattr(DecodeBatch, "feed_ahead", fail_once)
+    run.feed_ahead()  # fails: a's batch is replaced
+    b = GenerationJob(_prompt(tok, "second"), params, (2,))
+    jb = run.add(b)
+    a.control.finish.add(0)  # a's client leaves before a's error is reported
+    items = run.step_items()
+    assert isinstance(items[0].done, RuntimeError) and "out of memory" in str(items[0].done)
+    tokens = list(items[jb].tokens[0])
+    for _ in range(10):  # bounded: a job whose row was taken from it would stay live forever
+        if not run.live_jobs:
+            break
+        items = run.step_items()
+        tokens += items[jb].tokens[0]
+        done = items[jb].done
+    assert isinstance(done, JobOutput) and done.finish_reasons == [FINISH_LENGTH] and len(tokens) == 5
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Control and deadlines
 # --------------------------------------------------------------------------------------------------------------
