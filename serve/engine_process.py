@@ -55,6 +55,12 @@ FD_ENV = "RLCHAT_ENGINE_FD"
 CHILD_COMMAND = "import sys; from serve.engine_process import main; sys.exit(main())"
 """How the child starts: imported by name (not ``-m``), so the classes it pickles are ``serve.engine_process``'s."""
 
+GENERATION_FAILED = 3
+"""The engine process's exit code when its scheduler's generation thread died (the reason is on its stderr)."""
+
+WATCH_INTERVAL_S = 0.25
+"""How often the engine process checks that its scheduler's generation thread is alive."""
+
 START_TIMEOUT_S = 600.0
 """Longest the replica waits for the engine to load its checkpoint (a large model from a slow disk)."""
 
@@ -250,7 +256,8 @@ class EngineProcess:
                 with contextlib.suppress(RuntimeError):  # that caller's loop is closed: no one is listening
                     loop.call_soon_threadsafe(self._deliver, batch, reports if i == 0 else [])
         code = self.proc.wait()
-        self._dead = f"the replica's engine process exited (code {code})"
+        why = "; its generation thread failed (see the replica's stderr)" if code == GENERATION_FAILED else ""
+        self._dead = f"the replica's engine process exited (code {code}){why}"
         if not self._closed:
             logger.error("%s; failing the requests it was running", self._dead)
         error = RuntimeError(self._dead)
@@ -315,8 +322,9 @@ class _Outbox:
         self.admitted = 0
 
 
-async def _serve(conn: Connection, spec: EngineSpec, engine: Any) -> None:
-    """Run jobs from the replica on a :class:`Batcher` until the replica closes the connection or says close."""
+async def _serve(conn: Connection, spec: EngineSpec, engine: Any) -> int:
+    """Run jobs from the replica on a :class:`Batcher` until the replica closes the connection or says close (0),
+    or the scheduler's generation thread has died (:data:`GENERATION_FAILED`); returns the exit code."""
     from serve.batching import Batcher
 
     loop = asyncio.get_running_loop()
@@ -351,15 +359,30 @@ async def _serve(conn: Connection, spec: EngineSpec, engine: Any) -> None:
                     if job is not None:
                         job.control.finish.update(msg[2])
                 elif msg[0] == "close" and not stopped.done():
-                    stopped.set_result(None)
+                    stopped.set_result(0)
         except (EOFError, OSError):  # the replica is gone
             if not stopped.done():
-                stopped.set_result(None)
+                stopped.set_result(0)
 
+    async def watch() -> None:
+        # The child lives for its scheduler: once the generation thread has died (it failed its jobs with the
+        # reason, logged on stderr) every later job would fail too, while the replica's health check, which sees
+        # only this process, stayed green. Exiting lets the replica report unhealthy and Serve replace it.
+        while not stopped.done():
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            if not batcher.alive and not stopped.done():
+                stopped.set_result(GENERATION_FAILED)
+
+    watcher = loop.create_task(watch())
     loop.add_reader(conn.fileno(), on_readable)
-    await stopped
+    code = await stopped
     loop.remove_reader(conn.fileno())
+    watcher.cancel()
     batcher.close()
+    if tasks:  # the jobs' last items (their errors, when the scheduler died) reach the replica before the exit
+        await asyncio.wait(tasks, timeout=5.0)
+    outbox.flush()
+    return code
 
 
 def load_engine(spec: EngineSpec) -> Any:
@@ -387,5 +410,4 @@ def main() -> int:
         conn.send(("failed", f"{spec.checkpoint}: {type(e).__name__}: {e}"))
         return 1
     conn.send(("ready", EngineInfo(int(engine.vocab_size), engine.max_positions, str(spec.device), os.getpid())))
-    asyncio.run(_serve(conn, spec, engine))
-    return 0
+    return asyncio.run(_serve(conn, spec, engine))

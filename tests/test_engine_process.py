@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,35 @@ def test_a_dead_engine_fails_running_requests(checkpoint, local):
     with pytest.raises(RuntimeError, match="engine process"):
         asyncio.run(_collect(ep, job))
     ep.close()
+
+
+def test_an_engine_whose_generation_thread_died_exits_so_the_replica_reports_unhealthy(
+    checkpoint, local, tmp_path, monkeypatch
+):
+    """The child's scheduler thread failing (a bug, a CUDA error) fails its jobs; the child must then exit, or every
+    later request would fail with a 500 while the replica's health check, which watches the process, stayed green.
+    The failure is injected into the real child through a ``sitecustomize`` on the path it inherits."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import serve.batching as b\n"
+        "def _boom(self):\n"
+        "    raise RuntimeError('injected generation-thread failure')\n"
+        "b.Batcher._generate_step = _boom\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = EngineProcess(EngineSpec(str(checkpoint)))
+    try:
+        job = GenerationJob(_prompt(local, "x"), SamplingParams(max_new_tokens=5), (1,))
+        _, out = asyncio.run(asyncio.wait_for(_collect(ep, job), 30))
+        assert isinstance(out, RuntimeError) and "injected generation-thread failure" in str(out)
+        assert ep.proc.wait(timeout=20) == 3
+        deadline = time.monotonic() + 10
+        while ep.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not ep.alive
+        with pytest.raises(RuntimeError, match="generation thread failed"):
+            asyncio.run(_collect(ep, job))
+    finally:
+        ep.close()
 
 
 def test_a_checkpoint_the_engine_cannot_load_is_a_start_error(tmp_path):
