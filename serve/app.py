@@ -1150,11 +1150,13 @@ class ChatServer:
         return await self.feedback.record(fb, self.model_version)
 
     def check_health(self) -> None:
-        """Serve's periodic health check: the generation thread must still accept work."""
+        """Serve's periodic health check: every served version's scheduler must still accept work (a dead canary
+        would fail its share of the traffic, and every request naming it, until the replica is replaced)."""
         if self.settings.from_run and self._follower is None:
             self._start_follower()  # the constructor had no running event loop to start it on
-        if not self.models.default.alive:
-            raise RuntimeError("the generation thread pool is shut down")
+        dead = [name for name, v in self.models.versions.items() if not v.alive]
+        if dead:
+            raise RuntimeError(f"the scheduler of model version(s) {', '.join(dead)} has stopped")
 
 
 # --------------------------------------------------------------------------------------------------------------

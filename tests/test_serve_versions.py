@@ -9,6 +9,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,27 @@ class _FakeVersion:
     def __init__(self, name: str, weight: float) -> None:
         self.name = name
         self.spec = VersionSpec(name, f"/{name}", weight)
+        self.alive = True
+
+
+def test_the_health_check_fails_when_any_served_version_cannot_generate():
+    """A dead canary (its scheduler or engine process gone) would answer its share of the alias's traffic, and every
+    request naming it, with a 500 forever: the replica must report unhealthy so Serve replaces it, as it does when
+    the heaviest version dies."""
+    from serve.app import ChatServer
+
+    models = ModelSet("rlchat")
+    stable, canary = _FakeVersion("stable", 90), _FakeVersion("canary", 10)
+    models.set([stable, canary], {"stable": 90, "canary": 10})  # type: ignore[list-item]
+    replica = SimpleNamespace(settings=SimpleNamespace(from_run=None), _follower=None, models=models)
+    check = ChatServer.func_or_class.check_health
+    check(replica)  # both alive
+    canary.alive = False
+    with pytest.raises(RuntimeError, match="canary"):
+        check(replica)
+    canary.alive, stable.alive = True, False
+    with pytest.raises(RuntimeError, match="stable"):
+        check(replica)
 
 
 def test_alias_split_matches_the_weights_exactly_and_names_pick_their_version():
