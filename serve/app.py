@@ -90,6 +90,7 @@ import os
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -954,8 +955,8 @@ class ChatServer:
                 reason = "content_filter"
             elif stopped:
                 reason = FINISH_STOP
-            alts = out.alternatives[i] if out.alternatives is not None else None
-            choices.append(fmt.choice(i, text, reason, tokens, alts))
+            alts = out.alternatives[i] if out.alternatives is not None and not flagged else None
+            choices.append(fmt.choice(i, text, reason, [] if flagged else tokens, alts))  # nothing of it leaves
             texts.append(None if flagged else text)
             reasons.append(reason)
         self._note_deadline(job, out)
@@ -1012,7 +1013,18 @@ class ChatServer:
             pending = [""] * n  # text not sent yet: chunks are coalesced to one per STREAM_INTERVAL_S per choice
             pending_tokens: list[list[int]] = [[] for _ in range(n)]  # their tokens (for logprobs)
             pending_alts: list[list[Any]] = [[] for _ in range(n)]
+            # tokens pushed whose text is not all released yet, (text end, token, log-prob entry): their log-probs
+            # wait with their text, or a withheld reply would leave the server as logprobs tokens
+            held: list[deque[tuple[int, int, Any]]] = [deque() for _ in range(n)]
             last_sent = [0.0] * n
+
+            def release_tokens(i: int) -> None:
+                st = streamers[i]
+                while held[i] and (held[i][0][0] <= st.released or st.stopped):
+                    _, t, alt = held[i].popleft()
+                    pending_tokens[i].append(t)
+                    if alt is not None:
+                        pending_alts[i].append(alt)
 
             def flush(i: int) -> str:
                 chunk = fmt.delta_chunk(i, pending[i], pending_tokens[i], pending_alts[i])
@@ -1031,25 +1043,24 @@ class ChatServer:
                     counts[i] += len(toks)
                     if not toks or withheld[i] or streamers[i].stopped:
                         pass
-                    elif self.safety is None:  # the item's tokens at once (up to a stop string)
+                    elif self.safety is None and not fmt.logprobs:  # the item's tokens at once (to a stop string)
                         piece, used = streamers[i].push_many(toks)
                         pending[i] += piece
                         pending_tokens[i].extend(toks[:used])
-                        if item.alternatives is not None:
-                            pending_alts[i].extend(item.alternatives[i][:used])
                     else:  # token by token: the safety filter checks the text after each one
                         for k, t in enumerate(toks):
                             if withheld[i] or streamers[i].stopped:
                                 break
                             piece = streamers[i].push(t)
-                            if self.safety.flagged(streamers[i].text):
+                            if self.safety is not None and self.safety.flagged(streamers[i].text):
                                 withheld[i] = True  # the hold-back window kept the flagged text unsent
                                 pending[i], pending_tokens[i], pending_alts[i] = "", [], []
+                                held[i].clear()
                             else:
                                 pending[i] += piece
-                                pending_tokens[i].append(t)
-                                if item.alternatives is not None:
-                                    pending_alts[i].append(item.alternatives[i][k])
+                                alt = item.alternatives[i][k] if item.alternatives is not None else None
+                                held[i].append((len(streamers[i].text), t, alt))
+                                release_tokens(i)
                     if withheld[i] or streamers[i].stopped:
                         job.control.end([i])  # no more tokens needed: the batch ends this row
                     if pending[i] and now - last_sent[i] >= STREAM_INTERVAL_S:
@@ -1070,6 +1081,7 @@ class ChatServer:
             for i in range(n):
                 if not withheld[i]:
                     tail = streamers[i].finish()
+                    release_tokens(i)  # the whole text is released now: every held token goes with it
                     if self.safety is not None and self.safety.flagged(streamers[i].text):
                         withheld[i] = True
                     elif tail or pending_tokens[i]:

@@ -609,6 +609,53 @@ def test_safety_filter_withholds_flagged_replies(app):
 
 
 @pytest.mark.slow
+def test_a_withheld_reply_leaves_nothing_of_its_held_back_text_in_logprobs(app):
+    """Streaming with the safety filter holds the last SAFETY_HOLDBACK_CHARS characters back until the filter has
+    seen them; the log-probs of the tokens of that window must wait with them. A reply flagged once it is 250
+    characters long (far enough for several chunks to be released first): what was streamed before the notice, text
+    and logprobs tokens alike, ends 64 characters earlier, and a plain reply that is withheld carries no logprobs."""
+    from ray import serve as ray_serve
+
+    from serve.safety import SAFETY_HOLDBACK_CHARS
+
+    url = testing.deploy(
+        app.checkpoint,
+        name="filtered-late",
+        route_prefix="/filtered-late",
+        safety_filter=True,
+        max_tokens=200,
+        **{"reward.safety_patterns": [r"(?s)^.{250}"]},  # flags a reply once it reaches 250 characters
+        api_key=app.api_key,
+        num_cpus=0.25,
+    )
+    try:
+        body = {
+            "messages": [{"role": "user", "content": "say something long"}],
+            "max_tokens": 200,
+            "seed": 3,
+            "logprobs": True,
+            "top_logprobs": 2,
+        }
+        r = requests.post(url + "/v1/chat/completions", json=body, headers=_auth(app), timeout=120).json()
+        choice = r["choices"][0]
+        assert choice["finish_reason"] == "content_filter"  # the reply did reach 250 characters
+        assert not (choice["logprobs"] or {}).get("content")
+        resp = requests.post(
+            url + "/v1/chat/completions", json={**body, "stream": True}, headers=_auth(app), timeout=120, stream=True
+        )
+        chunks = [json.loads(d) for d in _sse(resp)[:-1]]
+        deltas = [c["choices"][0] for c in chunks if c["choices"]]
+        assert deltas[-1]["finish_reason"] == "content_filter"
+        text = "".join(d["delta"].get("content") or "" for d in deltas)
+        shown, notice = text.rsplit(WITHHELD_NOTICE, 1)[0].rstrip("\n"), WITHHELD_NOTICE
+        assert notice in text and 0 < len(shown) <= 250 - SAFETY_HOLDBACK_CHARS
+        lp_tokens = [e["bytes"] for d in deltas if d.get("logprobs") for e in d["logprobs"]["content"]]
+        assert bytes(b for t in lp_tokens for b in (t or [])).decode("utf-8", "replace") == shown
+    finally:
+        ray_serve.delete("filtered-late")
+
+
+@pytest.mark.slow
 def test_serve_from_run_serves_the_runs_best_checkpoint_to_the_openai_client(
     ray_local, tok, tmp_path, capsys, monkeypatch
 ):

@@ -42,6 +42,11 @@ class TextStreamer:
         """All text so far (sent or held back), cut at a stop string."""
         return self._text
 
+    @property
+    def released(self) -> int:
+        """How many characters of :attr:`text` were released so far (the rest is held back)."""
+        return self._sent
+
     def push(self, token_id: int) -> str:
         """Add one token; return the newly releasable text (possibly empty)."""
         if self.stopped:
