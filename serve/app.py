@@ -82,6 +82,7 @@ Our top-level package is also called ``serve``: Ray Serve is always ``from ray i
 # No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` annotations of the routes
 # that Serve's ingress rewrites (string annotations made it read ``request`` as a query parameter).
 import asyncio
+import contextlib
 import hmac
 import importlib
 import json
@@ -91,7 +92,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -660,6 +661,22 @@ class ChatServer:
             )
         self._waiting[cid] = now
 
+    @contextlib.contextmanager
+    def _refusals(self, cid: str, t0: float) -> Iterator[None]:
+        """Around a route's checks (auth, admission, body): a refusal is counted and logged, and whatever ends the
+        request there -- a refusal, a client gone mid-body, a bug -- gives its place in the queue back (leaked
+        places would answer every later request 503 ``overloaded``)."""
+        try:
+            yield
+        except APIError as e:
+            self._started(cid)
+            self.stats.errors += 1
+            self._log(cid, e.status, t0, error=e.code or e.type)
+            raise
+        except BaseException:
+            self._started(cid)
+            raise
+
     def _started(self, cid: str) -> None:
         """The request got its first token, its result, or left: it no longer counts as waiting (:meth:`_admit`)."""
         self._waiting.pop(cid, None)
@@ -827,16 +844,11 @@ class ChatServer:
         t0 = time.perf_counter()
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         self.feedback.note_conversation(cid, request.headers.get(CONVERSATION_HEADER))
-        try:
+        with self._refusals(cid, t0):
             self._auth(request)
             self._admit(cid)
             req, ignored = parse_chat_request(await self._body(request), strict=self.cfg.strict_requests)
             messages, prompt, params, dropped = self._check_limits(req)
-        except APIError as e:
-            self._started(cid)
-            self.stats.errors += 1
-            self._log(cid, e.status, t0, error=e.code or e.type)
-            raise
         fmt = ChatFormat(cid, int(time.time()), self.served.name, self.tokenizer, bool(req.logprobs))
         return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0, request)
 
@@ -848,7 +860,7 @@ class ChatServer:
         """OpenAI's legacy text completions: the prompt is continued as raw text (no chat template)."""
         t0 = time.perf_counter()
         cid = f"cmpl-{uuid.uuid4().hex}"
-        try:
+        with self._refusals(cid, t0):
             self._auth(request)
             self._admit(cid)
             req, ignored = parse_completion_request(await self._body(request), strict=self.cfg.strict_requests)
@@ -880,11 +892,6 @@ class ChatServer:
                 )
             top = -1 if req.logprobs is None else req.logprobs
             params = self._sampling_params(req, budget, top)
-        except APIError as e:
-            self._started(cid)
-            self.stats.errors += 1
-            self._log(cid, e.status, t0, error=e.code or e.type)
-            raise
         fmt = CompletionFormat(cid, int(time.time()), self.served.name, self.tokenizer, req.logprobs is not None)
         return await self._respond(req, fmt, None, prompt, params, 0, ignored, t0, request)
 

@@ -245,7 +245,7 @@ class SamplingFields(_Lenient):
         biases; ids beyond the vocabulary are checked by the app)."""
         out = []
         for key, value in (self.logit_bias or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):  # "²".isdigit() holds, but int("²") fails
                 raise APIError(
                     400,
                     f'logit_bias: key {key!r} is not a token id; use token ids as strings, e.g. {{"1234": -100}}',

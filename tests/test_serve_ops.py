@@ -116,6 +116,19 @@ def test_overload_is_refused_with_503_and_retry_after(ops, no_eot):
     assert _load(ops)["rejected"]["overloaded"] >= len(replica)
 
 
+def test_requests_refused_after_admission_free_their_place_in_the_queue(ops, no_eot):
+    """A request admitted to the queue and then refused while its body is read (a key that is a digit to Python
+    but no number to ``int``, ``"²"``) must be a 400 and give its place back: leaked places would answer everyone
+    503 ``overloaded`` once ``serve.max_queued_requests`` such requests were sent."""
+    for _ in range(MAX_QUEUED + 2):
+        r = _chat(ops, 4, {"²": 1})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "logit_bias"
+    r = _chat(ops, 4, no_eot)
+    assert r.status_code == 200, r.text
+    assert _load(ops)["waiting"] == 0
+
+
 def test_four_times_overload_gives_only_503s_and_accepted_requests_meet_their_deadline(ops, no_eot):
     # 1. the replica's capacity: batch-1 requests of 40 tokens, one after another
     t = time.perf_counter()
