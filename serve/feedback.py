@@ -17,7 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rlchat.config import ServeConfig
-from rlchat.feedback_store import RETRY_AFTER_S, FeedbackStore, InvalidFeedback, RequestRecord, StoreUnavailable
+from rlchat.feedback_store import (
+    RETRY_AFTER_S,
+    AlreadyRated,
+    FeedbackStore,
+    InvalidFeedback,
+    RequestRecord,
+    StoreUnavailable,
+)
 from serve.schemas import APIError, FeedbackRef, FeedbackRequest
 
 logger = logging.getLogger("ray.serve").getChild("rlchat")
@@ -60,16 +67,21 @@ class FeedbackRecorder:
             assert fb.completion_id is not None
             client_text = fb.completion_id not in self._completions  # the text comes from the request, not from here
             prompt, content = self.lookup(fb.completion_id, fb.choice_index, fb.messages, fb.content)
-            record = await self._call(
-                self.store.add_rating,
-                fb.completion_id,
-                fb.choice_index,
-                fb.rating,
-                prompt,
-                content,
-                model_version=model_version,
-                client_text=client_text,
-            )
+            try:
+                record = await self._call(
+                    self.store.add_rating,
+                    fb.completion_id,
+                    fb.choice_index,
+                    fb.rating,
+                    prompt,
+                    content,
+                    model_version=model_version,
+                    client_text=client_text,
+                )
+            except AlreadyRated as e:
+                if e.same:  # a retry: answered like the first time, minus what it wrote
+                    return {"recorded": False, "kind": "rating", "preference_written": False, "duplicate": True}
+                raise APIError(409, str(e), "rating", "already_rated") from None
             logger.info("feedback rating=%s id=%s pair_written=%s", fb.rating, fb.completion_id, record is not None)
             return {"recorded": True, "kind": "rating", "preference_written": record is not None}
         if isinstance(fb.chosen, FeedbackRef) and isinstance(fb.rejected, FeedbackRef):
@@ -194,6 +206,8 @@ class FeedbackRecorder:
                 "feedback_store_unavailable",
                 "server_error",
             ) from None
+        except AlreadyRated:
+            raise  # the caller knows a retry from a changed rating
         except InvalidFeedback as e:
             raise APIError(400, f"this feedback does not make a usable preference pair: {e}", None) from None
 

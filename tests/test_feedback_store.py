@@ -32,6 +32,7 @@ from rlchat.errors import ConfigError
 from rlchat.feedback_store import (
     RETRY_AFTER_S,
     SCHEMA_VERSION,
+    AlreadyRated,
     FeedbackStore,
     InvalidFeedback,
     StoreUnavailable,
@@ -182,6 +183,36 @@ def test_opposite_ratings_make_a_pair_that_the_rm_reader_reads(store):
         ("c5", "up", False, True),
         ("c2", "up", False, True),
         ("c4", "down", False, True),
+    ]
+
+
+def test_a_reply_is_rated_once_retries_write_nothing_and_a_changed_rating_is_refused(store):
+    """A client that retries a rating (a timeout, a double click through the API) must not write the rating or the
+    pair it forms twice: duplicated pairs would weigh one comparison twice in the reward model's data. A reply rated
+    the other way later is refused (ratings are final, as on the web page) and changes nothing."""
+    v = "run-a/step_000010"
+    assert store.add_rating("c1", 0, "down", PROMPT, "five", model_version=v, client_text=False) is None
+    pair = store.add_rating("c2", 0, "up", PROMPT, "4", model_version=v, client_text=False)
+    assert pair is not None
+    for _ in range(2):
+        with pytest.raises(AlreadyRated) as e:
+            store.add_rating("c2", 0, "up", PROMPT, "4", model_version=v, client_text=False)
+        assert e.value.same
+    with pytest.raises(AlreadyRated, match="already rated 'up'") as e:
+        store.add_rating("c2", 0, "down", PROMPT, "4", model_version=v, client_text=False)
+    assert not e.value.same
+    with pytest.raises(AlreadyRated):
+        store.add_rating("c1", 0, "down", PROMPT, "five", model_version=v, client_text=False)
+    # another choice of the same completion is another reply
+    assert store.add_rating("c2", 1, "down", PROMPT, "22", model_version=v, client_text=False) is not None
+    assert [(r["request_id"], r["choice_index"], r["rating"]) for r in store.rows("ratings")] == [
+        ("c1", 0, "down"),
+        ("c2", 0, "up"),
+        ("c2", 1, "down"),
+    ]
+    assert [(r.chosen[0]["content"], r.rejected[0]["content"]) for r in store.preference_records()] == [
+        ("4", "five"),
+        ("4", "22"),
     ]
 
 

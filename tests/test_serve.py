@@ -523,6 +523,12 @@ def test_feedback_round_trip_into_the_reward_model_reader(app):
     assert first == {"recorded": True, "kind": "rating", "preference_written": False}
     second = _post(app, {"completion_id": r["id"], "choice_index": 1, "rating": "down"}, fb).json()
     assert second["preference_written"] is True
+    # a retried rating is answered as recorded before and writes nothing; a changed one is a conflict
+    again = _post(app, {"completion_id": r["id"], "choice_index": 1, "rating": "down"}, fb)
+    assert again.status_code == 200, again.text
+    assert again.json() == {"recorded": False, "kind": "rating", "preference_written": False, "duplicate": True}
+    changed = _post(app, {"completion_id": r["id"], "choice_index": 0, "rating": "down"}, fb)
+    assert changed.status_code == 409 and changed.json()["error"]["code"] == "already_rated", changed.text
     third = _post(
         app,
         {"chosen": {"completion_id": r["id"], "choice_index": 1}, "rejected": {"completion_id": r["id"]}},

@@ -90,6 +90,19 @@ class InvalidFeedback(RLChatError, ValueError):
     """Feedback that cannot become a usable preference pair (empty or identical replies, a bad prompt)."""
 
 
+class AlreadyRated(InvalidFeedback):
+    """The reply (completion id and choice) was rated before; nothing was written.
+
+    Attributes:
+        same: the earlier rating is the same one (a retry: the API answers it as already recorded); else the
+            rating would change, which is refused (ratings are final, as on the web page).
+    """
+
+    def __init__(self, message: str, same: bool) -> None:
+        super().__init__(message)
+        self.same = same
+
+
 # --------------------------------------------------------------------------------------------------------------
 # URLs
 # --------------------------------------------------------------------------------------------------------------
@@ -569,13 +582,15 @@ class FeedbackStore:
     ) -> dict[str, Any] | None:
         """Record a thumbs rating; when the same prompt already has the opposite rating on a different reply (a
         regenerated answer rated the other way), also write the preference pair they make, in the same
-        transaction.
+        transaction. A reply (``request_id``, ``choice_index``) is rated once: a retry must not count one
+        comparison twice in the reward model's data.
 
         Returns:
             The pair written (``{"prompt", "chosen", "rejected", "feedback"}``), or None.
 
         Raises:
             InvalidFeedback: ``rating`` is not up/down.
+            AlreadyRated: the reply was rated before (the same way, or the other way); nothing was written.
             StoreUnavailable: nothing was written.
         """
         if rating not in (UP, DOWN):
@@ -591,6 +606,19 @@ class FeedbackStore:
                 # them forms the pair): serialise the ratings of one prompt, not the whole table.
                 lock_id = int(key[:15], 16)  # 60 bits: fits PostgreSQL's bigint
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_id)))
+            earlier = conn.execute(  # under the prompt's lock: a retry racing its original on another replica
+                sa.select(r.rating)
+                .where(r.request_id == request_id, r.choice_index == choice_index)
+                .order_by(r.id)
+                .limit(1)
+            ).first()
+            if earlier is not None:
+                same = earlier.rating == rating
+                raise AlreadyRated(
+                    f"completion {request_id} choice {choice_index} was already rated {earlier.rating!r}"
+                    + ("" if same else "; ratings are final"),
+                    same,
+                )
             partner = conn.execute(
                 sa.select(r.request_id, r.content, r.client_text)
                 .where(r.prompt_key == key, r.rating != rating, r.content != content)
@@ -970,6 +998,7 @@ def load_records(url: str, split: str = "train", cfg: Config | None = None) -> l
 
 __all__ = [
     "MIGRATIONS",
+    "AlreadyRated",
     "RETRY_AFTER_S",
     "SCHEMA_VERSION",
     "FeedbackStore",
