@@ -175,10 +175,13 @@ each call that drops it (a socket write, a Ray call); Python's default 5 ms made
 (bench/README.md, "Serve load")."""
 CONVERSATION_HEADER = "X-RLChat-Conversation-Id"
 """Optional request header grouping a conversation's completions in the store (transcripts, deletion by id)."""
+COMPLETION_ID_HEADER = "X-RLChat-Completion-Id"
+"""Response header: the completion's ``id`` (the key of ``/v1/feedback``). ``X-Request-Id`` is Ray Serve's own
+request id (the client's, when it sent one), as OpenAI's ``x-request-id`` is a request id, not the completion's."""
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """``/v1/completions`` budget when the request sets none (OpenAI's default)."""
-EXPOSED_HEADERS = ("X-Request-Id", DROPPED_TURNS_HEADER, IGNORED_FIELDS_HEADER, VERSION_HEADER)
+EXPOSED_HEADERS = ("X-Request-Id", COMPLETION_ID_HEADER, DROPPED_TURNS_HEADER, IGNORED_FIELDS_HEADER, VERSION_HEADER)
 """Response headers a browser page on an allowed CORS origin may read."""
 DISCONNECT_POLL_S = 0.25
 """How often a non-streamed request checks whether its client is still connected (its rows are cancelled if not)."""
@@ -911,7 +914,7 @@ class ChatServer:
         whose client goes away while it waits is cancelled (:meth:`_collect`)."""
         cid = fmt.cid
         seeds = row_seeds(req.seed, req.choices())
-        headers = {"X-Request-Id": cid, DROPPED_TURNS_HEADER: str(dropped), VERSION_HEADER: fmt.model}
+        headers = {COMPLETION_ID_HEADER: cid, DROPPED_TURNS_HEADER: str(dropped), VERSION_HEADER: fmt.model}
         if ignored:
             # header values are latin-1 on the wire: percent-encode whatever a client put in its key names
             headers[IGNORED_FIELDS_HEADER] = ",".join(quote(k, safe="[]._-") for k in ignored)[:1000]

@@ -470,7 +470,7 @@ def test_served_chats_are_counted_and_transcribed_and_a_conversation_can_be_dele
         r = requests.post(app.url + "/v1/chat/completions", headers=headers, timeout=120, stream=stream,
                           json={"messages": messages, "max_tokens": 4, "stream": stream})  # fmt: skip
         assert r.status_code == 200
-        ids.append(r.headers["X-Request-Id"].split(",")[0].strip())  # Serve's proxy may append its own id
+        ids.append(r.headers["X-RLChat-Completion-Id"])
         r.content  # noqa: B018 - read the stream to its end
     store = FeedbackStore(app.feedback_store)
     deadline = time.monotonic() + 60  # rows are written in the background, after the response

@@ -352,6 +352,15 @@ def test_openai_client_plain_and_streaming(app, tok):
             texts[ch.index] += ch.delta.content or ""
     assert texts == [c.message.content for c in r1.choices]
 
+    # one X-Request-Id (Serve's request id, or the client's own), the completion id in a header of its own
+    raw = client.chat.completions.with_raw_response.create(**kw)
+    assert raw.headers["x-rlchat-completion-id"] == raw.parse().id
+    assert raw.request_id and "," not in raw.request_id and not raw.request_id.startswith("chatcmpl-")
+    for stream in (False, True):
+        r = _post(app, {**kw, "stream": stream}, stream=stream, headers={**_auth(app), "X-Request-Id": "mine-1"})
+        assert r.raw.headers.getlist("x-request-id") == ["mine-1"], r.raw.headers
+        assert r.headers["X-RLChat-Completion-Id"].startswith("chatcmpl-")
+
 
 @pytest.mark.slow
 def test_streamed_chunks_are_whole_characters_and_end_with_done(app):
