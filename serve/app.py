@@ -551,7 +551,7 @@ class ChatServer:
         an unknown name). Everything after this (tokenizer, context, engine, scheduler) is that version's."""
         version = self.models.pick(model)
         if version is None:
-            names = ", ".join(repr(n) for n in [self.model_name, *self.models.names()] if n)
+            names = ", ".join(repr(n) for n in dict.fromkeys([self.model_name, *self.models.names()]) if n)
             raise APIError(
                 404,
                 f"the model {model!r} does not exist on this server; it serves {names} (GET /v1/models)",
@@ -816,7 +816,20 @@ class ChatServer:
         """The app's model name (the alias: described by its heaviest version) and, with several versions, one card
         per version (``parent`` = the alias, ``weight`` = its share of the alias's requests)."""
         self._auth(request)
-        operator = self._operator(request)
+        return ModelList(data=self._cards(self._operator(request))).model_dump()
+
+    @api.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def model(self, model_id: str, request: Request) -> dict[str, Any]:
+        """One model's card (OpenAI's retrieve-model route: ``client.models.retrieve(name)``)."""
+        self._auth(request)
+        for c in self._cards(self._operator(request)):
+            if c.id == model_id:
+                return c.model_dump()
+        self._check_model(model_id)  # a name the alias answers to (``default``, ``rlchat``): its heaviest version
+        return self._cards(self._operator(request))[0].model_copy(update={"id": model_id}).model_dump()
+
+    def _cards(self, operator: bool) -> list[ModelCard]:
+        """The cards of ``/v1/models``: the alias, then one per version when there are several."""
 
         def card(model_id: str, v: ServedVersion, **extra: Any) -> ModelCard:
             path = v.checkpoint.path
@@ -829,7 +842,7 @@ class ChatServer:
                 max_model_len=v.max_positions,
                 max_messages=self.cfg.max_messages,
                 max_chars=self.cfg.max_chars,
-                max_tokens=self.cfg.max_tokens,
+                max_tokens=min(self.cfg.max_tokens, v.max_positions - 1),  # a reply needs a prompt token at least
                 **extra,
             )
 
@@ -837,7 +850,7 @@ class ChatServer:
         if self.models.names() != [self.model_name]:
             w = self.models.weights
             cards += [card(n, v, parent=self.model_name, weight=w.get(n)) for n, v in self.models.versions.items()]
-        return ModelList(data=cards).model_dump()
+        return cards
 
     @api.post(
         "/v1/chat/completions",

@@ -92,6 +92,7 @@ class FeedbackRecorder:
                     400,
                     "chosen and rejected answer different conversations; compare replies to one prompt",
                     "rejected",
+                    "invalid_value",
                 )
             ids = {"chosen_id": fb.chosen.completion_id, "rejected_id": fb.rejected.completion_id}
             prompt, client_text = p1, False
@@ -209,7 +210,9 @@ class FeedbackRecorder:
         except AlreadyRated:
             raise  # the caller knows a retry from a changed rating
         except InvalidFeedback as e:
-            raise APIError(400, f"this feedback does not make a usable preference pair: {e}", None) from None
+            raise APIError(
+                400, f"this feedback does not make a usable preference pair: {e}", None, "invalid_value"
+            ) from None
 
     def lookup(
         self, cid: str, index: int, messages: list[Any] | None, content: str | None
@@ -220,12 +223,18 @@ class FeedbackRecorder:
             prompt, texts = hit
             if index >= len(texts):
                 raise APIError(
-                    400, f"completion {cid} has {len(texts)} choice(s); choice_index={index}", "choice_index"
+                    400,
+                    f"completion {cid} has {len(texts)} choice(s); choice_index={index}",
+                    "choice_index",
+                    "invalid_value",
                 )
             text = texts[index]
             if text is None:
                 raise APIError(
-                    400, f"completion {cid} choice {index} was withheld by the safety filter", "completion_id"
+                    400,
+                    f"completion {cid} choice {index} was withheld by the safety filter",
+                    "completion_id",
+                    "invalid_value",
                 )
             return prompt, text
         if messages is not None and content is not None:

@@ -92,14 +92,16 @@ def validation_error(e: ValidationError) -> APIError:
     """The first pydantic error as a 400 naming the parameter, what was expected and what was found."""
     errors = e.errors(include_url=False)
     if not errors:
-        return APIError(400, "invalid request body")
+        return APIError(400, "invalid request body", None, "invalid_value")
     err = errors[0]
     param = _loc(tuple(err.get("loc", ())))
     kind = err.get("type", "")
     if kind == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON ({err.get('msg')}); send a JSON object", None)
+        return APIError(
+            400, f"the request body is not valid JSON ({err.get('msg')}); send a JSON object", None, "invalid_value"
+        )
     if kind == "model_type" or (not param and kind.endswith("_type")):
-        return APIError(400, "the request body must be a JSON object of request parameters", None)
+        return APIError(400, "the request body must be a JSON object of request parameters", None, "invalid_value")
     if kind == "missing":
         return APIError(400, f"missing required parameter: {param}", param, "missing_required_parameter")
     found = err.get("input")
@@ -431,19 +433,31 @@ _M = TypeVar("_M", bound=BaseModel)
 def _load_object(body: bytes) -> dict[str, Any]:
     """Raw bytes -> a JSON object, or a 400 saying what is wrong with the body."""
     if not body.strip():
-        raise APIError(400, "the request body is empty; send a JSON object (Content-Type: application/json)")
+        raise APIError(
+            400,
+            "the request body is empty; send a JSON object (Content-Type: application/json)",
+            None,
+            "invalid_value",
+        )
     try:
         obj = json.loads(body)
     except UnicodeDecodeError:
-        raise APIError(400, "the request body is not UTF-8 text; send UTF-8 encoded JSON") from None
+        raise APIError(
+            400, "the request body is not UTF-8 text; send UTF-8 encoded JSON", None, "invalid_value"
+        ) from None
     except json.JSONDecodeError as e:
         raise APIError(
-            400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+            400,
+            f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
+            None,
+            "invalid_value",
         ) from None
     except RecursionError:
-        raise APIError(400, "the request body is nested too deeply") from None
+        raise APIError(400, "the request body is nested too deeply", None, "invalid_value") from None
     if not isinstance(obj, dict):
-        raise APIError(400, f"the request body must be a JSON object, found a JSON {type(obj).__name__}")
+        raise APIError(
+            400, f"the request body must be a JSON object, found a JSON {type(obj).__name__}", None, "invalid_value"
+        )
     return obj
 
 
@@ -454,7 +468,7 @@ def _validate(model: type[_M], obj: dict[str, Any], strict: bool) -> tuple[_M, l
     except ValidationError as e:
         raise validation_error(e) from None
     except RecursionError:
-        raise APIError(400, "the request body is nested too deeply") from None
+        raise APIError(400, "the request body is nested too deeply", None, "invalid_value") from None
     ignored = extra_fields(req)
     if strict and ignored:
         raise APIError(

@@ -319,11 +319,18 @@ def test_serve_command_needs_a_checkpoint():
 
 @pytest.mark.slow
 def test_openai_client_plain_and_streaming(app, tok):
+    import openai
     from openai import OpenAI
 
     client = OpenAI(base_url=app.url + "/v1", api_key=app.api_key, max_retries=0, timeout=120)
     models = client.models.list()
     assert [m.id for m in models.data] == ["rlchat"]
+    card = client.models.retrieve("rlchat")
+    assert card.id == "rlchat" and card.model_dump() == models.data[0].model_dump()
+    # the limits a client (the web page) takes from the card can be met: a reply fits the context
+    assert card.model_extra["max_tokens"] < card.model_extra["max_model_len"]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
     messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "Tell me a story."}]
     kw = dict(model="rlchat", messages=messages, max_tokens=12, temperature=1.0, seed=7)
     r1 = client.chat.completions.create(n=2, **kw)
@@ -399,10 +406,10 @@ def test_error_cases_over_raw_http(app):
     cases = [
         ("no key", {"messages": user}, {}, 401, "invalid_api_key"),
         ("wrong key", {"messages": user}, {"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
-        ("bad json", b'{"messages": [', None, 400, None),
-        ("not an object", b'"hello"', None, 400, None),
-        ("not utf-8", b"\xff\xfe{}", None, 400, None),
-        ("empty body", b"", None, 400, None),
+        ("bad json", b'{"messages": [', None, 400, "invalid_value"),
+        ("not an object", b'"hello"', None, 400, "invalid_value"),
+        ("not utf-8", b"\xff\xfe{}", None, 400, "invalid_value"),
+        ("empty body", b"", None, 400, "invalid_value"),
         ("tools", {"messages": user, "tools": [{"type": "function"}]}, None, 400, "unsupported_parameter"),
         ("logit_bias id", {"messages": user, "logit_bias": {"999999": 5}}, None, 400, "invalid_value"),
         ("wrong type", {"messages": "hi"}, None, 400, "invalid_value"),
@@ -422,8 +429,9 @@ def test_error_cases_over_raw_http(app):
         assert r.status_code == status, (name, r.status_code, r.text[:300])
         err = r.json()["error"]
         assert isinstance(err["message"], str) and err["message"] and err["type"], name
-        if code:
-            assert err["code"] == code, (name, err)
+        assert err["code"] == code, (name, err)  # the documented code of every case (docs/serving.md)
+    r = _post(app, {"messages": user, "model": "gpt-4o"})
+    assert r.json()["error"]["message"].count("'rlchat'") == 1  # the served names, each once
     # routes: unknown path, wrong method, auth on models and feedback, open health endpoints
     assert requests.get(app.url + "/v1/nothing", timeout=30).status_code == 404
     r = requests.get(app.url + "/v1/chat/completions", headers=_auth(app), timeout=30)

@@ -337,7 +337,7 @@ def test_an_app_without_a_key_strict_and_with_cors(app, monkeypatch):
         route_prefix=f"/{name}",
         api_key="",
         num_cpus=0,
-        max_tokens=8,
+        max_tokens=1000,  # beyond the model's 256 positions
         strict_requests=True,
         cors_origins=["http://ui.example"],
         feedback_store=app.feedback_store,
@@ -345,6 +345,8 @@ def test_an_app_without_a_key_strict_and_with_cors(app, monkeypatch):
     try:
         ready = requests.get(base + "/readyz", timeout=30).json()
         assert ready["checkpoint"] == str(app.checkpoint) and "pid" in ready  # this machine, no key configured
+        card = requests.get(base + "/v1/models", timeout=30).json()["data"][0]
+        assert (card["max_model_len"], card["max_tokens"]) == (256, 255)  # a limit a reply can reach
         r = requests.post(base + "/v1/chat/completions", json={"messages": USER, "colour": 1}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == "unrecognized_parameter"
         ok = requests.post(

@@ -2,12 +2,14 @@
 
 import contextlib
 import os
+import shlex
 import signal
 import time
 from typing import Any
 
 from ray import serve as ray_serve
 
+from rlchat.core.config import ServeConfig
 from rlchat.core.feedback_store import display_url
 from serve.app import ChatServer
 from serve.settings import (
@@ -19,6 +21,17 @@ from serve.settings import (
     resolve_settings,
     ship_checkpoints,
 )
+
+
+def key_hints(s: ServeConfig) -> tuple[str, str]:
+    """How the start-up hints pass the API key: the curl header and ``rlchat chat``'s flags. They name where the key
+    is (its file, or ``RLCHAT_API_KEY``) and never the key itself, which would land in the terminal's scrollback."""
+    if not s.api_key:
+        return "", ""
+    if s.api_key_file:
+        path = shlex.quote(s.api_key_file)
+        return f' -H "Authorization: Bearer $(head -n1 {path})"', f" --api-key-file {path}"
+    return ' -H "Authorization: Bearer $RLCHAT_API_KEY"', " --api-key $RLCHAT_API_KEY"
 
 
 def serve_command(
@@ -89,7 +102,7 @@ def serve_command(
         warning = exposure_warning(s.host, s.api_key)
         if warning:
             print(f"warning: {warning}", flush=True)
-        auth = ' -H "Authorization: Bearer $RLCHAT_API_KEY"' if s.api_key else ""
+        auth, chat_key = key_hints(s)
         body = f'{{"model": "{settings.model_name}", "messages": [{{"role": "user", "content": "hi"}}]}}'
         print(f"serving {settings.checkpoint} as model {settings.model_name!r} at {url}")
         for v in settings.versions:
@@ -107,7 +120,7 @@ def serve_command(
                 flush=True,
             )
         print(f"  web chat:      {url}/")
-        print(f"  terminal chat: rlchat chat {url}" + (" --api-key $RLCHAT_API_KEY" if s.api_key else ""))
+        print(f"  terminal chat: rlchat chat {url}{chat_key}")
         print(f"  curl:          curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'")
         print(f"  openai:        OpenAI(base_url='{url}/v1', api_key=...)")
         if s.safety_filter:
