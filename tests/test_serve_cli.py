@@ -96,3 +96,17 @@ def test_rlchat_serve_as_typed_answers_through_haproxy_and_stops_on_ctrl_c(tmp_p
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def test_start_up_hints_name_where_the_key_is_and_never_the_key(tmp_path):
+    """`rlchat serve` prints a curl line and an `rlchat chat` line; pasted as printed they must authenticate: with
+    --api-key-file they read that file (RLCHAT_API_KEY is unset then), and the key itself is never printed."""
+    from rlchat.cli.serve_cmd import key_hints
+    from rlchat.core.config import ServeConfig
+
+    assert key_hints(ServeConfig(api_key="")) == ("", "")
+    curl, chat = key_hints(ServeConfig(api_key="s3cret", api_key_file="my keys/key.txt"))
+    assert curl == " -H \"Authorization: Bearer $(head -n1 'my keys/key.txt')\"" and "s3cret" not in curl + chat
+    assert chat == " --api-key-file 'my keys/key.txt'"
+    curl, chat = key_hints(ServeConfig(api_key="s3cret"))
+    assert "$RLCHAT_API_KEY" in curl and chat == " --api-key $RLCHAT_API_KEY"
