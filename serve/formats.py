@@ -126,19 +126,34 @@ class ChatFormat(ResponseFormat):
 class CompletionFormat(ResponseFormat):
     OBJECT = "text_completion"
 
+    def __init__(self, cid: str, created: int, model: str, tokenizer: ChatTokenizer, logprobs: bool) -> None:
+        super().__init__(cid, created, model, tokenizer, logprobs)
+        self._running: dict[int, tuple[Any, int]] = {}
+        """Per streamed choice: its text decoder and the text offset its next token starts at."""
+
     def _logprobs(
-        self, tokens: Sequence[int], alts: Sequence[Any] | None, offset: int = 0
+        self, tokens: Sequence[int], alts: Sequence[Any] | None, choice: int | None = None
     ) -> CompletionLogprobs | None:
+        """Legacy logprobs. ``text_offset`` is each token's character offset in the completion's text (as vLLM
+        gives it without ``echo``): it runs on across a stream's chunks of ``choice``, and counts the text the tokens
+        decode to (a token holding half a character adds nothing until the character is whole), not the display
+        form of ``tokens`` (``<0xNN>``)."""
         if not self.logprobs:
             return None
+        dec, offset = self._running.get(choice, (None, 0)) if choice is not None else (None, 0)
+        dec = dec or self.tokenizer.stream_decoder()
         out = CompletionLogprobs()
-        for t, lp, top in self._entries(tokens, alts):
-            text = self._text(t)
-            out.tokens.append(text)
-            out.token_logprobs.append(lp)
-            out.top_logprobs.append({self._text(i): v for i, v in top})
-            out.text_offset.append(offset)
-            offset += len(text)
+        if alts is not None:
+            eot = self.tokenizer.eot_id
+            for t, (lp, ids, lps) in zip(tokens, alts):
+                if t != eot:
+                    out.tokens.append(self._text(t))
+                    out.token_logprobs.append(lp)
+                    out.top_logprobs.append({self._text(i): v for i, v in zip(ids, lps)})
+                    out.text_offset.append(offset)
+                offset += len(dec.push(t))
+        if choice is not None:
+            self._running[choice] = (dec, offset)
         return out
 
     def choice(self, i: int, text: str, reason: str, tokens: Sequence[int], alts: Sequence[Any] | None) -> Any:
@@ -163,7 +178,7 @@ class CompletionFormat(ResponseFormat):
                 f'{self._head}{i}, "text": {content}, "finish_reason": null, "logprobs": null}}], "usage": null, '
                 '"system_fingerprint": null}'
             )
-        return self._json([CompletionChoice(index=i, text=text, logprobs=self._logprobs(tokens, alts))])
+        return self._json([CompletionChoice(index=i, text=text, logprobs=self._logprobs(tokens, alts, i))])
 
     def final_chunk(self, finals: list[tuple[int, str]]) -> str:
         return self._json([CompletionChoice(index=i, text="", finish_reason=r) for i, r in finals])  # type: ignore[arg-type]

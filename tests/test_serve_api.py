@@ -128,6 +128,30 @@ def test_completion_request_parsing():
         assert info.value.param == param
 
 
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_completion_logprob_offsets_run_on_across_stream_chunks_and_count_decoded_text(split):
+    """``text_offset`` is where each token's text starts in the completion: a streamed reply's chunks continue the
+    offsets of the ones before (they restarted at 0), and a character split over two tokens counts once, whole."""
+    from serve.formats import CompletionFormat
+
+    tok = ChatTokenizer("cl100k_base")
+    text = "Tokyo 東京 is 日本's capital"
+    tokens = tok.encode(text)
+    assert len(tokens) > len(text.split())  # several tokens, some of them halves of a character
+    alts = [(-0.5, [t], [-0.5]) for t in tokens]
+    whole = CompletionFormat("cmpl-1", 0, "m", tok, logprobs=True).choice(0, text, "length", tokens, alts)
+    offsets = whole.logprobs.text_offset
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] < len(text)
+    # each offset is the length of the whole characters the tokens before it make
+    assert offsets == [len(tok.decode(tokens[:k]).rstrip("\ufffd")) for k in range(len(tokens))]
+    fmt = CompletionFormat("cmpl-1", 0, "m", tok, logprobs=True)
+    streamed = []
+    for a in range(0, len(tokens), split):
+        chunk = json.loads(fmt.delta_chunk(0, "", tokens[a : a + split], alts[a : a + split]))
+        streamed += chunk["choices"][0]["logprobs"]["text_offset"]
+    assert streamed == offsets
+
+
 def test_penalties_logit_bias_and_top_logprobs_in_the_engine(engine):
     tok = engine.tokenizer
     prompt = tok.render_prompt(USER)
