@@ -560,6 +560,19 @@ class ChatServer:
             )
         use_version(version)
 
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        """A prompt sent as token ids, checked against this version's vocabulary (a 400 naming the first bad id)."""
+        vocab = self.engine.vocab_size
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise APIError(
+                400,
+                f"prompt: token id {bad} is outside this model's vocabulary of {vocab} tokens (ids 0-{vocab - 1})",
+                "prompt",
+                "invalid_value",
+            )
+        return ids
+
     def _sampling_params(self, req: SamplingFields, budget: int, top_logprobs: int, beams: int = 1) -> SamplingParams:
         """The engine's settings for a valid request (a 400 for values the engine refuses)."""
         bias = req.bias()
@@ -897,7 +910,8 @@ class ChatServer:
                     "max_tokens",
                     "invalid_value",
                 )
-            prompt = self.tokenizer.encode(text)
+            ids = req.token_ids()
+            prompt = self.tokenizer.encode(text) if ids is None else self._check_ids(ids)
             if len(prompt) + budget > self.max_positions:
                 raise APIError(
                     400,

@@ -357,8 +357,9 @@ class CompletionRequest(SamplingFields):
     """``POST /v1/completions`` body (OpenAI's legacy text completions): the prompt is continued as raw text, with
     no chat template. One prompt per request."""
 
-    prompt: str | list[str]
-    """The text to continue (a list holding one string is accepted too)."""
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """The text to continue, or its token ids (OpenAI's forms: a list holding one string, or one list of ids, is
+    accepted too)."""
     max_tokens: int | None = Field(default=None, ge=1)
     """The completion budget; default 16, as on OpenAI."""
     logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -370,15 +371,37 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(default=None, ge=1, le=16)
     """Only null or equal to ``n`` (no server-side ranking)."""
 
+    def token_ids(self) -> list[int] | None:
+        """The prompt's token ids when it was sent as ids, else None."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], int):
+            return list(p)  # type: ignore[arg-type]
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], list):
+            return list(p[0])
+        return None
+
     def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        """The prompt's text ("" when it was sent as token ids)."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return self.prompt[0] if self.prompt and isinstance(self.prompt[0], str) else ""
 
     def check(self) -> None:
         self.check_common()
+        ids = self.token_ids()
+        if ids is not None:
+            if any(t < 0 for t in ids):
+                raise APIError(400, "prompt: token ids are non-negative integers", "prompt", "invalid_value")
+            if not ids:
+                raise APIError(400, "prompt: expected at least one token id", "prompt", "invalid_value")
+            return self._check_options()
         if isinstance(self.prompt, list) and len(self.prompt) != 1:
             raise unsupported("prompt", f"send one prompt per request (found a list of {len(self.prompt)})")
         if not self.text():
-            raise APIError(400, "prompt: expected non-empty text", "prompt", "invalid_value")
+            raise APIError(400, "prompt: expected non-empty text or token ids", "prompt", "invalid_value")
+        self._check_options()
+
+    def _check_options(self) -> None:
         if self.echo:
             raise unsupported("echo", "the prompt is not echoed; prepend it to the completion yourself")
         if self.suffix:
