@@ -1084,7 +1084,7 @@ class ChatServer:
                         piece, used = streamers[i].push_many(toks)
                         pending[i] += piece
                         pending_tokens[i].extend(toks[:used])
-                    else:  # token by token: the safety filter checks the text after each one
+                    else:  # token by token: the safety filter checks the text, log-probs wait for their text
                         for k, t in enumerate(toks):
                             if withheld[i] or streamers[i].stopped:
                                 break
