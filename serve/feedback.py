@@ -58,14 +58,18 @@ class FeedbackRecorder:
         self._store_writing = False  # a _write_pending is queued or running
         self._store_warned = 0.0
         self._conversations: OrderedDict[str, str] = OrderedDict()
-        self._completions: OrderedDict[str, tuple[list[dict[str, str]], list[str | None]]] = OrderedDict()
+        # completion id -> (messages, reply texts, the label of the version that wrote them)
+        self._completions: OrderedDict[str, tuple[list[dict[str, str]], list[str | None], str]] = OrderedDict()
         self._feedback_hits: OrderedDict[str, deque[float]] = OrderedDict()
 
     async def record(self, fb: FeedbackRequest, model_version: str) -> dict[str, Any]:
         """Write one validated feedback request (a rating, or a chosen/rejected pair) and say what was written."""
         if fb.rating is not None:
             assert fb.completion_id is not None
-            client_text = fb.completion_id not in self._completions  # the text comes from the request, not from here
+            hit = self._completions.get(fb.completion_id)
+            client_text = hit is None  # the text comes from the request (the store checks it against its digests)
+            if hit is not None:
+                model_version = hit[2]  # the version that wrote the reply, not the one this request was bound to
             prompt, content = self.lookup(fb.completion_id, fb.choice_index, fb.messages, fb.content)
             try:
                 record = await self._call(
@@ -136,7 +140,7 @@ class FeedbackRecorder:
 
     def remember(self, cid: str, model_version: str, messages: list[dict[str, str]], texts: list[str | None]) -> None:
         """Keep a completion for feedback by id, and count it in the store (in the background)."""
-        self._completions[cid] = (messages, texts)
+        self._completions[cid] = (messages, texts, model_version)
         while len(self._completions) > COMPLETION_CACHE_SIZE:
             self._completions.popitem(last=False)
         self._record_request(cid, model_version, messages, texts)
@@ -220,7 +224,7 @@ class FeedbackRecorder:
         """(prompt messages, reply text) of a completion choice: this replica's cache, else the request's copy."""
         hit = self._completions.get(cid)
         if hit is not None:
-            prompt, texts = hit
+            prompt, texts, _ = hit
             if index >= len(texts):
                 raise APIError(
                     400,

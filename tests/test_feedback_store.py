@@ -216,6 +216,64 @@ def test_a_reply_is_rated_once_retries_write_nothing_and_a_changed_rating_is_ref
     ]
 
 
+def test_reply_text_a_client_sends_is_verified_and_unverified_text_stays_out_of_training(store):
+    """A rating that reaches a replica which did not serve the completion carries the reply's text from the client.
+    The store checks that text (and its prompt) against the digest of what the server answered, and labels the
+    rating with the version that served it; text no server produced (a made-up id, edited text, a withheld choice)
+    stays ``client_text`` and out of the reward model's data unless ``rm.feedback_client_text`` lets it in."""
+    store.record_request("c1", model_version="canary/step_7", n_choices=1, messages=PROMPT, replies=["four"])
+    store.record_request("c2", model_version="stable/step_5", n_choices=2, messages=PROMPT, replies=["5", None])
+    store.record_request("c3", model_version="stable/step_5", n_choices=1, messages=PROMPT, replies=["6"])
+    store.record_request("c4", model_version="stable/step_5", n_choices=1, messages=PROMPT, replies=["6"])
+    # c1's reply, rated on a replica that only knows its default version: verified, labelled with c1's version
+    assert store.add_rating("c1", 0, "up", PROMPT, "four", model_version="stable/step_5", client_text=True) is None
+    made_up = store.add_rating("fake", 0, "down", PROMPT, "I hate you", model_version="x", client_text=True)
+    assert made_up is not None and made_up["feedback"]["client_text"] is True
+    verified = store.add_rating("c2", 0, "down", PROMPT, "5", model_version="x", client_text=True)
+    assert verified is not None and verified["feedback"]["client_text"] is False
+    edited = store.add_rating("c3", 0, "down", PROMPT, "6 (edited)", model_version="x", client_text=True)
+    assert edited is not None and edited["feedback"]["client_text"] is True
+    withheld = store.add_rating("c2", 1, "down", PROMPT, "7", model_version="x", client_text=True)
+    assert withheld is not None and withheld["feedback"]["client_text"] is True
+    other_prompt = [{"role": "user", "content": "something else"}]
+    moved = store.add_rating("c4", 0, "down", other_prompt, "6", model_version="x", client_text=True)
+    assert moved is None  # alone for its prompt; its rating row says client text (the prompt was not c4's)
+    store.add_preference(PROMPT, "Four.", "Six.", model_version="x", client_text=True)  # a preference by text
+
+    ratings = {(r["request_id"], r["choice_index"], r["content"]): r for r in store.rows("ratings")}
+    assert (ratings["c1", 0, "four"]["client_text"], ratings["c1", 0, "four"]["model_version"]) == (
+        False,
+        "canary/step_7",
+    )
+    assert (ratings["c2", 0, "5"]["client_text"], ratings["c2", 0, "5"]["model_version"]) == (False, "stable/step_5")
+    assert ratings["fake", 0, "I hate you"]["client_text"] and ratings["fake", 0, "I hate you"]["model_version"] == "x"
+    assert ratings["c3", 0, "6 (edited)"]["client_text"] and ratings["c2", 1, "7"]["client_text"]
+    assert ratings["c4", 0, "6"]["client_text"]
+
+    trusted = load_records(store.url, "all")
+    assert [(r.chosen[0]["content"], r.rejected[0]["content"]) for r in trusted] == [("four", "5")]
+    everything = load_records(store.url, "all", Config().replace(**{"rm.feedback_client_text": True}))
+    assert len(everything) == 5
+
+
+def test_a_version_1_store_is_migrated_to_keep_reply_digests(store_url, monkeypatch):
+    import rlchat.core.feedback_store as fs
+
+    with monkeypatch.context() as m:
+        m.setattr(fs, "MIGRATIONS", fs.MIGRATIONS[:1])
+        m.setattr(fs, "SCHEMA_VERSION", 1)
+        old = fs.FeedbackStore(store_url)
+        assert old.schema_version() == 1
+        old.add_rating("a", 0, "up", PROMPT, "four", model_version="v", client_text=False)
+        old.close()
+    new = FeedbackStore(store_url)
+    assert new.schema_version() == SCHEMA_VERSION == 2
+    new.record_request("b", model_version="v", n_choices=1, messages=PROMPT, replies=["5"])
+    pair = new.add_rating("b", 0, "down", PROMPT, "5", model_version="v", client_text=True)
+    assert pair is not None and pair["feedback"]["client_text"] is False  # verified against the new digests
+    new.close()
+
+
 def test_1000_concurrent_ratings_from_four_processes_all_come_back(store_url):
     """Four writer processes (replicas) x 8 threads; rating i of prompt i // 2 is "up" for even i, "down" for odd i
     and the two of each prompt come from different processes: every rating is stored once and each prompt's two
@@ -355,7 +413,11 @@ def test_export_writes_the_prepared_preference_layout_and_rm_reads_the_store(sto
         store.add_preference([{"role": "user", "content": f"Feedback question {i}?"}], f"A kind answer {i}.",
                              f"Go away {i}.", model_version="v1" if i < 20 else "v2", client_text=True)  # fmt: skip
     out = tmp_path / "exported"
-    assert cli_main(["feedback", "export", store.url, "--out", str(out)]) == 0
+    # preferences by text are client text: left out of training and export unless asked for
+    assert cli_main(["feedback", "export", store.url, "--out", str(out)]) == 2
+    assert "--client-text" in capsys.readouterr().err
+    assert load_records(store.url, "all") == []
+    assert cli_main(["feedback", "export", store.url, "--out", str(out), "--client-text"]) == 0
     assert "kept 30 (train 27, val 3)" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} >= {"train.parquet", "val.parquet", "stats.json", "stats.png"}
     records = load_data_records(str(out), "all")  # the prepared-directory reader of every stage
@@ -363,17 +425,23 @@ def test_export_writes_the_prepared_preference_layout_and_rm_reads_the_store(sto
     assert {r.meta["feedback"]["model_version"] for r in records} == {"v1", "v2"}
     assert all(r.meta["feedback"]["untrusted"] and r.source.startswith(store.display_url) for r in records)
     # the same records straight from the store, with the same seeded split
-    assert [r.chosen for r in load_records(store.url, "val")] == [r.chosen for r in load_data_records(str(out), "val")]
+    client = Config().replace(**{"rm.feedback_client_text": True})
+    from_store = load_records(store.url, "val", client)
+    assert [r.chosen for r in from_store] == [r.chosen for r in load_data_records(str(out), "val")]
     only = tmp_path / "v2"
-    assert cli_main(["feedback", "export", store.url, "--out", str(only), "--model-version", "v2"]) == 0
+    assert (
+        cli_main(["feedback", "export", store.url, "--out", str(only), "--model-version", "v2", "--client-text"]) == 0
+    )
     assert len(load_data_records(str(only), "all")) == 10
 
     # rm.feedback takes the store URL itself
     cfg = Config().replace(**{"data.preferences": str(out)})
     tok = ChatTokenizer.from_config(cfg.tokenizer)
     _, base = prepare_rm_data(cfg, tok, 64)
-    _, counts = prepare_rm_data(cfg.replace(**{"rm.feedback": [store.url]}), tok, 64)
+    _, counts = prepare_rm_data(cfg.replace(**{"rm.feedback": [store.url], "rm.feedback_client_text": True}), tok, 64)
     assert (counts["train"], counts["val"]) == (base["train"] + 27, base["val"] + 3)
+    _, trusted = prepare_rm_data(cfg.replace(**{"rm.feedback": [store.url]}), tok, 64)
+    assert (trusted["train"], trusted["val"]) == (base["train"], base["val"])
 
 
 def test_transcripts_retention_scrubbing_and_deleting_a_conversation(store_url):

@@ -673,7 +673,9 @@ def test_a_withheld_reply_leaves_nothing_of_its_held_back_text_in_logprobs(app):
         shown, notice = text.rsplit(WITHHELD_NOTICE, 1)[0].rstrip("\n"), WITHHELD_NOTICE
         assert notice in text and 0 < len(shown) <= 250 - SAFETY_HOLDBACK_CHARS
         lp_tokens = [e["bytes"] for d in deltas if d.get("logprobs") for e in d["logprobs"]["content"]]
-        assert bytes(b for t in lp_tokens for b in (t or [])).decode("utf-8", "replace") == shown
+        lp_text = bytes(b for t in lp_tokens for b in (t or [])).decode("utf-8", "replace")
+        # nothing beyond the shown text; at most the token the hold-back edge cut through is not reported
+        assert shown.startswith(lp_text) and len(shown) - len(lp_text) < 32, (lp_text, shown)
     finally:
         ray_serve.delete("filtered-late")
 

@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from rlchat.errors import CheckpointError, ConfigError
+from rlchat.feedback_store import FeedbackStore
 from serve import testing
 from serve.models import (
     VERSION_HEADER,
@@ -245,6 +246,18 @@ def test_canary_split_explicit_pick_promote_and_roll_back_without_dropping_reque
             r = _chat(url, name)
             assert r.status_code == 200 and r.json()["model"] == name
         assert _chat(url, "nope").status_code == 404
+        # a rating is counted for the version that wrote the reply (the A/B read-out of `rlchat feedback stats`)
+        labels = {}
+        for name in ("canary", "stable"):
+            cid = _chat(url, name).json()["id"]
+            fb = {"completion_id": cid, "rating": "up"}
+            assert requests.post(f"{url}/v1/feedback", json=fb, headers=AUTH, timeout=30).status_code == 200
+            labels[name] = cid
+        store = FeedbackStore(f"sqlite:///{ckpts['a'].parent / 'fb.db'}")
+        rated = {r["request_id"]: r["model_version"] for r in store.rows("ratings")}
+        store.close()
+        # each version's label is its checkpoint's (``<run>/<checkpoint dir>``: here the directory alone)
+        assert rated == {labels["canary"]: ckpts["b"].name, labels["stable"]: ckpts["a"].name}, rated
 
         # promote (0/100), then roll back (100, canary removed), under load: no request fails, no replica restarts
         with _Load(url) as load:

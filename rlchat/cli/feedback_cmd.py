@@ -22,7 +22,13 @@ from rlchat.core.errors import DataError
 from rlchat.core.feedback_store import FeedbackStore, VersionStats, collect_pairs, display_url, resolve_store_url
 
 
-def export_feedback(url: str, out: str | Path, config: str | None = None, model_version: str | None = None) -> dict:
+def export_feedback(
+    url: str,
+    out: str | Path,
+    config: str | None = None,
+    model_version: str | None = None,
+    client_text: bool = False,
+) -> dict:
     """Write the store's preference pairs to ``out`` in the prepared-data layout.
 
     Args:
@@ -30,6 +36,7 @@ def export_feedback(url: str, out: str | Path, config: str | None = None, model_
         out: output directory (created; its train/val/stats files are replaced).
         config: a YAML config whose ``data.*`` filters, ``tokenizer`` and ``seed`` apply (default: built-ins).
         model_version: only this model version's pairs.
+        client_text: also the pairs whose text a client sent (``rm.feedback_client_text``; set either).
 
     Returns:
         The statistics written to ``stats.json``.
@@ -45,6 +52,8 @@ def export_feedback(url: str, out: str | Path, config: str | None = None, model_
     from rlchat.distributed.prepare import _write_outputs, build_stats
 
     cfg = load_config(config)
+    if client_text:
+        cfg = cfg.replace(**{"rm.feedback_client_text": True})
     url = resolve_store_url(url)
     tok = ChatTokenizer.from_config(cfg.tokenizer)
     collector, name, n = collect_pairs(url, cfg, model_version)
@@ -54,6 +63,7 @@ def export_feedback(url: str, out: str | Path, config: str | None = None, model_
             f"{display_url(url)}: no preference pairs{which} to export (read {n}, skipped {len(collector.skipped)}, "
             f"filtered {dict(collector.filtered)}, duplicates {dict(collector.duplicates)}); pairs are written when "
             "a user sends a preference or rates two replies to one prompt in opposite ways"
+            + ("" if cfg.rm.feedback_client_text else "; pairs whose text a client sent need --client-text")
         )
     train, val = split_rows(collector.kept, cfg.data.val_fraction, cfg.seed)
     stats = build_stats([Path(name)], "preference", cfg.data.on_error, cfg, tok, collector, train, val, n)
@@ -90,12 +100,17 @@ def format_version_stats(rows: list[VersionStats], title: str = "") -> str:
 
 
 def feedback_export_command(
-    url: str, out: str, config: str | None = None, model_version: str | None = None, **_: Any
+    url: str,
+    out: str,
+    config: str | None = None,
+    model_version: str | None = None,
+    client_text: bool = False,
+    **_: Any,
 ) -> int:
     """``rlchat feedback export URL --out DIR``."""
     from rlchat.distributed.prepare import format_stats_table
 
-    stats = export_feedback(url, out, config, model_version)
+    stats = export_feedback(url, out, config, model_version, client_text)
     print(format_stats_table(stats, title=f"exported {display_url(resolve_store_url(url))} to {out}/"))
     print(
         f"wrote {', '.join(str(Path(out) / n) for n in ('train.parquet', 'val.parquet', 'stats.json', 'stats.png'))}"

@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (the layout of `rlchat data prepare`)")
     p.add_argument("--model-version", default=None, help="only this model version's pairs")
     p.add_argument("--config", "-c", default=None, help="YAML config: data.* filters, tokenizer, seed")
+    p.add_argument(
+        "--client-text",
+        action="store_true",
+        help="also pairs whose text a client sent (rm.feedback_client_text): preferences by text, unverified replies",
+    )
     p = cmd(
         "stats", "rlchat.cli.feedback_cmd:feedback_stats_command", "per model version: thumbs-up rate, pairs", feedback
     )

@@ -319,6 +319,9 @@ class RMConfig(SupervisedStageConfig):
     """Policy checkpoint (e.g. the SFT run's best) whose trunk starts the reward model (the InstructGPT recipe)."""
     feedback: tuple[str, ...] = ()
     """Extra preference data: files, or feedback store URLs (postgresql://..., sqlite:///feedback.db)."""
+    feedback_client_text: bool = False
+    """Also train on store pairs whose text a client sent and no served reply confirms (preferences by text, ratings
+    of unknown or edited replies): anyone with the API key can write those."""
     policy_samples: int = 0
     """Replies per data.prompts train prompt sampled from rm.init_from, checked, paired as extra data (0 = off)."""
     policy_pairs_per_prompt: int = 1

@@ -233,6 +233,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def _reply_digest(prompt_key: str, reply: str) -> str:
+    """What a served reply is recognised by: its (stored) text under its prompt's key."""
+    return hashlib.sha256(f"{prompt_key}\n{reply}".encode()).hexdigest()
+
+
 def _prompt_key(prompt: Sequence[dict[str, str]]) -> str:
     """A fixed-size key of a prompt (thumbs ratings of the same prompt are matched on it, through an index)."""
     canonical = json.dumps(list(prompt), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
@@ -291,6 +296,14 @@ ratings_table = sa.Table(
     sa.Column("untrusted", sa.Boolean, nullable=False),
     sa.Column("source", sa.Text, nullable=False),
 )
+replies_table = sa.Table(  # a digest of each served reply and its prompt: verifies reply text a client sends back
+    "rlchat_replies",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.Text, nullable=False, index=True),
+    sa.Column("choice_index", sa.Integer, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+)
 pairs_table = sa.Table(  # preference pairs in the record format of `rlchat data` (prompt / chosen / rejected)
     "rlchat_pairs",
     metadata,
@@ -329,6 +342,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         1,
         "requests, transcripts, ratings and preference pairs",
         (requests_table, transcripts_table, ratings_table, pairs_table),
+    ),
+    Migration(
+        2,
+        "reply digests: reply text a client sends with a rating is checked against what the server answered",
+        (replies_table,),
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -619,6 +637,24 @@ class FeedbackStore:
                     + ("" if same else "; ratings are final"),
                     same,
                 )
+            # the version that served the request labels its rating (the caller may know only its default one)
+            q, d = requests_table.c, replies_table.c
+            served = conn.execute(sa.select(q.model_version).where(q.request_id == request_id).limit(1)).first()
+            if served is not None:
+                model_version = str(served.model_version)
+            if client_text and (
+                conn.execute(
+                    sa.select(d.id)
+                    .where(
+                        d.request_id == request_id,
+                        d.choice_index == choice_index,
+                        d.digest == _reply_digest(key, content),
+                    )
+                    .limit(1)
+                ).first()
+                is not None
+            ):
+                client_text = False  # the text and its prompt are what this server answered
             partner = conn.execute(
                 sa.select(r.request_id, r.content, r.client_text)
                 .where(r.prompt_key == key, r.rating != rating, r.content != content)
@@ -761,10 +797,17 @@ class FeedbackStore:
         if not records:
             return
         now = time.time()
-        requests, transcripts = [], []
+        requests, transcripts, digests = [], [], []
         for r in records:
             at = now if r.created_at is None else r.created_at
             conversation_id = r.conversation_id or r.request_id
+            if r.messages is not None:
+                key = _prompt_key(self._messages(r.messages))
+                digests += [
+                    {"request_id": r.request_id, "choice_index": i, "digest": _reply_digest(key, self._text(t))}
+                    for i, t in enumerate(r.replies or [])
+                    if t is not None
+                ]
             requests.append(
                 {
                     "created_at": at,
@@ -790,6 +833,8 @@ class FeedbackStore:
             conn.execute(sa.insert(requests_table), requests)
             if transcripts:
                 conn.execute(sa.insert(transcripts_table), transcripts)
+            if digests:
+                conn.execute(sa.insert(replies_table), digests)
         latest = max(row["created_at"] for row in requests)
         if latest >= self._next_prune:
             self.prune(latest)
@@ -955,6 +1000,17 @@ def collect_pairs(url: str, cfg: Config, model_version: str | None = None) -> tu
     finally:
         store.close()
     name = f"{store.display_url}#pairs"
+    if not cfg.rm.feedback_client_text:
+        server_text = [row for row in rows if not row["client_text"]]
+        if len(server_text) < len(rows):
+            logger.warning(
+                "%s: left out %d of %d pairs whose text a client sent (not verified as this server's replies); "
+                "rm.feedback_client_text=true trains on them too",
+                name,
+                len(rows) - len(server_text),
+                len(rows),
+            )
+        rows = server_text
     data = [json.dumps(_pair_record(row), ensure_ascii=False).encode("utf-8") for row in rows]
     chunk = {
         "path": name,
