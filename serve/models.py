@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlchat.errors import CheckpointError, ConfigError
+from serve.settings import DEFAULT_MODEL_NAME
 
 if TYPE_CHECKING:
     from rlchat.checkpoint import Checkpoint
@@ -121,7 +122,7 @@ def parse_versions(raw: Any, where: str = "serve.versions", alias: str = "") -> 
     Args:
         raw: the list (from the config, builder args or a ``user_config``); None / empty = no versions.
         where: what to call it in error messages.
-        alias: the app's model name, which a version may not take.
+        alias: the app's model name, which a version may not take (nor the default name it also answers to).
 
     Raises:
         ConfigError: not a list of mappings, a missing or unknown key, a duplicate name, a bad weight, weights that
@@ -144,7 +145,7 @@ def parse_versions(raw: Any, where: str = "serve.versions", alias: str = "") -> 
                 f"{where}[{i}]={item!r}: name and checkpoint are required, e.g. {{name: canary, "
                 "checkpoint: runs/b/checkpoints/best, weight: 10}"
             )
-        if alias and name == alias:
+        if alias and name in (alias, DEFAULT_MODEL_NAME):
             raise ConfigError(
                 f"{where}[{i}]: the version name {name!r} is the app's model name, which picks a version by weight; "
                 "name the version differently (e.g. stable, canary)"
@@ -265,9 +266,15 @@ def unpack_checkpoint(data: bytes, key: str, cache_dir: str | Path = "") -> Path
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-        tar.extractall(tmp, filter="data")
     try:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError) as e:
+            raise CheckpointError(
+                f"the shipped copy of checkpoint {key!r} cannot be unpacked into {final.parent} ({e}); check the "
+                "node's free disk space, or give the replicas a path on shared storage or a URI"
+            ) from e
         return _publish(tmp / "checkpoint", final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

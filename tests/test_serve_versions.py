@@ -66,6 +66,9 @@ def test_parse_versions_checks_names_and_weights():
     for raw, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             parse_versions(raw, alias="rlchat")
+    # every name the alias answers to is taken: an app called "chat" also answers to "rlchat" (the default name)
+    with pytest.raises(ConfigError, match="'rlchat'.*picks a version by weight"):
+        parse_versions([{"name": "rlchat", "checkpoint": "/x"}], alias="chat")
 
 
 class _FakeVersion:
@@ -136,6 +139,11 @@ def test_shipped_pack_unpacks_where_the_path_is_gone(ckpts, tmp_path):
         fetch_checkpoint(VersionSpec("b", str(src)), tmp_path / "cache")
     with pytest.raises(ConfigError, match="shared storage"):
         pack_checkpoint(ckpts["b"], max_bytes=10)
+    # a truncated copy: a CheckpointError naming the key, and nothing left in the cache
+    cache = tmp_path / "cache2"
+    with pytest.raises(CheckpointError, match="k2"):
+        unpack_checkpoint(data[: len(data) // 2], "k2", cache)
+    assert not cache.exists() or not any(cache.rglob("*partial*")), list(cache.rglob("*"))
 
 
 # --------------------------------------------------------------------------------------------------------------
