@@ -104,15 +104,20 @@ class FeedbackRecorder:
             assert fb.prompt is not None and isinstance(fb.chosen, str) and isinstance(fb.rejected, str)
             prompt, chosen, rejected, ids = [m.as_message() for m in fb.prompt], fb.chosen, fb.rejected, {}
             client_text = True
-        await self._call(
-            self.store.add_preference,
-            prompt,
-            chosen,
-            rejected,
-            model_version=model_version,
-            client_text=client_text,
-            **ids,
-        )
+        try:
+            await self._call(
+                self.store.add_preference,
+                prompt,
+                chosen,
+                rejected,
+                model_version=model_version,
+                client_text=client_text,
+                **ids,
+            )
+        except AlreadyRated as e:
+            if e.same:  # a retry
+                return {"recorded": False, "kind": "preference", "preference_written": False, "duplicate": True}
+            raise APIError(409, str(e), "chosen", "already_rated") from None
         logger.info("feedback preference written")
         return {"recorded": True, "kind": "preference", "preference_written": True}
 

@@ -216,6 +216,40 @@ def test_a_reply_is_rated_once_retries_write_nothing_and_a_changed_rating_is_ref
     ]
 
 
+def test_a_preference_between_two_served_replies_is_recorded_once_and_never_reversed(store):
+    """Preferences by completion id are server text, so they train the reward model: a retry must not add the pair
+    twice, and the reverse of a recorded comparison (by id or by thumbs) must be refused, not stored beside it."""
+    v = "run/step_1"
+
+    def prefer(chosen: str, rejected: str, chosen_id: str, rejected_id: str) -> dict:
+        return store.add_preference(
+            PROMPT, chosen, rejected, model_version=v, client_text=False, chosen_id=chosen_id, rejected_id=rejected_id
+        )
+
+    first = prefer("four", "5", "a", "b")
+    assert first["chosen"] == "four"
+    with pytest.raises(AlreadyRated) as e:
+        prefer("four", "5", "a", "b")
+    assert e.value.same
+    with pytest.raises(AlreadyRated, match="opposite") as e:
+        prefer("5", "four", "b", "a")
+    assert not e.value.same
+    # thumbs made c > d; the explicit reverse is refused too
+    store.add_rating("c", 0, "up", PROMPT, "six", model_version=v, client_text=False)
+    assert store.add_rating("d", 0, "down", PROMPT, "seven", model_version=v, client_text=False) is not None
+    with pytest.raises(AlreadyRated):
+        prefer("seven", "six", "d", "c")
+    # two choices of one completion (same id on both sides) are still two different replies
+    prefer("eight", "nine", "e", "e")
+    prefer("eight", "ten", "e", "e")
+    assert [(r.chosen[0]["content"], r.rejected[0]["content"]) for r in store.preference_records()] == [
+        ("four", "5"),
+        ("six", "seven"),
+        ("eight", "nine"),
+        ("eight", "ten"),
+    ]
+
+
 def test_reply_text_a_client_sends_is_verified_and_unverified_text_stays_out_of_training(store):
     """A rating that reaches a replica which did not serve the completion carries the reply's text from the client.
     The store checks that text (and its prompt) against the digest of what the server answered, and labels the

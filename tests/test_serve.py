@@ -546,12 +546,23 @@ def test_feedback_round_trip_into_the_reward_model_reader(app):
     assert again.json() == {"recorded": False, "kind": "rating", "preference_written": False, "duplicate": True}
     changed = _post(app, {"completion_id": r["id"], "choice_index": 0, "rating": "down"}, fb)
     assert changed.status_code == 409 and changed.json()["error"]["code"] == "already_rated", changed.text
-    third = _post(
-        app,
-        {"chosen": {"completion_id": r["id"], "choice_index": 1}, "rejected": {"completion_id": r["id"]}},
-        fb,
-    ).json()
+    # the reverse of the thumbs pair, by ids: a contradiction, refused
+    reverse = {"chosen": {"completion_id": r["id"], "choice_index": 1}, "rejected": {"completion_id": r["id"]}}
+    refused = _post(app, reverse, fb)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "already_rated", refused.text
+    # an explicit preference between two replies of another completion; its retry writes nothing
+    r2 = _post(app, {"messages": messages, "n": 2, "max_tokens": 8, "seed": 6, "temperature": 1.0}).json()
+    a2, b2 = (c["message"]["content"] for c in r2["choices"])
+    assert a2 != b2
+    by_ids = {"chosen": {"completion_id": r2["id"], "choice_index": 1}, "rejected": {"completion_id": r2["id"]}}
+    third = _post(app, by_ids, fb).json()
     assert third["preference_written"] is True
+    assert _post(app, by_ids, fb).json() == {
+        "recorded": False,
+        "kind": "preference",
+        "preference_written": False,
+        "duplicate": True,
+    }
     by_text = {"prompt": messages, "chosen": "Blue.", "rejected": "I refuse."}
     assert _post(app, by_text, fb).json()["preference_written"] is True
     # any replica can take a rating when the client sends the text along (the web page does); this "down" pairs
@@ -562,9 +573,10 @@ def test_feedback_round_trip_into_the_reward_model_reader(app):
     recs = FeedbackStore(app.feedback_store).preference_records()
     got = [(r.messages, r.chosen[0]["content"], r.rejected[0]["content"]) for r in recs[-4:]]
     a, b = normalize_text(scrub_pii(a)), normalize_text(scrub_pii(b))  # what the store and `rlchat data` make of it
+    a2, b2 = normalize_text(scrub_pii(a2)), normalize_text(scrub_pii(b2))
     assert got == [
         (messages, a, b),  # thumbs up on choice 0 + thumbs down on choice 1
-        (messages, b, a),  # explicit preference by completion ids
+        (messages, b2, a2),  # explicit preference by completion ids
         (messages, "Blue.", "I refuse."),  # explicit preference by text
         (messages, a, "Grey?"),
     ]

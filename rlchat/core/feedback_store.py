@@ -91,7 +91,8 @@ class InvalidFeedback(RLChatError, ValueError):
 
 
 class AlreadyRated(InvalidFeedback):
-    """The reply (completion id and choice) was rated before; nothing was written.
+    """The reply (completion id and choice) was rated before, or the comparison of two served replies was recorded
+    before; nothing was written.
 
     Attributes:
         same: the earlier rating is the same one (a retry: the API answers it as already recorded); else the
@@ -706,13 +707,48 @@ class FeedbackStore:
 
         Raises:
             InvalidFeedback: the pair would not read back with ``rlchat data`` (checked after scrubbing).
+            AlreadyRated: by completion ids, this comparison or its reverse was recorded before; nothing was written.
             StoreUnavailable: nothing was written.
         """
         p, c, r = check_preference(self._messages(prompt), self._text(chosen), self._text(rejected))
         with self._transaction() as conn:
+            if chosen_id is not None and rejected_id is not None:
+                self._check_new_comparison(conn, p, c, r, chosen_id, rejected_id)
             return self._insert_pair(
                 conn, p, c, r, "preference", chosen_id, rejected_id, model_version, client_text, now or time.time()
             )
+
+    def _check_new_comparison(
+        self,
+        conn: sa.Connection,
+        prompt: list[dict[str, str]],
+        chosen: list[dict[str, str]],
+        rejected: list[dict[str, str]],
+        chosen_id: str,
+        rejected_id: str,
+    ) -> None:
+        """A preference between two served replies is recorded once: the same comparison again (a retry) or its
+        reverse (by ids or by thumbs) raises :class:`AlreadyRated` -- both would weigh in the reward model's data.
+
+        Pairs do not record choice indices, so the stored pairs of these two completion ids are compared by text.
+        """
+        if self.backend == "postgresql":  # as add_rating: the comparisons of one prompt one at a time
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(int(_prompt_key(prompt)[:15], 16))))
+        t = pairs_table.c
+        ids = (chosen_id, rejected_id)
+        for row in conn.execute(
+            sa.select(t.prompt, t.chosen, t.rejected).where(t.chosen_id.in_(ids), t.rejected_id.in_(ids))
+        ):
+            if row.prompt != prompt:
+                continue
+            if (row.chosen, row.rejected) == (chosen, rejected):
+                raise AlreadyRated(f"this preference between {chosen_id} and {rejected_id} was already recorded", True)
+            if (row.chosen, row.rejected) == (rejected, chosen):
+                raise AlreadyRated(
+                    f"the opposite preference between {chosen_id} and {rejected_id} was already recorded; "
+                    "preferences are final",
+                    False,
+                )
 
     def _insert_pair(
         self,
