@@ -42,6 +42,7 @@ import contextlib
 import contextvars
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -207,11 +208,6 @@ def fetch_uri(uri: str, cache_dir: str | Path = "") -> Path:
     """
     from pyarrow import fs as pafs
 
-    final = _cache_entry(cache_dir, uri)
-    if (final / "meta.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         filesystem, path = pafs.FileSystem.from_uri(uri)
         info = filesystem.get_file_info(path)
@@ -220,6 +216,23 @@ def fetch_uri(uri: str, cache_dir: str | Path = "") -> Path:
                 f"{uri}: not a checkpoint directory ({info.type.name.lower()}); point at the "
                 "directory that holds meta.json"
             )
+        # the copy is keyed by what is there now, not only by the URI: a step re-saved in place (a resumed run, a
+        # mutable prefix) must not keep serving the old weights from this node's cache
+        listing = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+        version = sorted((f.path, f.size, f.mtime_ns) for f in listing if f.type == pafs.FileType.File)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"{uri}: cannot read the checkpoint ({e.__class__.__name__}: {e}); check the URI and "
+            "this node's credentials for that storage"
+        ) from e
+    final = _cache_entry(cache_dir, f"{uri}\n{json.dumps(version)}")
+    if (final / "meta.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
         tmp.mkdir()
         pafs.copy_files(path, str(tmp), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
     except CheckpointError:

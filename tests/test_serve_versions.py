@@ -126,6 +126,14 @@ def test_file_uri_is_copied_through_pyarrow_into_the_cache(ckpts, tmp_path):
     assert info.step == 100
     with pytest.raises(CheckpointError, match="cannot copy|not a checkpoint"):
         fetch_checkpoint(VersionSpec("a", f"file://{tmp_path}/missing"), cache)
+    # the object behind a URI changed (a resumed run re-saved the step): the node copies it again, never the stale copy
+    src = tmp_path / "mutable"
+    shutil.copytree(ckpts["a"], src)
+    first = fetch_checkpoint(VersionSpec("m", f"file://{src}"), cache)
+    shutil.rmtree(src)
+    shutil.copytree(ckpts["b"], src)
+    again = fetch_checkpoint(VersionSpec("m", f"file://{src}"), cache)
+    assert again != first and load_policy(again)[2].step == 200
 
 
 def test_shipped_pack_unpacks_where_the_path_is_gone(ckpts, tmp_path):
