@@ -620,11 +620,7 @@ class FeedbackStore:
         now = time.time() if now is None else now
         r = ratings_table.c
         with self._transaction() as conn:
-            if self.backend == "postgresql":
-                # Two opposite ratings of one prompt arriving together on two replicas must see each other (one of
-                # them forms the pair): serialise the ratings of one prompt, not the whole table.
-                lock_id = int(key[:15], 16)  # 60 bits: fits PostgreSQL's bigint
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_id)))
+            self._lock_prompt(conn, key)
             earlier = conn.execute(  # under the prompt's lock: a retry racing its original on another replica
                 sa.select(r.rating)
                 .where(r.request_id == request_id, r.choice_index == choice_index)
@@ -718,6 +714,14 @@ class FeedbackStore:
                 conn, p, c, r, "preference", chosen_id, rejected_id, model_version, client_text, now or time.time()
             )
 
+    def _lock_prompt(self, conn: sa.Connection, key: str) -> None:
+        """Serialise the feedback of one prompt (its :func:`_prompt_key`) until the transaction ends: two opposite
+        ratings arriving together on two replicas must see each other (one of them forms the pair), a retry must
+        see its original. PostgreSQL: an advisory lock on the key's first 60 bits (fits its bigint), not the whole
+        table; SQLite's writers are serialised already."""
+        if self.backend == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(int(key[:15], 16))))
+
     def _check_new_comparison(
         self,
         conn: sa.Connection,
@@ -732,8 +736,7 @@ class FeedbackStore:
 
         Pairs do not record choice indices, so the stored pairs of these two completion ids are compared by text.
         """
-        if self.backend == "postgresql":  # as add_rating: the comparisons of one prompt one at a time
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(int(_prompt_key(prompt)[:15], 16))))
+        self._lock_prompt(conn, _prompt_key(prompt))
         t = pairs_table.c
         ids = (chosen_id, rejected_id)
         for row in conn.execute(
