@@ -410,7 +410,9 @@ class BatchRun:
     def _run_beam(self, state: _JobState) -> None:
         job = state.job
         try:
-            res = self.engine.generate([list(job.prompt)] * len(job.seeds), job.params, list(job.seeds))
+            res = self.engine.generate(
+                [list(job.prompt)] * len(job.seeds), job.params, list(job.seeds), deadline=job.deadline
+            )
         except Exception as e:  # noqa: BLE001 - this job's own failure is its result
             state.error = e
             return

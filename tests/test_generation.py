@@ -509,3 +509,44 @@ def test_head_probe_indices_stay_inside_the_head_at_real_sizes(n: int) -> None:
     assert idx.dtype == torch.int64 and len(idx) == min(n, 4096)
     assert int(idx[0]) == 0 and int(idx[-1]) == n - 1
     assert len(idx) == 1 or bool((idx[1:] > idx[:-1]).all())
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generation_stops_at_its_deadline_with_length(tok: ChatTokenizer, beams: int) -> None:
+    """A served request's deadline reaches the engine: sampling and beam search (which runs whole, off the decode
+    batch) end their rows with ``length`` once it passes, keeping what they generated, instead of running to their
+    budget past it."""
+    import time
+
+    engine = GenerationEngine(build(tok, seed=3), tok, precision="fp32")
+    params = SamplingParams(max_new_tokens=200, min_new_tokens=200, temperature=1.0, num_beams=beams)
+    prompts = [[1, 2, 3], [4, 5]]
+    full = engine.generate(prompts, params, seeds=[0, 1])
+    assert [len(t) for t in full.tokens] == [200, 200] or beams > 1
+    past = engine.generate(prompts, params, seeds=[0, 1], deadline=time.monotonic() - 1.0)
+    assert past.finish_reasons == ["length", "length"] and all(len(t) <= 1 for t in past.tokens)
+    t0 = time.monotonic()
+    calls = {"n": 0}
+    real = GenerationEngine._decoder
+
+    def slow_decoder(self):  # each forward takes >= 5 ms, so 200 tokens cannot fit in 0.1 s
+        dec = real(self)
+        forward = dec.forward
+
+        def slow(*a, **kw):
+            calls["n"] += 1
+            time.sleep(0.005)
+            return forward(*a, **kw)
+
+        dec.forward = slow
+        return dec
+
+    GenerationEngine._decoder = slow_decoder
+    try:
+        cut = engine.generate(prompts, params, seeds=[0, 1], deadline=t0 + 0.1)
+    finally:
+        GenerationEngine._decoder = real
+    assert time.monotonic() - t0 < 1.0 and cut.finish_reasons == ["length", "length"]
+    assert 0 < max(len(t) for t in cut.tokens) < 200
+    if beams == 1:  # the tokens it kept are the full run's first ones (same seeds)
+        assert all(full.tokens[i][: len(cut.tokens[i])] == cut.tokens[i] for i in range(2))

@@ -17,7 +17,16 @@ from rlchat.config import Config
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from rlchat.model import PolicyValueModel
 from rlchat.tokenizer import ChatTokenizer
-from serve.batching import Batcher, BatchRun, DeadlineExceeded, GenerationJob, JobOutput, StepItem, SubmittedNow
+from serve.batching import (
+    Batcher,
+    BatchRun,
+    DeadlineExceeded,
+    GenerationJob,
+    JobOutput,
+    StepItem,
+    SubmittedNow,
+    run_jobs,
+)
 from serve.decode_batch import DecodeBatch
 
 VOCAB = 4096
@@ -685,11 +694,11 @@ def test_a_beam_search_does_not_stall_the_decode_batch(engine, tok, monkeypatch)
     started = threading.Event()
     real_generate = engine.generate
 
-    def slow_generate(prompts, params, seeds=None):
+    def slow_generate(prompts, params, seeds=None, deadline=None):
         if params.num_beams > 1:
             started.set()
             assert release.wait(60), "the stream never finished while the beam search ran"
-        return real_generate(prompts, params, seeds)
+        return real_generate(prompts, params, seeds, deadline)
 
     monkeypatch.setattr(engine, "generate", slow_generate)
     beam = GenerationJob(_prompt(tok, "beam"), SamplingParams(max_new_tokens=6, num_beams=3), (1,))
@@ -821,3 +830,29 @@ def test_submitted_now_queues_the_job_before_anyone_iterates_and_aclose_ends_it(
             batcher.close()
 
     asyncio.run(main())
+
+
+def test_a_beam_search_ends_at_its_deadline(engine, tok, monkeypatch):
+    """Beam search runs whole (off the decode batch); an accepted request's deadline must still end it, with
+    ``length`` and the best beam so far, not run it to its budget past the deadline."""
+    real = GenerationEngine._decoder
+
+    def slow_decoder(self):
+        dec = real(self)
+        forward = dec.forward
+
+        def slow(*a, **kw):
+            time.sleep(0.01)
+            return forward(*a, **kw)
+
+        dec.forward = slow
+        return dec
+
+    monkeypatch.setattr(GenerationEngine, "_decoder", slow_decoder)
+    params = SamplingParams(max_new_tokens=100, min_new_tokens=100, num_beams=2)
+    job = GenerationJob(_prompt(tok, "beams"), params, (1,), deadline=time.monotonic() + 0.2)
+    t0 = time.monotonic()
+    (out,) = run_jobs(engine, [job])
+    assert isinstance(out, JobOutput), out
+    assert time.monotonic() - t0 < 0.9  # 100 slow steps would take over a second
+    assert out.finish_reasons == [FINISH_LENGTH] and 0 < len(out.tokens[0]) < 100

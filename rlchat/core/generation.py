@@ -44,6 +44,7 @@ import contextlib
 import inspect
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -325,7 +326,11 @@ class GenerationEngine:
         return resolve_precision(self.precision, self.device, self.hidden_size)
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
+        deadline: float | None = None,
     ) -> GenerationResult:
         """Decode every prompt to completion.
 
@@ -333,6 +338,8 @@ class GenerationEngine:
             prompts: token ids per prompt (e.g. from ``tokenizer.render_prompt``), any lengths >= 1.
             params: decoding settings.
             seeds: one seed per prompt (same seed -> same output regardless of the rest of the batch).
+            deadline: a ``time.monotonic()`` instant: rows still running after the step that passes it end with
+                ``length`` (a served request's deadline; beam search included, which runs whole).
 
         Returns:
             :class:`GenerationResult` in prompt order.
@@ -340,10 +347,12 @@ class GenerationEngine:
         if not prompts:
             return GenerationResult([], [], [], [])
         if params.num_beams > 1:
-            return _BeamSearch(self, prompts, params).run()
+            return _BeamSearch(self, prompts, params, deadline).run()
         stream = GenerationStream(self, prompts, params, seeds)
+        everyone = np.arange(len(prompts))
         for _ in stream:
-            pass
+            if deadline is not None and time.monotonic() >= deadline:
+                stream.finish(everyone, FINISH_LENGTH)
         return stream.result()
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[tuple[int, float]]:
@@ -971,8 +980,14 @@ class _BeamSearch:
     (``transformers``' ``early_stopping=False`` rule); unfinished beams at ``max_new_tokens`` end with ``length``.
     """
 
-    def __init__(self, engine: GenerationEngine, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
-        self.engine, self.params, self.prompts = engine, params, prompts
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        deadline: float | None = None,
+    ) -> None:
+        self.engine, self.params, self.prompts, self.deadline = engine, params, prompts, deadline
         engine._check_prompts(prompts, params)
 
     def run(self) -> GenerationResult:
@@ -1082,7 +1097,8 @@ class _BeamSearch:
                 if st.done:
                     next_score[i * k : (i + 1) * k] = -np.inf
             beam_tokens, beam_lps, tails = new_tokens, new_lps, new_tails  # already in slot order
-            if all(s.done for s in states) or step == n - 1:
+            late = self.deadline is not None and time.monotonic() >= self.deadline  # ends as at the budget
+            if all(s.done for s in states) or step == n - 1 or late:
                 scores = torch.from_numpy(next_score).to(dev).view(b, k)
                 break
             idx = torch.from_numpy(next_src).to(dev)
