@@ -156,6 +156,20 @@ def test_probs_and_why_need_a_local_checkpoint_and_a_reply():
     assert "/probs expects an integer in [1, 50]" in text
 
 
+def test_probs_and_why_explain_only_the_reply_on_screen(local, tmp_path):
+    """After /load, the last assistant turn is the loaded one, not what the model generated last: /probs and /why
+    must refuse rather than explain a reply that is no longer in the conversation."""
+    out = io.StringIO()
+    s = ChatSession(local, Decoding(max_tokens=6, temperature=0.0), None, out)
+    saved = tmp_path / "a.json"
+    _run(s, ["first question", f"/save {saved}", "/max_tokens 3", "second question", "/probs 1"])
+    assert "alternatives" in out.getvalue()  # a table for the reply on screen
+    out.truncate(0), out.seek(0)
+    _run(s, [f"/load {saved}", "/probs 1", "/why"])
+    text = out.getvalue()
+    assert "/probs explains the last reply" in text and "/why explains the last reply" in text, text
+
+
 def test_token_alternatives_match_the_engines_greedy_logprobs(local):
     tok = local.tokenizer
     prompt = tok.render_prompt([{"role": "user", "content": "Name a fruit."}])

@@ -540,8 +540,11 @@ class ChatSession:
     def _local(self, cmd: str) -> LocalBackend:
         if not isinstance(self.backend, LocalBackend):
             raise UsageError(f"{cmd} needs a local checkpoint (it reads the model itself): rlchat chat CKPT_DIR")
-        if not self.turns or self.turns[-1]["role"] != "assistant" or not self.backend.last.token_ids:
+        last = self.backend.last
+        if not self.turns or self.turns[-1]["role"] != "assistant" or not last.token_ids:
             raise UsageError(f"{cmd} explains the last reply; there is none yet")
+        if last.text != self.turns[-1]["content"]:  # e.g. a conversation loaded after it: not the reply on screen
+            raise UsageError(f"{cmd} explains the last reply this session generated; ask again (or /regenerate)")
         return self.backend
 
     # ---------------------------------------------------------------------------------------------- commands
