@@ -533,9 +533,15 @@ class ChatServer:
             )
         budget = req.budget()
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        if budget is not None and budget > s.max_tokens:
+        limit = self._reply_limit(self.served)
+        if budget is not None and budget > limit:
+            why = (
+                ""
+                if limit == s.max_tokens
+                else f" (the model's {self.max_positions} positions less the shortest prompt)"
+            )
             raise APIError(
-                400, f"{param}={budget} exceeds this server's limit of {s.max_tokens}", param, "invalid_value"
+                400, f"{param}={budget} exceeds this server's limit of {limit}{why}", param, "invalid_value"
             )
         messages, dropped = self._fit_context(messages, budget, param)
         prompt = self.tokenizer.render_prompt(messages)
@@ -559,6 +565,12 @@ class ChatServer:
                 "model_not_found",
             )
         use_version(version)
+
+    def _reply_limit(self, v: ServedVersion) -> int:
+        """The longest chat reply ``v`` grants: ``serve.max_tokens``, cut to what its context leaves after the
+        shortest chat prompt (one short user message), so the limit ``/v1/models`` advertises can be met."""
+        shortest = len(v.tokenizer.render_prompt([{"role": "user", "content": "x"}]))
+        return max(1, min(self.cfg.max_tokens, v.max_positions - shortest))
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         """A prompt sent as token ids, checked against this version's vocabulary (a 400 naming the first bad id)."""
@@ -855,7 +867,7 @@ class ChatServer:
                 max_model_len=v.max_positions,
                 max_messages=self.cfg.max_messages,
                 max_chars=self.cfg.max_chars,
-                max_tokens=min(self.cfg.max_tokens, v.max_positions - 1),  # a reply needs a prompt token at least
+                max_tokens=self._reply_limit(v),
                 **extra,
             )
 

@@ -387,8 +387,18 @@ def test_an_app_without_a_key_strict_and_with_cors(app, monkeypatch):
     try:
         ready = requests.get(base + "/readyz", timeout=30).json()
         assert ready["checkpoint"] == str(app.checkpoint) and "pid" in ready  # this machine, no key configured
+        # the advertised limit is one a reply can reach: serve.max_tokens (1000), cut to what the context leaves
+        # after the shortest chat prompt; one token more is refused quoting that same number
         card = requests.get(base + "/v1/models", timeout=30).json()["data"][0]
-        assert (card["max_model_len"], card["max_tokens"]) == (256, 255)  # a limit a reply can reach
+        shortest = len(ChatTokenizer("cl100k_base", VOCAB).render_prompt([{"role": "user", "content": "x"}]))
+        limit = 256 - shortest
+        assert (card["max_model_len"], card["max_tokens"]) == (256, limit)
+        one = [{"role": "user", "content": "x"}]
+        url = base + "/v1/chat/completions"
+        r = requests.post(url, json={"messages": one, "max_tokens": limit, "temperature": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+        r = requests.post(url, json={"messages": one, "max_tokens": limit + 1}, timeout=60)
+        assert r.status_code == 400 and f"limit of {limit}" in r.json()["error"]["message"], r.text
         r = requests.post(base + "/v1/chat/completions", json={"messages": USER, "colour": 1}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == "unrecognized_parameter"
         ok = requests.post(
