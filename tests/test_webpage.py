@@ -142,7 +142,7 @@ def test_chat_page_in_headless_chromium(serve_app, tmp_path: Path):
             page.fill("#input", "third question")
             page.press("#input", "Enter")
             sync_api.expect(page.locator(".msg.assistant")).to_have_attribute("data-state", "streaming")
-            page.click("#stop")  # Stop keeps what arrived (nothing yet here) and the conversation goes on
+            page.click("#stop")  # Stop keeps what arrived -- nothing yet here: no empty reply enters the conversation
             sync_api.expect(page.locator(".msg.assistant")).to_have_attribute("data-finish", "stopped")
             page.fill("#input", "fourth question")
             page.press("#input", "Enter")
@@ -150,8 +150,34 @@ def test_chat_page_in_headless_chromium(serve_app, tmp_path: Path):
                 "data-state", "done", timeout=60_000
             )
             roles = [m["role"] for m in sent[-1]["messages"]]
-            assert roles == ["user", "assistant", "user"], sent[-1]["messages"]
+            assert roles == ["user", "user"], sent[-1]["messages"]
             page.unroute("**/v1/chat/completions")
+
+            # a message the server refuses (over serve.max_chars) leaves the conversation and goes back to the input,
+            # so the next message is not refused with it
+            page.click("#reset")
+            page.fill("#input", "x" * 33_000)
+            page.press("#input", "Enter")
+            sync_api.expect(page.locator(".msg.error")).to_contain_text("not sent")
+            assert page.locator("#input").input_value() == "x" * 33_000
+            sync_api.expect(page.locator(".msg.user")).to_have_count(0)
+            page.fill("#input", "short question")
+            page.press("#input", "Enter")
+            reply = page.locator(".msg.assistant").last
+            sync_api.expect(reply).to_have_attribute("data-state", "done", timeout=60_000)
+            assert reply.get_attribute("data-finish") in ("stop", "length")
+
+            # a rating that fails (a wrong key) can be sent again once the key is right
+            page.fill("#api-key", "wrong")
+            page.dispatch_event("#api-key", "change")
+            reply.locator(".thumb-up").click()
+            sync_api.expect(reply.locator(".meta")).to_contain_text("feedback failed")
+            sync_api.expect(reply.locator(".thumb-up")).to_be_enabled()
+            page.fill("#api-key", serve_app.api_key)
+            page.dispatch_event("#api-key", "change")
+            reply.locator(".thumb-up").click()
+            sync_api.expect(reply.locator(".meta")).to_contain_text("thanks")
+            sync_api.expect(reply.locator(".thumb-down")).to_be_disabled()
 
             # limits come from /v1/models: the shared app allows max_tokens up to 64
             assert page.locator("#max-tokens").get_attribute("max") == "64"
