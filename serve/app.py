@@ -148,6 +148,7 @@ from serve.settings import (
     DEPLOYMENT_NAME,
     OVERLOAD_RETRY_AFTER_S,
     AppSettings,
+    active_ingress,
     default_model_version,
     deployment_options,
     exposure_warning,
@@ -340,6 +341,7 @@ class ChatServer:
         self.settings = settings
         self.cfg = settings.config.serve
         self.model_name = settings.model_name
+        self._behind_haproxy = active_ingress() == "haproxy"  # Ray's switches, inherited by this replica's process
         self.created = int(time.time())
         self.device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         if self.cfg.num_gpus > 0 and self.device == "cpu":
@@ -475,11 +477,16 @@ class ChatServer:
     # ------------------------------------------------------------------------------------------------ helpers
     def _operator(self, request: Request) -> bool:
         """Whether the request may see paths and pids: it carries the API key, or no key is configured and it comes
-        from this machine (loopback). A reverse proxy on the same host makes every client loopback: set a key."""
+        from this machine (loopback). Behind ``serve.ingress: haproxy`` every request reaches the replica from
+        HAProxy on its node (Ray's HAProxy sets no ``X-Forwarded-For``), so there a loopback address proves nothing
+        and only the key does. Another reverse proxy on the same host likewise makes every client loopback: set a
+        key."""
         key = self.cfg.api_key
         if key:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+        if self._behind_haproxy:
+            return False
         return request.client is not None and is_loopback(request.client.host)
 
     def _auth(self, request: Request) -> None:

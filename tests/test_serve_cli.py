@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import requests
 import pytest
 
 from serve import testing
@@ -75,6 +76,12 @@ def test_rlchat_serve_as_typed_answers_through_haproxy_and_stops_on_ctrl_c(tmp_p
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == reply.choices[0].message.content  # same seed, same reply, plain or streamed
         client.close()
+        # HAProxy reaches the replica from this machine for every client, so a loopback address proves nothing:
+        # without a key nobody is shown the checkpoint's path or the replica's pid
+        ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30).json()
+        assert "pid" not in ready and not Path(ready["checkpoint"]).is_absolute(), ready
+        card = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"][0]
+        assert not Path(card["checkpoint"]).is_absolute(), card
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         try:
