@@ -173,8 +173,53 @@ def parse_versions(raw: Any, where: str = "serve.versions", alias: str = "") -> 
 # --------------------------------------------------------------------------------------------------------------
 
 
+CACHE_GRACE_S = 600.0
+"""A cached copy used this recently is never evicted, whatever ``keep`` says: another replica on the node may be
+loading it right now."""
+PARTIAL_MAX_AGE_S = 6 * 3600.0
+"""A half-written copy (``.<key>.partial-*``) older than this was left by a fetch that died (a copy of a large model
+from object storage can take many minutes, so only old ones go; the cache may be on storage other nodes share)."""
+
+
 def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / "rlchat-checkpoints"
+
+
+def _use_and_prune(entry: Path, keep: int) -> Path:
+    """Mark the cached copy ``entry`` used now, then evict the node cache's least recently used copies beyond
+    ``keep`` (0: keep all).
+
+    Why: every deploy of a URI or shipped checkpoint adds a copy on each node that runs a replica (a followed run or
+    a canary rollout: one per version), so without eviction a node's disk fills with old weights. A copy used within
+    :data:`CACHE_GRACE_S` stays; a copy is renamed before it is deleted, so a replica fetching it meanwhile sees no
+    ``meta.json`` and copies it again instead of loading a half-deleted directory."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        os.utime(entry, (now, now))
+    if keep <= 0:
+        return entry
+    copies: list[tuple[float, Path]] = []
+    for path in entry.parent.iterdir():
+        try:
+            age = now - path.stat().st_mtime
+        except OSError:
+            continue  # another replica removed it meanwhile
+        if path.name.startswith(".evict-") or (".partial-" in path.name and age > PARTIAL_MAX_AGE_S):
+            shutil.rmtree(path, ignore_errors=True)
+        elif not path.name.startswith(".") and path != entry:
+            copies.append((age, path))
+    copies.sort()
+    for age, path in copies[max(0, keep - 1) :]:
+        if age < CACHE_GRACE_S:
+            continue
+        doomed = path.parent / f".evict-{path.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, doomed)
+        except OSError:
+            continue  # evicted by another replica already
+        logger.info("evicting %s from the checkpoint cache (serve.checkpoint_cache_keep=%d)", path, keep)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return entry
 
 
 def _cache_entry(cache_dir: str | Path, key: str) -> Path:
@@ -200,8 +245,9 @@ def _checkpoint_root(directory: Path) -> Path:
     return min(found, key=lambda p: len(p.parts)) if found else directory
 
 
-def fetch_uri(uri: str, cache_dir: str | Path = "") -> Path:
+def fetch_uri(uri: str, cache_dir: str | Path = "", keep: int = 0) -> Path:
     """Copy the checkpoint at ``uri`` (any ``pyarrow.fs`` filesystem) into the node's cache, once; its local path.
+    ``keep``: how many recently used copies the cache keeps (:func:`_use_and_prune`; 0 = all).
 
     Raises:
         CheckpointError: pyarrow cannot open or copy it.
@@ -229,7 +275,7 @@ def fetch_uri(uri: str, cache_dir: str | Path = "") -> Path:
         ) from e
     final = _cache_entry(cache_dir, f"{uri}\n{json.dumps(version)}")
     if (final / "meta.json").is_file():
-        return final
+        return _use_and_prune(final, keep)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -249,7 +295,7 @@ def fetch_uri(uri: str, cache_dir: str | Path = "") -> Path:
         raise CheckpointError(
             f"{uri}: no meta.json there; point at a checkpoint directory (runs/<run>/checkpoints/step_XXXXXX)"
         )
-    return _publish(tmp, final)
+    return _use_and_prune(_publish(tmp, final), keep)
 
 
 def pack_checkpoint(directory: str | Path, max_bytes: int = SHIP_MAX_BYTES) -> bytes:
@@ -272,11 +318,12 @@ def pack_checkpoint(directory: str | Path, max_bytes: int = SHIP_MAX_BYTES) -> b
     return buf.getvalue()
 
 
-def unpack_checkpoint(data: bytes, key: str, cache_dir: str | Path = "") -> Path:
-    """Unpack a :func:`pack_checkpoint` tar into the node's cache under ``key`` (once per node); its path."""
+def unpack_checkpoint(data: bytes, key: str, cache_dir: str | Path = "", keep: int = 0) -> Path:
+    """Unpack a :func:`pack_checkpoint` tar into the node's cache under ``key`` (once per node); its path.
+    ``keep``: as for :func:`fetch_uri`."""
     final = _cache_entry(cache_dir, f"shipped:{key}")
     if (final / "meta.json").is_file():
-        return final
+        return _use_and_prune(final, keep)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -288,9 +335,10 @@ def unpack_checkpoint(data: bytes, key: str, cache_dir: str | Path = "") -> Path
                 f"the shipped copy of checkpoint {key!r} cannot be unpacked into {final.parent} ({e}); check the "
                 "node's free disk space, or give the replicas a path on shared storage or a URI"
             ) from e
-        return _publish(tmp / "checkpoint", final)
+        published = _publish(tmp / "checkpoint", final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return _use_and_prune(published, keep)
 
 
 def ship_checkpoint(spec: VersionSpec, mode: str) -> VersionSpec:
@@ -326,14 +374,14 @@ def ship_checkpoint(spec: VersionSpec, mode: str) -> VersionSpec:
     return VersionSpec(spec.name, spec.checkpoint, spec.weight, shipped=ref)
 
 
-def fetch_checkpoint(spec: VersionSpec, cache_dir: str | Path = "") -> Path:
+def fetch_checkpoint(spec: VersionSpec, cache_dir: str | Path = "", keep: int = 0) -> Path:
     """A local directory holding ``spec``'s checkpoint on this node (see the module docstring for the order).
 
     Raises:
         CheckpointError: neither a URI, nor a path on this node, nor a shipped copy.
     """
     if is_uri(spec.checkpoint):
-        return _checkpoint_root(fetch_uri(spec.checkpoint, cache_dir))
+        return _checkpoint_root(fetch_uri(spec.checkpoint, cache_dir, keep))
     path = Path(spec.checkpoint)
     if (path / "meta.json").is_file():
         return path
@@ -341,7 +389,7 @@ def fetch_checkpoint(spec: VersionSpec, cache_dir: str | Path = "") -> Path:
         import ray
 
         key = f"{spec.checkpoint}:{spec.shipped.hex()}"
-        return unpack_checkpoint(ray.get(spec.shipped), key, cache_dir)
+        return unpack_checkpoint(ray.get(spec.shipped), key, cache_dir, keep)
     node = ""
     with contextlib.suppress(Exception):
         import ray
@@ -489,7 +537,7 @@ def load_version(
     from serve.settings import default_model_version
 
     t0 = time.perf_counter()
-    path = fetch_checkpoint(spec, cache_dir)
+    path = fetch_checkpoint(spec, cache_dir, cfg.checkpoint_cache_keep)
     if cfg.engine_process:
         # The weights live in the engine process only; this replica reads the tokenizer and metadata.
         ckpt = read_checkpoint(path, expect_stage=POLICY_STAGES)

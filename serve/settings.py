@@ -83,13 +83,14 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         )
     versions = _resolve_versions(raw_versions, "versions", str(args.get("model_name", DEFAULT_MODEL_NAME)))
     source = str(ckpt) if ckpt and is_uri(str(ckpt)) else ""
+    cache, keep = args.get("checkpoint_cache") or "", int(args.get("checkpoint_cache_keep", ServeConfig.checkpoint_cache_keep))
     if run:
         path = find_best_checkpoint(run)
     elif ckpt:
-        path = fetch_uri(source, args.get("checkpoint_cache") or "") if source else Path(ckpt)
+        path = fetch_uri(source, cache, keep) if source else Path(ckpt)
     else:  # versions only: the first one's config is the app's
         first = versions[0].checkpoint
-        path = fetch_uri(first, args.get("checkpoint_cache") or "") if is_uri(first) else Path(first)
+        path = fetch_uri(first, cache, keep) if is_uri(first) else Path(first)
     info = read_checkpoint(path, expect_stage=POLICY_STAGES)
     config_path = args.pop("config", None)
     cfg = load_config(config_path) if config_path else info.config
@@ -144,6 +145,11 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         raise ConfigError("serve.follow=true with serve.versions: a followed run is one version; drop one of them")
     if s.follow_interval_s <= 0:
         raise ConfigError(f"serve.follow_interval_s={s.follow_interval_s}: expected > 0 seconds, e.g. 5")
+    if s.checkpoint_cache_keep < 0:
+        raise ConfigError(
+            f"serve.checkpoint_cache_keep={s.checkpoint_cache_keep}: expected >= 0 copies per node (0 = keep all), "
+            "e.g. 4"
+        )
     if s.num_gpus < 0:
         raise ConfigError(f"serve.num_gpus={s.num_gpus}: expected >= 0 GPUs per replica (0 = CPU, 1, or 0.5 to share)")
     if s.max_replicas < s.replicas:

@@ -307,6 +307,6 @@ def test_settings_bound_the_queue_at_the_replica_and_at_serves_proxy(tmp_path):
     assert opts["max_ongoing_requests"] > 16 + 5  # a full batch plus the queue reach the replica, which refuses first
     unbounded = deployment_options(resolve_settings({"checkpoint": str(ckpt), "max_queued_requests": 0}))
     assert "max_queued_requests" not in unbounded and "backpressure_config" not in unbounded
-    for key, bad in (("max_queued_requests", -1), ("request_timeout_s", -5)):
+    for key, bad in (("max_queued_requests", -1), ("request_timeout_s", -5), ("checkpoint_cache_keep", -1)):
         with pytest.raises(ConfigError, match=f"serve.{key}={bad}"):
             resolve_settings({"checkpoint": str(ckpt), key: bad})

@@ -154,6 +154,53 @@ def test_shipped_pack_unpacks_where_the_path_is_gone(ckpts, tmp_path):
     assert not cache.exists() or not any(cache.rglob("*partial*")), list(cache.rglob("*"))
 
 
+def test_the_node_cache_keeps_the_recently_used_copies_and_evicts_the_rest(ckpts, tmp_path):
+    """Each deploy of a URI or shipped checkpoint adds a copy on every node (a followed run: one per new best step);
+    without eviction the node's disk fills. The ``keep`` most recently used copies stay, and any copy used in the
+    last ``grace_s`` (another replica on the node may be loading it), and copies a crashed fetch left half-written
+    go once they are old."""
+    cache = tmp_path / "cache"
+    hour_ago = time.time() - 3600
+    paths = []
+    for i in range(5):
+        src = tmp_path / f"src{i}"
+        shutil.copytree(ckpts["a"], src)
+        paths.append(fetch_checkpoint(VersionSpec("v", f"file://{src}"), cache, keep=2))
+        os.utime(paths[-1], (hour_ago + i, hour_ago + i))  # used an hour ago, in this order
+    kept = sorted(p.name for p in cache.iterdir())
+    assert kept == sorted(p.name for p in paths[-2:]), kept  # the two most recently used
+    # using an older copy again makes it recent: the next fetch evicts the other one
+    again = fetch_checkpoint(VersionSpec("v", f"file://{tmp_path}/src3"), cache, keep=2)
+    assert again == paths[3] and (again / "meta.json").is_file()
+    os.utime(again, (hour_ago + 10, hour_ago + 10))
+    src = tmp_path / "src5"
+    shutil.copytree(ckpts["a"], src)
+    newest = fetch_checkpoint(VersionSpec("v", f"file://{src}"), cache, keep=2)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([paths[3].name, newest.name])
+    # an evicted copy is fetched again when it is asked for
+    os.utime(newest, (hour_ago + 11, hour_ago + 11))
+    back = fetch_checkpoint(VersionSpec("v", f"file://{tmp_path}/src0"), cache, keep=2)
+    assert back == paths[0] and (back / "meta.json").is_file()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([newest.name, back.name])
+    os.utime(newest, (time.time(), time.time()))  # as if another replica had just loaded it
+    # a copy used within the grace period stays whatever keep says; a half-written copy goes once it is old
+    stale = cache / ".0123.partial-1-deadbeef"
+    fresh = cache / ".4567.partial-2-cafebabe"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (hour_ago - 7 * 3600, hour_ago - 7 * 3600))  # a fetch that died 8 hours ago
+    data = pack_checkpoint(ckpts["b"])
+    shipped = unpack_checkpoint(data, "k1", cache, keep=1)
+    left = {p.name for p in cache.iterdir()}
+    assert shipped.name in left and back.name in left and newest.name in left  # all used in the last minutes
+    assert fresh.name in left and stale.name not in left
+    # keep=0: nothing is evicted
+    for entry in cache.iterdir():
+        os.utime(entry, (hour_ago, hour_ago))
+    unpack_checkpoint(data, "k2", cache, keep=0)
+    assert {shipped.name, back.name, newest.name} <= {p.name for p in cache.iterdir()}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # On Serve
 # --------------------------------------------------------------------------------------------------------------

@@ -444,6 +444,8 @@ class ServeConfig:
     """Ship local checkpoints to replicas through Ray's object store: auto = when the cluster has several nodes."""
     checkpoint_cache: str = ""
     """Node-local directory for checkpoints copied from URIs or shipped; empty = <tmp>/rlchat-checkpoints."""
+    checkpoint_cache_keep: int = 4
+    """Copies kept in serve.checkpoint_cache per node: the most recently used (and any used in the last 10 minutes); 0 = keep all."""
 
 
 @dataclass(frozen=True)
