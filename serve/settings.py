@@ -83,7 +83,8 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         )
     versions = _resolve_versions(raw_versions, "versions", str(args.get("model_name", DEFAULT_MODEL_NAME)))
     source = str(ckpt) if ckpt and is_uri(str(ckpt)) else ""
-    cache, keep = args.get("checkpoint_cache") or "", int(args.get("checkpoint_cache_keep", ServeConfig.checkpoint_cache_keep))
+    cache = args.get("checkpoint_cache") or ""
+    keep = int(args.get("checkpoint_cache_keep", ServeConfig.checkpoint_cache_keep))
     if run:
         path = find_best_checkpoint(run)
     elif ckpt:

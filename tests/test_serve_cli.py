@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import requests
 import pytest
+import requests
 
 from serve import testing
 
