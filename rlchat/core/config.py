@@ -445,7 +445,7 @@ class ServeConfig:
     checkpoint_cache: str = ""
     """Node-local directory for checkpoints copied from URIs or shipped; empty = <tmp>/rlchat-checkpoints."""
     checkpoint_cache_keep: int = 4
-    """Copies kept per node in serve.checkpoint_cache: the most recently used, and any used in the last 10 min."""
+    """Checkpoint copies kept per node: the most recently used and any used in the last 10 min; 0 = all."""
 
 
 @dataclass(frozen=True)
