@@ -186,6 +186,29 @@ def test_opposite_ratings_make_a_pair_that_the_rm_reader_reads(store):
     ]
 
 
+def test_scrubbing_never_joins_the_replies_of_two_different_prompts_into_a_pair(store_url):
+    """Scrubbing makes "call 555-123-4567" and "call 555-987-6543" one prompt text ("call [phone]"): two real
+    prompts. A thumbs pair must compare two replies to the same prompt, so a prompt that scrubbing changed forms no
+    pair (the ratings are kept); prompts without personal data still pair."""
+    store = FeedbackStore(store_url, scrub=True)
+    v = "run-a/step_000010"
+    one = [{"role": "user", "content": "Please call me at +1 555-123-4567 about the order"}]
+    two = [{"role": "user", "content": "Please call me at +1 555-987-6543 about the order"}]
+    assert store.add_rating("p1", 0, "down", one, "no", model_version=v, client_text=False) is None
+    assert store.add_rating("p2", 0, "up", two, "sure, I will call", model_version=v, client_text=False) is None
+    # the same prompt rated both ways on two replies: it too is not paired (scrubbed, its identity is gone)
+    assert store.add_rating("p3", 0, "up", one, "ok, calling", model_version=v, client_text=False) is None
+    # a prompt whose text reads like a scrubbed one never pairs with a scrubbed prompt's rating either
+    literal = [{"role": "user", "content": "Please call me at [phone] about the order"}]
+    assert store.add_rating("p4", 0, "down", literal, "meh", model_version=v, client_text=False) is None
+    # without personal data, opposite ratings pair as before
+    assert store.add_rating("q1", 0, "down", PROMPT, "five", model_version=v, client_text=False) is None
+    assert store.add_rating("q2", 0, "up", PROMPT, "4", model_version=v, client_text=False) is not None
+    assert [r.chosen[0]["content"] for r in store.preference_records()] == ["4"]
+    assert {r["prompt"][0]["content"] for r in store.rows("ratings")} >= {"Please call me at [phone] about the order"}
+    store.close()
+
+
 def test_a_reply_is_rated_once_retries_write_nothing_and_a_changed_rating_is_refused(store):
     """A client that retries a rating (a timeout, a double click through the API) must not write the rating or the
     pair it forms twice: duplicated pairs would weigh one comparison twice in the reward model's data. A reply rated
@@ -493,8 +516,9 @@ def test_transcripts_retention_scrubbing_and_deleting_a_conversation(store_url):
     store.record_request("r2", model_version="v", n_choices=2, messages=mail, replies=["ok", None],
                          conversation_id="conv-a", now=now)  # fmt: skip
     store.record_request("r3", model_version="v", n_choices=1, messages=PROMPT, replies=["4"], now=now)
-    store.add_rating("r2", 0, "up", mail, "ok", model_version="v", client_text=False)
-    store.add_rating("r3", 0, "down", mail, "no", model_version="v", client_text=False)  # pairs with r2's "up"
+    store.add_rating("r1", 0, "down", mail, "Hi ann@example.org", model_version="v", client_text=False)
+    store.add_rating("r2", 0, "up", PROMPT, "ok", model_version="v", client_text=False)
+    store.add_rating("r3", 0, "down", PROMPT, "no", model_version="v", client_text=False)  # pairs with r2's "up"
     rows = store.rows("transcripts")
     assert rows[0]["messages"] == [{"role": "user", "content": "I am [email], call me on [phone]"}]
     assert rows[0]["replies"] == ["Hi [email]"] and rows[1]["replies"] == ["ok", None]
@@ -505,7 +529,7 @@ def test_transcripts_retention_scrubbing_and_deleting_a_conversation(store_url):
     assert len(store.rows("requests")) == 4  # the request counts (no text) stay
 
     # delete by conversation id: its transcripts, requests, ratings and the pair built from its rating
-    assert store.delete_conversation("conv-a") == {"transcripts": 1, "requests": 2, "ratings": 1, "pairs": 1}
+    assert store.delete_conversation("conv-a") == {"transcripts": 1, "requests": 2, "ratings": 2, "pairs": 1}
     assert [r["request_id"] for r in store.rows("transcripts")] == ["r3"]
     # ... or, from the CLI, by the id of one of its completions (a conversation without a client-sent id)
     assert cli_main(["feedback", "delete", store.url, "r3"]) == 0

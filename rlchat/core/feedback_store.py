@@ -49,6 +49,7 @@ import math
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -617,6 +618,12 @@ class FeedbackStore:
         prompt_msgs = self._messages(prompt)
         content = self._text(content)
         key = _prompt_key(prompt_msgs)
+        # Scrubbing can make two real prompts one text ("call [phone]"); a thumbs pair must compare replies to the
+        # same prompt, and a scrubbed prompt's identity is gone (a hash of the original would let anyone holding
+        # the store recover a phone number by trying them all). Such a rating is kept and never paired: it gets a
+        # pairing key of its own.
+        scrubbed = self.scrub and prompt_msgs != [{"role": m["role"], "content": m["content"]} for m in prompt]
+        pair_key = f"scrubbed:{uuid.uuid4().hex}" if scrubbed else key
         now = time.time() if now is None else now
         r = ratings_table.c
         with self._transaction() as conn:
@@ -654,7 +661,7 @@ class FeedbackStore:
                 client_text = False  # the text and its prompt are what this server answered
             partner = conn.execute(
                 sa.select(r.request_id, r.content, r.client_text)
-                .where(r.prompt_key == key, r.rating != rating, r.content != content)
+                .where(r.prompt_key == pair_key, r.rating != rating, r.content != content)
                 .order_by(r.id.desc())
                 .limit(1)
             ).first()
@@ -665,7 +672,7 @@ class FeedbackStore:
                     choice_index=choice_index,
                     rating=rating,
                     prompt=prompt_msgs,
-                    prompt_key=key,
+                    prompt_key=pair_key,
                     content=content,
                     model_version=model_version,
                     client_text=client_text,
