@@ -796,7 +796,9 @@ class Batcher:
                     continue  # its start may have handed a token over: it joins, and the batch applies its end
                 item = w.settle(now)
                 if item is not None:
-                    self._waiting.remove(w)
+                    if w.prefill is not None and not w.prefill.cancel() and w.first_on_thread:
+                        continue  # its start began meanwhile: it joins, as above
+                    self._waiting.remove(w)  # a prefill still queued for it was cancelled: work for nobody
                     settled.append((w, item))
             admit: list[_Waiting] = []
             later: list[_Waiting] = []

@@ -312,6 +312,43 @@ def test_a_started_job_is_never_also_started_by_the_step(engine, tok, monkeypatc
     assert delivered == items[-1].done.tokens[0] == _solo(engine, joining)[0][0]
 
 
+def test_a_lone_arrival_that_leaves_before_its_start_runs_is_never_started(engine, tok, monkeypatch):
+    """A lone arrival whose start is still queued on the prefill thread when it settles (its deadline passed while
+    waiting; a client that left) must not be started after all: that prefill and head pass would be work for
+    nobody, on the core the running batch needs."""
+    started: list[tuple[int, ...]] = []
+    start = Batcher._start
+
+    def traced_start(self, w):
+        started.append(w.job.prompt)
+        return start(self, w)
+
+    monkeypatch.setattr(Batcher, "_start", traced_start)
+    gate = threading.Event()
+    prompt = _prompt(tok, "a later question")
+
+    async def main() -> list[StepItem]:
+        batcher = _slow_batcher(engine, 0.3)
+        try:
+            task = await _running_job(batcher, tok)
+            batcher.prefill_pool.submit(gate.wait, 60)  # the prefill thread is busy: the start below waits
+            await asyncio.sleep(0.35)  # a lone arrival, a step after the running job's first token
+            # its deadline passes during the 0.3 s step in progress: it is settled before any step admits it
+            leaving = GenerationJob(prompt, SamplingParams(max_new_tokens=5), (2,), deadline=time.monotonic() + 0.05)
+            items = [item async for item in batcher.submit(leaving)]
+            gate.set()
+            await asyncio.wait_for(task, 60)
+            await asyncio.sleep(0.3)  # the prefill thread is free again: a start still queued would run now
+            return items
+        finally:
+            gate.set()
+            batcher.close()
+
+    items = asyncio.run(main())
+    assert isinstance(items[-1].done, DeadlineExceeded), items[-1]
+    assert prompt not in started, started
+
+
 def test_a_started_job_past_its_deadline_keeps_its_first_token(engine, tok):
     """A started job whose deadline passes before the step takes it in is not a queue timeout: its first token is
     out, so it ends like a running job at its deadline, ``length``, with what it generated."""
