@@ -510,6 +510,51 @@ def test_replies_equal_solo_runs_for_prompts_of_any_length_joining_at_any_step(
         assert results[jid].finish_reasons == reasons
 
 
+def _sliding_window_engine(tok, kind: str) -> GenerationEngine:
+    """A tiny Hugging Face model whose layers attend through a sliding window (``transformers`` builds its cache
+    with sliding-window layers: they keep only the window's columns and count positions themselves)."""
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    common = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128,
+              "initializer_range": 0.2}  # fmt: skip
+    cfg = {
+        "mistral": lambda: MistralConfig(**common),  # Mistral-7B-v0.1's default window, 4096
+        "mistral-window-8": lambda: MistralConfig(**common, sliding_window=8),
+        "qwen2-window-8": lambda: Qwen2Config(
+            **common, use_sliding_window=True, sliding_window=8, max_window_layers=0
+        ),
+    }[kind]()
+    torch.manual_seed(0)
+    return GenerationEngine(AutoModelForCausalLM.from_config(cfg).eval(), tok, precision="fp32")
+
+
+@pytest.mark.parametrize("prefill_first", [False, True], ids=["join", "prefill-first"])
+@pytest.mark.parametrize("kind", ["mistral", "mistral-window-8", "qwen2-window-8"])
+def test_sliding_window_models_batch_continuously_with_the_replies_they_give_alone(tok, kind, prefill_first):
+    """Rows joining and leaving a running batch of a sliding-window model (Mistral's default config, Gemma 2/3,
+    Phi-3 mini, ...): the merge of a newcomer's cache and the trim of a finished row's padding must keep the cache
+    and the attention mask in agreement (they raised a size mismatch and failed every job of the batch), and each
+    reply is the model's own, past the window too (checked against a full recomputation without a cache)."""
+    import torch
+
+    engine = _sliding_window_engine(tok, kind)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    prompts = [(10, 11, 12, 13), tuple(range(100, 119)), (300, 301, 302, 303, 304, 305, 306)]
+    jobs = [GenerationJob(p, greedy, (i,)) for i, p in enumerate(prompts)]
+    run = BatchRun(engine, keep_history=False, prefill_first=prefill_first)
+    # job 1 is longer than the running cache when it joins; job 2 joins past an 8-token window, after job 0 left
+    results, _, _ = _drive(run, {0: [jobs[0]], 2: [jobs[1]], 13: [jobs[2]]})
+    lm = engine.lm
+    for jid, job in enumerate(jobs):
+        ids = list(job.prompt)
+        with torch.no_grad():
+            for _ in range(greedy.max_new_tokens):
+                ids.append(int(lm(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+        assert results[jid].tokens == [ids[len(job.prompt) :]], f"job {jid}"
+
+
 def test_rows_with_different_settings_share_the_batch_and_keep_their_own_processing(engine, tok):
     """Penalties, logit bias, min tokens, top-k / top-p, stop ids and top log-probs are per row."""
     p = _prompt(tok, "tell me a story")

@@ -547,12 +547,30 @@ class _Decoder:
         return z
 
     def new_cache(self) -> Any:
+        """A ``DynamicCache`` for the model, with a full-length layer in place of each sliding-window one.
+
+        Why: ``transformers``' sliding-window cache layer keeps only the window's last columns and counts the
+        sequence length itself (its attention-mask size); this engine left-pads rows, merges newcomers' caches row
+        by row and trims finished rows' padding (continuous batching, ``serve/decode_batch.py``), which such a layer
+        cannot follow (the mask and the keys disagreed: every job of the batch failed). A full-length layer keeps
+        every column and the model still applies its window through the attention mask it builds from the config;
+        the cost is the memory of the columns beyond the window. Other layer kinds (e.g. linear attention) stay.
+        """
         from transformers import DynamicCache
 
         try:
-            return DynamicCache(config=self.config)
+            cache = DynamicCache(config=self.config)
         except TypeError:  # older transformers without the config argument
             return DynamicCache()
+        try:
+            from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+        except ImportError:  # older transformers: no per-layer cache classes
+            return cache
+        layers = getattr(cache, "layers", None) or []
+        for i, layer in enumerate(layers):
+            if type(layer) is DynamicSlidingWindowLayer:
+                layers[i] = DynamicLayer()
+        return cache
 
 
 @contextlib.contextmanager
