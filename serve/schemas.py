@@ -247,7 +247,7 @@ class SamplingFields(_Lenient):
         biases; ids beyond the vocabulary are checked by the app)."""
         out = []
         for key, value in (self.logit_bias or {}).items():
-            if not (key.isascii() and key.isdigit()):  # "²".isdigit() holds, but int("²") fails
+            if not (key.isascii() and key.isdigit()) or len(key) > 18:  # "²".isdigit() holds, but int("²") fails
                 raise APIError(
                     400,
                     f'logit_bias: key {key!r} is not a token id; use token ids as strings, e.g. {{"1234": -100}}',
@@ -453,6 +453,21 @@ class FeedbackRequest(_Lenient):
 _M = TypeVar("_M", bound=BaseModel)
 
 
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in the parsed JSON ``value`` (keys included) cannot be encoded as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
 def _load_object(body: bytes) -> dict[str, Any]:
     """Raw bytes -> a JSON object, or a 400 saying what is wrong with the body."""
     if not body.strip():
@@ -477,6 +492,21 @@ def _load_object(body: bytes) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply", None, "invalid_value") from None
+    except ValueError:  # an integer past Python's 4,300-digit limit for int(str)
+        raise APIError(
+            400, "the request body holds a number too long to read (over 4,300 digits)", None, "invalid_value"
+        ) from None
+    # JSON may spell an unpaired UTF-16 surrogate (\ud83d: a JavaScript string cut inside an emoji); Python keeps it
+    # in the str, and the first encode to UTF-8 (the tokenizer, the feedback store) fails. Only \u escapes can
+    # carry one (raw surrogate bytes are not UTF-8), so the walk runs only for bodies that have such an escape.
+    if (b"\\ud" in body or b"\\uD" in body) and _has_lone_surrogate(obj):
+        raise APIError(
+            400,
+            "the request body has text with an unpaired UTF-16 surrogate (e.g. \\ud83d without its pair: a string "
+            "cut inside an emoji); send valid Unicode text",
+            None,
+            "invalid_value",
+        )
     if not isinstance(obj, dict):
         raise APIError(
             400, f"the request body must be a JSON object, found a JSON {type(obj).__name__}", None, "invalid_value"

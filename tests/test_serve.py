@@ -423,6 +423,12 @@ def test_error_cases_over_raw_http(app):
         ("model", {"messages": user, "model": "gpt-4o"}, None, 404, "model_not_found"),
         ("beams with n", {"messages": user, "num_beams": 2, "n": 2}, None, 400, "invalid_value"),
         ("too large", b"{" + b" " * 300_000 + b"}", None, 413, "body_too_large"),
+        # what json.loads accepts but no text or number of ours can hold: Python's 4,300-digit limit on ints, a lone
+        # UTF-16 surrogate (a JavaScript string cut inside an emoji); both were 500s
+        ("huge int", b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"1" * 5000 + b"}", None, 400,
+         "invalid_value"),
+        ("huge bias key", {"messages": user, "logit_bias": {"1" * 5000: 1}}, None, 400, "invalid_value"),
+        ("lone surrogate", b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', None, 400, "invalid_value"),
     ]  # fmt: skip
     for name, body, headers, status, code in cases:
         r = _post(app, body, headers=_auth(app) if headers is None else headers)
@@ -430,6 +436,10 @@ def test_error_cases_over_raw_http(app):
         err = r.json()["error"]
         assert isinstance(err["message"], str) and err["message"] and err["type"], name
         assert err["code"] == code, (name, err)  # the documented code of every case (docs/serving.md)
+    for body in (b'{"completion_id": "x", "rating": "up", "choice_index": ' + b"1" * 5000 + b"}",
+                 b'{"completion_id": "x", "rating": "up", "content": "\\udc00", "messages": []}'):  # fmt: skip
+        r = _post(app, body, "/v1/feedback", headers=_auth(app))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text[:300]
     r = _post(app, {"messages": user, "model": "gpt-4o"})
     assert r.json()["error"]["message"].count("'rlchat'") == 1  # the served names, each once
     # routes: unknown path, wrong method, auth on models and feedback, open health endpoints
