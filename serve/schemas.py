@@ -23,6 +23,10 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+MAX_STOP_CHARS = 1000
+"""Longest stop string accepted: ample for any real stop sequence, and it bounds the work of matching them."""
+
+
 IGNORED_FIELDS_HEADER = "X-RLChat-Ignored-Fields"
 """Response header naming the request keys the server did not recognise and ignored (comma-separated paths)."""
 
@@ -265,6 +269,10 @@ class SamplingFields(_Lenient):
         stops = self.stop_strings()
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop: expected up to 4 non-empty strings", "stop", "invalid_value")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(
+                400, f"stop: each stop string may be at most {MAX_STOP_CHARS} characters", "stop", "invalid_value"
+            )
         self.bias()
 
 

@@ -112,6 +112,73 @@ def test_text_streamer_cuts_stop_strings_and_holds_back_their_prefix(tok):
     assert "".join(pieces) == "a STOIC b" and not st.stopped
 
 
+def _first_stop_cut(text: str, stops: list[str]) -> int:
+    """Where a reply is cut: at the stop string that completes first (the earliest end; of those ending there, the
+    longest), found by brute force over every end position."""
+    for end in range(1, len(text) + 1):
+        done = [s for s in stops if text[:end].endswith(s)]
+        if done:
+            return end - max(len(s) for s in done)
+    return len(text)
+
+
+def test_text_streamer_cuts_at_the_first_stop_to_complete_however_the_tokens_fall(tok):
+    """Overlapping stop strings over texts that repeat their pieces (the worst case for a naive matcher), pushed
+    token by token and in chunks: the text is cut where the first stop string completes, nothing past that point
+    is ever released, and what is held back is released at the end when no stop completes."""
+    import random
+
+    rng = random.Random(0)
+    for trial in range(300):
+        stops = ["".join(rng.choice("ab ") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        stops = [st for st in stops if st.strip()] or ["ab"]
+        text = "".join(rng.choice(["a", "b", " ", "ab", "ba ", "aab"]) for _ in range(rng.randint(0, 40)))
+        cut = _first_stop_cut(text, stops)
+        ids = tok.encode(text)
+        one = TextStreamer(tok, stop_strings=stops)
+        out = []
+        for t in ids:
+            out.append(one.push(t))
+            assert one.released <= cut, (trial, stops, text)
+        out.append(one.finish())
+        assert "".join(out) == one.text == text[:cut], (trial, stops, text)
+        assert one.stopped == (cut < len(text) or any(text.endswith(st) for st in stops))
+        many = TextStreamer(tok, stop_strings=stops)
+        pieces, i = [], 0
+        while i < len(ids):
+            k = rng.randint(1, 5)
+            piece, taken = many.push_many(ids[i : i + k])
+            pieces.append(piece)
+            i += k
+            if many.stopped:
+                break
+        pieces.append(many.finish())
+        assert "".join(pieces) == text[:cut], (trial, stops, text)
+
+
+def test_text_streamer_work_grows_with_the_text_not_with_its_square(tok, monkeypatch):
+    """Four 46,000-character stop strings (a 184 KB body) and a long reply cost seconds of the replica's event loop
+    when each token re-checked every prefix of every stop string against the text's end. The matcher keeps a state
+    per stop string instead: the characters it examines grow linearly with the reply."""
+    import rlchat.core.text_stream as ts
+
+    stops = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(46_000)) for i in range(4)]
+    ids = tok.encode("abcdefghijklmnopqrstuvwxyz" * 40 + " the end")
+    steps = 0
+    step = ts._advance
+
+    def counted(*args):
+        nonlocal steps
+        steps += 1
+        return step(*args)
+
+    monkeypatch.setattr(ts, "_advance", counted)
+    st = TextStreamer(tok, stop_strings=stops)
+    released = "".join(st.push(t) for t in ids) + st.finish()
+    assert released == tok.decode(ids) and not st.stopped
+    assert steps == len(released), steps  # one automaton step per character of the reply
+
+
 def test_text_streamer_holdback_window(tok):
     st = TextStreamer(tok, holdback=5)
     sent = "".join(st.push(t) for t in tok.encode("0123456789 abcdefghij"))
@@ -428,6 +495,7 @@ def test_error_cases_over_raw_http(app):
         ("huge int", b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"1" * 5000 + b"}", None, 400,
          "invalid_value"),
         ("huge bias key", {"messages": user, "logit_bias": {"1" * 5000: 1}}, None, 400, "invalid_value"),
+        ("long stop", {"messages": user, "stop": ["x" * 1001]}, None, 400, "invalid_value"),
         ("lone surrogate", b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', None, 400, "invalid_value"),
     ]  # fmt: skip
     for name, body, headers, status, code in cases:
