@@ -505,16 +505,36 @@ class ChatServer:
             )
 
     async def _body(self, request: Request) -> bytes:
+        """The request body, read before the request is admitted (:meth:`_admit`): a client still sending it holds
+        no place in the queue, and one that stalls is cut off after ``serve.body_timeout_s`` (408). Read chunk by
+        chunk, so a body without ``Content-Length`` (chunked) is refused (413) once it passes the limit, not after
+        it was buffered whole."""
         limit = 4 * self.cfg.max_chars + 65536
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > limit:
             raise APIError(413, f"the request body has {size} bytes; the limit is {limit}", None, "body_too_large")
-        body = await request.body()
-        if len(body) > limit:
+
+        async def read() -> bytes:
+            chunks, n = [], 0
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > limit:
+                    raise APIError(
+                        413, f"the request body has more than {limit} bytes, the limit", None, "body_too_large"
+                    )
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        timeout = self.cfg.body_timeout_s
+        try:
+            return await (asyncio.wait_for(read(), timeout) if timeout > 0 else read())
+        except TimeoutError:
             raise APIError(
-                413, f"the request body has {len(body)} bytes; the limit is {limit}", None, "body_too_large"
-            )
-        return body
+                408,
+                f"the request body did not arrive within {timeout:g} s (serve.body_timeout_s); send it without pauses",
+                None,
+                "request_timeout",
+            ) from None
 
     def _check_limits(self, req: ChatCompletionRequest) -> tuple[list[dict[str, str]], list[int], SamplingParams, int]:
         """Server limits, the messages the model sees, their prompt, the sampling settings and the number of
@@ -670,7 +690,8 @@ class ChatServer:
     def _admit(self, cid: str) -> None:
         """Admit a completion request, or refuse it (503 + ``Retry-After``, code ``overloaded``) when
         ``serve.max_queued_requests`` admitted requests are still waiting for their first token. Runs at the route
-        before the body is parsed, so a refusal costs no generation work.
+        once the body is read (:meth:`_body`: a slow upload must not hold a place) and before it is parsed, so a
+        refusal costs no generation work.
 
         Waiting means admitted and not generating yet: in the scheduler's queue, or between admission and joining
         it. The route's own count is used, not only the scheduler's queue, so a burst of requests that all arrive
@@ -894,8 +915,9 @@ class ChatServer:
         self.feedback.note_conversation(cid, request.headers.get(CONVERSATION_HEADER))
         with self._refusals(cid, t0):
             self._auth(request)
+            body = await self._body(request)
             self._admit(cid)
-            req, ignored = parse_chat_request(await self._body(request), strict=self.cfg.strict_requests)
+            req, ignored = parse_chat_request(body, strict=self.cfg.strict_requests)
             messages, prompt, params, dropped = self._check_limits(req)
         fmt = ChatFormat(cid, int(time.time()), self.served.name, self.tokenizer, bool(req.logprobs))
         return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0, request)
@@ -910,8 +932,9 @@ class ChatServer:
         cid = f"cmpl-{uuid.uuid4().hex}"
         with self._refusals(cid, t0):
             self._auth(request)
+            body = await self._body(request)
             self._admit(cid)
-            req, ignored = parse_completion_request(await self._body(request), strict=self.cfg.strict_requests)
+            req, ignored = parse_completion_request(body, strict=self.cfg.strict_requests)
             self._check_model(req.model)
             text = req.text()
             if len(text) > self.cfg.max_chars:

@@ -133,6 +133,10 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         raise ConfigError(
             f"serve.request_timeout_s={s.request_timeout_s}: expected >= 0 seconds; use e.g. 60, or 0 for no deadline"
         )
+    if not s.body_timeout_s >= 0:
+        raise ConfigError(
+            f"serve.body_timeout_s={s.body_timeout_s}: expected >= 0 seconds; use e.g. 10, or 0 for no limit"
+        )
     if s.feedback_rate_limit < 0:
         raise ConfigError(
             f"serve.feedback_rate_limit={s.feedback_rate_limit}: expected >= 0 requests per minute; use 60, or 0 for "

@@ -508,6 +508,14 @@ def test_error_cases_over_raw_http(app):
                  b'{"completion_id": "x", "rating": "up", "content": "\\udc00", "messages": []}'):  # fmt: skip
         r = _post(app, body, "/v1/feedback", headers=_auth(app))
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text[:300]
+    # a body sent in chunks (no Content-Length) is refused once it passes the limit, as one with a length is
+    chunked = requests.post(
+        app.url + "/v1/chat/completions",
+        data=iter([b'{"messages": [' + b" " * 100_000] * 3),
+        headers={**_auth(app), "Content-Type": "application/json"},
+        timeout=120,
+    )
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large", chunked.text[:300]
     r = _post(app, {"messages": user, "model": "gpt-4o"})
     assert r.json()["error"]["message"].count("'rlchat'") == 1  # the served names, each once
     # routes: unknown path, wrong method, auth on models and feedback, open health endpoints

@@ -26,6 +26,8 @@ PREFIX = "/ops"
 MAX_QUEUED = 2
 TIMEOUT_S = 2.0
 """The app's ``serve.request_timeout_s``."""
+BODY_TIMEOUT_S = 3.0
+"""The app's ``serve.body_timeout_s``."""
 SLACK_S = 1.0
 """What a reply may take beyond its deadline: the step that notices it and the trip back through Serve's proxy."""
 MAX_TOKENS = 3900
@@ -53,6 +55,7 @@ def ops(ray_local, tmp_path_factory) -> str:
         batch_wait_timeout_s=0.0,
         max_queued_requests=MAX_QUEUED,
         request_timeout_s=TIMEOUT_S,
+        body_timeout_s=BODY_TIMEOUT_S,
         max_tokens=MAX_TOKENS,
         feedback_store=f"sqlite:///{root / 'feedback.db'}",
         model_name=APP,
@@ -126,6 +129,50 @@ def test_requests_refused_after_admission_free_their_place_in_the_queue(ops, no_
         assert r.json()["error"]["param"] == "logit_bias"
     r = _chat(ops, 4, no_eot)
     assert r.status_code == 200, r.text
+    assert _load(ops)["waiting"] == 0
+
+
+def test_clients_still_sending_their_body_hold_no_place_and_are_cut_off_at_the_body_timeout(ops, no_eot):
+    """A client that sends the headers and then trickles (or stalls) its body must not count as waiting for the
+    batch: a few such connections took every place of ``serve.max_queued_requests`` and answered everyone 503
+    ``overloaded`` for as long as they stayed open. The body is read first, within ``serve.body_timeout_s`` (then
+    408), and only then is the request admitted."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(ops)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+    head = (
+        f"POST {u.path}/v1/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+    def stall() -> socket.socket:
+        s = socket.create_connection((u.hostname, u.port), timeout=30)
+        s.sendall(head + body[:5])
+        return s
+
+    stalled = [stall() for _ in range(MAX_QUEUED + 2)]
+    try:
+        time.sleep(1.0)
+        r = _chat(ops, 4, no_eot)
+        assert r.status_code == 200, r.text  # was 503 overloaded: the stalled uploads held every place
+    finally:
+        for s in stalled:
+            s.close()
+    # one that stalls is answered 408 once its body is overdue
+    s = stall()
+    try:
+        t0 = time.monotonic()
+        s.settimeout(BODY_TIMEOUT_S + 30)
+        answer = b""
+        while b"}}" not in answer and (chunk := s.recv(4096)):  # the head, then the JSON error body
+            answer += chunk
+    finally:
+        s.close()
+    text = answer.decode(errors="replace")
+    assert text.startswith("HTTP/1.1 408") and '"request_timeout"' in text, text
+    assert BODY_TIMEOUT_S - 1 < time.monotonic() - t0 < BODY_TIMEOUT_S + 20
     assert _load(ops)["waiting"] == 0
 
 
@@ -307,6 +354,7 @@ def test_settings_bound_the_queue_at_the_replica_and_at_serves_proxy(tmp_path):
     assert opts["max_ongoing_requests"] > 16 + 5  # a full batch plus the queue reach the replica, which refuses first
     unbounded = deployment_options(resolve_settings({"checkpoint": str(ckpt), "max_queued_requests": 0}))
     assert "max_queued_requests" not in unbounded and "backpressure_config" not in unbounded
-    for key, bad in (("max_queued_requests", -1), ("request_timeout_s", -5), ("checkpoint_cache_keep", -1)):
+    for key, bad in (("max_queued_requests", -1), ("request_timeout_s", -5), ("checkpoint_cache_keep", -1),
+                     ("body_timeout_s", -1)):  # fmt: skip
         with pytest.raises(ConfigError, match=f"serve.{key}={bad}"):
             resolve_settings({"checkpoint": str(ckpt), key: bad})

@@ -398,6 +398,8 @@ class ServeConfig:
     """Requests a replica lets wait to join the batch; beyond that new ones get 503 + Retry-After; 0 = no limit."""
     request_timeout_s: float = 60.0
     """Per-request deadline: still queued then -> 503 queue_timeout; still generating -> ends 'length'; 0 = none."""
+    body_timeout_s: float = 10.0
+    """A request's body must arrive within this (else 408); it holds no queue place meanwhile; 0 = no limit."""
     api_key: str = ""
     """If set, requests need Authorization: Bearer <api_key>; empty = api_key_file, else RLCHAT_API_KEY, else none."""
     api_key_file: str = ""
