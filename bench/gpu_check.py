@@ -102,7 +102,7 @@ def check_fast_step(device: torch.device) -> None:
     from rlchat.model import autocast_context, resolve_precision
 
     model, _, _ = build(2, 128, 4096)
-    trunk = model.lm.base_model.to(device)
+    trunk = model.trunk.to(device)
     dtype = resolve_precision("auto", device, 128)
     step = decode_step_fn(trunk)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]

@@ -48,7 +48,13 @@ from rlchat.core.metrics import (
     EVAL_SAFETY_HIT_RATE,
     EVAL_WIN_RATE,
 )
-from rlchat.core.model import PolicyValueModel, autocast_context, logit_transform, position_ids_from_mask
+from rlchat.core.model import (
+    PolicyValueModel,
+    autocast_context,
+    logit_transform,
+    position_ids_from_mask,
+    resolve_trunk,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -83,7 +89,7 @@ def _lm_parts(
     b = getattr(head, "bias", None)
     bias = b[:v] if b is not None else None
     # a plain LM is evaluated in fp32: exact, and independent of the hardware's bf16 support
-    return model.base_model, head.weight[:v], bias, logit_transform(model.config), None, model.config
+    return resolve_trunk(model), head.weight[:v], bias, logit_transform(model.config), None, model.config
 
 
 def model_max_positions(model: torch.nn.Module) -> int | None:

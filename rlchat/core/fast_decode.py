@@ -52,7 +52,7 @@ def fast_decode_enabled() -> bool:
 
 
 def decode_step_fn(trunk: nn.Module) -> DecodeStep | None:
-    """A one-token step for ``trunk`` (a ``base_model``), or None when it must run through Hugging Face.
+    """A one-token step for ``trunk`` (``resolve_trunk(lm)``), or None when it must run through Hugging Face.
 
     The weights are read when the step is built (a snapshot, like the engine's head weight), so build one per
     generation call.

@@ -14,9 +14,9 @@ How it works and why (the rollout hot path; figures in bench/README.md):
 - Prompts are **left-padded** into one batch; position ids count real tokens only (``cumsum(mask) - 1``), the
   same rule :meth:`rlchat.model.PolicyValueModel.forward` uses, so the learner's right-padded recomputation sees
   the very same positions and its log-probs equal the behaviour log-probs (to 1e-5 in fp32, tested).
-- The model is run as trunk (``lm.base_model``) + our own LM-head matmul on the **last position only**, with a
-  Hugging Face ``DynamicCache`` (a static cache measured no faster on CPU for the tiny models). Logits go into
-  preallocated ``(B, V)`` buffers: full-vocabulary tensors allocated per step cost page faults.
+- The model is run as trunk (:func:`~rlchat.model.resolve_trunk`) + our own LM-head matmul on the **last position
+  only**, with a Hugging Face ``DynamicCache`` (a static cache measured no faster on CPU for the tiny models).
+  Logits go into preallocated ``(B, V)`` buffers: full-vocabulary tensors allocated per step cost page faults.
 - Sampling is **inverse-CDF**: ``cumsum(exp(z - max))`` and a ``searchsorted`` of one uniform per row, instead of
   ``torch.multinomial`` over the full vocabulary (7 ms vs 69 ms per step for 32 rows of a 100k vocabulary on one
   core here, softmax included). Top-k works in the ``(B, k)`` domain of ``topk``; top-p sorts once.
@@ -55,7 +55,7 @@ from torch import nn
 
 from rlchat.core.fast_decode import DecodeStep, decode_step_fn
 from rlchat.errors import ConfigError
-from rlchat.model import PolicyValueModel, autocast_context, logit_transform, resolve_precision
+from rlchat.model import PolicyValueModel, autocast_context, logit_transform, resolve_precision, resolve_trunk
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -283,7 +283,7 @@ class GenerationEngine:
         lm = model.lm if isinstance(model, PolicyValueModel) else model
         self.lm: PreTrainedModel = lm
         self.tokenizer = tokenizer
-        self.trunk: nn.Module = lm.base_model
+        self.trunk: nn.Module = resolve_trunk(lm)
         head_rows = int(lm.get_output_embeddings().weight.shape[0])
         limit = model.vocab_size if isinstance(model, PolicyValueModel) else tokenizer.n_vocab
         self.vocab_size = min(head_rows, limit)

@@ -246,6 +246,44 @@ def build_tiny_lm(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
     return model_cls(config).float()
 
 
+def resolve_trunk(lm: nn.Module) -> nn.Module:
+    """The trunk of a causal LM (embeddings + blocks + final norm, no LM head), which rlchat runs itself.
+
+    Why not just ``lm.base_model``: Hugging Face finds it through ``base_model_prefix``, and some causal LMs name
+    an attribute they do not have (``Llama4ForCausalLM`` and ``MllamaForCausalLM`` say ``language_model`` but keep
+    the trunk in ``model``); ``base_model`` (and ``get_decoder()``) then return the LM itself, whose output has no
+    ``last_hidden_state``. Every trunk rlchat runs (learner, critic, reward model, engine, evaluation) comes from
+    here so that all of them agree.
+
+    Args:
+        lm: a ``transformers`` causal LM (or any module with ``base_model``).
+
+    Returns:
+        ``lm.base_model`` unless that is ``lm`` itself; then ``lm.model``, or the one child module that is a
+        ``PreTrainedModel``.
+
+    Raises:
+        ConfigError: no such trunk can be found.
+    """
+    base = getattr(lm, "base_model", lm)
+    if base is not lm:
+        return base
+    from transformers import PreTrainedModel
+
+    inner = getattr(lm, "model", None)
+    if isinstance(inner, PreTrainedModel):
+        return inner
+    children = [m for m in lm.children() if isinstance(m, PreTrainedModel)]
+    if len(children) == 1:
+        return children[0]
+    names = ", ".join(n for n, m in lm.named_children() if isinstance(m, PreTrainedModel)) or "none"
+    raise ConfigError(
+        f"{type(lm).__name__}: no base model (trunk) to run: base_model_prefix="
+        f"{getattr(lm, 'base_model_prefix', '')!r} names no attribute and the pretrained sub-models are {names} "
+        "(expected exactly one); use a decoder-only causal LM such as Llama, Qwen, Mistral, Gemma or GPT-2"
+    )
+
+
 def _embedding_rows(model: nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
 
@@ -527,8 +565,8 @@ class PolicyLM(nn.Module):
 
     @property
     def trunk(self) -> nn.Module:
-        """The policy's base model (embeddings + blocks + final norm, no LM head)."""
-        return self.lm.base_model
+        """The policy's base model (embeddings + blocks + final norm, no LM head); see :func:`resolve_trunk`."""
+        return resolve_trunk(self.lm)
 
     @property
     def device(self) -> torch.device:
@@ -629,7 +667,7 @@ class PolicyValueModel(PolicyLM):
             lm = load_lm(cfg.model, tokenizer)
             # critic-free estimators (ppo.advantage grpo / rloo) allocate no critic trunk
             separate = cfg.model.critic == "separate" and cfg.ppo.advantage == "gae"
-            critic = load_lm(cfg.model, tokenizer).base_model if separate else None
+            critic = resolve_trunk(load_lm(cfg.model, tokenizer)) if separate else None
             return cls(lm, critic, precision=cfg.model.precision, vocab_size=tokenizer.n_vocab)
 
     @property
@@ -799,10 +837,10 @@ class RewardModel(nn.Module):
                         "the reward model's starting trunk; keep one"
                     )
                 policy, _, _ = load_policy(cfg.rm.init_from, expect_tokenizer=tokenizer)
-                return cls(policy.lm.base_model)
+                return cls(resolve_trunk(policy.lm))
             path = cfg.rm.name_or_path
             if not path:
-                return cls(build_tiny_lm(cfg.model, tokenizer.n_vocab).base_model)
+                return cls(resolve_trunk(build_tiny_lm(cfg.model, tokenizer.n_vocab)))
             from transformers import AutoModel, AutoTokenizer
 
             try:
