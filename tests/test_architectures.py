@@ -13,7 +13,7 @@ import torch
 from rlchat.config import Config
 from rlchat.errors import ConfigError
 from rlchat.generation import GenerationEngine, SamplingParams
-from rlchat.model import PolicyValueModel, resolve_trunk
+from rlchat.model import PolicyValueModel, load_lm, resolve_trunk
 from rlchat.tokenizer import ChatTokenizer
 
 PROMPTS = [[11, 500, 923, 77, 3001], [2049, 19]]
@@ -117,3 +117,112 @@ def test_a_model_without_a_trunk_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="NoTrunk.*no base model"):
         resolve_trunk(NoTrunk())
+
+
+# ------------------------------------------------------------------------------------------------ the load-time probe
+
+
+def _decoder_config(family: str, vocab: int) -> Any:
+    import transformers
+
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "initializer_range": 0.2,
+    }
+    if family == "llama":
+        return transformers.LlamaConfig(**common)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if family == "mistral":  # PROMPTS[0] + 5 new tokens run past the window
+        return transformers.MistralConfig(sliding_window=8, **common)
+    if family == "gemma2":
+        return transformers.Gemma2Config(
+            head_dim=16, sliding_window=8, final_logit_softcapping=3.0, attn_logit_softcapping=5.0, **common
+        )
+    if family == "llama4":
+        return llama4_config(vocab)
+    raise AssertionError(family)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "llama4"])
+def test_decoder_only_lms_pass_the_probe_and_decode_like_their_own_forward(
+    tok: ChatTokenizer, tmp_path: Path, family: str
+) -> None:
+    d = _save(tmp_path, _decoder_config(family, tok.n_vocab))
+    lm = load_lm(make_cfg(**{"model.name_or_path": str(d)}).model, tok).eval()
+    result = GenerationEngine(lm, tok, precision="fp32").generate(
+        PROMPTS, SamplingParams(max_new_tokens=5, temperature=0.0)
+    )
+    assert result.tokens == [_reference_greedy(lm, p, 5, tok.n_vocab) for p in PROMPTS]
+
+
+def _refused_config(family: str, vocab: int) -> Any:
+    import transformers
+
+    if family == "mamba":
+        return transformers.MambaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, initializer_range=0.2)
+    if family == "roberta-decoder":
+        return transformers.RobertaConfig(
+            vocab_size=vocab,
+            is_decoder=True,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=130,
+        )
+    if family == "bart":  # BartForCausalLM: the decoder of an encoder-decoder, positions from the cache
+        return transformers.BartConfig(
+            vocab_size=vocab,
+            d_model=64,
+            encoder_layers=1,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=128,
+            init_std=0.2,
+        )
+    raise AssertionError(family)
+
+
+@pytest.mark.parametrize(
+    ("family", "arch", "what"),
+    [
+        # the state-space step broadcast the (B, L) padding mask into L copies of the step: wrong from token 2
+        ("mamba", "MambaForCausalLM", "its cached decoding with padding masks differs"),
+        # the prediction head is dense + act + LayerNorm + decoder; rlchat would apply only the decoder
+        ("roberta-decoder", "RobertaForCausalLM", "this model's LM head is more than that"),
+        # positions come from the cache / input length, not rlchat's position ids: a left-padded row is shifted
+        ("bart", "BartForCausalLM", "padded row"),
+    ],
+)
+def test_models_rlchat_would_run_wrongly_are_refused_at_load(
+    tok: ChatTokenizer, tmp_path: Path, family: str, arch: str, what: str
+) -> None:
+    d = _save(tmp_path, _refused_config(family, tok.n_vocab))
+    with pytest.raises(ConfigError) as e:
+        load_lm(make_cfg(**{"model.name_or_path": str(d)}).model, tok)
+    msg = str(e.value)
+    assert arch in msg and what in msg, msg
+    assert str(d) in msg and "decoder-only causal LM such as Llama" in msg
+
+
+def test_the_probe_does_not_run_for_rlchats_own_tiny_models(
+    tok: ChatTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rlchat.core.model as model_module
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("probed a built-in tiny model")
+
+    monkeypatch.setattr(model_module, "check_model_computation", refuse)
+    for arch in ("gpt2", "llama", "qwen2"):
+        assert load_lm(make_cfg(**{"model.arch": arch}).model, tok) is not None

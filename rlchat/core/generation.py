@@ -573,6 +573,35 @@ class _Decoder:
         return cache
 
 
+def cached_decoding_logits(
+    engine: GenerationEngine, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int]
+) -> torch.Tensor:
+    """(B, S + 1, V) fp32 logits the engine computes for ``rows``, teacher-forced: a left-padded prefill of each
+    row's first ``prompt_lengths[i]`` tokens, then S one-token cached steps feeding the rows' next tokens, with the
+    very mask, positions, cache and head a :class:`GenerationStream` uses (S = the shortest row's remaining tokens).
+
+    Index ``k`` holds the logits for the token at ``prompt_lengths[i] + k`` of row ``i``. What for: the load-time
+    probe (:func:`rlchat.model.check_model_computation`) compares them with the model's own full forward, so an
+    architecture whose cached decoding ignores or misreads the padding mask is refused instead of sampling wrong
+    tokens. Run it in eval mode, under ``torch.no_grad()``.
+    """
+    dec = engine._decoder()
+    dev = engine.device
+    steps = min(len(r) - n for r, n in zip(rows, prompt_lengths))
+    ids, mask = _left_pad([r[:n] for r, n in zip(rows, prompt_lengths)], engine.tokenizer.pad_id, steps)
+    mask = mask.to(dev)
+    p = ids.shape[1]
+    cache = dec.new_cache()
+    pos = (mask[:, :p].cumsum(-1) - 1).clamp_(min=0)
+    out = [dec.logits(dec.forward(ids.to(dev), mask[:, :p], pos, cache))]
+    pos = torch.tensor(list(prompt_lengths), dtype=torch.long, device=dev)[:, None]  # (B, 1) next position
+    for s in range(steps):
+        nxt = torch.tensor([r[n + s] for r, n in zip(rows, prompt_lengths)], dtype=torch.long, device=dev)
+        out.append(dec.logits(dec.forward(nxt[:, None], mask[:, : p + s + 1], pos, cache)))
+        pos = pos + 1
+    return torch.stack(out, 1)
+
+
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     was_training = module.training

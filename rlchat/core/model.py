@@ -9,6 +9,9 @@
   encoding is refused, unless ``model.reinit_embeddings`` asks to re-initialise the embeddings. The vocabulary is
   checked against the tokenizer files shipped with the model; without any, the embedding must have the tokenizer's
   size (or the BPE's, missing only chat tokens, or that size padded to a multiple of 8-128).
+- :func:`check_model_computation` probes every pretrained LM once at load: a model whose own logits rlchat's trunk +
+  head + KV-cache decoding would not reproduce (BERT-style decoders, Mamba, BART-style decoders) is refused instead of
+  training and sampling on silently wrong numbers; :func:`resolve_trunk` is the one place that finds the trunk.
 - :class:`RewardModel` puts a scalar head on any ``AutoModel``: encoders (BERT, DistilBERT, RoBERTa, MiniLM) score
   from the first token, causal LMs from the last real token.
 
@@ -424,12 +427,14 @@ def bridge_vocabulary(model: PreTrainedModel, tokenizer: ChatTokenizer, source: 
         _mean_resize(model, tokenizer.n_vocab)
 
 
-def load_lm(cfg: ModelConfig, tokenizer: ChatTokenizer) -> PreTrainedModel:
+def load_lm(cfg: ModelConfig, tokenizer: ChatTokenizer, check: bool = True) -> PreTrainedModel:
     """The policy LM: a tiny model built from ``cfg`` when ``name_or_path`` is empty, else a pretrained one.
 
     Args:
         cfg: the model section of the config.
         tokenizer: the chat tokenizer (its ``n_vocab`` sizes the embedding; its pad id is recorded in the config).
+        check: run :func:`check_model_computation` on a pretrained model (False only for a second copy of weights
+            that were just checked, e.g. the separate critic's trunk).
 
     Returns:
         An fp32 causal LM whose embedding covers every tokenizer id.
@@ -437,6 +442,7 @@ def load_lm(cfg: ModelConfig, tokenizer: ChatTokenizer) -> PreTrainedModel:
     Raises:
         TokenizerError: vocabulary mismatch (see :func:`bridge_vocabulary`).
         CheckpointError: ``name_or_path`` cannot be loaded.
+        ConfigError: an architecture rlchat would run wrongly (see :func:`check_model_computation`).
     """
     if not cfg.name_or_path:
         model = build_tiny_lm(cfg, tokenizer.n_vocab)
@@ -452,7 +458,127 @@ def load_lm(cfg: ModelConfig, tokenizer: ChatTokenizer) -> PreTrainedModel:
             ) from None
         bridge_vocabulary(model, tokenizer, cfg.name_or_path, cfg.reinit_embeddings)
     model.config.pad_token_id = tokenizer.pad_id
+    if cfg.name_or_path and check:  # rlchat's own tiny architectures are known to pass (tests/test_generation.py)
+        check_model_computation(model, tokenizer, cfg.name_or_path)
     return model
+
+
+PROBE_RTOL = 1e-3
+"""Largest difference :func:`check_model_computation` accepts between rlchat's logits and the model's own, as a
+fraction of the largest reference logit. fp32 reordering (batched, padded, cached vs one full row) stays near 1e-6
+of it on the architectures rlchat supports; the wrong computations it exists to catch differ by 0.1 or more."""
+
+_UNSUPPORTED_FIX = (
+    "Fix: use a decoder-only causal LM such as Llama, Qwen, Mistral, Gemma or GPT-2 (model.name_or_path), or leave "
+    "model.name_or_path empty for a tiny model of model.arch"
+)
+
+
+def check_model_computation(lm: PreTrainedModel, tokenizer: ChatTokenizer, source: str) -> None:
+    """Refuse a pretrained LM whose own forward rlchat's computation would not reproduce (a few-token probe).
+
+    Why: rlchat never calls the model's LM forward. The learner runs the trunk with its own attention mask and
+    position ids (counted from the mask, any padding side) and applies the output embedding (+ bias, logit scale,
+    soft-cap) itself; the engine left-pads prompts and decodes one token at a time with a KV cache and the full
+    ``(B, L)`` padding mask. Every decoder-only transformer (Llama, Qwen, Mistral, Gemma, GPT-2, ...) computes the
+    same logits that way, but ``AutoModelForCausalLM`` also loads models that do not, and their tokens and log-probs
+    were then silently wrong: BERT-style decoders (``is_decoder=True``), whose prediction head is dense + activation
+    + LayerNorm before the output embedding; Mamba / FalconMamba, whose one-token step broadcast the padding mask
+    into a copy of the step per mask column; BART-style ``*ForCausalLM`` decoders, which take positions from the
+    cache or the input length instead of rlchat's position ids, shifting left-padded rows. Rather than list
+    architectures, the probe compares, on two rows of tokenizer ids (one left-padded) in fp32 and eval mode:
+
+    1. trunk + rlchat's head vs ``lm(row).logits`` on an unpadded row (the LM head);
+    2. the learner's padded forward (:func:`_trunk_forward` with rlchat's mask and position ids) vs each row alone;
+    3. the engine's prefill + two cached one-token steps
+       (:func:`rlchat.core.generation.cached_decoding_logits`) vs each row alone.
+
+    Cost: about eight forwards of at most 6 tokens, once per pretrained model loaded (the built-in tiny models
+    are not probed).
+
+    Args:
+        lm: the loaded fp32 causal LM, vocabulary already bridged to ``tokenizer``.
+        tokenizer: the chat tokenizer (probe ids, pad id, vocabulary size).
+        source: ``model.name_or_path`` (for the message).
+
+    Raises:
+        ConfigError: the logits differ by more than :data:`PROBE_RTOL` of their scale, or rlchat's forward call
+            fails on the model; it names the architecture, what differs, and the fix.
+    """
+    from rlchat.core.generation import GenerationEngine, cached_decoding_logits
+
+    arch = type(lm).__name__
+    model_type = str(getattr(lm.config, "model_type", "?"))
+    head_rows = int(lm.get_output_embeddings().weight.shape[0])
+    v = min(head_rows, tokenizer.n_vocab)
+    ids = [i for i in tokenizer.encode(_PROBE_TEXT) if i < v] + list(range(10))  # ids every row of the head has
+    rows = [ids[:6], ids[6:10]]
+    prefix = f"model.name_or_path={source!r}: {arch} (model_type {model_type!r}) cannot be run by rlchat"
+
+    def compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], what: str) -> None:
+        """Refuse with ``what`` when any (rlchat's, the model's) logits pair differs beyond the tolerance."""
+        rel = max(float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-6) for got, ref in pairs)
+        logger.debug("%s: probe %r: relative logit difference %.3g", source, stage, rel)
+        if not rel <= PROBE_RTOL:  # nan included
+            raise ConfigError(
+                f"{prefix}: {what} (logits differ from the model's own forward by {rel:.3g} of their scale, more "
+                f"than {PROBE_RTOL:g}). {_UNSUPPORTED_FIX}"
+            )
+
+    device = lm.get_output_embeddings().weight.device
+    was_training = lm.training
+    lm.eval()
+    stage = "its own forward"
+    try:
+        with torch.no_grad():
+            refs = [lm(torch.tensor([r], device=device), use_cache=False).logits[0, :, :v].float() for r in rows]
+            policy = PolicyLM(lm, precision="fp32", vocab_size=v)
+            weight, bias = policy.head_weight()
+            transform = logit_transform(lm.config)
+
+            def head(h: torch.Tensor) -> torch.Tensor:
+                z = h.float() @ weight.t().float() + (bias.float() if bias is not None else 0.0)
+                z = z * transform[0]
+                return transform[1] * torch.tanh(z / transform[1]) if transform[1] > 0 else z
+
+            # 1. the LM head: the trunk's own forward of an unpadded row, then rlchat's head
+            stage = "the trunk's forward"
+            trunk = resolve_trunk(lm)
+            h = trunk(input_ids=torch.tensor([rows[0]], device=device), use_cache=False).last_hidden_state
+            compare(
+                [(head(h[0]), refs[0])],
+                "rlchat runs the trunk and applies the output embedding itself; this model's LM head is more "
+                "than that",
+            )
+            # 2. the learner: one full row and one left-padded row, rlchat's mask and position ids
+            stage = "the learner's padded forward (attention_mask and position_ids)"
+            t = len(rows[0])
+            batch = torch.full((2, t), tokenizer.pad_id, dtype=torch.long, device=device)
+            mask = torch.zeros((2, t), dtype=torch.long, device=device)
+            for i, r in enumerate(rows):
+                batch[i, t - len(r) :] = torch.tensor(r)
+                mask[i, t - len(r) :] = 1
+            z = head(_trunk_forward(trunk, batch, mask))  # (2, T, V)
+            compare(
+                [(z[i, t - len(r) :], refs[i]) for i, r in enumerate(rows)],
+                "rlchat pads batches and passes position ids counted from the attention mask; this model's logits "
+                "for a left-padded row differ from the same row unpadded (it ignores those position ids or that mask)",
+            )
+            # 3. the engine: left-padded prefill, then two one-token steps with the KV cache and the padding mask
+            stage = "the generation engine's cached decoding"
+            lengths = [len(r) - 2 for r in rows]
+            z = cached_decoding_logits(GenerationEngine(lm, tokenizer, precision="fp32"), rows, lengths)
+            compare(
+                [(z[i], refs[i][n - 1 :]) for i, n in enumerate(lengths)],
+                "rlchat's generation engine decodes one token at a time with a KV cache and the padding mask of the "
+                "batch; its cached decoding with padding masks differs from its full forward",
+            )
+    except ConfigError:
+        raise
+    except Exception as e:  # the model's forward rejects what rlchat passes (an argument, the cache, the mask)
+        raise ConfigError(f"{prefix}: {stage} fails on it ({type(e).__name__}: {e}). {_UNSUPPORTED_FIX}") from e
+    finally:
+        lm.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -667,7 +793,7 @@ class PolicyValueModel(PolicyLM):
             lm = load_lm(cfg.model, tokenizer)
             # critic-free estimators (ppo.advantage grpo / rloo) allocate no critic trunk
             separate = cfg.model.critic == "separate" and cfg.ppo.advantage == "gae"
-            critic = resolve_trunk(load_lm(cfg.model, tokenizer)) if separate else None
+            critic = resolve_trunk(load_lm(cfg.model, tokenizer, check=False)) if separate else None
             return cls(lm, critic, precision=cfg.model.precision, vocab_size=tokenizer.n_vocab)
 
     @property
