@@ -143,6 +143,10 @@ class BatchObserver(Protocol):
     def on_admit(self, n_jobs: int) -> None:
         """When ``n_jobs`` waiting jobs join the batch."""
 
+    def on_queue(self, queued: int) -> None:
+        """After a generation-loop iteration that decoded no row but changed the waiting list (jobs that left it by
+        their deadline or cancellation): ``queued`` jobs still waiting."""
+
 
 class _JobState:
     """A job in a :class:`BatchRun`: its rows' handles and its reply so far."""
@@ -541,8 +545,10 @@ def _deliver(batch: list[tuple[asyncio.Queue, StepItem]]) -> None:
 def count_step(
     stats: BatchStats, observer: BatchObserver | None, rows: int, queued: int, seconds: float, admitted: int
 ) -> None:
-    """On the event loop: count one decoding step (``rows`` decoded, ``admitted`` jobs joined) and tell the observer;
-    shared by the in-process :class:`Batcher` and the engine process's handle."""
+    """On the event loop: count one iteration of the generation loop (``rows`` decoded, ``admitted`` jobs joined,
+    ``queued`` still waiting) and tell the observer; shared by the in-process :class:`Batcher` and the engine
+    process's handle. An iteration that decoded nothing (its waiting jobs settled, its rows all ended) still reports
+    the queue depth, so a replica's gauge falls to 0 when the last waiting job leaves without a step after it."""
     if rows:
         stats.add_batch(rows)
     if observer is not None:
@@ -550,6 +556,8 @@ def count_step(
             observer.on_admit(admitted)
         if rows:
             observer.on_step(rows, queued, seconds)
+        else:
+            observer.on_queue(queued)
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
@@ -783,6 +791,8 @@ class Batcher:
         with self._cond:
             while not self._waiting and not run.live_jobs and not self._closed:
                 self._active_rows = 0
+                if self._reports:  # counts held back for a later post: there is none before the next request
+                    self._post_reports([])
                 self._cond.wait()
             if self._closed:
                 return False
@@ -838,22 +848,26 @@ class Batcher:
             out.setdefault(w.loop, []).append((w.queue, item))
         now = time.monotonic()
         out = self._due(items, now, out)
-        if stepped:
+        if stepped or settled or admit:  # the waiting list changed or rows were decoded: count it
             self._reports.append((rows, queued, seconds, len(admit)))
             if not self._reports_since:
                 self._reports_since = now
         # steps whose items all wait for their interval post nothing (the event loop sleeps on), unless their counts
         # (/readyz, metrics) have waited REPORT_INTERVAL_S
         if out or (self._reports and now - self._reports_since >= REPORT_INTERVAL_S):
-            reports, self._reports, self._reports_since = self._reports, [], 0.0
-            if not out:
-                _post(self._report_loop, self._deliver_step, [], reports)
-            for i, (loop, batch) in enumerate(out.items()):
-                _post(loop, self._deliver_step, batch, reports if i == 0 else [])
+            self._post_reports(list(out.items()))
         t0 = time.perf_counter()
         run.feed_ahead()  # the tokens are handed over: the next step's trunk pass now, not in a newcomer's wait
         self._ahead_s = time.perf_counter() - t0
         return True
+
+    def _post_reports(self, out: list[tuple[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepItem]]]]) -> None:
+        """Post ``out``'s items to their loops, with the counts not reported yet riding on the first post."""
+        reports, self._reports, self._reports_since = self._reports, [], 0.0
+        if not out:
+            _post(self._report_loop, self._deliver_step, [], reports)
+        for i, (loop, batch) in enumerate(out):
+            _post(loop, self._deliver_step, batch, reports if i == 0 else [])
 
     def _due(
         self,

@@ -321,6 +321,9 @@ class _Outbox:
         self.put(("step", rows, queued, seconds, self.admitted))
         self.admitted = 0
 
+    def on_queue(self, queued: int) -> None:
+        self.on_step(0, queued, 0.0)  # the replica's count_step reports it as the queue depth alone
+
 
 async def _serve(conn: Connection, spec: EngineSpec, engine: Any) -> int:
     """Run jobs from the replica on a :class:`Batcher` until the replica closes the connection or says close (0),

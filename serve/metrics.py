@@ -11,7 +11,8 @@ Two feeds:
 - the routes (:mod:`serve.app`): time to first token and inter-token latency per request (:class:`RequestTimer`),
   one response per request by HTTP status (:meth:`ServeMetrics.response`), refusals by reason;
 - the scheduler: :class:`ServeMetrics` is the :class:`serve.batching.Batcher` observer (``on_step`` after every
-  decoding step, ``on_admit`` when jobs join the batch) -> generated tokens, rows per step, step time, queue depth.
+  decoding step, ``on_admit`` when jobs join the batch, ``on_queue`` when waiting jobs leave without a step) ->
+  generated tokens, rows per step, step time, queue depth.
 
 Every recorder also keeps a plain running total (:attr:`ServeMetrics.totals`) that ``/readyz`` reports, so tests and
 operators without Prometheus see the same numbers.
@@ -158,7 +159,7 @@ class ServeMetrics:
         self.queue_depth = made(
             metrics.Gauge(
                 QUEUE_DEPTH,
-                description="Requests waiting to join the replica's batch (after the latest step).",
+                description="Requests waiting to join the replica's batch (as of the scheduler's latest change).",
                 tag_keys=("model",),
             )
         )
@@ -217,6 +218,12 @@ class ServeMetrics:
         """``n_jobs`` requests joined the running batch."""
         if n_jobs > 0:
             self.admitted.inc(n_jobs)
+
+    def on_queue(self, queued: int) -> None:
+        """The waiting list changed without a decoding step (jobs left it by deadline or cancellation)."""
+        self.queue_depth.set(queued)
+        with self._lock:
+            self.totals["queue_depth"] = queued
 
     # ---------------------------------------------------------------------------------- routes
     def response(self, code: int) -> None:

@@ -28,6 +28,7 @@ from serve.batching import (
     run_jobs,
 )
 from serve.decode_batch import DecodeBatch
+from serve.metrics import ServeMetrics
 
 VOCAB = 4096
 
@@ -686,6 +687,7 @@ def test_batcher_queued_jobs_meet_deadline_and_cancellation_and_report_depth(eng
         def __init__(self) -> None:
             self.steps: list[tuple[int, int]] = []
             self.admits: list[int] = []
+            self.queues: list[int] = []  # iterations without a decoding step
 
         def on_step(self, rows: int, queued: int, seconds: float) -> None:
             assert seconds >= 0
@@ -693,6 +695,9 @@ def test_batcher_queued_jobs_meet_deadline_and_cancellation_and_report_depth(eng
 
         def on_admit(self, n_jobs: int) -> None:
             self.admits.append(n_jobs)
+
+        def on_queue(self, queued: int) -> None:
+            self.queues.append(queued)
 
     obs = Observer()
 
@@ -724,6 +729,44 @@ def test_batcher_queued_jobs_meet_deadline_and_cancellation_and_report_depth(eng
     asyncio.run(main())
     assert obs.admits == [1, 1] and all(rows == 1 for rows, _ in obs.steps)
     assert max(queued for _, queued in obs.steps) == 3  # three jobs were waiting behind the first
+
+
+@pytest.mark.parametrize("leaves_by", ["deadline", "cancellation"])
+def test_queue_depth_returns_to_zero_when_waiting_jobs_leave_without_a_further_step(engine, tok, leaves_by):
+    """The replica's queue-depth gauge (``ServeMetrics``) must read 0 once nothing waits, also when the last waiting
+    job left by its deadline or its client going away in the same iteration as the running job ended (no decoding
+    step after it): it stayed at 1 on an idle replica."""
+    metrics = ServeMetrics("m")
+
+    async def main() -> None:
+        batcher = Batcher(engine, max_batch_size=1, batch_wait_timeout_s=0.0, observer=metrics)
+        batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
+        batch.step = lambda *a: (time.sleep(0.005), fast_step(*a))[1]  # a model slow enough to outlast the wait
+        try:
+            p = _prompt(tok, "hello")
+            deadline = time.monotonic() + 0.5 if leaves_by == "deadline" else None
+            long = SamplingParams(max_new_tokens=1000, min_new_tokens=1000, temperature=1.0)
+            running = GenerationJob(p, long, (1,), deadline=deadline)
+            waiting = GenerationJob(p, SamplingParams(max_new_tokens=5), (2,), deadline=deadline)
+            tasks = [asyncio.create_task(_collect(batcher, j)) for j in (running, waiting)]
+            for _ in range(2000):
+                if metrics.snapshot()["queue_depth"] == 1:
+                    break
+                await asyncio.sleep(0.001)
+            assert batcher.queue_depth == 1 and metrics.snapshot()["queue_depth"] == 1
+            if leaves_by == "cancellation":  # both clients go away at once: the waiting job never joins
+                running.control.finish.add(0)
+                waiting.control.finish.add(0)
+            r_running, r_waiting = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            assert isinstance(r_running.done, JobOutput)
+            assert isinstance(r_waiting.done, DeadlineExceeded) or r_waiting.done.tokens == [[]]
+            await asyncio.sleep(0.3)  # counts ride with the items, or follow within REPORT_INTERVAL_S
+            assert batcher.queue_depth == 0
+            assert metrics.snapshot()["queue_depth"] == 0
+        finally:
+            batcher.close()
+
+    asyncio.run(main())
 
 
 def test_batcher_caller_that_stops_iterating_ends_its_rows(engine, tok):
