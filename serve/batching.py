@@ -147,6 +147,10 @@ class BatchObserver(Protocol):
         """After a generation-loop iteration that decoded no row but changed the waiting list (jobs that left it by
         their deadline or cancellation): ``queued`` jobs still waiting."""
 
+    def on_tokens(self, n: int) -> None:
+        """``n`` tokens generated outside the decoding steps: a lone arrival's first token, sampled on the prefill
+        thread (:meth:`Batcher._start`), and a beam search's reply (its returned tokens)."""
+
 
 class _JobState:
     """A job in a :class:`BatchRun`: its rows' handles and its reply so far."""
@@ -543,12 +547,19 @@ def _deliver(batch: list[tuple[asyncio.Queue, StepItem]]) -> None:
 
 
 def count_step(
-    stats: BatchStats, observer: BatchObserver | None, rows: int, queued: int, seconds: float, admitted: int
+    stats: BatchStats,
+    observer: BatchObserver | None,
+    rows: int,
+    queued: int,
+    seconds: float,
+    admitted: int,
+    tokens: int = 0,
 ) -> None:
     """On the event loop: count one iteration of the generation loop (``rows`` decoded, ``admitted`` jobs joined,
-    ``queued`` still waiting) and tell the observer; shared by the in-process :class:`Batcher` and the engine
-    process's handle. An iteration that decoded nothing (its waiting jobs settled, its rows all ended) still reports
-    the queue depth, so a replica's gauge falls to 0 when the last waiting job leaves without a step after it."""
+    ``queued`` still waiting, ``tokens`` first tokens handed over from the prefill thread) and tell the observer;
+    shared by the in-process :class:`Batcher` and the engine process's handle. An iteration that decoded nothing
+    (its waiting jobs settled, its rows all ended) still reports the queue depth, so a replica's gauge falls to 0
+    when the last waiting job leaves without a step after it."""
     if rows:
         stats.add_batch(rows)
     if observer is not None:
@@ -558,6 +569,8 @@ def count_step(
             observer.on_step(rows, queued, seconds)
         else:
             observer.on_queue(queued)
+        if tokens:
+            observer.on_tokens(tokens)
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
@@ -821,11 +834,14 @@ class Batcher:
                     admit.append(w)  # a cancelled prefill is done by the step, with the other newcomers
             self._waiting.extendleft(reversed(later))
             queued = len(self._waiting)
+        first_tokens = 0  # sampled on the prefill thread (their steps' counts leave them out)
         for w in admit:
             pre = self._prefilled(w)
             if not isinstance(pre, _Started):
                 self._jobs[run.add(w.job, pre)] = w
-            elif pre.row is not None or pre.state.error is not None:
+                continue
+            first_tokens += sum(map(len, pre.state.tokens))
+            if pre.row is not None or pre.state.error is not None:
                 self._jobs[run.adopt(pre.state, pre.row)] = w
             # else: its first token ended it, and that result was handed over with the token
         self._active_rows = run.active_rows
@@ -849,7 +865,7 @@ class Batcher:
         now = time.monotonic()
         out = self._due(items, now, out)
         if stepped or settled or admit:  # the waiting list changed or rows were decoded: count it
-            self._reports.append((rows, queued, seconds, len(admit)))
+            self._reports.append((rows, queued, seconds, len(admit), first_tokens))
             if not self._reports_since:
                 self._reports_since = now
         # steps whose items all wait for their interval post nothing (the event loop sleeps on), unless their counts
@@ -893,8 +909,8 @@ class Batcher:
     def _deliver_step(self, batch: list[tuple[asyncio.Queue, StepItem]], reports: list[tuple]) -> None:
         """On the event loop: hand steps' items to their callers, count the steps and tell the observer."""
         _deliver(batch)
-        for rows, queued, seconds, admitted in reports:
-            count_step(self.stats, self.observer, rows, queued, seconds, admitted)
+        for report in reports:
+            count_step(self.stats, self.observer, *report)
 
     # ---------------------------------------------------------------- beam search (event loop + beam thread)
     async def _run_beams(self) -> None:
@@ -910,4 +926,6 @@ class Batcher:
                     out = e
                 tokens = out.tokens if isinstance(out, JobOutput) else [[] for _ in w.job.seeds]
                 item = StepItem([list(t) for t in tokens], out)
+                if self.observer is not None and any(tokens):
+                    self.observer.on_tokens(sum(map(len, tokens)))
             w.queue.put_nowait(item)

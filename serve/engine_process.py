@@ -15,8 +15,9 @@ tuples over the socket (``multiprocessing.connection``):
 
 - replica -> engine: ``("submit", rid, job)``, ``("finish", rid, choices)`` (the request side ended those rows:
   client gone, stop string, safety filter), ``("close",)``.
-- engine -> replica: lists of ``("item", rid, StepItem)`` and ``("step", rows, queued, seconds, admitted)``, one list
-  per event-loop tick (one ``send`` for every job's share of a step).
+- engine -> replica: lists of ``("item", rid, StepItem)``, ``("step", rows, queued, seconds, admitted)`` and
+  ``("tokens", n)`` (tokens generated outside the steps), one list per event-loop tick (one ``send`` for every job's
+  share of a step).
 
 A reader thread in the replica receives them and posts each list to the callers' event loop in one callback. The
 replica never loads the weights (only the checkpoint's tokenizer and metadata), so a GPU replica holds one copy.
@@ -270,7 +271,12 @@ class EngineProcess:
         """On an event loop: hand the items to their callers, count the steps, tell the observer."""
         for queue, item in batch:
             queue.put_nowait(item)
-        for _, rows, queued, seconds, admitted in reports:
+        for msg in reports:
+            if msg[0] == "tokens":
+                if self.observer is not None:
+                    self.observer.on_tokens(msg[1])
+                continue
+            _, rows, queued, seconds, admitted = msg
             self.queue_depth, self.active_rows = queued, rows
             count_step(self.stats, self.observer, rows, queued, seconds, admitted)
 
@@ -323,6 +329,9 @@ class _Outbox:
 
     def on_queue(self, queued: int) -> None:
         self.on_step(0, queued, 0.0)  # the replica's count_step reports it as the queue depth alone
+
+    def on_tokens(self, n: int) -> None:
+        self.put(("tokens", n))
 
 
 async def _serve(conn: Connection, spec: EngineSpec, engine: Any) -> int:

@@ -11,7 +11,8 @@ Two feeds:
 - the routes (:mod:`serve.app`): time to first token and inter-token latency per request (:class:`RequestTimer`),
   one response per request by HTTP status (:meth:`ServeMetrics.response`), refusals by reason;
 - the scheduler: :class:`ServeMetrics` is the :class:`serve.batching.Batcher` observer (``on_step`` after every
-  decoding step, ``on_admit`` when jobs join the batch, ``on_queue`` when waiting jobs leave without a step) ->
+  decoding step, ``on_admit`` when jobs join the batch, ``on_queue`` when waiting jobs leave without a step,
+  ``on_tokens`` for tokens generated outside the steps: first tokens from the prefill thread, beam searches) ->
   generated tokens, rows per step, step time, queue depth.
 
 Every recorder also keeps a plain running total (:attr:`ServeMetrics.totals`) that ``/readyz`` reports, so tests and
@@ -218,6 +219,13 @@ class ServeMetrics:
         """``n_jobs`` requests joined the running batch."""
         if n_jobs > 0:
             self.admitted.inc(n_jobs)
+
+    def on_tokens(self, n: int) -> None:
+        """``n`` tokens generated outside the decoding steps (a first token from the prefill thread, a beam search)."""
+        if n > 0:
+            self.generated.inc(n)
+            with self._lock:
+                self.totals["generated_tokens"] += n
 
     def on_queue(self, queued: int) -> None:
         """The waiting list changed without a decoding step (jobs left it by deadline or cancellation)."""

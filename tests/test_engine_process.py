@@ -20,6 +20,7 @@ from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, Samp
 from serve import testing
 from serve.batching import GenerationJob, JobOutput, StepItem, run_jobs
 from serve.engine_process import EngineProcess, EngineSpec, EngineStartError
+from serve.metrics import ServeMetrics
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,30 @@ def test_replies_equal_the_in_process_scheduler(proc, local):
         assert [sum((it.tokens[c] for it in items), []) for c in range(len(job.seeds))] == out.tokens
     assert got[3][1].alternatives is not None and len(got[3][1].alternatives[0]) == len(got[3][1].tokens[0])
     assert proc.stats.batches > b0 and proc.stats.largest >= 2  # the engine's steps are counted in this process
+
+
+def test_the_observer_counts_every_generated_token_and_the_queue_through_the_engine_process(checkpoint, local):
+    """The replica's metrics (``ServeMetrics``, the handle's observer) count the engine's tokens: decoded rows, a
+    beam search's reply (run on the engine's beam thread) included; the queue depth ends at 0."""
+    metrics = ServeMetrics("m")
+    ep = EngineProcess(EngineSpec(str(checkpoint), max_batch_size=2), observer=metrics)
+    jobs = [
+        GenerationJob(_prompt(local, f"question {i}"), SamplingParams(max_new_tokens=6 + i), (i,)) for i in range(4)
+    ]
+    jobs.append(GenerationJob(_prompt(local, "beam"), SamplingParams(max_new_tokens=5, num_beams=2), (9,)))
+
+    async def main():
+        outs = await asyncio.gather(*(_collect(ep, j) for j in jobs))
+        await asyncio.sleep(0.5)  # the last counts follow within the scheduler's report interval
+        return outs
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        ep.close()
+    replies = sum(len(t) for _, out in got for t in out.tokens)
+    assert replies >= 4 and metrics.snapshot()["generated_tokens"] == replies
+    assert metrics.snapshot()["queue_depth"] == 0
 
 
 def test_ends_and_cancellation_reach_the_engine(proc, local):

@@ -699,6 +699,9 @@ def test_batcher_queued_jobs_meet_deadline_and_cancellation_and_report_depth(eng
         def on_queue(self, queued: int) -> None:
             self.queues.append(queued)
 
+        def on_tokens(self, n: int) -> None:
+            raise AssertionError("batch-1 serving starts no job on the prefill thread, and this test runs no beams")
+
     obs = Observer()
 
     async def main() -> None:
@@ -842,6 +845,47 @@ def test_a_beam_search_does_not_stall_the_decode_batch(engine, tok, monkeypatch)
     assert isinstance(rs.done, JobOutput) and len(rs.done.tokens[0]) == 16
     monkeypatch.setattr(engine, "generate", real_generate)
     assert rb.done.tokens == engine.generate([list(beam.prompt)], beam.params, [1]).tokens
+
+
+def test_generated_tokens_count_first_tokens_from_the_prefill_thread_and_beam_searches(engine, tok, monkeypatch):
+    """``rlchat_serve_generated_tokens`` counts every token the engine generated: a lone arrival's first token,
+    sampled and handed over on the prefill thread (:meth:`Batcher._start`), and a beam search's reply, which runs
+    on its own thread, were left out."""
+    started: list[tuple[int, ...]] = []
+    start = Batcher._start
+
+    def traced_start(self, w):
+        started.append(w.job.prompt)
+        return start(self, w)
+
+    monkeypatch.setattr(Batcher, "_start", traced_start)
+    metrics = ServeMetrics("m")
+    running = GenerationJob(_prompt(tok, "first"), SamplingParams(max_new_tokens=12, temperature=1.0), (1,))
+    joining = GenerationJob(_prompt(tok, "a later question"), SamplingParams(max_new_tokens=5), (2,))
+    beam = GenerationJob(_prompt(tok, "beam"), SamplingParams(max_new_tokens=6, num_beams=3), (3,))
+
+    async def main() -> list[StepItem]:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0, observer=metrics)
+        batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
+        batch.step = lambda *a: (time.sleep(0.05), fast_step(*a))[1]
+        try:
+            first_items: list = []
+            task = asyncio.create_task(_collect(batcher, running, first_items))
+            while not first_items:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.06)  # a step after the first arrival: a lone arrival, started on the thread
+            outs = await asyncio.wait_for(asyncio.gather(task, _collect(batcher, joining)), 60)
+            outs.append(await asyncio.wait_for(_collect(batcher, beam), 60))
+            await asyncio.sleep(0.3)  # counts ride with the items, or follow within REPORT_INTERVAL_S
+            return outs
+        finally:
+            batcher.close()
+
+    outs = asyncio.run(main())
+    assert started == [joining.prompt]
+    replies = [len(t) for out in outs for t in out.done.tokens]
+    assert replies == [12, len(outs[1].done.tokens[0]), len(outs[2].done.tokens[0])] and min(replies) > 0
+    assert metrics.snapshot()["generated_tokens"] == sum(replies)
 
 
 def test_batcher_close_waits_for_the_step_in_flight(engine, tok, monkeypatch):
