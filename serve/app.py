@@ -118,6 +118,7 @@ from serve.models import (
     ModelSet,
     ServedVersion,
     VersionSpec,
+    bound_version_name,
     current_version,
     follow_run,
     is_uri,
@@ -350,7 +351,7 @@ class ChatServer:
         # The versions (serve/models.py): one per checkpoint, each with its engine and scheduler. `engine`,
         # `tokenizer`, `batcher`, `stats`, `checkpoint`, `max_positions` and `model_version` are properties that
         # resolve to the version bound to the current request (_check_model), else the default version.
-        self.metrics = ServeMetrics(self.model_name)  # also the Batcher's observer (rows, queue depth, tokens)
+        self.metrics = ServeMetrics(self.model_name)  # each version's scheduler observes through for_version(name)
         self.models = ModelSet(self.model_name, (DEFAULT_MODEL_NAME,))
         initial = [self._load_version(spec) for spec in settings.version_specs()]
         self.models.set(initial, {v.name: v.spec.weight for v in initial})
@@ -395,7 +396,7 @@ class ChatServer:
             self.device,
             label=label,
             cache_dir=self.cfg.checkpoint_cache,
-            observer=self.metrics,
+            observer=self.metrics.for_version(spec.name),
         )
 
     @property
@@ -747,7 +748,7 @@ class ChatServer:
     def _queue_timeout(self, cid: str, t0: float, stream: bool) -> APIError:
         """The 503 of a request that reached its deadline before it joined the batch (logged and counted)."""
         waited = time.perf_counter() - t0
-        self.metrics.reject(REJECT_QUEUE_TIMEOUT)
+        self.metrics.reject(REJECT_QUEUE_TIMEOUT, self.served.name)
         self._log(cid, 503, t0, stream=stream, error=REJECT_QUEUE_TIMEOUT)
         return APIError(
             503,
@@ -765,7 +766,7 @@ class ChatServer:
             return
         budget = job.params.max_new_tokens
         if any(r == FINISH_LENGTH and len(t) < budget for t, r in zip(out.tokens, out.finish_reasons)):
-            self.metrics.deadline_truncated()
+            self.metrics.deadline_truncated(self.served.name)
 
     async def _collect(
         self, job: GenerationJob, cid: str, timer: RequestTimer, request: Request | None
@@ -809,7 +810,7 @@ class ChatServer:
                 job.control.end(range(len(job.seeds)))
 
     def _log(self, cid: str, status: int, t0: float, **fields: Any) -> None:
-        self.metrics.response(status)
+        self.metrics.response(status, bound_version_name())
         parts = " ".join(f"{k}={v}" for k, v in fields.items())
         logger.info("chat id=%s status=%d latency_ms=%.0f %s", cid, status, (time.perf_counter() - t0) * 1e3, parts)
 
@@ -1008,7 +1009,7 @@ class ChatServer:
             tuple(prompt), params, seeds, deadline=self._deadline(t0), delivery_interval_s=PLAIN_DELIVERY_S
         )
         try:
-            out = await self._collect(job, cid, self.metrics.timer(t0), request)
+            out = await self._collect(job, cid, self.metrics.timer(t0, fmt.model), request)
         except asyncio.CancelledError:  # Serve cancels the handler when the client's connection closes
             self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=False, error="client_disconnected")
             raise
@@ -1082,7 +1083,7 @@ class ChatServer:
         reasons: list[str] = [FINISH_LENGTH] * n
         done = False
         first_token_ms = None
-        timer = self.metrics.timer(t0)
+        timer = self.metrics.timer(t0, fmt.model)
 
         try:
             first = fmt.first_chunk(n)

@@ -411,7 +411,7 @@ def make_batcher(engine: GenerationEngine, cfg: ServeConfig, observer: Any = Non
     """A version's scheduler, built as the replica always built its one (``serve.batching.Batcher``).
 
     Args:
-        observer: the replica's metrics (``serve.metrics.ServeMetrics``), shared by every version's scheduler.
+        observer: the version's metrics observer (``serve.metrics.ServeMetrics.for_version``).
     """
     from serve.batching import Batcher
 
@@ -527,7 +527,7 @@ def load_version(
         device: ``cpu`` or ``cuda``.
         label: the feedback-store label; empty = ``<run>/<checkpoint dir>``.
         cache_dir: where URIs and shipped checkpoints are copied (``serve.checkpoint_cache``).
-        observer: the replica's metrics, passed to the scheduler.
+        observer: the version's metrics observer (``ServeMetrics.for_version(spec.name)``), passed to the scheduler.
     """
     import torch
 
@@ -584,6 +584,13 @@ def load_version(
 def use_version(version: ServedVersion) -> None:
     """Bind ``version`` to the current request (its asyncio task's context)."""
     _CURRENT.set(version)
+
+
+def bound_version_name() -> str:
+    """The name of the version bound to the current request, or "" before one is (a request refused before its
+    model was looked up: its metrics carry no version)."""
+    v = _CURRENT.get()
+    return "" if v is None else v.name
 
 
 def current_version(default: ServedVersion) -> ServedVersion:

@@ -220,3 +220,24 @@ def shutdown() -> None:
         _SHARED.clear()
         with contextlib.suppress(Exception):  # Ray may already be gone at session end
             ray_serve.shutdown()
+
+
+def scrape_metrics(ray: Any, prefix: str = "rlchat_serve_") -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The Prometheus samples of Ray's metrics agents (every live node's ``MetricsExportPort``) whose name contains
+    ``prefix``, as name -> [(labels, value)]; a label exported empty reads as absent."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for node in ray.nodes():
+        port = node.get("MetricsExportPort")
+        if not node["Alive"] or not port:
+            continue
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if prefix in sample.name:
+                    labels = {k: v for k, v in sample.labels.items() if v != ""}
+                    out.setdefault(sample.name, []).append((labels, sample.value))
+    return out

@@ -13,7 +13,6 @@ import concurrent.futures
 import json
 import threading
 import time
-import urllib.request
 
 import pytest
 import requests
@@ -275,19 +274,6 @@ def test_a_plain_client_that_goes_away_gets_its_rows_cancelled(ops, no_eot):
     assert time.perf_counter() - t < 1.0
 
 
-def _scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Prometheus text from Ray's metrics agent, as name -> [(labels, value)] for the rlchat samples."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if "rlchat_serve_" in sample.name:
-                out.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return out
-
-
 def _total(samples: dict, name: str, **labels: str) -> float:
     return sum(
         v
@@ -304,8 +290,7 @@ def test_prometheus_metrics_are_exported(ops, no_eot, ray_local):
         assert _chat(ops, 20, no_eot).status_code == 200
     with _chat(ops, 20, no_eot, stream=True) as s:
         assert s.status_code == 200 and list(s.iter_lines())
-    ports = {n["MetricsExportPort"] for n in ray_local.nodes() if n["Alive"] and n.get("MetricsExportPort")}
-    assert ports, "no node exports metrics"
+    assert any(n["Alive"] and n.get("MetricsExportPort") for n in ray_local.nodes()), "no node exports metrics"
     want = {
         "ray_rlchat_serve_ttft_seconds_count": 4,
         "ray_rlchat_serve_inter_token_seconds_count": 4 * 19,
@@ -317,10 +302,7 @@ def test_prometheus_metrics_are_exported(ops, no_eot, ray_local):
     deadline = time.monotonic() + 45  # Ray's agent exports what replicas recorded every few seconds
     samples: dict = {}
     while time.monotonic() < deadline:
-        samples = {}
-        for port in ports:
-            for k, v in _scrape(port).items():
-                samples.setdefault(k, []).extend(v)
+        samples = testing.scrape_metrics(ray_local)
         if (
             all(_total(samples, k) >= v for k, v in want.items())
             and _total(samples, "ray_rlchat_serve_responses_total", code="200") >= 4
@@ -333,7 +315,13 @@ def test_prometheus_metrics_are_exported(ops, no_eot, ray_local):
     # agent has been seen to hold back much of the earlier tests' counts, so only the upper bound is asserted)
     assert got["ray_rlchat_serve_generated_tokens_total"] <= _load(ops)["generated_tokens"]
     assert _total(samples, "ray_rlchat_serve_responses_total", code="200") >= 4
+    # a single-version app's one version is named after the app (plain and streamed replies alike); only the
+    # refusals at admission, before a version is chosen, have none
+    assert _total(samples, "ray_rlchat_serve_responses_total", code="200", version=APP) == _total(
+        samples, "ray_rlchat_serve_responses_total", code="200"
+    )
     assert _total(samples, "ray_rlchat_serve_rejected_requests_total", reason="overloaded") >= 1
+    assert _total(samples, "ray_rlchat_serve_rejected_requests_total", reason="overloaded", version=APP) == 0
     assert "ray_rlchat_serve_queue_depth" in samples
     ttft_sum = _total(samples, "ray_rlchat_serve_ttft_seconds_sum")
     assert 0 < ttft_sum < 60 * got["ray_rlchat_serve_ttft_seconds_count"]

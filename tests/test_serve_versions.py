@@ -279,6 +279,39 @@ def _wait_versions(url: str, want: dict[str, float], timeout_s: float = 180.0) -
     raise TimeoutError(f"{url} did not reach versions {want}: {info.get('versions')}")
 
 
+def _check_version_metrics(ray: Any, replies: dict[str, int]) -> None:
+    """The ``chat`` app's Prometheus series, summed by ``version``, count each version's own replies; series no
+    request has touched yet exist at 0 (the rejections), so a dashboard's expressions are never empty."""
+
+    def by_version(samples: dict, name: str, **labels: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for lab, v in samples.get(name, ()):
+            if lab.get("model") == "chat" and all(lab.get(k) == x for k, x in labels.items()):
+                out[lab.get("version", "")] = out.get(lab.get("version", ""), 0) + v
+        return out
+
+    deadline = time.monotonic() + 45  # Ray's agent exports what replicas recorded every few seconds
+    while True:
+        samples = testing.scrape_metrics(ray)
+        ok = by_version(samples, "ray_rlchat_serve_responses_total", code="200") == replies
+        ok = ok and by_version(samples, "ray_rlchat_serve_ttft_seconds_count") == replies
+        if ok or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert by_version(samples, "ray_rlchat_serve_responses_total", code="200") == replies
+    assert by_version(samples, "ray_rlchat_serve_ttft_seconds_count") == replies
+    tokens = by_version(samples, "ray_rlchat_serve_generated_tokens_total")
+    assert all(tokens.get(v, 0) >= n for v, n in replies.items()), tokens  # a reply has a token at least
+    for name in ("ray_rlchat_serve_batch_rows_count", "ray_rlchat_serve_step_seconds_count"):
+        assert set(replies) <= set(by_version(samples, name)), (name, by_version(samples, name))
+    assert set(replies) <= set(by_version(samples, "ray_rlchat_serve_queue_depth"))
+    # the unknown model's 404 has no version; nothing was shed, and both reasons' series exist at 0
+    assert by_version(samples, "ray_rlchat_serve_responses_total", code="404") == {"": 1}
+    assert by_version(samples, "ray_rlchat_serve_rejected_requests_total", reason="overloaded") == {"": 0}
+    queue_timeout = by_version(samples, "ray_rlchat_serve_rejected_requests_total", reason="queue_timeout")
+    assert {v: queue_timeout.get(v) for v in replies} == dict.fromkeys(replies, 0), queue_timeout
+
+
 def test_canary_split_explicit_pick_promote_and_roll_back_without_dropping_requests(ray_local, ckpts):
     from ray import serve as ray_serve
 
@@ -321,6 +354,9 @@ def test_canary_split_explicit_pick_promote_and_roll_back_without_dropping_reque
         store.close()
         # each version's label is its checkpoint's (``<run>/<checkpoint dir>``: here the directory alone)
         assert rated == {labels["canary"]: ckpts["b"].name, labels["stable"]: ckpts["a"].name}, rated
+
+        # the metrics tell the versions apart (the ``version`` tag): 20 replies from stable, 4 from the canary
+        _check_version_metrics(ray_local, {"stable": 20, "canary": 4})
 
         # promote (0/100), then roll back (100, canary removed), under load: no request fails, no replica restarts
         with _Load(url) as load:
