@@ -65,6 +65,17 @@ FLUSH_INTERVAL_S = 0.25
 """How often the ``rlchat-metrics`` thread passes queued samples to Ray (Ray's agent exports every few seconds)."""
 
 
+def metrics_export_url() -> str | None:
+    """Where Ray's metrics agent on this node serves the Prometheus text (its ``MetricsExportPort`` in
+    ``ray.nodes()``: random unless ``ray start --metrics-export-port`` set it), or None; Ray must be initialised."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
+    node = next((n for n in nodes if n.get("NodeManagerAddress") == here), nodes[0] if nodes else None)
+    return None if node is None else f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
 class _Deferred:
     """A Ray metric whose ``observe`` / ``inc`` / ``set`` only queue the sample; :class:`_Flusher` records it."""
 

@@ -82,6 +82,13 @@ def test_rlchat_serve_as_typed_answers_through_haproxy_and_stops_on_ctrl_c(tmp_p
         assert "pid" not in ready and not Path(ready["checkpoint"]).is_absolute(), ready
         card = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"][0]
         assert not Path(card["checkpoint"]).is_absolute(), card
+        # the Ray it started exports metrics on a port of its choosing: the start-up lines say where
+        metrics_url = next((line.split()[-1] for line in lines if line.strip().startswith("metrics:")), None)
+        assert metrics_url is not None and metrics_url.endswith("/metrics"), lines
+        until = time.monotonic() + 45  # Ray's agent exports what replicas recorded every few seconds
+        while 'code="200"' not in (text := requests.get(metrics_url, timeout=10).text) and time.monotonic() < until:
+            time.sleep(1.0)
+        assert "ray_rlchat_serve_responses_total" in text and 'code="200"' in text
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         try:

@@ -113,6 +113,9 @@ def serve_command(
             print(f"  GPUs per replica: {s.num_gpus:g}")
         if starts_local:
             print(f"  ingress: {s.ingress} (serve.ingress)")
+            from serve.metrics import metrics_export_url  # the port of the Ray started here is Ray's random pick
+
+            print(f"  metrics:       Prometheus text at {metrics_export_url()}")
         elif active_ingress() != s.ingress:
             print(
                 f"  note: serve.ingress={s.ingress} applies when rlchat serve starts Ray itself; on this cluster the "
