@@ -783,13 +783,17 @@ class ChatServer:
 
         async def consume() -> JobOutput | Exception:
             try:
-                async for item in self.batcher.submit(job):
-                    n_new = sum(len(t) for t in item.tokens)
-                    if n_new or item.done is not None:
-                        self._started(cid)
-                    timer.tokens(n_new, time.perf_counter(), max(map(len, item.tokens), default=0))
-                    if item.done is not None:
-                        return item.done
+                # closed on the way out, not by the garbage collector: the version counts the request in flight
+                # until then (a removed version drains by that count), and an exception's traceback can hold the
+                # generator in a cycle
+                async with contextlib.aclosing(self.batcher.submit(job)) as items:
+                    async for item in items:
+                        n_new = sum(len(t) for t in item.tokens)
+                        if n_new or item.done is not None:
+                            self._started(cid)
+                        timer.tokens(n_new, time.perf_counter(), max(map(len, item.tokens), default=0))
+                        if item.done is not None:
+                            return item.done
             except Exception as e:  # noqa: BLE001 - reported like a job's own failure
                 return e
             return RuntimeError("the batch ended without a result")
@@ -1214,7 +1218,9 @@ class ChatServer:
             yield {"data": "[DONE]"}
         finally:
             self._started(cid)
-            if not done:  # the client went away: the batch ends this request's rows at its next step
+            if done:
+                await items.aclose()  # its version stops counting it in flight now, not when it is collected
+            else:  # the client went away: the batch ends this request's rows at its next step
                 job.control.end(range(n))
                 await items.aclose()
                 self._log(

@@ -787,7 +787,6 @@ def test_serve_from_run_serves_the_runs_best_checkpoint_to_the_openai_client(
     from openai import OpenAI
 
     from rlchat.checkpoint import CheckpointManager, find_best_checkpoint
-    from rlchat.cli.serve_cmd import serve_command
     from rlchat.metrics import EVAL_REWARD_MEAN, MetricsWriter, make_run_dir, read_metrics, write_run_config
 
     monkeypatch.delenv("RLCHAT_API_KEY", raising=False)
@@ -811,12 +810,17 @@ def test_serve_from_run_serves_the_runs_best_checkpoint_to_the_openai_client(
     assert not (run / "checkpoints" / "step_000001").exists()
 
     # 2. serve it from the run directory alone, then talk to it with the official client over real HTTP
+    #    (as typed: the CLI's parser, a config override after the options and no checkpoint argument)
+    from rlchat.cli.parser import main as cli_main
+
     with testing.serve_command_port() as port:
-        assert serve_command(from_run=str(run), port=port, api_key="from-run-key", blocking=False) == 0
+        argv = ["serve", "--from-run", str(run), "--port", str(port), "--api-key", "from-run-key", "--no-blocking"]
+        assert cli_main([*argv, "serve.max_batch_size=3"]) == 0
         url = f"http://127.0.0.1:{port}"
         assert f"serving {best.resolve()} as model 'rlchat' at {url}" in capsys.readouterr().out
         ready = testing.wait_ready(url, api_key="from-run-key")
         assert (Path(ready["checkpoint"]), ready["step"], ready["stage"]) == (best.resolve(), 2, "ppo")
+        assert ready["batching"]["max_batch_size"] == 3  # the override reached the replica
         assert ready["auth"] is True
         client = OpenAI(base_url=url + "/v1", api_key="from-run-key", max_retries=0, timeout=120)
         (card,) = client.models.list().data

@@ -86,9 +86,16 @@ def test_rlchat_serve_as_typed_answers_through_haproxy_and_stops_on_ctrl_c(tmp_p
         metrics_url = next((line.split()[-1] for line in lines if line.strip().startswith("metrics:")), None)
         assert metrics_url is not None and metrics_url.endswith("/metrics"), lines
         until = time.monotonic() + 45  # Ray's agent exports what replicas recorded every few seconds
-        while 'code="200"' not in (text := requests.get(metrics_url, timeout=10).text) and time.monotonic() < until:
+
+        def answered(text: str) -> bool:  # our counter's line for the 200s (other exporters have status_code="200")
+            return any(
+                line.startswith("ray_rlchat_serve_responses_total{") and 'code="200"' in line
+                for line in text.splitlines()
+            )
+
+        while not answered(text := requests.get(metrics_url, timeout=10).text) and time.monotonic() < until:
             time.sleep(1.0)
-        assert "ray_rlchat_serve_responses_total" in text and 'code="200"' in text
+        assert answered(text), text[-3000:]
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         try:

@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve.ingress when this command starts Ray: proxy (Ray Serve's) or haproxy (faster; docs/serving.md)",
     )
     p.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted config overrides, e.g. serve.max_batch_size=8 'serve.versions=[{name: a, checkpoint: ...}]'",
+    )
 
     p = cmd("chat", "rlchat.cli.chat:chat_command", "interactive terminal chat with a checkpoint or an endpoint URL")
     p.add_argument("target", metavar="CKPT_OR_URL")
@@ -279,6 +285,16 @@ def resolve_path_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _serve_positionals(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``rlchat serve`` takes an optional checkpoint and then overrides; argparse hands the first override to the
+    checkpoint when there is none (``rlchat serve --from-run RUN serve.max_batch_size=8``). A ``key=value`` that is
+    not a path here is an override."""
+    ckpt = kwargs.get("checkpoint")
+    if isinstance(ckpt, str) and "=" in ckpt and not os.path.exists(ckpt):
+        return {**kwargs, "checkpoint": None, "overrides": [ckpt, *(kwargs.get("overrides") or [])]}
+    return kwargs
+
+
 QUIET_COMMANDS = ("demo", "sft", "rm", "train", "tune", "serve", "generate", "prepare", "eval")
 """Long-running commands whose Ray / transformers logs go to ``RUN_DIR/logs/console.log`` unless ``--verbose``."""
 
@@ -297,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     elif name in QUIET_COMMANDS:
         console.quiet_console(name)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if name == "serve":
+        kwargs = _serve_positionals(kwargs)
     kwargs = resolve_path_args(kwargs)
 
     def fail(message: str, code: int) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ray import serve as ray_serve
 
-from rlchat.core.config import ServeConfig
+from rlchat.core.config import ServeConfig, parse_override
 from rlchat.core.feedback_store import display_url
 from serve.app import ChatServer
 from serve.settings import (
@@ -47,6 +47,7 @@ def serve_command(
     ingress: str | None = None,
     blocking: bool = True,
     follow: bool = False,
+    overrides: list[str] | None = None,
     **_: Any,
 ) -> int:
     """``rlchat serve``: deploy a checkpoint (or a run's best) and print how to talk to it.
@@ -61,7 +62,8 @@ def serve_command(
 
     from rlchat.distributed.cluster import init_ray
 
-    args: dict[str, Any] = {"checkpoint": checkpoint, "from_run": from_run, "config": config}
+    args: dict[str, Any] = dict(parse_override(text) for text in overrides or [])  # the flags below win
+    args.update({"checkpoint": checkpoint, "from_run": from_run, "config": config})
     if host is not None:
         args["host"] = host
     if port is not None:
