@@ -31,6 +31,9 @@ logger = logging.getLogger("ray.serve").getChild("rlchat")
 
 COMPLETION_CACHE_SIZE = 2048
 """Recent completions a replica remembers so feedback can refer to them by id."""
+COMPLETION_CACHE_CHARS = 16_000_000
+"""...and at most this many characters of their messages and replies (16-64 MB): 2,048 requests at the size limit
+(32,000 characters of messages, 16 long choices) held hundreds of MB per replica."""
 STORE_BACKLOG = 256
 """Request rows a replica may have waiting for the database; beyond that (a long outage) they are dropped, logged."""
 
@@ -60,6 +63,8 @@ class FeedbackRecorder:
         self._conversations: OrderedDict[str, str] = OrderedDict()
         # completion id -> (messages, reply texts, the label of the version that wrote them)
         self._completions: OrderedDict[str, tuple[list[dict[str, str]], list[str | None], str]] = OrderedDict()
+        self._completion_chars: dict[str, int] = {}  # completion id -> characters it holds
+        self._chars = 0
         self._feedback_hits: OrderedDict[str, deque[float]] = OrderedDict()
 
     async def record(self, fb: FeedbackRequest, model_version: str) -> dict[str, Any]:
@@ -145,9 +150,15 @@ class FeedbackRecorder:
 
     def remember(self, cid: str, model_version: str, messages: list[dict[str, str]], texts: list[str | None]) -> None:
         """Keep a completion for feedback by id, and count it in the store (in the background)."""
+        size = sum(len(m["content"]) for m in messages) + sum(len(t) for t in texts if t is not None)
         self._completions[cid] = (messages, texts, model_version)
-        while len(self._completions) > COMPLETION_CACHE_SIZE:
-            self._completions.popitem(last=False)
+        self._chars += size - self._completion_chars.get(cid, 0)
+        self._completion_chars[cid] = size
+        while len(self._completions) > 1 and (
+            len(self._completions) > COMPLETION_CACHE_SIZE or self._chars > COMPLETION_CACHE_CHARS
+        ):
+            old, _ = self._completions.popitem(last=False)
+            self._chars -= self._completion_chars.pop(old)
         self._record_request(cid, model_version, messages, texts)
 
     def note_conversation(self, cid: str, conversation: str | None) -> None:

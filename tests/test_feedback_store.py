@@ -635,6 +635,27 @@ def test_record_requests_writes_a_batch_like_one_call_per_request(store):
     assert len(store.rows("requests")) == 3
 
 
+def test_the_replicas_completion_memory_is_bounded_by_text_not_only_by_count(tmp_path, monkeypatch):
+    """A replica remembers recent completions so feedback can name them by id. Counted in entries alone, 2,048
+    requests at the size limit (32,000 characters of messages, 16 long choices) held hundreds of MB per replica;
+    the memory is also bounded by the characters it holds: the oldest go first, the newest always stays."""
+    import serve.feedback as feedback
+    from rlchat.config import ServeConfig
+
+    monkeypatch.setattr(feedback, "COMPLETION_CACHE_CHARS", 3_000_000)
+    rec = feedback.FeedbackRecorder(ServeConfig(feedback_store=f"sqlite:///{tmp_path / 'fb.db'}"))
+    big = "x" * 500_000
+    for i in range(10):
+        rec.remember(f"r{i}", "v1", [{"role": "user", "content": big}], [big, None])
+    assert list(rec._completions) == ["r7", "r8", "r9"]  # 1,000,000 characters each
+    rec.remember("huge", "v1", [{"role": "user", "content": big * 8}], ["ok"])
+    assert list(rec._completions) == ["huge"]
+    for i in range(3):
+        rec.remember(f"s{i}", "v1", [{"role": "user", "content": "hi"}], ["hello"])
+    assert list(rec._completions) == ["s0", "s1", "s2"]  # the huge one alone was over the bound: it went next
+    rec.store.close()
+
+
 def test_replica_recorder_writes_queued_completions_in_batches(tmp_path):
     import threading
 
