@@ -152,6 +152,19 @@ def test_rows_added_with_their_prefill_skip_it_at_the_step_and_sample_the_same(e
     assert [{h: t for h, t in o.items() if h != 2} for o in runs[0]] == runs[2]  # handle 2: the row that left
 
 
+def _trace_starts(monkeypatch) -> list[tuple[int, ...]]:
+    """The prompts of the jobs :meth:`Batcher._start` runs on the prefill thread from now on."""
+    started: list[tuple[int, ...]] = []
+    start = Batcher._start
+
+    def traced_start(self, w):
+        started.append(w.job.prompt)
+        return start(self, w)
+
+    monkeypatch.setattr(Batcher, "_start", traced_start)
+    return started
+
+
 def test_a_lone_arrival_at_a_running_batch_gets_its_first_token_from_the_prefill_thread(engine, tok, monkeypatch):
     """The Batcher starts a lone arrival at a running batch on its prefill thread, beside the step in progress: its
     prefill, its first token (handed over from there) and the feed of that token; the step after takes it in as a
@@ -195,14 +208,7 @@ def test_a_lone_arrival_at_a_running_batch_gets_its_first_token_from_the_prefill
     assert ttft < 0.25, ttft  # not behind the 0.3 s step in progress
     assert joined.done.tokens == _solo(engine, joining)[0]
 
-    started: list[tuple[int, ...]] = []
-    start = Batcher._start
-
-    def traced_start(self, w):
-        started.append(w.job.prompt)
-        return start(self, w)
-
-    monkeypatch.setattr(Batcher, "_start", traced_start)
+    started = _trace_starts(monkeypatch)
     a_job = GenerationJob(_prompt(tok, "question a"), SamplingParams(max_new_tokens=3), (3,))
     b_job = GenerationJob(_prompt(tok, "question b"), SamplingParams(max_new_tokens=3), (4,))
 
@@ -317,14 +323,7 @@ def test_a_lone_arrival_that_leaves_before_its_start_runs_is_never_started(engin
     """A lone arrival whose start is still queued on the prefill thread when it settles (its deadline passed while
     waiting; a client that left) must not be started after all: that prefill and head pass would be work for
     nobody, on the core the running batch needs."""
-    started: list[tuple[int, ...]] = []
-    start = Batcher._start
-
-    def traced_start(self, w):
-        started.append(w.job.prompt)
-        return start(self, w)
-
-    monkeypatch.setattr(Batcher, "_start", traced_start)
+    started = _trace_starts(monkeypatch)
     gate = threading.Event()
     prompt = _prompt(tok, "a later question")
 
@@ -851,14 +850,7 @@ def test_generated_tokens_count_first_tokens_from_the_prefill_thread_and_beam_se
     """``rlchat_serve_generated_tokens`` counts every token the engine generated: a lone arrival's first token,
     sampled and handed over on the prefill thread (:meth:`Batcher._start`), and a beam search's reply, which runs
     on its own thread, were left out."""
-    started: list[tuple[int, ...]] = []
-    start = Batcher._start
-
-    def traced_start(self, w):
-        started.append(w.job.prompt)
-        return start(self, w)
-
-    monkeypatch.setattr(Batcher, "_start", traced_start)
+    started = _trace_starts(monkeypatch)
     metrics = ServeMetrics("m")
     running = GenerationJob(_prompt(tok, "first"), SamplingParams(max_new_tokens=12, temperature=1.0), (1,))
     joining = GenerationJob(_prompt(tok, "a later question"), SamplingParams(max_new_tokens=5), (2,))
