@@ -526,15 +526,25 @@ class ChatServer:
                 chunks.append(chunk)
             return b"".join(chunks)
 
+        from starlette.requests import ClientDisconnect
+
         timeout = self.cfg.body_timeout_s
         try:
             return await (asyncio.wait_for(read(), timeout) if timeout > 0 else read())
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on; two in 3.10
             raise APIError(
                 408,
-                f"the request body did not arrive within {timeout:g} s (serve.body_timeout_s); send it without pauses",
+                f"the request body did not arrive within {timeout:g} s (serve.body_timeout_s); send the whole body "
+                "within that time",
                 None,
                 "request_timeout",
+            ) from None
+        except ClientDisconnect:  # logged and counted as a client that left (nobody reads the answer)
+            raise APIError(
+                CLIENT_CLOSED_REQUEST,
+                "the client closed the connection while sending the body",
+                None,
+                "client_disconnected",
             ) from None
 
     def _check_limits(self, req: ChatCompletionRequest) -> tuple[list[dict[str, str]], list[int], SamplingParams, int]:
@@ -729,6 +739,10 @@ class ChatServer:
             self._started(cid)
             self.stats.errors += 1
             self._log(cid, e.status, t0, error=e.code or e.type)
+            raise
+        except asyncio.CancelledError:  # Serve cancels the handler when its client leaves (e.g. mid-body)
+            self._started(cid)
+            self._log(cid, CLIENT_CLOSED_REQUEST, t0, error="client_disconnected")
             raise
         except BaseException:
             self._started(cid)

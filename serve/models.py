@@ -45,6 +45,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -181,6 +182,13 @@ PARTIAL_MAX_AGE_S = 6 * 3600.0
 from object storage can take many minutes, so only old ones go; the cache may be on storage other nodes share)."""
 
 
+_CACHE_NAME = re.compile(
+    r"(?P<evicting>\.evict-)?(?P<partial>\.)?[0-9a-f]{20}(?(partial)\.partial-\d+-[0-9a-f]{8})(?(evicting)-[0-9a-f]{8})"
+)
+"""The names :func:`_cache_entry`, the copy in progress (``.<key>.partial-<pid>-<hex>``) and an eviction
+(``.evict-<key>-<hex>``) give; nothing else in the cache directory is ever touched."""
+
+
 def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / "rlchat-checkpoints"
 
@@ -200,13 +208,17 @@ def _use_and_prune(entry: Path, keep: int) -> Path:
         return entry
     copies: list[tuple[float, Path]] = []
     for path in entry.parent.iterdir():
+        # only what this module wrote: the directory is the user's to choose and may hold anything else
+        ours = _CACHE_NAME.fullmatch(path.name)
+        if ours is None or not path.is_dir():
+            continue
         try:
             age = now - path.stat().st_mtime
         except OSError:
             continue  # another replica removed it meanwhile
-        if path.name.startswith(".evict-") or (".partial-" in path.name and age > PARTIAL_MAX_AGE_S):
+        if ours["evicting"] or (ours["partial"] and age > PARTIAL_MAX_AGE_S):
             shutil.rmtree(path, ignore_errors=True)
-        elif not path.name.startswith(".") and path != entry:
+        elif not ours["evicting"] and not ours["partial"] and path != entry and (path / "meta.json").is_file():
             copies.append((age, path))
     copies.sort()
     for age, path in copies[max(0, keep - 1) :]:

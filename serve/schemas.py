@@ -486,7 +486,8 @@ def _load_object(body: bytes) -> dict[str, Any]:
             "invalid_value",
         )
     try:
-        obj = json.loads(body)
+        # decoded strictly first: json.loads(bytes) would also take UTF-16/32 and UTF-8-encoded surrogates
+        obj = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise APIError(
             400, "the request body is not UTF-8 text; send UTF-8 encoded JSON", None, "invalid_value"
@@ -506,7 +507,7 @@ def _load_object(body: bytes) -> dict[str, Any]:
         ) from None
     # JSON may spell an unpaired UTF-16 surrogate (\ud83d: a JavaScript string cut inside an emoji); Python keeps it
     # in the str, and the first encode to UTF-8 (the tokenizer, the feedback store) fails. Only \u escapes can
-    # carry one (raw surrogate bytes are not UTF-8), so the walk runs only for bodies that have such an escape.
+    # carry one (the strict decode above refused raw surrogate bytes), so the walk runs only for such bodies.
     if (b"\\ud" in body or b"\\uD" in body) and _has_lone_surrogate(obj):
         raise APIError(
             400,

@@ -76,6 +76,8 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
     args = dict(args)
     ckpt, run = args.pop("checkpoint", None), args.pop("from_run", None)
     raw_versions = args.pop("versions", None)
+    if raw_versions is None:  # `rlchat serve 'serve.versions=[...]'`
+        raw_versions = args.pop("serve.versions", None)
     if bool(ckpt) == bool(run) and not (raw_versions and not ckpt and not run):
         raise ConfigError(
             "serve: expected exactly one of a checkpoint directory or --from-run RUN_DIR; "
@@ -83,15 +85,16 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         )
     versions = _resolve_versions(raw_versions, "versions", str(args.get("model_name", DEFAULT_MODEL_NAME)))
     source = str(ckpt) if ckpt and is_uri(str(ckpt)) else ""
-    cache = args.get("checkpoint_cache") or ""
-    keep = int(args.get("checkpoint_cache_keep", ServeConfig.checkpoint_cache_keep))
+    # the driver reads the checkpoint's metadata from the node's cache; it evicts nothing there (keep=0): the
+    # replicas, which know the resolved serve.checkpoint_cache_keep, keep that cache
+    cache = str(args.get("checkpoint_cache") or args.get("serve.checkpoint_cache") or "")
     if run:
         path = find_best_checkpoint(run)
     elif ckpt:
-        path = fetch_uri(source, cache, keep) if source else Path(ckpt)
+        path = fetch_uri(source, cache) if source else Path(ckpt)
     else:  # versions only: the first one's config is the app's
         first = versions[0].checkpoint
-        path = fetch_uri(first, cache, keep) if is_uri(first) else Path(first)
+        path = fetch_uri(first, cache) if is_uri(first) else Path(first)
     info = read_checkpoint(path, expect_stage=POLICY_STAGES)
     config_path = args.pop("config", None)
     cfg = load_config(config_path) if config_path else info.config

@@ -177,6 +177,9 @@ def test_shards_are_deterministic_and_hash_their_rows(tmp_path: Path, tok: ChatT
 def test_cut_at_stop_and_settings_differences() -> None:
     assert cut_at_stop("a, b. c.", [".", ","]) == "a"
     assert cut_at_stop("abc", ["x"]) == "abc" and cut_at_stop("abc", []) == "abc"
+    # cut where the first stop string completes, as the Serve endpoint cuts a reply (rlchat.text_stream)
+    assert cut_at_stop("abcd", ["abcd", "bc"]) == "a"
+    assert cut_at_stop("The result</answer> trailing", ["</answer>", "answer"]) == "The result</"
     old = {"n": 1, "sampling": {"temperature": 0.7, "top_k": 0}}
     assert settings_differences(old, {"n": 1, "sampling": {"temperature": 1.0, "top_k": 0}}) == [
         "sampling.temperature: 0.7 -> 1.0"

@@ -379,6 +379,42 @@ def test_serve_command_needs_a_checkpoint():
         serve_command(checkpoint=None, from_run=None, blocking=False)
 
 
+def test_rlchat_serve_arguments_resolve_as_typed(ckpt, tmp_path):
+    """``rlchat serve [CKPT] [key=value ...]``: a checkpoint whose path holds "=" (a sweep's ``lr=1e-5`` run, a URI)
+    stays the checkpoint; an override is one after ``--from-run`` too; an API key stays the string typed (YAML
+    would read ``0777`` as 511); versions alone may be given as an override; and the driver copies a URI into the
+    cache the overrides name, evicting nothing there (the replicas keep that cache)."""
+    import os
+    import shutil
+
+    from rlchat.cli.parser import _serve_positionals, build_parser
+    from rlchat.cli.serve_cmd import serve_args
+    from serve.models import _cache_entry
+
+    def parse(*argv: str) -> dict:
+        return _serve_positionals(vars(build_parser().parse_args(["serve", *argv])))
+
+    for path in ("s3://b/sweep/lr=1e-5/step_000100", "runs/lr=3e-4/checkpoints/best"):
+        assert parse(path)["checkpoint"] == path and parse(path)["overrides"] == []
+    got = parse("--from-run", "runs/x", "serve.max_batch_size=3", "serve.scrub_pii=true")
+    assert got["checkpoint"] is None and got["overrides"] == ["serve.max_batch_size=3", "serve.scrub_pii=true"]
+
+    s = resolve_settings(serve_args(checkpoint=str(ckpt), overrides=["serve.api_key=0777", "serve.max_batch_size=3"]))
+    assert s.config.serve.api_key == "0777" and s.config.serve.max_batch_size == 3
+    s = resolve_settings(serve_args(overrides=[f"serve.versions=[{{name: a, checkpoint: {ckpt}, weight: 1}}]"]))
+    assert [v.name for v in s.versions] == ["a"]
+
+    cache = tmp_path / "cache"
+    old = _cache_entry(cache, "an old copy")
+    shutil.copytree(ckpt, old)
+    os.utime(old, (1.0, 1.0))
+    src = tmp_path / "src"
+    shutil.copytree(ckpt, src)
+    overrides = [f"serve.checkpoint_cache={cache}", "serve.checkpoint_cache_keep=1"]
+    resolve_settings(serve_args(checkpoint=f"file://{src}", overrides=overrides))
+    assert old.is_dir() and len(list(cache.iterdir())) == 2  # copied there; nothing evicted by the driver
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Against the running app
 # --------------------------------------------------------------------------------------------------------------
@@ -497,6 +533,10 @@ def test_error_cases_over_raw_http(app):
         ("huge bias key", {"messages": user, "logit_bias": {"1" * 5000: 1}}, None, 400, "invalid_value"),
         ("long stop", {"messages": user, "stop": ["x" * 1001]}, None, 400, "invalid_value"),
         ("lone surrogate", b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', None, 400, "invalid_value"),
+        ("surrogate bytes", b'{"messages": [{"role": "user", "content": "hi \xed\xa0\xbd"}]}', None, 400,
+         "invalid_value"),
+        ("utf-16 body", '{"messages": [{"role": "user", "content": "hi"}]}'.encode("utf-16"), None, 400,
+         "invalid_value"),
     ]  # fmt: skip
     for name, body, headers, status, code in cases:
         r = _post(app, body, headers=_auth(app) if headers is None else headers)
@@ -508,14 +548,26 @@ def test_error_cases_over_raw_http(app):
                  b'{"completion_id": "x", "rating": "up", "content": "\\udc00", "messages": []}'):  # fmt: skip
         r = _post(app, body, "/v1/feedback", headers=_auth(app))
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text[:300]
-    # a body sent in chunks (no Content-Length) is refused once it passes the limit, as one with a length is
-    chunked = requests.post(
-        app.url + "/v1/chat/completions",
-        data=iter([b'{"messages": [' + b" " * 100_000] * 3),
-        headers={**_auth(app), "Content-Type": "application/json"},
-        timeout=120,
-    )
-    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large", chunked.text[:300]
+    # a body sent in chunks (no Content-Length) is refused once it passes the limit, while it is still arriving
+    # (it was read whole first: an endless one was never answered)
+    import select
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(app.url)
+    with socket.create_connection((u.hostname, u.port), timeout=60) as sock:
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\nAuthorization: Bearer {app.api_key}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        piece = b'{"messages": [' + b" " * 100_000
+        sent = 0
+        while sent < 50 and not select.select([sock], [], [], 0.05)[0]:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            sent += 1
+        answer = sock.recv(65536).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 413"), answer[:300]
+    assert sent < 50, sent  # answered before the client had sent 5 MB
     r = _post(app, {"messages": user, "model": "gpt-4o"})
     assert r.json()["error"]["message"].count("'rlchat'") == 1  # the served names, each once
     # routes: unknown path, wrong method, auth on models and feedback, open health endpoints

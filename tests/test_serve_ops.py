@@ -151,6 +151,16 @@ def test_clients_still_sending_their_body_hold_no_place_and_are_cut_off_at_the_b
         s.sendall(head + body[:5])
         return s
 
+    # one that leaves mid-body is a client that left (499), logged and counted like any other
+    left = _load(ops)["responses"].get("499", 0)
+    leaving = stall()
+    time.sleep(1.0)  # its request is at the replica, reading the body
+    leaving.close()
+    until = time.monotonic() + 10
+    while _load(ops)["responses"].get("499", 0) == left and time.monotonic() < until:
+        time.sleep(0.1)
+    assert _load(ops)["responses"].get("499", 0) == left + 1
+
     stalled = [stall() for _ in range(MAX_QUEUED + 2)]
     try:
         time.sleep(1.0)

@@ -184,8 +184,8 @@ def test_the_node_cache_keeps_the_recently_used_copies_and_evicts_the_rest(ckpts
     assert sorted(p.name for p in cache.iterdir()) == sorted([newest.name, back.name])
     os.utime(newest, (time.time(), time.time()))  # as if another replica had just loaded it
     # a copy used within the grace period stays whatever keep says; a half-written copy goes once it is old
-    stale = cache / ".0123.partial-1-deadbeef"
-    fresh = cache / ".4567.partial-2-cafebabe"
+    stale = cache / ".0123456789abcdef0123.partial-1-deadbeef"
+    fresh = cache / ".4567456789abcdef0123.partial-2-cafebabe"
     stale.mkdir()
     fresh.mkdir()
     os.utime(stale, (hour_ago - 7 * 3600, hour_ago - 7 * 3600))  # a fetch that died 8 hours ago
@@ -199,6 +199,22 @@ def test_the_node_cache_keeps_the_recently_used_copies_and_evicts_the_rest(ckpts
         os.utime(entry, (hour_ago, hour_ago))
     unpack_checkpoint(data, "k2", cache, keep=0)
     assert {shipped.name, back.name, newest.name} <= {p.name for p in cache.iterdir()}
+    # the cache directory is the user's to choose: anything in it that is not a copy of ours is never touched
+    shared = tmp_path / "models"
+    (shared / "my-llama-70b").mkdir(parents=True)
+    (shared / "my-llama-70b" / "weights.bin").write_text("precious")
+    (shared / "notes.txt").write_text("precious")
+    (shared / ".hidden-thing.partial-1-x").mkdir()  # looks half-written, but is not one of ours
+    for p in shared.iterdir():
+        os.utime(p, (hour_ago - 7 * 3600, hour_ago - 7 * 3600))
+    for key in ("k3", "k4"):
+        unpack_checkpoint(data, key, shared, keep=1)
+        for p in shared.iterdir():
+            os.utime(p, (hour_ago, hour_ago))
+    left = sorted(p.name for p in shared.iterdir())
+    assert {"my-llama-70b", "notes.txt", ".hidden-thing.partial-1-x"} <= set(left), left
+    assert (shared / "my-llama-70b" / "weights.bin").read_text() == "precious"
+    assert len([n for n in left if not n.startswith((".", "my-", "notes"))]) == 1, left  # k3's copy was evicted
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -287,10 +288,11 @@ def resolve_path_args(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _serve_positionals(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``rlchat serve`` takes an optional checkpoint and then overrides; argparse hands the first override to the
-    checkpoint when there is none (``rlchat serve --from-run RUN serve.max_batch_size=8``). A ``key=value`` that is
-    not a path here is an override."""
+    checkpoint when there is none (``rlchat serve --from-run RUN serve.max_batch_size=8``). A ``key=value`` whose key
+    is a config key (letters, digits, ``_`` and dots: no ``/``, so no path or URI such as ``runs/lr=3e-4/...``) and
+    that is no file here is an override."""
     ckpt = kwargs.get("checkpoint")
-    if isinstance(ckpt, str) and "=" in ckpt and not os.path.exists(ckpt):
+    if isinstance(ckpt, str) and re.fullmatch(r"[A-Za-z_][\w.]*=.*", ckpt, re.DOTALL) and not os.path.exists(ckpt):
         return {**kwargs, "checkpoint": None, "overrides": [ckpt, *(kwargs.get("overrides") or [])]}
     return kwargs
 

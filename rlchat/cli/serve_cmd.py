@@ -9,7 +9,8 @@ from typing import Any
 
 from ray import serve as ray_serve
 
-from rlchat.core.config import ServeConfig, parse_override
+from rlchat.core.config import ServeConfig
+from rlchat.core.errors import ConfigError
 from rlchat.core.feedback_store import display_url
 from serve.app import ChatServer
 from serve.settings import (
@@ -32,6 +33,29 @@ def key_hints(s: ServeConfig) -> tuple[str, str]:
         path = shlex.quote(s.api_key_file)
         return f' -H "Authorization: Bearer $(head -n1 {path})"', f" --api-key-file {path}"
     return ' -H "Authorization: Bearer $RLCHAT_API_KEY"', " --api-key $RLCHAT_API_KEY"
+
+
+def serve_args(
+    checkpoint: str | None = None,
+    from_run: str | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    **flags: Any,
+) -> dict[str, Any]:
+    """The arguments of ``rlchat serve`` as :func:`serve.settings.resolve_settings` takes them (the app builder's).
+
+    Overrides go as typed (``key=value``, the value a string): ``resolve_settings`` reads them as YAML, as it does
+    ``serve run``'s, except API keys, which stay the string typed. Flags that were given win over overrides.
+    """
+    args: dict[str, Any] = {}
+    for text in overrides or []:
+        if "=" not in text:
+            raise ConfigError(f"override {text!r}: expected key=value, e.g. serve.max_batch_size=8")
+        key, value = text.split("=", 1)
+        args[key.strip()] = value
+    args.update({"checkpoint": checkpoint, "from_run": from_run, "config": config})
+    args.update({k: v for k, v in flags.items() if v is not None})
+    return args
 
 
 def serve_command(
@@ -62,22 +86,19 @@ def serve_command(
 
     from rlchat.distributed.cluster import init_ray
 
-    args: dict[str, Any] = dict(parse_override(text) for text in overrides or [])  # the flags below win
-    args.update({"checkpoint": checkpoint, "from_run": from_run, "config": config})
-    if host is not None:
-        args["host"] = host
-    if port is not None:
-        args["port"] = port
-    if api_key is not None:
-        args["api_key"] = api_key
-    if api_key_file is not None:
-        args["api_key_file"] = api_key_file
-    if replicas is not None:
-        args["replicas"] = replicas
-    if follow:
-        args["follow"] = True
-    if ingress is not None:
-        args["ingress"] = ingress
+    args = serve_args(
+        checkpoint,
+        from_run,
+        config,
+        overrides,
+        host=host,
+        port=port,
+        api_key=api_key,
+        api_key_file=api_key_file,
+        replicas=replicas,
+        follow=follow or None,
+        ingress=ingress,
+    )
     settings = resolve_settings(args)
     s = settings.config.serve
     starts_local = not ray.is_initialized() and (address or os.environ.get("RAY_ADDRESS") or "local") == "local"

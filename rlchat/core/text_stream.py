@@ -23,8 +23,8 @@ class TextStreamer:
 
     Args:
         tokenizer: decodes tokens incrementally (never half a UTF-8 character; special tokens are not shown).
-        stop_strings: the reply is cut before the first occurrence of any of them (stop strings are never shown,
-            as on OpenAI's API); text that could still become a stop string is held back until it cannot.
+        stop_strings: the reply is cut where the first of them completes (stop strings are never shown, as on
+            OpenAI's API); text that could still become a stop string is held back until it cannot.
         holdback: characters kept unsent at the end until :meth:`finish` (the Serve safety filter's window).
     """
 
@@ -114,6 +114,18 @@ class TextStreamer:
                 self.stopped = True
                 return
         self._scanned = len(text)
+
+
+def cut_at_first_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """``text`` cut where the first stop string completes (as :class:`TextStreamer` cuts a reply, whatever the
+    tokens), and whether one did. Of several completing at the same character, the longest decides."""
+    stops = [s for s in stop_strings if s]
+    tables, states = [_prefix_table(s) for s in stops], [0] * len(stops)
+    for i, ch in enumerate(text if stops else ""):
+        j = _advance(stops, tables, states, ch)
+        if j >= 0:
+            return text[: i + 1 - len(stops[j])], True
+    return text, False
 
 
 @functools.lru_cache(maxsize=256)

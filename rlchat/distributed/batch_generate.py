@@ -92,6 +92,7 @@ from rlchat.core.data import (
     parse_record,
 )
 from rlchat.core.errors import ConfigError, DataError, RLChatError
+from rlchat.core.text_stream import cut_at_first_stop
 from rlchat.distributed.shard_store import (  # the output file names stay importable from here (users read them)
     JSONL_FILE,  # noqa: F401
     MANIFEST_FILE,
@@ -332,9 +333,9 @@ def output_schema(logprobs: bool = False, reward_components: Sequence[str] | Non
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """The text before the first occurrence of any stop string (stop strings are never part of a reply)."""
-    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
-    return text[: min(hits)] if hits else text
+    """The text cut where the first stop string completes, as the Serve endpoint cuts a reply (stop strings are
+    never part of a reply)."""
+    return cut_at_first_stop(text, stop_strings)[0]
 
 
 def generate_rows(
