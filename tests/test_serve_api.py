@@ -441,3 +441,57 @@ def test_an_app_without_a_key_strict_and_with_cors(app, monkeypatch):
         assert "access-control-allow-origin" not in other.headers
     finally:
         ray_serve.delete(name)
+
+
+@pytest.mark.parametrize("case", ["complete", "chunked past the limit", "stalls", "client leaves"])
+def test_the_body_is_read_in_chunks_within_the_body_timeout(case):
+    """``ChatServer._body`` on a real Starlette request fed by an ASGI ``receive``: a body in chunks is joined;
+    one past the size limit is refused (413) when that chunk arrives, not after the rest; one that stalls is cut
+    off at ``serve.body_timeout_s`` (408); a client that leaves mid-body is a 499 (logged and counted by the route
+    like any refusal: it used to escape as a bare ``ClientDisconnect``, neither logged nor counted)."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from rlchat.config import ServeConfig
+    from serve.app import ChatServer
+
+    cfg = ServeConfig(max_chars=1000, body_timeout_s=0.5)  # limit: 4 * 1000 + 65536 bytes
+    piece = b" " * 30_000
+    messages = {
+        "complete": [piece, piece, b"{}"],
+        "chunked past the limit": [piece] * 3 + [None],  # None: the client would go on sending (never asked for)
+        "stalls": [piece, "stall"],
+        "client leaves": [piece, "leave"],
+    }[case]
+    asked = []
+
+    async def receive() -> dict:
+        item = messages[len(asked)]
+        asked.append(item)
+        if item is None:
+            raise AssertionError("a chunk past the limit was asked for")
+        if item == "stall":
+            await asyncio.sleep(30)
+        if item == "leave":
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": item, "more_body": len(asked) < len(messages)}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    request = Request(scope, receive)
+    server = SimpleNamespace(cfg=cfg)
+    t0 = time.monotonic()
+    if case == "complete":
+        assert asyncio.run(ChatServer.func_or_class._body(server, request)) == piece + piece + b"{}"
+        return
+    with pytest.raises(APIError) as e:
+        asyncio.run(ChatServer.func_or_class._body(server, request))
+    status, code = {
+        "chunked past the limit": (413, "body_too_large"),
+        "stalls": (408, "request_timeout"),
+        "client leaves": (499, "client_disconnected"),
+    }[case]
+    assert (e.value.status, e.value.code) == (status, code), e.value
+    assert time.monotonic() - t0 < 5
