@@ -47,6 +47,7 @@ bench: setup
 	$(PY) bench/sft_step.py
 	$(PY) bench/ppo_throughput.py
 	$(PY) bench/serve_load.py
+	$(PY) bench/serve_text.py
 	$(PY) bench/batch_generate.py
 
 clean:

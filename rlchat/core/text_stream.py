@@ -92,7 +92,7 @@ class TextStreamer:
             final = True
         limit = len(self._text)
         if not final:  # hold back what could still grow into a stop string, and the safety filter's window
-            limit -= max(max(self._states, default=0), self._holdback)
+            limit -= max(max(self._states) if self._states else 0, self._holdback)
         piece = self._text[self._sent : limit] if limit > self._sent else ""
         self._sent = max(self._sent, limit)
         return piece
