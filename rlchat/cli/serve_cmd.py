@@ -138,7 +138,9 @@ def serve_command(
             print(f"  ingress: {s.ingress} (serve.ingress)")
             from serve.metrics import metrics_export_url  # the port of the Ray started here is Ray's random pick
 
-            print(f"  metrics:       Prometheus text at {metrics_export_url()}")
+            url = metrics_export_url()
+            if url is not None:
+                print(f"  metrics:       Prometheus text at {url}")
         elif active_ingress() != s.ingress:
             print(
                 f"  note: serve.ingress={s.ingress} applies when rlchat serve starts Ray itself; on this cluster the "
