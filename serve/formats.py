@@ -123,18 +123,19 @@ class ChatFormat(ResponseFormat):
         ]
         return ChoiceLogprobs(content=content)
 
-    def choice(self, i: int, text: str, reason: str, tokens: Sequence[int], alts: Sequence[Any] | None) -> Choice:
-        return Choice(
-            index=i,
-            message=AssistantMessage(content=text),
-            finish_reason=reason,  # type: ignore[arg-type]
-            logprobs=self._logprobs(tokens, alts),
-        )
+    def choice(
+        self, i: int, text: str, reason: str, tokens: Sequence[int], alts: Sequence[Any] | None
+    ) -> dict[str, Any]:
+        """One choice of a plain reply, as the response model dumps it; its log-probs from :meth:`_logprobs_json`
+        (the pydantic objects of ``n=16`` x ``top_logprobs: 20`` cost the event loop as much as a stream's did)."""
+        choice = Choice(index=i, message=AssistantMessage(content=text), finish_reason=reason).model_dump()  # type: ignore[arg-type]
+        if self.logprobs:
+            choice["logprobs"] = json.loads(self._logprobs_json(tokens, alts))
+        return choice
 
-    def body(self, choices: list[Any], usage: Usage) -> dict[str, Any]:
-        return ChatCompletion(
-            id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage
-        ).model_dump()
+    def body(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
+        body = ChatCompletion(id=self.cid, created=self.created, model=self.model, choices=[], usage=usage)
+        return {**body.model_dump(), "choices": choices}
 
     def first_chunk(self, n: int) -> str | None:
         roles = [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)]
