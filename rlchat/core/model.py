@@ -536,9 +536,8 @@ def check_model_computation(lm: PreTrainedModel, tokenizer: ChatTokenizer, sourc
             weight, bias = policy.head_weight()
             transform = logit_transform(lm.config)
 
-            def head(h: torch.Tensor) -> torch.Tensor:
-                z = h.float() @ weight.t().float() + (bias.float() if bias is not None else 0.0)
-                z = z * transform[0]
+            def head(h: torch.Tensor) -> torch.Tensor:  # the learner's logits (chunked_logprobs' soft-capped path)
+                z = chunk_logits(h.reshape(-1, h.shape[-1]), weight, bias, transform[0], None).view(*h.shape[:-1], -1)
                 return transform[1] * torch.tanh(z / transform[1]) if transform[1] > 0 else z
 
             # 1. the LM head: the trunk's own forward of an unpadded row, then rlchat's head
