@@ -14,10 +14,11 @@ Two feeds:
 
 - the routes (:mod:`serve.app`): time to first token and inter-token latency per request (:class:`RequestTimer`),
   one response per request by HTTP status (:meth:`ServeMetrics.response`), refusals by reason;
-- the scheduler: :class:`ServeMetrics` is the :class:`serve.batching.Batcher` observer (``on_step`` after every
-  decoding step, ``on_admit`` when jobs join the batch, ``on_queue`` when waiting jobs leave without a step,
-  ``on_tokens`` for tokens generated outside the steps: first tokens from the prefill thread, beam searches) ->
-  generated tokens, rows per step, step time, queue depth.
+- the scheduler: each loaded version's scheduler gets its own :class:`VersionMetrics` observer
+  (:meth:`ServeMetrics.for_version`; ``on_step`` after every decoding step, ``on_admit`` when jobs join the batch,
+  ``on_queue`` when waiting jobs leave without a step, ``on_tokens`` for tokens generated outside the steps: first
+  tokens from the prefill thread, beam searches) -> generated tokens, rows per step, step time, queue depth. The
+  observer is closed with its version, so jobs a closed scheduler left waiting leave the queue depth.
 
 Every recorder also keeps a plain running total (:attr:`ServeMetrics.totals`) that ``/readyz`` reports, so tests and
 operators without Prometheus see the same numbers.
@@ -214,8 +215,10 @@ class ServeMetrics:
             )
         )
         self._lock = threading.Lock()  # on_step may run on the generation thread, the rest on the event loop
-        self._versions: dict[str, VersionMetrics] = {}
-        self._queued: dict[str, int] = {}  # per version: /readyz's queue_depth is the replica's sum
+        self._names: set[str] = set()  # versions whose series exist
+        # Per scheduler (one observer per loaded version; two share a name while --follow or a changed source
+        # swaps one in for another): a name's gauge and /readyz's queue_depth are sums over the open ones.
+        self._queued: dict[VersionMetrics, int] = {}
         self.totals: dict[str, Any] = {
             "generated_tokens": 0,
             "steps": 0,
@@ -227,19 +230,21 @@ class ServeMetrics:
         self.rejected.touch({"reason": REJECT_OVERLOADED})  # refused at admission: before a version is chosen
 
     def for_version(self, version: str) -> VersionMetrics:
-        """The observer of version ``version``'s scheduler (its samples tagged ``version``); creates the version's
-        queue-depth and ``queue_timeout`` series at 0."""
+        """A new observer for one loaded version's scheduler (its samples tagged ``version``); creates the
+        version's queue-depth and ``queue_timeout`` series at 0 the first time the name is seen. Close it with the
+        scheduler (:meth:`VersionMetrics.close`), so the jobs it still had waiting leave the queue depth."""
+        observer = VersionMetrics(self, version)
         with self._lock:
-            observer = self._versions.get(version)
-            if observer is None:
-                observer = self._versions[version] = VersionMetrics(self, version)
+            self._queued[observer] = 0
+            if version not in self._names:
+                self._names.add(version)
                 self.rejected.touch({"reason": REJECT_QUEUE_TIMEOUT, "version": version})
                 self.queue_depth.set(0, {"version": version})
         return observer
 
     # ---------------------------------------------------------------------------------- scheduler observer
-    def on_step(self, rows: int, queued: int, seconds: float, version: str = "") -> None:
-        """After each decoding step: ``rows`` live rows (one token each), ``queued`` jobs waiting to join."""
+    def record_step(self, rows: int, seconds: float, version: str = "") -> None:
+        """One decoding step of ``rows`` live rows (one token each) took ``seconds``."""
         tags = {"version": version}
         if rows > 0:
             self.generated.inc(rows, tags)
@@ -248,7 +253,6 @@ class ServeMetrics:
         with self._lock:
             self.totals["generated_tokens"] += rows
             self.totals["steps"] += 1
-        self.on_queue(queued, version)
 
     def on_admit(self, n_jobs: int, version: str = "") -> None:
         """``n_jobs`` requests joined the running batch."""
@@ -262,12 +266,20 @@ class ServeMetrics:
             with self._lock:
                 self.totals["generated_tokens"] += n
 
-    def on_queue(self, queued: int, version: str = "") -> None:
-        """``queued`` jobs wait to join ``version``'s batch (after a step, or jobs left the queue without one)."""
-        self.queue_depth.set(queued, {"version": version})
+    def set_queued(self, observer: VersionMetrics, queued: int | None) -> None:
+        """``observer``'s scheduler has ``queued`` jobs waiting (None: it closed); sets its name's gauge to the
+        sum over that name's open schedulers. A report from a closed one changes nothing."""
         with self._lock:
-            self._queued[version] = queued
+            if observer not in self._queued:
+                return
+            if queued is None:
+                del self._queued[observer]
+            else:
+                self._queued[observer] = queued
+            name_total = sum(n for o, n in self._queued.items() if o.version == observer.version)
             self.totals["queue_depth"] = sum(self._queued.values())
+            # under the lock: two schedulers' reports must reach the gauge in the order their sums were taken
+            self.queue_depth.set(name_total, {"version": observer.version})
 
     # ---------------------------------------------------------------------------------- routes
     def response(self, code: int, version: str = "") -> None:
@@ -308,7 +320,8 @@ class VersionMetrics:
         self.version = version
 
     def on_step(self, rows: int, queued: int, seconds: float) -> None:
-        self.metrics.on_step(rows, queued, seconds, self.version)
+        self.metrics.record_step(rows, seconds, self.version)
+        self.on_queue(queued)
 
     def on_admit(self, n_jobs: int) -> None:
         self.metrics.on_admit(n_jobs, self.version)
@@ -317,7 +330,11 @@ class VersionMetrics:
         self.metrics.on_tokens(n, self.version)
 
     def on_queue(self, queued: int) -> None:
-        self.metrics.on_queue(queued, self.version)
+        self.metrics.set_queued(self, queued)
+
+    def close(self) -> None:
+        """The scheduler closed: the jobs it had waiting no longer count (its later reports are ignored)."""
+        self.metrics.set_queued(self, None)
 
 
 class RequestTimer:

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from rlchat.generation import GenerationEngine
     from rlchat.tokenizer import ChatTokenizer
     from serve.batching import Batcher, BatchStats, GenerationJob, StepItem
+    from serve.metrics import VersionMetrics
 
 logger = logging.getLogger("ray.serve").getChild("rlchat")
 
@@ -447,6 +448,7 @@ class ServedVersion:
         batcher: Batcher,
         max_positions: int,
         label: str,
+        observer: VersionMetrics | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -456,6 +458,7 @@ class ServedVersion:
         self.scheduler = batcher
         self.max_positions = max_positions
         self.label = label
+        self.observer = observer
         self.loaded_at = time.time()
         self.inflight = 0
         self.closed = False
@@ -499,8 +502,11 @@ class ServedVersion:
         }
 
     def close(self) -> None:
-        """Stop the scheduler's threads, tasks or engine process, so the model's memory can be freed."""
+        """Stop the scheduler's threads, tasks or engine process, so the model's memory can be freed, and close its
+        metrics observer (jobs it still had waiting leave the queue depth)."""
         self.closed = True
+        if self.observer is not None:
+            self.observer.close()
         b = self.scheduler
         closer = getattr(b, "close", None) or getattr(b, "shutdown", None)
         if callable(closer):
@@ -528,7 +534,7 @@ def load_version(
     device: str,
     label: str = "",
     cache_dir: str = "",
-    observer: Any = None,
+    observer: VersionMetrics | None = None,
 ) -> ServedVersion:
     """Load ``spec``'s checkpoint (blocking: run it off the event loop) into a ready :class:`ServedVersion`.
 
@@ -580,6 +586,7 @@ def load_version(
         scheduler,
         max_positions,
         label or default_model_version(ckpt.path),
+        observer,
     )
     logger.info(
         "loaded version %r from %s (stage %s, step %d) on %s in %.1f s",

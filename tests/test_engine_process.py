@@ -88,7 +88,7 @@ def test_the_observer_counts_every_generated_token_and_the_queue_through_the_eng
     """The replica's metrics (``ServeMetrics``, the handle's observer) count the engine's tokens: decoded rows, a
     beam search's reply (run on the engine's beam thread) included; the queue depth ends at 0."""
     metrics = ServeMetrics("m")
-    ep = EngineProcess(EngineSpec(str(checkpoint), max_batch_size=2), observer=metrics)
+    ep = EngineProcess(EngineSpec(str(checkpoint), max_batch_size=2), observer=metrics.for_version(""))
     jobs = [
         GenerationJob(_prompt(local, f"question {i}"), SamplingParams(max_new_tokens=6 + i), (i,)) for i in range(4)
     ]

@@ -741,7 +741,7 @@ def test_queue_depth_returns_to_zero_when_waiting_jobs_leave_without_a_further_s
     metrics = ServeMetrics("m")
 
     async def main() -> None:
-        batcher = Batcher(engine, max_batch_size=1, batch_wait_timeout_s=0.0, observer=metrics)
+        batcher = Batcher(engine, max_batch_size=1, batch_wait_timeout_s=0.0, observer=metrics.for_version(""))
         batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
         batch.step = lambda *a: (time.sleep(0.005), fast_step(*a))[1]  # a model slow enough to outlast the wait
         try:
@@ -857,7 +857,7 @@ def test_generated_tokens_count_first_tokens_from_the_prefill_thread_and_beam_se
     beam = GenerationJob(_prompt(tok, "beam"), SamplingParams(max_new_tokens=6, num_beams=3), (3,))
 
     async def main() -> list[StepItem]:
-        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0, observer=metrics)
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0, observer=metrics.for_version(""))
         batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
         batch.step = lambda *a: (time.sleep(0.05), fast_step(*a))[1]
         try:

@@ -98,6 +98,38 @@ def test_the_health_check_fails_when_any_served_version_cannot_generate():
         check(replica)
 
 
+def _last_gauge(metrics: Any, version: str) -> float:
+    """The latest queue-depth value queued for Ray under the ``version`` tag."""
+    sets = [v for fn, v, tags in metrics._flusher.queue if tags == {"version": version}]  # noqa: SLF001
+    return sets[-1]
+
+
+def test_a_closed_versions_waiting_jobs_leave_the_queue_depth_gauge_and_readyz():
+    """A version closed with jobs still waiting (drained past its timeout, or replaced by ``--follow`` under the same
+    name) kept its last queue depth in the gauge and in ``/readyz``'s sum for the life of the replica."""
+    from serve.metrics import ServeMetrics
+    from serve.models import ServedVersion
+
+    metrics = ServeMetrics("m")
+    stable, old = metrics.for_version("stable"), metrics.for_version("canary")
+    stable.on_queue(2)
+    old.on_queue(3)
+    assert metrics.snapshot()["queue_depth"] == 5
+    new = metrics.for_version("canary")  # a new checkpoint under the same name: its own scheduler, its own count
+    new.on_queue(1)
+    assert metrics.snapshot()["queue_depth"] == 6 and _last_gauge(metrics, "canary") == 4
+    closed: list[bool] = []
+    scheduler = SimpleNamespace(close=lambda: closed.append(True))
+    version = ServedVersion(VersionSpec("canary", "/c", 10), None, None, None, scheduler, 64, "c", observer=old)  # type: ignore[arg-type]
+    version.close()
+    assert closed == [True]
+    assert metrics.snapshot()["queue_depth"] == 3 and _last_gauge(metrics, "canary") == 1
+    old.on_queue(7)  # a late report from the closed scheduler changes nothing
+    assert metrics.snapshot()["queue_depth"] == 3 and _last_gauge(metrics, "canary") == 1
+    new.close()
+    assert metrics.snapshot()["queue_depth"] == 2 and _last_gauge(metrics, "canary") == 0
+
+
 def test_alias_split_matches_the_weights_exactly_and_names_pick_their_version():
     models = ModelSet("rlchat", ("default",))
     models.set([_FakeVersion("stable", 90), _FakeVersion("canary", 10)], {"stable": 90, "canary": 10})  # type: ignore[list-item]
