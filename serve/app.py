@@ -270,11 +270,23 @@ class _CORSMiddleware:
             return await self.app(scope, receive, send)
         cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
         if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+            # Any header the browser asks for (as Starlette's allow_headers=["*"]): SDKs add their own on every
+            # request (the OpenAI JavaScript SDK's x-stainless-*), and a preflight that leaves one out fails them all.
+            # The origin check above is the access control; auth is still the API key.
+            asked = headers.get("access-control-request-headers", "")
             cors.update(
                 {
                     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                    "Access-Control-Allow-Headers": f"Authorization, Content-Type, {CONVERSATION_HEADER}",
+                    "Access-Control-Allow-Headers": ", ".join(
+                        [
+                            "Authorization",
+                            "Content-Type",
+                            CONVERSATION_HEADER,
+                            *filter(None, map(str.strip, asked.split(","))),
+                        ]
+                    ),
                     "Access-Control-Max-Age": "600",
+                    "Vary": "Origin, Access-Control-Request-Headers",
                 }
             )
             return await Response(status_code=204, headers=cors)(scope, receive, send)
@@ -301,6 +313,8 @@ async def _api_error(_: Request, e: APIError) -> JSONResponse:
         headers = {"Retry-After": str(OVERLOAD_RETRY_AFTER_S if e.code in OVERLOAD_CODES else RETRY_AFTER_S)}
     if e.status == 429:
         headers = {"Retry-After": "60"}
+    if e.status == 409:  # final (a changed rating): the openai SDK retries 409s unless told not to
+        headers = {"X-Should-Retry": "false"}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -323,6 +337,22 @@ async def _internal_error(request: Request, e: Exception) -> JSONResponse:
         error_body(f"internal server error ({e.__class__.__name__}); see the replica log", "server_error"),
         status_code=500,
     )
+
+
+def _refused_before_start(first: asyncio.Future) -> Exception | None:
+    """The failure in a submission's first item (done ``first``) before any token -- its deadline in the queue, a
+    failed prefill, a submission that raised -- else None (the reply has begun)."""
+    if first.cancelled():
+        return None
+    err = first.exception()
+    if isinstance(err, StopAsyncIteration):
+        return RuntimeError("the batch ended without a result")
+    if err is not None:
+        return err if isinstance(err, Exception) else None
+    item = first.result()
+    if isinstance(item.done, Exception) and not any(item.tokens):
+        return item.done
+    return None
 
 
 @ray_serve.deployment(name=DEPLOYMENT_NAME)
@@ -774,6 +804,26 @@ class ChatServer:
             "server_error",
         )
 
+    def _failure(self, err: Exception, cid: str, t0: float, stream: bool) -> Exception:
+        """What to raise for a job that failed before its response started (logged and counted): a 503
+        ``queue_timeout`` for its deadline in the queue, a 400 for a request error, else ``err`` itself (500)."""
+        self.stats.errors += 1
+        if isinstance(err, DeadlineExceeded):
+            return self._queue_timeout(cid, t0, stream=stream)
+        user_error = isinstance(err, RLChatError)
+        self._log(cid, 400 if user_error else 500, t0, stream=stream, error=err.__class__.__name__)
+        return APIError(400, str(err), None, "invalid_value") if user_error else err
+
+    async def _watch(self, fut: asyncio.Future, request: Request | None) -> bool:
+        """Wait for ``fut`` while watching the client (every :data:`DISCONNECT_POLL_S`): True once ``fut`` is
+        done, False if the client went away first."""
+        while True:
+            done, _ = await asyncio.wait((fut,), timeout=DISCONNECT_POLL_S)
+            if done:
+                return True
+            if request is not None and await request.is_disconnected():
+                return False
+
     def _note_deadline(self, job: GenerationJob, out: JobOutput) -> None:
         """Count a reply that its deadline cut short (a ``length`` row below its budget after the deadline)."""
         if job.deadline is None or time.monotonic() < job.deadline:
@@ -815,13 +865,10 @@ class ChatServer:
         task = asyncio.ensure_future(consume())
         finished = False
         try:
-            while True:
-                done, _ = await asyncio.wait((task,), timeout=DISCONNECT_POLL_S)
-                if done:
-                    finished = True
-                    return task.result()
-                if request is not None and await request.is_disconnected():
-                    return None
+            if not await self._watch(task, request):
+                return None
+            finished = True
+            return task.result()
         finally:
             self._started(cid)
             if not finished:  # the batch ends these rows at its next step; the task then ends by itself
@@ -841,13 +888,17 @@ class ChatServer:
         return {"status": "ok"}
 
     @api.get("/readyz")
-    async def readyz(self, request: Request) -> dict[str, Any]:
-        """Readiness (no key needed). Paths and the pid only for the operator (see :meth:`_operator`)."""
+    async def readyz(self, request: Request) -> JSONResponse:
+        """Readiness (no key needed): 200 ``ready``, or 503 ``unhealthy`` naming the versions whose scheduler or
+        engine process has stopped (``check_health``'s test), so a load balancer stops sending traffic before Serve
+        replaces the replica. Paths and the pid only for the operator (see :meth:`_operator`)."""
         ctx = ray_serve.get_replica_context()
         st = self.stats
         operator = self._operator(request)
-        return {
-            "status": "ready",
+        dead = self.models.dead()
+        return JSONResponse(status_code=503 if dead else 200, content={
+            "status": "unhealthy" if dead else "ready",
+            **({"dead_versions": dead} if dead else {}),
             "model": self.model_name,
             "checkpoint": str(self.checkpoint.path) if operator else default_model_version(self.checkpoint.path),
             "stage": self.checkpoint.stage,
@@ -881,7 +932,7 @@ class ChatServer:
                 "waiting": len(self._waiting),
                 **self.metrics.snapshot(),
             },
-        }
+        })  # fmt: skip
 
     @api.get("/v1/models", response_model=ModelList)
     async def models(self, request: Request) -> dict[str, Any]:
@@ -931,7 +982,6 @@ class ChatServer:
     async def chat_completions(self, request: Request) -> Response:
         t0 = time.perf_counter()
         cid = f"chatcmpl-{uuid.uuid4().hex}"
-        self.feedback.note_conversation(cid, request.headers.get(CONVERSATION_HEADER))
         with self._refusals(cid, t0):
             self._auth(request)
             body = await self._body(request)
@@ -939,7 +989,8 @@ class ChatServer:
             req, ignored = parse_chat_request(body, strict=self.cfg.strict_requests)
             messages, prompt, params, dropped = self._check_limits(req)
         fmt = ChatFormat(cid, int(time.time()), self.served.name, self.tokenizer, bool(req.logprobs))
-        return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0, request)
+        conversation = request.headers.get(CONVERSATION_HEADER)
+        return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0, request, conversation)
 
     @api.post(
         "/v1/completions",
@@ -997,9 +1048,11 @@ class ChatServer:
         ignored: list[str],
         t0: float,
         request: Request | None = None,
+        conversation: str | None = None,
     ) -> Response:
         """Generate and answer, plain or streamed, in ``fmt``'s shape (chat or text completion). A plain request
-        whose client goes away while it waits is cancelled (:meth:`_collect`)."""
+        whose client goes away while it waits is cancelled (:meth:`_collect`). ``conversation``: the client's
+        conversation id, stored with the completion."""
         cid = fmt.cid
         seeds = row_seeds(req.seed, req.choices())
         headers = {COMPLETION_ID_HEADER: cid, DROPPED_TURNS_HEADER: str(dropped), VERSION_HEADER: fmt.model}
@@ -1018,7 +1071,27 @@ class ChatServer:
                 tuple(prompt), params, seeds, deadline=self._deadline(t0), delivery_interval_s=STREAM_INTERVAL_S
             )
             items = SubmittedNow(self.batcher.submit(job))  # queued now, not once the response starts
-            events = self._stream(req, fmt, messages, prompt, params, job, items, t0)
+            # The response starts once the job has its first item: a refusal before it (its deadline in the queue,
+            # a failed prefill) is then a real status, a 503 with Retry-After the SDKs retry, not an error chunk
+            # after a 200.
+            first = items.first()
+            try:
+                gone = first is not None and not await self._watch(first, request)
+            except BaseException:  # cancelled: Serve cancels the handler when the client's connection closes
+                job.control.end(range(len(seeds)))
+                await items.aclose()
+                self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=True, error="client_disconnected")
+                raise
+            if gone:
+                job.control.end(range(len(seeds)))
+                await items.aclose()
+                self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=True, error="client_disconnected")
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            refused = _refused_before_start(first)
+            if refused is not None:
+                await items.aclose()
+                raise self._failure(refused, cid, t0, stream=True)
+            events = self._stream(req, fmt, messages, prompt, params, job, items, t0, conversation)
             return EventSourceResponse(events, ping=15, headers=headers)
 
         self.stats.requests += 1
@@ -1034,16 +1107,8 @@ class ChatServer:
         if out is None:  # the client went away: its rows were cancelled, nobody reads an answer
             self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=False, error="client_disconnected")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        if isinstance(out, DeadlineExceeded):
-            self.stats.errors += 1
-            raise self._queue_timeout(cid, t0, stream=False)
         if isinstance(out, Exception):
-            status = 400 if isinstance(out, RLChatError) else 500
-            self.stats.errors += 1
-            self._log(cid, status, t0, error=out.__class__.__name__)
-            if status == 400:
-                raise APIError(400, str(out), None, "invalid_value")
-            raise out
+            raise self._failure(out, cid, t0, stream=False)
         choices: list[Any] = []
         texts: list[str | None] = []
         reasons: list[str] = []
@@ -1061,7 +1126,7 @@ class ChatServer:
         n_out = sum(len(t) for t in out.tokens)
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_out, total_tokens=len(prompt) + n_out)
         if messages is not None:
-            self.feedback.remember(cid, self.model_version, messages, texts)
+            self.feedback.remember(cid, self.model_version, messages, texts, conversation)
         self._log(
             cid,
             200,
@@ -1088,6 +1153,7 @@ class ChatServer:
         job: GenerationJob,
         items: SubmittedNow,
         t0: float,
+        conversation: str | None = None,
     ) -> AsyncIterator[dict[str, str]]:
         """SSE events of one streamed completion (OpenAI chunk format, then ``[DONE]``) of ``job``, whose ``items``
         were submitted already."""
@@ -1198,9 +1264,8 @@ class ChatServer:
                 yield {"data": fmt.usage_chunk(usage)}
             yield {"data": "[DONE]"}
             if messages is not None:
-                self.feedback.remember(
-                    cid, self.model_version, messages, [None if withheld[i] else streamers[i].text for i in range(n)]
-                )
+                texts = [None if withheld[i] else streamers[i].text for i in range(n)]
+                self.feedback.remember(cid, self.model_version, messages, texts, conversation)
             self._log(
                 cid,
                 200,
@@ -1266,7 +1331,7 @@ class ChatServer:
         would fail its share of the traffic, and every request naming it, until the replica is replaced)."""
         if self.settings.from_run and self._follower is None:
             self._start_follower()  # the constructor had no running event loop to start it on
-        dead = [name for name, v in self.models.versions.items() if not v.alive]
+        dead = self.models.dead()
         if dead:
             raise RuntimeError(f"the scheduler of model version(s) {', '.join(dead)} has stopped")
 

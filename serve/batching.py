@@ -461,6 +461,10 @@ class SubmittedNow:
     def __aiter__(self) -> "SubmittedNow":
         return self
 
+    def first(self) -> asyncio.Future | None:
+        """The future of the first item, to wait on without taking it (None once it was taken)."""
+        return self._first
+
     async def __anext__(self) -> StepItem:
         if self._first is not None:
             first, self._first = self._first, None

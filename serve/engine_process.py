@@ -200,6 +200,9 @@ class EngineProcess:
         queue: asyncio.Queue = asyncio.Queue()
         n = len(job.seeds)
         self._callers[rid] = (queue, loop, n)
+        if self._dead is not None:  # the reader failed the callers it had just before this one registered
+            self._callers.pop(rid, None)
+            raise RuntimeError(self._dead)
         job.control.listener = lambda choices: self._send(("finish", rid, sorted(choices)))
         # The engine gets its own StreamControl (the rows already ended go with it); later ends follow as messages.
         self._send(("submit", rid, replace(job, control=StreamControl(set(job.control.finish)))))
@@ -256,7 +259,12 @@ class EngineProcess:
             for i, (loop, batch) in enumerate(out.items()):
                 with contextlib.suppress(RuntimeError):  # that caller's loop is closed: no one is listening
                     loop.call_soon_threadsafe(self._deliver, batch, reports if i == 0 else [])
-        code = self.proc.wait()
+        self._fail_callers(self.proc.wait())
+
+    def _fail_callers(self, code: int) -> None:
+        """The engine exited with ``code``: mark it dead, then fail every registered caller (the reader thread).
+        :meth:`submit` registers first and checks :attr:`_dead` after, so a caller registered while this runs is
+        either in the list taken here or sees the engine dead."""
         why = "; its generation thread failed (see the replica's stderr)" if code == GENERATION_FAILED else ""
         self._dead = f"the replica's engine process exited (code {code}){why}"
         if not self._closed:

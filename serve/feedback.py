@@ -60,7 +60,6 @@ class FeedbackRecorder:
         self._store_pending: list[RequestRecord] = []  # rows waiting for the writer thread
         self._store_writing = False  # a _write_pending is queued or running
         self._store_warned = 0.0
-        self._conversations: OrderedDict[str, str] = OrderedDict()
         # completion id -> (messages, reply texts, the label of the version that wrote them)
         self._completions: OrderedDict[str, tuple[list[dict[str, str]], list[str | None], str]] = OrderedDict()
         self._completion_chars: dict[str, int] = {}  # completion id -> characters it holds
@@ -148,8 +147,16 @@ class FeedbackRecorder:
             )
         hits.append(now)
 
-    def remember(self, cid: str, model_version: str, messages: list[dict[str, str]], texts: list[str | None]) -> None:
-        """Keep a completion for feedback by id, and count it in the store (in the background)."""
+    def remember(
+        self,
+        cid: str,
+        model_version: str,
+        messages: list[dict[str, str]],
+        texts: list[str | None],
+        conversation: str | None = None,
+    ) -> None:
+        """Keep a completion for feedback by id, and count it in the store (in the background) under the client's
+        ``conversation`` id (``X-RLChat-Conversation-Id``; None: the completion id)."""
         size = sum(len(m["content"]) for m in messages) + sum(len(t) for t in texts if t is not None)
         self._completions[cid] = (messages, texts, model_version)
         self._chars += size - self._completion_chars.get(cid, 0)
@@ -159,17 +166,15 @@ class FeedbackRecorder:
         ):
             old, _ = self._completions.popitem(last=False)
             self._chars -= self._completion_chars.pop(old)
-        self._record_request(cid, model_version, messages, texts)
-
-    def note_conversation(self, cid: str, conversation: str | None) -> None:
-        """Keep the client's conversation id (``X-RLChat-Conversation-Id``) until the completion is recorded."""
-        if conversation:
-            self._conversations[cid] = conversation[:200]
-            while len(self._conversations) > COMPLETION_CACHE_SIZE:
-                self._conversations.popitem(last=False)
+        self._record_request(cid, model_version, messages, texts, conversation[:200] if conversation else None)
 
     def _record_request(
-        self, cid: str, model_version: str, messages: list[dict[str, str]], texts: list[str | None]
+        self,
+        cid: str,
+        model_version: str,
+        messages: list[dict[str, str]],
+        texts: list[str | None],
+        conversation: str | None,
     ) -> None:
         """Count the completion (and, with ``serve.transcripts``, keep its transcript) in the store, in the
         background: the reply never waits for the database, and an outage costs only these rows (logged).
@@ -177,7 +182,6 @@ class FeedbackRecorder:
         Rows queue up while the writer thread writes; it then writes all of them in one transaction
         (:meth:`FeedbackStore.record_requests`), so under load the store costs one commit per batch, not per
         request."""
-        conversation = self._conversations.pop(cid, None)
         if not self._store_slots.acquire(blocking=False):
             self._warn_store(f"request {cid} not recorded: {STORE_BACKLOG} rows are already waiting for the store")
             return

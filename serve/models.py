@@ -498,33 +498,21 @@ class ServedVersion:
             "step": self.checkpoint.step,
             **({"weight": weight} if weight is not None else {}),
             "inflight": self.inflight,
+            "alive": self.alive,
             "loaded_at": int(self.loaded_at),
         }
 
     def close(self) -> None:
-        """Stop the scheduler's threads, tasks or engine process, so the model's memory can be freed, and close its
-        metrics observer (jobs it still had waiting leave the queue depth)."""
+        """Stop the scheduler's generation threads or engine process, so the model's memory can be freed (a
+        ``Batcher`` waits up to a step for its thread: call it off the event loop), and close its metrics observer
+        (jobs it still had waiting leave the queue depth)."""
         self.closed = True
         if self.observer is not None:
             self.observer.close()
-        b = self.scheduler
-        closer = getattr(b, "close", None) or getattr(b, "shutdown", None)
-        if callable(closer):
-            with contextlib.suppress(Exception):
-                closer()
-            return
-        # The Batcher has no close(): shut its generation threads down and cancel its step-loop tasks (and, for a
-        # scheduler on Serve's @serve.batch, the batch-queue task), which would otherwise keep the scheduler and the
-        # model referenced for the life of the replica. Drained first, so nothing is waiting on them.
-        from concurrent.futures import ThreadPoolExecutor
-
-        for value in list(vars(b).values()):
-            if isinstance(value, ThreadPoolExecutor):
-                value.shutdown(wait=False, cancel_futures=True)
-                continue
-            task = getattr(value, "_handle_batch_task", None) or (value if isinstance(value, asyncio.Task) else None)
-            if isinstance(task, asyncio.Task) and not task.done():
-                task.cancel()
+        try:
+            self.scheduler.close()
+        except Exception:  # noqa: BLE001 - closing is best effort: the version is out of the table already
+            logger.exception("closing version %r failed", self.name)
 
 
 def load_version(
@@ -644,6 +632,10 @@ class ModelSet:
     def names(self) -> list[str]:
         return list(self.versions)
 
+    def dead(self) -> list[str]:
+        """The served versions whose scheduler (or engine process) no longer accepts work."""
+        return [name for name, v in self.versions.items() if not v.alive]
+
     def pick(self, model: str | None) -> ServedVersion | None:
         """The version for a request's ``model``: by name, or by weight for the alias / None; None if unknown.
 
@@ -721,7 +713,7 @@ class ModelSet:
                     version.inflight,
                     DRAIN_TIMEOUT_S,
                 )
-            version.close()
+            await asyncio.get_running_loop().run_in_executor(None, version.close)  # joins its generation thread
             self._draining.remove(version)
             logger.info("version %r (%s) drained and closed", version.name, version.checkpoint.path)
 

@@ -201,6 +201,8 @@ class ChatMessage(_Lenient):
 class StreamOptions(_Lenient):
     include_usage: bool | None = None
     """Send a last chunk (empty ``choices``) carrying the ``usage`` of the whole request."""
+    include_obfuscation: bool | None = None
+    """Accepted and ignored: chunks carry no random padding (a mitigation for networks this endpoint is not on)."""
 
 
 class ResponseFormat(_Lenient):
@@ -311,6 +313,18 @@ class ChatCompletionRequest(SamplingFields):
     prediction: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    safety_identifier: str | None = None
+    """Accepted and ignored, as ``user`` (no per-user state)."""
+    prompt_cache_key: str | None = None
+    """Accepted and ignored (prompt caching is not exposed)."""
+    prompt_cache_retention: str | None = None
+    """Accepted and ignored."""
+    prompt_cache_options: dict[str, Any] | None = None
+    """Accepted and ignored."""
+    verbosity: str | None = None
+    """Only null or ``"medium"`` (the default): the model has no verbosity setting."""
+    moderation: dict[str, Any] | None = None
+    """Only null: the server's own filter is ``serve.safety_filter``."""
     # extension
     num_beams: int | None = Field(default=None, ge=1, le=8)
     """Deterministic beam search of this width (``n`` must be 1)."""
@@ -351,6 +365,15 @@ class ChatCompletionRequest(SamplingFields):
                 raise unsupported(key, why)
         if self.reasoning_effort is not None:
             raise unsupported("reasoning_effort", "the model has no reasoning-effort setting; leave it out")
+        if self.verbosity not in (None, "medium"):
+            raise unsupported(
+                "verbosity", "the model has no verbosity setting; ask for a short or long reply in the prompt"
+            )
+        if self.moderation:
+            raise unsupported(
+                "moderation",
+                "per-request moderation is not supported; the server's safety filter is serve.safety_filter",
+            )
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
         if (self.num_beams or 1) > 1:

@@ -241,3 +241,53 @@ def scrape_metrics(ray: Any, prefix: str = "rlchat_serve_") -> dict[str, list[tu
                     labels = {k: v for k, v in sample.labels.items() if v != ""}
                     out.setdefault(sample.name, []).append((labels, sample.value))
     return out
+
+
+async def inprocess_server(checkpoint: str | Path, **args: Any) -> Any:
+    """The replica class itself (``serve.app.ChatServer``), built in this process without Ray Serve, for tests that
+    need to control its scheduler (a slow step, a failure) and call its routes with :func:`post_request`; ``args``
+    as for :func:`deploy`."""
+    import inspect
+
+    from serve.app import ChatServer
+    from serve.settings import resolve_settings
+
+    settings = resolve_settings({"checkpoint": str(checkpoint), "num_cpus": 1, "api_key": "", **args})
+    cls = ChatServer.func_or_class
+    server = cls.__new__(cls)
+    started = cls.__init__(server, settings)  # Serve's ingress wrapper makes __init__ a coroutine
+    if inspect.isawaitable(started):
+        await started
+    return server
+
+
+def post_request(path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+    """A Starlette request for an in-process route: ``body`` as JSON, from a loopback client that stays connected."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    raw = json.dumps(body).encode()
+    messages = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # connected until cancelled
+        return {"type": "http.disconnect"}
+
+    pairs = {"content-type": "application/json", "content-length": str(len(raw)), **(headers or {})}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in pairs.items()],
+        "query_string": b"",
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "scheme": "http",
+        "http_version": "1.1",
+        "root_path": "",
+    }
+    return Request(scope, receive)

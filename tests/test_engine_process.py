@@ -231,3 +231,24 @@ def test_a_bf16_engine_stores_its_weights_in_bf16_once(checkpoint):
     # fp32 (and auto on a narrow model) leaves the weights as they are: the learner-precision path is unchanged
     fp32 = load_engine(EngineSpec(str(checkpoint), precision="fp32"))
     assert {p.dtype for p in fp32.lm.parameters()} == {torch.float32}
+
+
+def test_a_request_submitted_as_the_engine_dies_fails_instead_of_waiting_forever(checkpoint, local):
+    """The reader thread marks the engine dead and fails the callers it has; a request that passed ``submit``'s
+    liveness check and registered just after that list was taken (a thread switch between the two) waited for an
+    item forever. Simulated at that exact point: the registration itself lets the reader's failure run first."""
+    ep = EngineProcess(EngineSpec(str(checkpoint)))
+
+    class DiesFirst(dict):
+        def __setitem__(self, key, value):
+            ep._fail_callers(-9)  # noqa: SLF001 - what the reader thread does, right before this registration
+            super().__setitem__(key, value)
+
+    ep._callers = DiesFirst()  # noqa: SLF001
+    job = GenerationJob(_prompt(local, "x"), SamplingParams(max_new_tokens=5), (1,))
+    try:
+        with pytest.raises(RuntimeError, match="engine process exited"):
+            asyncio.run(asyncio.wait_for(_collect(ep, job), 10))
+    finally:
+        ep._dead = None  # noqa: SLF001 - the child is alive: let close() stop it
+        ep.close()

@@ -684,6 +684,8 @@ def test_feedback_round_trip_into_the_reward_model_reader(app):
     assert again.json() == {"recorded": False, "kind": "rating", "preference_written": False, "duplicate": True}
     changed = _post(app, {"completion_id": r["id"], "choice_index": 0, "rating": "down"}, fb)
     assert changed.status_code == 409 and changed.json()["error"]["code"] == "already_rated", changed.text
+    # the openai SDK retries a 409 (a lock timeout on OpenAI) unless told not to: a refused re-rating is final
+    assert changed.headers["x-should-retry"] == "false"
     # the reverse of the thumbs pair, by ids: a contradiction, refused
     reverse = {"chosen": {"completion_id": r["id"], "choice_index": 1}, "rejected": {"completion_id": r["id"]}}
     refused = _post(app, reverse, fb)

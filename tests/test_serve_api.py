@@ -99,6 +99,46 @@ def test_unknown_fields_are_ignored_and_named_unless_strict():
     assert info.value.code == "unrecognized_parameter" and info.value.param == "frobnicate"
 
 
+def test_strict_mode_knows_every_field_the_openai_sdk_can_send():
+    """``serve.strict_requests`` refuses keys "OpenAI does not define (typos)": it refused fields the installed SDK
+    defines (``safety_identifier``, which OpenAI now asks for instead of ``user``; ``stream_options.
+    include_obfuscation``; the prompt-cache keys). Every key of the SDK's request types must be a declared field."""
+    from openai.types import completion_create_params as text_params
+    from openai.types.chat import ChatCompletionStreamOptionsParam
+    from openai.types.chat import completion_create_params as chat_params
+
+    from serve.schemas import ChatCompletionRequest, CompletionRequest, StreamOptions
+
+    def sdk_keys(td: type) -> set[str]:
+        return {k for klass in td.__mro__ for k in getattr(klass, "__annotations__", {})}
+
+    pairs = [
+        (chat_params.CompletionCreateParamsBase, ChatCompletionRequest),
+        (text_params.CompletionCreateParamsBase, CompletionRequest),
+        (ChatCompletionStreamOptionsParam, StreamOptions),
+    ]
+    for sdk, ours in pairs:
+        assert sdk_keys(sdk) <= set(ours.model_fields), (ours.__name__, sorted(sdk_keys(sdk) - set(ours.model_fields)))
+    sent = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "safety_identifier": "user-123",
+        "prompt_cache_key": "k",
+        "prompt_cache_retention": "24h",
+        "prompt_cache_options": {"ttl": "30m"},
+        "verbosity": "medium",
+        "moderation": None,
+        "stream": True,
+        "stream_options": {"include_usage": True, "include_obfuscation": False},
+    }
+    req, ignored = parse_chat_request(json.dumps(sent).encode(), strict=True)
+    req.check()
+    assert ignored == [] and req.include_usage()
+    for key, value in (("verbosity", "low"), ("moderation", {"input": True})):
+        with pytest.raises(APIError) as info:
+            parse_chat_request(json.dumps({**sent, key: value}).encode())[0].check()
+        assert info.value.status == 400 and info.value.param == key
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
@@ -287,6 +327,20 @@ def test_cors_middleware_is_off_by_default_and_allows_configured_origins():
         assert "access-control-allow-origin" not in client.get("/x", headers={"Origin": "https://b.example"}).headers
         pre = client.options("/x", headers={"Origin": "https://a.example", "Access-Control-Request-Method": "POST"})
         assert pre.status_code == 204 and "Authorization" in pre.headers["access-control-allow-headers"]
+        # the official JavaScript SDK sends x-stainless-* headers on every request (and clients may send their own
+        # X-Request-Id): a preflight that leaves them out makes the browser refuse every request
+        asked = "authorization,content-type,x-stainless-os,x-stainless-retry-count,x-request-id"
+        pre = client.options(
+            "/x",
+            headers={
+                "Origin": "https://a.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": asked,
+            },
+        )
+        allowed = {h.strip().lower() for h in pre.headers["access-control-allow-headers"].split(",")}
+        assert pre.status_code == 204 and set(asked.split(",")) <= allowed, allowed
+        assert "access-control-request-headers" in pre.headers["vary"].lower()
     finally:
         app_module._CORS_ORIGINS[0] = old
 
@@ -525,3 +579,130 @@ def test_the_body_is_read_in_chunks_within_the_body_timeout(case):
     }[case]
     assert (e.value.status, e.value.code) == (status, code), e.value
     assert time.monotonic() - t0 < 5
+
+
+def test_a_stream_still_queued_at_its_deadline_is_a_503_before_its_response_starts(tmp_path):
+    """A streamed request still waiting for the batch at its deadline (``serve.request_timeout_s``) was answered
+    200 with the 503 ``queue_timeout`` in-band, as an error chunk after the role chunk: the ``openai`` SDK then
+    raised a status-less ``APIError`` and never retried. The response now starts once the job has its first item,
+    so the refusal is a real 503 (``Retry-After`` from the error handler), as for a plain request.
+
+    In process (the replica class without Ray Serve), batch 1 with a 0.25 s step: a long reply runs past its 0.6 s
+    deadline to the end of the step that notices it, and a stream sent 0.05 s after it is still queued at its own."""
+    import asyncio
+    import time
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=512)
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 400,
+        "logit_bias": {str(ChatTokenizer("cl100k_base", 4096).eot_id): -100},  # no early end
+    }
+
+    async def main() -> None:
+        server = await testing.inprocess_server(
+            ckpt, engine_process=False, max_batch_size=1, batch_wait_timeout_s=0.0, request_timeout_s=0.6
+        )
+        try:
+            batch = server.models.default.scheduler._run.batch  # noqa: SLF001
+            fast_step = batch.step
+            batch.step = lambda *a: (time.sleep(0.25), fast_step(*a))[1]
+            route = "/v1/chat/completions"
+            long = asyncio.create_task(server.chat_completions(testing.post_request(route, body)))
+            await asyncio.sleep(0.05)
+            with pytest.raises(APIError) as refused:
+                await server.chat_completions(testing.post_request(route, {**body, "stream": True}))
+            assert (refused.value.status, refused.value.code) == (503, "queue_timeout")
+            answered = await long
+            assert answered.status_code == 200
+            assert json.loads(answered.body)["choices"][0]["finish_reason"] == "length"
+            assert server.metrics.snapshot()["rejected"] == {"queue_timeout": 1}
+            # a stream that gets its place is a 200 stream as before
+            short = {**body, "stream": True, "max_tokens": 2}
+            reply = await server.chat_completions(testing.post_request(route, short))
+            assert reply.status_code == 200 and reply.media_type == "text/event-stream"
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
+
+
+def test_a_running_requests_conversation_id_survives_thousands_of_refused_requests(tmp_path):
+    """The conversation id (``X-RLChat-Conversation-Id``) was noted in a shared LRU of 2,048 entries before the
+    request was authenticated, and only a recorded completion took its entry out: 2,048 refused requests (401s from
+    anyone, 400s, 503s, clients gone) during a long reply evicted its id, its row was stored without it, and
+    ``rlchat feedback delete CONVERSATION`` no longer found it. The id now travels with the request."""
+    import asyncio
+    import sqlite3
+    import time
+
+    from serve.app import CONVERSATION_HEADER
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=512)
+    db = tmp_path / "feedback.db"
+    route = "/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+    async def main() -> None:
+        server = await testing.inprocess_server(
+            ckpt, engine_process=False, api_key="k", feedback_store=f"sqlite:///{db}"
+        )
+        try:
+            batch = server.models.default.scheduler._run.batch  # noqa: SLF001
+            fast_step = batch.step
+            batch.step = lambda *a: (time.sleep(0.2), fast_step(*a))[1]
+            alice = {"Authorization": "Bearer k", CONVERSATION_HEADER: "alice-conv-1"}
+            reply = asyncio.create_task(server.chat_completions(testing.post_request(route, body, alice)))
+            await asyncio.sleep(0.05)
+            for i in range(2100):
+                with pytest.raises(APIError) as refused:
+                    await server.chat_completions(testing.post_request(route, body, {CONVERSATION_HEADER: f"x{i}"}))
+                assert refused.value.status == 401
+            assert (await reply).status_code == 200
+            until = time.monotonic() + 30
+            rows: list[tuple[str, str]] = []
+            while not rows and time.monotonic() < until:  # the store is written in the background
+                await asyncio.sleep(0.1)
+                with sqlite3.connect(db) as conn:
+                    rows = conn.execute("SELECT request_id, conversation_id FROM rlchat_requests").fetchall()
+            assert [conv for _, conv in rows] == ["alice-conv-1"], rows
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
+
+
+def test_readyz_is_a_503_naming_the_version_whose_engine_died(tmp_path, monkeypatch):
+    """``/readyz`` said ``"status": "ready"`` after a version's engine process had died, so a load balancer or
+    Kubernetes probe kept sending traffic that got 500s until Serve's health check replaced the replica. It now
+    answers 503 ``unhealthy`` naming the dead versions, as ``check_health`` does, and each version says ``alive``."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    import serve.app as app_module
+
+    monkeypatch.setattr(  # in process there is no Serve replica context
+        app_module.ray_serve, "get_replica_context", lambda: SimpleNamespace(replica_id=SimpleNamespace(unique_id="r"))
+    )
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
+
+    async def main() -> None:
+        server = await testing.inprocess_server(ckpt, engine_process=True)
+        try:
+            ready = await server.readyz(testing.post_request("/readyz", {}))
+            assert ready.status_code == 200 and json.loads(ready.body)["status"] == "ready"
+            assert [v["alive"] for v in json.loads(ready.body)["versions"]] == [True]
+            server.models.default.scheduler.proc.kill()
+            until = time.monotonic() + 30
+            while server.models.default.alive and time.monotonic() < until:
+                await asyncio.sleep(0.05)
+            gone = await server.readyz(testing.post_request("/readyz", {}))
+            body = json.loads(gone.body)
+            assert gone.status_code == 503, body
+            assert body["status"] == "unhealthy" and body["dead_versions"] == [server.models.default.name]
+            assert [v["alive"] for v in body["versions"]] == [False]
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
