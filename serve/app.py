@@ -1075,20 +1075,21 @@ class ChatServer:
             # a failed prefill) is then a real status, a 503 with Retry-After the SDKs retry, not an error chunk
             # after a 200.
             first = items.first()
+            assert first is not None  # nothing has taken it yet
+            started = False
             try:
-                gone = first is not None and not await self._watch(first, request)
-            except BaseException:  # cancelled: Serve cancels the handler when the client's connection closes
-                job.control.end(range(len(seeds)))
-                await items.aclose()
-                self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=True, error="client_disconnected")
-                raise
-            if gone:
-                job.control.end(range(len(seeds)))
-                await items.aclose()
-                self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=True, error="client_disconnected")
+                started = await self._watch(first, request)
+            finally:  # not started: the client went away, or Serve cancelled the handler when its connection closed
+                if not started:
+                    self._started(cid)  # its place in the queue
+                    job.control.end(range(len(seeds)))
+                    await items.aclose()
+                    self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=True, error="client_disconnected")
+            if not started:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             refused = _refused_before_start(first)
             if refused is not None:
+                self._started(cid)
                 await items.aclose()
                 raise self._failure(refused, cid, t0, stream=True)
             events = self._stream(req, fmt, messages, prompt, params, job, items, t0, conversation)

@@ -261,8 +261,9 @@ async def inprocess_server(checkpoint: str | Path, **args: Any) -> Any:
     return server
 
 
-def post_request(path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
-    """A Starlette request for an in-process route: ``body`` as JSON, from a loopback client that stays connected."""
+def post_request(path: str, body: dict[str, Any], headers: dict[str, str] | None = None, leaves: bool = False) -> Any:
+    """A Starlette request for an in-process route: ``body`` as JSON, from a loopback client that stays connected
+    (``leaves``: that disconnects once its body is read)."""
     import asyncio
     import json
 
@@ -274,7 +275,8 @@ def post_request(path: str, body: dict[str, Any], headers: dict[str, str] | None
     async def receive() -> dict[str, Any]:
         if messages:
             return messages.pop(0)
-        await asyncio.Event().wait()  # connected until cancelled
+        if not leaves:
+            await asyncio.Event().wait()  # connected until cancelled
         return {"type": "http.disconnect"}
 
     pairs = {"content-type": "application/json", "content-length": str(len(raw)), **(headers or {})}

@@ -617,6 +617,16 @@ def test_a_stream_still_queued_at_its_deadline_is_a_503_before_its_response_star
             assert answered.status_code == 200
             assert json.loads(answered.body)["choices"][0]["finish_reason"] == "length"
             assert server.metrics.snapshot()["rejected"] == {"queue_timeout": 1}
+            # a stream whose client leaves while it waits is a 499 and never generates; its place is given back
+            long = asyncio.create_task(server.chat_completions(testing.post_request(route, body)))
+            await asyncio.sleep(0.05)
+            tokens_before = server.metrics.snapshot()["generated_tokens"]
+            gone = await server.chat_completions(testing.post_request(route, {**body, "stream": True}, leaves=True))
+            assert gone.status_code == 499
+            await long
+            assert server._waiting == {}  # noqa: SLF001 - the refused and the gone stream gave their places back
+            await asyncio.sleep(0.5)  # the step counts follow within the scheduler's report interval
+            assert server.metrics.snapshot()["generated_tokens"] - tokens_before <= 400, "the stream's rows generated"
             # a stream that gets its place is a 200 stream as before
             short = {**body, "stream": True, "max_tokens": 2}
             reply = await server.chat_completions(testing.post_request(route, short))
