@@ -117,6 +117,7 @@ from serve.models import (
     VERSION_HEADER,
     ModelSet,
     ServedVersion,
+    VersionScope,
     VersionSpec,
     bound_version_name,
     current_version,
@@ -304,6 +305,7 @@ class _CORSMiddleware:
 
 
 api.add_middleware(_CORSMiddleware)
+api.add_middleware(VersionScope)  # a request's version binding ends with the request (serve/models.py)
 
 
 @api.exception_handler(APIError)

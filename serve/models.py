@@ -80,7 +80,7 @@ before the swap may not have reached its scheduler yet) and only once it has no 
 DRAIN_TIMEOUT_S = 600.0
 """A removed version still busy after this long is closed anyway (its stragglers then fail), logged."""
 
-_CURRENT: contextvars.ContextVar[ServedVersion | None] = contextvars.ContextVar("rlchat_served_version", default=None)
+_CURRENT: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar("rlchat_served_version", default=None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -588,22 +588,59 @@ def load_version(
     return version
 
 
+class _Binding:
+    """The version a request was given; emptied when the request ends, so contexts that outlive it (tasks the
+    request's libraries start) do not keep the version, and its model, in memory."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, version: ServedVersion | None = None) -> None:
+        self.version = version
+
+
+class VersionScope:
+    """ASGI middleware: each request's version binding lasts exactly as long as the request.
+
+    Why: the binding lives in a context variable, and every task started during a request copies the request's
+    context; ``sse_starlette`` starts a watcher task that never ends on the first stream of each event loop, so the
+    context of that request, with its version, lived for the replica's life (a swapped-out version, say the first
+    checkpoint ``--follow`` served, was never freed). Here the request's context holds a mutable binding that is
+    emptied when the request, its stream included, is done.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        binding = _Binding()
+        token = _CURRENT.set(binding)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            binding.version = None
+            _CURRENT.reset(token)
+
+
 def use_version(version: ServedVersion) -> None:
-    """Bind ``version`` to the current request (its asyncio task's context)."""
-    _CURRENT.set(version)
+    """Bind ``version`` to the current request (its asyncio task's context; :class:`VersionScope` ends it)."""
+    binding = _CURRENT.get()
+    if binding is None:  # a route called without the middleware (in-process tests)
+        _CURRENT.set(_Binding(version))
+    else:
+        binding.version = version
 
 
 def bound_version_name() -> str:
     """The name of the version bound to the current request, or "" before one is (a request refused before its
     model was looked up: its metrics carry no version)."""
-    v = _CURRENT.get()
-    return "" if v is None else v.name
+    binding = _CURRENT.get()
+    return "" if binding is None or binding.version is None else binding.version.name
 
 
 def current_version(default: ServedVersion) -> ServedVersion:
     """The version bound to the current request, else ``default``."""
-    v = _CURRENT.get()
-    return default if v is None else v
+    binding = _CURRENT.get()
+    return default if binding is None or binding.version is None else binding.version
 
 
 class ModelSet:

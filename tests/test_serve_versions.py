@@ -479,3 +479,55 @@ def test_follow_swaps_to_each_new_best_checkpoint_while_requests_keep_working(ra
         assert _chat(url).status_code == 200
     finally:
         ray_serve.delete("rlchat-follow")
+
+
+def test_a_finished_stream_does_not_keep_its_version_in_memory():
+    """``sse_starlette`` starts a watcher task, which never ends, on the first stream of each event loop's thread;
+    it copies that request's context, and the context held the request's version: a version swapped out (say the
+    first checkpoint ``--follow`` served, on a GPU) was never freed. The binding now ends with the request."""
+    import asyncio
+    import gc
+    import weakref
+
+    from sse_starlette.sse import EventSourceResponse
+
+    from serve.models import VersionScope, use_version
+
+    class Version:
+        name = "old"
+
+    held = [Version()]
+    ref = weakref.ref(held[0])
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        use_version(held[0])  # as the route does (ChatServer._check_model)
+
+        async def events() -> Any:
+            yield {"data": "x"}
+
+        await EventSourceResponse(events())(scope, receive, send)
+
+    async def main() -> tuple[list[bytes], bool]:
+        sent: list[bytes] = []
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message.get("body", b""))
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "http_version": "1.1"}
+        await VersionScope(inner)(scope, receive, send)
+        held.clear()  # the version leaves the table and is closed
+        gc.collect()
+        return sent, ref() is not None  # while the loop, and the watcher, still run
+
+    result: list[Any] = []
+    # a thread of its own: sse_starlette starts one watcher per thread, on that thread's first stream
+    t = threading.Thread(target=lambda: result.append(asyncio.run(main())))
+    t.start()
+    t.join(30)
+    sent, alive = result[0]
+    assert b"data: x" in b"".join(sent)
+    assert not alive, "the finished request's context still holds its version"
