@@ -401,6 +401,8 @@ class ChatServer:
             )
         self.feedback = FeedbackRecorder(self.cfg)
         self._waiting: dict[str, float] = {}  # admitted requests without a first token yet -> admitted at (_admit)
+        self._serving = False  # set by the first health check (reconfigure)
+        self._update_error: dict[str, Any] | None = None  # the latest refused config update (/readyz)
         # Through the imported module: Serve's ingress ships this class by value, so its methods' globals are a copy
         # and a bare `_CORS_ORIGINS` here would not be the list the middleware (imported normally) reads.
         importlib.import_module(__name__)._CORS_ORIGINS[0] = tuple(self.cfg.cors_origins)
@@ -471,9 +473,24 @@ class ChatServer:
 
         ``user_config: {versions: [{name, checkpoint, weight}, ...]}`` becomes the served set: new or changed
         versions load before they take traffic, then weights and versions swap at once, and removed versions drain
-        (requests already running finish on them). An empty list goes back to the app's own checkpoint(s). Raises
-        (and Serve reports the update as failed, the replica keeping its current set) when a version cannot load.
+        (requests already running finish on them). An empty list goes back to the app's own checkpoint(s).
+
+        A bad update (a version that cannot load, bad weights) on a replica that is serving is logged and shown in
+        ``/readyz`` (``last_update_error``), and the replica keeps its set: raising would make Serve stop it, and its
+        replacements would fail on the same config, taking the app down. At start-up (before Serve's first health
+        check) it raises, so a deploy with a bad config fails where the operator sees it.
         """
+        try:
+            await self._reconfigure(user_config)
+        except Exception as e:
+            if not self._serving:
+                raise
+            self._update_error = {"error": f"user_config.versions: {e}", "at": int(time.time())}
+            logger.error("config update refused, still serving %s: %s", self.models.names(), e)
+        else:
+            self._update_error = None
+
+    async def _reconfigure(self, user_config: dict[str, Any]) -> None:
         raw = (user_config or {}).get("versions")
         if raw is None:
             return
@@ -901,6 +918,7 @@ class ChatServer:
         return JSONResponse(status_code=503 if dead else 200, content={
             "status": "unhealthy" if dead else "ready",
             **({"dead_versions": dead} if dead else {}),
+            **({"last_update_error": self._update_error} if self._update_error else {}),
             "model": self.model_name,
             "checkpoint": str(self.checkpoint.path) if operator else default_model_version(self.checkpoint.path),
             "stage": self.checkpoint.stage,
@@ -1332,6 +1350,7 @@ class ChatServer:
     def check_health(self) -> None:
         """Serve's periodic health check: every served version's scheduler must still accept work (a dead canary
         would fail its share of the traffic, and every request naming it, until the replica is replaced)."""
+        self._serving = True  # health checks begin once the replica runs: config updates no longer fail it
         if self.settings.from_run and self._follower is None:
             self._start_follower()  # the constructor had no running event loop to start it on
         dead = self.models.dead()

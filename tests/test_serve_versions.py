@@ -531,3 +531,51 @@ def test_a_finished_stream_does_not_keep_its_version_in_memory():
     sent, alive = result[0]
     assert b"data: x" in b"".join(sent)
     assert not alive, "the finished request's context still holds its version"
+
+
+def test_a_config_update_that_cannot_load_keeps_the_running_replica_serving(ckpts, monkeypatch):
+    """A ``user_config`` update whose version cannot load raised from ``reconfigure``: Ray Serve then stopped the
+    running replica, and its replacements failed on the same config, so one bad path took the whole app down
+    (every request a 503). A replica that is serving now keeps its set and reports the error in ``/readyz``; at
+    start-up (before Serve's first health check) a bad config still fails the replica, so a bad deploy is seen."""
+    import asyncio
+    import json as jsonlib
+
+    import serve.app as app_module
+
+    monkeypatch.setattr(  # in process there is no Serve replica context
+        app_module.ray_serve, "get_replica_context", lambda: SimpleNamespace(replica_id=SimpleNamespace(unique_id="r"))
+    )
+    route, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    good = {"name": "stable", "checkpoint": str(ckpts["a"]), "weight": 90}
+    bad_configs = [
+        {"versions": [good, {"name": "canary", "checkpoint": str(ckpts["a"].parent / "nope"), "weight": 10}]},
+        {"versions": [{**good, "weight": 0}]},
+    ]
+
+    async def main() -> None:
+        fresh = await testing.inprocess_server(ckpts["a"], engine_process=False)
+        try:
+            with pytest.raises((CheckpointError, ConfigError)):  # start-up: the replica fails, the deploy is seen
+                await fresh.reconfigure(bad_configs[0])
+        finally:
+            fresh.models.default.close()
+        server = await testing.inprocess_server(ckpts["a"], engine_process=False)
+        try:
+            await server.reconfigure({"versions": [good]})
+            server.check_health()  # Serve's health checks have begun: the replica is serving
+            for bad in bad_configs:
+                await server.reconfigure(bad)  # no exception: Serve would stop this replica
+                assert server.models.names() == ["stable"]
+                reply = await server.chat_completions(testing.post_request(route, body))
+                assert reply.status_code == 200
+                ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
+                assert ready["status"] == "ready" and "user_config.versions" in ready["last_update_error"]["error"]
+            await server.reconfigure({"versions": [{**good, "weight": 50}]})  # a good update clears it
+            ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
+            assert "last_update_error" not in ready
+        finally:
+            for v in server.models.versions.values():
+                v.close()
+
+    asyncio.run(main())
