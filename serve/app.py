@@ -419,10 +419,9 @@ class ChatServer:
     # ------------------------------------------------------------------------------------------------ versions
     def _load_version(self, spec: VersionSpec) -> ServedVersion:
         """Load one version (blocking; :meth:`reconfigure` and the follower run it on a loader thread)."""
-        if self.settings.versions:
-            label = f"{spec.name}/{default_model_version(spec.checkpoint)}"
-        else:
-            label = self.cfg.model_version
+        label = self.cfg.model_version or default_model_version(spec.checkpoint)
+        if spec.name != self.model_name:  # a named version (app args or a config update): its name first
+            label = f"{spec.name}/{label}"
         return load_version(
             spec,
             self.cfg,

@@ -579,3 +579,35 @@ def test_a_config_update_that_cannot_load_keeps_the_running_replica_serving(ckpt
                 v.close()
 
     asyncio.run(main())
+
+
+def test_versions_from_a_config_update_label_their_feedback_rows_with_their_name(ckpts):
+    """Feedback rows are labelled ``<version>/<run>/<checkpoint>`` so ``rlchat feedback stats`` compares a canary
+    with stable; versions added by the documented promote path (``user_config``, the app's args a plain checkpoint)
+    were labelled without their name, and with ``serve.model_version`` set every version had that one label."""
+    import asyncio
+
+    from serve.settings import default_model_version
+
+    async def main() -> None:
+        for model_version, expect in (("", default_model_version), ("prod-v1", lambda _: "prod-v1")):
+            server = await testing.inprocess_server(ckpts["a"], engine_process=False, model_version=model_version)
+            try:
+                await server.reconfigure(
+                    {
+                        "versions": [
+                            {"name": "stable", "checkpoint": str(ckpts["a"]), "weight": 90},
+                            {"name": "canary", "checkpoint": str(ckpts["b"]), "weight": 10},
+                        ]
+                    }
+                )
+                labels = {n: v.label for n, v in server.models.versions.items()}
+                assert labels == {
+                    "stable": f"stable/{expect(ckpts['a'])}",
+                    "canary": f"canary/{expect(ckpts['b'])}",
+                }, labels
+            finally:
+                for v in [*server.models.versions.values(), *server.models.draining]:
+                    v.close()
+
+    asyncio.run(main())
