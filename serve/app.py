@@ -83,6 +83,7 @@ Our top-level package is also called ``serve``: Ray Serve is always ``from ray i
 # that Serve's ingress rewrites (string annotations made it read ``request`` as a query parameter).
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import importlib
 import json
@@ -385,7 +386,7 @@ class ChatServer:
         # resolve to the version bound to the current request (_check_model), else the default version.
         self.metrics = ServeMetrics(self.model_name)  # each version's scheduler observes through for_version(name)
         self.models = ModelSet(self.model_name, (DEFAULT_MODEL_NAME,))
-        initial = [self._load_version(spec) for spec in settings.version_specs()]
+        initial = [self._load_version(spec) for spec in self._start_specs()]
         self.models.set(initial, {v.name: v.spec.weight for v in initial})
         self._follower: asyncio.Task | None = None
         if settings.from_run:
@@ -417,6 +418,23 @@ class ChatServer:
         )
 
     # ------------------------------------------------------------------------------------------------ versions
+    def _start_specs(self) -> tuple[VersionSpec, ...]:
+        """What this replica loads at start: the settings' versions; for a followed run, the run's best checkpoint
+        as of now (the driver resolved it at deploy, and a replica that starts later -- a restart, a scale-up --
+        may find that one pruned by the trainer)."""
+        specs = self.settings.version_specs()
+        run = self.settings.from_run
+        if not run or self.settings.versions or specs[0].shipped is not None:
+            return specs  # a shipped copy: this node cannot see the run (the follower cannot either)
+        from rlchat.checkpoint import find_best_checkpoint
+
+        try:
+            best = find_best_checkpoint(run)
+        except RLChatError as e:
+            logger.warning("run %s: no best checkpoint now (%s); loading the one resolved at deploy", run, e)
+            return specs
+        return (dataclasses.replace(specs[0], checkpoint=str(best)),)
+
     def _load_version(self, spec: VersionSpec) -> ServedVersion:
         """Load one version (blocking; :meth:`reconfigure` and the follower run it on a loader thread)."""
         label = self.cfg.model_version or default_model_version(spec.checkpoint)

@@ -611,3 +611,34 @@ def test_versions_from_a_config_update_label_their_feedback_rows_with_their_name
                     v.close()
 
     asyncio.run(main())
+
+
+def test_a_replica_started_later_in_a_followed_run_loads_the_runs_best_checkpoint_now(ckpts, tmp_path):
+    """``--follow``: the driver resolves the run's best checkpoint once, at deploy; a replica started later (a
+    crash restart, a scale-up) loaded that path, which the trainer may have pruned by then: it failed to start
+    with a message about shared storage. It now loads the run's best checkpoint as of its own start."""
+    import asyncio
+
+    from serve.settings import resolve_settings
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpts["a"], run / "checkpoints" / "step_000100")
+    settings = resolve_settings({"from_run": str(run), "follow": True, "num_cpus": 1, "engine_process": False})
+    shutil.copytree(ckpts["b"], run / "checkpoints" / "step_000200")  # the trainer's next best...
+    shutil.rmtree(run / "checkpoints" / "step_000100")  # ...and it pruned the old one
+
+    async def main() -> None:
+        from serve.app import ChatServer
+
+        cls = ChatServer.func_or_class
+        server = cls.__new__(cls)
+        await cls.__init__(server, settings)
+        try:
+            assert server.models.default.checkpoint.step == 200
+        finally:
+            if server._follower is not None:  # noqa: SLF001
+                server._follower.cancel()  # noqa: SLF001
+            server.models.default.close()
+
+    asyncio.run(main())
