@@ -770,19 +770,26 @@ async def follow_run(
     """Every ``interval_s``, look up the run's best checkpoint; when it differs from ``current()``, ``swap`` to it.
 
     Errors (a run directory mid-write, a checkpoint that fails to load) are logged once per cause and retried at
-    the next tick; the served model stays as it is meanwhile.
+    the next tick; the served model stays as it is meanwhile. A checkpoint that failed to load is tried again only
+    once its files change (each try may start an engine process that spends seconds failing).
     """
     from rlchat.checkpoint import find_best_checkpoint
 
     loop = asyncio.get_running_loop()
     last_error = ""
+    failed: tuple[Path, tuple] | None = None  # the best checkpoint that failed to load, and its files then
     while True:
         await asyncio.sleep(interval_s)
         try:
-            best = await loop.run_in_executor(None, find_best_checkpoint, run_dir)
-            if Path(best).resolve() != Path(current()).resolve():
+            best = Path(await loop.run_in_executor(None, find_best_checkpoint, run_dir))
+            if best.resolve() != Path(current()).resolve():
+                files = await loop.run_in_executor(None, _files_signature, best)
+                if failed == (best, files):
+                    continue  # unchanged since it failed: nothing new to try
                 logger.info("follow: %s has a new best checkpoint %s; loading it", run_dir, best)
-                await swap(Path(best))
+                failed = (best, files)
+                await swap(best)
+                failed = None
             last_error = ""
         except asyncio.CancelledError:
             raise
@@ -790,9 +797,20 @@ async def follow_run(
             msg = f"{e.__class__.__name__}: {e}"
             if msg != last_error:
                 logger.warning(
-                    "follow: cannot switch to the best checkpoint of %s yet (%s); retrying every %.0f s",
+                    "follow: cannot switch to the best checkpoint of %s yet (%s); retrying every %g s%s",
                     run_dir,
                     msg,
                     interval_s,
+                    ", a checkpoint that failed to load once its files change" if failed is not None else "",
                 )
                 last_error = msg
+
+
+def _files_signature(directory: Path) -> tuple:
+    """The (name, size, mtime) of every file under ``directory``: changes when a checkpoint is rewritten."""
+    out = []
+    for path in sorted(directory.rglob("*")):
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            out.append((str(path.relative_to(directory)), st.st_size, st.st_mtime_ns))
+    return tuple(out)

@@ -642,3 +642,39 @@ def test_a_replica_started_later_in_a_followed_run_loads_the_runs_best_checkpoin
             server.models.default.close()
 
     asyncio.run(main())
+
+
+def test_follow_tries_a_best_checkpoint_that_failed_to_load_again_only_once_it_changes(ckpts, tmp_path, caplog):
+    """A best checkpoint that fails to load (corrupt weights) was loaded again at every tick, for as long as it
+    stayed the run's best: with ``serve.engine_process`` each try started an engine process that spent ~6 s of CPU
+    failing, and "loading it" was logged at every tick. It is tried again once its files change."""
+    import asyncio
+    import logging
+
+    from serve.models import follow_run
+    from serve.models import logger as models_logger
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpts["a"], run / "checkpoints" / "step_000100")
+    shutil.copytree(ckpts["b"], run / "checkpoints" / "step_000200")
+    current = run / "checkpoints" / "step_000100"
+    tries: list[Path] = []
+
+    async def swap(path: Path) -> None:
+        tries.append(path)
+        raise CheckpointError(f"{path}: model weights are truncated")
+
+    async def main() -> None:
+        task = asyncio.create_task(follow_run(str(run), 0.01, lambda: current, swap))
+        await asyncio.sleep(0.5)
+        assert len(tries) == 1, len(tries)
+        (run / "checkpoints" / "step_000200" / "extra.txt").write_text("rewritten")  # the trainer rewrote it
+        await asyncio.sleep(0.5)
+        assert len(tries) == 2, len(tries)
+        task.cancel()
+
+    with caplog.at_level(logging.INFO, logger=models_logger.name):
+        asyncio.run(main())
+    assert sum("loading it" in r.getMessage() for r in caplog.records) == 2
+    assert "retrying every 0.01 s" in caplog.text  # was "every 0 s"
