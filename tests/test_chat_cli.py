@@ -467,6 +467,7 @@ class FakeEndpoint:
 
         self.script: list[str] = []
         self.bodies: list[dict] = []
+        self.models_page: str | None = None
         self.dropped_header = 0
         endpoint = self
 
@@ -478,6 +479,8 @@ class FakeEndpoint:
 
             def do_GET(self) -> None:
                 body = json.dumps({"object": "list", "data": [{"id": "fake", "step": 3, **(card or {})}]}).encode()
+                if endpoint.models_page is not None:  # not an OpenAI server: some other page answers 200
+                    body = endpoint.models_page.encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -493,6 +496,15 @@ class FakeEndpoint:
             def _post(self) -> None:
                 endpoint.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
                 mode = endpoint.script.pop(0) if endpoint.script else "ok"
+                if mode == "busy":  # the replica's overload refusal
+                    body = json.dumps({"error": {"message": "the server is overloaded", "code": "overloaded"}})
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Retry-After", "0")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body.encode())
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("X-RLChat-Dropped-Turns", str(endpoint.dropped_header))
@@ -608,6 +620,26 @@ def test_endpoint_client_keeps_within_advertised_limits_and_notes_server_drops()
         assert len(s.turns) == 26  # the session keeps everything
     finally:
         e.close()
+
+
+def test_an_overloaded_endpoint_keeps_the_question_and_a_non_openai_page_is_one_line(endpoint):
+    """A 503 ``overloaded`` (after the SDK's retries) threw the user's question away, so ``/regenerate`` had
+    nothing to ask again; and a URL whose ``/v1/models`` answered 200 with something else (the metrics page) ended
+    in an ``AttributeError`` traceback from inside the SDK."""
+    backend = RemoteBackend(endpoint.url, None)
+    s = ChatSession(backend, Decoding(max_tokens=4), None, io.StringIO())
+    endpoint.script = ["busy"] * (RemoteBackend.MAX_RETRIES + 1)
+    _run(s, ["a question", "/regenerate"])
+    text = s.out.getvalue()
+    assert "overloaded" in text and "/regenerate asks again" in text, text
+    assert [b["messages"] for b in endpoint.bodies][-1] == [{"role": "user", "content": "a question"}]
+    assert s.turns == [{"role": "user", "content": "a question"}, {"role": "assistant", "content": "fine reply"}]
+    endpoint.models_page = "# HELP ray_node_cpu_count\nray_node_cpu_count 2\n"
+    with pytest.raises(RLChatError, match="not an OpenAI model list"):
+        RemoteBackend(endpoint.url, None)
+    endpoint.models_page = '"a string"'
+    with pytest.raises(RLChatError, match="not an OpenAI model list"):
+        RemoteBackend(endpoint.url, None)
 
 
 @pytest.mark.slow

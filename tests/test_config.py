@@ -347,3 +347,18 @@ def test_renamed_kl_target_is_accepted_with_a_deprecation_warning(tmp_path) -> N
     both.write_text("ppo:\n  kl_target: 2.5\n  adaptive_kl_target: 3.0\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="both set"):
         load_config(both)
+
+
+def test_overrides_may_follow_flags_on_the_command_line(capsys):
+    """``rlchat serve CKPT --port 8123 serve.max_batch_size=1`` failed with "unrecognized arguments": argparse
+    stops filling the overrides at the first flag. Overrides are taken wherever they stand; anything else unknown
+    is still an error."""
+    from rlchat.cli.parser import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert main(["config", "show", "ppo.clip_coef=0.15", "--config", config, "ppo.iterations=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["ppo"]["clip_coef"] == 0.15 and shown["ppo"]["iterations"] == 7
+    with pytest.raises(SystemExit) as exit_:
+        main(["config", "show", "--config", config, "--no-such-flag"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

@@ -85,6 +85,12 @@ def test_rlchat_serve_as_typed_answers_through_haproxy_and_stops_on_ctrl_c(tmp_p
         # the Ray it started exports metrics on a port of its choosing: the start-up lines say where
         metrics_url = next((line.split()[-1] for line in lines if line.strip().startswith("metrics:")), None)
         assert metrics_url is not None and metrics_url.endswith("/metrics"), lines
+        # ...and every hint to pasted points at the endpoint (they printed the metrics URL for a session)
+        base = f"http://127.0.0.1:{port}"
+        hints = {h: next(line for line in lines if line.strip().startswith(h)) for h in ("web", "terminal", "curl")}
+        assert f"web chat:      {base}/" in hints["web"], lines
+        assert f"rlchat chat {base}" in hints["terminal"] and f"curl {base}/v1/chat/completions" in hints["curl"]
+        assert f"OpenAI(base_url='{base}/v1'" in "".join(lines), lines
         until = time.monotonic() + 45  # Ray's agent exports what replicas recorded every few seconds
 
         def answered(text: str) -> bool:  # our counter's line for the 200s (other exporters have status_code="200")
@@ -131,3 +137,24 @@ def test_start_up_hints_name_where_the_key_is_and_never_the_key(tmp_path):
     assert chat == " --api-key-file 'my keys/key.txt'"
     curl, chat = key_hints(ServeConfig(api_key="s3cret"))
     assert "$RLCHAT_API_KEY" in curl and chat == " --api-key $RLCHAT_API_KEY"
+
+
+def test_rlchat_serve_refuses_a_port_something_listens_on(tmp_path):
+    """A second ``rlchat serve`` on a port in use started without a word (the Ray it starts brings a Serve proxy
+    that binds with port reuse), and the two servers -- two checkpoints -- took turns answering one URL."""
+    import socket
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        rlchat = Path(sys.executable).with_name("rlchat")
+        for extra in (["--port", str(port)], ["--port", str(port), "--host", "0.0.0.0"]):
+            out = subprocess.run(
+                [str(rlchat), "serve", str(ckpt), *extra], env=env, capture_output=True, text=True, timeout=120
+            )
+            assert out.returncode == 2, out.stdout + out.stderr
+            assert f":{port} is already in use" in out.stderr and "--port" in out.stderr, out.stderr
+            assert "Traceback" not in out.stderr + out.stdout

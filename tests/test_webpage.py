@@ -76,6 +76,9 @@ def test_chat_page_in_headless_chromium(serve_app, tmp_path: Path):
             page.fill("#input", "Hello?")
             page.press("#input", "Enter")
             sync_api.expect(page.locator(".msg.error")).to_contain_text("401")
+            # ...and it points at the key, keeping the message (it was taken for a refusal of the message itself)
+            sync_api.expect(page.locator(".msg.error")).to_contain_text("API key field")
+            sync_api.expect(page.locator(".msg.user")).to_have_text("Hello?")
 
             # the right key, a fresh conversation, controls set, a streamed reply
             page.fill("#api-key", serve_app.api_key)

@@ -311,7 +311,7 @@ class RemoteBackend:
             raise RLChatError(f"{self.url}: cannot connect ({_cause_name(e)}); is `rlchat serve` running?") from None
         except openai.APIStatusError as e:
             raise RLChatError(f"{self.url}/v1/models: {_status_message(e)}") from None
-        except (openai.APIError, ValueError, TypeError) as e:
+        except (openai.APIError, ValueError, TypeError, AttributeError) as e:  # the SDK parsing another page
             raise RLChatError(f"{self.url}/v1/models: not an OpenAI model list ({_first_line(e)})") from None
         self.info: dict[str, Any] = cards[0].model_dump() if cards else {}
         self.model = str(self.info.get("id") or "rlchat")
@@ -377,8 +377,10 @@ class RemoteBackend:
                         if finish_reason:
                             self.last.finish_reason = finish_reason
                             complete = True
-        except openai.APIStatusError as e:  # refused (400, 401, ...): the server's message
-            raise RLChatError(_status_message(e)) from None
+        except openai.APIStatusError as e:
+            if e.status_code == 429 or e.status_code >= 500:  # busy or failing, after the SDK's retries: ask again
+                raise ReplyInterrupted(_status_message(e)) from None
+            raise RLChatError(_status_message(e)) from None  # refused (400, 401, ...): the server's message
         except (openai.APIConnectionError, openai.APITimeoutError) as e:
             if started:
                 raise ReplyInterrupted(f"{broke} ({_cause_name(e)})") from None

@@ -286,13 +286,17 @@ def resolve_path_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=.*", re.DOTALL)
+"""A ``key=value`` config override (a key of letters, digits, ``_`` and dots)."""
+
+
 def _serve_positionals(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``rlchat serve`` takes an optional checkpoint and then overrides; argparse hands the first override to the
     checkpoint when there is none (``rlchat serve --from-run RUN serve.max_batch_size=8``). A ``key=value`` whose key
     is a config key (letters, digits, ``_`` and dots: no ``/``, so no path or URI such as ``runs/lr=3e-4/...``) and
     that is no file here is an override."""
     ckpt = kwargs.get("checkpoint")
-    if isinstance(ckpt, str) and re.fullmatch(r"[A-Za-z_][\w.]*=.*", ckpt, re.DOTALL) and not os.path.exists(ckpt):
+    if isinstance(ckpt, str) and _OVERRIDE.fullmatch(ckpt) and not os.path.exists(ckpt):
         return {**kwargs, "checkpoint": None, "overrides": [ckpt, *(kwargs.get("overrides") or [])]}
     return kwargs
 
@@ -304,7 +308,15 @@ QUIET_COMMANDS = ("demo", "sft", "rm", "train", "tune", "serve", "generate", "pr
 def main(argv: list[str] | None = None) -> int:
     from rlchat.core import console
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # argparse fills `key=value ...` only up to the first flag: take overrides that follow flags too
+    # (`rlchat serve CKPT --port 8123 serve.max_batch_size=1`); anything else unknown is still an error
+    late = [a for a in unknown if _OVERRIDE.fullmatch(a)]
+    if len(late) < len(unknown) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:
+        args.overrides = [*(args.overrides or []), *late]
     kwargs = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("log_level",)}
     for k in ("command", "config_command", "data_command"):
         kwargs.pop(k, None)

@@ -24,6 +24,29 @@ from serve.settings import (
 )
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on. Why: the Ray that ``rlchat serve`` starts brings a Serve proxy
+    that binds with port reuse, so a second ``rlchat serve`` on a busy port started without a word and the two
+    servers (two checkpoints) took turns answering one URL.
+
+    Raises:
+        ConfigError: the port is taken, or not a port.
+    """
+    import socket
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"serve.port={port} is not a TCP port; give one in 1-65535 (--port 8000)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"{host}:{port} is already in use ({e.strerror}; another rlchat serve?); stop it or pass --port"
+            ) from None
+
+
 def key_hints(s: ServeConfig) -> tuple[str, str]:
     """How the start-up hints pass the API key: the curl header and ``rlchat chat``'s flags. They name where the key
     is (its file, or ``RLCHAT_API_KEY``) and never the key itself, which would land in the terminal's scrollback."""
@@ -107,6 +130,8 @@ def serve_command(
         # Direct-ingress replicas stay up 30 s after a stop by default so that an outside load balancer can drop them;
         # this command owns its HAProxy, so Ctrl-C need not wait for that.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    if starts_local:
+        check_port_free(s.host, s.port)
     init_ray(address, settings.config.ray.num_cpus)
     settings = ship_checkpoints(settings)  # the object store needs Ray
     shipped = settings.shipped is not None or any(v.shipped is not None for v in settings.versions)
@@ -138,9 +163,9 @@ def serve_command(
             print(f"  ingress: {s.ingress} (serve.ingress)")
             from serve.metrics import metrics_export_url  # the port of the Ray started here is Ray's random pick
 
-            url = metrics_export_url()
-            if url is not None:
-                print(f"  metrics:       Prometheus text at {url}")
+            metrics_url = metrics_export_url()
+            if metrics_url is not None:
+                print(f"  metrics:       Prometheus text at {metrics_url}")
         elif active_ingress() != s.ingress:
             print(
                 f"  note: serve.ingress={s.ingress} applies when rlchat serve starts Ray itself; on this cluster the "
