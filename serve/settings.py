@@ -123,6 +123,15 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
     s = cfg.serve
     if s.max_batch_size < 1:
         raise ConfigError(f"serve.max_batch_size={s.max_batch_size}: expected at least 1 (1 = no batching)")
+    for key, value, fix in (
+        ("max_tokens", s.max_tokens, "e.g. 512 (the longest reply a request may ask for)"),
+        ("max_messages", s.max_messages, "e.g. 64 messages per request"),
+        ("max_chars", s.max_chars, "e.g. 32000 characters per request"),
+    ):
+        if value < 1:
+            raise ConfigError(f"serve.{key}={value}: expected at least 1; use {fix}")
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"serve.port={s.port}: expected a TCP port in 1-65535, e.g. 8000")
     if s.batch_wait_timeout_s < 0:
         raise ConfigError(f"serve.batch_wait_timeout_s={s.batch_wait_timeout_s}: expected >= 0, e.g. 0.01")
     if s.replicas < 1:

@@ -340,6 +340,10 @@ def test_resolve_settings_and_deployment_options(ckpt, tmp_path, monkeypatch):
     assert resolve_settings({"checkpoint": str(ckpt)}).config.serve.api_key == "from-env"
     with pytest.raises(ConfigError, match="unknown"):
         resolve_settings({"checkpoint": str(ckpt), "max_batchsize": 4})
+    # limits that no request could meet (a server with max_tokens=-5 started, then refused every request)
+    for key, value in (("max_tokens", -5), ("max_messages", 0), ("max_chars", 0), ("port", 99999), ("port", -1)):
+        with pytest.raises(ConfigError, match=f"serve.{key}={value}: expected"):
+            resolve_settings({"checkpoint": str(ckpt), key: value})
     with pytest.raises(ConfigError, match="exactly one"):
         resolve_settings({"checkpoint": str(ckpt), "from_run": str(tmp_path)})
     # --from-run: the run's best checkpoint
