@@ -362,3 +362,12 @@ def test_overrides_may_follow_flags_on_the_command_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["config", "show", "--config", config, "--no-such-flag"])
     assert exit_.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_a_command_piped_into_head_ends_quietly(tmp_path):
+    """``rlchat config keys | head -1`` ended in a ``BrokenPipeError`` traceback once ``head`` closed the pipe."""
+    rlchat = Path(sys.executable).with_name("rlchat")
+    out = subprocess.run(
+        f"'{rlchat}' config keys | head -1", shell=True, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.stdout.startswith("seed") and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out

@@ -344,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=console.console())
         return 130
+    except BrokenPipeError:  # `rlchat ... | head`: the reader has gone, as a Unix tool would, end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit fails otherwise
+        return 141
     except Exception as e:
         if console.log_path() is None:
             raise
