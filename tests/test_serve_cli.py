@@ -5,6 +5,7 @@ streamed, and Ctrl-C stops it cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -54,6 +55,7 @@ def test_rlchat_serve_as_typed_answers_through_haproxy_and_stops_on_ctrl_c(tmp_p
     # As from a terminal: Ctrl-C's default disposition. A process inherits an ignored SIGINT across exec, and this
     # test's own process may ignore it by now (seen in the full suite: the child never saw Ctrl-C).
     reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    before = set(_haproxies())
     proc = subprocess.Popen(
         [sys.executable, "-c", reset, *command],
         cwd=elsewhere,
@@ -123,6 +125,11 @@ def test_rlchat_serve_as_typed_answers_through_haproxy_and_stops_on_ctrl_c(tmp_p
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+            # the HAProxy that Ray started outlives a killed driver and keeps its stats and metrics ports, which
+            # fails every later HAProxy start on this machine: take ours down with it
+            for pid in set(_haproxies()) - before:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
 
 
 def test_start_up_hints_name_where_the_key_is_and_never_the_key(tmp_path):

@@ -400,8 +400,10 @@ def test_canary_split_explicit_pick_promote_and_roll_back_without_dropping_reque
         store = FeedbackStore(f"sqlite:///{ckpts['a'].parent / 'fb.db'}")
         rated = {r["request_id"]: r["model_version"] for r in store.rows("ratings")}
         store.close()
-        # each version's label is its checkpoint's (``<run>/<checkpoint dir>``: here the directory alone)
-        assert rated == {labels["canary"]: ckpts["b"].name, labels["stable"]: ckpts["a"].name}, rated
+        # each version's label is its name and its checkpoint's (``<version>/<run>/<checkpoint dir>``: here the
+        # directory alone)
+        expected = {labels["canary"]: f"canary/{ckpts['b'].name}", labels["stable"]: f"stable/{ckpts['a'].name}"}
+        assert rated == expected, rated
 
         # the metrics tell the versions apart (the ``version`` tag): 20 replies from stable, 4 from the canary
         _check_version_metrics(ray_local, {"stable": 20, "canary": 4})
