@@ -440,15 +440,20 @@ class ChatServer:
         label = self.cfg.model_version or default_model_version(spec.checkpoint)
         if spec.name != self.model_name:  # a named version (app args or a config update): its name first
             label = f"{spec.name}/{label}"
-        return load_version(
-            spec,
-            self.cfg,
-            self.settings.config.model.precision,
-            self.device,
-            label=label,
-            cache_dir=self.cfg.checkpoint_cache,
-            observer=self.metrics.for_version(spec.name),
-        )
+        observer = self.metrics.for_version(spec.name)
+        try:
+            return load_version(
+                spec,
+                self.cfg,
+                self.settings.config.model.precision,
+                self.device,
+                label=label,
+                cache_dir=self.cfg.checkpoint_cache,
+                observer=observer,
+            )
+        except BaseException:
+            observer.close()  # a version that never loaded reports nothing
+            raise
 
     @property
     def served(self) -> ServedVersion:
@@ -1124,9 +1129,9 @@ class ChatServer:
                     self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=True, error="client_disconnected")
             if not started:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
+            self._started(cid)  # it has its first item: no longer waiting, whatever happens to the response
             refused = _refused_before_start(first)
             if refused is not None:
-                self._started(cid)
                 await items.aclose()
                 raise self._failure(refused, cid, t0, stream=True)
             events = self._stream(req, fmt, messages, prompt, params, job, items, t0, conversation)

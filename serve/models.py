@@ -766,18 +766,23 @@ async def follow_run(
     interval_s: float,
     current: Callable[[], Path],
     swap: Callable[[Path], Awaitable[None]],
+    retry_s: float | None = None,
 ) -> None:
     """Every ``interval_s``, look up the run's best checkpoint; when it differs from ``current()``, ``swap`` to it.
 
     Errors (a run directory mid-write, a checkpoint that fails to load) are logged once per cause and retried at
-    the next tick; the served model stays as it is meanwhile. A checkpoint that failed to load is tried again only
-    once its files change (each try may start an engine process that spends seconds failing).
+    the next tick; the served model stays as it is meanwhile. A checkpoint that failed to load is tried again at
+    once when its files change, else after ``retry_s`` (default ``max(60 s, 10 ticks)``), doubling up to an hour:
+    each try may start an engine process that spends seconds failing, and the cause may pass (memory held by the
+    old model, a slow network file system).
     """
     from rlchat.checkpoint import find_best_checkpoint
 
     loop = asyncio.get_running_loop()
     last_error = ""
+    first_retry_s = retry_s if retry_s is not None else max(60.0, 10 * interval_s)
     failed: tuple[Path, tuple] | None = None  # the best checkpoint that failed to load, and its files then
+    retry_at, backoff_s = 0.0, first_retry_s
     while True:
         await asyncio.sleep(interval_s)
         try:
@@ -785,9 +790,13 @@ async def follow_run(
             if best.resolve() != Path(current()).resolve():
                 files = await loop.run_in_executor(None, _files_signature, best)
                 if failed == (best, files):
-                    continue  # unchanged since it failed: nothing new to try
+                    if time.monotonic() < retry_at:
+                        continue  # unchanged since it failed: try again after the backoff
+                    backoff_s = min(2 * backoff_s, 3600.0)
+                else:
+                    backoff_s = first_retry_s
                 logger.info("follow: %s has a new best checkpoint %s; loading it", run_dir, best)
-                failed = (best, files)
+                failed, retry_at = (best, files), time.monotonic() + backoff_s
                 await swap(best)
                 failed = None
             last_error = ""
@@ -801,7 +810,9 @@ async def follow_run(
                     run_dir,
                     msg,
                     interval_s,
-                    ", a checkpoint that failed to load once its files change" if failed is not None else "",
+                    f", a checkpoint that failed to load when its files change or in {backoff_s:g} s"
+                    if failed is not None
+                    else "",
                 )
                 last_error = msg
 

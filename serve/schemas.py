@@ -322,9 +322,9 @@ class ChatCompletionRequest(SamplingFields):
     prompt_cache_options: dict[str, Any] | None = None
     """Accepted and ignored."""
     verbosity: str | None = None
-    """Only null or ``"medium"`` (the default): the model has no verbosity setting."""
+    """Accepted and ignored (a hint; the model has no verbosity setting)."""
     moderation: dict[str, Any] | None = None
-    """Only null: the server's own filter is ``serve.safety_filter``."""
+    """Only null or ``{}``: the server's own filter is ``serve.safety_filter``."""
     # extension
     num_beams: int | None = Field(default=None, ge=1, le=8)
     """Deterministic beam search of this width (``n`` must be 1)."""
@@ -365,11 +365,7 @@ class ChatCompletionRequest(SamplingFields):
                 raise unsupported(key, why)
         if self.reasoning_effort is not None:
             raise unsupported("reasoning_effort", "the model has no reasoning-effort setting; leave it out")
-        if self.verbosity not in (None, "medium"):
-            raise unsupported(
-                "verbosity", "the model has no verbosity setting; ask for a short or long reply in the prompt"
-            )
-        if self.moderation:
+        if self.moderation:  # asked to moderate: ignoring it would leave the client believing it happened
             raise unsupported(
                 "moderation",
                 "per-request moderation is not supported; the server's safety filter is serve.safety_filter",

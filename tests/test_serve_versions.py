@@ -566,6 +566,7 @@ def test_a_config_update_that_cannot_load_keeps_the_running_replica_serving(ckpt
         try:
             await server.reconfigure({"versions": [good]})
             server.check_health()  # Serve's health checks have begun: the replica is serving
+            observers = len(server.metrics._queued)  # noqa: SLF001
             for bad in bad_configs:
                 await server.reconfigure(bad)  # no exception: Serve would stop this replica
                 assert server.models.names() == ["stable"]
@@ -573,6 +574,7 @@ def test_a_config_update_that_cannot_load_keeps_the_running_replica_serving(ckpt
                 assert reply.status_code == 200
                 ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
                 assert ready["status"] == "ready" and "user_config.versions" in ready["last_update_error"]["error"]
+                assert len(server.metrics._queued) == observers  # noqa: SLF001 - a failed load's observer is closed
             await server.reconfigure({"versions": [{**good, "weight": 50}]})  # a good update clears it
             ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
             assert "last_update_error" not in ready
@@ -649,7 +651,8 @@ def test_a_replica_started_later_in_a_followed_run_loads_the_runs_best_checkpoin
 def test_follow_tries_a_best_checkpoint_that_failed_to_load_again_only_once_it_changes(ckpts, tmp_path, caplog):
     """A best checkpoint that fails to load (corrupt weights) was loaded again at every tick, for as long as it
     stayed the run's best: with ``serve.engine_process`` each try started an engine process that spent ~6 s of CPU
-    failing, and "loading it" was logged at every tick. It is tried again once its files change."""
+    failing, and "loading it" was logged at every tick. It is tried again once its files change, or after a
+    backoff that doubles (the cause may pass: memory, a slow file system)."""
     import asyncio
     import logging
 
@@ -667,16 +670,29 @@ def test_follow_tries_a_best_checkpoint_that_failed_to_load_again_only_once_it_c
         tries.append(path)
         raise CheckpointError(f"{path}: model weights are truncated")
 
+    async def until(n: int, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(tries) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
     async def main() -> None:
         task = asyncio.create_task(follow_run(str(run), 0.01, lambda: current, swap))
-        await asyncio.sleep(0.5)
+        await until(1)
+        await asyncio.sleep(0.5)  # 50 ticks: none tries it again (the default backoff is 60 s)
         assert len(tries) == 1, len(tries)
         (run / "checkpoints" / "step_000200" / "extra.txt").write_text("rewritten")  # the trainer rewrote it
-        await asyncio.sleep(0.5)
+        await until(2)
         assert len(tries) == 2, len(tries)
         task.cancel()
+        # unchanged files are tried again after the backoff, which doubles (the cause may have passed)
+        tries.clear()
+        task = asyncio.create_task(follow_run(str(run), 0.01, lambda: current, swap, retry_s=0.2))
+        t0 = time.monotonic()
+        await until(3)
+        task.cancel()
+        assert len(tries) == 3 and time.monotonic() - t0 >= 0.6 - 0.05, (len(tries), time.monotonic() - t0)
 
     with caplog.at_level(logging.INFO, logger=models_logger.name):
         asyncio.run(main())
-    assert sum("loading it" in r.getMessage() for r in caplog.records) == 2
+    assert sum("loading it" in r.getMessage() for r in caplog.records) == 5
     assert "retrying every 0.01 s" in caplog.text  # was "every 0 s"

@@ -305,6 +305,18 @@ QUIET_COMMANDS = ("demo", "sft", "rm", "train", "tune", "serve", "generate", "pr
 """Long-running commands whose Ray / transformers logs go to ``RUN_DIR/logs/console.log`` unless ``--verbose``."""
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error on the write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or stdout is not a real file
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlchat.core import console
 
@@ -344,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=console.console())
         return 130
-    except BrokenPipeError:  # `rlchat ... | head`: the reader has gone, as a Unix tool would, end quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit fails otherwise
+    except BrokenPipeError as e:
+        if not _stdout_reader_gone():
+            return fail(f"{type(e).__name__}: {e}", 1)  # another pipe or socket broke: say so
+        # `rlchat ... | head`: the reader of our output has gone; end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit fails otherwise
         return 141
     except Exception as e:
         if console.log_path() is None:
