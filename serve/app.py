@@ -435,11 +435,15 @@ class ChatServer:
             return specs
         return (dataclasses.replace(specs[0], checkpoint=str(best)),)
 
+    def _label(self, spec: VersionSpec) -> str:
+        """A version's feedback-store label: ``serve.model_version`` or ``<run>/<checkpoint>``, after its name
+        when it is a named version (app args or a config update)."""
+        label = self.cfg.model_version or default_model_version(spec.checkpoint)
+        return label if spec.name == self.model_name else f"{spec.name}/{label}"
+
     def _load_version(self, spec: VersionSpec) -> ServedVersion:
         """Load one version (blocking; :meth:`reconfigure` and the follower run it on a loader thread)."""
-        label = self.cfg.model_version or default_model_version(spec.checkpoint)
-        if spec.name != self.model_name:  # a named version (app args or a config update): its name first
-            label = f"{spec.name}/{label}"
+        label = self._label(spec)
         observer = self.metrics.for_version(spec.name)
         try:
             return load_version(
@@ -529,7 +533,7 @@ class ChatServer:
                 )
             else:
                 resolved.append(spec)
-        await self.models.apply(resolved, self._load_version)
+        await self.models.apply(resolved, self._load_version, self._label)
 
     def _start_follower(self) -> None:
         """``serve.follow``: watch the run's best checkpoint and swap to each new one (:func:`follow_run`)."""

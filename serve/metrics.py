@@ -266,6 +266,17 @@ class ServeMetrics:
             with self._lock:
                 self.totals["generated_tokens"] += n
 
+    def rename(self, observer: VersionMetrics, version: str) -> None:
+        """Move ``observer`` (and the jobs it has waiting) from its version's name to ``version``."""
+        with self._lock:
+            old, observer.version = observer.version, version
+            if version not in self._names:
+                self._names.add(version)
+                self.rejected.touch({"reason": REJECT_QUEUE_TIMEOUT, "version": version})
+            for name in (old, version):
+                total = sum(n for o, n in self._queued.items() if o.version == name)
+                self.queue_depth.set(total, {"version": name})
+
     def set_queued(self, observer: VersionMetrics, queued: int | None) -> None:
         """``observer``'s scheduler has ``queued`` jobs waiting (None: it closed); sets its name's gauge to the
         sum over that name's open schedulers. A report from a closed one changes nothing."""
@@ -335,6 +346,10 @@ class VersionMetrics:
     def close(self) -> None:
         """The scheduler closed: the jobs it had waiting no longer count (its later reports are ignored)."""
         self.metrics.set_queued(self, None)
+
+    def rename(self, version: str) -> None:
+        """The scheduler now serves version ``version`` (a renamed version): its samples carry that tag."""
+        self.metrics.rename(self, version)
 
 
 class RequestTimer:

@@ -459,6 +459,7 @@ class ServedVersion:
         self.max_positions = max_positions
         self.label = label
         self.observer = observer
+        self.owns_scheduler = True  # False once handed to a renamed twin (renamed): closing leaves it running
         self.loaded_at = time.time()
         self.inflight = 0
         self.closed = False
@@ -502,11 +503,33 @@ class ServedVersion:
             "loaded_at": int(self.loaded_at),
         }
 
+    def renamed(self, spec: VersionSpec, label: str) -> ServedVersion:
+        """This version's model, engine and scheduler under ``spec``'s name and weight, with feedback ``label``:
+        a config update that names a loaded checkpoint anew gets no second copy of the model. This object keeps
+        answering the requests it has and hands the scheduler over (closing it after its drain leaves it running)."""
+        twin = ServedVersion(
+            spec,
+            self.checkpoint,
+            self.tokenizer,
+            self.engine,
+            self.scheduler,
+            self.max_positions,
+            label,
+            self.observer,
+        )
+        if self.observer is not None:
+            self.observer.rename(spec.name)
+        self.observer, self.owns_scheduler = None, False
+        return twin
+
     def close(self) -> None:
         """Stop the scheduler's generation threads or engine process, so the model's memory can be freed (a
         ``Batcher`` waits up to a step for its thread: call it off the event loop), and close its metrics observer
-        (jobs it still had waiting leave the queue depth)."""
+        (jobs it still had waiting leave the queue depth). A version whose scheduler went to a renamed twin only
+        marks itself closed."""
         self.closed = True
+        if not self.owns_scheduler:
+            return
         if self.observer is not None:
             self.observer.close()
         try:
@@ -701,9 +724,16 @@ class ModelSet:
         self.swaps += 1
         return gone
 
-    async def apply(self, specs: Sequence[VersionSpec], load: Callable[[VersionSpec], ServedVersion]) -> None:
+    async def apply(
+        self,
+        specs: Sequence[VersionSpec],
+        load: Callable[[VersionSpec], ServedVersion],
+        label: Callable[[VersionSpec], str] | None = None,
+    ) -> None:
         """Make ``specs`` the served set: load new or changed versions (``load`` runs on a loader thread), swap,
-        then drain the versions that were replaced or removed.
+        then drain the versions that were replaced or removed. With ``label`` (a spec's feedback label), a spec
+        naming the checkpoint of a version that is leaving takes that version's model over
+        (:meth:`ServedVersion.renamed`) instead of loading it again.
 
         Raises:
             Exception: whatever a load raised; nothing was swapped then (the old set keeps serving).
@@ -711,10 +741,16 @@ class ModelSet:
         async with self._lock:
             loop = asyncio.get_running_loop()
             keep, loaded = [], []
+            staying = {
+                s.name for s in specs if s.name in self.versions and self.versions[s.name].spec.source == s.source
+            }
+            spare = {v.spec.checkpoint: v for n, v in self.versions.items() if n not in staying}
             for spec in specs:
                 old = self.versions.get(spec.name)
                 if old is not None and old.spec.source == spec.source:
                     keep.append(old)
+                elif label is not None and spec.checkpoint in spare:
+                    keep.append(spare.pop(spec.checkpoint).renamed(spec, label(spec)))
                 else:
                     try:
                         loaded.append(await loop.run_in_executor(None, load, spec))

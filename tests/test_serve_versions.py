@@ -696,3 +696,55 @@ def test_follow_tries_a_best_checkpoint_that_failed_to_load_again_only_once_it_c
         asyncio.run(main())
     assert sum("loading it" in r.getMessage() for r in caplog.records) == 5
     assert "retrying every 0.01 s" in caplog.text  # was "every 0 s"
+
+
+def test_a_config_update_naming_a_loaded_checkpoint_reuses_its_model(ckpts, monkeypatch):
+    """A replica started from the docs' YAML loads the app's checkpoint as the alias's version, then Serve's first
+    ``reconfigure`` names that same checkpoint ``stable`` beside a ``canary``: it was loaded a second time (three
+    models resident until the first drained, on every replica start: on a GPU, a second copy of a large model). A
+    renamed version loaded it again too. A loaded checkpoint under a new name now reuses its engine and scheduler;
+    the old name drains without closing them."""
+    import asyncio
+
+    import serve.models as models_module
+
+    loads: list[str] = []
+    monkeypatch.setattr(models_module, "DRAIN_GRACE_S", 0.0)
+    route, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    async def main() -> None:
+        server = await testing.inprocess_server(ckpts["a"], engine_process=False)
+        real_load = server._load_version  # noqa: SLF001
+
+        def counting_load(spec: VersionSpec) -> Any:
+            loads.append(spec.name)
+            return real_load(spec)
+
+        server._load_version = counting_load  # noqa: SLF001
+        try:
+            engine = server.models.default.engine
+            await server.reconfigure(
+                {
+                    "versions": [
+                        {"name": "stable", "checkpoint": str(ckpts["a"]), "weight": 90},
+                        {"name": "canary", "checkpoint": str(ckpts["b"]), "weight": 10},
+                    ]
+                }
+            )
+            assert loads == ["canary"], loads  # not the app's own checkpoint again
+            assert server.models.versions["stable"].engine is engine
+            await server.reconfigure({"versions": [{"name": "prod", "checkpoint": str(ckpts["b"]), "weight": 1}]})
+            assert loads == ["canary"], loads  # renamed, not reloaded
+            for _ in range(100):  # the old names drain (no request in flight) and are closed
+                if not server.models.draining:
+                    break
+                await asyncio.sleep(0.05)
+            assert not server.models.draining
+            reply = await server.chat_completions(testing.post_request(route, {**body, "model": "prod"}))
+            assert reply.status_code == 200 and server.models.versions["prod"].alive
+            assert server.models.versions["prod"].label.startswith("prod/")
+        finally:
+            for v in server.models.versions.values():
+                v.close()
+
+    asyncio.run(main())
