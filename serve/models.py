@@ -740,25 +740,37 @@ class ModelSet:
         """
         async with self._lock:
             loop = asyncio.get_running_loop()
-            keep, loaded = [], []
             staying = {
                 s.name for s in specs if s.name in self.versions and self.versions[s.name].spec.source == s.source
             }
             spare = {v.spec.checkpoint: v for n, v in self.versions.items() if n not in staying}
+            plan: list[tuple[VersionSpec, ServedVersion | None]] = []  # (spec, the loaded version it keeps or takes)
             for spec in specs:
                 old = self.versions.get(spec.name)
                 if old is not None and old.spec.source == spec.source:
-                    keep.append(old)
+                    plan.append((spec, old))
                 elif label is not None and spec.checkpoint in spare:
-                    keep.append(spare.pop(spec.checkpoint).renamed(spec, label(spec)))
+                    plan.append((spec, spare.pop(spec.checkpoint)))
                 else:
-                    try:
+                    plan.append((spec, None))
+            loaded: list[ServedVersion] = []
+            try:  # every load first: one that fails leaves the served set (and what it would hand over) untouched
+                for spec, have in plan:
+                    if have is None:
                         loaded.append(await loop.run_in_executor(None, load, spec))
-                    except BaseException:
-                        for v in loaded:
-                            v.close()
-                        raise
-                    keep.append(loaded[-1])
+            except BaseException:
+                for v in loaded:
+                    v.close()
+                raise
+            fresh, keep = iter(loaded), []
+            for spec, have in plan:
+                if have is None:
+                    keep.append(next(fresh))
+                elif have.spec.source == spec.source:
+                    keep.append(have)
+                else:  # handed over (only planned with a label)
+                    assert label is not None
+                    keep.append(have.renamed(spec, label(spec)))
             gone = self.set(keep, {s.name: s.weight for s in specs})
             if loaded or gone:
                 logger.info(

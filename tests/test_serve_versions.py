@@ -733,8 +733,16 @@ def test_a_config_update_naming_a_loaded_checkpoint_reuses_its_model(ckpts, monk
             )
             assert loads == ["canary"], loads  # not the app's own checkpoint again
             assert server.models.versions["stable"].engine is engine
+            # an update that would rename one version but cannot load another changes nothing: the version it would
+            # have handed over still owns its model and reports under its name
+            server.check_health()  # serving: a bad update is refused, not raised
+            bad = {"name": "broken", "checkpoint": str(ckpts["a"].parent / "nope"), "weight": 1}
+            await server.reconfigure({"versions": [{"name": "prod", "checkpoint": str(ckpts["b"]), "weight": 1}, bad]})
+            assert set(server.models.names()) == {"stable", "canary"} and loads == ["canary", "broken"]
+            canary = server.models.versions["canary"]
+            assert canary.owns_scheduler and canary.observer is not None and canary.observer.version == "canary"
             await server.reconfigure({"versions": [{"name": "prod", "checkpoint": str(ckpts["b"]), "weight": 1}]})
-            assert loads == ["canary"], loads  # renamed, not reloaded
+            assert loads == ["canary", "broken"], loads  # renamed, not reloaded
             for _ in range(100):  # the old names drain (no request in flight) and are closed
                 if not server.models.draining:
                     break
