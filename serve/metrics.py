@@ -236,11 +236,15 @@ class ServeMetrics:
         observer = VersionMetrics(self, version)
         with self._lock:
             self._queued[observer] = 0
-            if version not in self._names:
-                self._names.add(version)
-                self.rejected.touch({"reason": REJECT_QUEUE_TIMEOUT, "version": version})
-                self.queue_depth.set(0, {"version": version})
+            self._first_seen(version)
         return observer
+
+    def _first_seen(self, version: str) -> None:
+        """(Under the lock.) A version name's queue-depth and ``queue_timeout`` series start at 0 when first seen."""
+        if version not in self._names:
+            self._names.add(version)
+            self.rejected.touch({"reason": REJECT_QUEUE_TIMEOUT, "version": version})
+            self.queue_depth.set(0, {"version": version})
 
     # ---------------------------------------------------------------------------------- scheduler observer
     def record_step(self, rows: int, seconds: float, version: str = "") -> None:
@@ -270,9 +274,7 @@ class ServeMetrics:
         """Move ``observer`` (and the jobs it has waiting) from its version's name to ``version``."""
         with self._lock:
             old, observer.version = observer.version, version
-            if version not in self._names:
-                self._names.add(version)
-                self.rejected.touch({"reason": REJECT_QUEUE_TIMEOUT, "version": version})
+            self._first_seen(version)
             for name in (old, version):
                 total = sum(n for o, n in self._queued.items() if o.version == name)
                 self.queue_depth.set(total, {"version": name})
