@@ -1325,13 +1325,8 @@ class ChatServer:
                 first_token_ms=f"{first_token_ms or 0:.0f}",
                 finish=",".join(reasons),
             )
-        except DeadlineExceeded:  # the response has started (200): the 503 goes in-band, as errors below do
-            done = True
-            self.stats.errors += 1
-            err = self._queue_timeout(cid, t0, stream=True)
-            yield {"data": json.dumps(err.body())}
-            yield {"data": "[DONE]"}
         except Exception as e:  # noqa: BLE001 - the response has started: report in-band, as OpenAI does
+            # (a deadline in the queue cannot reach here: the response starts with the job's first item)
             done = True
             self.stats.errors += 1
             user_error = isinstance(e, RLChatError)
