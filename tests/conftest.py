@@ -87,6 +87,18 @@ def _torch_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def no_replica_context(monkeypatch):
+    """For a replica built in process (``serve.testing.inprocess_server``): there is no Serve replica context, so
+    the routes that read one (``/readyz``) get a stand-in replica id."""
+    from types import SimpleNamespace
+
+    import serve.app as app_module
+
+    replica = SimpleNamespace(replica_id=SimpleNamespace(unique_id="r"))
+    monkeypatch.setattr(app_module.ray_serve, "get_replica_context", lambda: replica)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # PostgreSQL: Debian's `postgresql` package (`make postgres`), one unprivileged server per session
 # --------------------------------------------------------------------------------------------------------------

@@ -690,19 +690,13 @@ def test_a_running_requests_conversation_id_survives_thousands_of_refused_reques
     asyncio.run(main())
 
 
-def test_readyz_is_a_503_naming_the_version_whose_engine_died(tmp_path, monkeypatch):
+def test_readyz_is_a_503_naming_the_version_whose_engine_died(tmp_path, no_replica_context):
     """``/readyz`` said ``"status": "ready"`` after a version's engine process had died, so a load balancer or
     Kubernetes probe kept sending traffic that got 500s until Serve's health check replaced the replica. It now
     answers 503 ``unhealthy`` naming the dead versions, as ``check_health`` does, and each version says ``alive``."""
     import asyncio
     import time
-    from types import SimpleNamespace
 
-    import serve.app as app_module
-
-    monkeypatch.setattr(  # in process there is no Serve replica context
-        app_module.ray_serve, "get_replica_context", lambda: SimpleNamespace(replica_id=SimpleNamespace(unique_id="r"))
-    )
     ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
 
     async def main() -> None:

@@ -535,7 +535,7 @@ def test_a_finished_stream_does_not_keep_its_version_in_memory():
     assert not alive, "the finished request's context still holds its version"
 
 
-def test_a_config_update_that_cannot_load_keeps_the_running_replica_serving(ckpts, monkeypatch):
+def test_a_config_update_that_cannot_load_keeps_the_running_replica_serving(ckpts, no_replica_context):
     """A ``user_config`` update whose version cannot load raised from ``reconfigure``: Ray Serve then stopped the
     running replica, and its replacements failed on the same config, so one bad path took the whole app down
     (every request a 503). A replica that is serving now keeps its set and reports the error in ``/readyz``; at
@@ -543,11 +543,6 @@ def test_a_config_update_that_cannot_load_keeps_the_running_replica_serving(ckpt
     import asyncio
     import json as jsonlib
 
-    import serve.app as app_module
-
-    monkeypatch.setattr(  # in process there is no Serve replica context
-        app_module.ray_serve, "get_replica_context", lambda: SimpleNamespace(replica_id=SimpleNamespace(unique_id="r"))
-    )
     route, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     good = {"name": "stable", "checkpoint": str(ckpts["a"]), "weight": 90}
     bad_configs = [
