@@ -89,6 +89,7 @@ import importlib
 import json
 import logging
 import os
+import reprlib
 import sys
 import time
 import uuid
@@ -112,7 +113,7 @@ from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer
 from rlchat.tokenizer import ContextOverflowError, fit_history
 from serve.batching import DeadlineExceeded, GenerationJob, JobOutput, SubmittedNow, row_seeds
 from serve.feedback import FeedbackRecorder
-from serve.formats import ChatFormat, CompletionFormat, ResponseFormat
+from serve.formats import ChatFormat, CompletionFormat, PlainChoice, ResponseFormat
 from serve.metrics import REJECT_OVERLOADED, REJECT_QUEUE_TIMEOUT, RequestTimer, ServeMetrics
 from serve.models import (
     VERSION_HEADER,
@@ -165,6 +166,9 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger("ray.serve").getChild("rlchat")
+
+_NAME_REPR = reprlib.Repr()
+_NAME_REPR.maxstring = 120  # a client's name as errors quote it: cut, so a 200 KB name is not echoed whole
 
 STREAM_INTERVAL_S = 0.02
 """Streamed text is sent at most this often per choice (the first piece at once): each SSE event costs a hop from
@@ -565,6 +569,15 @@ class ChatServer:
             return False
         return request.client is not None and is_loopback(request.client.host)
 
+    def _update_error_for(self, operator: bool) -> dict[str, Any]:
+        """The refused config update for ``/readyz``: its error names checkpoint paths or URIs (which may carry
+        credentials), so a client that is not the operator only learns that, and when, an update was refused."""
+        assert self._update_error is not None
+        if operator:
+            return self._update_error
+        why = "a config update was refused; its error is shown with the API key (or, with no key, from this machine)"
+        return {"error": why, "at": self._update_error["at"]}
+
     def _auth(self, request: Request) -> None:
         key = self.cfg.api_key
         if not key:
@@ -673,7 +686,8 @@ class ChatServer:
             names = ", ".join(repr(n) for n in dict.fromkeys([self.model_name, *self.models.names()]) if n)
             raise APIError(
                 404,
-                f"the model {model!r} does not exist on this server; it serves {names} (GET /v1/models)",
+                f"the model {_NAME_REPR.repr(model)} does not exist on this server; it serves {names} "
+                "(GET /v1/models)",
                 "model",
                 "model_not_found",
             )
@@ -944,7 +958,7 @@ class ChatServer:
         return JSONResponse(status_code=503 if dead else 200, content={
             "status": "unhealthy" if dead else "ready",
             **({"dead_versions": dead} if dead else {}),
-            **({"last_update_error": self._update_error} if self._update_error else {}),
+            **({"last_update_error": self._update_error_for(operator)} if self._update_error else {}),
             "model": self.model_name,
             "checkpoint": str(self.checkpoint.path) if operator else default_model_version(self.checkpoint.path),
             "stage": self.checkpoint.stage,
@@ -1105,7 +1119,7 @@ class ChatServer:
         if ignored:
             # header values are latin-1 on the wire: percent-encode whatever a client put in its key names
             headers[IGNORED_FIELDS_HEADER] = ",".join(quote(k, safe="[]._-") for k in ignored)[:1000]
-            logger.info("chat id=%s ignored unknown request fields: %s", cid, ", ".join(ignored))
+            logger.info("chat id=%s ignored unknown request fields: %s", cid, headers[IGNORED_FIELDS_HEADER])
         if self.cfg.log_bodies:
             logged = messages if messages is not None else self.tokenizer.decode(prompt)
             logger.info("chat id=%s messages=%s", cid, json.dumps(logged, ensure_ascii=False))
@@ -1156,7 +1170,7 @@ class ChatServer:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if isinstance(out, Exception):
             raise self._failure(out, cid, t0, stream=False)
-        choices: list[Any] = []
+        choices: list[PlainChoice] = []
         texts: list[str | None] = []
         reasons: list[str] = []
         for i, (tokens, reason) in enumerate(zip(out.tokens, out.finish_reasons)):
@@ -1166,7 +1180,7 @@ class ChatServer:
             elif stopped:
                 reason = FINISH_STOP
             alts = out.alternatives[i] if out.alternatives is not None and not flagged else None
-            choices.append(fmt.choice(i, text, reason, [] if flagged else tokens, alts))  # nothing of it leaves
+            choices.append((i, text, reason, [] if flagged else tokens, alts))  # nothing of a flagged reply leaves
             texts.append(None if flagged else text)
             reasons.append(reason)
         self._note_deadline(job, out)
@@ -1188,7 +1202,13 @@ class ChatServer:
         )
         if self.cfg.log_bodies:
             logger.info("chat id=%s replies=%s", cid, json.dumps(texts, ensure_ascii=False))
-        return JSONResponse(fmt.body(choices, usage), headers=headers)
+        # with log-probs the body can be megabytes (n=16 x top_logprobs=20): written on a worker thread, so the
+        # event loop goes on serving every other request meanwhile
+        if fmt.logprobs:
+            body = await asyncio.to_thread(fmt.plain_body, choices, usage)
+        else:
+            body = fmt.plain_body(choices, usage)
+        return Response(body, media_type="application/json", headers=headers)
 
     async def _stream(
         self,
@@ -1353,11 +1373,27 @@ class ChatServer:
                     completion_tokens=sum(counts),
                 )
 
+    def _feedback_client(self, request: Request) -> str:
+        """Whom the feedback rate limit counts: the client's address; behind ``serve.ingress: haproxy`` the ingress
+        as a whole. Ray's HAProxy reaches the replica from loopback and sets no ``X-Forwarded-For``, and uvicorn
+        trusts that header from loopback, so there the address is whatever the client wrote in it."""
+        if self._behind_haproxy:
+            return "haproxy"
+        return request.client.host if request.client is not None else "?"
+
     @api.post("/v1/feedback")
     async def feedback_route(self, request: Request) -> dict[str, Any]:
         self._auth(request)
-        self.feedback.rate_limit(request.client.host if request.client is not None else "?")
+        self.feedback.rate_limit(self._feedback_client(request))
         fb = parse_feedback_request(await self._body(request), strict=self.cfg.strict_requests)
+        messages = len(fb.messages or ()) + len(fb.prompt or ())
+        if messages > self.cfg.max_messages:
+            raise APIError(
+                400,
+                f"the feedback holds {messages} messages; this server accepts at most {self.cfg.max_messages}",
+                "prompt" if fb.prompt else "messages",
+                "too_many_messages",
+            )
         chars = fb.text_chars()
         if chars > self.cfg.max_chars:
             raise APIError(

@@ -24,6 +24,14 @@ from serve.schemas import (
     Usage,
 )
 
+PlainChoice = tuple[int, str, str, Sequence[int], Sequence[Any] | None]
+"""One choice of a plain reply: index, text, finish reason, tokens and their log-prob alternatives (or None)."""
+
+
+def _compact(obj: Any) -> str:
+    """JSON as Starlette's ``JSONResponse`` writes it (no spaces, no NaN)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
 
 def _chunk(cid: str, created: int, model: str, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
     body = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage).model_dump()
@@ -123,19 +131,23 @@ class ChatFormat(ResponseFormat):
         ]
         return ChoiceLogprobs(content=content)
 
-    def choice(
-        self, i: int, text: str, reason: str, tokens: Sequence[int], alts: Sequence[Any] | None
-    ) -> dict[str, Any]:
-        """One choice of a plain reply, as the response model dumps it; its log-probs from :meth:`_logprobs_json`
-        (the pydantic objects of ``n=16`` x ``top_logprobs: 20`` cost the event loop as much as a stream's did)."""
-        choice = Choice(index=i, message=AssistantMessage(content=text), finish_reason=reason).model_dump()  # type: ignore[arg-type]
-        if self.logprobs:
-            choice["logprobs"] = json.loads(self._logprobs_json(tokens, alts))
-        return choice
+    def plain_body(self, choices: Sequence[PlainChoice], usage: Usage) -> bytes:
+        """The response model's dump with each choice's log-probs from :meth:`_logprobs_json` spliced in as text.
 
-    def body(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
-        body = ChatCompletion(id=self.cid, created=self.created, model=self.model, choices=[], usage=usage)
-        return {**body.model_dump(), "choices": choices}
+        Why: ``n=16`` x ``top_logprobs: 20`` x 500 tokens is ~12 MB of JSON; as pydantic objects, or written, parsed
+        back and encoded again, it held the replica's event loop ~2 s. The splices are safe: a JSON string value
+        never holds an unescaped quote, so the first ``"logprobs":null`` / ``"choices":[]`` is the key itself."""
+        parts = []
+        for i, text, reason, tokens, alts in choices:
+            message = AssistantMessage(content=text)
+            choice = _compact(Choice(index=i, message=message, finish_reason=reason).model_dump())  # type: ignore[arg-type]
+            if self.logprobs:
+                choice = choice.replace('"logprobs":null', f'"logprobs":{self._logprobs_json(tokens, alts)}', 1)
+            parts.append(choice)
+        body = _compact(
+            ChatCompletion(id=self.cid, created=self.created, model=self.model, choices=[], usage=usage).model_dump()
+        )
+        return body.replace('"choices":[]', f'"choices":[{",".join(parts)}]', 1).encode()
 
     def first_chunk(self, n: int) -> str | None:
         roles = [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)]
@@ -194,10 +206,10 @@ class CompletionFormat(ResponseFormat):
     def choice(self, i: int, text: str, reason: str, tokens: Sequence[int], alts: Sequence[Any] | None) -> Any:
         return CompletionChoice(index=i, text=text, finish_reason=reason, logprobs=self._logprobs(tokens, alts))  # type: ignore[arg-type]
 
-    def body(self, choices: list[Any], usage: Usage) -> dict[str, Any]:
-        return Completion(
-            id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage
-        ).model_dump()
+    def plain_body(self, choices: Sequence[PlainChoice], usage: Usage) -> bytes:
+        listed = [self.choice(*c) for c in choices]
+        body = Completion(id=self.cid, created=self.created, model=self.model, choices=listed, usage=usage)
+        return _compact(body.model_dump()).encode()
 
     def _json(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         body = Completion(id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage)

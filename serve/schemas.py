@@ -481,17 +481,21 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 def _has_lone_surrogate(value: Any) -> bool:
-    """Whether any string in the parsed JSON ``value`` (keys included) cannot be encoded as UTF-8."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_lone_surrogate(v) for v in value)
+    """Whether any string in the parsed JSON ``value`` (keys included) cannot be encoded as UTF-8. A loop over a
+    stack, not recursion: ``json.loads`` reads bodies nested deeper than Python's recursion limit allows to walk."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
     return False
 
 

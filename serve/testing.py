@@ -261,9 +261,15 @@ async def inprocess_server(checkpoint: str | Path, **args: Any) -> Any:
     return server
 
 
-def post_request(path: str, body: dict[str, Any], headers: dict[str, str] | None = None, leaves: bool = False) -> Any:
-    """A Starlette request for an in-process route: ``body`` as JSON, from a loopback client that stays connected
-    (``leaves``: that disconnects once its body is read)."""
+def post_request(
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    leaves: bool = False,
+    client: str = "127.0.0.1",
+) -> Any:
+    """A Starlette request for an in-process route: ``body`` as JSON, from a client (loopback unless ``client``
+    names its address) that stays connected (``leaves``: that disconnects once its body is read)."""
     import asyncio
     import json
 
@@ -286,7 +292,7 @@ def post_request(path: str, body: dict[str, Any], headers: dict[str, str] | None
         "path": path,
         "headers": [(k.lower().encode(), v.encode()) for k, v in pairs.items()],
         "query_string": b"",
-        "client": ("127.0.0.1", 50000),
+        "client": (client, 50000),
         "server": ("127.0.0.1", 8000),
         "scheme": "http",
         "http_version": "1.1",

@@ -209,6 +209,24 @@ def test_scrubbing_never_joins_the_replies_of_two_different_prompts_into_a_pair(
     store.close()
 
 
+def test_text_with_a_nul_character_is_kept_by_both_back_ends(store):
+    """PostgreSQL text cannot hold U+0000: a rating whose reply held one (the byte-0 token) was a 500 there and
+    stored on SQLite. Both back ends now keep it as U+FFFD; an id no back end can hold is an InvalidFeedback (a
+    400), not a database error."""
+    v = "run-a/step_000010"
+    prompt = [{"role": "user", "content": "x\x00y"}]
+    store.add_rating("c1", 0, "up", prompt, "a\x00b", model_version=v, client_text=True)
+    (row,) = store.rows("ratings")
+    assert row["content"] == "a\ufffdb" and row["prompt"] == [{"role": "user", "content": "x\ufffdy"}]
+    store.add_preference(PROMPT, "4\x00", "22", model_version=v, client_text=True)
+    assert store.preference_records()[-1].chosen[0]["content"] == "4\ufffd"
+    try:
+        store.add_rating("c\x002", 0, "up", PROMPT, "4", model_version=v, client_text=True)
+    except InvalidFeedback as e:
+        assert "NUL" in str(e)
+    assert len(store.rows("ratings")) in (1, 2)
+
+
 def test_a_reply_is_rated_once_retries_write_nothing_and_a_changed_rating_is_refused(store):
     """A client that retries a rating (a timeout, a double click through the API) must not write the rating or the
     pair it forms twice: duplicated pairs would weigh one comparison twice in the reward model's data. A reply rated

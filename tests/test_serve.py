@@ -270,6 +270,17 @@ def test_parse_chat_request_rejects_with_openai_errors(body, param, code):
     assert set(e.body()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_a_deeply_nested_body_with_a_lone_surrogate_is_a_400_not_a_500():
+    """The walk that finds unpaired surrogates recursed, outside the parser's ``RecursionError`` handler: a 1.3 KB
+    body nesting a ``\\ud800`` 600 lists deep was a 500 on every POST route."""
+    nested = b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 600 + b'"\\ud800"' + b"]" * 600
+    for parse in (parse_chat_request, parse_feedback_request):
+        with pytest.raises(APIError) as info:
+            parse(nested + b"}")
+        assert (info.value.status, info.value.code) == (400, "invalid_value")
+        assert "surrogate" in info.value.message
+
+
 def test_parse_chat_request_accepts_openai_and_extension_fields():
     req, ignored = parse_chat_request(
         json.dumps(

@@ -228,7 +228,8 @@ def test_a_streamed_chat_chunk_with_logprobs_is_the_models_json_written_directly
 @pytest.mark.parametrize("logprobs", [True, False])
 def test_a_plain_chat_body_is_the_models_dump_with_log_probs_written_directly(logprobs):
     """A plain reply's body is the response model's dump, its log-probs built from the same cached JSON pieces as a
-    stream's (one ``n=16``, ``top_logprobs: 20`` reply built ~84,000 pydantic objects on the event loop)."""
+    stream's (one ``n=16``, ``top_logprobs: 20`` reply built ~84,000 pydantic objects on the event loop) and written
+    once, as text (they were written, parsed back and encoded again)."""
     import numpy as np
 
     from serve.formats import ChatFormat
@@ -240,7 +241,7 @@ def test_a_plain_chat_body_is_the_models_dump_with_log_probs_written_directly(lo
     fmt = ChatFormat("chatcmpl-1", 7, "rlchat", tok, logprobs=logprobs)
     usage = Usage(prompt_tokens=3, completion_tokens=len(tokens), total_tokens=3 + len(tokens))
     cases = [(0, "東京", "stop", tokens, alts), (1, "", "content_filter", [], None)]
-    got = fmt.body([fmt.choice(*c) for c in cases], usage)
+    got = json.loads(fmt.plain_body(cases, usage))
     expected = ChatCompletion(
         id="chatcmpl-1",
         created=7,
@@ -251,8 +252,8 @@ def test_a_plain_chat_body_is_the_models_dump_with_log_probs_written_directly(lo
         ],
         usage=usage,
     ).model_dump()
-    assert json.loads(json.dumps(got)) == json.loads(json.dumps(expected))
-    assert list(got) == list(expected)  # the same field order
+    assert got == json.loads(json.dumps(expected))
+    assert list(got) == list(expected) and list(got["choices"][0]) == list(expected["choices"][0])  # field order
 
 
 def test_penalties_logit_bias_and_top_logprobs_in_the_engine(engine):
@@ -716,5 +717,126 @@ def test_readyz_is_a_503_naming_the_version_whose_engine_died(tmp_path, no_repli
             assert [v["alive"] for v in body["versions"]] == [False]
         finally:
             server.models.default.close()
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------------------------ found by the security review
+
+
+def test_feedback_is_limited_like_chat_and_its_rate_limit_cannot_be_dodged_behind_haproxy(tmp_path):
+    """``/v1/feedback`` took 4,999 prompt messages where chat allows ``serve.max_messages``; and behind
+    ``serve.ingress: haproxy`` (which reaches the replica from loopback and adds no ``X-Forwarded-For``) uvicorn
+    takes the client's own ``X-Forwarded-For`` as its address, so a new forged address per request was never
+    rate-limited. Behind HAProxy every client now shares the ingress's limit, as docs/serving.md says."""
+    import asyncio
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
+    user = {"role": "user", "content": "hi"}
+    by_text = {"prompt": [user] * 5, "chosen": "a", "rejected": "b"}
+    rating = {"completion_id": "chatcmpl-x", "rating": "up", "messages": [user] * 5, "content": "a"}
+
+    async def main() -> None:
+        server = await testing.inprocess_server(
+            ckpt,
+            engine_process=False,
+            max_messages=4,
+            feedback_rate_limit=2,
+            feedback_store=f"sqlite:///{tmp_path / 'fb.db'}",
+        )
+        try:
+            for i, body in enumerate((by_text, rating)):
+                with pytest.raises(APIError) as refused:
+                    await server.feedback_route(testing.post_request("/v1/feedback", body, client=f"10.0.0.{i}"))
+                assert (refused.value.status, refused.value.code) == (400, "too_many_messages"), body
+            server._behind_haproxy = True  # noqa: SLF001 - what active_ingress() says under serve.ingress: haproxy
+            ok = {**by_text, "prompt": [user]}
+            for i in range(2):  # uvicorn rewrote each client address from the request's own X-Forwarded-For
+                await server.feedback_route(testing.post_request("/v1/feedback", ok, client=f"192.0.2.{i}"))
+            with pytest.raises(APIError) as limited:
+                await server.feedback_route(testing.post_request("/v1/feedback", ok, client="192.0.2.77"))
+            assert limited.value.status == 429
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
+
+
+def test_what_clients_send_cannot_forge_log_lines_or_bloat_errors(tmp_path, caplog):
+    """An unknown field's name was logged as sent, so a name holding a newline wrote a forged log line; a 404
+    ``model_not_found`` echoed the whole ``model`` value (up to the body limit)."""
+    import asyncio
+    import logging
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
+    forged = "x\nINFO 2026-01-01 00:00:00,000 serve 1 -- chat id=chatcmpl-FORGED status=200"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, forged: 1, "y" * 5000: 1}
+
+    async def main() -> None:
+        server = await testing.inprocess_server(ckpt, engine_process=False)
+        try:
+            with caplog.at_level(logging.INFO, logger="ray.serve.rlchat"):
+                reply = await server.chat_completions(testing.post_request("/v1/chat/completions", body))
+            assert reply.status_code == 200
+            logged = [r.getMessage() for r in caplog.records if "ignored unknown request fields" in r.getMessage()]
+            assert len(logged) == 1 and "\n" not in logged[0] and len(logged[0]) < 1200, logged
+            with pytest.raises(APIError) as missing:
+                await server.chat_completions(
+                    testing.post_request("/v1/chat/completions", {**body, "model": "m" * 100_000})
+                )
+            assert missing.value.status == 404 and len(str(missing.value)) < 1000
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
+
+
+def test_a_plain_reply_with_many_log_probs_does_not_stall_the_event_loop(tmp_path):
+    """A 243-byte request (``n=16``, ``top_logprobs: 20``, long replies) returned ~12 MB built on the replica's
+    event loop (the log-probs' JSON written, parsed back, then encoded again): every other request and health check
+    waited ~2 s. The body is now written once, off the event loop; it is the same JSON."""
+    import asyncio
+    import time
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=512)
+    eot = ChatTokenizer("cl100k_base", 4096).eot_id
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 400,
+        "n": 16,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "logit_bias": {str(eot): -100},  # no early end
+        "seed": 3,
+    }
+    gaps: list[float] = []
+
+    async def ticker(stop: asyncio.Event) -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async def main() -> None:
+        server = await testing.inprocess_server(ckpt, engine_process=True)
+        try:
+            stop = asyncio.Event()
+            tick = asyncio.create_task(ticker(stop))
+            reply = await server.chat_completions(testing.post_request("/v1/chat/completions", body))
+            stop.set()
+            await tick
+        finally:
+            server.models.default.close()
+        assert reply.status_code == 200
+        out = json.loads(reply.body)
+        assert len(reply.body) > 2_000_000 and len(out["choices"]) == 16
+        for choice in out["choices"]:
+            content = choice["logprobs"]["content"]
+            assert len(content) == 400 and all(len(e["top_logprobs"]) == 20 for e in content)
+            replied = bytes(b for e in content for b in e["bytes"] or []).decode("utf-8", errors="replace")
+            assert choice["message"]["content"] == replied
+        assert max(gaps) < 0.5, f"the event loop stalled {max(gaps):.2f} s"
 
     asyncio.run(main())

@@ -143,7 +143,8 @@ def test_start_up_hints_name_where_the_key_is_and_never_the_key(tmp_path):
     assert curl == " -H \"Authorization: Bearer $(head -n1 'my keys/key.txt')\"" and "s3cret" not in curl + chat
     assert chat == " --api-key-file 'my keys/key.txt'"
     curl, chat = key_hints(ServeConfig(api_key="s3cret"))
-    assert "$RLCHAT_API_KEY" in curl and chat == " --api-key $RLCHAT_API_KEY"
+    # rlchat chat reads RLCHAT_API_KEY itself; "--api-key $RLCHAT_API_KEY" put the key in its argv (ps)
+    assert "$RLCHAT_API_KEY" in curl and chat == ""
 
 
 def test_rlchat_serve_refuses_a_port_something_listens_on(tmp_path):

@@ -557,7 +557,8 @@ def test_a_config_update_that_cannot_load_keeps_the_running_replica_serving(ckpt
                 await fresh.reconfigure(bad_configs[0])
         finally:
             fresh.models.default.close()
-        server = await testing.inprocess_server(ckpts["a"], engine_process=False)
+        server = await testing.inprocess_server(ckpts["a"], engine_process=False, api_key="k")
+        operator = {"Authorization": "Bearer k"}
         try:
             await server.reconfigure({"versions": [good]})
             server.check_health()  # Serve's health checks have begun: the replica is serving
@@ -565,13 +566,17 @@ def test_a_config_update_that_cannot_load_keeps_the_running_replica_serving(ckpt
             for bad in bad_configs:
                 await server.reconfigure(bad)  # no exception: Serve would stop this replica
                 assert server.models.names() == ["stable"]
-                reply = await server.chat_completions(testing.post_request(route, body))
+                reply = await server.chat_completions(testing.post_request(route, body, operator))
                 assert reply.status_code == 200
-                ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
+                ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}, operator))).body)
                 assert ready["status"] == "ready" and "user_config.versions" in ready["last_update_error"]["error"]
                 assert len(server.metrics._queued) == observers  # noqa: SLF001 - a failed load's observer is closed
+                # a client without the key learns that an update was refused, not the paths in its error
+                stranger = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
+                assert stranger["last_update_error"]["at"] == ready["last_update_error"]["at"]
+                assert str(ckpts["a"].parent) not in jsonlib.dumps(stranger), stranger
             await server.reconfigure({"versions": [{**good, "weight": 50}]})  # a good update clears it
-            ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
+            ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}, operator))).body)
             assert "last_update_error" not in ready
         finally:
             for v in server.models.versions.values():

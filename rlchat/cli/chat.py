@@ -1,7 +1,7 @@
 """``rlchat chat CKPT_OR_URL``: an interactive terminal chat with a checkpoint (in-process) or a running endpoint.
 
     rlchat chat runs/<run>/checkpoints/best --temperature 0.7
-    rlchat chat http://127.0.0.1:8000 --api-key "$RLCHAT_API_KEY"
+    rlchat chat http://127.0.0.1:8000               # the key from RLCHAT_API_KEY (or --api-key-file)
 
 Replies stream as they are generated; the conversation is kept and sent again each turn. A line ending in ``\\``
 continues on the next line, and a line of ``\"\"\"`` opens (and closes) a multi-line block. Commands start with

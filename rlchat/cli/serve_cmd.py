@@ -47,13 +47,14 @@ def check_port_free(host: str, port: int) -> None:
 
 def key_hints(s: ServeConfig) -> tuple[str, str]:
     """How the start-up hints pass the API key: the curl header and ``rlchat chat``'s flags. They name where the key
-    is (its file, or ``RLCHAT_API_KEY``) and never the key itself, which would land in the terminal's scrollback."""
+    is (its file, or ``RLCHAT_API_KEY``) and never the key itself, which would land in the terminal's scrollback;
+    ``rlchat chat`` reads ``RLCHAT_API_KEY`` itself, so no flag puts the key in its argv (``ps``)."""
     if not s.api_key:
         return "", ""
     if s.api_key_file:
         path = shlex.quote(s.api_key_file)
         return f' -H "Authorization: Bearer $(head -n1 {path})"', f" --api-key-file {path}"
-    return ' -H "Authorization: Bearer $RLCHAT_API_KEY"', " --api-key $RLCHAT_API_KEY"
+    return ' -H "Authorization: Bearer $RLCHAT_API_KEY"', ""
 
 
 def serve_args(

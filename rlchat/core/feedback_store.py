@@ -531,6 +531,8 @@ class FeedbackStore:
                 yield conn
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"feedback store {self.display_url} is unavailable: {_short(e)}") from e
+        except sa_exc.DataError as e:  # a value the database cannot hold (PostgreSQL: a NUL in an id): the caller's
+            raise InvalidFeedback(f"feedback store {self.display_url} cannot hold this value: {_short(e)}") from e
 
     def _ensure_schema(self) -> None:
         """Create or migrate the schema once per process (retried on the next call after a failure)."""
@@ -582,10 +584,11 @@ class FeedbackStore:
 
     # ------------------------------------------------------------------------------------------ writes
     def _text(self, text: str) -> str:
+        text = _no_nul(text)
         return scrub_pii(text) if self.scrub else text
 
     def _messages(self, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        plain = [{"role": m["role"], "content": _no_nul(m["content"])} for m in messages]
         return _scrub_messages(plain) if self.scrub else plain
 
     def add_rating(
@@ -990,6 +993,12 @@ class FeedbackStore:
             )
             for v in versions
         ]
+
+
+def _no_nul(text: str) -> str:
+    """``text`` with U+0000 as U+FFFD: PostgreSQL text cannot hold a NUL (SQLite can), and both back ends must keep
+    the same rows (a model's byte-0 token is a NUL in its reply)."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def _short(e: Exception) -> str:
