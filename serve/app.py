@@ -111,7 +111,7 @@ from rlchat.feedback_store import RETRY_AFTER_S
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer
 from rlchat.tokenizer import ContextOverflowError, fit_history
-from serve.batching import DeadlineExceeded, GenerationJob, JobOutput, SubmittedNow, row_seeds
+from serve.batching import DeadlineExceeded, GenerationJob, JobOutput, SchedulerStopped, SubmittedNow, row_seeds
 from serve.feedback import FeedbackRecorder
 from serve.formats import ChatFormat, CompletionFormat, PlainChoice, ResponseFormat
 from serve.metrics import REJECT_OVERLOADED, REJECT_QUEUE_TIMEOUT, RequestTimer, ServeMetrics
@@ -193,10 +193,13 @@ EXPOSED_HEADERS = ("X-Request-Id", COMPLETION_ID_HEADER, DROPPED_TURNS_HEADER, I
 """Response headers a browser page on an allowed CORS origin may read."""
 DISCONNECT_POLL_S = 0.25
 """How often a non-streamed request checks whether its client is still connected (its rows are cancelled if not)."""
-OVERLOAD_CODES = ("overloaded", "queue_timeout")
-"""``code`` of the 503s that shed load (``Retry-After``: :data:`serve.settings.OVERLOAD_RETRY_AFTER_S`)."""
+MODEL_UNAVAILABLE = "model_unavailable"
+"""``code`` of the 503 for a request to a version whose scheduler has stopped, until Serve replaces the replica."""
+OVERLOAD_CODES = ("overloaded", "queue_timeout", MODEL_UNAVAILABLE)
+"""``code`` of the 503s that shed load or wait for a replacement replica (``Retry-After``:
+:data:`serve.settings.OVERLOAD_RETRY_AFTER_S`)."""
 STALE_WAITING_S = 300.0
-"""Without a deadline (``serve.request_timeout_s: 0``), an admitted request counts as waiting for at most this long."""
+"""Without a deadline (``serve.request_timeout_s: 0``), an admitted request holds its place for at most this long."""
 CLIENT_CLOSED_REQUEST = 499
 """Status logged and counted for a request whose client went away before its reply (nginx's convention)."""
 
@@ -406,6 +409,7 @@ class ChatServer:
             )
         self.feedback = FeedbackRecorder(self.cfg)
         self._waiting: dict[str, float] = {}  # admitted requests without a first token yet -> admitted at (_admit)
+        self._generating: dict[str, float] = {}  # admitted requests with their first token, not over yet -> same
         self._serving = False  # set by the first health check (reconfigure)
         self._update_error: dict[str, Any] | None = None  # the latest refused config update (/readyz)
         # Through the imported module: Serve's ingress ships this class by value, so its methods' globals are a copy
@@ -788,29 +792,33 @@ class ChatServer:
         return (WITHHELD_NOTICE if flagged else st.text), flagged, st.stopped
 
     def _admit(self, cid: str) -> None:
-        """Admit a completion request, or refuse it (503 + ``Retry-After``, code ``overloaded``) when
-        ``serve.max_queued_requests`` admitted requests are still waiting for their first token. Runs at the route
-        once the body is read (:meth:`_body`: a slow upload must not hold a place) and before it is parsed, so a
-        refusal costs no generation work.
+        """Admit a completion request, or refuse it (503 + ``Retry-After``, code ``overloaded``) when a full batch
+        and ``serve.max_queued_requests`` more are already admitted: running + queued <= ``max_batch_size`` (per
+        served version) + ``max_queued_requests``. Runs at the route once the body is read (:meth:`_body`: a slow
+        upload must not hold a place) and before it is parsed, so a refusal costs no generation work.
 
-        Waiting means admitted and not generating yet: in the scheduler's queue, or between admission and joining
-        it. The route's own count is used, not only the scheduler's queue, so a burst of requests that all arrive
-        before any of them reaches the scheduler is still bounded. Released by :meth:`_started`.
+        The route's own counts are used, not the scheduler's queue: a request holds its place from admission (a
+        burst that arrives before any of it reaches the scheduler is still bounded) until it is over
+        (:meth:`_released`). Counting only the requests without a first token refused a burst from idle beyond
+        ``max_queued_requests``, though the batch would have taken it at once.
         """
         limit = self.cfg.max_queued_requests
         now = time.monotonic()
-        if limit and len(self._waiting) >= limit:
+        capacity = self.cfg.max_batch_size * max(1, len(self.models.names()))
+        if len(self._waiting) + len(self._generating) >= capacity + (limit or 1024):
             # a stream whose client left before its first event never runs its cleanup: forget such entries once
-            # they are older than any request can wait (its deadline, else STALE_WAITING_S)
+            # they are older than any request can last (its deadline, else STALE_WAITING_S)
             horizon = now - (self.cfg.request_timeout_s + 5.0 if self.cfg.request_timeout_s else STALE_WAITING_S)
-            for stale in [k for k, t in self._waiting.items() if t < horizon]:
-                del self._waiting[stale]
-        if limit and len(self._waiting) >= limit:
+            for places in (self._waiting, self._generating):
+                for stale in [k for k, t in places.items() if t < horizon]:
+                    del places[stale]
+        queued = len(self._waiting) + len(self._generating) - capacity
+        if limit and queued >= limit:
             self.metrics.reject(REJECT_OVERLOADED)
             raise APIError(
                 503,
-                f"the server is overloaded: {len(self._waiting)} requests are already waiting on this replica "
-                f"(serve.max_queued_requests={limit}); retry after {OVERLOAD_RETRY_AFTER_S} s",
+                f"the server is overloaded: a full batch and {queued} more requests are already waiting on this "
+                f"replica (serve.max_queued_requests={limit}); retry after {OVERLOAD_RETRY_AFTER_S} s",
                 None,
                 "overloaded",
                 "server_error",
@@ -825,21 +833,39 @@ class ChatServer:
         try:
             yield
         except APIError as e:
-            self._started(cid)
+            self._released(cid)
             self.stats.errors += 1
             self._log(cid, e.status, t0, error=e.code or e.type)
             raise
         except asyncio.CancelledError:  # Serve cancels the handler when its client leaves (e.g. mid-body)
-            self._started(cid)
+            self._released(cid)
             self._log(cid, CLIENT_CLOSED_REQUEST, t0, error="client_disconnected")
             raise
         except BaseException:
-            self._started(cid)
+            self._released(cid)
+            raise
+
+    @contextlib.contextmanager
+    def _released_on_error(self, cid: str) -> Iterator[None]:
+        """Around :meth:`_respond`: a request that ends with an exception gives its place back (a stream's place
+        is given back by its generator, once its response has started)."""
+        try:
+            yield
+        except BaseException:
+            self._released(cid)
             raise
 
     def _started(self, cid: str) -> None:
-        """The request got its first token, its result, or left: it no longer counts as waiting (:meth:`_admit`)."""
+        """The request got its first token (or its result): no longer waiting, it now holds a place in the batch
+        (:meth:`_admit`) until :meth:`_released`."""
+        admitted = self._waiting.pop(cid, None)
+        if admitted is not None:
+            self._generating[cid] = admitted
+
+    def _released(self, cid: str) -> None:
+        """The request is over (answered, refused, or its client left): it holds no place any more."""
         self._waiting.pop(cid, None)
+        self._generating.pop(cid, None)
 
     def _deadline(self, t0: float) -> float | None:
         """The ``time.monotonic()`` deadline of a request that arrived at ``t0`` (``time.perf_counter()``), from
@@ -865,10 +891,20 @@ class ChatServer:
 
     def _failure(self, err: Exception, cid: str, t0: float, stream: bool) -> Exception:
         """What to raise for a job that failed before its response started (logged and counted): a 503
-        ``queue_timeout`` for its deadline in the queue, a 400 for a request error, else ``err`` itself (500)."""
+        ``queue_timeout`` for its deadline in the queue, a 503 ``model_unavailable`` when its version's scheduler
+        has stopped, a 400 for a request error, else ``err`` itself (500)."""
         self.stats.errors += 1
         if isinstance(err, DeadlineExceeded):
             return self._queue_timeout(cid, t0, stream=stream)
+        if isinstance(err, SchedulerStopped):  # no token was generated: safe to retry, on a replacement replica
+            self._log(cid, 503, t0, stream=stream, error=MODEL_UNAVAILABLE)
+            return APIError(
+                503,
+                f"{err}; this replica is being replaced: retry after {OVERLOAD_RETRY_AFTER_S} s",
+                None,
+                MODEL_UNAVAILABLE,
+                "server_error",
+            )
         user_error = isinstance(err, RLChatError)
         self._log(cid, 400 if user_error else 500, t0, stream=stream, error=err.__class__.__name__)
         return APIError(400, str(err), None, "invalid_value") if user_error else err
@@ -929,7 +965,7 @@ class ChatServer:
             finished = True
             return task.result()
         finally:
-            self._started(cid)
+            self._released(cid)
             if not finished:  # the batch ends these rows at its next step; the task then ends by itself
                 job.control.end(range(len(job.seeds)))
 
@@ -1050,7 +1086,8 @@ class ChatServer:
             messages, prompt, params, dropped = self._check_limits(req)
         fmt = ChatFormat(cid, int(time.time()), self.served.name, self.tokenizer, bool(req.logprobs))
         conversation = request.headers.get(CONVERSATION_HEADER)
-        return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0, request, conversation)
+        with self._released_on_error(cid):
+            return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0, request, conversation)
 
     @api.post(
         "/v1/completions",
@@ -1095,7 +1132,8 @@ class ChatServer:
             top = -1 if req.logprobs is None else req.logprobs
             params = self._sampling_params(req, budget, top)
         fmt = CompletionFormat(cid, int(time.time()), self.served.name, self.tokenizer, req.logprobs is not None)
-        return await self._respond(req, fmt, None, prompt, params, 0, ignored, t0, request)
+        with self._released_on_error(cid):
+            return await self._respond(req, fmt, None, prompt, params, 0, ignored, t0, request)
 
     async def _respond(
         self,
@@ -1141,7 +1179,7 @@ class ChatServer:
                 started = await self._watch(first, request)
             finally:  # not started: the client went away, or Serve cancelled the handler when its connection closed
                 if not started:
-                    self._started(cid)  # its place in the queue
+                    self._released(cid)  # its place in the queue
                     job.control.end(range(len(seeds)))
                     await items.aclose()
                     self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=True, error="client_disconnected")
@@ -1358,7 +1396,7 @@ class ChatServer:
             yield {"data": json.dumps(error_body(msg, kind))}
             yield {"data": "[DONE]"}
         finally:
-            self._started(cid)
+            self._released(cid)
             if done:
                 await items.aclose()  # its version stops counting it in flight now, not when it is collected
             else:  # the client went away: the batch ends this request's rows at its next step

@@ -43,6 +43,17 @@ class DeadlineExceeded(RLChatError):
     not a server error: the client may retry later)."""
 
 
+class SchedulerStopped(RuntimeError):
+    """The version's scheduler (its generation thread, or its engine process) has stopped: nothing more runs on it
+    until Serve replaces the replica. A request it refuses, or that had no token yet, may be retried (a 503)."""
+
+
+QUEUED_PAST_DEADLINE = (
+    "the request reached its deadline while waiting for a place in the generation batch (the server is overloaded); "
+    "retry later or allow a longer deadline"
+)
+
+
 @dataclass
 class StreamControl:
     """What the request side tells the batch loop between steps: choices to end now (stop string seen, reply
@@ -328,6 +339,10 @@ class BatchRun:
             for c in ended:
                 state.end(c, FINISH_STOP)
             if job.deadline is not None and now >= job.deadline:
+                if state.error is None and not any(state.tokens):
+                    # taken in at this step, no token yet: to its client it is still queued (a 503 to retry, not
+                    # an empty 200)
+                    state.error = DeadlineExceeded(QUEUED_PAST_DEADLINE)
                 for c in range(len(job.seeds)):
                     if state.reasons[c] is None:
                         ended.append(c)
@@ -523,11 +538,7 @@ class _Waiting:
         if self.cancelled():  # nothing generated: an empty, complete reply for anyone still listening
             return StepItem([[] for _ in range(n)], JobOutput([[] for _ in range(n)], [FINISH_STOP] * n))
         if self.job.deadline is not None and now >= self.job.deadline:
-            msg = (
-                "the request reached its deadline while waiting for a place in the generation batch (the server is "
-                "overloaded); retry later or allow a longer deadline"
-            )
-            return StepItem([[] for _ in range(n)], DeadlineExceeded(msg))
+            return StepItem([[] for _ in range(n)], DeadlineExceeded(QUEUED_PAST_DEADLINE))
         return None
 
 
@@ -596,8 +607,9 @@ class Batcher:
     batch is idle, the first arrival waits up to ``batch_wait_timeout_s`` so that a burst is prefilled together.
     Jobs still waiting at their :attr:`GenerationJob.deadline` end with :class:`DeadlineExceeded`; waiting jobs
     whose every choice is in :attr:`StreamControl.finish` (the client left) are dropped, as is a caller that stops
-    iterating :meth:`submit` before its job is done. A beam search is not cut at its deadline once it has started (it
-    runs whole); one still waiting for the beam thread at its deadline ends with :class:`DeadlineExceeded`.
+    iterating :meth:`submit` before its job is done. A beam search that has started ends at its deadline with its best
+    hypothesis so far (a finished one: ``stop``; a running one: ``length``); one still waiting for the beam thread
+    at its deadline ends with :class:`DeadlineExceeded`.
 
     Args:
         engine: the generation engine.
@@ -656,7 +668,7 @@ class Batcher:
         else:
             with self._cond:
                 if self._closed:
-                    raise RuntimeError("the replica's generation thread has stopped")
+                    raise SchedulerStopped("the replica's generation thread has stopped")
                 self._waiting.append(waiting)
                 # a lone arrival joining a running batch: started now, beside the step in progress. Arrivals in a
                 # burst (the previous one less than half a step ago) are prefilled together by the step: one pass of
@@ -790,7 +802,7 @@ class Batcher:
             logger.exception("the generation thread failed")
             self._fail_all(e)
         else:
-            self._fail_all(RuntimeError("the replica's generation thread has stopped"))
+            self._fail_all(SchedulerStopped("the replica's generation thread has stopped"))
 
     def _fail_all(self, error: Exception) -> None:
         """Stop taking work; every job still waiting or decoding ends with ``error``."""

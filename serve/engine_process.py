@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
-from serve.batching import BatchStats, GenerationJob, StepItem, StreamControl, count_step
+from serve.batching import BatchStats, GenerationJob, SchedulerStopped, StepItem, StreamControl, count_step
 
 logger = logging.getLogger(__name__)
 
@@ -195,14 +195,14 @@ class EngineProcess:
         loop = asyncio.get_running_loop()
         self._report_loop = loop  # step counts go to the latest caller's loop (a replica has one)
         if not self.alive:
-            raise RuntimeError(self._dead or "the replica's engine process has stopped")
+            raise SchedulerStopped(self._dead or "the replica's engine process has stopped")
         rid = next(self._ids)
         queue: asyncio.Queue = asyncio.Queue()
         n = len(job.seeds)
         self._callers[rid] = (queue, loop, n)
         if self._dead is not None:  # the reader failed the callers it had just before this one registered
             self._callers.pop(rid, None)
-            raise RuntimeError(self._dead)
+            raise SchedulerStopped(self._dead)
         job.control.listener = lambda choices: self._send(("finish", rid, sorted(choices)))
         # The engine gets its own StreamControl (the rows already ended go with it); later ends follow as messages.
         self._send(("submit", rid, replace(job, control=StreamControl(set(job.control.finish)))))
@@ -269,7 +269,7 @@ class EngineProcess:
         self._dead = f"the replica's engine process exited (code {code}){why}"
         if not self._closed:
             logger.error("%s; failing the requests it was running", self._dead)
-        error = RuntimeError(self._dead)
+        error = SchedulerStopped(self._dead)
         for rid, (queue, loop, n) in list(self._callers.items()):
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, StepItem([[] for _ in range(n)], error))

@@ -36,6 +36,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 TTFT_SECONDS = "rlchat_serve_ttft_seconds"
@@ -64,6 +65,10 @@ logger = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 0.25
 """How often the ``rlchat-metrics`` thread passes queued samples to Ray (Ray's agent exports every few seconds)."""
+GAUGE_REFRESH_S = 5.0
+"""How often the ``rlchat-metrics`` thread sets the queue-depth gauges again though they did not change: Ray's
+metrics agent drops a gauge series not reported within two export intervals, so an idle replica's depth (0) vanished
+from Prometheus 15-20 s after its last change."""
 
 
 def metrics_export_url() -> str | None:
@@ -104,12 +109,21 @@ class _Flusher:
 
     def __init__(self) -> None:
         self.queue: deque[tuple[Any, float, dict[str, str] | None]] = deque()
+        self.refresh: Callable[[], None] | None = None
+        """Called every :data:`GAUGE_REFRESH_S` to queue the gauges' current values again."""
         self._thread = threading.Thread(target=self._run, name="rlchat-metrics", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        refreshed = time.monotonic()
         while True:
             time.sleep(FLUSH_INTERVAL_S)
+            if self.refresh is not None and time.monotonic() - refreshed >= GAUGE_REFRESH_S:
+                refreshed = time.monotonic()
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 - a metric must never take the replica down
+                    logger.debug("refreshing the gauges failed", exc_info=True)
             self.flush()
 
     def flush(self) -> None:
@@ -228,6 +242,7 @@ class ServeMetrics:
             "responses": {},
         }
         self.rejected.touch({"reason": REJECT_OVERLOADED})  # refused at admission: before a version is chosen
+        self._flusher.refresh = self.refresh_gauges
 
     def for_version(self, version: str) -> VersionMetrics:
         """A new observer for one loaded version's scheduler (its samples tagged ``version``); creates the
@@ -293,6 +308,16 @@ class ServeMetrics:
             self.totals["queue_depth"] = sum(self._queued.values())
             # under the lock: two schedulers' reports must reach the gauge in the order their sums were taken
             self.queue_depth.set(name_total, {"version": observer.version})
+
+    def refresh_gauges(self) -> None:
+        """Set each open version's queue-depth gauge again (:data:`GAUGE_REFRESH_S`); a closed version's series
+        (set to 0 when it closed) is left to age out."""
+        with self._lock:
+            totals: dict[str, int] = {}
+            for observer, queued in self._queued.items():
+                totals[observer.version] = totals.get(observer.version, 0) + queued
+            for name, total in totals.items():
+                self.queue_depth.set(total, {"version": name})
 
     # ---------------------------------------------------------------------------------- routes
     def response(self, code: int, version: str = "") -> None:

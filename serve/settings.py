@@ -332,7 +332,10 @@ def deployment_options(settings: AppSettings) -> dict[str, Any]:
         # max_queued_requests bounds what waits at each proxy for a replica slot (all replicas full); Serve answers
         # those with 503 and the same Retry-After, before they reach a replica.
         opts["max_ongoing_requests"] = s.max_batch_size + s.max_queued_requests + OVERLOAD_HEADROOM
-        opts["max_queued_requests"] = s.max_queued_requests
+        # Serve counts a request as queued at the proxy from its arrival until a replica is chosen, so a burst into
+        # an idle replica is "queued" there for a moment: bounded by serve.max_queued_requests, a burst of 12 met 503s
+        # with a batch of 16 free. One replica's worth of requests may wait there; the replica's bound is the real one.
+        opts["max_queued_requests"] = opts["max_ongoing_requests"]
         opts["backpressure_config"] = BackpressureConfig(status_code=503, retry_after_s=float(OVERLOAD_RETRY_AFTER_S))
     if s.max_replicas > s.replicas:
         opts["autoscaling_config"] = {

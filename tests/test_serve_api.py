@@ -715,6 +715,15 @@ def test_readyz_is_a_503_naming_the_version_whose_engine_died(tmp_path, no_repli
             assert gone.status_code == 503, body
             assert body["status"] == "unhealthy" and body["dead_versions"] == [server.models.default.name]
             assert [v["alive"] for v in body["versions"]] == [False]
+            # new requests until Serve replaces the replica (a health check every 5 s, then a start): a 503 to
+            # retry, not a 500 "generation failed" (a load balancer or SDK retries the one, reports the other)
+            chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            for stream in (False, True):
+                with pytest.raises(APIError) as refused:
+                    await server.chat_completions(
+                        testing.post_request("/v1/chat/completions", {**chat, "stream": stream})
+                    )
+                assert (refused.value.status, refused.value.code) == (503, "model_unavailable"), refused.value
         finally:
             server.models.default.close()
 
@@ -840,3 +849,91 @@ def test_a_plain_reply_with_many_log_probs_does_not_stall_the_event_loop(tmp_pat
         assert max(gaps) < 0.5, f"the event loop stalled {max(gaps):.2f} s"
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------------------------ found by the operator review
+
+
+def test_a_burst_up_to_a_full_batch_plus_the_queue_is_admitted_and_the_next_is_refused(tmp_path):
+    """Admission counted every request without its first token as waiting, including those the batch takes at
+    once: from idle, a burst of ``serve.max_queued_requests`` + 1 was refused though a batch of 16 stood empty. The
+    bound is now on requests beyond a full batch: running + queued <= ``max_batch_size`` + ``max_queued_requests``."""
+    import asyncio
+    import time
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
+    route = "/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+    async def main() -> None:
+        server = await testing.inprocess_server(
+            ckpt, engine_process=False, max_batch_size=4, max_queued_requests=2, batch_wait_timeout_s=0.0
+        )
+        try:
+            batch = server.models.default.scheduler._run.batch  # noqa: SLF001
+            fast_step = batch.step
+            batch.step = lambda *a: (time.sleep(0.1), fast_step(*a))[1]
+            burst = [server.chat_completions(testing.post_request(route, body)) for _ in range(6)]
+            replies = await asyncio.gather(*burst, return_exceptions=True)
+            assert [getattr(r, "status_code", r) for r in replies] == [200] * 6
+            running = [
+                asyncio.create_task(server.chat_completions(testing.post_request(route, body))) for _ in range(6)
+            ]
+            await asyncio.sleep(0.05)  # all six admitted: four decoding, two queued
+            with pytest.raises(APIError) as refused:
+                await server.chat_completions(testing.post_request(route, body))
+            assert (refused.value.status, refused.value.code) == (503, "overloaded")
+            assert [r.status_code for r in await asyncio.gather(*running)] == [200] * 6
+            assert server._waiting == {} and server._generating == {}  # noqa: SLF001 - every place given back
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_whose_deadline_passes_as_it_joins_the_batch_is_a_503_not_an_empty_reply(engine):
+    """A queued job taken into the batch at the step whose start passes its deadline ended with ``length`` and no
+    token: a 200 with an empty reply, where a job still queued a moment earlier got a 503 ``queue_timeout``."""
+    import time
+
+    from serve.batching import BatchRun, DeadlineExceeded, GenerationJob
+
+    run = BatchRun(engine, [])
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    late = GenerationJob((1, 2, 3), params, (0,), deadline=time.monotonic() + 0.05)
+    on_time = GenerationJob((1, 2, 3), params, (1,), deadline=time.monotonic() + 60)
+    jids = [run.add(late), run.add(on_time)]
+    time.sleep(0.06)
+    items = run.step_items()
+    assert isinstance(items[jids[0]].done, DeadlineExceeded), items[jids[0]]
+    assert len(items[jids[1]].tokens[0]) == 1 and items[jids[1]].done is None
+    # a job past its deadline with tokens already sent ends with them, as before
+    started = GenerationJob((1, 2, 3), params, (2,), deadline=time.monotonic() + 0.2)
+    jid = run.add(started)
+    assert len(run.step_items()[jid].tokens[0]) == 1
+    time.sleep(0.21)
+    done = run.step_items()[jid].done
+    assert done.finish_reasons == ["length"] and len(done.tokens[0]) == 1
+
+
+def test_the_queue_depth_gauge_is_reported_again_while_it_does_not_change(monkeypatch):
+    """The queue-depth gauge was set only when the depth changed, and Ray's metrics agent drops a gauge series not
+    reported within two export intervals: on an idle replica the documented 0 vanished from Prometheus ("No data"
+    in the queue panel) 15-20 s after the last change. Each open version's gauge is now set again periodically; a
+    closed version's is not."""
+    import time
+
+    import serve.metrics as serve_metrics
+
+    monkeypatch.setattr(serve_metrics, "GAUGE_REFRESH_S", 0.3)
+    metrics = serve_metrics.ServeMetrics("m")
+    sets: list[tuple[float, str]] = []
+    monkeypatch.setattr(
+        metrics.queue_depth.metric, "set", lambda value, tags=None: sets.append((value, (tags or {})["version"]))
+    )
+    live, gone = metrics.for_version("live"), metrics.for_version("gone")
+    live.on_queue(3)
+    gone.close()
+    time.sleep(1.2)
+    assert sets.count((3, "live")) >= 3, sets  # once at the change, then again every GAUGE_REFRESH_S
+    assert [s for s in sets if s[1] == "gone"] == [(0, "gone"), (0, "gone")], sets  # first seen, closed: no more

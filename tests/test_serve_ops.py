@@ -348,9 +348,11 @@ def test_settings_bound_the_queue_at_the_replica_and_at_serves_proxy(tmp_path):
 
     ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
     opts = deployment_options(resolve_settings({"checkpoint": str(ckpt), "max_queued_requests": 5}))
-    assert opts["max_queued_requests"] == 5
     assert opts["backpressure_config"] == BackpressureConfig(status_code=503, retry_after_s=1.0)
     assert opts["max_ongoing_requests"] > 16 + 5  # a full batch plus the queue reach the replica, which refuses first
+    # Serve's proxy counts a burst into an idle replica as queued until it picks the replica: its bound (5 before)
+    # refused a burst of 12 with a batch of 16 free; one replica's worth may wait there now
+    assert opts["max_queued_requests"] == opts["max_ongoing_requests"]
     unbounded = deployment_options(resolve_settings({"checkpoint": str(ckpt), "max_queued_requests": 0}))
     assert "max_queued_requests" not in unbounded and "backpressure_config" not in unbounded
     for key, bad in (("max_queued_requests", -1), ("request_timeout_s", -5), ("checkpoint_cache_keep", -1),
