@@ -82,7 +82,8 @@ def check_inference_engine(device: torch.device) -> None:
     model, tok, _ = build(2, 128, 4096)
     engine = GenerationEngine.for_inference(model.to(device), tok, precision="auto")
     dtype = engine.autocast_dtype()
-    want = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else dtype
+    bf16_units = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    want = torch.bfloat16 if bf16_units else dtype
     weights = {p.dtype for p in engine.lm.parameters()}
     head = engine.lm.get_output_embeddings().weight
     first, again = engine._decoder(), engine._decoder()  # noqa: SLF001 - the snapshots decode batches take

@@ -385,9 +385,12 @@ class ChatServer:
         self._behind_haproxy = active_ingress() == "haproxy"  # Ray's switches, inherited by this replica's process
         self.created = int(time.time())
         self.device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        if self.cfg.num_gpus > 0 and self.device == "cpu":
-            logger.warning("serve.num_gpus=%s but this replica sees no CUDA device; the model runs on the CPU",
-                           self.cfg.num_gpus)  # fmt: skip
+        if self.cfg.num_gpus > 0 and self.device == "cpu":  # it would hold the GPU and serve ~10x slower, silently
+            raise ConfigError(
+                f"serve.num_gpus={self.cfg.num_gpus:g} reserved a GPU, but this replica sees no CUDA device "
+                f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+                "install a CUDA build of torch on the GPU nodes, or set serve.num_gpus=0 to serve on CPUs"
+            )
         # The versions (serve/models.py): one per checkpoint, each with its engine and scheduler. `engine`,
         # `tokenizer`, `batcher`, `stats`, `checkpoint`, `max_positions` and `model_version` are properties that
         # resolve to the version bound to the current request (_check_model), else the default version.

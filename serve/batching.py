@@ -31,6 +31,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from rlchat.errors import RLChatError
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from serve.decode_batch import DecodeBatch, Prefill, RowStep, StartedRow
@@ -407,7 +409,15 @@ class BatchRun:
 
     def _fail_batch(self, error: Exception) -> None:
         """Every job of the decode batch fails with ``error`` (reported by the next :meth:`step_items`); a fresh
-        batch takes the jobs that come next."""
+        batch takes the jobs that come next.
+
+        Raises:
+            error: a device error other than out-of-memory (a CUDA illegal memory access, a device-side assert):
+                it poisons the device's context, so every later step would fail too; the generation thread stops
+                on it (every job gets it) and the health check lets Serve replace the replica.
+        """
+        if isinstance(error, torch.AcceleratorError) and not isinstance(error, torch.OutOfMemoryError):
+            raise error
         logger.exception("decode step failed; failing the %d jobs of the batch", len(self._live))
         for state in self._live.values():
             if state.handles and state.error is None:

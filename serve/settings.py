@@ -167,8 +167,11 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
             f"serve.checkpoint_cache_keep={s.checkpoint_cache_keep}: expected >= 0 copies per node (0 = keep all), "
             "e.g. 4"
         )
-    if s.num_gpus < 0:
-        raise ConfigError(f"serve.num_gpus={s.num_gpus}: expected >= 0 GPUs per replica (0 = CPU, 1, or 0.5 to share)")
+    if s.num_gpus < 0 or s.num_gpus > 1:
+        raise ConfigError(
+            f"serve.num_gpus={s.num_gpus}: expected 0 (CPU), 1, or a fraction such as 0.5 (two replicas share a GPU); "
+            "a replica runs its model on one GPU, so raise serve.replicas for more throughput"
+        )
     if s.max_replicas < s.replicas:
         cfg = cfg.replace(**{"serve.max_replicas": s.replicas})
     feedback = Path(cfg.serve.feedback_path).expanduser()

@@ -503,6 +503,20 @@ def test_resolve_precision() -> None:
         resolve_precision("fp16", cpu)
 
 
+def test_auto_precision_on_a_gpu_takes_bf16_only_where_the_gpu_has_bf16_units(monkeypatch) -> None:
+    """``torch.cuda.is_bf16_supported()`` counts emulation by default, so ``auto`` chose bf16 on a T4 or V100
+    (no bf16 units: slow, emulated), against the documented "bf16 on GPUs that support it"."""
+
+    def supported(including_emulation: bool = True) -> bool:  # a T4: bf16 only emulated
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert resolve_precision("auto", torch.device("cuda")) is None
+    assert resolve_precision("bf16", torch.device("cuda")) is torch.bfloat16  # asked for: emulated if it must be
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert resolve_precision("auto", torch.device("cuda")) is torch.bfloat16
+
+
 def test_bf16_autocast_forward_is_close_to_fp32_and_keeps_fp32_weights(tok: ChatTokenizer) -> None:
     model = PolicyValueModel.build(make_cfg(), tok)
     ids = torch.randint(0, 4000, (2, 6))

@@ -645,6 +645,37 @@ def test_jobs_of_a_failed_batch_never_touch_the_rows_of_the_batch_that_replaces_
     assert isinstance(done, JobOutput) and done.finish_reasons == [FINISH_LENGTH] and len(tokens) == 5
 
 
+def test_a_device_error_stops_the_scheduler_so_that_the_replica_is_replaced(engine, tok, monkeypatch):
+    """A CUDA error such as an illegal memory access poisons the device's context: every later step fails too. A
+    failed step used to fail its batch and start a fresh one, so the scheduler stayed alive (the replica healthy)
+    and failed every later request with a 500. Now the generation thread stops on it, every job gets the error,
+    and the health check (``alive``) lets Serve replace the replica. Any other failure, out-of-memory included,
+    still fails only its batch (tests above)."""
+    import asyncio
+    import time
+
+    import torch
+
+    def lost(self, *args):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    async def main() -> None:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        try:
+            monkeypatch.setattr(DecodeBatch, "step", lost)
+            job = GenerationJob(_prompt(tok, "hi"), SamplingParams(max_new_tokens=4, temperature=1.0), (1,))
+            item = await _collect(batcher, job)
+            assert isinstance(item.done, torch.AcceleratorError)
+            until = time.monotonic() + 10
+            while batcher.alive and time.monotonic() < until:
+                await asyncio.sleep(0.01)
+            assert not batcher.alive
+        finally:
+            batcher.close()
+
+    asyncio.run(main())
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Control and deadlines
 # --------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ import time
 
 import pytest
 import requests
+import torch
 
+from rlchat.errors import ConfigError
 from rlchat.tokenizer import ChatTokenizer
 from serve import testing
 
@@ -343,7 +345,6 @@ def test_prometheus_metrics_are_exported(ops, no_eot, ray_local):
 def test_settings_bound_the_queue_at_the_replica_and_at_serves_proxy(tmp_path):
     from ray.serve.config import BackpressureConfig
 
-    from rlchat.errors import ConfigError
     from serve.settings import deployment_options, resolve_settings
 
     ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
@@ -356,6 +357,18 @@ def test_settings_bound_the_queue_at_the_replica_and_at_serves_proxy(tmp_path):
     unbounded = deployment_options(resolve_settings({"checkpoint": str(ckpt), "max_queued_requests": 0}))
     assert "max_queued_requests" not in unbounded and "backpressure_config" not in unbounded
     for key, bad in (("max_queued_requests", -1), ("request_timeout_s", -5), ("checkpoint_cache_keep", -1),
-                     ("body_timeout_s", -1)):  # fmt: skip
+                     ("body_timeout_s", -1), ("num_gpus", 2)):  # fmt: skip  # a replica uses one GPU: 2 wasted one
         with pytest.raises(ConfigError, match=f"serve.{key}={bad}"):
             resolve_settings({"checkpoint": str(ckpt), key: bad})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_replica_that_reserved_a_gpu_but_sees_no_cuda_refuses_to_start(tmp_path):
+    """It logged a warning and served on the CPU while holding the GPU it reserved (a CPU build of torch on a GPU
+    node): an order of magnitude slower, and nothing but a log line said so. It now fails at start-up, so the
+    deploy shows the reason."""
+    import asyncio
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match="serve.num_gpus=1.*no CUDA device"):
+        asyncio.run(testing.inprocess_server(ckpt, num_gpus=1, engine_process=False))

@@ -439,7 +439,7 @@ class ServeConfig:
     follow_interval_s: float = 5.0
     """How often a following replica looks for a new best checkpoint."""
     num_gpus: float = 0.0
-    """GPUs per replica (the model then runs on CUDA; model.precision auto = bf16)."""
+    """GPUs per replica: 0 (CPU), 1, or a fraction such as 0.5 to share one (the model then runs on CUDA)."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources per replica, e.g. {serve: 1} to place replicas on nodes that have it."""
     ship_checkpoint: Literal["auto", "always", "never"] = "auto"

@@ -145,7 +145,8 @@ def resolve_precision(precision: str, device: torch.device, hidden_size: int | N
             the learner always run at the same precision.
 
     Returns:
-        ``torch.bfloat16`` when autocast should be used, else None. Weights always stay fp32.
+        ``torch.bfloat16`` when autocast should be used, else None. Training keeps fp32 weights (serving's
+        ``GenerationEngine.for_inference`` stores them in this dtype once).
 
     Raises:
         ConfigError: an unknown precision name.
@@ -157,7 +158,8 @@ def resolve_precision(precision: str, device: torch.device, hidden_size: int | N
     if precision != "auto":
         raise ConfigError(f"model.precision={precision!r}: expected one of 'auto', 'bf16', 'fp32'")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        # bf16 units only: torch counts emulation (a T4, a V100) as support unless told not to
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     if device.type == "cpu":
         wide_enough = hidden_size is None or hidden_size >= CPU_BF16_MIN_HIDDEN
         return torch.bfloat16 if cpu_has_bf16() and wide_enough else None
