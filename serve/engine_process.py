@@ -410,9 +410,9 @@ def load_engine(spec: EngineSpec) -> Any:
     from rlchat.checkpoint import load_policy
     from rlchat.generation import GenerationEngine
 
-    model, tok, _ = load_policy(spec.checkpoint, device=spec.device)
+    model, tok, _ = load_policy(spec.checkpoint)  # on the CPU: cast there, then moved (for_inference)
     model.eval()
-    return GenerationEngine.for_inference(model, tok, precision=spec.precision)
+    return GenerationEngine.for_inference(model, tok, precision=spec.precision, device=spec.device)
 
 
 def main() -> int:

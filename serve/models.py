@@ -584,9 +584,9 @@ def load_version(
         scheduler: Any = EngineProcess(engine_spec, observer=observer)
         engine: Any = scheduler.info
     else:
-        model, tok, ckpt = load_policy(path, device=device)
+        model, tok, ckpt = load_policy(path)  # on the CPU: cast there, then moved (for_inference)
         model.eval()
-        engine = GenerationEngine.for_inference(model, tok, precision=precision)
+        engine = GenerationEngine.for_inference(model, tok, precision=precision, device=device)
         scheduler = make_batcher(engine, cfg, observer)
     max_positions = int(engine.max_positions or ckpt.config.model.n_positions)
     version = ServedVersion(

@@ -233,6 +233,29 @@ def test_a_bf16_engine_stores_its_weights_in_bf16_once(checkpoint):
     assert {p.dtype for p in fp32.lm.parameters()} == {torch.float32}
 
 
+def test_an_engine_for_a_gpu_is_cast_before_it_moves_and_only_its_language_model_moves(checkpoint, monkeypatch):
+    """Loading for a GPU moved the whole fp32 policy (its value head, a separate critic's trunk) to the device and
+    cast it there: the GPU's peak was the fp32 size, which its caching allocator keeps reserved for the life of the
+    process (every served version and ``--follow`` swap is a process of its own). The language model is now cast on
+    the CPU, then moved alone. ``meta`` stands in for the GPU."""
+    import torch
+
+    from serve.engine_process import load_engine
+
+    moved: list[tuple[str, set]] = []
+    real_to = torch.nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        if any(str(a) == "meta" for a in [*args, *kwargs.values()]):
+            moved.append((type(self).__name__, {p.dtype for p in self.parameters()}))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    engine = load_engine(EngineSpec(str(checkpoint), precision="bf16", device="meta"))
+    assert engine.device.type == "meta" and {p.dtype for p in engine.lm.parameters()} == {torch.bfloat16}
+    assert moved and all(name != "PolicyValueModel" and dtypes == {torch.bfloat16} for name, dtypes in moved), moved
+
+
 def test_a_request_submitted_as_the_engine_dies_fails_instead_of_waiting_forever(checkpoint, local):
     """The reader thread marks the engine dead and fails the callers it has; a request that passed ``submit``'s
     liveness check and registered just after that list was taken (a thread switch between the two) waited for an

@@ -298,7 +298,11 @@ class GenerationEngine:
 
     @classmethod
     def for_inference(
-        cls, model: PolicyValueModel | PreTrainedModel, tokenizer: ChatTokenizer, precision: str = "auto"
+        cls,
+        model: PolicyValueModel | PreTrainedModel,
+        tokenizer: ChatTokenizer,
+        precision: str = "auto",
+        device: str | torch.device | None = None,
     ) -> GenerationEngine:
         """An engine over a model nothing trains any more (serving, chat): under bf16 the weights are stored in bf16.
 
@@ -309,11 +313,17 @@ class GenerationEngine:
         stream and the norms then run in bf16 too, so replies can differ from a learner-precision engine's in the
         last bits: right for serving (as inference servers run bf16 checkpoints), wrong for rollouts, whose
         log-probs the learner must reproduce; they use the constructor. Under fp32 the model is left as it is.
+
+        ``device`` (default: where ``model`` is): the language model is cast where it is, then moved there alone
+        (not a value head or critic). Moved first, a GPU held the whole fp32 policy at load, and its caching
+        allocator keeps that peak reserved for the life of the process.
         """
         engine = cls(model, tokenizer, precision)
-        dtype = engine.autocast_dtype()
+        target = engine.device if device is None else torch.device(device)
+        dtype = resolve_precision(precision, target, engine.hidden_size)
         if dtype is not None:
-            model.to(dtype)
+            engine.lm.to(dtype)
+        engine.lm.to(target)
         return engine
 
     # ---------------------------------------------------------------- public API
