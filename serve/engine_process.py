@@ -429,5 +429,6 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001 - the replica raises it with this text
         conn.send(("failed", f"{spec.checkpoint}: {type(e).__name__}: {e}"))
         return 1
-    conn.send(("ready", EngineInfo(int(engine.vocab_size), engine.max_positions, str(spec.device), os.getpid())))
+    info = EngineInfo(int(engine.vocab_size), engine.max_positions, str(engine.device), os.getpid())
+    conn.send(("ready", info))  # the engine's own device: where the weights went, not the spec echoed back
     return asyncio.run(_serve(conn, spec, engine))
