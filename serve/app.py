@@ -415,6 +415,8 @@ class ChatServer:
         self._generating: dict[str, float] = {}  # admitted requests with their first token, not over yet -> same
         self._serving = False  # set by the first health check (reconfigure)
         self._update_error: dict[str, Any] | None = None  # the latest refused config update (/readyz)
+        self._next_update: tuple[dict[str, Any]] | None = None  # received while serving, not applied yet
+        self._updater: asyncio.Task | None = None  # applies them in the background (reconfigure)
         # Through the imported module: Serve's ingress ships this class by value, so its methods' globals are a copy
         # and a bare `_CORS_ORIGINS` here would not be the list the middleware (imported normally) reads.
         importlib.import_module(__name__)._CORS_ORIGINS[0] = tuple(self.cfg.cors_origins)
@@ -512,20 +514,42 @@ class ChatServer:
         versions load before they take traffic, then weights and versions swap at once, and removed versions drain
         (requests already running finish on them). An empty list goes back to the app's own checkpoint(s).
 
-        A bad update (a version that cannot load, bad weights) on a replica that is serving is logged and shown in
-        ``/readyz`` (``last_update_error``), and the replica keeps its set: raising would make Serve stop it, and its
-        replacements would fail on the same config, taking the app down. At start-up (before Serve's first health
-        check) it raises, so a deploy with a bad config fails where the operator sees it.
+        On a replica that is serving, the update is applied in the background (:meth:`_apply_updates`): the
+        current set answers meanwhile. A bad update (a version that cannot load, bad weights) is then logged and
+        shown in ``/readyz`` (``last_update_error``), and the replica keeps its set: raising would make Serve stop
+        it, and its replacements would fail on the same config, taking the app down. At start-up (before Serve's
+        first health check) it loads here and raises, so a deploy with a bad config fails where the operator sees it.
         """
-        try:
+        if not self._serving:  # start-up: the versions load before the replica takes traffic
             await self._reconfigure(user_config)
-        except Exception as e:
-            if not self._serving:
-                raise
-            self._update_error = {"error": f"user_config.versions: {e}", "at": int(time.time())}
-            logger.error("config update refused, still serving %s: %s", self.models.names(), e)
-        else:
             self._update_error = None
+            return
+        # Serving: Serve routes no new request to a replica until reconfigure returns (it is UPDATING meanwhile),
+        # so loading here held back all traffic for the whole load (seconds for a tiny model, minutes for a real
+        # one). The update is applied in the background instead, one at a time, the latest received winning; the
+        # current set serves meanwhile and /readyz says update_pending.
+        self._next_update = (user_config,)
+        if self._updater is None or self._updater.done():
+            self._updater = asyncio.get_running_loop().create_task(self._apply_updates())
+
+    async def _apply_updates(self) -> None:
+        """Apply the latest received config update until none is left (see :meth:`reconfigure`)."""
+        while self._next_update is not None:
+            (user_config,), self._next_update = self._next_update, None
+            try:
+                await self._reconfigure(user_config)
+            except Exception as e:  # noqa: BLE001 - refused: the replica keeps its set and says why in /readyz
+                why = str(e) if str(e).startswith("user_config.versions") else f"user_config.versions: {e}"
+                self._update_error = {"error": why, "at": int(time.time())}
+                logger.error("config update refused, still serving %s: %s", self.models.names(), e)
+            else:
+                self._update_error = None
+
+    async def applied(self) -> None:
+        """Wait until every config update received so far is applied or refused (tests; ``/readyz`` shows
+        ``update_pending`` meanwhile)."""
+        while self._updater is not None and not self._updater.done():
+            await asyncio.shield(self._updater)
 
     async def _reconfigure(self, user_config: dict[str, Any]) -> None:
         raw = (user_config or {}).get("versions")
@@ -998,6 +1022,7 @@ class ChatServer:
             "status": "unhealthy" if dead else "ready",
             **({"dead_versions": dead} if dead else {}),
             **({"last_update_error": self._update_error_for(operator)} if self._update_error else {}),
+            **({"update_pending": True} if self._updater is not None and not self._updater.done() else {}),
             "model": self.model_name,
             "checkpoint": str(self.checkpoint.path) if operator else default_model_version(self.checkpoint.path),
             "stage": self.checkpoint.stage,

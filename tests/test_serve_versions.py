@@ -565,6 +565,7 @@ def test_a_config_update_that_cannot_load_keeps_the_running_replica_serving(ckpt
             observers = len(server.metrics._queued)  # noqa: SLF001
             for bad in bad_configs:
                 await server.reconfigure(bad)  # no exception: Serve would stop this replica
+                await server.applied()  # a serving replica applies updates in the background
                 assert server.models.names() == ["stable"]
                 reply = await server.chat_completions(testing.post_request(route, body, operator))
                 assert reply.status_code == 200
@@ -576,8 +577,53 @@ def test_a_config_update_that_cannot_load_keeps_the_running_replica_serving(ckpt
                 assert stranger["last_update_error"]["at"] == ready["last_update_error"]["at"]
                 assert str(ckpts["a"].parent) not in jsonlib.dumps(stranger), stranger
             await server.reconfigure({"versions": [{**good, "weight": 50}]})  # a good update clears it
+            await server.applied()  # a serving replica applies updates in the background
             ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}, operator))).body)
             assert "last_update_error" not in ready
+        finally:
+            for v in server.models.versions.values():
+                v.close()
+
+    asyncio.run(main())
+
+
+def test_a_config_update_loads_in_the_background_while_the_current_set_serves(ckpts, no_replica_context):
+    """Serve routes no new request to a replica until ``reconfigure`` returns, and ``reconfigure`` loaded the new
+    versions first: adding a canary held back every request for the whole load (5-6 s for a tiny model, minutes for
+    a real one). A serving replica now takes the update and loads it in the background; the current set answers
+    meanwhile, ``/readyz`` says ``update_pending``, and the newest of several updates wins."""
+    import asyncio
+    import json as jsonlib
+    import time
+
+    route, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    stable = {"name": "stable", "checkpoint": str(ckpts["a"]), "weight": 90}
+    canary = {"name": "canary", "checkpoint": str(ckpts["b"]), "weight": 10}
+
+    async def main() -> None:
+        server = await testing.inprocess_server(ckpts["a"], engine_process=False)
+        try:
+            await server.reconfigure({"versions": [stable]})  # start-up: loaded before the replica serves
+            server.check_health()
+            load = server._load_version  # noqa: SLF001
+
+            def slow_load(spec):
+                time.sleep(1.5)
+                return load(spec)
+
+            server._load_version = slow_load  # noqa: SLF001 - a large checkpoint's load
+            t = time.perf_counter()
+            await server.reconfigure({"versions": [stable, {**canary, "weight": 5}]})
+            await server.reconfigure({"versions": [stable, canary]})  # arrives while the first loads: it wins
+            assert time.perf_counter() - t < 0.5
+            reply = await server.chat_completions(testing.post_request(route, body))
+            assert reply.status_code == 200 and reply.headers["x-rlchat-model"] == "stable"
+            ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
+            assert ready["update_pending"] is True and [v["name"] for v in ready["versions"]] == ["stable"]
+            await server.applied()
+            ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
+            assert "update_pending" not in ready and "last_update_error" not in ready
+            assert {v["name"]: v["weight"] for v in ready["versions"]} == {"stable": 90.0, "canary": 10.0}
         finally:
             for v in server.models.versions.values():
                 v.close()
@@ -738,10 +784,12 @@ def test_a_config_update_naming_a_loaded_checkpoint_reuses_its_model(ckpts, monk
             server.check_health()  # serving: a bad update is refused, not raised
             bad = {"name": "broken", "checkpoint": str(ckpts["a"].parent / "nope"), "weight": 1}
             await server.reconfigure({"versions": [{"name": "prod", "checkpoint": str(ckpts["b"]), "weight": 1}, bad]})
+            await server.applied()  # a serving replica applies updates in the background
             assert set(server.models.names()) == {"stable", "canary"} and loads == ["canary", "broken"]
             canary = server.models.versions["canary"]
             assert canary.owns_scheduler and canary.observer is not None and canary.observer.version == "canary"
             await server.reconfigure({"versions": [{"name": "prod", "checkpoint": str(ckpts["b"]), "weight": 1}]})
+            await server.applied()  # a serving replica applies updates in the background
             assert loads == ["canary", "broken"], loads  # renamed, not reloaded
             for _ in range(100):  # the old names drain (no request in flight) and are closed
                 if not server.models.draining:
