@@ -248,7 +248,7 @@ def step_figures(device: torch.device) -> list[dict[str, Any]]:
     from serve.decode_batch import DecodeBatch
 
     model, tok, _ = build(8, 512, 0)
-    engine = GenerationEngine.for_inference(model.to(device), tok, precision="auto")
+    engine = GenerationEngine.for_inference(model, tok, precision="auto", device=device)  # as a replica loads it
     prompt = tok.render_prompt([{"role": "user", "content": "Tell me something about the sea."}])
     params = SamplingParams(max_new_tokens=400, temperature=1.0)
 
@@ -260,8 +260,12 @@ def step_figures(device: torch.device) -> list[dict[str, Any]]:
     warm.add([prompt], params, [0])
     for _ in range(3):
         warm.step()
+    del warm
     rows = []
     for b in (1, 16, 64):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()  # each row's own peak, not the checks' or the previous row's
         batch = DecodeBatch(engine)
         batch.add([prompt] * b, params, list(range(b)))
         sync()
@@ -282,6 +286,7 @@ def step_figures(device: torch.device) -> list[dict[str, Any]]:
             row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             row["reserved_mib"] = torch.cuda.memory_reserved() / 2**20
         rows.append(row)
+        del batch  # its KV cache is freed before the next row's peak is measured
     return rows
 
 

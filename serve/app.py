@@ -94,7 +94,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -104,6 +104,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve as ray_serve
+from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlchat.errors import ConfigError, RLChatError
@@ -365,6 +366,22 @@ def _refused_before_start(first: asyncio.Future) -> Exception | None:
     return None
 
 
+class _ClosingEventSource(EventSourceResponse):
+    """An SSE response that runs ``on_close`` once it is over, however it ended. A stream's generator gives its
+    place back in its ``finally``, but one that never started (the client gone before the first event was sent)
+    never runs it: the place stayed taken until the stale sweep."""
+
+    def __init__(self, *args: Any, on_close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
 @ray_serve.deployment(name=DEPLOYMENT_NAME)
 @ray_serve.ingress(api)
 class ChatServer:
@@ -549,7 +566,7 @@ class ChatServer:
         """Wait until every config update received so far is applied or refused (tests; ``/readyz`` shows
         ``update_pending`` meanwhile)."""
         while self._updater is not None and not self._updater.done():
-            await asyncio.shield(self._updater)
+            await asyncio.wait({self._updater})  # not the task's outcome: a cancelled updater is not our cancel
 
     async def _reconfigure(self, user_config: dict[str, Any]) -> None:
         raw = (user_config or {}).get("versions")
@@ -820,8 +837,8 @@ class ChatServer:
 
     def _admit(self, cid: str) -> None:
         """Admit a completion request, or refuse it (503 + ``Retry-After``, code ``overloaded``) when a full batch
-        and ``serve.max_queued_requests`` more are already admitted: running + queued <= ``max_batch_size`` (per
-        served version) + ``max_queued_requests``. Runs at the route once the body is read (:meth:`_body`: a slow
+        and ``serve.max_queued_requests`` more are already admitted: running + queued <= ``max_batch_size`` +
+        ``max_queued_requests``. Runs at the route once the body is read (:meth:`_body`: a slow
         upload must not hold a place) and before it is parsed, so a refusal costs no generation work.
 
         The route's own counts are used, not the scheduler's queue: a request holds its place from admission (a
@@ -831,14 +848,14 @@ class ChatServer:
         """
         limit = self.cfg.max_queued_requests
         now = time.monotonic()
-        capacity = self.cfg.max_batch_size * max(1, len(self.models.names()))
+        # one batch's worth, however many versions are served: Serve's max_ongoing_requests is sized the same way
+        capacity = self.cfg.max_batch_size
         if len(self._waiting) + len(self._generating) >= capacity + (limit or 1024):
-            # a stream whose client left before its first event never runs its cleanup: forget such entries once
-            # they are older than any request can last (its deadline, else STALE_WAITING_S)
+            # a safety net (every path releases its place: _refusals, _released_on_error, _collect, the stream's
+            # response): forget waiting entries older than any request can wait (its deadline, else STALE_WAITING_S)
             horizon = now - (self.cfg.request_timeout_s + 5.0 if self.cfg.request_timeout_s else STALE_WAITING_S)
-            for places in (self._waiting, self._generating):
-                for stale in [k for k, t in places.items() if t < horizon]:
-                    del places[stale]
+            for stale in [k for k, t in self._waiting.items() if t < horizon]:
+                del self._waiting[stale]
         queued = len(self._waiting) + len(self._generating) - capacity
         if limit and queued >= limit:
             self.metrics.reject(REJECT_OVERLOADED)
@@ -1191,8 +1208,6 @@ class ChatServer:
             logger.info("chat id=%s messages=%s", cid, json.dumps(logged, ensure_ascii=False))
         if req.stream:
             self.stats.streams += 1
-            from sse_starlette.sse import EventSourceResponse
-
             job = GenerationJob(
                 tuple(prompt), params, seeds, deadline=self._deadline(t0), delivery_interval_s=STREAM_INTERVAL_S
             )
@@ -1219,7 +1234,12 @@ class ChatServer:
                 await items.aclose()
                 raise self._failure(refused, cid, t0, stream=True)
             events = self._stream(req, fmt, messages, prompt, params, job, items, t0, conversation)
-            return EventSourceResponse(events, ping=15, headers=headers)
+
+            async def over() -> None:  # however the response ended, even before its generator started
+                self._released(cid)
+                await items.aclose()  # ends the job's rows unless it is done
+
+            return _ClosingEventSource(events, ping=15, headers=headers, on_close=over)
 
         self.stats.requests += 1
         # its steps' tokens in one item per PLAIN_DELIVERY_S: only the first (TTFT) and the result matter here

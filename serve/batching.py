@@ -50,6 +50,15 @@ class SchedulerStopped(RuntimeError):
     until Serve replaces the replica. A request it refuses, or that had no token yet, may be retried (a 503)."""
 
 
+def _device_lost(error: BaseException) -> bool:
+    """A device error after which nothing more runs on the device (a CUDA illegal memory access, a device-side
+    assert); not out-of-memory, after which the next batch may fit. ``torch.AcceleratorError`` is torch >= 2.8."""
+    lost = getattr(torch, "AcceleratorError", None)
+    return lost is not None and isinstance(error, lost) and not isinstance(error, torch.OutOfMemoryError)
+
+
+THREAD_STOPPED = "the replica's generation thread has stopped"
+
 QUEUED_PAST_DEADLINE = (
     "the request reached its deadline while waiting for a place in the generation batch (the server is overloaded); "
     "retry later or allow a longer deadline"
@@ -416,7 +425,7 @@ class BatchRun:
                 it poisons the device's context, so every later step would fail too; the generation thread stops
                 on it (every job gets it) and the health check lets Serve replace the replica.
         """
-        if isinstance(error, torch.AcceleratorError) and not isinstance(error, torch.OutOfMemoryError):
+        if _device_lost(error):
             raise error
         logger.exception("decode step failed; failing the %d jobs of the batch", len(self._live))
         for state in self._live.values():
@@ -671,6 +680,8 @@ class Batcher:
         waiting = _Waiting(job, asyncio.Queue(), loop)
         if self._report_loop is None:
             self._report_loop = loop
+        if self._closed:
+            raise SchedulerStopped(THREAD_STOPPED)
         if job.params.num_beams > 1:
             self._beams.append(waiting)
             if self._beam_runner is None or self._beam_runner.done():
@@ -678,7 +689,7 @@ class Batcher:
         else:
             with self._cond:
                 if self._closed:
-                    raise SchedulerStopped("the replica's generation thread has stopped")
+                    raise SchedulerStopped(THREAD_STOPPED)
                 self._waiting.append(waiting)
                 # a lone arrival joining a running batch: started now, beside the step in progress. Arrivals in a
                 # burst (the previous one less than half a step ago) are prefilled together by the step: one pass of
@@ -810,9 +821,14 @@ class Batcher:
                 pass
         except Exception as e:  # noqa: BLE001 - a bug in the loop itself: fail every caller rather than hang them
             logger.exception("the generation thread failed")
-            self._fail_all(e)
+            if _device_lost(e):  # a job without a token may be retried on the replica that replaces this one
+                stopped = SchedulerStopped(f"the replica's device failed ({type(e).__name__}: {e})")
+                stopped.__cause__ = e
+                self._fail_all(stopped)
+            else:
+                self._fail_all(e)
         else:
-            self._fail_all(SchedulerStopped("the replica's generation thread has stopped"))
+            self._fail_all(SchedulerStopped(THREAD_STOPPED))
 
     def _fail_all(self, error: Exception) -> None:
         """Stop taking work; every job still waiting or decoding ends with ``error``."""
@@ -945,6 +961,8 @@ class Batcher:
         while self._beams:
             w = self._beams.popleft()
             item = w.settle(time.monotonic())
+            if item is None and self._closed:  # the generation thread stopped (e.g. on a device error)
+                item = StepItem([[] for _ in w.job.seeds], SchedulerStopped(THREAD_STOPPED))
             if item is None:
                 try:
                     out = (await loop.run_in_executor(self.beam_pool, run_jobs, self.engine, [w.job]))[0]

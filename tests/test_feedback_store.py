@@ -225,6 +225,14 @@ def test_text_with_a_nul_character_is_kept_by_both_back_ends(store):
     except InvalidFeedback as e:
         assert "NUL" in str(e)
     assert len(store.rows("ratings")) in (1, 2)
+    # with scrub_pii on, a prompt with a NUL is still one prompt: two opposite ratings of its replies make a pair
+    scrubbing = FeedbackStore(store.url, scrub=True)
+    try:
+        scrubbing.add_rating("s1", 0, "up", prompt, "yes", model_version=v, client_text=False)
+        pair = scrubbing.add_rating("s2", 0, "down", prompt, "no", model_version=v, client_text=False)
+        assert pair is not None and (pair["chosen"], pair["rejected"]) == ("yes", "no")
+    finally:
+        scrubbing.close()
 
 
 def test_a_reply_is_rated_once_retries_write_nothing_and_a_changed_rating_is_refused(store):

@@ -937,3 +937,34 @@ def test_the_queue_depth_gauge_is_reported_again_while_it_does_not_change(monkey
     time.sleep(1.2)
     assert sets.count((3, "live")) >= 3, sets  # once at the change, then again every GAUGE_REFRESH_S
     assert [s for s in sets if s[1] == "gone"] == [(0, "gone"), (0, "gone")], sets  # first seen, closed: no more
+
+
+def test_a_stream_whose_response_never_starts_gives_its_place_back(tmp_path):
+    """A stream holds its place from admission to its end, and its generator's ``finally`` gave it back: when the
+    client is gone before the SSE response sends anything (its generator never starts), the place stayed taken
+    until the stale sweep, and a wave of clients that gave up left the replica answering 503 ``overloaded``."""
+    import asyncio
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": True}
+
+    async def main() -> None:
+        server = await testing.inprocess_server(ckpt, engine_process=False)
+        try:
+            reply = await server.chat_completions(testing.post_request("/v1/chat/completions", body))
+            assert reply.status_code == 200 and server._generating  # noqa: SLF001 - it has its first token
+
+            async def receive() -> dict:
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict) -> None:
+                raise OSError("the client's connection is gone")
+
+            with pytest.raises(OSError):
+                scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "asgi": {"spec_version": "2.4"}}
+                await reply(scope, receive, send)
+            assert server._generating == {} and server._waiting == {}  # noqa: SLF001
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())

@@ -23,6 +23,7 @@ from serve.batching import (
     DeadlineExceeded,
     GenerationJob,
     JobOutput,
+    SchedulerStopped,
     StepItem,
     SubmittedNow,
     run_jobs,
@@ -665,11 +666,16 @@ def test_a_device_error_stops_the_scheduler_so_that_the_replica_is_replaced(engi
             monkeypatch.setattr(DecodeBatch, "step", lost)
             job = GenerationJob(_prompt(tok, "hi"), SamplingParams(max_new_tokens=4, temperature=1.0), (1,))
             item = await _collect(batcher, job)
-            assert isinstance(item.done, torch.AcceleratorError)
+            # no token yet: a 503 to retry on the replacement (SchedulerStopped), caused by the device error
+            assert isinstance(item.done, SchedulerStopped) and isinstance(item.done.__cause__, torch.AcceleratorError)
             until = time.monotonic() + 10
             while batcher.alive and time.monotonic() < until:
                 await asyncio.sleep(0.01)
             assert not batcher.alive
+            beams = SamplingParams(max_new_tokens=4, num_beams=2)
+            for params in (SamplingParams(max_new_tokens=4), beams):  # nothing more runs on the broken device
+                with pytest.raises(SchedulerStopped):
+                    await _collect(batcher, GenerationJob(_prompt(tok, "hi"), params, (1,)))
         finally:
             batcher.close()
 

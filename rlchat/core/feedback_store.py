@@ -625,7 +625,8 @@ class FeedbackStore:
         # same prompt, and a scrubbed prompt's identity is gone (a hash of the original would let anyone holding
         # the store recover a phone number by trying them all). Such a rating is kept and never paired: it gets a
         # pairing key of its own.
-        scrubbed = self.scrub and prompt_msgs != [{"role": m["role"], "content": m["content"]} for m in prompt]
+        plain = [{"role": m["role"], "content": _no_nul(m["content"])} for m in prompt]
+        scrubbed = self.scrub and prompt_msgs != plain
         pair_key = f"scrubbed:{uuid.uuid4().hex}" if scrubbed else key
         now = time.time() if now is None else now
         r = ratings_table.c
