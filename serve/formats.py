@@ -68,7 +68,11 @@ class ResponseFormat:
         if not self.logprobs or alts is None:
             return []
         eot = self.tokenizer.eot_id
-        return [(t, lp, list(zip(ids, lps))) for t, (lp, ids, lps) in zip(tokens, alts) if t != eot]
+        return [
+            (t, _floor(lp), [(i, _floor(v)) for i, v in zip(ids, lps)])
+            for t, (lp, ids, lps) in zip(tokens, alts)
+            if t != eot
+        ]
 
     def _text(self, t: int) -> str:
         return token_text(self.tokenizer, t)
@@ -82,10 +86,19 @@ def _token_json(tokenizer: ChatTokenizer, t: int) -> tuple[str, str]:
     return json.dumps(token_text(tokenizer, t), ensure_ascii=False), raw
 
 
-def _number(v: Any) -> str:
-    """A log-prob as JSON text, as ``json.dumps`` writes a float (numpy floats included)."""
+LOGPROB_FLOOR = -9999.0
+"""What a log-prob of -inf (a token the sampler masked) or NaN is written as: OpenAI's own floor; ``-Infinity`` is
+not JSON."""
+
+
+def _floor(v: Any) -> float:
     x = float(v)
-    return repr(x) if math.isfinite(x) else json.dumps(x)
+    return x if math.isfinite(x) else LOGPROB_FLOOR
+
+
+def _number(v: float) -> str:
+    """A (finite, :func:`_floor`) log-prob as JSON text, as ``json.dumps`` writes a float."""
+    return repr(float(v))
 
 
 class ChatFormat(ResponseFormat):

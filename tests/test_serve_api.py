@@ -968,3 +968,26 @@ def test_a_stream_whose_response_never_starts_gives_its_place_back(tmp_path):
             server.models.default.close()
 
     asyncio.run(main())
+
+
+def test_a_log_prob_of_minus_infinity_is_written_as_valid_json():
+    """A token the sampler masked has log-prob -inf (with ``top_logprobs`` above the unmasked count): written as
+    ``-Infinity``, which is not JSON -- a 500 while the body went through ``JSONResponse``, an unparsable 200 once it
+    was written directly. It is written as OpenAI's floor, -9999.0."""
+    from serve.formats import ChatFormat
+
+    tok = ChatTokenizer("cl100k_base")
+    tokens = tok.encode("hi")
+    alts = [(-0.5, [tokens[0], 7, 8], [-0.5, float("-inf"), float("nan")])]
+    fmt = ChatFormat("chatcmpl-1", 7, "rlchat", tok, logprobs=True)
+    body = json.loads(fmt.plain_body([(0, "hi", "stop", tokens, alts)], _usage()), parse_constant=pytest.fail)
+    top = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    assert [t["logprob"] for t in top] == [-0.5, -9999.0, -9999.0]
+    chunk = json.loads(fmt.delta_chunk(0, "hi", tokens, alts), parse_constant=pytest.fail)
+    assert [t["logprob"] for t in chunk["choices"][0]["logprobs"]["content"][0]["top_logprobs"]][1:] == [-9999.0] * 2
+
+
+def _usage():
+    from serve.schemas import Usage
+
+    return Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
