@@ -12,10 +12,14 @@ what matters (not throughput). What it measures, median of 5 runs each, in one p
 - ``ChatFormat.delta_chunk`` with ``logprobs`` on (``serve.formats``) writing the SSE chunks of a request with
   ``n=16`` choices of 250 tokens and ``top_logprobs: 20`` (5 tokens per chunk), with the per-token JSON cache cold
   (first request) and warm (the same tokens again).
+- The plain (non-streamed) body of the same request with 500-token choices (~12 MB): ``ChatFormat.plain_body``
+  (written once; the replica runs it on a worker thread) against the path before it, emulated here: each choice's
+  log-prob JSON parsed back into the body, then encoded again as ``JSONResponse`` does.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import time
@@ -24,6 +28,7 @@ from collections.abc import Callable
 from rlchat.text_stream import TextStreamer
 from rlchat.tokenizer import ChatTokenizer
 from serve.formats import ChatFormat
+from serve.schemas import AssistantMessage, ChatCompletion, Choice, Usage
 
 try:
     from serve.formats import _token_json
@@ -80,6 +85,30 @@ def main() -> None:
     cold = median_ms(chunks, before=_token_json.cache_clear if _token_json is not None else None)
     rows.append(("16 x 250-token streamed choices, top_logprobs 20, cold", cold))
     rows.append(("16 x 250-token streamed choices, top_logprobs 20, warm", median_ms(chunks)))
+
+    long_tokens = tokens * 2
+    long_alts = alts * 2
+    choices = [(i, "x" * 2000, "length", long_tokens, long_alts) for i in range(16)]
+    usage = Usage(prompt_tokens=10, completion_tokens=16 * 500, total_tokens=10 + 16 * 500)
+    fmt = ChatFormat("chatcmpl-bench", 0, "rlchat", tok, logprobs=True)
+    fmt.plain_body(choices, usage)  # the per-token cache warm, as in a serving replica
+
+    def parsed_back() -> None:  # the code before: write, parse back, encode again
+        body = ChatCompletion(id=fmt.cid, created=0, model=fmt.model, choices=[], usage=usage).model_dump()
+        listed = []
+        for i, text, reason, toks, a in choices:
+            c = Choice(index=i, message=AssistantMessage(content=text), finish_reason=reason).model_dump()  # type: ignore[arg-type]
+            c["logprobs"] = json.loads(fmt._logprobs_json(toks, a))  # noqa: SLF001
+            listed.append(c)
+        json.dumps({**body, "choices": listed}, ensure_ascii=False, separators=(",", ":")).encode()
+
+    rows.append(("16 x 500-token plain choices, top_logprobs 20, parsed back (before)", median_ms(parsed_back)))
+    rows.append(
+        (
+            "16 x 500-token plain choices, top_logprobs 20, plain_body",
+            median_ms(lambda: fmt.plain_body(choices, usage)),
+        )
+    )
 
     width = max(len(name) for name, _ in rows)
     print(f"{'what':<{width}}  ms (median of 5)")
