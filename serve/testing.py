@@ -261,6 +261,16 @@ async def inprocess_server(checkpoint: str | Path, **args: Any) -> Any:
     return server
 
 
+def slow_steps(server: Any, seconds: float) -> None:
+    """Make an in-process replica's (:func:`inprocess_server`, ``engine_process=False``) decoding steps each take
+    ``seconds`` longer: a request then waits or runs long enough for a test to act meanwhile."""
+    import time
+
+    batch = server.models.default.scheduler._run.batch  # noqa: SLF001
+    fast = batch.step
+    batch.step = lambda *a: (time.sleep(seconds), fast(*a))[1]
+
+
 def post_request(
     path: str,
     body: dict[str, Any],

@@ -594,7 +594,6 @@ def test_a_stream_still_queued_at_its_deadline_is_a_503_before_its_response_star
     own (1.05 s; the margin takes 0.15 s of scheduling delay)."""
     import asyncio
     import dataclasses
-    import time
 
     ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=512)
     body = {
@@ -608,9 +607,7 @@ def test_a_stream_still_queued_at_its_deadline_is_a_503_before_its_response_star
             ckpt, engine_process=False, max_batch_size=1, batch_wait_timeout_s=0.0, request_timeout_s=1.0
         )
         try:
-            batch = server.models.default.scheduler._run.batch  # noqa: SLF001
-            fast_step = batch.step
-            batch.step = lambda *a: (time.sleep(0.4), fast_step(*a))[1]
+            testing.slow_steps(server, 0.4)
             route = "/v1/chat/completions"
             long = asyncio.create_task(server.chat_completions(testing.post_request(route, body)))
             await asyncio.sleep(0.05)
@@ -667,9 +664,7 @@ def test_a_running_requests_conversation_id_survives_thousands_of_refused_reques
             ckpt, engine_process=False, api_key="k", feedback_store=f"sqlite:///{db}"
         )
         try:
-            batch = server.models.default.scheduler._run.batch  # noqa: SLF001
-            fast_step = batch.step
-            batch.step = lambda *a: (time.sleep(0.2), fast_step(*a))[1]
+            testing.slow_steps(server, 0.2)
             alice = {"Authorization": "Bearer k", CONVERSATION_HEADER: "alice-conv-1"}
             reply = asyncio.create_task(server.chat_completions(testing.post_request(route, body, alice)))
             await asyncio.sleep(0.05)
@@ -859,7 +854,6 @@ def test_a_burst_up_to_a_full_batch_plus_the_queue_is_admitted_and_the_next_is_r
     once: from idle, a burst of ``serve.max_queued_requests`` + 1 was refused though a batch of 16 stood empty. The
     bound is now on requests beyond a full batch: running + queued <= ``max_batch_size`` + ``max_queued_requests``."""
     import asyncio
-    import time
 
     ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
     route = "/v1/chat/completions"
@@ -870,9 +864,7 @@ def test_a_burst_up_to_a_full_batch_plus_the_queue_is_admitted_and_the_next_is_r
             ckpt, engine_process=False, max_batch_size=4, max_queued_requests=2, batch_wait_timeout_s=0.0
         )
         try:
-            batch = server.models.default.scheduler._run.batch  # noqa: SLF001
-            fast_step = batch.step
-            batch.step = lambda *a: (time.sleep(0.1), fast_step(*a))[1]
+            testing.slow_steps(server, 0.1)
             burst = [server.chat_completions(testing.post_request(route, body)) for _ in range(6)]
             replies = await asyncio.gather(*burst, return_exceptions=True)
             assert [getattr(r, "status_code", r) for r in replies] == [200] * 6
