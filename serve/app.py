@@ -891,8 +891,8 @@ class ChatServer:
 
     @contextlib.contextmanager
     def _released_on_error(self, cid: str) -> Iterator[None]:
-        """Around :meth:`_respond`: a request that ends with an exception gives its place back (a stream's place
-        is given back by its generator, once its response has started)."""
+        """Around :meth:`_respond`: a request that ends with an exception gives its place back (a stream whose
+        response was returned gives it back when that response is over, :class:`_ClosingEventSource`)."""
         try:
             yield
         except BaseException:
