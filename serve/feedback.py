@@ -52,6 +52,7 @@ class FeedbackRecorder:
             cfg.feedback_store,
             transcripts=cfg.transcripts,
             transcript_retention_days=cfg.transcript_retention_days,
+            request_retention_days=cfg.request_retention_days,
             scrub=cfg.scrub_pii,
         )
         self._store_log = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlchat-store")

@@ -18,7 +18,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ from rlchat.feedback_store import (
     AlreadyRated,
     FeedbackStore,
     InvalidFeedback,
+    RequestRecord,
     StoreUnavailable,
     default_store_url,
     display_url,
@@ -121,6 +124,8 @@ def test_store_urls_resolve_relative_sqlite_paths_and_refuse_the_rest(tmp_path, 
         Config().replace(**{"serve.feedback_store": "mysql://h/db"})
     with pytest.raises(ConfigError, match="serve.transcript_retention_days"):
         Config().replace(**{"serve.transcript_retention_days": 0})
+    with pytest.raises(ConfigError, match="serve.request_retention_days=-1.*positive number of days"):
+        Config().replace(**{"serve.request_retention_days": -1})
     assert Config().serve.transcripts is False  # privacy: off unless asked for
 
 
@@ -339,7 +344,7 @@ def test_reply_text_a_client_sends_is_verified_and_unverified_text_stays_out_of_
     assert len(everything) == 5
 
 
-def test_a_version_1_store_is_migrated_to_keep_reply_digests(store_url, monkeypatch):
+def test_a_version_1_store_is_migrated_to_keep_reply_digests_and_pruned_counts(store_url, monkeypatch):
     import rlchat.core.feedback_store as fs
 
     with monkeypatch.context() as m:
@@ -349,11 +354,13 @@ def test_a_version_1_store_is_migrated_to_keep_reply_digests(store_url, monkeypa
         assert old.schema_version() == 1
         old.add_rating("a", 0, "up", PROMPT, "four", model_version="v", client_text=False)
         old.close()
-    new = FeedbackStore(store_url)
-    assert new.schema_version() == SCHEMA_VERSION == 2
+    new = FeedbackStore(store_url, request_retention_days=1.0)
+    assert new.schema_version() == SCHEMA_VERSION == 3
     new.record_request("b", model_version="v", n_choices=1, messages=PROMPT, replies=["5"])
     pair = new.add_rating("b", 0, "down", PROMPT, "5", model_version="v", client_text=True)
     assert pair is not None and pair["feedback"]["client_text"] is False  # verified against the new digests
+    new.record_request("c", model_version="v", n_choices=1, now=time.time() - 2 * 86400.0)
+    assert new.prune()["requests"] == 1 and [s.requests for s in new.stats()] == [2]  # counted past retention
     new.close()
 
 
@@ -550,7 +557,7 @@ def test_transcripts_retention_scrubbing_and_deleting_a_conversation(store_url):
     assert rows[0]["replies"] == ["Hi [email]"] and rows[1]["replies"] == ["ok", None]
     assert "ann@example.org" not in json.dumps(store.rows("ratings"))  # feedback text is scrubbed too
 
-    assert store.prune(now) == 1  # r1 is past 7 days
+    assert store.prune(now) == {"transcripts": 1, "requests": 0}  # r1 is past 7 days; request rows: no retention
     assert [r["request_id"] for r in store.rows("transcripts")] == ["r2", "r3"]
     assert len(store.rows("requests")) == 4  # the request counts (no text) stay
 
@@ -562,6 +569,63 @@ def test_transcripts_retention_scrubbing_and_deleting_a_conversation(store_url):
     assert store.rows("transcripts") == [] and store.rows("ratings") == []
     assert [r["request_id"] for r in store.rows("requests")] == ["r0"]
     store.close()
+
+
+def test_request_rows_past_their_retention_are_deleted_and_still_counted_in_stats(store_url):
+    """A serving replica writes a request row and a reply digest per completion (~460 bytes with their indexes on
+    SQLite: ~2 GB a day at 50 requests/s). Past ``serve.request_retention_days`` they are deleted; ``stats`` still
+    counts them, once, however often prune runs."""
+    day = 86400.0
+    now = time.time()
+    store = FeedbackStore(store_url, request_retention_days=7.0)
+    store.record_request("old-a", model_version="a", n_choices=1, messages=PROMPT, replies=["4"], now=now - 8 * day)
+    store.record_request("old-b", model_version="b", n_choices=1, messages=PROMPT, replies=["5"], now=now - 9 * day)
+    store.record_request("older-a", model_version="a", n_choices=1, now=now - 30 * day)
+    store.record_request("new-a", model_version="a", n_choices=1, messages=PROMPT, replies=["6"], now=now)
+    store.add_rating("old-a", 0, "up", PROMPT, "4", model_version="default", client_text=True)
+    assert store.rows("ratings")[-1]["client_text"] is False  # its digest verified the text
+    before = {s.model_version: (s.requests, s.up) for s in store.stats()}
+    assert before == {"a": (3, 1), "b": (1, 0)}
+
+    assert store.prune(now) == {"transcripts": 0, "requests": 3}
+    assert [r["request_id"] for r in store.rows("requests")] == ["new-a"]
+    assert {s.model_version: (s.requests, s.up) for s in store.stats()} == before
+    assert store.prune(now) == {"transcripts": 0, "requests": 0}  # nothing counted twice
+    assert {s.model_version: (s.requests, s.up) for s in store.stats()} == before
+
+    # the pruned reply's digest went with it: a late rating sending its text back is client text, under the
+    # caller's label; a kept reply is still verified and labelled by the version that served it
+    store.add_rating("old-b", 0, "down", PROMPT, "5", model_version="default", client_text=True)
+    late = store.rows("ratings")[-1]
+    assert (late["client_text"], late["model_version"]) == (True, "default")
+    store.add_rating("new-a", 0, "down", PROMPT, "6", model_version="default", client_text=True)
+    kept = store.rows("ratings")[-1]
+    assert (kept["client_text"], kept["model_version"]) == (False, "a")
+
+    # a store that keeps every row (the CLI's, which does not know the server's setting) deletes none
+    store.record_request("old-c", model_version="c", n_choices=1, now=now - 40 * day)
+    keeper = FeedbackStore(store_url)
+    assert keeper.prune(now) == {"transcripts": 0, "requests": 0}
+    assert "old-c" in {r["request_id"] for r in keeper.rows("requests")}
+    keeper.close()
+    store.close()
+
+    # two replicas pruning at once count each deleted row once
+    replicas = [FeedbackStore(store_url, request_retention_days=7.0) for _ in range(2)]
+    for r in replicas:
+        r.schema_version()  # opened (which prunes once), so the two prunes below start together
+    old = [RequestRecord(f"d{i}", "d", 1, created_at=now - 10 * day) for i in range(300)]
+    writer = FeedbackStore(store_url)
+    writer.record_requests([*old, RequestRecord("old-c2", "c", 1, created_at=now - 40 * day)])
+    writer.close()
+    start = threading.Barrier(2)
+    with ThreadPoolExecutor(2) as pool:
+        pruned = list(pool.map(lambda r: (start.wait(), r.prune(now)["requests"])[1], replicas))
+    assert sum(pruned) == 301
+    counted = {s.model_version: s.requests for s in replicas[0].stats()}
+    assert counted == {"a": 3, "b": 1, "c": 2, "d": 300, "default": 0}  # "default": the late rating's label
+    for r in replicas:
+        r.close()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -641,8 +705,6 @@ def test_served_chats_are_counted_and_transcribed_and_a_conversation_can_be_dele
 
 
 def test_record_requests_writes_a_batch_like_one_call_per_request(store):
-    from rlchat.feedback_store import RequestRecord
-
     now = time.time()
     store.record_request("a", model_version="v", n_choices=2, withheld=1, conversation_id="c", messages=PROMPT,
                          replies=["4", None], now=now)  # fmt: skip

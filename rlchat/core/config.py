@@ -426,6 +426,8 @@ class ServeConfig:
     """Store conversation transcripts (messages and replies) in feedback_store; off by default for privacy."""
     transcript_retention_days: float = 30.0
     """Stored transcripts older than this many days are deleted."""
+    request_retention_days: float = 30.0
+    """Per-request rows (analytics, reply digests) older than this many days are deleted; stats keep their counts."""
     scrub_pii: bool = False
     """Replace e-mail addresses and phone numbers with [email] / [phone] in stored transcripts and feedback."""
     model_version: str = ""
@@ -610,6 +612,13 @@ def _validate(cfg: Config) -> None:
         s.transcript_retention_days,
         "a positive number of days",
         "use e.g. 30 (transcripts older than that are deleted)",
+    )
+    _check(
+        s.request_retention_days > 0,
+        "serve.request_retention_days",
+        s.request_retention_days,
+        "a positive number of days",
+        "use e.g. 30 (a row per served completion older than that is deleted; its count is kept)",
     )
     _check(
         not s.feedback_store or s.feedback_store.startswith(FEEDBACK_STORE_SCHEMES),

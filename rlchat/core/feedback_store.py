@@ -37,6 +37,10 @@ Privacy: transcripts are written only with ``serve.transcripts: true`` and delet
 serving); ``serve.scrub_pii`` replaces e-mail addresses and phone numbers (:func:`scrub_pii`) in every text the
 store writes, feedback included; :meth:`FeedbackStore.delete_conversation` (``rlchat feedback delete URL ID``)
 deletes one conversation: its transcripts, request rows, ratings and the pairs built from them.
+
+Size: the row and reply digest each served completion leaves (~460 bytes with their indexes on SQLite) are deleted
+after ``serve.request_retention_days`` by the same prune, their number kept per model version for :meth:`stats`.
+Ratings and preference pairs are training data and are never pruned.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +62,8 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from rlchat.core.errors import ConfigError, DataError, RLChatError
 
@@ -74,7 +81,8 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 PG_CONNECT_TIMEOUT_S = 5
 """PostgreSQL connect timeout: an unreachable server fails a feedback request within this, it does not hang it."""
 PRUNE_INTERVAL_S = 3600.0
-"""While serving, expired transcripts are deleted at most this often (and once when the store opens)."""
+"""While serving, expired transcripts and request rows are deleted at most this often (and once when the store
+opens)."""
 RETRY_AFTER_S = 10
 """What ``Retry-After`` tells a client whose feedback could not be stored."""
 SOURCE_API = "/v1/feedback"
@@ -306,6 +314,12 @@ replies_table = sa.Table(  # a digest of each served reply and its prompt: verif
     sa.Column("choice_index", sa.Integer, nullable=False),
     sa.Column("digest", sa.String(64), nullable=False),
 )
+pruned_requests_table = sa.Table(  # per model version: request rows deleted past their retention (stats count them)
+    "rlchat_pruned_requests",
+    metadata,
+    sa.Column("model_version", sa.Text, primary_key=True),
+    sa.Column("requests", sa.BigInteger, nullable=False),
+)
 pairs_table = sa.Table(  # preference pairs in the record format of `rlchat data` (prompt / chosen / rejected)
     "rlchat_pairs",
     metadata,
@@ -349,6 +363,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         2,
         "reply digests: reply text a client sends with a rating is checked against what the server answered",
         (replies_table,),
+    ),
+    Migration(
+        3,
+        "counts of request rows deleted past serve.request_retention_days, per model version",
+        (pruned_requests_table,),
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -447,6 +466,8 @@ class FeedbackStore:
         transcripts: write transcripts in :meth:`record_request` (``serve.transcripts``).
         transcript_retention_days: delete transcripts older than this (:meth:`prune`); None never prunes (the CLI,
             which does not know the server's setting).
+        request_retention_days: delete request rows and reply digests older than this, counting them per model
+            version (:meth:`prune`); None keeps them.
         scrub: scrub e-mail addresses and phone numbers from every text written (``serve.scrub_pii``).
     """
 
@@ -456,11 +477,13 @@ class FeedbackStore:
         *,
         transcripts: bool = False,
         transcript_retention_days: float | None = None,
+        request_retention_days: float | None = None,
         scrub: bool = False,
     ) -> None:
         self.url = resolve_store_url(url)
         self.transcripts = transcripts
         self.retention_days = transcript_retention_days
+        self.request_retention_days = request_retention_days
         self.scrub = scrub
         self.backend = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         self._engine: sa.Engine | None = None
@@ -890,22 +913,63 @@ class FeedbackStore:
             self.prune(latest)
 
     # ------------------------------------------------------------------------------------------ retention
-    def prune(self, now: float | None = None) -> int:
-        """Delete transcripts older than the retention period; returns how many (0 without a retention period).
+    def prune(self, now: float | None = None) -> dict[str, int]:
+        """Delete transcripts, and request rows with their reply digests, older than their retention periods (none
+        without one); returns how many of each (``{"transcripts", "requests"}``).
+
+        Deleted request rows are added to their model version's count in ``rlchat_pruned_requests`` in the same
+        transaction, so :meth:`stats` still counts every request. Each replica prunes: the rows a transaction
+        deletes are the ones it counts (``DELETE ... RETURNING``; a concurrent prune on PostgreSQL waits for the
+        rows' locks and then finds them gone), so none is counted twice.
 
         Raises:
             StoreUnavailable: the database cannot be reached (nothing was deleted).
         """
-        if self.retention_days is None:
-            return 0
+        counts = {"transcripts": 0, "requests": 0}
+        if self.retention_days is None and self.request_retention_days is None:
+            return counts
         now = time.time() if now is None else now
         self._next_prune = now + PRUNE_INTERVAL_S
-        cutoff = now - self.retention_days * 86400.0
         with self._transaction() as conn:
-            n = conn.execute(sa.delete(transcripts_table).where(transcripts_table.c.created_at < cutoff)).rowcount
-        if n:
-            logger.info("feedback store %s: deleted %d transcript(s) past the retention period", self.display_url, n)
-        return int(n or 0)
+            if self.retention_days is not None:
+                cutoff = now - self.retention_days * 86400.0
+                t = transcripts_table.c
+                counts["transcripts"] = int(
+                    conn.execute(sa.delete(transcripts_table).where(t.created_at < cutoff)).rowcount or 0
+                )
+            if self.request_retention_days is not None:
+                counts["requests"] = self._prune_requests(conn, now - self.request_retention_days * 86400.0)
+        if any(counts.values()):
+            logger.info(
+                "feedback store %s: deleted %d transcript(s) and %d request row(s) past their retention periods",
+                self.display_url,
+                counts["transcripts"],
+                counts["requests"],
+            )
+        return counts
+
+    def _prune_requests(self, conn: sa.Connection, cutoff: float) -> int:
+        """Delete the request rows created before ``cutoff`` and their reply digests, adding the rows to their
+        versions' counts; returns how many rows."""
+        q = requests_table.c
+        old = sa.select(q.request_id).where(q.created_at < cutoff)
+        conn.execute(sa.delete(replies_table).where(replies_table.c.request_id.in_(old)))
+        deleted = Counter(
+            row.model_version
+            for row in conn.execute(sa.delete(requests_table).where(q.created_at < cutoff).returning(q.model_version))
+        )
+        if deleted:
+            insert = postgresql_insert if self.backend == "postgresql" else sqlite_insert
+            stmt = insert(pruned_requests_table).values(
+                [{"model_version": v, "requests": n} for v, n in sorted(deleted.items())]
+            )
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[pruned_requests_table.c.model_version],
+                    set_={"requests": pruned_requests_table.c.requests + stmt.excluded.requests},
+                )
+            )
+        return sum(deleted.values())
 
     def delete_conversation(self, conversation_id: str) -> dict[str, int]:
         """Delete one conversation: its transcripts and request rows (by conversation id, or by the id of one of
@@ -969,10 +1033,11 @@ class FeedbackStore:
         """Per model version: requests served, thumbs up / down, preference pairs (sorted by version)."""
         q, r, p = requests_table.c, ratings_table.c, pairs_table.c
         with self._transaction() as conn:
-            requests: dict[str, int] = {
-                v: int(n)
-                for v, n in conn.execute(sa.select(q.model_version, sa.func.count()).group_by(q.model_version))
-            }
+            requests: Counter[str] = Counter(
+                {v: int(n) for v, n in conn.execute(sa.select(pruned_requests_table))}  # past their retention
+            )
+            for v, n in conn.execute(sa.select(q.model_version, sa.func.count()).group_by(q.model_version)):
+                requests[v] += int(n)
             pairs: dict[str, int] = {
                 v: int(n)
                 for v, n in conn.execute(sa.select(p.model_version, sa.func.count()).group_by(p.model_version))
