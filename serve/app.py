@@ -367,17 +367,33 @@ def _refused_before_start(first: asyncio.Future) -> Exception | None:
 
 
 class _ClosingEventSource(EventSourceResponse):
-    """An SSE response that runs ``on_close`` once it is over, however it ended. A stream's generator gives its
-    place back in its ``finally``, but one that never started (the client gone before the first event was sent)
-    never runs it: the place stayed taken until the stale sweep."""
+    """An SSE response that runs ``on_close`` once it is over, however it ended, and reads a cancelled ``receive``
+    as the client's disconnect.
+
+    ``on_close``: a stream's generator gives its place back in its ``finally``, but one that never started (the
+    client gone before the first event was sent) never runs it: the place stayed taken until the stale sweep.
+
+    ``receive``: ``sse_starlette`` listens for the client's disconnect by calling ``receive()``. Under Ray Serve,
+    once the client has gone, the proxy cancels the request and ``receive()`` raises ``TaskCancelledError``
+    instead of returning ``http.disconnect``; unhandled, it ended the response as an internal error, logged at
+    ERROR with two ~70-line tracebacks for every client that closed a stream mid-reply (~870 in a 12-minute soak).
+    """
 
     def __init__(self, *args: Any, on_close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from ray.exceptions import TaskCancelledError
+
+        async def receive_or_disconnect() -> dict[str, Any]:
+            try:
+                return await receive()
+            except TaskCancelledError:  # Serve cancelled the request: its client has gone
+                return {"type": "http.disconnect"}
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive_or_disconnect, send)
         finally:
             await self._on_close()
 
