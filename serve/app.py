@@ -262,6 +262,31 @@ _CORS_ORIGINS: list[tuple[str, ...]] = [()]
 """``serve.cors_origins`` of this process's replica (set in :class:`ChatServer`); empty = no CORS headers."""
 
 
+class _CancelledReceiveIsDisconnect:
+    """ASGI middleware: a ``receive()`` that Ray Serve cancelled reads as the client's ``http.disconnect``.
+
+    Once a client has gone, Serve's proxy cancels its request, and a ``receive()`` still waiting raises
+    ``TaskCancelledError`` instead of returning the disconnect that ASGI servers send. Whatever was waiting then
+    failed as an internal error, logged at ERROR with one or two ~70-line tracebacks: ``sse_starlette``'s listener
+    for the disconnect of every stream closed mid-reply, and the body read of a client that gave up before its body
+    was read (~870 in a 12-minute soak, ``bench/serve_soak.py``). As a disconnect, they are the 499s they are.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from ray.exceptions import TaskCancelledError
+
+        async def receive_or_disconnect() -> dict[str, Any]:
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_disconnect, send)
+
+
 class _CORSMiddleware:
     """CORS for the origins in ``serve.cors_origins`` (off by default): answers preflights and adds the
     Access-Control headers. Plain ASGI (not ``BaseHTTPMiddleware``), so streams and client disconnects pass
@@ -314,6 +339,7 @@ class _CORSMiddleware:
 
 
 api.add_middleware(_CORSMiddleware)
+api.add_middleware(_CancelledReceiveIsDisconnect)
 api.add_middleware(VersionScope)  # a request's version binding ends with the request (serve/models.py)
 
 
@@ -367,33 +393,17 @@ def _refused_before_start(first: asyncio.Future) -> Exception | None:
 
 
 class _ClosingEventSource(EventSourceResponse):
-    """An SSE response that runs ``on_close`` once it is over, however it ended, and reads a cancelled ``receive``
-    as the client's disconnect.
-
-    ``on_close``: a stream's generator gives its place back in its ``finally``, but one that never started (the
-    client gone before the first event was sent) never runs it: the place stayed taken until the stale sweep.
-
-    ``receive``: ``sse_starlette`` listens for the client's disconnect by calling ``receive()``. Under Ray Serve,
-    once the client has gone, the proxy cancels the request and ``receive()`` raises ``TaskCancelledError``
-    instead of returning ``http.disconnect``; unhandled, it ended the response as an internal error, logged at
-    ERROR with two ~70-line tracebacks for every client that closed a stream mid-reply (~870 in a 12-minute soak).
-    """
+    """An SSE response that runs ``on_close`` once it is over, however it ended. A stream's generator gives its
+    place back in its ``finally``, but one that never started (the client gone before the first event was sent)
+    never runs it: the place stayed taken until the stale sweep."""
 
     def __init__(self, *args: Any, on_close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        from ray.exceptions import TaskCancelledError
-
-        async def receive_or_disconnect() -> dict[str, Any]:
-            try:
-                return await receive()
-            except TaskCancelledError:  # Serve cancelled the request: its client has gone
-                return {"type": "http.disconnect"}
-
         try:
-            await super().__call__(scope, receive_or_disconnect, send)
+            await super().__call__(scope, receive, send)
         finally:
             await self._on_close()
 

@@ -287,13 +287,15 @@ def test_a_plain_client_that_goes_away_gets_its_rows_cancelled(ops, no_eot):
     assert time.perf_counter() - t < 1.0
 
 
-def test_streams_whose_clients_go_away_are_499s_not_internal_errors(ops, no_eot, ray_local):
-    """Closing a stream mid-reply (a browser tab closed, the web page's Stop) is routine: a 499 in the log and the
-    metrics, its rows cancelled, its place given back. Serve's ``receive()`` raises ``TaskCancelledError`` into the
-    SSE response's disconnect listener once the client has gone, and that used to surface as an ERROR "internal
-    error" with two ~70-line tracebacks per disconnect (a 12-minute soak, ``bench/serve_soak.py``: ~870 of them,
-    24 MB of replica log)."""
+def test_clients_that_go_away_mid_body_or_mid_stream_are_499s_not_internal_errors(ops, no_eot, ray_local):
+    """Closing a stream mid-reply (a browser tab closed, the web page's Stop) or a connection mid-upload is
+    routine: a 499 in the log and the metrics, its rows cancelled, its place given back. Once the client has gone,
+    Serve's ``receive()`` raises ``TaskCancelledError`` (into the SSE response's disconnect listener, or into the
+    body read) and that used to surface as an ERROR "internal error" with one or two ~70-line tracebacks per
+    disconnect (a 12-minute soak, ``bench/serve_soak.py``: ~870 of them, 24 MB of replica log)."""
+    import socket
     from pathlib import Path
+    from urllib.parse import urlparse
 
     logs = Path(ray_local._private.worker._global_node.get_logs_dir_path()) / "serve"
 
@@ -302,6 +304,22 @@ def test_streams_whose_clients_go_away_are_499s_not_internal_errors(ops, no_eot,
 
     errors_before = replica_log().count("internal error on")
     before = _load(ops)
+    # mid-body: the headers and part of the body, then the connection closes while the replica reads the rest
+    u = urlparse(ops)
+    head = (
+        f"POST {u.path}/v1/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 200\r\n\r\n"
+    ).encode()
+    for _ in range(3):
+        with socket.create_connection((u.hostname, u.port), timeout=30) as conn:
+            conn.sendall(head + b'{"messages": [')
+            time.sleep(0.5)
+    gone = before["responses"].get("499", 0) + 3
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _load(ops)["responses"].get("499", 0) < gone:
+        time.sleep(0.5)
+    assert _load(ops)["responses"].get("499", 0) == gone
+    # mid-stream
     ids = []
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS, "logit_bias": no_eot}
     for _ in range(6):
@@ -321,8 +339,42 @@ def test_streams_whose_clients_go_away_are_499s_not_internal_errors(ops, no_eot,
     assert text.count("internal error on") == errors_before, text[text.find("internal error on") - 200 :][:3000]
     assert "Task exception was never retrieved" not in text
     after = _load(ops)
-    assert after["responses"].get("499", 0) - before["responses"].get("499", 0) == len(ids)
+    assert after["responses"].get("499", 0) - before["responses"].get("499", 0) == 3 + len(ids)
     assert after["waiting"] == 0
+
+
+def test_a_receive_that_serve_cancelled_reads_as_the_clients_disconnect():
+    """The app's middleware turns Serve's ``TaskCancelledError`` from ``receive()`` into ``http.disconnect``, for
+    every route (a body read reaches it when its client gives up before the body was read: timing the HTTP test
+    above cannot force), and passes every other message and error through."""
+    import asyncio
+
+    from ray.exceptions import TaskCancelledError
+
+    from serve.app import _CancelledReceiveIsDisconnect, api
+
+    assert _CancelledReceiveIsDisconnect in [m.cls for m in api.user_middleware]
+    seen = []
+
+    async def route(scope, receive, send):
+        try:
+            seen.append(await receive())
+        except Exception as e:  # noqa: BLE001 - the test records what the route sees
+            seen.append(type(e).__name__)
+
+    def receive_of(outcome):
+        async def receive():
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        return receive
+
+    app = _CancelledReceiveIsDisconnect(route)
+    body = {"type": "http.request", "body": b"{}", "more_body": False}
+    for outcome in (TaskCancelledError(), body, RuntimeError("boom")):
+        asyncio.run(app({"type": "http"}, receive_of(outcome), None))
+    assert seen == [{"type": "http.disconnect"}, body, "RuntimeError"]
 
 
 def _total(samples: dict, name: str, **labels: str) -> float:

@@ -1,0 +1,399 @@
+"""Soak test of the Serve chat endpoint: a mixed, overloaded client population for minutes, watching for leaks.
+
+    python bench/serve_soak.py                          # 6 minutes, 96 clients, the demo model's size (~8 min)
+    python bench/serve_soak.py --minutes 20 --clients 128
+    python bench/serve_soak.py --swap-every 30        # and a config update every 30 s (canary, promote, roll back)
+    python bench/serve_soak.py --ingress haproxy      # through Serve's HAProxy ingress
+
+What it does: builds an untrained checkpoint of the demo's size, starts a local Ray (2 CPUs) and deploys the app
+with the product's serving defaults (``serve.max_batch_size`` 16, ``serve.max_queued_requests`` 64,
+``serve.request_timeout_s`` 60, engine process, Serve's proxy) plus an API key (so ``/readyz`` shows the replica's
+pid to this script) and a SQLite feedback store with its rate limit off. Then C closed-loop clients each send, one
+after the other, requests drawn at random (seeded) from what real clients do:
+
+    plain / streamed chat; a stream whose client goes away after its first chunk; a plain request whose client
+    gives up after 0.1 s; n=2 with log-probs and 5 top log-probs; /v1/completions; penalties, logit bias and a stop
+    string; a 2-beam search; a malformed body (4xx expected); a rating of one of the last 200 replies (/v1/feedback;
+    a 409 when that reply was rated already);
+    GET /v1/models.
+
+More clients than a full batch plus the queue (96 > 16 + 64) keep the replica overloaded, so 503s with
+``Retry-After`` are expected. Every ``--sample-s`` seconds it records the resident memory (``VmRSS``) of the replica
+and of its engine process (the replica's child), the requests waiting and in flight (``/readyz``) and the status
+codes so far. With ``--swap-every S`` the app's versions change every S seconds, as ``serve deploy`` of an edited
+config does (the controller's ``deploy_apps``; a lightweight ``user_config`` update): a 90/10 canary of a second
+checkpoint, the canary promoted, then rolled back to the first, and again, so versions are loaded, drained and
+closed all run long; the replica's engine processes are counted too (one per loaded version). After the load it
+waits for the replica to go idle and checks that every place was given back.
+
+Pass criteria printed at the end: no 5xx other than 503, no connection errors the script did not cause, no ERROR
+line in the replica's log (Ray's session log directory), the replica idle afterwards (nothing waiting, nothing in
+flight), and the resident memory of the replica and of its engine processes (at their usual count) growing less
+than ``--max-growth-mb`` over the second half of the run. Exit status 1 when one fails. Traffic goes to 127.0.0.1
+only; every loop is bounded by time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+API_KEY = "soak-key"
+PROMPTS = ("Tell me something about the sea.", "What is two plus two?", "Write a short poem about rain.")
+KINDS = {  # kind -> weight: how often a client does it
+    "plain": 20,
+    "stream": 25,
+    "stream_gone": 8,
+    "plain_gone": 5,
+    "logprobs_n2": 8,
+    "completions": 8,
+    "penalties": 8,
+    "beams": 3,
+    "malformed": 6,
+    "feedback": 6,
+    "models": 3,
+}
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` in MB (``/proc/PID/status``), NaN when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (``/proc/*/stat``)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def chat_body(kind: str, rng: random.Random) -> dict[str, Any]:
+    """The chat request body of ``kind``."""
+    body: dict[str, Any] = {
+        "model": "rlchat",
+        "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+        "max_tokens": rng.choice((8, 32, 64)),
+        "temperature": 1.0,
+        "seed": rng.randrange(2**31),
+    }
+    if kind in ("stream", "stream_gone"):
+        body.update(stream=True, stream_options={"include_usage": True})
+    elif kind == "logprobs_n2":
+        body.update(n=2, logprobs=True, top_logprobs=5)
+    elif kind == "penalties":
+        body.update(presence_penalty=0.5, frequency_penalty=0.3, logit_bias={"100": -100}, stop=["\n\n"])
+    elif kind == "beams":
+        body.update(num_beams=2, temperature=0.0, max_tokens=16)
+    return body
+
+
+class Soak:
+    """The clients' shared tallies: status codes by kind, unexpected errors, reply ids to rate."""
+
+    def __init__(self, url: str, seed: int) -> None:
+        self.url = url
+        self.rng = random.Random(seed)
+        self.codes: Counter[tuple[str, int]] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.reply_ids: list[str] = []
+        self.requests = 0
+
+    async def one(self, session: Any, kind: str, rng: random.Random) -> None:
+        """Send one request of ``kind`` and tally its outcome."""
+        import aiohttp
+
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        self.requests += 1
+        try:
+            if kind == "models":
+                async with session.get(self.url + "/v1/models", headers=headers) as resp:
+                    await resp.read()
+                    self.codes[kind, resp.status] += 1
+                return
+            if kind == "malformed":
+                data = rng.choice(('{"messages": [', '{"messages": 5}', '{"model": "rlchat", "max_tokens": -1}'))
+                async with session.post(
+                    self.url + "/v1/chat/completions",
+                    data=data,
+                    headers={**headers, "Content-Type": "application/json"},
+                ) as resp:
+                    await resp.read()
+                    self.codes[kind, resp.status] += 1
+                return
+            if kind == "feedback":
+                if not self.reply_ids:
+                    return
+                recent = self.reply_ids[-200:]  # a reply rated soon after it came (the cache keeps the last 2,048)
+                body = {"completion_id": rng.choice(recent), "rating": rng.choice(("up", "down"))}
+                async with session.post(self.url + "/v1/feedback", json=body, headers=headers) as resp:
+                    await resp.read()
+                    self.codes[kind, resp.status] += 1
+                return
+            if kind == "completions":
+                body = {"model": "rlchat", "prompt": rng.choice(PROMPTS), "max_tokens": 16, "seed": rng.randrange(99)}
+                async with session.post(self.url + "/v1/completions", json=body, headers=headers) as resp:
+                    await resp.read()
+                    self.codes[kind, resp.status] += 1
+                return
+            body = chat_body(kind, rng)
+            timeout = aiohttp.ClientTimeout(total=0.1) if kind == "plain_gone" else None
+            try:
+                async with session.post(
+                    self.url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout
+                ) as resp:
+                    if kind == "stream_gone":
+                        self.codes[kind, resp.status] += 1
+                        if resp.status == 200:
+                            await resp.content.readline()  # the first SSE line, then go away
+                        resp.close()
+                        return
+                    raw = await resp.read()
+                    self.codes[kind, resp.status] += 1
+                    if resp.status == 200 and not body.get("stream"):
+                        reply_id = json.loads(raw)["id"]
+                        self.reply_ids.append(reply_id)
+                        del self.reply_ids[:-200]
+            except asyncio.TimeoutError:
+                if kind != "plain_gone":
+                    raise
+                self.codes[kind, 0] += 1  # 0 = the client gave up, as meant
+        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, KeyError) as e:
+            self.errors[f"{kind}: {type(e).__name__}: {str(e)[:80]}"] += 1
+
+    async def client(self, session: Any, k: int, until: float) -> None:
+        rng = random.Random(self.rng.randrange(2**31) + k)
+        kinds, weights = zip(*KINDS.items())
+        while time.monotonic() < until:
+            await self.one(session, rng.choices(kinds, weights)[0], rng)
+
+
+def version_plans(a: str, b: str) -> list[list[dict[str, Any]]]:
+    """The ``--swap-every`` cycle: a 90/10 canary of ``b``, ``b`` promoted, rolled back to ``a``."""
+    return [
+        [{"name": "stable", "checkpoint": a, "weight": 90}, {"name": "canary", "checkpoint": b, "weight": 10}],
+        [{"name": "canary", "checkpoint": b, "weight": 100}],
+        [{"name": "stable", "checkpoint": a, "weight": 100}],
+    ]
+
+
+def deploy_versions(app_args: dict[str, Any], versions: list[dict[str, Any]]) -> None:
+    """What ``serve deploy config.yaml`` does for an edited ``versions`` list (the controller's ``deploy_apps``)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {
+        "name": "rlchat",
+        "route_prefix": "/",
+        "import_path": "serve.app:build_app",
+        "args": app_args,
+        "deployments": [{"name": "ChatServer", "user_config": {"versions": versions}}],
+    }
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))
+
+
+def readyz(url: str) -> dict[str, Any]:
+    import urllib.request
+
+    req = urllib.request.Request(url + "/readyz", headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def version_names(state: dict[str, Any]) -> str:
+    """``/readyz``'s versions, the draining ones with a leading ``-``."""
+    return ",".join([v["name"] for v in state["versions"]] + [f"-{v['name']}" for v in state["draining"]])
+
+
+def busy(state: dict[str, Any]) -> tuple[int, int]:
+    """(requests waiting for the batch, requests in flight over all versions) from ``/readyz``."""
+    return state["load"]["waiting"], sum(v["inflight"] for v in state["versions"] + state["draining"])
+
+
+async def swap(plans: list[list[dict[str, Any]]], app_args: dict[str, Any], every_s: float, until: float) -> int:
+    """Apply the next plan of ``plans`` every ``every_s`` seconds until ``until``; returns the updates made."""
+    n = 0
+    while time.monotonic() + every_s < until:
+        await asyncio.sleep(every_s)
+        n += 1
+        await asyncio.to_thread(deploy_versions, app_args, plans[n % len(plans)])
+    return n
+
+
+async def run(
+    url: str, args: argparse.Namespace, plans: list[list[dict[str, Any]]], app_args: dict[str, Any]
+) -> tuple[Soak, list[dict[str, Any]], int]:
+    import aiohttp
+
+    soak = Soak(url, args.seed)
+    samples: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    until = t0 + args.minutes * 60
+    timeout = aiohttp.ClientTimeout(total=180)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks = [asyncio.create_task(soak.client(session, k, until)) for k in range(args.clients)]
+        swapper = asyncio.create_task(swap(plans, app_args, args.swap_every, until)) if args.swap_every else None
+        while time.monotonic() < until:
+            await asyncio.sleep(args.sample_s)
+            state = await asyncio.to_thread(readyz, url)
+            pid = state["pid"]
+            engines = children(pid)
+            waiting, inflight = busy(state)
+            sample = {
+                "t": time.monotonic() - t0,
+                "requests": soak.requests,
+                "rss_replica": rss_mb(pid),
+                "rss_engine": sum(rss_mb(p) for p in engines) if engines else float("nan"),
+                "engines": len(engines),
+                "versions": version_names(state),
+                "waiting": waiting,
+                "inflight": inflight,
+                "503": sum(n for (_, c), n in soak.codes.items() if c == 503),
+                "5xx": sum(n for (_, c), n in soak.codes.items() if c >= 500 and c != 503),
+                "errors": sum(soak.errors.values()),
+            }
+            samples.append(sample)
+            print(
+                f"{sample['t']:6.0f} s  {sample['requests']:6d} requests  replica {sample['rss_replica']:7.1f} MB  "
+                f"engines {len(engines)} {sample['rss_engine']:7.1f} MB [{sample['versions']}]  "
+                f"waiting {waiting:3d}  in flight {inflight:3d}  "
+                f"503 {sample['503']:5d}  other 5xx {sample['5xx']}  errors {sample['errors']}",
+                flush=True,
+            )
+        await asyncio.gather(*tasks)
+        swaps = await swapper if swapper is not None else 0
+    return soak, samples, swaps
+
+
+def replica_log_errors(ray: Any) -> Counter[str]:
+    """ERROR lines of the app's replica logs (Ray's session log directory), by message without ids and numbers."""
+    import re
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"  # noqa: SLF001
+    out: Counter[str] = Counter()
+    for path in logs.glob("replica_rlchat_*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("ERROR"):
+                message = line.split(" -- ", 1)[-1]
+                out[re.sub(r"[0-9a-f]{8,}|\d+", "N", message)[:120]] += 1
+    return out
+
+
+def growth(samples: list[dict[str, Any]], key: str, same_engines: bool = False) -> float:
+    """MB gained over the second half of the run (last sample minus the one at the half); ``same_engines``: only
+    samples with the half's most common number of engine processes (a swap loads one more for a while)."""
+    half = samples[len(samples) // 2 :]
+    if same_engines and half:
+        usual = Counter(s["engines"] for s in half).most_common(1)[0][0]
+        half = [s for s in half if s["engines"] == usual]
+    return half[-1][key] - half[0][key] if len(half) >= 2 else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=6.0)
+    ap.add_argument("--clients", type=int, default=96)
+    ap.add_argument("--sample-s", type=float, default=15.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--swap-every", type=float, default=0.0, help="seconds between config updates (0: none)")
+    ap.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy", help="serve.ingress")
+    ap.add_argument("--max-growth-mb", type=float, default=30.0, help="allowed RSS growth over the second half")
+    args = ap.parse_args()
+
+    import ray
+    import torch
+
+    from serve import testing
+    from serve.settings import ingress_environment
+
+    os.environ.update(ingress_environment(args.ingress))  # before Ray starts: every Ray process reads it
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            a = str(testing.make_tiny_checkpoint(Path(tmp) / "a", **bench_shape(), step=100))
+            b = str(testing.make_tiny_checkpoint(Path(tmp) / "b", **bench_shape(), seed=1, step=200))
+            app_args = {
+                "checkpoint": a,
+                "api_key": API_KEY,
+                "feedback_store": f"sqlite:///{Path(tmp) / 'feedback.db'}",
+                "feedback_rate_limit": 0,
+            }
+            plans = version_plans(a, b)
+            url = f"http://127.0.0.1:{testing.start_serve()}"
+            deploy_versions(app_args, plans[0] if args.swap_every else [])
+            testing.wait_ready(url, api_key=API_KEY)
+            soak, samples, swaps = asyncio.run(run(url, args, plans, app_args))
+            deadline = time.monotonic() + 90
+            while (idle := busy(readyz(url))) != (0, 0) and time.monotonic() < deadline:
+                time.sleep(1)
+            time.sleep(2)
+            log_errors = replica_log_errors(ray)
+    finally:
+        testing.shutdown()
+        ray.shutdown()
+
+    print()
+    print(
+        f"{args.clients} clients for {args.minutes:g} min, {soak.requests} requests, {swaps} config updates, ingress "
+        f"{args.ingress}; status codes by kind:"
+    )
+    print()
+    print("| kind | " + " | ".join(str(c) for c in sorted({c for _, c in soak.codes})) + " |")
+    codes = sorted({c for _, c in soak.codes})
+    print("|---|" + "---:|" * len(codes))
+    for kind in KINDS:
+        print(f"| {kind} | " + " | ".join(str(soak.codes.get((kind, c), 0)) for c in codes) + " |")
+    print("\n(0 = the client gave up after 0.1 s, as meant)")
+    for err, n in soak.errors.most_common(10):
+        print(f"client error x{n}: {err}")
+    for err, n in log_errors.most_common(10):
+        print(f"replica log ERROR x{n}: {err}")
+    g_rep, g_eng = growth(samples, "rss_replica"), growth(samples, "rss_engine", same_engines=True)
+    bad_5xx = sum(n for (_, c), n in soak.codes.items() if c >= 500 and c != 503)
+    cap = args.max_growth_mb
+    checks = {
+        "no 5xx but 503": bad_5xx == 0,
+        "no unexpected client errors": not soak.errors,
+        f"no ERROR in the replica's log ({sum(log_errors.values())})": not log_errors,
+        "idle afterwards (nothing waiting or in flight)": idle == (0, 0),
+        f"replica RSS growth over the second half {g_rep:+.1f} MB < {cap:g}": g_rep < cap,
+        f"engine processes' RSS growth over the second half (at equal count) {g_eng:+.1f} MB < {cap:g}": g_eng < cap,
+    }
+    print()
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    return 0 if all(checks.values()) else 1
+
+
+def bench_shape() -> dict[str, int]:
+    """The demo model's size (configs/demo.yaml), as ``make_tiny_checkpoint`` keywords."""
+    return {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256, "vocab_size": 4096}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
