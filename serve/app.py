@@ -24,7 +24,8 @@ route                          what
                                PostgreSQL, :mod:`rlchat.feedback_store`), which ``rlchat rm`` reads (closing the
                                loop back to the reward model); 503 + ``Retry-After`` while the store is down
 ``GET /healthz``               liveness
-``GET /readyz``                readiness: the checkpoint, its stage and step, the replica's pid, batching counters
+``GET /readyz``                one replica's status: checkpoint, stage and step, pid, batching counters (a load
+                               balancer probes Serve's ``/-/healthz`` instead: ``/readyz`` is shed under overload)
 ``GET /``                      the web chat page (``serve/static/index.html``)
 ============================== ================================================================================
 
@@ -1054,9 +1055,11 @@ class ChatServer:
 
     @api.get("/readyz")
     async def readyz(self, request: Request) -> JSONResponse:
-        """Readiness (no key needed): 200 ``ready``, or 503 ``unhealthy`` naming the versions whose scheduler or
-        engine process has stopped (``check_health``'s test), so a load balancer stops sending traffic before Serve
-        replaces the replica. Paths and the pid only for the operator (see :meth:`_operator`)."""
+        """Readiness of the replica that answers (no key needed): 200 ``ready``, or 503 ``unhealthy`` naming the
+        versions whose scheduler or engine process has stopped (``check_health``'s test, which makes Serve stop
+        routing to the replica and replace it). Not a load balancer's probe: it is routed, queued and shed like any
+        request; a load balancer probes Serve's proxy (``/-/healthz``, docs/serving.md). Paths and the pid only for
+        the operator (see :meth:`_operator`)."""
         ctx = ray_serve.get_replica_context()
         st = self.stats
         operator = self._operator(request)

@@ -383,6 +383,15 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config(ckpt, tmp_path, monkey
     assert set(app_schema.args) >= {"checkpoint", "max_batch_size", "batch_wait_timeout_s"}
     # the builder accepts the YAML's args the way `serve run` passes them
     monkeypatch.chdir(tmp_path)
+    # the YAML's deployment options override the code's: they must be the ones the code computes for its args (the
+    # YAML kept a proxy queue of 64 after the code had raised it to a replica's worth)
+    from serve.settings import deployment_options, resolve_settings
+
+    opts = deployment_options(resolve_settings({**app_schema.args, "checkpoint": str(ckpt)}))
+    assert (dep.max_ongoing_requests, dep.max_queued_requests) == (
+        opts["max_ongoing_requests"],
+        opts["max_queued_requests"],
+    )
     app = call_user_app_builder_with_args_if_necessary(build_app, {**app_schema.args, "checkpoint": str(ckpt)})
     assert isinstance(app, Application)
 
