@@ -105,6 +105,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve as ray_serve
+from ray.exceptions import TaskCancelledError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -277,8 +278,6 @@ class _CancelledReceiveIsDisconnect:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        from ray.exceptions import TaskCancelledError
-
         async def receive_or_disconnect() -> dict[str, Any]:
             try:
                 return await receive()

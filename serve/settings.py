@@ -31,8 +31,8 @@ OVERLOAD_HEADROOM = 512
 finishing a stream, so the replica, not Serve's router, sheds load (a 503 with an OpenAI-style body and
 ``Retry-After``). A refusal costs the replica a parse and a reply; a replica at Serve's ``max_ongoing_requests``
 costs much more: Serve's router backs off and retries, and meanwhile every route of the app, ``/readyz`` included,
-waits or is refused at the proxy. With 8 here, 320 clients (4x overload, ``bench/serve_soak.py``) got 11 replies/s
-and 109 of 115 ``/readyz`` probes were 503s; with 512, 41 replies/s and every probe a 200."""
+waits or is refused at the proxy. With 8 here, 320 clients (4x overload, ``bench/serve_soak.py``) got 9.9 replies/s
+and 84 of 88 ``/readyz`` probes were 503s; with 512, 41.5 replies/s and every probe a 200."""
 
 
 @dataclass(frozen=True)

@@ -918,9 +918,10 @@ class FeedbackStore:
         without one); returns how many of each (``{"transcripts", "requests"}``).
 
         Deleted request rows are added to their model version's count in ``rlchat_pruned_requests`` in the same
-        transaction, so :meth:`stats` still counts every request. Each replica prunes: the rows a transaction
-        deletes are the ones it counts (``DELETE ... RETURNING``; a concurrent prune on PostgreSQL waits for the
-        rows' locks and then finds them gone), so none is counted twice.
+        transaction, so :meth:`stats` still counts every request. Each replica prunes, and the rows a transaction
+        deletes are the ones it counts, so none is counted twice: on PostgreSQL by ``DELETE ... RETURNING`` (a
+        concurrent prune waits for the rows' locks, then finds them gone), on SQLite under the write lock that
+        ``BEGIN IMMEDIATE`` takes.
 
         Raises:
             StoreUnavailable: the database cannot be reached (nothing was deleted).
@@ -954,10 +955,14 @@ class FeedbackStore:
         q = requests_table.c
         old = sa.select(q.request_id).where(q.created_at < cutoff)
         conn.execute(sa.delete(replies_table).where(replies_table.c.request_id.in_(old)))
-        deleted = Counter(
-            row.model_version
-            for row in conn.execute(sa.delete(requests_table).where(q.created_at < cutoff).returning(q.model_version))
-        )
+        expired = sa.delete(requests_table).where(q.created_at < cutoff)
+        if self.backend == "postgresql":  # what this transaction deleted: a concurrent prune's rows are not counted
+            deleted = Counter(row.model_version for row in conn.execute(expired.returning(q.model_version)))
+        else:  # BEGIN IMMEDIATE holds the write lock: the rows counted are the rows deleted (no RETURNING before
+            # SQLite 3.35, which e.g. Debian 11's Python links)
+            per_version = sa.select(q.model_version, sa.func.count()).where(q.created_at < cutoff)
+            deleted = Counter({v: int(n) for v, n in conn.execute(per_version.group_by(q.model_version))})
+            conn.execute(expired)
         if deleted:
             insert = postgresql_insert if self.backend == "postgresql" else sqlite_insert
             stmt = insert(pruned_requests_table).values(
