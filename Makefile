@@ -48,6 +48,7 @@ bench: setup
 	$(PY) bench/ppo_throughput.py
 	$(PY) bench/serve_load.py
 	$(PY) bench/serve_text.py
+	$(PY) bench/serve_soak.py
 	$(PY) bench/batch_generate.py
 
 clean:
