@@ -140,6 +140,12 @@ class Soak:
         if resp.status == 503:
             self.retry_after[client] = min(float(resp.headers.get("Retry-After", "1")), 5.0)
 
+    async def _send(self, session: Any, kind: str, client: int, method: str, path: str, **kwargs: Any) -> None:
+        """One request whose reply is read whole and only tallied."""
+        async with session.request(method, self.url + path, **kwargs) as resp:
+            await resp.read()
+            self._tally(kind, resp, client)
+
     async def one(self, session: Any, kind: str, rng: random.Random, client: int) -> None:
         """Send one request of ``kind`` for ``client`` and tally its outcome."""
         import aiohttp
@@ -148,34 +154,23 @@ class Soak:
         self.requests += 1
         try:
             if kind == "models":
-                async with session.get(self.url + "/v1/models", headers=headers) as resp:
-                    await resp.read()
-                    self._tally(kind, resp, client)
+                await self._send(session, kind, client, "GET", "/v1/models", headers=headers)
                 return
             if kind == "malformed":
                 data = rng.choice(('{"messages": [', '{"messages": 5}', '{"model": "rlchat", "max_tokens": -1}'))
-                async with session.post(
-                    self.url + "/v1/chat/completions",
-                    data=data,
-                    headers={**headers, "Content-Type": "application/json"},
-                ) as resp:
-                    await resp.read()
-                    self._tally(kind, resp, client)
+                typed = {**headers, "Content-Type": "application/json"}
+                await self._send(session, kind, client, "POST", "/v1/chat/completions", data=data, headers=typed)
                 return
             if kind == "feedback":
                 if not self.reply_ids:
                     return
                 recent = self.reply_ids[-200:]  # a reply rated soon after it came (the cache keeps the last 2,048)
                 body = {"completion_id": rng.choice(recent), "rating": rng.choice(("up", "down"))}
-                async with session.post(self.url + "/v1/feedback", json=body, headers=headers) as resp:
-                    await resp.read()
-                    self._tally(kind, resp, client)
+                await self._send(session, kind, client, "POST", "/v1/feedback", json=body, headers=headers)
                 return
             if kind == "completions":
                 body = {"model": "rlchat", "prompt": rng.choice(PROMPTS), "max_tokens": 16, "seed": rng.randrange(99)}
-                async with session.post(self.url + "/v1/completions", json=body, headers=headers) as resp:
-                    await resp.read()
-                    self._tally(kind, resp, client)
+                await self._send(session, kind, client, "POST", "/v1/completions", json=body, headers=headers)
                 return
             body = chat_body(kind, rng)
             timeout = aiohttp.ClientTimeout(total=0.1) if kind == "plain_gone" else None
