@@ -33,6 +33,12 @@ finishing a stream, so the replica, not Serve's router, sheds load (a 503 with a
 costs much more: Serve's router backs off and retries, and meanwhile every route of the app, ``/readyz`` included,
 waits or is refused at the proxy. With 8 here, 320 clients (4x overload, ``bench/serve_soak.py``) got 9.9 replies/s
 and 84 of 88 ``/readyz`` probes were 503s; with 512, 41.5 replies/s and every probe a 200."""
+SHUTDOWN_MARGIN_S = 10.0
+"""What a replica being stopped, or a version being drained, is given beyond its longest request's lifetime: the last
+chunk and the trip back through the proxy, Serve's 2 s drain polling, the engine's close."""
+NO_DEADLINE_LIFETIME_S = 600.0
+"""Without a deadline (``serve.request_timeout_s: 0``) a request's lifetime has no bound: a replica being stopped, or
+a version being drained, waits this long for its requests before they are cut off."""
 
 
 @dataclass(frozen=True)
@@ -321,6 +327,15 @@ def replica_actor_options(settings: AppSettings) -> dict[str, Any]:
     return opts
 
 
+def request_lifetime_s(serve: Any) -> float:
+    """The longest an admitted request can run under ``serve`` (a ``ServeConfig``): its body within
+    ``body_timeout_s``, then queued and generating within its deadline (``request_timeout_s``, counted from its
+    arrival); :data:`NO_DEADLINE_LIFETIME_S` without a deadline. What a replica being stopped waits for."""
+    if serve.request_timeout_s <= 0:
+        return NO_DEADLINE_LIFETIME_S
+    return serve.request_timeout_s + serve.body_timeout_s
+
+
 def deployment_options(settings: AppSettings) -> dict[str, Any]:
     """Serve deployment options from ``cfg.serve``: fixed replicas, or autoscaling when max_replicas > replicas."""
     from ray.serve.config import BackpressureConfig
@@ -331,6 +346,10 @@ def deployment_options(settings: AppSettings) -> dict[str, Any]:
         "max_ongoing_requests": max(64, 4 * s.max_batch_size),
         "ray_actor_options": replica_actor_options(settings),
         "health_check_period_s": 5.0,
+        # Serve stops a replica (a rolling update, a scale-down, `serve shutdown`) once its requests are done, or
+        # kills it after this. Serve's default, 20 s, severed every request still queued or generating 20 s in (a
+        # 500 for the client) while a request may run for its whole deadline (60 s by default).
+        "graceful_shutdown_timeout_s": request_lifetime_s(s) + SHUTDOWN_MARGIN_S,
     }
     if s.max_queued_requests > 0:
         # Two layers of load shedding (docs/serving.md, "Overload and deadlines"). The replica refuses a request when

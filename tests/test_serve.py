@@ -388,9 +388,10 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config(ckpt, tmp_path, monkey
     from serve.settings import deployment_options, resolve_settings
 
     opts = deployment_options(resolve_settings({**app_schema.args, "checkpoint": str(ckpt)}))
-    assert (dep.max_ongoing_requests, dep.max_queued_requests) == (
+    assert (dep.max_ongoing_requests, dep.max_queued_requests, dep.graceful_shutdown_timeout_s) == (
         opts["max_ongoing_requests"],
         opts["max_queued_requests"],
+        opts["graceful_shutdown_timeout_s"],
     )
     app = call_user_app_builder_with_args_if_necessary(build_app, {**app_schema.args, "checkpoint": str(ckpt)})
     assert isinstance(app, Application)

@@ -488,6 +488,18 @@ def test_settings_bound_the_queue_at_the_replica_and_at_serves_proxy(tmp_path):
             resolve_settings({"checkpoint": str(ckpt), key: bad})
 
 
+def test_serve_waits_for_a_stopping_replicas_longest_request(tmp_path):
+    """The deployment's ``graceful_shutdown_timeout_s`` covers a request's whole lifetime (body, queue, generation
+    up to its deadline), or the no-deadline bound; Serve's default of 20 s cut requests off (the test below)."""
+    from serve.settings import NO_DEADLINE_LIFETIME_S, deployment_options, resolve_settings
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
+    for args, lifetime in (({}, 60 + 10), ({"request_timeout_s": 300, "body_timeout_s": 5}, 305),
+                           ({"request_timeout_s": 0}, NO_DEADLINE_LIFETIME_S)):  # fmt: skip
+        opts = deployment_options(resolve_settings({"checkpoint": str(ckpt), **args}))
+        assert lifetime < opts["graceful_shutdown_timeout_s"] <= lifetime + 30, (args, opts)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_replica_that_reserved_a_gpu_but_sees_no_cuda_refuses_to_start(tmp_path):
     """It logged a warning and served on the CPU while holding the GPU it reserved (a CPU build of torch on a GPU
@@ -498,3 +510,43 @@ def test_a_replica_that_reserved_a_gpu_but_sees_no_cuda_refuses_to_start(tmp_pat
     ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
     with pytest.raises(ConfigError, match="serve.num_gpus=1.*no CUDA device"):
         asyncio.run(testing.inprocess_server(ckpt, num_gpus=1, engine_process=False))
+
+
+DRAIN_REQUESTS = 12
+"""Requests queued at a batch-1 replica when it is replaced: ~2 s each here, so the last ends ~25 s later."""
+
+
+def test_a_rolling_update_lets_the_old_replica_finish_every_request_it_took(ray_local, no_eot, tmp_path):
+    """Serve stops a replica (a rolling update for new args or code, an autoscaling scale-down, ``serve shutdown``)
+    once its requests are done or after the deployment's ``graceful_shutdown_timeout_s``, then kills it. That was
+    Serve's default, 20 s, while a request may run for its whole deadline (``serve.request_timeout_s``, 60 s by
+    default): every request still queued or generating 20 s into a scale-down was severed. The replica now gets its
+    longest request's lifetime: here 12 requests queued at a batch-1 replica (~28 s of work) all finish."""
+    from ray import serve as ray_serve
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=CONTEXT, vocab_size=VOCAB)
+    args = dict(
+        name=APP + "-drain", route_prefix=PREFIX + "-drain", max_batch_size=1, batch_wait_timeout_s=0.0,
+        max_queued_requests=DRAIN_REQUESTS, request_timeout_s=120, max_tokens=MAX_TOKENS,
+        feedback_store=f"sqlite:///{tmp_path / 'feedback.db'}", model_name=APP + "-drain", num_cpus=0,
+    )  # fmt: skip
+    url = testing.deploy(ckpt, **args)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(DRAIN_REQUESTS) as pool:
+            t0 = time.perf_counter()
+            futures = [pool.submit(_chat, url, MAX_TOKENS, no_eot, 180) for _ in range(DRAIN_REQUESTS)]
+            deadline = time.monotonic() + 30
+            while _load(url)["waiting"] < DRAIN_REQUESTS - 2:  # all admitted: one generating, the rest queued
+                assert time.monotonic() < deadline, _load(url)
+                time.sleep(0.2)
+            testing.deploy(ckpt, **{**args, "max_tokens": MAX_TOKENS + 1})  # new args: Serve replaces the replica
+            replies = [f.result() for f in futures]
+            elapsed = time.perf_counter() - t0
+        codes = [r.status_code for r in replies]
+        assert codes == [200] * DRAIN_REQUESTS, f"statuses {codes} after {elapsed:.1f} s: {[r.text[:80] for r in replies]}"
+        for r in replies:
+            choice, usage = r.json()["choices"][0], r.json()["usage"]
+            assert (choice["finish_reason"], usage["completion_tokens"]) == ("length", MAX_TOKENS)
+        print(f"{DRAIN_REQUESTS} requests drained in {elapsed:.1f} s")
+    finally:
+        ray_serve.delete(APP + "-drain")

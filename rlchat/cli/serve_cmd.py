@@ -15,10 +15,12 @@ from rlchat.core.feedback_store import display_url
 from serve.app import ChatServer
 from serve.settings import (
     APP_NAME,
+    SHUTDOWN_MARGIN_S,
     active_ingress,
     deployment_options,
     exposure_warning,
     ingress_environment,
+    request_lifetime_s,
     resolve_settings,
     ship_checkpoints,
 )
@@ -191,7 +193,8 @@ def serve_command(
             time.sleep(1.0)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the shutdown
-        print("stopping: shutting Serve down", flush=True)
+        wait_s = request_lifetime_s(s) + SHUTDOWN_MARGIN_S
+        print(f"stopping: shutting Serve down (requests in flight finish first, at most {wait_s:g} s)", flush=True)
         with contextlib.suppress(Exception):
             ray_serve.shutdown()
     return 0
