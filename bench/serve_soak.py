@@ -4,6 +4,7 @@
     python bench/serve_soak.py --minutes 20 --clients 128
     python bench/serve_soak.py --swap-every 30        # and a config update every 30 s (canary, promote, roll back)
     python bench/serve_soak.py --ingress haproxy      # through Serve's HAProxy ingress
+    python bench/serve_soak.py --rolling-every 60     # and a rolling update every 60 s (Serve replaces the replica)
 
 What it does: builds an untrained checkpoint of the demo's size, starts a local Ray (2 CPUs) and deploys the app
 with the product's serving defaults (``serve.max_batch_size`` 16, ``serve.max_queued_requests`` 64,
@@ -25,8 +26,10 @@ their next request, as the openai SDK does (``--no-retry-after``: at once). With
 versions change every S seconds, as ``serve deploy`` of an edited config does (the controller's ``deploy_apps``; a
 lightweight ``user_config`` update): a 90/10 canary of a second checkpoint, the canary promoted, then rolled back to
 the first, and again, so versions are loaded, drained and closed all run long; the replica's engine processes are
-counted too (one per loaded version). After the load it waits for the replica
-to go idle and checks that every place was given back.
+counted too (one per loaded version). With ``--rolling-every S`` the app's ``args`` change every S seconds (as a
+``serve deploy`` of new settings or code does): Serve starts a new replica, then stops the old one once its requests
+are done (``graceful_shutdown_timeout_s``); the memory checks then do not apply (no replica lives through the
+second half). After the load it waits for the replica to go idle and checks that every place was given back.
 
 Pass criteria printed at the end: no 5xx other than 503, no connection errors the script did not cause, no ERROR
 line in the replica's log (Ray's session log directory), every load balancer probe a 200 in time, the replica idle
@@ -278,6 +281,18 @@ async def swap(plans: list[list[dict[str, Any]]], app_args: dict[str, Any], ever
     return n
 
 
+async def roll(app_args: dict[str, Any], every_s: float, until: float) -> int:
+    """A rolling update every ``every_s`` seconds until ``until`` (``serve.max_messages`` 64 / 63: new args, so
+    Serve replaces the replica); returns the updates made."""
+    n = 0
+    while time.monotonic() + every_s < until:
+        await asyncio.sleep(every_s)
+        n += 1
+        app_args["max_messages"] = 63 if n % 2 else 64
+        await asyncio.to_thread(deploy_versions, app_args, [])
+    return n
+
+
 async def run(
     url: str, args: argparse.Namespace, plans: list[list[dict[str, Any]]], app_args: dict[str, Any]
 ) -> tuple[Soak, list[dict[str, Any]], int, dict[str, list[tuple[Any, float]]]]:
@@ -291,6 +306,7 @@ async def run(
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         tasks = [asyncio.create_task(soak.client(session, k, until)) for k in range(args.clients)]
         swapper = asyncio.create_task(swap(plans, app_args, args.swap_every, until)) if args.swap_every else None
+        roller = asyncio.create_task(roll(app_args, args.rolling_every, until)) if args.rolling_every else None
         probers = {
             path: asyncio.create_task(probe(session, url + path, until, 1.0, PROBE_TIMEOUT_S)) for path in PROBED
         }
@@ -306,6 +322,7 @@ async def run(
             waiting, inflight = busy(state)
             sample = {
                 "t": time.monotonic() - t0,
+                "pid": pid,
                 "requests": soak.requests,
                 "rss_replica": rss_mb(pid),
                 "rss_engine": sum(rss_mb(p) for p in engines) if engines else float("nan"),
@@ -327,6 +344,7 @@ async def run(
             )
         await asyncio.gather(*tasks)
         swaps = await swapper if swapper is not None else 0
+        swaps += await roller if roller is not None else 0
         probes = {path: await task for path, task in probers.items()}
     return soak, samples, swaps, probes
 
@@ -367,9 +385,14 @@ def main() -> int:
         action="store_true",
         help="clients send their next request at once after a 503 (default: they wait its Retry-After, as SDKs do)",
     )
+    ap.add_argument(
+        "--rolling-every", type=float, default=0.0, help="seconds between rolling updates (new args; 0: none)"
+    )
     ap.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy", help="serve.ingress")
     ap.add_argument("--max-growth-mb", type=float, default=30.0, help="allowed RSS growth over the second half")
     args = ap.parse_args()
+    if args.swap_every and args.rolling_every:
+        ap.error("--swap-every and --rolling-every each deploy the app's config: use one")
 
     import ray
     import torch
@@ -406,8 +429,9 @@ def main() -> int:
 
     print()
     print(
-        f"{args.clients} clients for {args.minutes:g} min, {soak.requests} requests, {swaps} config updates, ingress "
-        f"{args.ingress}; status codes by kind:"
+        f"{args.clients} clients for {args.minutes:g} min, {soak.requests} requests, {swaps} "
+        f"{'rolling' if args.rolling_every else 'config'} updates ({len({x['pid'] for x in samples})} replica pids "
+        f"seen), ingress {args.ingress}; status codes by kind:"
     )
     print()
     print("| kind | " + " | ".join(str(c) for c in sorted({c for _, c in soak.codes})) + " |")
@@ -442,7 +466,8 @@ def main() -> int:
         f"engine processes' RSS growth over the second half (at equal count) {g_eng:+.1f} MB < {cap:g}": g_eng < cap,
     }
     print()
-    unmeasured = {name for name in checks if "nan MB" in name}  # no /readyz sample got through the overload
+    # no /readyz sample got through the overload, or no replica lived through the second half (rolling updates)
+    unmeasured = {name for name in checks if "nan MB" in name or (args.rolling_every and "RSS" in name)}
     for name, ok in checks.items():
         print(f"{'n/a ' if name in unmeasured else 'PASS' if ok else 'FAIL'}  {name}")
     return 0 if all(ok for name, ok in checks.items() if name not in unmeasured) else 1

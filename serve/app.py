@@ -904,7 +904,7 @@ class ChatServer:
             yield
         except APIError as e:
             self._released(cid)
-            self.stats.errors += 1
+            self._count_failure(e.status, e.code)
             self._log(cid, e.status, t0, error=e.code or e.type)
             raise
         except asyncio.CancelledError:  # Serve cancels the handler when its client leaves (e.g. mid-body)
@@ -937,6 +937,15 @@ class ChatServer:
         self._waiting.pop(cid, None)
         self._generating.pop(cid, None)
 
+    def _count_failure(self, status: int, code: str | None) -> None:
+        """Count a request that got no reply in ``/readyz``'s stats: ``refused`` (4xx, and the 503s that shed load or
+        wait for a replacement replica: a healthy replica under overload refuses many) or ``errors`` (the server
+        failed it)."""
+        if status < 500 or code in OVERLOAD_CODES:
+            self.stats.refused += 1
+        else:
+            self.stats.errors += 1
+
     def _deadline(self, t0: float) -> float | None:
         """The ``time.monotonic()`` deadline of a request that arrived at ``t0`` (``time.perf_counter()``), from
         ``serve.request_timeout_s`` (None: no deadline). Still queued then -> 503 ``queue_timeout``; generating ->
@@ -963,7 +972,9 @@ class ChatServer:
         """What to raise for a job that failed before its response started (logged and counted): a 503
         ``queue_timeout`` for its deadline in the queue, a 503 ``model_unavailable`` when its version's scheduler
         has stopped, a 400 for a request error, else ``err`` itself (500)."""
-        self.stats.errors += 1
+        user_error = isinstance(err, RLChatError)
+        refused = isinstance(err, (DeadlineExceeded, SchedulerStopped))
+        self._count_failure(400 if user_error else 503 if refused else 500, MODEL_UNAVAILABLE if refused else None)
         if isinstance(err, DeadlineExceeded):
             return self._queue_timeout(cid, t0, stream=stream)
         if isinstance(err, SchedulerStopped):  # no token was generated: safe to retry, on a replacement replica
@@ -975,7 +986,6 @@ class ChatServer:
                 MODEL_UNAVAILABLE,
                 "server_error",
             )
-        user_error = isinstance(err, RLChatError)
         self._log(cid, 400 if user_error else 500, t0, stream=stream, error=err.__class__.__name__)
         return APIError(400, str(err), None, "invalid_value") if user_error else err
 
@@ -1090,6 +1100,7 @@ class ChatServer:
                 "requests": st.requests,
                 "streams": st.streams,
                 "errors": st.errors,
+                "refused": st.refused,
                 "batches": st.batches,
                 "batched_rows": st.rows,
                 "largest_batch": st.largest,
@@ -1462,8 +1473,8 @@ class ChatServer:
         except Exception as e:  # noqa: BLE001 - the response has started: report in-band, as OpenAI does
             # (a deadline in the queue cannot reach here: the response starts with the job's first item)
             done = True
-            self.stats.errors += 1
             user_error = isinstance(e, RLChatError)
+            self._count_failure(400 if user_error else 500, None)
             if not user_error:
                 logger.exception("chat id=%s: generation failed", cid)
             self._log(cid, 400 if user_error else 500, t0, stream=True, error=e.__class__.__name__)

@@ -146,6 +146,9 @@ class BatchStats:
     requests: int = 0
     streams: int = 0
     errors: int = 0
+    """Requests the server failed (500s, in-band stream failures)."""
+    refused: int = 0
+    """Requests refused: 4xx, and the 503s that shed load or wait for a replacement replica."""
     sizes: dict[int, int] = field(default_factory=dict)
 
     def add_batch(self, n_rows: int) -> None:

@@ -8,6 +8,7 @@ Pure pieces run in-process; the rest against the session's shared Serve app (ser
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import requests
@@ -983,3 +984,51 @@ def _usage():
     from serve.schemas import Usage
 
     return Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+
+
+def test_readyz_counts_refused_requests_apart_from_server_errors(tmp_path, no_replica_context):
+    """``/readyz``'s ``stats.errors`` counted every request that did not get its reply: 400s, 404s and the 503s
+    that shed load along with the server's own failures, so a healthy replica at 4x overload showed thousands of
+    "errors" (the soak's 320 clients: ~47 refusals a second). Refusals are ``stats.refused`` now; ``errors`` counts
+    the requests the server failed (500s)."""
+    import asyncio
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    async def stats(server: Any) -> dict[str, int]:
+        return json.loads((await server.readyz(testing.post_request("/readyz", {}))).body)["stats"]
+
+    async def refused(server: Any, body: dict[str, Any]) -> int:
+        with pytest.raises(APIError) as e:
+            await server.chat_completions(testing.post_request("/v1/chat/completions", body))
+        return e.value.status
+
+    async def main() -> None:
+        server = await testing.inprocess_server(
+            ckpt, engine_process=False, max_batch_size=1, max_queued_requests=1, batch_wait_timeout_s=0.0
+        )
+        try:
+            assert await refused(server, {"messages": []}) == 400
+            assert await refused(server, {**chat, "model": "nope"}) == 404
+            testing.slow_steps(server, 0.3)  # two requests hold the batch and the queue; a third is shed
+            post = testing.post_request
+            busy = [asyncio.ensure_future(server.chat_completions(post("/v1/chat/completions", chat))) for _ in "ab"]
+            await asyncio.sleep(0.1)
+            assert await refused(server, chat) == 503
+            await asyncio.gather(*busy)
+            assert (await stats(server))["errors"] == 0
+            assert (await stats(server))["refused"] == 3
+            batch = server.models.default.scheduler._run.batch  # noqa: SLF001
+
+            def broken(*_: Any) -> Any:
+                raise RuntimeError("a failed decoding step")
+
+            batch.step = broken
+            with pytest.raises(RuntimeError, match="failed decoding step"):
+                await server.chat_completions(testing.post_request("/v1/chat/completions", chat))
+            assert ((await stats(server))["errors"], (await stats(server))["refused"]) == (1, 3)
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
