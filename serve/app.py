@@ -154,12 +154,14 @@ from serve.settings import (
     DEFAULT_MODEL_NAME,
     DEPLOYMENT_NAME,
     OVERLOAD_RETRY_AFTER_S,
+    SHUTDOWN_MARGIN_S,
     AppSettings,
     active_ingress,
     default_model_version,
     deployment_options,
     exposure_warning,
     is_loopback,
+    request_lifetime_s,
     resolve_settings,
     ship_checkpoints,
 )
@@ -437,6 +439,9 @@ class ChatServer:
         # The versions (serve/models.py): one per checkpoint, each with its engine and scheduler. `engine`,
         # `tokenizer`, `batcher`, `stats`, `checkpoint`, `max_positions` and `model_version` are properties that
         # resolve to the version bound to the current request (_check_model), else the default version.
+        self.stall_after_s = request_lifetime_s(self.cfg) + SHUTDOWN_MARGIN_S
+        """A version with requests in flight that hands none of them anything for this long has a hung engine: the
+        health check fails so Serve replaces the replica (no request can still be within its deadline by then)."""
         self.metrics = ServeMetrics(self.model_name)  # each version's scheduler observes through for_version(name)
         self.models = ModelSet(self.model_name, (DEFAULT_MODEL_NAME,))
         initial = [self._load_version(spec) for spec in self._start_specs()]
@@ -1072,10 +1077,11 @@ class ChatServer:
         ctx = ray_serve.get_replica_context()
         st = self.stats
         operator = self._operator(request)
-        dead = self.models.dead()
-        return JSONResponse(status_code=503 if dead else 200, content={
-            "status": "unhealthy" if dead else "ready",
+        dead, stalled = self.models.dead(), self.models.stalled(self.stall_after_s)
+        return JSONResponse(status_code=503 if dead or stalled else 200, content={
+            "status": "unhealthy" if dead or stalled else "ready",
             **({"dead_versions": dead} if dead else {}),
+            **({"stalled_versions": stalled} if stalled else {}),
             **({"last_update_error": self._update_error_for(operator)} if self._update_error else {}),
             **({"update_pending": True} if self._updater is not None and not self._updater.done() else {}),
             "model": self.model_name,
@@ -1538,6 +1544,12 @@ class ChatServer:
         dead = self.models.dead()
         if dead:
             raise RuntimeError(f"the scheduler of model version(s) {', '.join(dead)} has stopped")
+        stalled = self.models.stalled(self.stall_after_s)
+        if stalled:
+            raise RuntimeError(
+                f"model version(s) {', '.join(stalled)} made no progress for {self.stall_after_s:g} s with requests "
+                "in flight: a hung engine (see the replica's log and stderr); Serve replaces the replica"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------

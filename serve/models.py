@@ -462,6 +462,8 @@ class ServedVersion:
         self.owns_scheduler = True  # False once handed to a renamed twin (renamed): closing leaves it running
         self.loaded_at = time.time()
         self.inflight = 0
+        self.progress_at = time.monotonic()
+        """When this version last handed a request something (or took its first request after being idle)."""
         self.closed = False
 
     @property
@@ -479,13 +481,26 @@ class ServedVersion:
         return getattr(self.scheduler, name)
 
     async def submit(self, job: GenerationJob) -> AsyncIterator[StepItem]:
-        """The scheduler's ``submit``, counted in :attr:`inflight` until the caller stops iterating."""
+        """The scheduler's ``submit``, counted in :attr:`inflight` until the caller stops iterating; each item it
+        hands out is progress (:meth:`stalled_s`)."""
+        if self.inflight == 0:
+            self.progress_at = time.monotonic()
         self.inflight += 1
         try:
             async for item in self.scheduler.submit(job):
+                self.progress_at = time.monotonic()
                 yield item
         finally:
             self.inflight -= 1
+
+    def stalled_s(self, now: float) -> float:
+        """Seconds this version has had requests in flight without handing any of them anything (0 when idle).
+
+        Why: a hung engine (a stuck engine process, a GPU that stopped answering) is still "alive", and requests'
+        deadlines are applied by the decoding steps that no longer run, so nothing else notices. Streams get their
+        tokens every chunk interval, plain requests every few steps and beam searches at their end, all within a
+        request's lifetime."""
+        return now - self.progress_at if self.inflight else 0.0
 
     def describe(self, operator: bool, weight: float | None = None) -> dict[str, Any]:
         from serve.settings import default_model_version
@@ -695,6 +710,12 @@ class ModelSet:
     def dead(self) -> list[str]:
         """The served versions whose scheduler (or engine process) no longer accepts work."""
         return [name for name, v in self.versions.items() if not v.alive]
+
+    def stalled(self, after_s: float) -> list[str]:
+        """The served versions that have had requests in flight for more than ``after_s`` without handing any of
+        them anything (:meth:`ServedVersion.stalled_s`)."""
+        now = time.monotonic()
+        return [name for name, v in self.versions.items() if v.stalled_s(now) > after_s]
 
     def pick(self, model: str | None) -> ServedVersion | None:
         """The version for a request's ``model``: by name, or by weight for the alias / None; None if unknown.

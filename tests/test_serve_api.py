@@ -1032,3 +1032,65 @@ def test_readyz_counts_refused_requests_apart_from_server_errors(tmp_path, no_re
             server.models.default.close()
 
     asyncio.run(main())
+
+
+def test_a_version_whose_engine_makes_no_progress_fails_the_health_check(tmp_path, no_replica_context):
+    """A hung engine (a stopped or stuck engine process, a GPU that stops answering) kept the replica "ready": the
+    health check only asked whether the engine process was alive, so Serve kept routing up to ``max_ongoing_requests``
+    requests into it and none of them ever ended (their deadlines are applied by the steps that no longer ran). A
+    version with requests in flight that hands nothing out for longer than any request may live now fails the health
+    check and ``/readyz`` (``stalled_versions``), so Serve replaces the replica; an idle version is never stalled."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+    async def ready(server: Any) -> tuple[int, dict[str, Any]]:
+        r = await server.readyz(testing.post_request("/readyz", {}))
+        return r.status_code, json.loads(r.body)
+
+    async def main() -> None:
+        server = await testing.inprocess_server(ckpt, engine_process=True)
+        from serve.settings import SHUTDOWN_MARGIN_S, request_lifetime_s
+
+        assert server.stall_after_s == request_lifetime_s(server.cfg) + SHUTDOWN_MARGIN_S  # 80 s by default
+        server.stall_after_s = 1.0
+        try:
+            await server.chat_completions(testing.post_request("/v1/chat/completions", chat))
+            await asyncio.sleep(1.5)  # idle for longer than the limit: not a stall
+            server.check_health()
+            assert (await ready(server))[0] == 200
+            child = server.models.default.scheduler.proc.pid
+            os.kill(child, signal.SIGSTOP)  # the engine hangs
+            try:
+                hung = asyncio.ensure_future(
+                    server.chat_completions(testing.post_request("/v1/chat/completions", chat))
+                )
+                await asyncio.sleep(0.5)
+                server.check_health()  # within the limit
+                until = time.monotonic() + 10
+                while time.monotonic() < until:
+                    await asyncio.sleep(0.2)
+                    try:
+                        server.check_health()
+                    except RuntimeError as e:
+                        assert "no progress" in str(e) and server.models.default.name in str(e), e
+                        break
+                else:
+                    pytest.fail("the health check passed with the engine stopped for 10 s")
+                status, body = await ready(server)
+                assert status == 503 and body["status"] == "unhealthy", body
+                assert body["stalled_versions"] == [server.models.default.name]
+            finally:
+                os.kill(child, signal.SIGCONT)
+            reply = await asyncio.wait_for(hung, 30)  # the engine goes on: the request ends, the replica is healthy
+            assert json.loads(reply.body)["choices"][0]["finish_reason"] in ("stop", "length")
+            server.check_health()
+            assert (await ready(server))[0] == 200
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())

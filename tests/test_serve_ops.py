@@ -543,7 +543,8 @@ def test_a_rolling_update_lets_the_old_replica_finish_every_request_it_took(ray_
             replies = [f.result() for f in futures]
             elapsed = time.perf_counter() - t0
         codes = [r.status_code for r in replies]
-        assert codes == [200] * DRAIN_REQUESTS, f"statuses {codes} after {elapsed:.1f} s: {[r.text[:80] for r in replies]}"
+        texts = [r.text[:80] for r in replies]
+        assert codes == [200] * DRAIN_REQUESTS, f"statuses {codes} after {elapsed:.1f} s: {texts}"
         for r in replies:
             choice, usage = r.json()["choices"][0], r.json()["usage"]
             assert (choice["finish_reason"], usage["completion_tokens"]) == ("length", MAX_TOKENS)
