@@ -1546,10 +1546,14 @@ class ChatServer:
             raise RuntimeError(f"the scheduler of model version(s) {', '.join(dead)} has stopped")
         stalled = self.models.stalled(self.stall_after_s)
         if stalled:
-            raise RuntimeError(
+            why = (
                 f"model version(s) {', '.join(stalled)} made no progress for {self.stall_after_s:g} s with requests "
-                "in flight: a hung engine (see the replica's log and stderr); Serve replaces the replica"
+                "in flight: a hung engine"
             )
+            logger.error("%s; stopping it, so its requests can be retried, and Serve replaces the replica", why)
+            for name in stalled:
+                self.models.versions[name].abort(why)
+            raise RuntimeError(f"{why} (see the replica's log and stderr); Serve replaces the replica")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -261,14 +261,27 @@ class EngineProcess:
                     loop.call_soon_threadsafe(self._deliver, batch, reports if i == 0 else [])
         self._fail_callers(self.proc.wait())
 
-    def _fail_callers(self, code: int) -> None:
-        """The engine exited with ``code``: mark it dead, then fail every registered caller (the reader thread).
-        :meth:`submit` registers first and checks :attr:`_dead` after, so a caller registered while this runs is
-        either in the list taken here or sees the engine dead."""
-        why = "; its generation thread failed (see the replica's stderr)" if code == GENERATION_FAILED else ""
-        self._dead = f"the replica's engine process exited (code {code}){why}"
-        if not self._closed:
-            logger.error("%s; failing the requests it was running", self._dead)
+    def abort(self, reason: str) -> None:
+        """Stop a hung engine now: its requests fail with ``SchedulerStopped(reason)`` (a 503 to retry where no
+        token was out yet) and the process is killed. The callers are failed here, not when the process exits: one
+        stuck in the kernel (a GPU driver call) exits only once that call returns."""
+        if self._dead is None:
+            self._fail_callers(reason=reason)
+        with contextlib.suppress(OSError):
+            self.proc.kill()  # reaped by the reader thread once it exits
+
+    def _fail_callers(self, code: int | None = None, reason: str | None = None) -> None:
+        """The engine exited with ``code`` (the reader thread), or was aborted for ``reason``: mark it dead, then
+        fail every registered caller. :meth:`submit` registers first and checks :attr:`_dead` after, so a caller
+        registered while this runs is either in the list taken here or sees the engine dead."""
+        if reason is None:
+            if self._dead is not None:  # aborted: its callers were failed then, and the exit is the abort's
+                return
+            why = "; its generation thread failed (see the replica's stderr)" if code == GENERATION_FAILED else ""
+            reason = f"the replica's engine process exited (code {code}){why}"
+            if not self._closed:
+                logger.error("%s; failing the requests it was running", reason)
+        self._dead = reason
         error = SchedulerStopped(self._dead)
         for rid, (queue, loop, n) in list(self._callers.items()):
             with contextlib.suppress(RuntimeError):

@@ -502,6 +502,14 @@ class ServedVersion:
         request's lifetime."""
         return now - self.progress_at if self.inflight else 0.0
 
+    def abort(self, reason: str) -> None:
+        """Stop a hung engine process (:meth:`serve.engine_process.EngineProcess.abort`): its requests fail with a
+        503 to retry, and its memory is freed for the replica that replaces this one. A generation thread of the
+        replica's own (``serve.engine_process: false``) cannot be stopped: it is only reported."""
+        abort = getattr(self.scheduler, "abort", None)
+        if abort is not None:
+            abort(reason)
+
     def describe(self, operator: bool, weight: float | None = None) -> dict[str, Any]:
         from serve.settings import default_model_version
 

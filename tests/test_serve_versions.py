@@ -77,6 +77,9 @@ class _FakeVersion:
         self.spec = VersionSpec(name, f"/{name}", weight)
         self.alive = True
 
+    def stalled_s(self, now: float) -> float:
+        return 0.0
+
 
 def test_the_health_check_fails_when_any_served_version_cannot_generate():
     """A dead canary (its scheduler or engine process gone) would answer its share of the alias's traffic, and every
@@ -87,7 +90,7 @@ def test_the_health_check_fails_when_any_served_version_cannot_generate():
     models = ModelSet("rlchat")
     stable, canary = _FakeVersion("stable", 90), _FakeVersion("canary", 10)
     models.set([stable, canary], {"stable": 90, "canary": 10})  # type: ignore[list-item]
-    replica = SimpleNamespace(settings=SimpleNamespace(from_run=None), _follower=None, models=models)
+    replica = SimpleNamespace(settings=SimpleNamespace(from_run=None), _follower=None, models=models, stall_after_s=80)
     check = ChatServer.func_or_class.check_health
     check(replica)  # both alive
     canary.alive = False
