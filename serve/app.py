@@ -95,25 +95,27 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
+from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve as ray_serve
-from ray.exceptions import TaskCancelledError
-from sse_starlette.sse import EventSourceResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlchat.errors import ConfigError, RLChatError
-from rlchat.feedback_store import RETRY_AFTER_S
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer
 from rlchat.tokenizer import ContextOverflowError, fit_history
+from serve.asgi import (
+    COMPLETION_ID_HEADER,
+    CONVERSATION_HEADER,
+    MODEL_UNAVAILABLE,
+    OVERLOAD_CODES,
+    ClosingEventSource,
+    api,
+)
 from serve.batching import DeadlineExceeded, GenerationJob, JobOutput, SchedulerStopped, SubmittedNow, row_seeds
 from serve.feedback import FeedbackRecorder
 from serve.formats import ChatFormat, CompletionFormat, PlainChoice, ResponseFormat
@@ -122,7 +124,6 @@ from serve.models import (
     VERSION_HEADER,
     ModelSet,
     ServedVersion,
-    VersionScope,
     VersionSpec,
     bound_version_name,
     current_version,
@@ -139,8 +140,6 @@ from serve.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
-    CompletionRequest,
-    FeedbackRequest,
     ModelCard,
     ModelList,
     SamplingFields,
@@ -186,23 +185,11 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 Python the generation thread waits up to this long after each op to get the GIL back, and the event loop as long after
 each call that drops it (a socket write, a Ray call); Python's default 5 ms made both stall under load
 (bench/README.md, "Serve load")."""
-CONVERSATION_HEADER = "X-RLChat-Conversation-Id"
-"""Optional request header grouping a conversation's completions in the store (transcripts, deletion by id)."""
-COMPLETION_ID_HEADER = "X-RLChat-Completion-Id"
-"""Response header: the completion's ``id`` (the key of ``/v1/feedback``). ``X-Request-Id`` is Ray Serve's own
-request id (the client's, when it sent one), as OpenAI's ``x-request-id`` is a request id, not the completion's."""
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """``/v1/completions`` budget when the request sets none (OpenAI's default)."""
-EXPOSED_HEADERS = ("X-Request-Id", COMPLETION_ID_HEADER, DROPPED_TURNS_HEADER, IGNORED_FIELDS_HEADER, VERSION_HEADER)
-"""Response headers a browser page on an allowed CORS origin may read."""
 DISCONNECT_POLL_S = 0.25
 """How often a non-streamed request checks whether its client is still connected (its rows are cancelled if not)."""
-MODEL_UNAVAILABLE = "model_unavailable"
-"""``code`` of the 503 for a request to a version whose scheduler has stopped, until Serve replaces the replica."""
-OVERLOAD_CODES = ("overloaded", "queue_timeout", MODEL_UNAVAILABLE)
-"""``code`` of the 503s that shed load or wait for a replacement replica (``Retry-After``:
-:data:`serve.settings.OVERLOAD_RETRY_AFTER_S`)."""
 STALE_WAITING_S = 300.0
 """Without a deadline (``serve.request_timeout_s: 0``), an admitted request holds its place for at most this long."""
 CLIENT_CLOSED_REQUEST = 499
@@ -213,21 +200,6 @@ CLIENT_CLOSED_REQUEST = 499
 # The deployment
 # --------------------------------------------------------------------------------------------------------------
 
-api = FastAPI(
-    title="rlchat",
-    description="OpenAI-compatible chat completions from an rlchat checkpoint.",
-    version="1",
-)
-
-
-_REQUEST_BODIES: dict[tuple[str, str], type] = {
-    ("/v1/chat/completions", "post"): ChatCompletionRequest,
-    ("/v1/completions", "post"): CompletionRequest,
-    ("/v1/feedback", "post"): FeedbackRequest,
-}
-"""Request models of the routes that parse their raw body themselves (strict JSON, OpenAI-style errors): the
-OpenAPI spec gets them as request bodies, so ``/docs`` and schema-driven clients see every accepted field."""
-
 
 def _node_id() -> str:
     """The Ray node this replica runs on (``/readyz``, for the operator)."""
@@ -237,145 +209,6 @@ def _node_id() -> str:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - informational only
         return ""
-
-
-def _openapi() -> dict[str, Any]:
-    """FastAPI's spec plus the request bodies of :data:`_REQUEST_BODIES` (cached, as FastAPI does)."""
-    if api.openapi_schema:
-        return api.openapi_schema
-    spec = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-    components = spec.setdefault("components", {}).setdefault("schemas", {})
-    for (path, method), model in _REQUEST_BODIES.items():
-        op = spec.get("paths", {}).get(path, {}).get(method)
-        if op is None:
-            continue
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(schema.pop("$defs", {}))
-        components[model.__name__] = schema
-        op["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
-        }
-    api.openapi_schema = spec
-    return spec
-
-
-api.openapi = _openapi  # type: ignore[method-assign]
-
-_CORS_ORIGINS: list[tuple[str, ...]] = [()]
-"""``serve.cors_origins`` of this process's replica (set in :class:`ChatServer`); empty = no CORS headers."""
-
-
-class _CancelledReceiveIsDisconnect:
-    """ASGI middleware: a ``receive()`` that Ray Serve cancelled reads as the client's ``http.disconnect``.
-
-    Once a client has gone, Serve's proxy cancels its request, and a ``receive()`` still waiting raises
-    ``TaskCancelledError`` instead of returning the disconnect that ASGI servers send. Whatever was waiting then
-    failed as an internal error, logged at ERROR with one or two ~70-line tracebacks: ``sse_starlette``'s listener
-    for the disconnect of every stream closed mid-reply, and the body read of a client that gave up before its body
-    was read (~870 in a 12-minute soak, ``bench/serve_soak.py``). As a disconnect, they are the 499s they are.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        async def receive_or_disconnect() -> dict[str, Any]:
-            try:
-                return await receive()
-            except TaskCancelledError:
-                return {"type": "http.disconnect"}
-
-        await self.app(scope, receive_or_disconnect, send)
-
-
-class _CORSMiddleware:
-    """CORS for the origins in ``serve.cors_origins`` (off by default): answers preflights and adds the
-    Access-Control headers. Plain ASGI (not ``BaseHTTPMiddleware``), so streams and client disconnects pass
-    through untouched; the origins are read per request because each replica sets them from its config."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        origins = _CORS_ORIGINS[0]
-        if scope["type"] != "http" or not origins:
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        origin = headers.get("origin")
-        if origin is None or ("*" not in origins and origin not in origins):
-            return await self.app(scope, receive, send)
-        cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-        if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
-            # Any header the browser asks for (as Starlette's allow_headers=["*"]): SDKs add their own on every
-            # request (the OpenAI JavaScript SDK's x-stainless-*), and a preflight that leaves one out fails them all.
-            # The origin check above is the access control; auth is still the API key.
-            asked = headers.get("access-control-request-headers", "")
-            cors.update(
-                {
-                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                    "Access-Control-Allow-Headers": ", ".join(
-                        [
-                            "Authorization",
-                            "Content-Type",
-                            CONVERSATION_HEADER,
-                            *filter(None, map(str.strip, asked.split(","))),
-                        ]
-                    ),
-                    "Access-Control-Max-Age": "600",
-                    "Vary": "Origin, Access-Control-Request-Headers",
-                }
-            )
-            return await Response(status_code=204, headers=cors)(scope, receive, send)
-        cors["Access-Control-Expose-Headers"] = ", ".join(EXPOSED_HEADERS)
-
-        async def send_with_cors(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [
-                    (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in cors.items()
-                ]
-            await send(message)
-
-        return await self.app(scope, receive, send_with_cors)
-
-
-api.add_middleware(_CORSMiddleware)
-api.add_middleware(_CancelledReceiveIsDisconnect)
-api.add_middleware(VersionScope)  # a request's version binding ends with the request (serve/models.py)
-
-
-@api.exception_handler(APIError)
-async def _api_error(_: Request, e: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    if e.status == 503:
-        headers = {"Retry-After": str(OVERLOAD_RETRY_AFTER_S if e.code in OVERLOAD_CODES else RETRY_AFTER_S)}
-    if e.status == 429:
-        headers = {"Retry-After": "60"}
-    if e.status == 409:  # final (a changed rating): the openai SDK retries 409s unless told not to
-        headers = {"X-Should-Retry": "false"}
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    msg = f"{request.method} {request.url.path}: {e.detail}"
-    code = "not_found" if e.status_code == 404 else None
-    return JSONResponse(error_body(msg, "invalid_request_error", None, code), status_code=e.status_code)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-    return JSONResponse(error_body(f"invalid request: {e.errors()[:1]}"), status_code=400)
-
-
-@api.exception_handler(Exception)
-async def _internal_error(request: Request, e: Exception) -> JSONResponse:
-    logger.exception("internal error on %s %s", request.method, request.url.path)
-    return JSONResponse(
-        error_body(f"internal server error ({e.__class__.__name__}); see the replica log", "server_error"),
-        status_code=500,
-    )
 
 
 def _refused_before_start(first: asyncio.Future) -> Exception | None:
@@ -392,22 +225,6 @@ def _refused_before_start(first: asyncio.Future) -> Exception | None:
     if isinstance(item.done, Exception) and not any(item.tokens):
         return item.done
     return None
-
-
-class _ClosingEventSource(EventSourceResponse):
-    """An SSE response that runs ``on_close`` once it is over, however it ended. A stream's generator gives its
-    place back in its ``finally``, but one that never started (the client gone before the first event was sent)
-    never runs it: the place stayed taken until the stale sweep."""
-
-    def __init__(self, *args: Any, on_close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._on_close()
 
 
 @ray_serve.deployment(name=DEPLOYMENT_NAME)
@@ -466,8 +283,8 @@ class ChatServer:
         self._next_update: tuple[dict[str, Any]] | None = None  # received while serving, not applied yet
         self._updater: asyncio.Task | None = None  # applies them in the background (reconfigure)
         # Through the imported module: Serve's ingress ships this class by value, so its methods' globals are a copy
-        # and a bare `_CORS_ORIGINS` here would not be the list the middleware (imported normally) reads.
-        importlib.import_module(__name__)._CORS_ORIGINS[0] = tuple(self.cfg.cors_origins)
+        # and a bare `CORS_ORIGINS` here would not be the list the middleware (imported normally) reads.
+        importlib.import_module("serve.asgi").CORS_ORIGINS[0] = tuple(self.cfg.cors_origins)
         logger.info(
             "loaded %s (stage %s, step %d); max_batch_size=%d, safety_filter=%s, auth=%s",
             ckpt.path,
@@ -923,7 +740,7 @@ class ChatServer:
     @contextlib.contextmanager
     def _released_on_error(self, cid: str) -> Iterator[None]:
         """Around :meth:`_respond`: a request that ends with an exception gives its place back (a stream whose
-        response was returned gives it back when that response is over, :class:`_ClosingEventSource`)."""
+        response was returned gives it back when that response is over, :class:`ClosingEventSource`)."""
         try:
             yield
         except BaseException:
@@ -1284,7 +1101,7 @@ class ChatServer:
                 self._released(cid)
                 await items.aclose()  # ends the job's rows unless it is done
 
-            return _ClosingEventSource(events, ping=15, headers=headers, on_close=over)
+            return ClosingEventSource(events, ping=15, headers=headers, on_close=over)
 
         self.stats.requests += 1
         # its steps' tokens in one item per PLAIN_DELIVERY_S: only the first (TTFT) and the result matter here

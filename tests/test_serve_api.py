@@ -316,15 +316,15 @@ def test_cors_middleware_is_off_by_default_and_allows_configured_origins():
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    import serve.app as app_module
+    import serve.asgi as asgi
 
     inner = Starlette(routes=[Route("/x", lambda r: PlainTextResponse("ok"), methods=["GET", "POST"])])
-    client = TestClient(app_module._CORSMiddleware(inner))
-    old = app_module._CORS_ORIGINS[0]
+    client = TestClient(asgi.CORSMiddleware(inner))
+    old = asgi.CORS_ORIGINS[0]
     try:
-        app_module._CORS_ORIGINS[0] = ()
+        asgi.CORS_ORIGINS[0] = ()
         assert "access-control-allow-origin" not in client.get("/x", headers={"Origin": "https://a.example"}).headers
-        app_module._CORS_ORIGINS[0] = ("https://a.example",)
+        asgi.CORS_ORIGINS[0] = ("https://a.example",)
         r = client.get("/x", headers={"Origin": "https://a.example"})
         assert r.headers["access-control-allow-origin"] == "https://a.example"
         assert "X-RLChat-Dropped-Turns" in r.headers["access-control-expose-headers"]
@@ -346,7 +346,7 @@ def test_cors_middleware_is_off_by_default_and_allows_configured_origins():
         assert pre.status_code == 204 and set(asked.split(",")) <= allowed, allowed
         assert "access-control-request-headers" in pre.headers["vary"].lower()
     finally:
-        app_module._CORS_ORIGINS[0] = old
+        asgi.CORS_ORIGINS[0] = old
 
 
 # --------------------------------------------------------------------------------------------------------------

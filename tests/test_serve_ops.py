@@ -383,9 +383,9 @@ def test_a_receive_that_serve_cancelled_reads_as_the_clients_disconnect():
 
     from ray.exceptions import TaskCancelledError
 
-    from serve.app import _CancelledReceiveIsDisconnect, api
+    from serve.asgi import CancelledReceiveIsDisconnect, api
 
-    assert _CancelledReceiveIsDisconnect in [m.cls for m in api.user_middleware]
+    assert CancelledReceiveIsDisconnect in [m.cls for m in api.user_middleware]
     seen = []
 
     async def route(scope, receive, send):
@@ -402,7 +402,7 @@ def test_a_receive_that_serve_cancelled_reads_as_the_clients_disconnect():
 
         return receive
 
-    app = _CancelledReceiveIsDisconnect(route)
+    app = CancelledReceiveIsDisconnect(route)
     body = {"type": "http.request", "body": b"{}", "more_body": False}
     for outcome in (TaskCancelledError(), body, RuntimeError("boom")):
         asyncio.run(app({"type": "http"}, receive_of(outcome), None))
