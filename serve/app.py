@@ -67,7 +67,7 @@ How requests are served, and why:
 - **Overload and time.** At most ``serve.max_queued_requests`` admitted requests wait per replica; more get 503 +
   ``Retry-After`` (code ``overloaded``) before any work; ``serve.request_timeout_s`` is a deadline (still queued:
   503 ``queue_timeout``; generating: the reply ends with ``length``); a client that goes away, streamed or plain,
-  has its rows ended at the next step (logged as 499). See :meth:`ChatServer._admit`, :meth:`ChatServer._collect`.
+  has its rows ended at the next step (logged as 499). See :mod:`serve.admission`, :meth:`ChatServer._collect`.
 - **Metrics.** Prometheus metrics through Ray Serve's metrics API (:mod:`serve.metrics`): TTFT, inter-token latency,
   generated tokens, rows per step, queue depth, rejections, responses by status.
 - **Logs.** One line per request (id, status, token counts, finish reasons, latency) without message bodies
@@ -108,6 +108,7 @@ from rlchat.errors import ConfigError, RLChatError
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer
 from rlchat.tokenizer import ContextOverflowError, fit_history
+from serve.admission import Admission
 from serve.asgi import (
     COMPLETION_ID_HEADER,
     CONVERSATION_HEADER,
@@ -119,7 +120,7 @@ from serve.asgi import (
 from serve.batching import DeadlineExceeded, GenerationJob, JobOutput, SchedulerStopped, SubmittedNow, row_seeds
 from serve.feedback import FeedbackRecorder
 from serve.formats import ChatFormat, CompletionFormat, PlainChoice, ResponseFormat
-from serve.metrics import REJECT_OVERLOADED, REJECT_QUEUE_TIMEOUT, RequestTimer, ServeMetrics
+from serve.metrics import REJECT_QUEUE_TIMEOUT, RequestTimer, ServeMetrics
 from serve.models import (
     VERSION_HEADER,
     ModelSet,
@@ -190,8 +191,6 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 """``/v1/completions`` budget when the request sets none (OpenAI's default)."""
 DISCONNECT_POLL_S = 0.25
 """How often a non-streamed request checks whether its client is still connected (its rows are cancelled if not)."""
-STALE_WAITING_S = 300.0
-"""Without a deadline (``serve.request_timeout_s: 0``), an admitted request holds its place for at most this long."""
 CLIENT_CLOSED_REQUEST = 499
 """Status logged and counted for a request whose client went away before its reply (nginx's convention)."""
 
@@ -276,8 +275,7 @@ class ChatServer:
                 "nothing is ever flagged; set one of them (e.g. reward.safety_patterns=['badword'])"
             )
         self.feedback = FeedbackRecorder(self.cfg)
-        self._waiting: dict[str, float] = {}  # admitted requests without a first token yet -> admitted at (_admit)
-        self._generating: dict[str, float] = {}  # admitted requests with their first token, not over yet -> same
+        self.admission = Admission(self.cfg, self.metrics)
         self._serving = False  # set by the first health check (reconfigure)
         self._update_error: dict[str, Any] | None = None  # the latest refused config update (/readyz)
         self._next_update: tuple[dict[str, Any]] | None = None  # received while serving, not applied yet
@@ -490,10 +488,10 @@ class ChatServer:
             )
 
     async def _body(self, request: Request) -> bytes:
-        """The request body, read before the request is admitted (:meth:`_admit`): a client still sending it holds
-        no place in the queue, and one that stalls is cut off after ``serve.body_timeout_s`` (408). Read chunk by
-        chunk, so a body without ``Content-Length`` (chunked) is refused (413) once it passes the limit, not after
-        it was buffered whole."""
+        """The request body, read before the request is admitted (:meth:`serve.admission.Admission.admit`): a
+        client still sending it holds no place in the queue, and one that stalls is cut off after
+        ``serve.body_timeout_s`` (408). Read chunk by chunk, so a body without ``Content-Length`` (chunked) is
+        refused (413) once it passes the limit, not after it was buffered whole."""
         limit = 4 * self.cfg.max_chars + 65536
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > limit:
@@ -683,40 +681,6 @@ class ChatServer:
         flagged = self.safety is not None and self.safety.flagged(st.text)
         return (WITHHELD_NOTICE if flagged else st.text), flagged, st.stopped
 
-    def _admit(self, cid: str) -> None:
-        """Admit a completion request, or refuse it (503 + ``Retry-After``, code ``overloaded``) when a full batch
-        and ``serve.max_queued_requests`` more are already admitted: running + queued <= ``max_batch_size`` +
-        ``max_queued_requests``. Runs at the route once the body is read (:meth:`_body`: a slow
-        upload must not hold a place) and before it is parsed, so a refusal costs no generation work.
-
-        The route's own counts are used, not the scheduler's queue: a request holds its place from admission (a
-        burst that arrives before any of it reaches the scheduler is still bounded) until it is over
-        (:meth:`_released`). Counting only the requests without a first token refused a burst from idle beyond
-        ``max_queued_requests``, though the batch would have taken it at once.
-        """
-        limit = self.cfg.max_queued_requests
-        now = time.monotonic()
-        # one batch's worth, however many versions are served: Serve's max_ongoing_requests is sized the same way
-        capacity = self.cfg.max_batch_size
-        if len(self._waiting) + len(self._generating) >= capacity + (limit or 1024):
-            # a safety net (every path releases its place: _refusals, _released_on_error, _collect, the stream's
-            # response): forget waiting entries older than any request can wait (its deadline, else STALE_WAITING_S)
-            horizon = now - (self.cfg.request_timeout_s + 5.0 if self.cfg.request_timeout_s else STALE_WAITING_S)
-            for stale in [k for k, t in self._waiting.items() if t < horizon]:
-                del self._waiting[stale]
-        queued = len(self._waiting) + len(self._generating) - capacity
-        if limit and queued >= limit:
-            self.metrics.reject(REJECT_OVERLOADED)
-            raise APIError(
-                503,
-                f"the server is overloaded: a full batch and {queued} more requests are already waiting on this "
-                f"replica (serve.max_queued_requests={limit}); retry after {OVERLOAD_RETRY_AFTER_S} s",
-                None,
-                "overloaded",
-                "server_error",
-            )
-        self._waiting[cid] = now
-
     @contextlib.contextmanager
     def _refusals(self, cid: str, t0: float) -> Iterator[None]:
         """Around a route's checks (auth, admission, body): a refusal is counted and logged, and whatever ends the
@@ -725,16 +689,16 @@ class ChatServer:
         try:
             yield
         except APIError as e:
-            self._released(cid)
+            self.admission.released(cid)
             self._count_failure(e.status, e.code)
             self._log(cid, e.status, t0, error=e.code or e.type)
             raise
         except asyncio.CancelledError:  # Serve cancels the handler when its client leaves (e.g. mid-body)
-            self._released(cid)
+            self.admission.released(cid)
             self._log(cid, CLIENT_CLOSED_REQUEST, t0, error="client_disconnected")
             raise
         except BaseException:
-            self._released(cid)
+            self.admission.released(cid)
             raise
 
     @contextlib.contextmanager
@@ -744,20 +708,8 @@ class ChatServer:
         try:
             yield
         except BaseException:
-            self._released(cid)
+            self.admission.released(cid)
             raise
-
-    def _started(self, cid: str) -> None:
-        """The request got its first token (or its result): no longer waiting, it now holds a place in the batch
-        (:meth:`_admit`) until :meth:`_released`."""
-        admitted = self._waiting.pop(cid, None)
-        if admitted is not None:
-            self._generating[cid] = admitted
-
-    def _released(self, cid: str) -> None:
-        """The request is over (answered, refused, or its client left): it holds no place any more."""
-        self._waiting.pop(cid, None)
-        self._generating.pop(cid, None)
 
     def _count_failure(self, status: int, code: str | None) -> None:
         """Count a request that got no reply in ``/readyz``'s stats: ``refused`` (4xx, and the 503s that shed load or
@@ -767,13 +719,6 @@ class ChatServer:
             self.stats.refused += 1
         else:
             self.stats.errors += 1
-
-    def _deadline(self, t0: float) -> float | None:
-        """The ``time.monotonic()`` deadline of a request that arrived at ``t0`` (``time.perf_counter()``), from
-        ``serve.request_timeout_s`` (None: no deadline). Still queued then -> 503 ``queue_timeout``; generating ->
-        its rows end with ``length``."""
-        timeout = self.cfg.request_timeout_s
-        return time.monotonic() + timeout - (time.perf_counter() - t0) if timeout > 0 else None
 
     def _queue_timeout(self, cid: str, t0: float, stream: bool) -> APIError:
         """The 503 of a request that reached its deadline before it joined the batch (logged and counted)."""
@@ -851,7 +796,7 @@ class ChatServer:
                     async for item in items:
                         n_new = sum(len(t) for t in item.tokens)
                         if n_new or item.done is not None:
-                            self._started(cid)
+                            self.admission.started(cid)
                         timer.tokens(n_new, time.perf_counter(), max(map(len, item.tokens), default=0))
                         if item.done is not None:
                             return item.done
@@ -867,7 +812,7 @@ class ChatServer:
             finished = True
             return task.result()
         finally:
-            self._released(cid)
+            self.admission.released(cid)
             if not finished:  # the batch ends these rows at its next step; the task then ends by itself
                 job.control.end(range(len(job.seeds)))
 
@@ -932,7 +877,7 @@ class ChatServer:
             "load": {
                 "max_queued_requests": self.cfg.max_queued_requests,
                 "request_timeout_s": self.cfg.request_timeout_s,
-                "waiting": len(self._waiting),
+                "waiting": len(self.admission.waiting),
                 **self.metrics.snapshot(),
             },
         })  # fmt: skip
@@ -988,7 +933,7 @@ class ChatServer:
         with self._refusals(cid, t0):
             self._auth(request)
             body = await self._body(request)
-            self._admit(cid)
+            self.admission.admit(cid)
             req, ignored = parse_chat_request(body, strict=self.cfg.strict_requests)
             messages, prompt, params, dropped = self._check_limits(req)
         fmt = ChatFormat(cid, int(time.time()), self.served.name, self.tokenizer, bool(req.logprobs))
@@ -1007,7 +952,7 @@ class ChatServer:
         with self._refusals(cid, t0):
             self._auth(request)
             body = await self._body(request)
-            self._admit(cid)
+            self.admission.admit(cid)
             req, ignored = parse_completion_request(body, strict=self.cfg.strict_requests)
             self._check_model(req.model)
             text = req.text()
@@ -1071,7 +1016,11 @@ class ChatServer:
         if req.stream:
             self.stats.streams += 1
             job = GenerationJob(
-                tuple(prompt), params, seeds, deadline=self._deadline(t0), delivery_interval_s=STREAM_INTERVAL_S
+                tuple(prompt),
+                params,
+                seeds,
+                deadline=self.admission.deadline(t0),
+                delivery_interval_s=STREAM_INTERVAL_S,
             )
             items = SubmittedNow(self.batcher.submit(job))  # queued now, not once the response starts
             # The response starts once the job has its first item: a refusal before it (its deadline in the queue,
@@ -1084,13 +1033,13 @@ class ChatServer:
                 started = await self._watch(first, request)
             finally:  # not started: the client went away, or Serve cancelled the handler when its connection closed
                 if not started:
-                    self._released(cid)  # its place in the queue
+                    self.admission.released(cid)  # its place in the queue
                     job.control.end(range(len(seeds)))
                     await items.aclose()
                     self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=True, error="client_disconnected")
             if not started:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
-            self._started(cid)  # it has its first item: no longer waiting, whatever happens to the response
+            self.admission.started(cid)  # it has its first item: no longer waiting, whatever happens to the response
             refused = _refused_before_start(first)
             if refused is not None:
                 await items.aclose()
@@ -1098,7 +1047,7 @@ class ChatServer:
             events = self._stream(req, fmt, messages, prompt, params, job, items, t0, conversation)
 
             async def over() -> None:  # however the response ended, even before its generator started
-                self._released(cid)
+                self.admission.released(cid)
                 await items.aclose()  # ends the job's rows unless it is done
 
             return ClosingEventSource(events, ping=15, headers=headers, on_close=over)
@@ -1106,7 +1055,7 @@ class ChatServer:
         self.stats.requests += 1
         # its steps' tokens in one item per PLAIN_DELIVERY_S: only the first (TTFT) and the result matter here
         job = GenerationJob(
-            tuple(prompt), params, seeds, deadline=self._deadline(t0), delivery_interval_s=PLAIN_DELIVERY_S
+            tuple(prompt), params, seeds, deadline=self.admission.deadline(t0), delivery_interval_s=PLAIN_DELIVERY_S
         )
         try:
             out = await self._collect(job, cid, self.metrics.timer(t0, fmt.model), request)
@@ -1214,7 +1163,7 @@ class ChatServer:
                 now = time.perf_counter()
                 n_new = sum(len(t) for t in item.tokens)
                 if n_new or item.done is not None:
-                    self._started(cid)
+                    self.admission.started(cid)
                 timer.tokens(n_new, now, max(map(len, item.tokens), default=0))
                 if first_token_ms is None and any(item.tokens):
                     first_token_ms = (now - t0) * 1e3
@@ -1306,7 +1255,7 @@ class ChatServer:
             yield {"data": json.dumps(error_body(msg, kind))}
             yield {"data": "[DONE]"}
         finally:
-            self._released(cid)
+            self.admission.released(cid)
             if done:
                 await items.aclose()  # its version stops counting it in flight now, not when it is collected
             else:  # the client went away: the batch ends this request's rows at its next step

@@ -623,7 +623,7 @@ def test_a_stream_still_queued_at_its_deadline_is_a_503_before_its_response_star
 
             # a stream whose client leaves while it waits is a 499, gives its place back and never generates: with
             # no deadline it would have joined once the reply ahead of it ended
-            server.cfg = dataclasses.replace(server.cfg, request_timeout_s=0.0)
+            server.cfg = server.admission.cfg = dataclasses.replace(server.cfg, request_timeout_s=0.0)
             ahead = {**body, "max_tokens": 4}
             long = asyncio.create_task(server.chat_completions(testing.post_request(route, ahead)))
             await asyncio.sleep(0.05)
@@ -631,7 +631,7 @@ def test_a_stream_still_queued_at_its_deadline_is_a_503_before_its_response_star
             gone = await server.chat_completions(testing.post_request(route, {**body, "stream": True}, leaves=True))
             assert gone.status_code == 499
             assert json.loads((await long).body)["usage"]["completion_tokens"] == 4
-            assert server._waiting == {}  # noqa: SLF001 - the refused and the gone stream gave their places back
+            assert server.admission.waiting == {}  # the refused and the gone stream gave their places back
             await asyncio.sleep(1.0)  # two more steps: a stream that joined would have its first tokens by now
             assert server.metrics.snapshot()["generated_tokens"] - tokens_before == 4, "the stream's rows generated"
 
@@ -878,7 +878,7 @@ def test_a_burst_up_to_a_full_batch_plus_the_queue_is_admitted_and_the_next_is_r
                 await server.chat_completions(testing.post_request(route, body))
             assert (refused.value.status, refused.value.code) == (503, "overloaded")
             assert [r.status_code for r in await asyncio.gather(*running)] == [200] * 6
-            assert server._waiting == {} and server._generating == {}  # noqa: SLF001 - every place given back
+            assert server.admission.waiting == {} and server.admission.generating == {}  # every place given back
         finally:
             server.models.default.close()
 
@@ -946,7 +946,7 @@ def test_a_stream_whose_response_never_starts_gives_its_place_back(tmp_path):
         server = await testing.inprocess_server(ckpt, engine_process=False)
         try:
             reply = await server.chat_completions(testing.post_request("/v1/chat/completions", body))
-            assert reply.status_code == 200 and server._generating  # noqa: SLF001 - it has its first token
+            assert reply.status_code == 200 and server.admission.generating  # it has its first token
 
             async def receive() -> dict:
                 return {"type": "http.disconnect"}
@@ -957,7 +957,7 @@ def test_a_stream_whose_response_never_starts_gives_its_place_back(tmp_path):
             with pytest.raises(OSError):
                 scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "asgi": {"spec_version": "2.4"}}
                 await reply(scope, receive, send)
-            assert server._generating == {} and server._waiting == {}  # noqa: SLF001
+            assert server.admission.generating == {} and server.admission.waiting == {}
         finally:
             server.models.default.close()
 
