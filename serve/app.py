@@ -94,7 +94,6 @@ import reprlib
 import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,6 +164,7 @@ from serve.settings import (
     resolve_settings,
     ship_checkpoints,
 )
+from serve.streaming import StreamedChoice
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -1125,9 +1125,10 @@ class ChatServer:
         cid = fmt.cid
         n = len(job.seeds)
         holdback = SAFETY_HOLDBACK_CHARS if self.safety is not None else 0
-        streamers = [TextStreamer(self.tokenizer, params.stop_strings, holdback) for _ in range(n)]
-        withheld = [False] * n
-        counts = [0] * n
+        choices = [StreamedChoice(TextStreamer(self.tokenizer, params.stop_strings, holdback)) for _ in range(n)]
+        # the item's tokens at once (to a stop string); token by token when the safety filter checks the text or
+        # log-probs wait for their text
+        one_by_one = self.safety is not None or fmt.logprobs
         reasons: list[str] = [FINISH_LENGTH] * n
         done = False
         first_token_ms = None
@@ -1138,26 +1139,9 @@ class ChatServer:
             if first is not None:
                 yield {"data": first}
             result: JobOutput | Exception = RuntimeError("the batch ended without a result")
-            pending = [""] * n  # text not sent yet: chunks are coalesced to one per STREAM_INTERVAL_S per choice
-            pending_tokens: list[list[int]] = [[] for _ in range(n)]  # their tokens (for logprobs)
-            pending_alts: list[list[Any]] = [[] for _ in range(n)]
-            # tokens pushed whose text is not all released yet, (text end, token, log-prob entry): their log-probs
-            # wait with their text, or a withheld reply would leave the server as logprobs tokens
-            held: list[deque[tuple[int, int, Any]]] = [deque() for _ in range(n)]
-            last_sent = [0.0] * n
-
-            def release_tokens(i: int) -> None:
-                st = streamers[i]
-                while held[i] and (held[i][0][0] <= st.released or st.stopped):
-                    _, t, alt = held[i].popleft()
-                    pending_tokens[i].append(t)
-                    if alt is not None:
-                        pending_alts[i].append(alt)
 
             def flush(i: int) -> str:
-                chunk = fmt.delta_chunk(i, pending[i], pending_tokens[i], pending_alts[i])
-                pending[i], pending_tokens[i], pending_alts[i] = "", [], []
-                return chunk
+                return fmt.delta_chunk(i, *choices[i].take())
 
             async for item in items:
                 now = time.perf_counter()
@@ -1168,37 +1152,22 @@ class ChatServer:
                 if first_token_ms is None and any(item.tokens):
                     first_token_ms = (now - t0) * 1e3
                 for i, toks in enumerate(item.tokens):
-                    counts[i] += len(toks)
-                    if not toks or withheld[i] or streamers[i].stopped:
-                        pass
-                    elif self.safety is None and not fmt.logprobs:  # the item's tokens at once (to a stop string)
-                        piece, used = streamers[i].push_many(toks)
-                        pending[i] += piece
-                        pending_tokens[i].extend(toks[:used])
-                    else:  # token by token: the safety filter checks the text, log-probs wait for their text
-                        for k, t in enumerate(toks):
-                            if withheld[i] or streamers[i].stopped:
-                                break
-                            piece = streamers[i].push(t)
-                            if self.safety is not None and self.safety.flagged(streamers[i].text):
-                                withheld[i] = True  # the hold-back window kept the flagged text unsent
-                                pending[i], pending_tokens[i], pending_alts[i] = "", [], []
-                                held[i].clear()
-                            else:
-                                pending[i] += piece
-                                alt = item.alternatives[i][k] if item.alternatives is not None else None
-                                held[i].append((len(streamers[i].text), t, alt))
-                                release_tokens(i)
-                    if withheld[i] or streamers[i].stopped:
+                    c = choices[i]
+                    alts = item.alternatives[i] if item.alternatives is not None else None
+                    if one_by_one:
+                        c.push(toks, alts, self.safety)
+                    else:
+                        c.push_many(toks)
+                    if c.over:
                         job.control.end([i])  # no more tokens needed: the batch ends this row
-                    if pending[i] and now - last_sent[i] >= STREAM_INTERVAL_S:
+                    if c.pending and now - c.last_sent >= STREAM_INTERVAL_S:
                         yield {"data": flush(i)}
-                        last_sent[i] = now
+                        c.last_sent = now
                 if item.done is not None:
                     result = item.done
                     break
             for i in range(n):
-                if pending[i]:
+                if choices[i].pending:
                     yield {"data": flush(i)}
             if isinstance(result, Exception):
                 raise result
@@ -1206,29 +1175,23 @@ class ChatServer:
             reasons = list(result.finish_reasons)
             done = True
             finals = []
-            for i in range(n):
-                if not withheld[i]:
-                    tail = streamers[i].finish()
-                    release_tokens(i)  # the whole text is released now: every held token goes with it
-                    if self.safety is not None and self.safety.flagged(streamers[i].text):
-                        withheld[i] = True
-                    elif tail or pending_tokens[i]:
-                        pending[i] = tail
-                        yield {"data": flush(i)}
-                if withheld[i]:
-                    yield {"data": fmt.delta_chunk(i, ("\n" if streamers[i].text else "") + WITHHELD_NOTICE, [], [])}
+            for i, c in enumerate(choices):
+                if not c.withheld and c.finish(self.safety):
+                    yield {"data": flush(i)}
+                if c.withheld:
+                    yield {"data": fmt.delta_chunk(i, ("\n" if c.streamer.text else "") + WITHHELD_NOTICE, [], [])}
                     reasons[i] = "content_filter"
-                elif streamers[i].stopped:
+                elif c.streamer.stopped:
                     reasons[i] = FINISH_STOP
                 finals.append((i, reasons[i]))
             yield {"data": fmt.final_chunk(finals)}
-            n_out = sum(counts)
+            n_out = sum(c.count for c in choices)
             if req.include_usage():
                 usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_out, total_tokens=len(prompt) + n_out)
                 yield {"data": fmt.usage_chunk(usage)}
             yield {"data": "[DONE]"}
             if messages is not None:
-                texts = [None if withheld[i] else streamers[i].text for i in range(n)]
+                texts = [None if c.withheld else c.streamer.text for c in choices]
                 self.feedback.remember(cid, self.model_version, messages, texts, conversation)
             self._log(
                 cid,
@@ -1267,7 +1230,7 @@ class ChatServer:
                     t0,
                     stream=True,
                     error="client_disconnected",
-                    completion_tokens=sum(counts),
+                    completion_tokens=sum(c.count for c in choices),
                 )
 
     def _feedback_client(self, request: Request) -> str:
