@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlchat.config import Config, load_config, parse_override
+from rlchat.config import Config, ServeConfig, load_config, parse_override
 from rlchat.errors import ConfigError
 from rlchat.feedback_store import default_store_url, resolve_store_url
 
@@ -34,11 +34,12 @@ costs much more: Serve's router backs off and retries, and meanwhile every route
 waits or is refused at the proxy. With 8 here, 320 clients (4x overload, ``bench/serve_soak.py``) got 9.9 replies/s
 and 84 of 88 ``/readyz`` probes were 503s; with 512, 41.5 replies/s and every probe a 200."""
 SHUTDOWN_MARGIN_S = 10.0
-"""What a replica being stopped, or a version being drained, is given beyond its longest request's lifetime: the last
-chunk and the trip back through the proxy, Serve's 2 s drain polling, the engine's close."""
+"""What a replica being stopped is given beyond its longest request's lifetime (the last chunk and the trip back
+through the proxy, Serve's 2 s drain polling, the engine's close); also how much longer than that lifetime a version
+may go without progress before its engine counts as hung."""
 NO_DEADLINE_LIFETIME_S = 600.0
-"""Without a deadline (``serve.request_timeout_s: 0``) a request's lifetime has no bound: a replica being stopped, or
-a version being drained, waits this long for its requests before they are cut off."""
+"""Without a deadline (``serve.request_timeout_s: 0``) a request's lifetime has no bound: this is the one assumed
+(a replica being stopped waits this long for its requests; the hung-engine check allows this long)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,6 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         ConfigError / CheckpointError: no or a bad checkpoint, an unknown key, a bad value.
     """
     from rlchat.checkpoint import POLICY_STAGES, find_best_checkpoint, read_checkpoint
-    from rlchat.config import ServeConfig
     from serve.models import fetch_uri, is_uri
 
     args = dict(args)
@@ -327,13 +327,13 @@ def replica_actor_options(settings: AppSettings) -> dict[str, Any]:
     return opts
 
 
-def request_lifetime_s(serve: Any) -> float:
-    """The longest an admitted request can run under ``serve`` (a ``ServeConfig``): its body within
+def request_lifetime_s(cfg: ServeConfig) -> float:
+    """The longest an admitted request can run under ``cfg`` (the ``serve`` section): its body within
     ``body_timeout_s``, then queued and generating within its deadline (``request_timeout_s``, counted from its
     arrival); :data:`NO_DEADLINE_LIFETIME_S` without a deadline. What a replica being stopped waits for."""
-    if serve.request_timeout_s <= 0:
+    if cfg.request_timeout_s <= 0:
         return NO_DEADLINE_LIFETIME_S
-    return serve.request_timeout_s + serve.body_timeout_s
+    return cfg.request_timeout_s + cfg.body_timeout_s
 
 
 def deployment_options(settings: AppSettings) -> dict[str, Any]:
