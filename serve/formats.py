@@ -1,8 +1,8 @@
 """Response shapes: OpenAI chat completions and text completions, plain and streamed (SSE chunks), with log-probs."""
 
-import functools
 import json
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,12 +78,23 @@ class ResponseFormat:
         return token_text(self.tokenizer, t)
 
 
-@functools.lru_cache(maxsize=1 << 17)
+_TOKEN_JSON: "weakref.WeakKeyDictionary[ChatTokenizer, dict[int, tuple[str, str]]]" = weakref.WeakKeyDictionary()
+"""Per tokenizer, each token's :func:`_token_json` (at most one entry per token of its vocabulary). Keyed weakly:
+every loaded version has a tokenizer of its own, and a cache keyed by (tokenizer, token) kept the tokenizers of
+swapped-out versions alive with a version's worth of entries each (the replica grew with every config update)."""
+
+
 def _token_json(tokenizer: ChatTokenizer, t: int) -> tuple[str, str]:
     """A token's ``token`` and ``bytes`` values as JSON text (cached: a stream with ``top_logprobs`` writes ~21
-    entries per token, most of them tokens seen before)."""
-    raw = "null" if tokenizer.is_special(t) else json.dumps(list(tokenizer.token_bytes(t)))
-    return json.dumps(token_text(tokenizer, t), ensure_ascii=False), raw
+    entries per token, most of them tokens seen before). Runs on the replica's event loop only."""
+    cache = _TOKEN_JSON.get(tokenizer)
+    if cache is None:
+        cache = _TOKEN_JSON[tokenizer] = {}
+    hit = cache.get(t)
+    if hit is None:
+        raw = "null" if tokenizer.is_special(t) else json.dumps(list(tokenizer.token_bytes(t)))
+        hit = cache[t] = (json.dumps(token_text(tokenizer, t), ensure_ascii=False), raw)
+    return hit
 
 
 LOGPROB_FLOOR = -9999.0

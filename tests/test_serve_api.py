@@ -981,6 +981,32 @@ def test_a_log_prob_of_minus_infinity_is_written_as_valid_json():
     assert [t["logprob"] for t in chunk["choices"][0]["logprobs"]["content"][0]["top_logprobs"]][1:] == [-9999.0] * 2
 
 
+def test_the_log_prob_text_cache_lets_a_swapped_out_versions_tokenizer_go():
+    """Streamed log-probs write each token's JSON from a cache. It was keyed by (tokenizer, token id) with room for
+    131,072 entries, and every loaded version has a tokenizer of its own: each config update under log-prob traffic
+    added a version's worth of new entries, which kept the swapped-out tokenizers alive (the replica grew ~1.2-1.6
+    MB per update in ``bench/serve_soak.py --swap-every 20``, 470 -> 517 MB in 8 minutes). The entries now go with
+    their tokenizer, and each token is written the same from a tokenizer equal to the first."""
+    import gc
+    import weakref
+
+    from serve.formats import ChatFormat
+
+    def chunk(tok: ChatTokenizer) -> dict[str, Any]:
+        tokens = tok.encode("hello there")
+        alts = [(-0.5, [t, 7, 8], [-0.5, -1.0, -2.0]) for t in tokens]
+        fmt = ChatFormat("chatcmpl-1", 7, "rlchat", tok, logprobs=True)
+        return json.loads(fmt.delta_chunk(0, "hello there", tokens, alts))["choices"][0]["logprobs"]
+
+    first = ChatTokenizer("cl100k_base", 4096)
+    written = chunk(first)
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None, "the cache keeps a swapped-out version's tokenizer"
+    assert chunk(ChatTokenizer("cl100k_base", 4096)) == written
+
+
 def _usage():
     from serve.schemas import Usage
 
