@@ -740,8 +740,12 @@ class ChatServer:
         ``queue_timeout`` for its deadline in the queue, a 503 ``model_unavailable`` when its version's scheduler
         has stopped, a 400 for a request error, else ``err`` itself (500)."""
         user_error = isinstance(err, RLChatError)
-        refused = isinstance(err, (DeadlineExceeded, SchedulerStopped))
-        self._count_failure(400 if user_error else 503 if refused else 500, MODEL_UNAVAILABLE if refused else None)
+        shed = (
+            REJECT_QUEUE_TIMEOUT if isinstance(err, DeadlineExceeded)
+            else MODEL_UNAVAILABLE if isinstance(err, SchedulerStopped)
+            else None
+        )  # fmt: skip
+        self._count_failure(503 if shed else 400 if user_error else 500, shed)
         if isinstance(err, DeadlineExceeded):
             return self._queue_timeout(cid, t0, stream=stream)
         if isinstance(err, SchedulerStopped):  # no token was generated: safe to retry, on a replacement replica
