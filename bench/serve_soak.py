@@ -49,6 +49,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,25 +272,28 @@ async def probe(session: Any, url: str, until: float, every_s: float, timeout_s:
     return out
 
 
-async def swap(plans: list[list[dict[str, Any]]], app_args: dict[str, Any], every_s: float, until: float) -> int:
-    """Apply the next plan of ``plans`` every ``every_s`` seconds until ``until``; returns the updates made."""
-    n = 0
-    while time.monotonic() + every_s < until:
-        await asyncio.sleep(every_s)
-        n += 1
-        await asyncio.to_thread(deploy_versions, app_args, plans[n % len(plans)])
-    return n
+def plan_update(plans: list[list[dict[str, Any]]], app_args: dict[str, Any]) -> Callable[[int], None]:
+    """``--swap-every``'s n-th update: the next plan of ``plans`` (a lightweight ``user_config`` update)."""
+    return lambda n: deploy_versions(app_args, plans[n % len(plans)])
 
 
-async def roll(app_args: dict[str, Any], every_s: float, until: float) -> int:
-    """A rolling update every ``every_s`` seconds until ``until`` (``serve.max_messages`` 64 / 63: new args, so
-    Serve replaces the replica); returns the updates made."""
-    n = 0
-    while time.monotonic() + every_s < until:
-        await asyncio.sleep(every_s)
-        n += 1
+def rolling_update(app_args: dict[str, Any]) -> Callable[[int], None]:
+    """``--rolling-every``'s n-th update: ``serve.max_messages`` 64 / 63, new args, so Serve replaces the replica."""
+
+    def update(n: int) -> None:
         app_args["max_messages"] = 63 if n % 2 else 64
-        await asyncio.to_thread(deploy_versions, app_args, [])
+        deploy_versions(app_args, [])
+
+    return update
+
+
+async def every(every_s: float, until: float, update: Callable[[int], None]) -> int:
+    """``update(n)`` (n = 1, 2, ...) every ``every_s`` seconds until ``until``; returns the updates made."""
+    n = 0
+    while time.monotonic() + every_s < until:
+        await asyncio.sleep(every_s)
+        n += 1
+        await asyncio.to_thread(update, n)
     return n
 
 
@@ -305,8 +309,12 @@ async def run(
     timeout = aiohttp.ClientTimeout(total=180)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         tasks = [asyncio.create_task(soak.client(session, k, until)) for k in range(args.clients)]
-        swapper = asyncio.create_task(swap(plans, app_args, args.swap_every, until)) if args.swap_every else None
-        roller = asyncio.create_task(roll(app_args, args.rolling_every, until)) if args.rolling_every else None
+        if args.swap_every:
+            updater = asyncio.create_task(every(args.swap_every, until, plan_update(plans, app_args)))
+        elif args.rolling_every:
+            updater = asyncio.create_task(every(args.rolling_every, until, rolling_update(app_args)))
+        else:
+            updater = None
         probers = {
             path: asyncio.create_task(probe(session, url + path, until, 1.0, PROBE_TIMEOUT_S)) for path in PROBED
         }
@@ -343,8 +351,7 @@ async def run(
                 flush=True,
             )
         await asyncio.gather(*tasks)
-        swaps = await swapper if swapper is not None else 0
-        swaps += await roller if roller is not None else 0
+        swaps = await updater if updater is not None else 0
         probes = {path: await task for path, task in probers.items()}
     return soak, samples, swaps, probes
 

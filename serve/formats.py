@@ -3,7 +3,7 @@
 import json
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rlchat.text_stream import token_text
@@ -79,22 +79,28 @@ class ResponseFormat:
 
 
 _TOKEN_JSON: "weakref.WeakKeyDictionary[ChatTokenizer, dict[int, tuple[str, str]]]" = weakref.WeakKeyDictionary()
-"""Per tokenizer, each token's :func:`_token_json` (at most one entry per token of its vocabulary). Keyed weakly:
-every loaded version has a tokenizer of its own, and a cache keyed by (tokenizer, token) kept the tokenizers of
-swapped-out versions alive with a version's worth of entries each (the replica grew with every config update)."""
+"""Per tokenizer, each token's JSON pieces (:func:`_token_jsons`; at most one entry per token of its vocabulary).
+Keyed weakly: every loaded version has a tokenizer of its own, and a cache keyed by (tokenizer, token) kept the
+tokenizers of swapped-out versions alive with a version's worth of entries each (the replica grew with every config
+update)."""
 
 
-def _token_json(tokenizer: ChatTokenizer, t: int) -> tuple[str, str]:
-    """A token's ``token`` and ``bytes`` values as JSON text (cached: a stream with ``top_logprobs`` writes ~21
-    entries per token, most of them tokens seen before). Runs on the replica's event loop only."""
+def _token_jsons(tokenizer: ChatTokenizer) -> Callable[[int], tuple[str, str]]:
+    """A token's ``token`` and ``bytes`` values as JSON text, from ``tokenizer``'s cache (a stream with
+    ``top_logprobs`` writes ~21 entries per token, most of them tokens seen before). Looked up once per chunk, not
+    per entry: the weak mapping makes a reference on every lookup. Runs on the replica's event loop only."""
     cache = _TOKEN_JSON.get(tokenizer)
     if cache is None:
         cache = _TOKEN_JSON[tokenizer] = {}
-    hit = cache.get(t)
-    if hit is None:
-        raw = "null" if tokenizer.is_special(t) else json.dumps(list(tokenizer.token_bytes(t)))
-        hit = cache[t] = (json.dumps(token_text(tokenizer, t), ensure_ascii=False), raw)
-    return hit
+
+    def token_json(t: int) -> tuple[str, str]:
+        hit = cache.get(t)
+        if hit is None:
+            raw = "null" if tokenizer.is_special(t) else json.dumps(list(tokenizer.token_bytes(t)))
+            hit = cache[t] = (json.dumps(token_text(tokenizer, t), ensure_ascii=False), raw)
+        return hit
+
+    return token_json
 
 
 LOGPROB_FLOOR = -9999.0
@@ -121,12 +127,12 @@ class ChatFormat(ResponseFormat):
         Why: a streamed request with ``n=16`` and ``top_logprobs: 20`` built ~84,000 pydantic objects on the
         replica's event loop (~0.5 s for 250 tokens, while every other stream waited); this writes the same JSON
         from cached per-token pieces."""
-        tok, entries = self.tokenizer, []
+        token_json, entries = _token_jsons(self.tokenizer), []
         for t, lp, top in self._entries(tokens, alts):
-            text, raw = _token_json(tok, t)
+            text, raw = token_json(t)
             alternatives = []
             for i, v in top:
-                a_text, a_raw = _token_json(tok, i)
+                a_text, a_raw = token_json(i)
                 alternatives.append(f'{{"token": {a_text}, "logprob": {_number(v)}, "bytes": {a_raw}}}')
             entries.append(
                 f'{{"token": {text}, "logprob": {_number(lp)}, "bytes": {raw}, '
