@@ -498,6 +498,78 @@ def test_the_fp32_head_copy_follows_weight_updates(tok: ChatTokenizer, monkeypat
     assert not big.w_t.is_contiguous()
     torch.testing.assert_close(big.logits(h), h @ other.lm.get_output_embeddings().weight.detach().t())
 
+needs_packed_bf16 = pytest.mark.skipif(
+    not __import__("rlchat.core.packed_linear", fromlist=["x"]).packed_bf16_linear_available(),
+    reason="no bf16 matrix units or no oneDNN packed matmul on this CPU",
+)
+
+
+@needs_packed_bf16
+@pytest.mark.parametrize("stored", ["fp32 under autocast", "bf16 (serving)"])
+def test_the_packed_bf16_head_gives_the_plain_products_and_follows_weight_updates(
+    tok: ChatTokenizer, stored: str
+) -> None:
+    """On a CPU with bf16 units a bf16 engine multiplies by a oneDNN-packed copy of the head (a real vocabulary's head
+    is ~half a decode step, and the plain bf16 matmul re-packs it on every call): its logits must be the plain bf16
+    product's for every row count, it must be kept across calls, and any weight update must reach the next call --
+    rollouts run bf16 autocast over the learner's fp32 weights, which change every iteration."""
+    model = build(tok, seed=3)
+    eng = GenerationEngine(model, tok, precision="bf16")
+    if stored.startswith("bf16"):
+        eng = GenerationEngine.for_inference(model, tok, precision="bf16")
+    w = model.lm.get_output_embeddings().weight
+
+    def expected(h: torch.Tensor) -> torch.Tensor:
+        return (h.bfloat16() @ w.detach()[: eng.vocab_size].bfloat16().t()).float()
+
+    first = eng._decoder()
+    assert first.packed is not None and first.packed.is_mkldnn
+    for rows in (1, 2, 5, 16, 33):
+        h = torch.randn(rows, 32)
+        torch.testing.assert_close(first.logits(h), expected(h), rtol=0, atol=0)
+        buf = torch.empty(rows, eng.vocab_size)
+        torch.testing.assert_close(first.logits(h, out=buf), expected(h), rtol=0, atol=0)
+    assert eng._decoder().packed is first.packed  # kept: no re-pack per call
+
+    h = torch.randn(4, 32)
+    with torch.no_grad():
+        w.mul_(-2.0)  # in place, as an optimizer step
+    torch.testing.assert_close(eng._decoder().logits(h), expected(h), rtol=0, atol=0)
+    w.data.copy_(w.data * 0.5)  # unseen by the version counter
+    torch.testing.assert_close(eng._decoder().logits(h), expected(h), rtol=0, atol=0)
+    other = build(tok, seed=4)
+    model.load_state_dict(other.state_dict())  # a weight sync
+    torch.testing.assert_close(eng._decoder().logits(h), expected(h), rtol=0, atol=0)
+
+
+def test_a_bf16_engine_without_the_packed_head_uses_the_plain_product(
+    tok: ChatTokenizer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the packed product does not apply (no bf16 units, no oneDNN) or oneDNN refuses it, the engine keeps
+    the plain bf16 matmul, with the same greedy tokens, and says why when oneDNN failed."""
+    import rlchat.core.packed_linear as packed_linear
+
+    model = build(tok, seed=5)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    packed_ok = packed_linear.packed_bf16_linear_available()
+    reference = GenerationEngine(model, tok, precision="bf16").generate([[1, 2, 3]], greedy).tokens
+
+    monkeypatch.setattr(packed_linear, "packed_bf16_linear_available", lambda: False)
+    eng = GenerationEngine(model, tok, precision="bf16")
+    assert eng._decoder().packed is None
+    assert eng.generate([[1, 2, 3]], greedy).tokens == reference
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(packed_linear, "packed_bf16_linear_available", lambda: True)
+    monkeypatch.setattr(packed_linear, "packed_linear", broken)
+    with caplog.at_level("WARNING", logger="rlchat.core.packed_linear"):
+        assert GenerationEngine(model, tok, precision="bf16")._decoder().packed is None
+    assert "could not create a primitive" in caplog.text or not packed_ok
+    assert GenerationEngine(model, tok, precision="bf16").generate([[1, 2, 3]], greedy).tokens == reference
+
+
 
 @pytest.mark.parametrize("n", [1, 2, 4095, 4096, 4097, 100_277 * 512, 152_064 * 4096])
 def test_head_probe_indices_stay_inside_the_head_at_real_sizes(n: int) -> None:

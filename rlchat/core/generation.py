@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from rlchat.core.fast_decode import DecodeStep, decode_step_fn
+from rlchat.core.packed_linear import pack_bf16_weight, packed_linear
 from rlchat.errors import ConfigError
 from rlchat.model import PolicyValueModel, autocast_context, logit_transform, resolve_precision, resolve_trunk
 
@@ -294,7 +295,7 @@ class GenerationEngine:
         self.precision = precision
         params = inspect.signature(self.trunk.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._head_copy: _HeadCopy | None = None  # see _head_t
+        self._head_copy: _HeadCopy | None = None  # see _kept_head
 
     @classmethod
     def for_inference(
@@ -441,50 +442,76 @@ class GenerationEngine:
         head = self.lm.get_output_embeddings()
         w = head.weight.detach()[: self.vocab_size]
         b = getattr(head, "bias", None)
+        packed = self._head_packed(head.weight) if dtype == torch.bfloat16 else None
+        if dtype is None:
+            w_t = self._head_t(head.weight)
+        else:  # with a packed copy the view is not read: no cast of an fp32 head (rollouts under autocast)
+            w_t = w.t() if packed is not None else w.to(dtype).t()
         return _Decoder(
             trunk=self.trunk,
             config=self.lm.config,
             cache_kw=self._cache_kw,
             device=self.device,
             dtype=dtype,
-            w_t=w.to(dtype).t() if dtype is not None else self._head_t(head.weight),
+            w_t=w_t,
+            packed=packed,
             bias=b.detach()[: self.vocab_size].float() if b is not None else None,
             transform=self.transform,
             step=decode_step_fn(self.trunk),
         )
 
     def _head_t(self, weight: torch.Tensor) -> torch.Tensor:
-        """The fp32 head as (H, V), contiguous on a CPU: a copy kept until the weights change.
+        """The fp32 head as (H, V), contiguous on a CPU: a copy kept until the weights change (:meth:`_kept_head`).
 
         The head is stored (V, H) (tied to the embedding), so ``h @ w.t()`` hands MKL a transposed operand; on an
         AVX2 CPU (AMD EPYC, one thread, cl100k x 512) that ran at half the speed of a contiguous (H, V) operand at
         every batch size: 14.1 vs 6.8 ms for one row, 47 vs 39 ms for 16 (``bench/README.md``, "Serve load",
-        eighth session). The copy costs ~175 ms and 4 bytes x V x H there, so it is kept and rebuilt only when the
-        weight changed: replaced, updated in place through autograd's view (an optimizer step or ``load_state_dict``
-        bumps its version counter), given new storage (``p.data = ...``, ``vector_to_parameters``: a new address),
-        or written through ``p.data`` (which no counter sees: a sample of 4,096 elements spread over the whole head,
-        ~75 us to compare, differs after any real update). The kept entry holds the weight itself, so a new weight
-        can never reuse its address unnoticed.
+        eighth session). The copy costs ~175 ms and 4 bytes x V x H there.
         Heads above :data:`HEAD_COPY_MAX_BYTES` are read through the view (a model that large belongs on a GPU).
         GPUs take the view as it is (cuBLAS reads either layout at the same speed).
         """
         w = weight.detach()[: self.vocab_size]
         if w.device.type != "cpu" or w.numel() * w.element_size() > HEAD_COPY_MAX_BYTES:
             return w.t()
+        kept = self._kept_head(weight, "fp32 (H, V)", lambda: w.t().contiguous())
+        assert kept is not None
+        return kept
+
+    def _head_packed(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The bf16 head packed in oneDNN's layout (:mod:`rlchat.core.packed_linear`), kept until the weights change,
+        or None where packing does not apply (a GPU, a CPU without bf16 units, a head above the cap): the decoder
+        then multiplies by the plain bf16 view. Costs one bf16 copy of the head (2 bytes x V x H, ~60 ms to pack
+        cl100k x 512); saves ~6 ms of a one-row and ~8 ms of a 16-row step there."""
+        w = weight.detach()[: self.vocab_size]
+        if w.device.type != "cpu" or 2 * w.numel() > HEAD_COPY_MAX_BYTES:
+            return None
+        return self._kept_head(weight, "oneDNN bf16", lambda: pack_bf16_weight(w.to(torch.bfloat16)))
+
+    def _kept_head(
+        self, weight: torch.Tensor, kind: str, make: Callable[[], torch.Tensor | None]
+    ) -> torch.Tensor | None:
+        """A copy of the head weight ``make`` builds, kept across generation calls and rebuilt only when the weight
+        changed: replaced, updated in place through autograd's view (an optimizer step or ``load_state_dict``
+        bumps its version counter), given new storage (``p.data = ...``, ``vector_to_parameters``: a new address),
+        or written through ``p.data`` (which no counter sees: a sample of 4,096 elements spread over the whole head,
+        ~75 us to compare, differs after any real update). The kept entry holds the weight itself, so a new weight
+        can never reuse its address unnoticed. ``make`` may return None (no copy applies): that is kept too."""
+        w = weight.detach()[: self.vocab_size]
         version = weight._version  # noqa: SLF001 - torch's in-place update counter
         kept = self._head_copy
         flat = w.reshape(-1)
         if (
             kept is None
+            or kept.kind != kind
             or kept.weight is not weight
             or kept.version != version
             or kept.address != w.data_ptr()
             or not torch.equal(flat[kept.probe], kept.sample)
         ):
             probe = _spread_indices(flat.numel(), 4096)
-            kept = _HeadCopy(weight, version, w.data_ptr(), probe, flat[probe], w.t().contiguous())
+            kept = _HeadCopy(kind, weight, version, w.data_ptr(), probe, flat[probe], make())
             self._head_copy = kept  # one assignment: a concurrent caller sees the old entry or the new one
-        return kept.w_t
+        return kept.head
 
 
 def _spread_indices(n: int, k: int) -> torch.Tensor:
@@ -496,18 +523,20 @@ def _spread_indices(n: int, k: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _HeadCopy:
-    """The engine's kept fp32 (H, V) head and what it was copied from (see ``GenerationEngine._head_t``)."""
+    """The engine's kept head copy and what it was copied from (see ``GenerationEngine._kept_head``)."""
 
+    kind: str  # which copy: the fp32 (H, V) one or the oneDNN-packed bf16 one
     weight: torch.Tensor  # the head parameter itself: identity, not just an address
     version: int  # its version counter at the copy
     address: int  # its data pointer at the copy
     probe: torch.Tensor  # flat indices of the sampled elements
     sample: torch.Tensor  # their values at the copy
-    w_t: torch.Tensor
+    head: torch.Tensor | None  # the copy (None: no copy applies; the decoder reads the weight's view)
 
 
 HEAD_COPY_MAX_BYTES = 1 << 30
-"""Largest fp32 head the engine keeps a contiguous copy of (``GenerationEngine._head_t``): cl100k x 512 is 200 MB."""
+"""Largest head copy the engine keeps (``GenerationEngine._head_t``, ``_head_packed``): cl100k x 512 is 200 MB in
+fp32, 100 MB in bf16."""
 
 
 @dataclass
@@ -520,6 +549,7 @@ class _Decoder:
     device: torch.device
     dtype: torch.dtype | None
     w_t: torch.Tensor  # (H, V) head weight: a kept contiguous copy in fp32 on a CPU, else a transposed view
+    packed: torch.Tensor | None  # the bf16 head in oneDNN's packed layout (a CPU with bf16 units), used over w_t
     bias: torch.Tensor | None
     transform: tuple[float, float]
     step: DecodeStep | None = None  # the one-token step without Hugging Face's module stack (rlchat.fast_decode)
@@ -544,9 +574,9 @@ class _Decoder:
         if self.dtype is None and out is not None:
             z = torch.mm(h, self.w_t, out=out)
         elif out is not None:
-            z = out.copy_(h.to(self.w_t.dtype) @ self.w_t)  # widened to fp32 by the copy: no fp32 temporary
+            z = out.copy_(self._head(h))  # widened to fp32 by the copy: no fp32 temporary
         else:
-            z = (h.to(self.w_t.dtype) @ self.w_t).float()
+            z = self._head(h).float()
         if self.bias is not None:
             z += self.bias
         scale, softcap = self.transform
@@ -555,6 +585,12 @@ class _Decoder:
         if softcap > 0:
             z.div_(softcap).tanh_().mul_(softcap)
         return z
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, V) head product in the head's dtype (bf16 here): from the packed copy when there is one."""
+        if self.packed is not None:
+            return packed_linear(h.to(torch.bfloat16), self.packed)
+        return h.to(self.w_t.dtype) @ self.w_t
 
     def new_cache(self) -> Any:
         """A ``DynamicCache`` for the model, with a full-length layer in place of each sliding-window one.

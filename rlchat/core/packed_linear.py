@@ -1,0 +1,67 @@
+"""bf16 matmuls on a CPU from oneDNN's packed weight layout: the language-model head of the generation engine.
+
+Why this exists: on a CPU with bf16 units, ``h @ w.t()`` over a bf16 weight goes through a oneDNN matmul that
+reorders the weight into its blocked layout on every call. For the head of a real vocabulary (cl100k x 512, 100 MB
+in bf16) that reorder is the call: one thread of an AMD EPYC with AVX512-BF16 took 11.6-13.2 ms for one row and
+18.7-20.0 ms for 16 rows, against 6.9 and 11.2 ms from a weight packed once (the same values: the same kernel, no
+difference in any element). The head is ~half of a serving decode step at that size, so one packed copy kept by the
+engine makes a one-row step ~1.3x and a 16-row step ~1.25x faster (``bench/README.md``, "Serve load", sixteenth
+session). PyTorch's own CPU compiler (Inductor with weight freezing) packs linear weights the same way, through the
+same two operators; PyTorch has no public eager API for it, hence this small wrapper, which checks the operators
+exist, checks the packed product against the plain one once, and otherwise leaves the caller on the plain matmul.
+
+Where it applies: CPUs with bf16 matrix units (AMX-BF16 / AVX512-BF16, :func:`rlchat.model.cpu_has_bf16`), bf16
+weights. Elsewhere (fp32, GPUs, CPUs that would emulate bf16) :func:`pack_bf16_weight` returns None. A packed weight
+is opaque (oneDNN's layout, ``torch._mkldnn``): it serves this product only and cannot be pickled or viewed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from rlchat.core.model import cpu_has_bf16
+
+logger = logging.getLogger(__name__)
+
+PACK_ROWS_HINT = 16
+"""Rows the packed layout is tuned for (a full serving batch); 1-32 rows measured within noise of their own hint."""
+
+
+@functools.cache
+def packed_bf16_linear_available() -> bool:
+    """Whether this PyTorch and CPU can run the packed bf16 product (oneDNN built in, its two operators present, bf16
+    matrix units: without them oneDNN would emulate bf16, slower than the fp32 path)."""
+    if not cpu_has_bf16() or not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+
+
+def pack_bf16_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` (out, in), a bf16 CPU tensor, packed for :func:`packed_linear`, or None where that does not apply.
+
+    The first product of the packed weight is checked against the plain one (two rows); a mismatch or an error from
+    oneDNN (an unsupported CPU or build) logs a warning and returns None, so the caller keeps the plain matmul.
+    """
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not packed_bf16_linear_available():
+        return None
+    w = weight.detach().contiguous()
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
+        probe = torch.linspace(-1.0, 1.0, 2 * w.shape[1], dtype=torch.float32).view(2, -1).to(torch.bfloat16)
+        ok = torch.allclose(packed_linear(probe, packed).float(), (probe @ w.t()).float(), rtol=1e-2, atol=1e-2)
+    except RuntimeError as e:
+        logger.warning("oneDNN packed bf16 matmul unavailable (%s); the plain bf16 matmul is used", e)
+        return None
+    if not ok:
+        logger.warning("oneDNN packed bf16 matmul disagrees with the plain one; the plain bf16 matmul is used")
+        return None
+    return packed
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.t()`` (B, out) in bf16 for bf16 rows ``x`` (B, in) and a weight from :func:`pack_bf16_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
