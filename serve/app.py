@@ -1268,6 +1268,21 @@ class ChatServer:
             )
         return await self.feedback.record(fb, self.model_version)
 
+    async def __del__(self) -> None:
+        """Serve calls this when it stops the replica (a rolling update, a scale-down, ``serve shutdown``), once its
+        requests are done or ``graceful_shutdown_timeout_s`` is near: the request rows still queued for the feedback
+        store are written (they died with the process before) and the engines are stopped. Serve's FastAPI ingress
+        wrapper runs the ASGI app's shutdown first, then this. Bounded: half of :data:`SHUTDOWN_MARGIN_S` for the rows,
+        so the replica is done before Serve kills it even after a request that used its whole lifetime."""
+        if self._follower is not None:
+            self._follower.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self.feedback.close, SHUTDOWN_MARGIN_S / 2)
+            await loop.run_in_executor(None, self.models.close_all)
+        except Exception:  # noqa: BLE001 - a destructor must not raise: log what failed
+            logger.exception("stopping the replica")
+
     def check_health(self) -> None:
         """Serve's periodic health check: every served version's scheduler must still accept work (a dead canary
         would fail its share of the traffic, and every request naming it, until the replica is replaced)."""

@@ -837,6 +837,11 @@ class ModelSet:
     def draining(self) -> list[ServedVersion]:
         return list(self._draining)
 
+    def close_all(self) -> None:
+        """Close every version, served or draining (the replica is stopping); blocking, off the event loop."""
+        for version in [*self.versions.values(), *self._draining]:
+            version.close()
+
 
 async def follow_run(
     run_dir: str,

@@ -688,6 +688,48 @@ def test_a_running_requests_conversation_id_survives_thousands_of_refused_reques
     asyncio.run(main())
 
 
+def test_a_stopped_replica_writes_the_request_rows_still_queued_for_the_store(tmp_path, monkeypatch):
+    """Request rows are written to the feedback store in the background; when Serve stopped a replica (a rolling
+    update, a scale-down) the rows still queued or being written died with its process. Serve calls the replica's
+    ``__del__`` (its FastAPI ingress wrapper's: the ASGI app's shutdown, then ours) once its requests are done: it
+    now waits (a bounded time) for those rows and stops the engines."""
+    import asyncio
+    import sqlite3
+    import time
+
+    from ray.serve._private.http_util import ASGIAppReplicaWrapper
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
+    db = tmp_path / "feedback.db"
+    route = "/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    asgi_shutdowns: list[bool] = []
+
+    async def asgi_shutdown(self: object) -> None:  # the ASGI lifespan of an in-process server never started
+        asgi_shutdowns.append(True)
+
+    monkeypatch.setattr(ASGIAppReplicaWrapper, "__del__", asgi_shutdown)
+
+    async def main() -> None:
+        server = await testing.inprocess_server(ckpt, engine_process=True, feedback_store=f"sqlite:///{db}")
+        store = server.feedback.store
+        write = store.record_requests
+        store.record_requests = lambda rows: (time.sleep(1.0), write(rows))[1]  # a slow database
+        for _ in range(3):
+            assert (await server.chat_completions(testing.post_request(route, body))).status_code == 200
+        engine = server.models.default.scheduler
+        await server.__del__()  # what Serve calls when it stops the replica
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute("SELECT COUNT(*) FROM rlchat_requests").fetchone()[0]
+        assert rows == 3
+        assert server.models.default.closed
+        assert engine.proc.wait(timeout=20) is not None  # the engine process exited
+        assert asgi_shutdowns == [True]  # Serve's own shutdown of the ASGI app ran once
+
+    asyncio.run(main())
+
+
 def test_readyz_is_a_503_naming_the_version_whose_engine_died(tmp_path, no_replica_context):
     """``/readyz`` said ``"status": "ready"`` after a version's engine process had died, so a load balancer or
     Kubernetes probe kept sending traffic that got 500s until Serve's health check replaced the replica. It now
