@@ -186,3 +186,28 @@ def test_a_one_token_prompt_is_prefilled_by_hugging_face(monkeypatch: pytest.Mon
     slow = engine.generate([[5], [7, 8]], params, seeds=[1, 2])
     assert fast.tokens == slow.tokens and len(fast.tokens[0]) == 6
     assert served == slow.tokens[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(1, 8, 8), (16, 8, 8), (5, 8, 2), (3, 4, 1)])
+def test_one_query_attention_equals_sdpa(dtype: torch.dtype, rows: int, heads: int, kv_heads: int) -> None:
+    """The decode step's attention (plain math for many rows on a CPU, where SDPA's flash kernel costs several times
+    more) gives SDPA's result for left-padded rows, grouped-query attention included."""
+    import torch.nn.functional as F
+
+    from rlchat.core.fast_decode import _one_query_attention
+
+    torch.manual_seed(0)
+    length = 70
+    q = torch.randn(rows, heads, 1, 64, dtype=dtype)
+    k = torch.randn(rows, kv_heads, length, 64, dtype=dtype)
+    v = torch.randn(rows, kv_heads, length, 64, dtype=dtype)
+    mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)
+    for r in range(rows):
+        mask[r, ..., : 7 * r % 40] = False  # left padding of different widths
+    gqa = heads != kv_heads
+    got = _one_query_attention(q, k, v, mask, 0.125, gqa)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.125, enable_gqa=gqa)
+    assert got.shape == (rows, heads, 1, 64) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)

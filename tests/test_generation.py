@@ -498,6 +498,7 @@ def test_the_fp32_head_copy_follows_weight_updates(tok: ChatTokenizer, monkeypat
     assert not big.w_t.is_contiguous()
     torch.testing.assert_close(big.logits(h), h @ other.lm.get_output_embeddings().weight.detach().t())
 
+
 needs_packed_bf16 = pytest.mark.skipif(
     not __import__("rlchat.core.packed_linear", fromlist=["x"]).packed_bf16_linear_available(),
     reason="no bf16 matrix units or no oneDNN packed matmul on this CPU",
@@ -568,7 +569,6 @@ def test_a_bf16_engine_without_the_packed_head_uses_the_plain_product(
         assert GenerationEngine(model, tok, precision="bf16")._decoder().packed is None
     assert "could not create a primitive" in caplog.text or not packed_ok
     assert GenerationEngine(model, tok, precision="bf16").generate([[1, 2, 3]], greedy).tokens == reference
-
 
 
 @pytest.mark.parametrize("n", [1, 2, 4095, 4096, 4097, 100_277 * 512, 152_064 * 4096])
