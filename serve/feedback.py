@@ -210,10 +210,10 @@ class FeedbackRecorder:
                 for _ in batch:
                     self._store_slots.release()
 
-    def close(self, timeout_s: float) -> int:
+    def close(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the request rows still queued or being written (the replica is stopping:
-        its process ends next, and the rows with it), then stop the writer thread. Returns the rows not written in
-        time (logged); a blocking call, for a thread off the event loop."""
+        its process ends next, and the rows with it), then stop the writer thread. Whether every row was written
+        (what was not is logged); a blocking call, for a thread off the event loop."""
         until = time.monotonic() + timeout_s
         while time.monotonic() < until:
             with self._store_lock:
@@ -221,12 +221,12 @@ class FeedbackRecorder:
                     break
             time.sleep(0.02)
         with self._store_lock:
-            left = len(self._store_pending) + (1 if self._store_writing else 0)
+            writing, queued = self._store_writing, len(self._store_pending)
         self._store_log.shutdown(wait=False, cancel_futures=True)
-        if left:
-            logger.warning("stopping with request rows not yet written to the feedback store (a batch in progress "
-                           "or %d queued) after %.0f s", len(self._store_pending), timeout_s)  # fmt: skip
-        return left
+        if writing:
+            logger.warning("stopping with request rows not written to the feedback store after %.0f s: %d queued and "
+                           "a batch in progress", timeout_s, queued)  # fmt: skip
+        return not writing
 
     def _warn_store(self, message: str) -> None:
         """Log store trouble at most once a minute (an outage would otherwise log every request)."""
