@@ -10,6 +10,7 @@ Replies are kept from ending early by a ``logit_bias`` that forbids the end-of-t
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import threading
 import time
@@ -551,3 +552,46 @@ def test_a_rolling_update_lets_the_old_replica_finish_every_request_it_took(ray_
         print(f"{DRAIN_REQUESTS} requests drained in {elapsed:.1f} s")
     finally:
         ray_serve.delete(APP + "-drain")
+
+
+def test_a_replica_serve_stops_writes_the_request_rows_queued_behind_a_busy_store(ray_local, tmp_path):
+    """The rows a replica still had queued for the feedback store died with its process when Serve stopped it (a
+    rolling update, a scale-down, ``serve delete``). On a real Serve, with the store's SQLite file locked by another
+    writer for 3 s while the app is deleted: every row is written once the lock goes (the replica's ``__del__`` waits
+    for them), where none was before."""
+    import sqlite3
+
+    from ray import serve as ray_serve
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
+    db = tmp_path / "feedback.db"
+    name = APP + "-stop"
+    url = testing.deploy(
+        ckpt, name=name, route_prefix=PREFIX + "-stop", feedback_store=f"sqlite:///{db}", model_name=name, num_cpus=0
+    )
+    try:
+        assert _chat(url, 2, {}).status_code == 200
+        deadline = time.monotonic() + 30
+        before = 0
+        while not before and time.monotonic() < deadline:  # the first row (and the table) is written in the background
+            time.sleep(0.1)
+            with contextlib.suppress(sqlite3.OperationalError), sqlite3.connect(db) as conn:
+                before = conn.execute("SELECT COUNT(*) FROM rlchat_requests").fetchone()[0]
+        assert before == 1
+        lock = sqlite3.connect(db, isolation_level=None, timeout=30, check_same_thread=False)
+        lock.execute("BEGIN EXCLUSIVE")  # the replica's writer now waits for the lock (SQLite's busy timeout)
+        try:
+            assert [_chat(url, 2, {}).status_code for _ in range(3)] == [200] * 3
+            release = threading.Timer(3.0, lambda: lock.execute("COMMIT"))
+            release.start()
+            ray_serve.delete(name)  # returns once the replica is gone
+            release.join()
+        finally:
+            if lock.in_transaction:
+                lock.execute("COMMIT")
+            lock.close()
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM rlchat_requests").fetchone()[0] == 4
+    finally:
+        with contextlib.suppress(Exception):  # deleted above unless the test failed first
+            ray_serve.delete(name)
