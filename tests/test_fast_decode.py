@@ -211,3 +211,47 @@ def test_one_query_attention_equals_sdpa(dtype: torch.dtype, rows: int, heads: i
     assert got.shape == (rows, heads, 1, 64) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(
+    not __import__("rlchat.core.packed_linear", fromlist=["x"]).packed_bf16_linear_available(),
+    reason="no bf16 matrix units or no oneDNN packed matmul on this CPU",
+)
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_bf16_stored_weights_step_from_packed_copies_that_follow_updates(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving stores bf16 weights; on a CPU with bf16 units the step multiplies by oneDNN-packed copies kept on the
+    modules (the plain bf16 matmul re-packs each weight on every call). The step must equal the plain one, reuse
+    the copies across builds, and see a weight written in place (through ``.data`` too)."""
+    import rlchat.core.packed_linear as packed_linear
+
+    trunk = _tiny(arch).to(torch.bfloat16).base_model
+    step = decode_step_fn(trunk)
+    first = [m._rlchat_packed[2] for m in trunk.modules() if hasattr(m, "_rlchat_packed")]
+    assert first and all(p is not None and p.is_mkldnn for p in first)  # every projection of every layer
+    assert len(first) == (4 if arch == "gpt2" else 7) * 2
+
+    def run(step) -> torch.Tensor:  # noqa: ANN001
+        cache, mask, pos = _prefilled(trunk)
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+        with torch.no_grad():
+            return step(torch.tensor([[20], [21], [22]]), mask, pos, cache).float()
+
+    with monkeypatch.context() as m:
+        m.setattr(packed_linear, "packed_bf16_linear_available", lambda: False)
+        plain = run(decode_step_fn(trunk))  # addmm / F.linear over the bf16 weights
+    torch.testing.assert_close(run(step), plain, atol=2e-2, rtol=2e-2)
+    decode_step_fn(trunk)
+    again = [m._rlchat_packed[2] for m in trunk.modules() if hasattr(m, "_rlchat_packed")]
+    assert all(a is b for a, b in zip(first, again)), "packed again though no weight changed"
+
+    before = run(decode_step_fn(trunk))
+    first_proj = next(m for m in trunk.modules() if hasattr(m, "_rlchat_packed"))
+    with torch.no_grad():
+        first_proj.weight.data.mul_(-3.0)  # through .data: no version bump
+    after = run(decode_step_fn(trunk))
+    assert not torch.allclose(before, after, atol=1e-2)
+    with monkeypatch.context() as m:
+        m.setattr(packed_linear, "packed_bf16_linear_available", lambda: False)
+        torch.testing.assert_close(after, run(decode_step_fn(trunk)), atol=2e-2, rtol=2e-2)
