@@ -1,4 +1,5 @@
-"""bf16 matmuls on a CPU from oneDNN's packed weight layout: the language-model head of the generation engine.
+"""bf16 matmuls on a CPU from oneDNN's packed weight layout: the generation engine's LM head and, for weights stored
+in bf16 (serving), the decode step's projections (:mod:`rlchat.core.fast_decode`).
 
 Why this exists: on a CPU with bf16 units, ``h @ w.t()`` over a bf16 weight goes through a oneDNN matmul that
 reorders the weight into its blocked layout on every call. For the head of a real vocabulary (cl100k x 512, 100 MB
@@ -6,7 +7,7 @@ in bf16) that reorder is the call: one thread of an AMD EPYC with AVX512-BF16 to
 18.7-20.0 ms for 16 rows, against 6.9 and 11.2 ms from a weight packed once (the same values: the same kernel, no
 difference in any element). The head is ~half of a serving decode step at that size, so one packed copy kept by the
 engine makes a one-row step ~1.3x and a 16-row step ~1.25x faster (``bench/README.md``, "Serve load", sixteenth
-session). PyTorch's own CPU compiler (Inductor with weight freezing) packs linear weights the same way, through the
+session); the trunk's projections, packed as well, another ~1.2x. PyTorch's own CPU compiler (Inductor with weight freezing) packs linear weights the same way, through the
 same two operators; PyTorch has no public eager API for it, hence this small wrapper, which checks the operators
 exist, checks the packed product against the plain one once, and otherwise leaves the caller on the plain matmul.
 
