@@ -225,12 +225,17 @@ def test_bf16_stored_weights_step_from_packed_copies_that_follow_updates(
     modules (the plain bf16 matmul re-packs each weight on every call). The step must equal the plain one, reuse
     the copies across builds, and see a weight written in place (through ``.data`` too)."""
     import rlchat.core.packed_linear as packed_linear
+    from rlchat.core.packed_linear import _PACKED
+
+    def kept() -> list[torch.Tensor]:
+        return [_PACKED[p][2] for p in trunk.parameters() if p in _PACKED]
 
     trunk = _tiny(arch).to(torch.bfloat16).base_model
     step = decode_step_fn(trunk)
-    first = [m._rlchat_packed[2] for m in trunk.modules() if hasattr(m, "_rlchat_packed")]
+    first = kept()
     assert first and all(p is not None and p.is_mkldnn for p in first)  # every projection of every layer
     assert len(first) == (4 if arch == "gpt2" else 7) * 2
+    copy.deepcopy(trunk)  # the packed copies (opaque tensors) are not on the modules: copying still works
 
     def run(step) -> torch.Tensor:  # noqa: ANN001
         cache, mask, pos = _prefilled(trunk)
@@ -243,13 +248,13 @@ def test_bf16_stored_weights_step_from_packed_copies_that_follow_updates(
         plain = run(decode_step_fn(trunk))  # addmm / F.linear over the bf16 weights
     torch.testing.assert_close(run(step), plain, atol=2e-2, rtol=2e-2)
     decode_step_fn(trunk)
-    again = [m._rlchat_packed[2] for m in trunk.modules() if hasattr(m, "_rlchat_packed")]
-    assert all(a is b for a, b in zip(first, again)), "packed again though no weight changed"
+    again = kept()
+    assert len(again) == len(first) and all(a is b for a, b in zip(first, again)), "packed again though unchanged"
 
     before = run(decode_step_fn(trunk))
-    first_proj = next(m for m in trunk.modules() if hasattr(m, "_rlchat_packed"))
+    first_weight = next(p for p in trunk.parameters() if p in _PACKED)
     with torch.no_grad():
-        first_proj.weight.data.mul_(-3.0)  # through .data: no version bump
+        first_weight.data.mul_(-3.0)  # through .data: no version bump
     after = run(decode_step_fn(trunk))
     assert not torch.allclose(before, after, atol=1e-2)
     with monkeypatch.context() as m:

@@ -141,13 +141,13 @@ def _one_query_attention(
 def _affine(module: nn.Module, conv1d: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> x W^T + b`` of an ``nn.Linear`` (``conv1d``: GPT-2's ``Conv1D``, ``addmm(b, x, W)`` with W stored
     (in, out)). bf16 weights on a CPU with bf16 units (serving stores them so) are multiplied from a oneDNN-packed
-    copy kept on the module (:func:`rlchat.core.packed_linear.kept_packed_weight`): the plain bf16 matmul re-packs
+    copy kept beside the weight (:func:`rlchat.core.packed_linear.kept_packed_weight`): the plain bf16 matmul re-packs
     every weight on every call, which made the trunk ~half of a serving engine's time under load (py-spy, 16
     clients, 8 x 512); packed, one thread, 16 rows: 222 -> 166 us (512 -> 1536), 351 -> 184 (512 -> 2048), 253 ->
     185 (2048 -> 512); one row 2-3x faster; the cost is a second bf16 copy of each weight. Elsewhere (fp32 weights,
     autocast, GPUs) the plain op, as before."""
     w, b = module.weight, module.bias
-    packed = kept_packed_weight(module, w, transpose=conv1d)
+    packed = kept_packed_weight(w, transpose=conv1d)
     if packed is not None:
         return functools.partial(packed_linear, packed=packed, bias=b)
     if conv1d:

@@ -7,9 +7,10 @@ in bf16) that reorder is the call: one thread of an AMD EPYC with AVX512-BF16 to
 18.7-20.0 ms for 16 rows, against 6.9 and 11.2 ms from a weight packed once (the same values: the same kernel, no
 difference in any element). The head is ~half of a serving decode step at that size, so one packed copy kept by the
 engine makes a one-row step ~1.3x and a 16-row step ~1.25x faster (``bench/README.md``, "Serve load", sixteenth
-session); the trunk's projections, packed as well, another ~1.2x. PyTorch's own CPU compiler (Inductor with weight freezing) packs linear weights the same way, through the
-same two operators; PyTorch has no public eager API for it, hence this small wrapper, which checks the operators
-exist, checks the packed product against the plain one once, and otherwise leaves the caller on the plain matmul.
+session); the trunk's projections, packed as well, another ~1.2x. PyTorch's own CPU compiler (Inductor with
+weight freezing) packs linear weights the same way, through the same two operators; PyTorch has no public eager API
+for it, hence this small wrapper, which checks the operators exist, checks the packed product against the plain one
+once, and otherwise leaves the caller on the plain matmul.
 
 Where it applies: CPUs with bf16 matrix units (AMX-BF16 / AVX512-BF16, :func:`rlchat.model.cpu_has_bf16`), bf16
 weights. Elsewhere (fp32, GPUs, CPUs that would emulate bf16) :func:`pack_bf16_weight` returns None. A packed weight
@@ -22,6 +23,7 @@ import functools
 import logging
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from rlchat.core.model import cpu_has_bf16
 
@@ -69,21 +71,27 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def kept_packed_weight(owner: object, weight: torch.Tensor, transpose: bool = False) -> torch.Tensor | None:
+_PACKED = WeakIdKeyDictionary()
+"""weight -> ((version, address), sample, packed copy): kept beside the weight, not on its module, since a packed
+copy is opaque and a module holding one could no longer be deep-copied or pickled; gone with the weight (keyed by
+identity: a plain ``WeakKeyDictionary`` compares tensors with ``==``)."""
+
+
+def kept_packed_weight(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor | None:
     """``weight`` (``weight.t()`` with ``transpose``: GPT-2's ``Conv1D`` stores (in, out)) packed by
-    :func:`pack_bf16_weight`, kept on ``owner`` (the module holding the weight) and packed again only when the weight
-    changed (its version counter, its address, or a sample of 256 of its elements, which ``.data`` writes change);
-    None where packing does not apply (not bf16, not on a CPU with bf16 units). For weights stored in bf16 (serving's
+    :func:`pack_bf16_weight`, kept while the weight lives and packed again only when it changed (its version
+    counter, its address, or a sample of 256 of its elements, which ``.data`` writes change); None where packing
+    does not apply (not bf16, not on a CPU with bf16 units). For weights stored in bf16 (serving's
     ``GenerationEngine.for_inference``): packing a trunk of 8 x 512 takes ~15 ms once."""
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not packed_bf16_linear_available():
         return None
     flat = weight.detach().reshape(-1)
     probe = torch.arange(0, flat.numel(), max(1, flat.numel() // 256))
     key = (weight._version, weight.data_ptr())  # noqa: SLF001 - torch's in-place update counter
-    kept = getattr(owner, "_rlchat_packed", None)
+    kept = _PACKED.get(weight)
     if kept is not None and kept[0] == key and torch.equal(kept[1], flat[probe]):
         return kept[2]
     w = weight.detach()
     packed = pack_bf16_weight(w.t() if transpose else w)
-    owner._rlchat_packed = (key, flat[probe].clone(), packed)  # type: ignore[attr-defined]
+    _PACKED[weight] = (key, flat[probe].clone(), packed)
     return packed
