@@ -279,7 +279,7 @@ class LocalCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         # a killed process takes a while to exit on a loaded machine (its memory is freed first: /proc shows it
-        # with an empty command line, not yet a zombie; seen in a CI run at 0.5 s), so poll before calling it a survivor
+        # with an empty command line, not yet a zombie; seen in a CI run at 0.5 s): poll before calling it a survivor
         until = time.monotonic() + 10.0
         while (survivors := _alive(ours)) and time.monotonic() < until:
             time.sleep(0.2)
