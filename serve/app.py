@@ -119,6 +119,7 @@ from serve.asgi import (
 from serve.batching import DeadlineExceeded, GenerationJob, JobOutput, SchedulerStopped, SubmittedNow, row_seeds
 from serve.feedback import FeedbackRecorder
 from serve.formats import ChatFormat, CompletionFormat, PlainChoice, ResponseFormat
+from serve.heap import freeze_heap
 from serve.metrics import REJECT_QUEUE_TIMEOUT, RequestTimer, ServeMetrics
 from serve.models import (
     VERSION_HEADER,
@@ -292,6 +293,7 @@ class ChatServer:
             self.cfg.safety_filter,
             bool(self.cfg.api_key),
         )
+        freeze_heap()  # the start-up heap out of every later garbage collection's walk (serve/heap.py)
 
     # ------------------------------------------------------------------------------------------------ versions
     def _start_specs(self) -> tuple[VersionSpec, ...]:

@@ -47,6 +47,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from serve.batching import BatchStats, GenerationJob, SchedulerStopped, StepItem, StreamControl, count_step
+from serve.heap import freeze_heap
 
 logger = logging.getLogger(__name__)
 
@@ -442,6 +443,7 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001 - the replica raises it with this text
         conn.send(("failed", f"{spec.checkpoint}: {type(e).__name__}: {e}"))
         return 1
+    freeze_heap()  # no full garbage collection walks the model and libraries mid-step (serve/heap.py)
     info = EngineInfo(int(engine.vocab_size), engine.max_positions, str(engine.device), os.getpid())
     conn.send(("ready", info))  # the engine's own device: where the weights went, not the spec echoed back
     return asyncio.run(_serve(conn, spec, engine))

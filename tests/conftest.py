@@ -87,6 +87,17 @@ def _torch_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _thawed_heap():
+    """An in-process replica (``serve.testing.inprocess_server``) freezes the heap of the process it starts in
+    (``serve/heap.py``): in a Serve replica that is its own, here it is pytest's. Thawed after each test, so the
+    garbage cycles of one test's objects are still collected."""
+    import gc
+
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture
 def no_replica_context(monkeypatch):
     """For a replica built in process (``serve.testing.inprocess_server``): there is no Serve replica context, so

@@ -807,3 +807,38 @@ def test_a_config_update_naming_a_loaded_checkpoint_reuses_its_model(ckpts, monk
                 v.close()
 
     asyncio.run(main())
+
+
+def test_a_drained_version_is_collected_though_the_replica_froze_its_heap(ckpts, monkeypatch):
+    """The replica freezes its start-up heap (``serve/heap.py``: garbage collections skip it), and a version
+    loaded at start is part of it. A frozen object in a garbage cycle is never collected: were a version's model
+    caught in one, every swap (``--follow`` swaps at each new best checkpoint) would keep a model for the life of the
+    replica. Reference counting frees it: nothing of a drained version is left once it has closed."""
+    import asyncio
+    import gc
+    import weakref
+
+    import serve.models as models_module
+
+    monkeypatch.setattr(models_module, "DRAIN_GRACE_S", 0.0)
+
+    async def main() -> tuple[bool, bool]:
+        server = await testing.inprocess_server(ckpts["a"], engine_process=False)
+        try:
+            assert gc.get_freeze_count() > 0
+            old = server.models.default
+            version, model = weakref.ref(old), weakref.ref(old.engine.lm)
+            del old
+            await server.reconfigure({"versions": [{"name": "next", "checkpoint": str(ckpts["b"]), "weight": 1}]})
+            for _ in range(200):  # drained, then closed (on a loader thread)
+                await asyncio.sleep(0.05)
+                gc.collect()  # a collection as the allocator would run one: it skips frozen objects
+                if version() is None and model() is None:
+                    break
+            return version() is None, model() is None
+        finally:
+            for v in server.models.versions.values():
+                v.close()
+
+    version_gone, model_gone = asyncio.run(main())
+    assert version_gone and model_gone, (version_gone, model_gone)
