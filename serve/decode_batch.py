@@ -285,7 +285,7 @@ class DecodeBatch:
         with torch.no_grad():
             ready = self.prefill([prompt], dec)
             z = dec.logits(ready.hidden)
-            (out,) = _sample_rows([row], z, torch.empty_like(z), torch.empty_like(z), self._device)
+            (out,) = _sample_rows([row], z, torch.empty_like(z), self._device)
             first(out)
             if row.reason is not None:
                 return StartedRow(row, None)
@@ -486,11 +486,11 @@ class DecodeBatch:
     def _sample_and_record(self, logits: torch.Tensor, lo: int, hi: int, offset: int = 0) -> list[RowStep]:
         """4. Per-row logit processing, sampling and stop conditions (:func:`_sample_rows`) for the rows ``lo:hi`` of
         the batch (``logits``: the head output of rows ``offset:``; rows ``lo:hi`` are modified)."""
-        _, e_buf, c_buf = self._scratch(hi - lo)
-        return _sample_rows(self._rows[lo:hi], logits[lo - offset : hi - offset], e_buf, c_buf, self._device)
+        _, e_buf = self._scratch(hi - lo)
+        return _sample_rows(self._rows[lo:hi], logits[lo - offset : hi - offset], e_buf, self._device)
 
-    def _scratch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Contiguous (rows, V) fp32 buffers for the logits and the sampler's exp / cumsum, kept across steps.
+    def _scratch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous (rows, V) fp32 buffers for the logits and the sampler's exp, kept across steps.
 
         Fresh tensors of that size (6 MB each at 16 rows x 100k ids) come from new pages every step: in a profile
         of 8 x 512 over cl100k the sampler's ``cumsum`` and ``sub`` took ~5 of a 32 ms 16-row step with them,
@@ -498,15 +498,13 @@ class DecodeBatch:
         """
         if self._buf is None or self._buf.shape[1] < rows:
             v = self.engine.vocab_size
-            self._buf = torch.empty(3, max(rows, 1), v, dtype=torch.float32, device=self._device)
-        return self._buf[0, :rows], self._buf[1, :rows], self._buf[2, :rows]
+            self._buf = torch.empty(2, max(rows, 1), v, dtype=torch.float32, device=self._device)
+        return self._buf[0, :rows], self._buf[1, :rows]
 
 
-def _sample_rows(
-    rows: Sequence[_Row], z: torch.Tensor, e_buf: torch.Tensor, c_buf: torch.Tensor, device: torch.device
-) -> list[RowStep]:
+def _sample_rows(rows: Sequence[_Row], z: torch.Tensor, e_buf: torch.Tensor, device: torch.device) -> list[RowStep]:
     """Per-row logit processing, sampling per settings group, then each row's stop conditions, for ``rows`` and
-    their logits ``z`` (modified); ``e_buf`` / ``c_buf``: the sampler's (rows, V) scratch. Rows' state advances."""
+    their logits ``z`` (modified); ``e_buf``: the sampler's (rows, V) scratch. Rows' state advances."""
     # a. per-row processing, as GenerationStream._sample does it for a batch of one setting
     alts: dict[int, tuple[float, list[int], list[float]]] = {}
     tops: dict[int, tuple[torch.Tensor, list[int], list[float]]] = {}
@@ -530,9 +528,7 @@ def _sample_rows(
         whole = len(idx) == len(rows)
         zg = z if whole else z[torch.tensor(idx, device=device)]
         group = [rows[i] for i in idx]
-        t, lp = pick_tokens(
-            zg, group[0].params, lambda g=group: _uniforms(g), e_buf[: len(group)], c_buf[: len(group)]
-        )
+        t, lp = pick_tokens(zg, group[0].params, lambda g=group: _uniforms(g), e_buf[: len(group)])
         if whole:
             toks, lps = t, lp
         else:

@@ -191,10 +191,9 @@ def test_a_one_token_prompt_is_prefilled_by_hugging_face(monkeypatch: pytest.Mon
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(1, 8, 8), (16, 8, 8), (5, 8, 2), (3, 4, 1)])
 def test_one_query_attention_equals_sdpa(dtype: torch.dtype, rows: int, heads: int, kv_heads: int) -> None:
-    """The decode step's attention (plain math for many rows on a CPU, where SDPA's flash kernel costs several times
-    more) gives SDPA's result for left-padded rows, grouped-query attention included."""
-    import torch.nn.functional as F
-
+    """The decode step's attention (plain math for many bf16 rows on a CPU, where SDPA's flash kernel costs several
+    times more; SDPA for one row and fp32) equals attention written out in float64 for left-padded rows, grouped-query
+    attention included. (The reference was SDPA, which made the SDPA-dispatched cases compare it with itself.)"""
     from rlchat.core.fast_decode import _one_query_attention
 
     torch.manual_seed(0)
@@ -207,10 +206,14 @@ def test_one_query_attention_equals_sdpa(dtype: torch.dtype, rows: int, heads: i
         mask[r, ..., : 7 * r % 40] = False  # left padding of different widths
     gqa = heads != kv_heads
     got = _one_query_attention(q, k, v, mask, 0.125, gqa)
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.125, enable_gqa=gqa)
+    # query head j reads key/value head j // (heads / kv heads): Hugging Face's repeat_kv order
+    kx = k.double().repeat_interleave(heads // kv_heads, dim=1)
+    vx = v.double().repeat_interleave(heads // kv_heads, dim=1)
+    scores = (q.double() @ kx.transpose(-1, -2) * 0.125).masked_fill(~mask, float("-inf"))
+    ref = scores.softmax(-1) @ vx
     assert got.shape == (rows, heads, 1, 64) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.skipif(
