@@ -231,7 +231,7 @@ def test_bf16_stored_weights_step_from_packed_copies_that_follow_updates(
     from rlchat.core.packed_linear import _PACKED
 
     def kept() -> list[torch.Tensor]:
-        return [_PACKED[p][2] for p in trunk.parameters() if p in _PACKED]
+        return [_PACKED[p][1] for p in trunk.parameters() if p in _PACKED]
 
     trunk = _tiny(arch).to(torch.bfloat16).base_model
     step = decode_step_fn(trunk)

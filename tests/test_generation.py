@@ -623,9 +623,9 @@ def test_a_bf16_engine_without_the_packed_head_uses_the_plain_product(
 def test_head_probe_indices_stay_inside_the_head_at_real_sizes(n: int) -> None:
     """The head copy's change probe samples elements spread over the whole head: at cl100k x 512 (51M elements) a
     float32 ``linspace`` rounded its last index past the end."""
-    from rlchat.core.generation import _spread_indices
+    from rlchat.core.weight_stamp import spread_indices
 
-    idx = _spread_indices(n, 4096)
+    idx = spread_indices(n, 4096)
     assert idx.dtype == torch.int64 and len(idx) == min(n, 4096)
     assert int(idx[0]) == 0 and int(idx[-1]) == n - 1
     assert len(idx) == 1 or bool((idx[1:] > idx[:-1]).all())

@@ -56,6 +56,7 @@ from torch import nn
 
 from rlchat.core.fast_decode import DecodeStep, decode_step_fn
 from rlchat.core.packed_linear import pack_bf16_weight, packed_linear
+from rlchat.core.weight_stamp import WeightStamp
 from rlchat.errors import ConfigError
 from rlchat.model import PolicyValueModel, autocast_context, logit_transform, resolve_precision, resolve_trunk
 
@@ -491,35 +492,16 @@ class GenerationEngine:
     def _kept_head(
         self, weight: torch.Tensor, kind: str, make: Callable[[], torch.Tensor | None]
     ) -> torch.Tensor | None:
-        """A copy of the head weight ``make`` builds, kept across generation calls and rebuilt only when the weight
-        changed: replaced, updated in place through autograd's view (an optimizer step or ``load_state_dict``
-        bumps its version counter), given new storage (``p.data = ...``, ``vector_to_parameters``: a new address),
-        or written through ``p.data`` (which no counter sees: a sample of 4,096 elements spread over the whole head,
-        ~75 us to compare, differs after any real update). The kept entry holds the weight itself, so a new weight
+        """A copy of the head weight's rows up to the vocabulary that ``make`` builds, kept across generation calls
+        and rebuilt only when the weight changed (:class:`rlchat.core.weight_stamp.WeightStamp`: replaced, updated
+        in place, new storage, written through ``.data``). The kept entry holds the weight itself, so a new weight
         can never reuse its address unnoticed. ``make`` may return None (no copy applies): that is kept too."""
-        w = weight.detach()[: self.vocab_size]
-        version = weight._version  # noqa: SLF001 - torch's in-place update counter
+        rows = weight.detach()[: self.vocab_size]
         kept = self._head_copy
-        flat = w.reshape(-1)
-        if (
-            kept is None
-            or kept.kind != kind
-            or kept.weight is not weight
-            or kept.version != version
-            or kept.address != w.data_ptr()
-            or not torch.equal(flat[kept.probe], kept.sample)
-        ):
-            probe = _spread_indices(flat.numel(), 4096)
-            kept = _HeadCopy(kind, weight, version, w.data_ptr(), probe, flat[probe], make())
+        if kept is None or kept.kind != kind or kept.weight is not weight or not kept.stamp.matches(weight, rows):
+            kept = _HeadCopy(kind, weight, WeightStamp.of(weight, rows), make())
             self._head_copy = kept  # one assignment: a concurrent caller sees the old entry or the new one
         return kept.head
-
-
-def _spread_indices(n: int, k: int) -> torch.Tensor:
-    """``min(n, k)`` int64 indices spread evenly over ``range(n)``, first and last included (integer arithmetic: a
-    float32 ``linspace`` rounds past ``n - 1`` at a real head's 51M elements)."""
-    k = max(1, min(n, k))
-    return torch.arange(k, dtype=torch.int64) * (n - 1) // max(1, k - 1)
 
 
 @dataclass(frozen=True)
@@ -528,10 +510,7 @@ class _HeadCopy:
 
     kind: str  # which copy: the fp32 (H, V) one or the oneDNN-packed bf16 one
     weight: torch.Tensor  # the head parameter itself: identity, not just an address
-    version: int  # its version counter at the copy
-    address: int  # its data pointer at the copy
-    probe: torch.Tensor  # flat indices of the sampled elements
-    sample: torch.Tensor  # their values at the copy
+    stamp: WeightStamp  # the rows it was copied from, as they were
     head: torch.Tensor | None  # the copy (None: no copy applies; the decoder reads the weight's view)
 
 

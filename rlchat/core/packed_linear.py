@@ -26,6 +26,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from rlchat.core.model import cpu_has_bf16
+from rlchat.core.weight_stamp import WeightStamp
 
 logger = logging.getLogger(__name__)
 
@@ -72,26 +73,23 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 _PACKED = WeakIdKeyDictionary()
-"""weight -> ((version, address), sample, packed copy): kept beside the weight, not on its module, since a packed
-copy is opaque and a module holding one could no longer be deep-copied or pickled; gone with the weight (keyed by
-identity: a plain ``WeakKeyDictionary`` compares tensors with ``==``)."""
+"""weight -> (its :class:`~rlchat.core.weight_stamp.WeightStamp`, packed copy): kept beside the weight, not on its
+module, since a packed copy is opaque and a module holding one could no longer be deep-copied or pickled; gone with
+the weight (keyed by identity: a plain ``WeakKeyDictionary`` compares tensors with ``==``)."""
 
 
 def kept_packed_weight(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor | None:
     """``weight`` (``weight.t()`` with ``transpose``: GPT-2's ``Conv1D`` stores (in, out)) packed by
-    :func:`pack_bf16_weight`, kept while the weight lives and packed again only when it changed (its version
-    counter, its address, or a sample of 256 of its elements, which ``.data`` writes change); None where packing
-    does not apply (not bf16, not on a CPU with bf16 units). For weights stored in bf16 (serving's
-    ``GenerationEngine.for_inference``): packing a trunk of 8 x 512 takes ~15 ms once."""
+    :func:`pack_bf16_weight`, kept while the weight lives and packed again only when it changed
+    (:class:`~rlchat.core.weight_stamp.WeightStamp`, 256 samples); None where packing does not apply (not bf16, not
+    on a CPU with bf16 units). For weights stored in bf16 (serving's ``GenerationEngine.for_inference``): packing a
+    trunk of 8 x 512 takes ~15 ms once."""
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not packed_bf16_linear_available():
         return None
-    flat = weight.detach().reshape(-1)
-    probe = torch.arange(0, flat.numel(), max(1, flat.numel() // 256))
-    key = (weight._version, weight.data_ptr())  # noqa: SLF001 - torch's in-place update counter
     kept = _PACKED.get(weight)
-    if kept is not None and kept[0] == key and torch.equal(kept[1], flat[probe]):
-        return kept[2]
+    if kept is not None and kept[0].matches(weight):
+        return kept[1]
     w = weight.detach()
     packed = pack_bf16_weight(w.t() if transpose else w)
-    _PACKED[weight] = (key, flat[probe].clone(), packed)
+    _PACKED[weight] = (WeightStamp.of(weight, samples=256), packed)
     return packed
