@@ -670,3 +670,25 @@ def test_generation_stops_at_its_deadline_with_length(tok: ChatTokenizer, beams:
     assert 0 < max(len(t) for t in cut.tokens) < 200
     if beams == 1:  # the tokens it kept are the full run's first ones (same seeds)
         assert all(full.tokens[i][: len(cut.tokens[i])] == cut.tokens[i] for i in range(2))
+
+
+def test_a_weight_stamp_sees_every_kind_of_change_and_only_changes() -> None:
+    """The one rule kept copies of a weight are rebuilt by (``rlchat/core/weight_stamp.py``): an unchanged weight,
+    contiguous or a transposed view, matches its stamp (a non-contiguous one must not look new at every call, which
+    would rebuild a 100 MB copy per step); an in-place update, a ``.data`` write and new storage do not."""
+    from rlchat.core.weight_stamp import WeightStamp
+
+    w = torch.nn.Parameter(torch.randn(300, 40))
+    for view in (None, w.detach().t(), w.detach()[:100]):
+        stamp = WeightStamp.of(w, view)
+        assert stamp.matches(w, view) and stamp.matches(w, view)
+    stamp = WeightStamp.of(w)
+    with torch.no_grad():
+        w.mul_(1.0)  # in place through autograd: the version counter moves, the values do not
+    assert not stamp.matches(w)
+    stamp = WeightStamp.of(w)
+    w.data[-1, -1] += 1.0  # no counter sees it; the last element is sampled
+    assert not stamp.matches(w)
+    stamp = WeightStamp.of(w)
+    w.data = w.data.clone()  # new storage, same values
+    assert not stamp.matches(w)
