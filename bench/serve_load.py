@@ -7,6 +7,7 @@
     python bench/serve_load.py --in-replica       # the decode loop on a replica thread (serve.engine_process=false)
     python bench/serve_load.py --model 8x512 --vocab 0 --requests-per-client 8   # a real vocabulary (cl100k), ~8 min
     python bench/serve_load.py --stagger          # clients start with different reply lengths (no arrival waves)
+    python bench/serve_load.py --stream-interval 0.1   # fewer, larger SSE chunks (serve.stream_interval_s)
 
 What it does: builds an untrained checkpoint of the demo's model size (configs/demo.yaml: GPT-2, 2 layers, d=64,
 4096-token vocabulary, 256 positions; ``--model LxD --vocab 0`` for a GPT-2 trunk of L layers of width D over the
@@ -308,6 +309,12 @@ def main() -> int:
         action="store_true",
         help="serve.prefill_first=true: a new request's first token from a step of its own (latency over throughput)",
     )
+    ap.add_argument(
+        "--stream-interval",
+        type=float,
+        default=0.02,
+        help="serve.stream_interval_s: least seconds between a stream's SSE chunks (default 0.02, the config's)",
+    )
     args = ap.parse_args()
     if args.in_process:
         return main_in_process(args)
@@ -344,6 +351,7 @@ def main() -> int:
                             num_cpus=args.replica_cpus,
                             engine_process=not args.in_replica,
                             prefill_first=args.prefill_first,
+                            stream_interval_s=args.stream_interval,
                         )
                         asyncio.run(run_level(url, 2, 2, args.max_tokens, 10_000, True))  # warm-up
                         per = args.requests_per_client or max(4, 192 // c)
@@ -372,7 +380,8 @@ def main() -> int:
         "2 CPU cores, loopback, ingress "
         f"{args.ingress}, decode loop {'on a replica thread' if args.in_replica else 'in the engine process'}, "
         f"{'staggered' if args.stagger else 'lockstep'} arrivals, "
-        f"{'prefill first' if args.prefill_first else 'newcomers join the running step'}; load average "
+        f"{'prefill first' if args.prefill_first else 'newcomers join the running step'}, SSE chunks at most every "
+        f"{args.stream_interval * 1e3:.0f} ms per stream; load average "
         f"{load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after; 'plain' = stream=false (TTFT = whole reply)."
     )
     print()

@@ -45,8 +45,8 @@ How requests are served, and why:
   (never half a character), holds back text that may be the start of a stop string (stop strings are never shown, as on
   OpenAI), and, with the safety filter on, holds back a window of text so a flagged phrase is withheld before any
   of it is sent. Plain and streamed replies use the same streamer, so they are identical for the same seed. Chunks
-  are coalesced to one per ``STREAM_INTERVAL_S`` (20 ms) per choice: each SSE event is a hop through Serve's proxy,
-  and one event per token per client made that hop the bottleneck under load.
+  are coalesced to one per ``serve.stream_interval_s`` (20 ms by default) per choice: each SSE event is a hop through
+  Serve's proxy, and one event per token per client made that hop the bottleneck under load.
 - **Safety filter (optional, ``serve.safety_filter``).** The reward library's safety component
   (``reward.safety_patterns`` / ``reward.safety_classifier``) checks every reply; a flagged reply is withheld,
   ``finish_reason`` is ``content_filter`` and the content says so.
@@ -176,9 +176,6 @@ logger = logging.getLogger("ray.serve").getChild("rlchat")
 _NAME_REPR = reprlib.Repr()
 _NAME_REPR.maxstring = 120  # a client's name as errors quote it: cut, so a 200 KB name is not echoed whole
 
-STREAM_INTERVAL_S = 0.02
-"""Streamed text is sent at most this often per choice (the first piece at once): each SSE event costs a hop from
-the replica through Serve's proxy, and under load one event per token per client made that hop the bottleneck."""
 PLAIN_DELIVERY_S = 0.1
 """A plain (non-streamed) request is handed its new tokens at most this often (its first tokens and its result at
 once): it only counts them (metrics), so waking it at every step would be wasted event-loop work."""
@@ -1026,7 +1023,7 @@ class ChatServer:
                 params,
                 seeds,
                 deadline=self.admission.deadline(t0),
-                delivery_interval_s=STREAM_INTERVAL_S,
+                delivery_interval_s=self.cfg.stream_interval_s,
             )
             items = SubmittedNow(self.batcher.submit(job))  # queued now, not once the response starts
             # The response starts once the job has its first item: a refusal before it (its deadline in the queue,
@@ -1166,7 +1163,7 @@ class ChatServer:
                         c.push_many(toks)
                     if c.over:
                         job.control.end([i])  # no more tokens needed: the batch ends this row
-                    if c.pending and now - c.last_sent >= STREAM_INTERVAL_S:
+                    if c.pending and now - c.last_sent >= self.cfg.stream_interval_s:
                         yield {"data": flush(i)}
                         c.last_sent = now
                 if item.done is not None:

@@ -98,7 +98,7 @@ class GenerationJob:
     delivery_interval_s: float = 0.0
     """How often the caller wants the job's new tokens: 0 = after every step; else its steps' tokens are merged and
     handed over at most once per this many seconds (its first tokens and its result always at once). A stream
-    sends a chunk per ``STREAM_INTERVAL_S`` anyway, so waking it at every step is wasted event-loop work."""
+    sends a chunk per ``serve.stream_interval_s`` anyway, so waking it at every step is wasted event-loop work."""
 
 
 @dataclass

@@ -144,6 +144,11 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         raise ConfigError(f"serve.port={s.port}: expected a TCP port in 1-65535, e.g. 8000")
     if s.batch_wait_timeout_s < 0:
         raise ConfigError(f"serve.batch_wait_timeout_s={s.batch_wait_timeout_s}: expected >= 0, e.g. 0.01")
+    if not 0 <= s.stream_interval_s <= 1:
+        raise ConfigError(
+            f"serve.stream_interval_s={s.stream_interval_s}: expected 0-1 seconds between a stream's chunks, e.g. "
+            "0.02 (smooth) or 0.1 (fewer chunks through the proxy)"
+        )
     if s.replicas < 1:
         raise ConfigError(f"serve.replicas={s.replicas}: expected at least 1")
     if s.max_queued_requests < 0:

@@ -12,7 +12,7 @@ from serve.safety import SafetyFilter
 
 class StreamedChoice:
     """One choice of a streamed completion on its way out: its :class:`TextStreamer`, the text and tokens not sent
-    yet (chunks are coalesced to one per :data:`serve.app.STREAM_INTERVAL_S`), the tokens whose text is still held
+    yet (chunks are coalesced to one per ``serve.stream_interval_s``), the tokens whose text is still held
     back, and whether the safety filter withheld it.
 
     Why tokens are held: a token's log-prob entry is sent with its text, so text held back (a possible stop string,

@@ -390,6 +390,8 @@ class ServeConfig:
     """Idle batch only: how long the first arrival waits so a burst is prefilled together (0 = start at once)."""
     prefill_first: bool = False
     """Latency over throughput: new requests get a step of their own (off = they join the running rows' step)."""
+    stream_interval_s: float = 0.02
+    """Least seconds between a stream's SSE chunks (first text at once); 0.1: fewer proxy hops, ~13% more tokens/s."""
     ingress: Literal["proxy", "haproxy"] = "proxy"
     """When rlchat serve starts Ray: proxy = Serve's Python proxy; haproxy = HAProxy to each replica (faster)."""
     engine_process: bool = True
