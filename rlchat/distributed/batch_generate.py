@@ -61,6 +61,7 @@ checkpoint's ``reward`` config).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -901,7 +902,7 @@ def generate(
 
         def on_shard(index: int, stats: dict[str, Any]) -> None:
             done[index] = stats
-            run["generated"].append(index)
+            bisect.insort(run["generated"], index)  # in shard order: concurrent shards finish in any order
             store.write_manifest(manifest("running"))
 
         collector = ShardCollector(store, pending, n, shard_rows, settings, on_shard)
