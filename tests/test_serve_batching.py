@@ -352,16 +352,44 @@ def test_a_lone_arrival_that_leaves_before_its_start_runs_is_never_started(engin
 
 def test_a_started_job_past_its_deadline_keeps_its_first_token(engine, tok):
     """A started job whose deadline passes before the step takes it in is not a queue timeout: its first token is
-    out, so it ends like a running job at its deadline, ``length``, with what it generated."""
+    out, so it ends like a running job at its deadline, ``length``, with what it generated.
 
-    def job() -> GenerationJob:  # its deadline passes during the 0.6 s step in progress
-        return GenerationJob(
-            _prompt(tok, "a later question"), SamplingParams(max_new_tokens=5), (2,), deadline=time.monotonic() + 0.1
-        )
+    The step in progress is held until the job's first token is out and its deadline has passed (a slow step of
+    0.3, then 0.6 s, raced a loaded CI: the event loop submitted the job late in the step, the next step took it in
+    before its deadline, and the job got a second token)."""
+    armed, held, release = threading.Event(), threading.Event(), threading.Event()
+    batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+    batch, fast_step = batcher._run.batch, batcher._run.batch.step  # noqa: SLF001
 
-    # 0.6 s, not 0.3: under a loaded CI the event loop once submitted the job so late in a 0.3 s step that the next
-    # step took it in before its deadline (a second token)
-    items = asyncio.run(_beside_a_running_job(_slow_batcher(engine, 0.6), tok, job))
+    def step(*args):
+        if armed.is_set():
+            held.set()
+            release.wait(30)
+        return fast_step(*args)
+
+    batch.step = step
+
+    async def main() -> list[StepItem]:
+        try:
+            task = await _running_job(batcher, tok)
+            armed.set()
+            while not held.is_set():  # the generation thread waits inside a step: nothing is admitted meanwhile
+                await asyncio.sleep(0.005)
+            prompt, params = _prompt(tok, "a later question"), SamplingParams(max_new_tokens=5)
+            job = GenerationJob(prompt, params, (2,), deadline=time.monotonic() + 0.1)
+            log: list = []
+            collecting = asyncio.create_task(_collect(batcher, job, log))
+            while not log or time.monotonic() < job.deadline + 0.05:  # its first token (prefill thread), then late
+                await asyncio.sleep(0.01)
+            release.set()
+            await asyncio.wait_for(collecting, 60)
+            await asyncio.wait_for(task, 60)
+            return [item for _, item in log]
+        finally:
+            release.set()
+            batcher.close()
+
+    items = asyncio.run(main())
     assert len(items[0].tokens[0]) == 1  # the first token, from the prefill thread
     done = items[-1].done
     assert isinstance(done, JobOutput), done
