@@ -20,11 +20,9 @@ import time
 logger = logging.getLogger("serve")
 
 
-def freeze_heap() -> float:
-    """Collect, then freeze every object alive: later collections skip them. Returns the seconds it took."""
+def freeze_heap() -> None:
+    """Collect, then freeze every object alive: later collections skip them."""
     t0 = time.perf_counter()
     gc.collect()
     gc.freeze()
-    seconds = time.perf_counter() - t0
-    logger.debug("froze %d objects in %.2f s", gc.get_freeze_count(), seconds)
-    return seconds
+    logger.debug("froze %d objects in %.2f s", gc.get_freeze_count(), time.perf_counter() - t0)
