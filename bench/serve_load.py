@@ -8,6 +8,7 @@
     python bench/serve_load.py --model 8x512 --vocab 0 --requests-per-client 8   # a real vocabulary (cl100k), ~8 min
     python bench/serve_load.py --stagger          # clients start with different reply lengths (no arrival waves)
     python bench/serve_load.py --stream-interval 0.1   # fewer, larger SSE chunks (serve.stream_interval_s)
+    python bench/serve_load.py --stream-chunks 0       # no shared chunk budget (serve.stream_chunks_per_s)
 
 What it does: builds an untrained checkpoint of the demo's model size (configs/demo.yaml: GPT-2, 2 layers, d=64,
 4096-token vocabulary, 256 positions; ``--model LxD --vocab 0`` for a GPT-2 trunk of L layers of width D over the
@@ -20,7 +21,7 @@ other, a fixed number each, streamed (SSE) and/or plain (``stream=false``). Both
 tokens/s (completion tokens from each reply's ``usage`` over the level's wall time, and its ratio to batch-1 serving
 at the same level), the p50/p99 time to the first content chunk (TTFT, measured by the client from sending the
 request to the first SSE chunk with text), the p50 inter-token latency (per request: (last token - first token) /
-(tokens - 1); the server coalesces SSE chunks to one per 20 ms, so single chunk gaps are not token gaps), the p50
+(tokens - 1); the server coalesces SSE chunks, so single chunk gaps are not token gaps), the p50
 whole reply, and the mean batch in rows per decoding step (the replica's ``/readyz`` counters over the level). The
 1-client TTFT of continuous batching is the reference of the TTFT target (``serve.batch_wait_timeout_s`` defaults to
 0, so it is not inflated by an idle wait). The load average is printed, since the 2 cores may be shared. Traffic
@@ -315,6 +316,13 @@ def main() -> int:
         default=0.02,
         help="serve.stream_interval_s: least seconds between a stream's SSE chunks (default 0.02, the config's)",
     )
+    ap.add_argument(
+        "--stream-chunks",
+        type=float,
+        default=160.0,
+        help="serve.stream_chunks_per_s: SSE chunks per second shared by a replica's streams (default 160, the "
+        "config's; 0 = stream_interval_s alone)",
+    )
     args = ap.parse_args()
     if args.in_process:
         return main_in_process(args)
@@ -352,6 +360,7 @@ def main() -> int:
                             engine_process=not args.in_replica,
                             prefill_first=args.prefill_first,
                             stream_interval_s=args.stream_interval,
+                            stream_chunks_per_s=args.stream_chunks,
                         )
                         asyncio.run(run_level(url, 2, 2, args.max_tokens, 10_000, True))  # warm-up
                         per = args.requests_per_client or max(4, 192 // c)
@@ -381,7 +390,7 @@ def main() -> int:
         f"{args.ingress}, decode loop {'on a replica thread' if args.in_replica else 'in the engine process'}, "
         f"{'staggered' if args.stagger else 'lockstep'} arrivals, "
         f"{'prefill first' if args.prefill_first else 'newcomers join the running step'}, SSE chunks at most every "
-        f"{args.stream_interval * 1e3:.0f} ms per stream; load average "
+        f"{args.stream_interval * 1e3:.0f} ms per stream and {args.stream_chunks:g}/s shared; load average "
         f"{load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after; 'plain' = stream=false (TTFT = whole reply)."
     )
     print()

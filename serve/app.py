@@ -1024,6 +1024,7 @@ class ChatServer:
                 seeds,
                 deadline=self.admission.deadline(t0),
                 delivery_interval_s=self.cfg.stream_interval_s,
+                streamed=True,
             )
             items = SubmittedNow(self.batcher.submit(job))  # queued now, not once the response starts
             # The response starts once the job has its first item: a refusal before it (its deadline in the queue,

@@ -99,6 +99,9 @@ class GenerationJob:
     """How often the caller wants the job's new tokens: 0 = after every step; else its steps' tokens are merged and
     handed over at most once per this many seconds (its first tokens and its result always at once). A stream
     sends a chunk per ``serve.stream_interval_s`` anyway, so waking it at every step is wasted event-loop work."""
+    streamed: bool = False
+    """A client reads the tokens as they come (an SSE stream): such jobs share the scheduler's chunk budget
+    (:attr:`Batcher.stream_chunks_per_s`), which lengthens their interval when many decode at once."""
 
 
 @dataclass
@@ -542,9 +545,10 @@ class _Waiting:
     last: float | None = None
     """When items were last handed over (``time.monotonic()``); None until the first tokens were."""
 
-    def due(self, item: StepItem, now: float) -> bool:
-        """Whether to hand over now: the result, the first tokens, or the job's interval has passed."""
-        interval = self.job.delivery_interval_s
+    def due(self, item: StepItem, now: float, shared_s: float = 0.0) -> bool:
+        """Whether to hand over now: the result, the first tokens, or the job's interval has passed (a streamed
+        job's: at least ``shared_s``, its share of the chunk budget, :meth:`Batcher.stream_share_s`)."""
+        interval = max(self.job.delivery_interval_s, shared_s) if self.job.streamed else self.job.delivery_interval_s
         if item.done is not None or interval <= 0:
             return True
         if self.last is None:
@@ -575,6 +579,10 @@ class _Started:
 
 REPORT_INTERVAL_S = 0.1
 """Longest a step's counts (``BatchStats``, the observer) wait for a post of items (jobs with a delivery interval)."""
+
+STREAM_SHARE_CAP_S = 0.25
+"""Longest interval the chunk budget gives a stream (:meth:`Batcher.stream_share_s`): a chat page still reads as a
+stream (a few tokens per chunk) however many streams share the replica."""
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, StepItem]]) -> None:
@@ -639,6 +647,8 @@ class Batcher:
         batch_wait_timeout_s: longest wait to gather a burst when the batch is idle (``serve.batch_wait_timeout_s``).
         prefill_first: new jobs get a step of their own (``serve.prefill_first``; :class:`DecodeBatch`).
         observer: optional :class:`BatchObserver` (metrics), called on the event loop.
+        stream_chunks_per_s: the chunk budget of streamed jobs (``serve.stream_chunks_per_s``; 0 = none): about
+            this many hand-overs per second among all of them (:meth:`stream_share_s`).
     """
 
     def __init__(
@@ -648,8 +658,10 @@ class Batcher:
         batch_wait_timeout_s: float,
         observer: BatchObserver | None = None,
         prefill_first: bool = False,
+        stream_chunks_per_s: float = 0.0,
     ) -> None:
         self.engine = engine
+        self.stream_chunks_per_s = float(stream_chunks_per_s)
         self.max_batch_size = max(1, int(max_batch_size))
         self.batch_wait_timeout_s = float(batch_wait_timeout_s)
         self.observer = observer
@@ -783,6 +795,21 @@ class Batcher:
                 self._thread = threading.Thread(target=self._generate, name="rlchat-generate", daemon=True)
                 self._thread.start()
             self._cond.notify()
+
+    def stream_share_s(self) -> float:
+        """The least interval between hand-overs to each streamed job now: ``streams / stream_chunks_per_s``
+        seconds, up to :data:`STREAM_SHARE_CAP_S` (generation thread).
+
+        Why: every hand-over of a stream becomes an SSE chunk, i.e. an event-loop wake-up in the replica and a hop
+        through Serve's proxy, on the cores that decode. With a fixed interval shorter than a step, 16 streams cost
+        16 hops per step; a budget keeps the total per second about fixed as streams are added, so a lone stream
+        still gets its tokens every ``serve.stream_interval_s`` while 16 get larger chunks (bench/README.md, 8 x 512
+        over cl100k on 2 cores: 5.1-5.6x -> 6.2-6.3x batch-1 throughput at 16 clients with 100 ms chunks).
+        """
+        if self.stream_chunks_per_s <= 0:
+            return 0.0
+        streams = sum(w.job.streamed for w in self._jobs.values())
+        return min(STREAM_SHARE_CAP_S, streams / self.stream_chunks_per_s)
 
     @property
     def queue_depth(self) -> int:
@@ -938,12 +965,13 @@ class Batcher:
     ) -> dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepItem]]]:
         """Add to ``out`` (per caller loop) the items due now; the others are held and merged with the next ones
         (:meth:`_Waiting.due`: a stream is handed its tokens at most once per chunk interval)."""
+        shared_s = self.stream_share_s()
         for jid, item in items.items():
             w = self._jobs[jid] if item.done is None else self._jobs.pop(jid)
             if w.held is not None:  # merge with what the caller has not been handed yet
                 item = w.held.merge(item)
                 w.held = None
-            if not w.due(item, now):
+            if not w.due(item, now, shared_s):
                 w.held = item
                 continue
             if w.last is not None or any(item.tokens):

@@ -78,6 +78,7 @@ class EngineSpec:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.0
     prefill_first: bool = False
+    stream_chunks_per_s: float = 0.0
     torch_threads: int = 1
     switch_interval_s: float = 0.0005
 
@@ -364,7 +365,12 @@ async def _serve(conn: Connection, spec: EngineSpec, engine: Any) -> int:
     loop = asyncio.get_running_loop()
     outbox = _Outbox(conn, loop)
     batcher = Batcher(
-        engine, spec.max_batch_size, spec.batch_wait_timeout_s, observer=outbox, prefill_first=spec.prefill_first
+        engine,
+        spec.max_batch_size,
+        spec.batch_wait_timeout_s,
+        observer=outbox,
+        prefill_first=spec.prefill_first,
+        stream_chunks_per_s=spec.stream_chunks_per_s,
     )
     jobs: dict[int, GenerationJob] = {}
     tasks: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)

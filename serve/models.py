@@ -429,7 +429,14 @@ def make_batcher(engine: GenerationEngine, cfg: ServeConfig, observer: Any = Non
     from serve.batching import Batcher
 
     extra = {"observer": observer} if observer is not None else {}
-    return Batcher(engine, cfg.max_batch_size, cfg.batch_wait_timeout_s, prefill_first=cfg.prefill_first, **extra)
+    return Batcher(
+        engine,
+        cfg.max_batch_size,
+        cfg.batch_wait_timeout_s,
+        prefill_first=cfg.prefill_first,
+        stream_chunks_per_s=cfg.stream_chunks_per_s,
+        **extra,
+    )
 
 
 class ServedVersion:
@@ -601,6 +608,7 @@ def load_version(
             max_batch_size=cfg.max_batch_size,
             batch_wait_timeout_s=cfg.batch_wait_timeout_s,
             prefill_first=cfg.prefill_first,
+            stream_chunks_per_s=cfg.stream_chunks_per_s,
             torch_threads=torch.get_num_threads(),
             switch_interval_s=sys.getswitchinterval(),
         )

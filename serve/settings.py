@@ -149,6 +149,11 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
             f"serve.stream_interval_s={s.stream_interval_s}: expected 0-1 seconds between a stream's chunks, e.g. "
             "0.02 (smooth) or 0.1 (fewer chunks through the proxy)"
         )
+    if s.stream_chunks_per_s < 0:
+        raise ConfigError(
+            f"serve.stream_chunks_per_s={s.stream_chunks_per_s}: expected >= 0 SSE chunks per second shared by a "
+            "replica's streams, e.g. 160 (16 streams: a chunk each per 0.1 s), or 0 for stream_interval_s alone"
+        )
     if s.replicas < 1:
         raise ConfigError(f"serve.replicas={s.replicas}: expected at least 1")
     if s.max_queued_requests < 0:

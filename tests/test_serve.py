@@ -353,7 +353,7 @@ def test_resolve_settings_and_deployment_options(ckpt, tmp_path, monkeypatch):
         resolve_settings({"checkpoint": str(ckpt), "max_batchsize": 4})
     # limits that no request could meet (a server with max_tokens=-5 started, then refused every request)
     bad = [("max_tokens", -5), ("max_messages", 0), ("max_chars", 0), ("port", 99999), ("port", -1)]
-    for key, value in [*bad, ("stream_interval_s", -0.1), ("stream_interval_s", 5.0)]:
+    for key, value in [*bad, ("stream_interval_s", -0.1), ("stream_interval_s", 5.0), ("stream_chunks_per_s", -1.0)]:
         with pytest.raises(ConfigError, match=f"serve.{key}={value}: expected"):
             resolve_settings({"checkpoint": str(ckpt), key: value})
     with pytest.raises(ConfigError, match="exactly one"):

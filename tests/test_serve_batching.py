@@ -1084,3 +1084,48 @@ def test_a_beam_search_ends_at_its_deadline(engine, tok, monkeypatch):
     assert isinstance(out, JobOutput), out
     assert time.monotonic() - t0 < 0.9  # 100 slow steps would take over a second
     assert out.finish_reasons == [FINISH_LENGTH] and 0 < len(out.tokens[0]) < 100
+
+
+@pytest.mark.parametrize("budget", [0.0, 10.0])
+def test_streamed_jobs_share_the_chunk_budget(engine, tok, budget):
+    """``serve.stream_chunks_per_s``: streamed jobs are handed their tokens at most every ``streams / budget``
+    seconds (up to 0.25 s), so their total hand-overs per second stay about fixed as streams are added; their
+    first tokens come at once, their tokens are all there, and a job that is not streamed keeps its own interval."""
+    n_tokens = 40
+
+    def job(seed: int, streamed: bool) -> GenerationJob:
+        params = SamplingParams(max_new_tokens=n_tokens, temperature=1.0, min_new_tokens=n_tokens)
+        return GenerationJob(_prompt(tok, f"q{seed}"), params, (seed,), delivery_interval_s=0.0, streamed=streamed)
+
+    async def main() -> dict[str, list[tuple[float, StepItem]]]:
+        batcher = Batcher(engine, max_batch_size=8, batch_wait_timeout_s=0.05, stream_chunks_per_s=budget)
+        fast_step = batcher._run.batch.step  # noqa: SLF001
+        batcher._run.batch.step = lambda *a: (time.sleep(0.01), fast_step(*a))[1]  # noqa: SLF001 - >= 0.4 s in all
+        logs: dict[str, list[tuple[float, StepItem]]] = {}
+
+        async def collect(tag: str, j: GenerationJob) -> None:
+            log = logs.setdefault(tag, [])
+            async for item in batcher.submit(j):
+                log.append((time.monotonic(), item))
+
+        try:
+            jobs = {f"s{i}": job(i, True) for i in range(4)} | {"plain": job(9, False)}
+            await asyncio.wait_for(asyncio.gather(*(collect(t, j) for t, j in jobs.items())), 120)
+        finally:
+            batcher.close()
+        return logs
+
+    logs = asyncio.run(main())
+    for tag, log in logs.items():
+        assert log[0][1].tokens[0], tag  # the first token at once
+        assert sum(len(item.tokens[0]) for _, item in log) == n_tokens, tag
+        assert log[-1][1].done is not None
+    assert len(logs["plain"]) >= n_tokens - 1  # its own interval (0): every step
+    for tag in ("s0", "s1", "s2", "s3"):
+        times = [t for t, _ in logs[tag]]
+        if budget == 0:
+            assert len(times) >= n_tokens - 1, tag
+        else:  # four streams at 10 chunks/s: 0.4 s, capped at 0.25 s; 40 steps of >= 10 ms: at most ~3 hand-overs
+            assert 2 <= len(times) <= 4, (tag, len(times))
+            gaps = [b - a for a, b in zip(times, times[1:-1])]  # the result comes at once, after any gap
+            assert all(g >= 0.24 for g in gaps), gaps
