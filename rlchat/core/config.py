@@ -391,9 +391,9 @@ class ServeConfig:
     prefill_first: bool = False
     """Latency over throughput: new requests get a step of their own (off = they join the running rows' step)."""
     stream_interval_s: float = 0.02
-    """Least seconds between a stream's SSE chunks (first text at once); 0.1: fewer proxy hops, ~13% more tokens/s."""
+    """Least seconds between a stream's SSE chunks (the first text at once); longer under load: stream_chunks_per_s."""
     stream_chunks_per_s: float = 160.0
-    """A replica's streams share ~this many chunks/s: each waits max(stream_interval_s, streams / this, <= 0.25 s)."""
+    """SSE chunks/s a replica's streams share: each waits max(stream_interval_s, streams/this, <=0.25 s); 0 = off."""
     ingress: Literal["proxy", "haproxy"] = "proxy"
     """When rlchat serve starts Ray: proxy = Serve's Python proxy; haproxy = HAProxy to each replica (faster)."""
     engine_process: bool = True
