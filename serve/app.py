@@ -45,8 +45,9 @@ How requests are served, and why:
   (never half a character), holds back text that may be the start of a stop string (stop strings are never shown, as on
   OpenAI), and, with the safety filter on, holds back a window of text so a flagged phrase is withheld before any
   of it is sent. Plain and streamed replies use the same streamer, so they are identical for the same seed. Chunks
-  are coalesced to one per ``serve.stream_interval_s`` (20 ms by default) per choice: each SSE event is a hop through
-  Serve's proxy, and one event per token per client made that hop the bottleneck under load.
+  are coalesced to one per ``serve.stream_interval_s`` (20 ms by default) per choice, longer when many streams share
+  the replica (``serve.stream_chunks_per_s``, :meth:`serve.batching.Batcher.stream_share_s`): each SSE event is a hop
+  through Serve's proxy, and one event per token per client made that hop the bottleneck under load.
 - **Safety filter (optional, ``serve.safety_filter``).** The reward library's safety component
   (``reward.safety_patterns`` / ``reward.safety_classifier``) checks every reply; a flagged reply is withheld,
   ``finish_reason`` is ``content_filter`` and the content says so.

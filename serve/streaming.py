@@ -12,8 +12,8 @@ from serve.safety import SafetyFilter
 
 class StreamedChoice:
     """One choice of a streamed completion on its way out: its :class:`TextStreamer`, the text and tokens not sent
-    yet (chunks are coalesced to one per ``serve.stream_interval_s``), the tokens whose text is still held
-    back, and whether the safety filter withheld it.
+    yet (chunks are coalesced: ``serve.stream_interval_s``, ``serve.stream_chunks_per_s``), the tokens whose text is
+    held back, and whether the safety filter withheld it.
 
     Why tokens are held: a token's log-prob entry is sent with its text, so text held back (a possible stop string,
     the safety filter's window) holds its tokens too, and a withheld reply never leaves the server as log-prob
