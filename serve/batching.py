@@ -435,8 +435,8 @@ class BatchRun:
             raise error
         logger.exception("decode step failed; failing the %d jobs of the batch", len(self._live))
         for state in self._live.values():
-            if state.handles and state.error is None:
-                state.error = error
+            if state.handles and state.error is None and None in state.reasons:
+                state.error = error  # a job whose rows all ended before this step keeps its reply
             # the new batch numbers its rows from 0 again: a failed job's old handles would name a later job's rows
             # (ended for it when its client leaves, dropped when its error is reported)
             state.handles = []
@@ -837,8 +837,10 @@ class Batcher:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        thread = self._thread  # None now stays None: _kick starts no thread once closed
+        if thread is None:  # closed before any thread ran: nobody else answers the jobs already queued
+            self._fail_all(SchedulerStopped(THREAD_STOPPED))
+        elif thread is not threading.current_thread():
             thread.join(timeout_s)
         self.prefill_pool.shutdown(wait=True, cancel_futures=True)
         self.beam_pool.shutdown(wait=False, cancel_futures=True)  # a beam search running finishes on its own

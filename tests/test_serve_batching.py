@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from rlchat.config import Config
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
@@ -1129,3 +1130,49 @@ def test_streamed_jobs_share_the_chunk_budget(engine, tok, budget):
             assert 2 <= len(times) <= 4, (tag, len(times))
             gaps = [b - a for a, b in zip(times, times[1:-1])]  # the result comes at once, after any gap
             assert all(g >= 0.24 for g in gaps), gaps
+
+
+def test_jobs_that_ended_before_a_failed_step_keep_their_replies(engine, tok):
+    """A decoding step that fails (an out-of-memory error) fails the jobs still decoding; a job whose every row had
+    ended before it -- at its deadline (a complete ``length`` reply) or by its client's wish -- keeps its reply.
+    (Found by review: the step's error replaced it.)"""
+    run = BatchRun(engine, keep_history=False)
+    t = time.monotonic()
+    params = SamplingParams(max_new_tokens=50, temperature=1.0, min_new_tokens=50)
+    timed = run.add(GenerationJob(_prompt(tok, "a"), params, (1,), deadline=t + 100))
+    ended = GenerationJob(_prompt(tok, "b"), params, (2,))
+    left = run.add(ended)
+    running = run.add(GenerationJob(_prompt(tok, "c"), params, (3,)))
+    tokens: dict[int, list[int]] = {timed: [], left: []}
+    for _ in range(3):
+        items = run.step_items(now=t)
+        for jid in tokens:
+            tokens[jid] += items[jid].tokens[0]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory in the decoding step")
+
+    run.batch.step = out_of_memory
+    ended.control.end([0])
+    items = run.step_items(now=t + 200)  # past the first job's deadline
+    assert items[timed].done == JobOutput([tokens[timed]], [FINISH_LENGTH])
+    assert items[left].done == JobOutput([tokens[left]], [FINISH_STOP])
+    assert isinstance(items[running].done, torch.OutOfMemoryError)
+    assert len(tokens[timed]) == 3
+
+
+def test_closing_before_the_generation_thread_started_fails_the_waiting_job(engine, tok):
+    """A version closed just as its first request arrives (the job queued, the generation thread not started yet):
+    the job ends with :class:`SchedulerStopped` (a 503 to retry) instead of waiting forever. (Found by review.)"""
+
+    async def main() -> StepItem:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        job = GenerationJob(_prompt(tok, "x"), SamplingParams(max_new_tokens=3), (1,))
+        first = asyncio.ensure_future(batcher.submit(job).__anext__())
+        await asyncio.sleep(0)  # the submit ran: the job is queued, the thread's start is scheduled
+        assert batcher._thread is None and batcher.queue_depth == 1  # noqa: SLF001
+        batcher.close()
+        return await asyncio.wait_for(first, 10)
+
+    item = asyncio.run(main())
+    assert isinstance(item.done, SchedulerStopped) and item.tokens == [[]]
