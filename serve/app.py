@@ -1165,14 +1165,14 @@ class ChatServer:
                         c.push_many(toks)
                     if c.over:
                         job.control.end([i])  # no more tokens needed: the batch ends this row
-                    if c.pending and now - c.last_sent >= self.cfg.stream_interval_s:
+                    if c.sendable and now - c.last_sent >= self.cfg.stream_interval_s:
                         yield {"data": flush(i)}
                         c.last_sent = now
                 if item.done is not None:
                     result = item.done
                     break
             for i in range(n):
-                if choices[i].pending:
+                if choices[i].sendable:
                     yield {"data": flush(i)}
             if isinstance(result, Exception):
                 raise result
@@ -1184,7 +1184,7 @@ class ChatServer:
                 if not c.withheld and c.finish(self.safety):
                     yield {"data": flush(i)}
                 if c.withheld:
-                    yield {"data": fmt.delta_chunk(i, ("\n" if c.streamer.text else "") + WITHHELD_NOTICE, [], [])}
+                    yield {"data": fmt.delta_chunk(i, ("\n" if c.sent else "") + WITHHELD_NOTICE, [], [])}
                     reasons[i] = "content_filter"
                 elif c.streamer.stopped:
                     reasons[i] = FINISH_STOP

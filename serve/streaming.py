@@ -27,6 +27,13 @@ class StreamedChoice:
         self.alts: list[Any] = []
         self.held: deque[tuple[int, int, Any]] = deque()  # (end of its text, token, log-prob entry)
         self.last_sent = 0.0
+        self.sent = False
+        """Some of the reply's text has left the server."""
+        self.suspect = False
+        """The safety filter flagged the text so far: nothing more is sent until the reply is finished, and then its
+        finished text decides, as a plain reply's does. Why not withhold at once: a pattern may match unfinished
+        text and not the finished reply (``\\bsea\\b`` while the reply has only reached the "sea" of "seaside"),
+        and the same seed must give the same reply, usage included, streamed or not."""
         self.withheld = False
         self.count = 0
         """Tokens generated for this choice (its usage), sent or not."""
@@ -44,21 +51,24 @@ class StreamedChoice:
             self.pending += piece
             self.tokens.extend(toks[:used])
 
+    @property
+    def sendable(self) -> bool:
+        """Text is waiting and may leave now (none while :attr:`suspect`)."""
+        return bool(self.pending) and not self.suspect
+
     def push(self, toks: list[int], alts: list[Any] | None, safety: SafetyFilter | None) -> None:
-        """A step's tokens one by one: the safety filter checks the text after each, log-probs wait for it."""
+        """A step's tokens one by one: the safety filter checks the text after each (until it flags it once: then
+        :attr:`suspect`), log-probs wait for it."""
         self.count += len(toks)
         for k, t in enumerate(toks):
             if self.over:
                 return
             piece = self.streamer.push(t)
-            if safety is not None and safety.flagged(self.streamer.text):
-                self.withheld = True  # the hold-back window kept the flagged text unsent
-                self.pending, self.tokens, self.alts = "", [], []
-                self.held.clear()
-            else:
-                self.pending += piece
-                self.held.append((len(self.streamer.text), t, alts[k] if alts is not None else None))
-                self._release()
+            if not self.suspect and safety is not None and safety.flagged(self.streamer.text):
+                self.suspect = True  # the hold-back window kept the flagged text unsent; now all of it waits
+            self.pending += piece
+            self.held.append((len(self.streamer.text), t, alts[k] if alts is not None else None))
+            self._release()
 
     def finish(self, safety: SafetyFilter | None) -> bool:
         """The reply is over: release the held-back text (and every held token with it), then the safety filter's
@@ -66,7 +76,8 @@ class StreamedChoice:
         tail = self.streamer.finish()
         self._release()
         if safety is not None and safety.flagged(self.streamer.text):
-            self.withheld = True
+            self.withheld = True  # nothing unsent leaves
+            self.pending, self.tokens, self.alts = "", [], []
             return False
         self.pending += tail
         return bool(self.pending or self.tokens)
@@ -75,6 +86,7 @@ class StreamedChoice:
         """The text, tokens and log-prob entries to send now (cleared)."""
         out = (self.pending, self.tokens, self.alts)
         self.pending, self.tokens, self.alts = "", [], []
+        self.sent = self.sent or bool(out[0])
         return out
 
     def _release(self) -> None:

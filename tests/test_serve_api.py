@@ -1237,3 +1237,88 @@ def test_serve_stream_interval_sets_how_often_a_stream_sends_a_chunk(tmp_path, i
         assert 2 <= len(times) <= 5, len(times)  # the first text at once, then one per 0.25 s of ~0.6 s
         assert min(gaps[:-1]) >= 0.2, gaps  # the last: the rest of the text, sent at the end
     assert len(text) > 20
+
+
+def test_the_safety_filter_judges_a_streamed_reply_by_its_finished_text_as_a_plain_one(tmp_path):
+    """The safety filter decides on a reply's finished text, streamed or not: a pattern that matches a stream's
+    unfinished text but not the finished reply (``\\bsea\\b`` while the reply has only reached the "sea" of
+    "seaside") withholds neither; a reply the pattern does flag is withheld in both, with the same content (the
+    notice alone when nothing was sent) and the same usage. (Found by review: the stream judged its unfinished text
+    after every token, withheld such a reply, ended its row there and billed fewer tokens than the plain reply.)"""
+    import asyncio
+    import re
+
+    from serve.safety import WITHHELD_NOTICE
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
+
+    def body(seed: int, **extra) -> dict:
+        return {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "seed": seed, **extra}
+
+    async def plain(server, b: dict) -> dict:
+        return json.loads((await server.chat_completions(testing.post_request("/v1/chat/completions", b))).body)
+
+    async def streamed(server, b: dict) -> tuple[str, str, dict]:
+        reply = await server.chat_completions(
+            testing.post_request(
+                "/v1/chat/completions", {**b, "stream": True, "stream_options": {"include_usage": True}}
+            )
+        )
+        data: list[str] = []
+
+        async def receive() -> dict:
+            await asyncio.Event().wait()  # the client stays
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            data.extend(x[6:] for x in message.get("body", b"").decode().splitlines() if x.startswith("data: {"))
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "asgi": {"spec_version": "2.4"}}
+        await reply(scope, receive, send)
+        chunks = [json.loads(d) for d in data]
+        text = "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c["choices"])
+        reason = next(
+            c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]
+        )
+        return text, reason, next(c["usage"] for c in chunks if c.get("usage"))
+
+    async def a_word_cut_by_a_token() -> tuple[int, str, str]:
+        """A seed, its reply, and a word's start that ends a token while the next token goes on with the word."""
+        server = await testing.inprocess_server(ckpt, engine_process=False)
+        try:
+            for seed in range(40):
+                r = await plain(server, body(seed, logprobs=True))
+                pieces = [bytes(e["bytes"]) for e in r["choices"][0]["logprobs"]["content"]]
+                text = r["choices"][0]["message"]["content"]
+                for k in range(1, len(pieces)):
+                    try:
+                        before = b"".join(pieces[:k]).decode()
+                    except UnicodeDecodeError:
+                        continue
+                    word = re.search(r"(?<![A-Za-z])[A-Za-z]{3,}$", before)
+                    goes_on = re.match(r"[A-Za-z]", pieces[k].decode("latin-1"))  # the next token goes on with it
+                    whole = word and re.search(rf"\b{word.group()}\b", text, re.IGNORECASE)  # a word of the reply
+                    if word and len(before) < 60 and goes_on and not whole:
+                        return seed, text, word.group()
+        finally:
+            server.models.default.close()
+        raise AssertionError("no reply with a word split across tokens in 40 seeds")
+
+    async def main() -> None:
+        seed, text, part = await a_word_cut_by_a_token()
+        for pattern, flagged in [(rf"\b{part}\b", False), (part, True)]:
+            server = await testing.inprocess_server(
+                ckpt, engine_process=False, safety_filter=True, **{"reward.safety_patterns": [pattern]}
+            )
+            try:
+                p = await plain(server, body(seed))
+                s_text, s_reason, s_usage = await streamed(server, body(seed))
+            finally:
+                server.models.default.close()
+            p_choice = p["choices"][0]
+            assert (p_choice["finish_reason"] == "content_filter") == flagged, (pattern, text)
+            assert p_choice["message"]["content"] == (WITHHELD_NOTICE if flagged else text)
+            assert (s_text, s_reason) == (p_choice["message"]["content"], p_choice["finish_reason"]), pattern
+            assert s_usage == p["usage"], pattern
+
+    asyncio.run(main())
