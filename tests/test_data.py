@@ -155,6 +155,13 @@ def test_prompt_messages_stop_before_a_final_reply_and_keep_a_final_user_turn() 
 def test_normalisation_nfc_whitespace_controls_roles() -> None:
     assert normalize_text("Cafe\u0301\r\nline  \r\n\n\n\nend\x07\x00\ufeff ") == "Caf\u00e9\nline\n\nend"
     assert normalize_text("  keep\tinner   spaces ") == "keep\tinner   spaces"
+    # once normalised, text stays as it is: a store that keeps normalised text and a reader that normalises it
+    # again must see the same text (a control character between a letter and its accent was removed after
+    # composition, so a second pass composed them: a stored pair became "chosen == rejected" to the reader)
+    for text in ["e\u0001\u0301", "a\u200b\u0308 \x7f\u0327c", "x \u0001\n\u0001\n\u0001\n\u0001 y", "\ufeff\u0301"]:
+        once = normalize_text(text)
+        assert normalize_text(once) == once, (text, once)
+    assert normalize_text("e\u0001\u0301") == "\u00e9"
     rec = parse_record({"conversations": [{"from": "HUMAN", "value": "x"}, {"from": " GPT ", "value": "y"}]})
     assert [m["role"] for m in rec.messages] == ["user", "assistant"]
 

@@ -304,6 +304,25 @@ def test_a_preference_between_two_served_replies_is_recorded_once_and_never_reve
     ]
 
 
+def test_thumbs_after_a_preference_by_ids_add_no_second_pair_of_the_same_replies(store):
+    """A comparison recorded by ids first, then thumbs on the same two replies: the ratings are kept, but they add
+    no pair -- neither the reverse (a contradiction in the reward model's data) nor a copy (counted twice). (Found
+    by review: only the preference checked for an earlier comparison, so thumbs after it wrote either.)"""
+    v = "run/step_1"
+    store.add_preference(PROMPT, "four", "5", model_version=v, client_text=False, chosen_id="a", rejected_id="b")
+    assert store.add_rating("a", 0, "down", PROMPT, "four", model_version=v, client_text=False) is None
+    assert store.add_rating("b", 0, "up", PROMPT, "5", model_version=v, client_text=False) is None  # the reverse
+    other = [{"role": "user", "content": "What is 3 + 3?"}]
+    store.add_preference(other, "six", "7", model_version=v, client_text=False, chosen_id="c", rejected_id="d")
+    assert store.add_rating("c", 0, "up", other, "six", model_version=v, client_text=False) is None
+    assert store.add_rating("d", 0, "down", other, "7", model_version=v, client_text=False) is None  # a copy
+    assert [(r.chosen[0]["content"], r.rejected[0]["content"]) for r in store.preference_records()] == [
+        ("four", "5"),
+        ("six", "7"),
+    ]
+    assert len(store.rows("ratings")) == 4
+
+
 def test_reply_text_a_client_sends_is_verified_and_unverified_text_stays_out_of_training(store):
     """A rating that reaches a replica which did not serve the completion carries the reply's text from the client.
     The store checks that text (and its prompt) against the digest of what the server answered, and labels the

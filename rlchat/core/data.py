@@ -290,7 +290,9 @@ def normalize_text(text: str) -> str:
     Inner spacing and tabs are kept: they carry meaning in code.
     """
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
-    text = _CONTROL_RE.sub("", unicodedata.normalize("NFC", text))
+    # controls out before composing: after it, a control character between a letter and its accent left them
+    # apart, and a second pass (a store keeps normalised text, its reader normalises again) composed them
+    text = unicodedata.normalize("NFC", _CONTROL_RE.sub("", text))
     text = _TRAILING_WS_RE.sub("\n", text)
     text = _BLANK_LINES_RE.sub("\n\n", text)
     return text.strip()

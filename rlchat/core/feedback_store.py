@@ -715,6 +715,8 @@ class FeedbackStore:
                 p, chosen, rejected = check_preference(prompt_msgs, up[1], down[1])
             except InvalidFeedback:
                 return None  # e.g. an empty reply: the rating is kept, no pair is formed
+            if self._recorded_comparison(conn, p, chosen, rejected, up[0], down[0]) is not None:
+                return None  # compared already (a preference by ids): a copy would count twice, a reverse contradict
             client = client_text or bool(partner.client_text)  # either side's text may have come from a client
             return self._insert_pair(conn, p, chosen, rejected, "thumbs", up[0], down[0], model_version, client, now)
 
@@ -767,10 +769,30 @@ class FeedbackStore:
     ) -> None:
         """A preference between two served replies is recorded once: the same comparison again (a retry) or its
         reverse (by ids or by thumbs) raises :class:`AlreadyRated` -- both would weigh in the reward model's data.
-
-        Pairs do not record choice indices, so the stored pairs of these two completion ids are compared by text.
-        """
+        (Thumbs after a preference form no pair either: :meth:`add_rating`.)"""
         self._lock_prompt(conn, _prompt_key(prompt))
+        found = self._recorded_comparison(conn, prompt, chosen, rejected, chosen_id, rejected_id)
+        if found == "same":
+            raise AlreadyRated(f"this preference between {chosen_id} and {rejected_id} was already recorded", True)
+        if found == "reverse":
+            raise AlreadyRated(
+                f"the opposite preference between {chosen_id} and {rejected_id} was already recorded; "
+                "preferences are final",
+                False,
+            )
+
+    @staticmethod
+    def _recorded_comparison(
+        conn: sa.Connection,
+        prompt: list[dict[str, str]],
+        chosen: list[dict[str, str]],
+        rejected: list[dict[str, str]],
+        chosen_id: str,
+        rejected_id: str,
+    ) -> str | None:
+        """``"same"`` / ``"reverse"`` when a stored pair (of any kind) already compares these two replies of these
+        completions on this prompt; else None. Pairs do not record choice indices, so the stored pairs of the two
+        completion ids are compared by text."""
         t = pairs_table.c
         ids = (chosen_id, rejected_id)
         for row in conn.execute(
@@ -779,13 +801,10 @@ class FeedbackStore:
             if row.prompt != prompt:
                 continue
             if (row.chosen, row.rejected) == (chosen, rejected):
-                raise AlreadyRated(f"this preference between {chosen_id} and {rejected_id} was already recorded", True)
+                return "same"
             if (row.chosen, row.rejected) == (rejected, chosen):
-                raise AlreadyRated(
-                    f"the opposite preference between {chosen_id} and {rejected_id} was already recorded; "
-                    "preferences are final",
-                    False,
-                )
+                return "reverse"
+        return None
 
     def _insert_pair(
         self,
