@@ -1259,14 +1259,15 @@ class ChatServer:
                 "prompt" if fb.prompt else "messages",
                 "too_many_messages",
             )
-        chars = fb.text_chars()
-        if chars > self.cfg.max_chars:
-            raise APIError(
-                400,
-                f"the feedback holds {chars} characters of text; this server accepts at most {self.cfg.max_chars}",
-                None,
-                "too_many_characters",
-            )
+        for what, chars in zip(("conversation", "reply text"), fb.text_chars()):
+            if chars > self.cfg.max_chars:
+                raise APIError(
+                    400,
+                    f"the feedback's {what} holds {chars} characters; this server accepts at most "
+                    f"{self.cfg.max_chars}",
+                    None,
+                    "too_many_characters",
+                )
         return await self.feedback.record(fb, self.model_version)
 
     async def __del__(self) -> None:

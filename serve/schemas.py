@@ -465,12 +465,13 @@ class FeedbackRequest(_Lenient):
     chosen: FeedbackRef | str | None = None
     rejected: FeedbackRef | str | None = None
 
-    def text_chars(self) -> int:
-        """Characters of client-sent text (messages, prompt, content, chosen/rejected texts)."""
-        n = sum(len(m.text()) for m in (self.messages or []) + (self.prompt or []))
-        n += len(self.content or "")
-        n += sum(len(x) for x in (self.chosen, self.rejected) if isinstance(x, str))
-        return n
+    def text_chars(self) -> tuple[int, int]:
+        """Characters of client-sent text: of the conversation (messages or prompt), and of the longest reply text
+        (content, chosen or rejected). ``serve.max_chars`` bounds each, as it bounds a chat request's messages: a
+        conversation chat accepted must be ratable with its reply."""
+        conversation = sum(len(m.text()) for m in (self.messages or []) + (self.prompt or []))
+        replies = [self.content or "", *(x for x in (self.chosen, self.rejected) if isinstance(x, str))]
+        return conversation, max(map(len, replies))
 
 
 # --------------------------------------------------------------------------------------------------------------

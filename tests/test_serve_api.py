@@ -810,6 +810,44 @@ def test_feedback_is_limited_like_chat_and_its_rate_limit_cannot_be_dodged_behin
     asyncio.run(main())
 
 
+def test_a_conversation_chat_accepted_can_be_rated_with_its_text(tmp_path):
+    """A rating may carry the conversation and the reply (so any replica can record it); ``serve.max_chars``
+    bounds the conversation as it does a chat request's, and each reply text on its own, so a conversation at the
+    chat limit can still be rated with its text. (Found by review: the limit applied to conversation + reply,
+    a 400 for exactly the conversations chat had accepted near the limit.)"""
+    import asyncio
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=128)
+    messages = [{"role": "user", "content": "word " * 40}]  # 200 characters: the limit below
+
+    async def main() -> None:
+        server = await testing.inprocess_server(
+            ckpt, engine_process=False, max_chars=200, max_tokens=8, feedback_store=f"sqlite:///{tmp_path / 'f.db'}"
+        )
+        try:
+            chat = {"messages": messages, "max_tokens": 8, "seed": 1}
+            reply = json.loads(
+                (await server.chat_completions(testing.post_request("/v1/chat/completions", chat))).body
+            )
+            text = reply["choices"][0]["message"]["content"]
+            assert text
+            rating = {"completion_id": reply["id"], "rating": "up", "messages": messages, "content": text}
+            answer = await server.feedback_route(testing.post_request("/v1/feedback", rating, client="10.0.0.1"))
+            assert answer["recorded"] is True
+            for body in (
+                {**rating, "completion_id": "chatcmpl-other", "content": "a" * 201},  # a reply over the limit
+                {**rating, "completion_id": "chatcmpl-other", "messages": [{"role": "user", "content": "a" * 201}]},
+                {"prompt": messages, "chosen": "a" * 201, "rejected": "b"},
+            ):
+                with pytest.raises(APIError) as refused:
+                    await server.feedback_route(testing.post_request("/v1/feedback", body, client="10.0.0.2"))
+                assert (refused.value.status, refused.value.code) == (400, "too_many_characters"), body
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
+
+
 def test_what_clients_send_cannot_forge_log_lines_or_bloat_errors(tmp_path, caplog):
     """An unknown field's name was logged as sent, so a name holding a newline wrote a forged log line; a 404
     ``model_not_found`` echoed the whole ``model`` value (up to the body limit)."""
