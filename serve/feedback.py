@@ -105,6 +105,8 @@ class FeedbackRecorder:
                 )
             ids = {"chosen_id": fb.chosen.completion_id, "rejected_id": fb.rejected.completion_id}
             prompt, client_text = p1, False
+            # the version that wrote the chosen reply (both came from this replica's cache), as for a rating
+            model_version = self._completions[fb.chosen.completion_id][2]
         else:
             assert fb.prompt is not None and isinstance(fb.chosen, str) and isinstance(fb.rejected, str)
             prompt, chosen, rejected, ids = [m.as_message() for m in fb.prompt], fb.chosen, fb.rejected, {}

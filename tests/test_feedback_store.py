@@ -789,3 +789,25 @@ def test_replica_recorder_writes_queued_completions_in_batches(tmp_path):
     assert sum(calls) == 40 and len(calls) <= 3  # the first row alone, then the rest that queued meanwhile
     assert {r["request_id"]: r["replies"] for r in rec.store.rows("transcripts")}["r7"] == ["a7"]
     rec.store.close()
+
+
+def test_a_preference_by_ids_is_labelled_with_the_version_that_wrote_the_replies(tmp_path):
+    """``/v1/feedback`` reaches a replica's default version whichever version served the replies; a rating was
+    labelled with the version that wrote its reply, a preference by ids with the default one, so a canary's
+    comparisons counted for the primary. (Found by review.)"""
+    import asyncio
+    import json
+
+    from rlchat.config import ServeConfig
+    from serve.feedback import FeedbackRecorder
+    from serve.schemas import parse_feedback_request
+
+    rec = FeedbackRecorder(ServeConfig(feedback_store=f"sqlite:///{tmp_path / 'fb.db'}"))
+    rec.remember("c1", "canary", PROMPT, ["Four."])
+    rec.remember("c2", "canary", PROMPT, ["Five."])
+    body = {"chosen": {"completion_id": "c1"}, "rejected": {"completion_id": "c2"}}
+    answer = asyncio.run(rec.record(parse_feedback_request(json.dumps(body).encode()), "primary"))
+    assert answer["preference_written"] is True
+    rec.close(10)
+    assert [(r["kind"], r["model_version"]) for r in rec.store.rows("pairs")] == [("preference", "canary")]
+    rec.store.close()
