@@ -194,7 +194,10 @@ class FeedbackRecorder:
             self._store_pending.append(record)
             start, self._store_writing = not self._store_writing, True
         if start:
-            self._store_log.submit(self._write_pending)
+            try:
+                self._store_log.submit(self._write_pending)
+            except RuntimeError:  # close() has stopped the writer (the replica is stopping): write it here
+                self._write_pending()
 
     def _write_pending(self) -> None:
         """The writer thread: write what is queued, one transaction per batch, until the queue is empty."""

@@ -811,3 +811,18 @@ def test_a_preference_by_ids_is_labelled_with_the_version_that_wrote_the_replies
     rec.close(10)
     assert [(r["kind"], r["model_version"]) for r in rec.store.rows("pairs")] == [("preference", "canary")]
     rec.store.close()
+
+
+def test_a_completion_that_ends_after_the_recorder_closed_is_still_recorded(tmp_path):
+    """Serve stops a replica (``__del__`` closes the recorder) once its requests are done or its graceful timeout is
+    near; a request still finishing then remembered its completion through the writer thread that close() had shut
+    down: a RuntimeError, a 500 for a finished reply, and the row lost. (Found by review.)"""
+    from rlchat.config import ServeConfig
+    from serve.feedback import FeedbackRecorder
+
+    rec = FeedbackRecorder(ServeConfig(feedback_store=f"sqlite:///{tmp_path / 'fb.db'}"))
+    rec.remember("early", "v1", PROMPT, ["Four."])
+    assert rec.close(10)
+    rec.remember("late", "v1", PROMPT, ["Five."])
+    assert sorted(r["request_id"] for r in rec.store.rows("requests")) == ["early", "late"]
+    rec.store.close()
