@@ -439,6 +439,13 @@ def make_batcher(engine: GenerationEngine, cfg: ServeConfig, observer: Any = Non
     )
 
 
+@dataclass
+class _SchedulerUsers:
+    """A count shared by the versions that use one scheduler (:meth:`ServedVersion.renamed`)."""
+
+    n: int = 0
+
+
 class ServedVersion:
     """One loaded version: checkpoint info, tokenizer, engine and its own scheduler, plus a count of the requests
     that are using it (so a removed version is closed only once they are done).
@@ -456,6 +463,7 @@ class ServedVersion:
         max_positions: int,
         label: str,
         observer: VersionMetrics | None = None,
+        users: _SchedulerUsers | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -469,6 +477,8 @@ class ServedVersion:
         self.owns_scheduler = True  # False once handed to a renamed twin (renamed): closing leaves it running
         self.loaded_at = time.time()
         self.inflight = 0
+        self.users = users if users is not None else _SchedulerUsers()
+        """Requests in flight on the scheduler, counted by every version that has used it (renamed twins share it)."""
         self.progress_at = time.monotonic()
         """When this version last handed a request something (or took its first request after being idle)."""
         self.closed = False
@@ -493,12 +503,20 @@ class ServedVersion:
         if self.inflight == 0:
             self.progress_at = time.monotonic()
         self.inflight += 1
+        self.users.n += 1
         try:
             async for item in self.scheduler.submit(job):
                 self.progress_at = time.monotonic()
                 yield item
         finally:
             self.inflight -= 1
+            self.users.n -= 1
+
+    @property
+    def busy(self) -> int:
+        """Requests that closing this version would cut off: every request on its scheduler while it owns it (a
+        renamed twin's predecessor may still be answering requests it took before the hand-over), else its own."""
+        return self.users.n if self.owns_scheduler else self.inflight
 
     def stalled_s(self, now: float) -> float:
         """Seconds this version has had requests in flight without handing any of them anything (0 when idle).
@@ -546,6 +564,7 @@ class ServedVersion:
             self.max_positions,
             label,
             self.observer,
+            self.users,
         )
         if self.observer is not None:
             self.observer.rename(spec.name)
@@ -826,13 +845,13 @@ class ModelSet:
         async def wait_idle() -> None:
             t0 = time.monotonic()
             await asyncio.sleep(DRAIN_GRACE_S)
-            while version.inflight > 0 and time.monotonic() - t0 < DRAIN_TIMEOUT_S:
+            while version.busy > 0 and time.monotonic() - t0 < DRAIN_TIMEOUT_S:
                 await asyncio.sleep(0.1)
-            if version.inflight > 0:
+            if version.busy > 0:
                 logger.warning(
                     "closing version %r with %d request(s) still running after %.0f s",
                     version.name,
-                    version.inflight,
+                    version.busy,
                     DRAIN_TIMEOUT_S,
                 )
             await asyncio.get_running_loop().run_in_executor(None, version.close)  # joins its generation thread

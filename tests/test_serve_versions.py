@@ -4,6 +4,7 @@ the session's local Ray and Serve (serve.testing), each with its own small app u
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -807,6 +808,47 @@ def test_a_config_update_naming_a_loaded_checkpoint_reuses_its_model(ckpts, monk
                 v.close()
 
     asyncio.run(main())
+
+
+def test_a_rollback_right_after_a_promote_lets_the_canarys_requests_finish(ckpts, monkeypatch):
+    """Promote hands the canary's scheduler to the new ``stable`` (no second copy of the model); a rollback right
+    after drains that ``stable``. Its drain waited only for its own requests, so a request that had started on the
+    canary before the promote lost its scheduler mid-reply. It now waits for every request on the scheduler.
+    (Found by review.)"""
+    import asyncio
+    import time
+
+    import serve.models as models_module
+
+    monkeypatch.setattr(models_module, "DRAIN_GRACE_S", 0.0)
+    a, b = str(ckpts["a"]), str(ckpts["b"])
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "model": "canary", "seed": 1}
+
+    async def main() -> Any:
+        server = await testing.inprocess_server(ckpts["a"], engine_process=False)
+        try:
+            await server.reconfigure(
+                {"versions": [{"name": "stable", "checkpoint": a, "weight": 90}, {"name": "canary", "checkpoint": b}]}
+            )
+            server.check_health()  # serving: updates apply in the background
+            batch = server.models.versions["canary"].scheduler._run.batch  # noqa: SLF001
+            fast = batch.step
+            batch.step = lambda *args: (time.sleep(0.03), fast(*args))[1]  # ~1.2 s of steps
+            reply = asyncio.ensure_future(server.chat_completions(testing.post_request("/v1/chat/completions", body)))
+            while not server.models.versions["canary"].inflight:
+                await asyncio.sleep(0.01)
+            await server.reconfigure({"versions": [{"name": "stable", "checkpoint": b, "weight": 100}]})  # promote
+            await server.applied()
+            await server.reconfigure({"versions": [{"name": "stable", "checkpoint": a, "weight": 100}]})  # roll back
+            await server.applied()
+            return await asyncio.wait_for(reply, 60)
+        finally:
+            for v in [*server.models.versions.values(), *server.models.draining]:
+                v.close()
+
+    reply = asyncio.run(main())
+    assert reply.status_code == 200, reply.body[:300]
+    assert json.loads(reply.body)["usage"]["completion_tokens"] == 40
 
 
 def test_a_drained_version_is_collected_though_the_replica_froze_its_heap(ckpts, monkeypatch):
