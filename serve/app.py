@@ -900,7 +900,9 @@ class ChatServer:
         for c in self._cards(self._operator(request)):
             if c.id == model_id:
                 return c.model_dump()
-        self._check_model(model_id)  # a name the alias answers to (``default``, ``rlchat``): its heaviest version
+        if model_id not in self.models.aliases:  # checked without a pick: a pick takes a turn in the canary split
+            self._check_model(model_id)  # not a version's name (its card is above) nor the alias's: a 404
+        # a name the alias answers to (``default``, ``rlchat``): the alias's card under that name
         return self._cards(self._operator(request))[0].model_copy(update={"id": model_id}).model_dump()
 
     def _cards(self, operator: bool) -> list[ModelCard]:

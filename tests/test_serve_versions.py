@@ -29,6 +29,7 @@ from serve.models import (
     parse_versions,
     unpack_checkpoint,
 )
+from serve.schemas import APIError
 
 KEY = testing.TEST_API_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -849,6 +850,41 @@ def test_a_rollback_right_after_a_promote_lets_the_canarys_requests_finish(ckpts
     reply = asyncio.run(main())
     assert reply.status_code == 200, reply.body[:300]
     assert json.loads(reply.body)["usage"]["completion_tokens"] == 40
+
+
+def test_retrieving_the_alias_card_leaves_the_canary_split_alone(ckpts):
+    """``GET /v1/models/<a name of the alias>`` checked the name by picking a version, which takes a turn in the
+    weighted split: a client that retrieves the model before each chat (50/50 weights) got the canary every time.
+    (Found by review.)"""
+    import asyncio
+
+    from serve.settings import DEFAULT_MODEL_NAME
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+    async def main() -> Counter:
+        server = await testing.inprocess_server(ckpts["a"], engine_process=False, model_name="mychat")
+        try:
+            versions = [
+                {"name": "stable", "checkpoint": str(ckpts["a"]), "weight": 50},
+                {"name": "canary", "checkpoint": str(ckpts["b"]), "weight": 50},
+            ]
+            await server.reconfigure({"versions": versions})
+            served: Counter = Counter()
+            for _ in range(10):
+                card = await server.model(DEFAULT_MODEL_NAME, testing.post_request("/v1/models/x", {}))
+                assert card["id"] == DEFAULT_MODEL_NAME
+                reply = await server.chat_completions(testing.post_request("/v1/chat/completions", body))
+                served[reply.headers[VERSION_HEADER.lower()]] += 1
+            with pytest.raises(APIError) as unknown:
+                await server.model("nope", testing.post_request("/v1/models/nope", {}))
+            assert unknown.value.status == 404
+            return served
+        finally:
+            for v in [*server.models.versions.values(), *server.models.draining]:
+                v.close()
+
+    assert asyncio.run(main()) == {"stable": 5, "canary": 5}
 
 
 def test_a_drained_version_is_collected_though_the_replica_froze_its_heap(ckpts, monkeypatch):
