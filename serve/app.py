@@ -419,11 +419,12 @@ class ChatServer:
         if raw is None:
             return
         specs = parse_versions(raw, "user_config.versions", self.model_name) or self.settings.version_specs()
-        own = {v.source: v for v in self.settings.version_specs()}
+        # the driver's shipped copies, by checkpoint: a rollback names the app's own checkpoint under another name
+        own = {v.checkpoint: v for v in self.settings.version_specs()}
         resolved = []
         for spec in specs:
-            if spec.source in own:  # keeps the driver's shipped copy, if any
-                resolved.append(VersionSpec(spec.name, spec.checkpoint, spec.weight, own[spec.source].shipped))
+            if spec.checkpoint in own:  # keeps the driver's shipped copy, if any
+                resolved.append(VersionSpec(spec.name, spec.checkpoint, spec.weight, own[spec.checkpoint].shipped))
             elif not is_uri(spec.checkpoint) and not Path(spec.checkpoint).is_absolute():
                 raise ConfigError(
                     f"user_config.versions: {spec.name}: checkpoint {spec.checkpoint!r} is relative; a replica runs "

@@ -887,6 +887,55 @@ def test_retrieving_the_alias_card_leaves_the_canary_split_alone(ckpts):
     assert asyncio.run(main()) == {"stable": 5, "canary": 5}
 
 
+def test_a_rollback_to_the_apps_own_shipped_checkpoint_works_on_a_node_without_it(ckpts, tmp_path, monkeypatch):
+    """On a multi-node cluster the driver ships the app's checkpoint through the object store; the documented
+    rollback names it under ``stable``. Its shipped copy was looked up by (name, checkpoint), and the app's own
+    name is the alias's, so the rollback looked for the driver's path on the replica's node and was refused.
+    (Found by review; ``ray.get`` stands in for the object store, the driver's path is gone from this "node".)"""
+    import asyncio
+    import dataclasses
+
+    import ray
+
+    from serve.app import ChatServer
+    from serve.settings import resolve_settings
+
+    own = tmp_path / "driver" / "a"
+    shutil.copytree(ckpts["a"], own)
+    packed = pack_checkpoint(own)
+
+    class Ref:  # what ray.put returned on the driver
+        def hex(self) -> str:
+            return "ab" * 14
+
+    monkeypatch.setattr(ray, "get", lambda ref: packed)
+    args = {"checkpoint": str(own), "num_cpus": 1, "engine_process": False, "checkpoint_cache": str(tmp_path / "c")}
+    settings = dataclasses.replace(resolve_settings(args), shipped=Ref())
+    shutil.rmtree(own.parent)  # not on this node
+    stable = {"name": "stable", "checkpoint": str(own), "weight": 90}
+    canary = {"name": "canary", "checkpoint": str(ckpts["b"]), "weight": 10}
+
+    async def main() -> list[list[str]]:
+        cls = ChatServer.func_or_class
+        server = cls.__new__(cls)
+        await cls.__init__(server, settings)
+        seen = []
+        try:
+            for versions in ([stable, canary], [{**canary, "weight": 100}], [{**stable, "weight": 100}]):
+                await server.reconfigure({"versions": versions})
+                server.check_health()  # serving: later updates apply in the background
+                await server.applied()
+                assert server._update_error is None, server._update_error  # noqa: SLF001
+                seen.append(sorted(server.models.names()))
+            return seen
+        finally:
+            for v in [*server.models.versions.values(), *server.models.draining]:
+                v.close()
+
+    # canary 10%, promote, roll back to the app's own checkpoint
+    assert asyncio.run(main()) == [["canary", "stable"], ["canary"], ["stable"]]
+
+
 def test_a_drained_version_is_collected_though_the_replica_froze_its_heap(ckpts, monkeypatch):
     """The replica freezes its start-up heap (``serve/heap.py``: garbage collections skip it), and a version
     loaded at start is part of it. A frozen object in a garbage cycle is never collected: were a version's model
