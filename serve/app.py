@@ -418,6 +418,11 @@ class ChatServer:
         raw = (user_config or {}).get("versions")
         if raw is None:
             return
+        if raw and self.settings.from_run:  # else applied, then undone by the follower's next swap
+            raise ConfigError(
+                f"user_config.versions: this app follows the run {self.settings.from_run} (serve.follow) and serves "
+                "its best checkpoint alone; to serve other versions, deploy them without --follow"
+            )
         specs = parse_versions(raw, "user_config.versions", self.model_name) or self.settings.version_specs()
         # the driver's shipped copies, by checkpoint: a rollback names the app's own checkpoint under another name
         own = {v.checkpoint: v for v in self.settings.version_specs()}

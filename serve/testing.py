@@ -243,16 +243,17 @@ def scrape_metrics(ray: Any, prefix: str = "rlchat_serve_") -> dict[str, list[tu
     return out
 
 
-async def inprocess_server(checkpoint: str | Path, **args: Any) -> Any:
+async def inprocess_server(checkpoint: str | Path | None, **args: Any) -> Any:
     """The replica class itself (``serve.app.ChatServer``), built in this process without Ray Serve, for tests that
     need to control its scheduler (a slow step, a failure) and call its routes with :func:`post_request`; ``args``
-    as for :func:`deploy`."""
+    as for :func:`deploy` (``checkpoint`` None: ``args`` name the model, e.g. ``from_run``)."""
     import inspect
 
     from serve.app import ChatServer
     from serve.settings import resolve_settings
 
-    settings = resolve_settings({"checkpoint": str(checkpoint), "num_cpus": 1, "api_key": "", **args})
+    model = {"checkpoint": str(checkpoint)} if checkpoint is not None else {}
+    settings = resolve_settings({**model, "num_cpus": 1, "api_key": "", **args})
     cls = ChatServer.func_or_class
     server = cls.__new__(cls)
     started = cls.__init__(server, settings)  # Serve's ingress wrapper makes __init__ a coroutine

@@ -699,6 +699,39 @@ def test_a_replica_started_later_in_a_followed_run_loads_the_runs_best_checkpoin
     asyncio.run(main())
 
 
+def test_a_versions_update_on_a_followed_run_is_refused_not_undone_later(ckpts, tmp_path, no_replica_context):
+    """``serve.follow`` serves one version, the run's best: a ``user_config`` update naming versions was applied
+    and then undone, silently, by the follower's next tick. It is refused now, and ``/readyz`` says why.
+    (Found by review.)"""
+    import asyncio
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpts["a"], run / "checkpoints" / "step_000100")
+
+    async def main() -> tuple[list[str], dict]:
+        server = await testing.inprocess_server(
+            None, engine_process=False, from_run=str(run), follow=True, follow_interval_s=0.05
+        )
+        try:
+            server.check_health()  # serving: the follower runs, updates apply in the background
+            pinned = {"name": "pinned", "checkpoint": str(ckpts["b"]), "weight": 1}
+            await server.reconfigure({"versions": [pinned]})
+            await server.applied()
+            await asyncio.sleep(0.3)  # a few of the follower's ticks
+            ready = json.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
+            return server.models.names(), ready
+        finally:
+            if server._follower is not None:  # noqa: SLF001
+                server._follower.cancel()  # noqa: SLF001
+            for v in [*server.models.versions.values(), *server.models.draining]:
+                v.close()
+
+    names, ready = asyncio.run(main())
+    assert names == ["rlchat"]
+    assert "follow" in ready["last_update_error"]["error"], ready
+
+
 def test_follow_tries_a_best_checkpoint_that_failed_to_load_again_only_once_it_changes(ckpts, tmp_path, caplog):
     """A best checkpoint that fails to load (corrupt weights) was loaded again at every tick, for as long as it
     stayed the run's best: with ``serve.engine_process`` each try started an engine process that spent ~6 s of CPU
