@@ -1284,8 +1284,11 @@ class ChatServer:
         store are written (they died with the process before) and the engines are stopped. Serve's FastAPI ingress
         wrapper runs the ASGI app's shutdown first, then this. Bounded: half of :data:`SHUTDOWN_MARGIN_S` for the rows,
         so the replica is done before Serve kills it even after a request that used its whole lifetime."""
-        if self._follower is not None:
-            self._follower.cancel()
+        pending = [t for t in (self._follower, self._updater) if t is not None and not t.done()]
+        for task in pending:  # a load they began is closed when it finishes (ModelSet.apply)
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)  # not swapped in after the set below is closed
         try:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self.feedback.close, SHUTDOWN_MARGIN_S / 2)

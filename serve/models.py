@@ -813,7 +813,12 @@ class ModelSet:
             try:  # every load first: one that fails leaves the served set (and what it would hand over) untouched
                 for spec, have in plan:
                     if have is None:
-                        loaded.append(await loop.run_in_executor(None, load, spec))
+                        loading = loop.run_in_executor(None, load, spec)
+                        try:
+                            loaded.append(await asyncio.shield(loading))
+                        except asyncio.CancelledError:  # the thread goes on: close what it loads once it is done
+                            loading.add_done_callback(_close_when_loaded)
+                            raise
             except BaseException:
                 for v in loaded:
                     v.close()
@@ -868,6 +873,13 @@ class ModelSet:
         """Close every version, served or draining (the replica is stopping); blocking, off the event loop."""
         for version in [*self.versions.values(), *self._draining]:
             version.close()
+
+
+def _close_when_loaded(loading: asyncio.Future) -> None:
+    """A load whose update was cancelled (the replica is stopping) finished on the loader thread: close the
+    version, off the event loop (closing joins its threads), so its engine and memory do not outlive the update."""
+    if not loading.cancelled() and loading.exception() is None:
+        asyncio.get_running_loop().run_in_executor(None, loading.result().close)
 
 
 async def follow_run(

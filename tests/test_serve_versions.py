@@ -1002,3 +1002,63 @@ def test_a_drained_version_is_collected_though_the_replica_froze_its_heap(ckpts,
 
     version_gone, model_gone = asyncio.run(main())
     assert version_gone and model_gone, (version_gone, model_gone)
+
+
+def test_a_version_still_loading_when_its_update_is_cancelled_is_closed_once_loaded():
+    """The replica stopping cancels its follower or update while a version loads on the loader thread; the thread
+    goes on and its version was left open (an engine process, and on a GPU its memory, until the process ended).
+    (Found by review.)"""
+    import asyncio
+
+    class Closable(_FakeVersion):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    made: list[Closable] = []
+
+    def slow_load(spec: VersionSpec) -> Closable:
+        time.sleep(0.3)
+        made.append(Closable(spec.name, 1))
+        return made[-1]
+
+    async def main() -> None:
+        models = ModelSet("rlchat")
+        models.set([Closable("rlchat", 1)], {"rlchat": 1.0})  # type: ignore[list-item]
+        task = asyncio.ensure_future(models.apply([VersionSpec("rlchat", "/ckpt/new")], slow_load))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for _ in range(100):
+            if made and made[0].closed:
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert len(made) == 1 and made[0].closed
+
+
+def test_a_replica_stopping_during_a_config_update_leaves_no_version_open(ckpts, no_replica_context):
+    """Serve stops a replica (``__del__``) while a config update loads in the background: the update went on after
+    the shutdown closed the served set, swapped its version in, and nothing closed it. (Found by review.)"""
+    import asyncio
+
+    async def main() -> list:
+        server = await testing.inprocess_server(ckpts["a"], engine_process=False)
+        server.check_health()  # serving: updates load in the background
+        load = server._load_version  # noqa: SLF001
+        server._load_version = lambda spec: (time.sleep(0.5), load(spec))[1]  # noqa: SLF001 - a load takes a while
+        await server.reconfigure({"versions": [{"name": "canary", "checkpoint": str(ckpts["b"]), "weight": 1}]})
+        await _app_del(server)
+        await asyncio.sleep(1.0)  # the loader thread is done by now
+        return [*server.models.versions.values(), *server.models.draining]
+
+    versions = asyncio.run(main())
+    assert versions and all(v.closed for v in versions), [(v.name, v.closed) for v in versions]
+
+
+async def _app_del(server: Any) -> None:
+    """The app's own ``__del__`` (Serve's ingress wrapper adds the ASGI app's shutdown, which needs Serve)."""
+    own = next(c for c in type(server).__mro__ if c.__name__ == "ChatServer" and c is not type(server))
+    await own.__del__(server)
