@@ -745,7 +745,20 @@ class FeedbackStore:
         p, c, r = check_preference(self._messages(prompt), self._text(chosen), self._text(rejected))
         with self._transaction() as conn:
             if chosen_id is not None and rejected_id is not None:
-                self._check_new_comparison(conn, p, c, r, chosen_id, rejected_id)
+                # recorded once: a retry, or the reverse (by ids or by thumbs), would weigh twice in the reward
+                # model's data (thumbs after a preference form no pair either: add_rating)
+                self._lock_prompt(conn, _prompt_key(p))
+                found = self._recorded_comparison(conn, p, c, r, chosen_id, rejected_id)
+                if found == "same":
+                    raise AlreadyRated(
+                        f"this preference between {chosen_id} and {rejected_id} was already recorded", True
+                    )
+                if found == "reverse":
+                    raise AlreadyRated(
+                        f"the opposite preference between {chosen_id} and {rejected_id} was already recorded; "
+                        "preferences are final",
+                        False,
+                    )
             return self._insert_pair(
                 conn, p, c, r, "preference", chosen_id, rejected_id, model_version, client_text, now or time.time()
             )
@@ -757,29 +770,6 @@ class FeedbackStore:
         table; SQLite's writers are serialised already."""
         if self.backend == "postgresql":
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(int(key[:15], 16))))
-
-    def _check_new_comparison(
-        self,
-        conn: sa.Connection,
-        prompt: list[dict[str, str]],
-        chosen: list[dict[str, str]],
-        rejected: list[dict[str, str]],
-        chosen_id: str,
-        rejected_id: str,
-    ) -> None:
-        """A preference between two served replies is recorded once: the same comparison again (a retry) or its
-        reverse (by ids or by thumbs) raises :class:`AlreadyRated` -- both would weigh in the reward model's data.
-        (Thumbs after a preference form no pair either: :meth:`add_rating`.)"""
-        self._lock_prompt(conn, _prompt_key(prompt))
-        found = self._recorded_comparison(conn, prompt, chosen, rejected, chosen_id, rejected_id)
-        if found == "same":
-            raise AlreadyRated(f"this preference between {chosen_id} and {rejected_id} was already recorded", True)
-        if found == "reverse":
-            raise AlreadyRated(
-                f"the opposite preference between {chosen_id} and {rejected_id} was already recorded; "
-                "preferences are final",
-                False,
-            )
 
     @staticmethod
     def _recorded_comparison(
