@@ -9,6 +9,7 @@
     python bench/serve_load.py --stagger          # clients start with different reply lengths (no arrival waves)
     python bench/serve_load.py --stream-interval 0.1   # fewer, larger SSE chunks (serve.stream_interval_s)
     python bench/serve_load.py --stream-chunks 0       # no shared chunk budget (serve.stream_chunks_per_s)
+    python bench/serve_load.py --repeats 3             # every level and setting 3 times in turn; median ratios
 
 What it does: builds an untrained checkpoint of the demo's model size (configs/demo.yaml: GPT-2, 2 layers, d=64,
 4096-token vocabulary, 256 positions; ``--model LxD --vocab 0`` for a GPT-2 trunk of L layers of width D over the
@@ -16,7 +17,8 @@ full cl100k vocabulary, where the decoding step, not the HTTP path, is the cost)
 Serve on a free loopback port, and for each level and setting (continuous batching: ``serve.max_batch_size=16``;
 batch-1: ``1``; the two alternate level by level) redeploys the app and runs closed-loop clients: each of C
 concurrent clients sends requests (``max_tokens=32``, ``temperature=1``, a distinct seed per request) one after the
-other, a fixed number each, streamed (SSE) and/or plain (``stream=false``). Both settings get the same request mix
+other, a fixed number each (at least ``--min-requests``, 64, per level in all: the 1-client level's p50 is the
+TTFT target's reference), streamed (SSE) and/or plain (``stream=false``). Both settings get the same request mix
 (same prompt, ``max_tokens``, seeds, clients and requests per client). Per level it reports requests/s, generated
 tokens/s (completion tokens from each reply's ``usage`` over the level's wall time, and its ratio to batch-1 serving
 at the same level), the p50/p99 time to the first content chunk (TTFT, measured by the client from sending the
@@ -280,6 +282,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--requests-per-client", type=int, default=0, help="0 = max(4, 192 // clients)")
+    ap.add_argument(
+        "--min-requests",
+        type=int,
+        default=64,
+        help="at least this many requests per level in all (so the 1-client level's p50, the TTFT target's "
+        "reference, is not the median of a handful)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every level and setting this many times, in turn (the targets' ratios per repeat and their median)",
+    )
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16, help="serve.max_batch_size with batching on")
     ap.add_argument(
@@ -347,42 +362,44 @@ def main() -> int:
             kinds = ["stream", "plain"] if args.kind == "both" else [args.kind]
             # continuous and batch-1 alternate level by level (a redeploy each), so that the VM's speed, which drifts
             # within minutes here, weighs on both sides of each ratio alike
-            for kind in kinds:
-                for c in args.clients:
-                    for mode, batch in (("continuous", args.batch_size), ("batch-1", 1)):
-                        url = testing.deploy(
-                            ckpt,
-                            max_batch_size=batch,
-                            batch_wait_timeout_s=args.batch_wait if batch > 1 else 0.0,
-                            max_tokens=args.max_tokens,
-                            feedback_store=f"sqlite:///{Path(tmp) / 'feedback.db'}",
-                            num_cpus=args.replica_cpus,
-                            engine_process=not args.in_replica,
-                            prefill_first=args.prefill_first,
-                            stream_interval_s=args.stream_interval,
-                            stream_chunks_per_s=args.stream_chunks,
-                        )
-                        asyncio.run(run_level(url, 2, 2, args.max_tokens, 10_000, True))  # warm-up
-                        per = args.requests_per_client or max(4, 192 // c)
-                        b0, n0 = batch_counters(url)
-                        r = asyncio.run(
-                            run_level(url, c, per, args.max_tokens, 1000 * c, kind == "stream", args.stagger)
-                        )
-                        b1, n1 = batch_counters(url)
-                        r["mean_batch"] = (n1 - n0) / max(b1 - b0, 1)
-                        r["load"] = os.getloadavg()[0]
-                        rows.append({"kind": kind, "batching": mode, "clients": c, **r})
-                        print(
-                            f"{kind:>6} {mode:>10} clients {c:>3}: {r['req_s']:6.1f} req/s {r['tok_s']:7.0f} tok/s  "
-                            f"TTFT p50 {r['ttft_p50']:6.0f} ms  ITL p50 {r['itl_p50']:5.1f} ms  "
-                            f"mean batch {r['mean_batch']:.1f} rows  load {r['load']:.1f}",
-                            flush=True,
-                        )
+            cycle = [
+                (k, c, m)
+                for k in kinds
+                for c in args.clients
+                for m in (("continuous", args.batch_size), ("batch-1", 1))
+            ]
+            for rep, (kind, c, (mode, batch)) in ((i, x) for i in range(args.repeats) for x in cycle):
+                url = testing.deploy(
+                    ckpt,
+                    max_batch_size=batch,
+                    batch_wait_timeout_s=args.batch_wait if batch > 1 else 0.0,
+                    max_tokens=args.max_tokens,
+                    feedback_store=f"sqlite:///{Path(tmp) / 'feedback.db'}",
+                    num_cpus=args.replica_cpus,
+                    engine_process=not args.in_replica,
+                    prefill_first=args.prefill_first,
+                    stream_interval_s=args.stream_interval,
+                    stream_chunks_per_s=args.stream_chunks,
+                )
+                asyncio.run(run_level(url, 2, 2, args.max_tokens, 10_000, True))  # warm-up
+                per = max(args.requests_per_client or max(4, 192 // c), -(-args.min_requests // c))
+                b0, n0 = batch_counters(url)
+                r = asyncio.run(run_level(url, c, per, args.max_tokens, 1000 * c, kind == "stream", args.stagger))
+                b1, n1 = batch_counters(url)
+                r["mean_batch"] = (n1 - n0) / max(b1 - b0, 1)
+                r["load"] = os.getloadavg()[0]
+                rows.append({"kind": kind, "batching": mode, "clients": c, "repeat": rep, **r})
+                print(
+                    f"#{rep} {kind:>6} {mode:>10} clients {c:>3}: {r['req_s']:6.1f} req/s {r['tok_s']:7.0f} tok/s  "
+                    f"TTFT p50 {r['ttft_p50']:6.0f} ms  ITL p50 {r['itl_p50']:5.1f} ms  "
+                    f"mean batch {r['mean_batch']:.1f} rows  load {r['load']:.1f}",
+                    flush=True,
+                )
     finally:
         testing.shutdown()
         ray.shutdown()
 
-    by = {(r["kind"], r["batching"], r["clients"]): r for r in rows}
+    by = {(r["kind"], r["batching"], r["clients"], r["repeat"]): r for r in rows}
     print()
     print(
         f"{args.max_tokens}-token replies, {describe(model_shape(args.model, args.vocab), args.precision)}, "
@@ -395,27 +412,40 @@ def main() -> int:
     )
     print()
     print(
-        "| requests | batching | clients | n | req/s | tokens/s | vs batch-1 | TTFT p50 / p99 (ms) | ITL p50 (ms) "
-        "| reply p50 (ms) | mean batch (rows) | load |"
+        "| repeat | requests | batching | clients | n | req/s | tokens/s | vs batch-1 | TTFT p50 / p99 (ms) "
+        "| ITL p50 (ms) | reply p50 (ms) | mean batch (rows) | load |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: (r["kind"] != "stream", r["batching"] != "continuous", r["clients"])):
-        base = by.get((r["kind"], "batch-1", r["clients"]))
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in sorted(
+        rows, key=lambda r: (r["repeat"], r["kind"] != "stream", r["batching"] != "continuous", r["clients"])
+    ):
+        base = by.get((r["kind"], "batch-1", r["clients"], r["repeat"]))
         gain = f"{r['tok_s'] / base['tok_s']:.1f}x" if base else "-"
         print(
-            f"| {r['kind']} | {r['batching']} | {r['clients']} | {r['requests']} | {r['req_s']:.1f} | "
+            f"| {r['repeat']} | {r['kind']} | {r['batching']} | {r['clients']} | {r['requests']} | {r['req_s']:.1f} | "
             f"{r['tok_s']:.0f} | {gain} | {r['ttft_p50']:.0f} / {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | "
             f"{r['full_p50']:.0f} | {r['mean_batch']:.1f} | {r['load']:.1f} |"
         )
     print()
     for kind in ("stream", "plain"):
-        on, off, one = by.get((kind, "continuous", 16)), by.get((kind, "batch-1", 16)), by.get((kind, "continuous", 1))
-        if on and off:
-            gain = on["tok_s"] / off["tok_s"]
-            print(f"{kind}: tokens/s at 16 clients, continuous / batch-1 = {gain:.1f}x (target >= 6x)")
-        if on and one and kind == "stream":
-            ratio = on["ttft_p50"] / one["ttft_p50"]
-            print(f"{kind}: TTFT p50 at 16 clients / at 1 client = {ratio:.1f}x (target <= 2x)")
+        gains, ratios = [], []
+        for rep in range(args.repeats):
+            on, off = by.get((kind, "continuous", 16, rep)), by.get((kind, "batch-1", 16, rep))
+            one = by.get((kind, "continuous", 1, rep))
+            if on and off:
+                gains.append(on["tok_s"] / off["tok_s"])
+            if on and one and kind == "stream":
+                ratios.append(on["ttft_p50"] / one["ttft_p50"])
+        if gains:
+            print(
+                f"{kind}: tokens/s at 16 clients, continuous / batch-1 = {statistics.median(gains):.1f}x "
+                f"(median of {', '.join(f'{x:.1f}x' for x in gains)}; target >= 6x)"
+            )
+        if ratios:
+            print(
+                f"{kind}: TTFT p50 at 16 clients / at 1 client = {statistics.median(ratios):.1f}x "
+                f"(median of {', '.join(f'{x:.1f}x' for x in ratios)}; target <= 2x)"
+            )
     print_ceiling(*build_engine(args), args.batch_size)  # after the levels: nothing else runs now
     return 0
 
