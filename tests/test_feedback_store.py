@@ -374,7 +374,7 @@ def test_a_version_1_store_is_migrated_to_keep_reply_digests_and_pruned_counts(s
         old.add_rating("a", 0, "up", PROMPT, "four", model_version="v", client_text=False)
         old.close()
     new = FeedbackStore(store_url, request_retention_days=1.0)
-    assert new.schema_version() == SCHEMA_VERSION == 3
+    assert new.schema_version() == SCHEMA_VERSION == 4
     new.record_request("b", model_version="v", n_choices=1, messages=PROMPT, replies=["5"])
     pair = new.add_rating("b", 0, "down", PROMPT, "5", model_version="v", client_text=True)
     assert pair is not None and pair["feedback"]["client_text"] is False  # verified against the new digests
@@ -650,6 +650,33 @@ def test_request_rows_past_their_retention_are_deleted_and_still_counted_in_stat
 # --------------------------------------------------------------------------------------------------------------
 # The Serve endpoint (slow: Serve deployments on the session's local Ray)
 # --------------------------------------------------------------------------------------------------------------
+
+
+def test_deleting_a_conversation_after_its_request_rows_were_pruned_still_deletes_its_ratings_and_pairs(store_url):
+    """Ratings and pairs name completion ids, not conversations: the request rows that map a conversation to its
+    completions are pruned after ``serve.request_retention_days``, while the ratings (training data) stay. Deleting
+    the conversation later must still find them, by its id or by one of its completion ids."""
+    day = 86400.0
+    now = time.time()
+    store = FeedbackStore(store_url, request_retention_days=7.0)
+    for rid, conv, reply in (("a1", "conv-a", "4"), ("a2", "conv-a", "5"), ("b1", "conv-b", "6")):
+        store.record_request(rid, model_version="v", n_choices=1, messages=PROMPT, replies=[reply],
+                             conversation_id=conv, now=now - 8 * day)  # fmt: skip
+    store.record_request("c1", model_version="v", n_choices=1, messages=PROMPT, replies=["7"], now=now - 8 * day)
+    store.add_rating("a1", 0, "up", PROMPT, "4", model_version="v", client_text=False)
+    assert store.add_rating("a2", 0, "down", PROMPT, "5", model_version="v", client_text=False) is not None
+    other = [{"role": "user", "content": "And 3 + 4?"}]  # no pair with conv-a's ratings
+    store.add_rating("b1", 0, "up", other, "6", model_version="v", client_text=False)
+    store.add_rating("c1", 0, "up", other, "7", model_version="v", client_text=False)
+    assert store.prune(now)["requests"] == 4 and store.rows("requests") == []
+
+    assert store.delete_conversation("conv-a") == {"transcripts": 0, "requests": 0, "ratings": 2, "pairs": 1}
+    assert sorted(r["request_id"] for r in store.rows("ratings")) == ["b1", "c1"] and store.rows("pairs") == []
+    # a conversation without a client-sent id is deleted by the id of one of its completions, as before pruning
+    assert store.delete_conversation("c1")["ratings"] == 1
+    assert [r["request_id"] for r in store.rows("ratings")] == ["b1"]
+    assert store.delete_conversation("b1")["ratings"] == 1 and store.rows("ratings") == []
+    store.close()
 
 
 @pytest.fixture(scope="session")

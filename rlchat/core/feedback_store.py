@@ -320,6 +320,12 @@ pruned_requests_table = sa.Table(  # per model version: request rows deleted pas
     sa.Column("model_version", sa.Text, primary_key=True),
     sa.Column("requests", sa.BigInteger, nullable=False),
 )
+rated_conversations_table = sa.Table(  # the conversation of each rated completion whose request row was pruned
+    "rlchat_rated_conversations",
+    metadata,
+    sa.Column("request_id", sa.Text, primary_key=True),
+    sa.Column("conversation_id", sa.Text, nullable=False, index=True),
+)
 pairs_table = sa.Table(  # preference pairs in the record format of `rlchat data` (prompt / chosen / rejected)
     "rlchat_pairs",
     metadata,
@@ -368,6 +374,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         3,
         "counts of request rows deleted past serve.request_retention_days, per model version",
         (pruned_requests_table,),
+    ),
+    Migration(
+        4,
+        "the conversation of a rated completion outlives its request row, so deleting the conversation later still "
+        "finds its ratings and pairs",
+        (rated_conversations_table,),
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -961,9 +973,16 @@ class FeedbackStore:
     def _prune_requests(self, conn: sa.Connection, cutoff: float) -> int:
         """Delete the request rows created before ``cutoff`` and their reply digests, adding the rows to their
         versions' counts; returns how many rows."""
-        q = requests_table.c
+        q, r, p = requests_table.c, ratings_table.c, pairs_table.c
         old = sa.select(q.request_id).where(q.created_at < cutoff)
         conn.execute(sa.delete(replies_table).where(replies_table.c.request_id.in_(old)))
+        # ratings and pairs name completions, not conversations: a rated completion keeps its conversation id
+        # (no text), else deleting the conversation later (`rlchat feedback delete`) would leave its ratings behind
+        rated = sa.union(sa.select(r.request_id), sa.select(p.chosen_id), sa.select(p.rejected_id))
+        keep = sa.select(q.request_id, q.conversation_id).where(q.created_at < cutoff, q.request_id.in_(rated))
+        insert = postgresql_insert if self.backend == "postgresql" else sqlite_insert
+        columns = [rated_conversations_table.c.request_id, rated_conversations_table.c.conversation_id]
+        conn.execute(insert(rated_conversations_table).from_select(columns, keep).on_conflict_do_nothing())
         expired = sa.delete(requests_table).where(q.created_at < cutoff)
         if self.backend == "postgresql":  # what this transaction deleted: a concurrent prune's rows are not counted
             deleted = Counter(row.model_version for row in conn.execute(expired.returning(q.model_version)))
@@ -973,7 +992,6 @@ class FeedbackStore:
             deleted = Counter({v: int(n) for v, n in conn.execute(per_version.group_by(q.model_version))})
             conn.execute(expired)
         if deleted:
-            insert = postgresql_insert if self.backend == "postgresql" else sqlite_insert
             stmt = insert(pruned_requests_table).values(
                 [{"model_version": v, "requests": n} for v, n in sorted(deleted.items())]
             )
@@ -992,17 +1010,19 @@ class FeedbackStore:
         Returns:
             Rows deleted per table: ``{"transcripts", "requests", "ratings", "pairs"}``.
         """
-        t, q = transcripts_table.c, requests_table.c
+        t, q, c = transcripts_table.c, requests_table.c, rated_conversations_table.c
+        maps = ((t.request_id, t.conversation_id), (q.request_id, q.conversation_id), (c.request_id, c.conversation_id))
         with self._transaction() as conn:
             # 1. the conversation(s): the id itself, or the conversation a completion id belongs to
             convs = {conversation_id}
-            for col_id, col_conv in ((t.request_id, t.conversation_id), (q.request_id, q.conversation_id)):
+            for col_id, col_conv in maps:
                 convs.update(row[0] for row in conn.execute(sa.select(col_conv).where(col_id == conversation_id)))
             # 2. every completion of those conversations (ratings and pairs refer to completion ids)
             ids = set(convs)
-            for col_id, col_conv in ((t.request_id, t.conversation_id), (q.request_id, q.conversation_id)):
+            for col_id, col_conv in maps:
                 ids.update(row[0] for row in conn.execute(sa.select(col_id).where(col_conv.in_(convs))))
             # 3. delete, in one transaction
+            conn.execute(sa.delete(rated_conversations_table).where(c.conversation_id.in_(convs)))
             counts = {
                 "transcripts": conn.execute(sa.delete(transcripts_table).where(t.conversation_id.in_(convs))).rowcount,
                 "requests": conn.execute(sa.delete(requests_table).where(q.conversation_id.in_(convs))).rowcount,
