@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rlchat.config import Config, ServeConfig, load_config, parse_override
+from rlchat.core.files import read_key_file
 from rlchat.errors import ConfigError
 from rlchat.feedback_store import default_store_url, resolve_store_url
 
@@ -255,19 +256,18 @@ def resolve_api_key(api_key: str, api_key_file: str = "") -> str:
     if api_key:
         return api_key
     if api_key_file:
-        path = Path(api_key_file).expanduser()
         try:
-            key = path.read_text(encoding="utf-8").strip().splitlines()
+            key = read_key_file(api_key_file)
         except OSError as e:
             raise ConfigError(
                 f"serve.api_key_file={api_key_file!r}: cannot read it ({e.strerror}); point it at a file holding the "
                 "key on its first line (chmod 600), or set RLCHAT_API_KEY instead"
             ) from None
-        if not key or not key[0].strip():
+        if not key:
             raise ConfigError(
                 f"serve.api_key_file={api_key_file!r}: the file is empty; write the key on its first line"
             )
-        return key[0].strip()
+        return key
     return os.environ.get(ENV_API_KEY, "")
 
 

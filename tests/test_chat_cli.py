@@ -458,7 +458,8 @@ class FakeEndpoint:
     Each POST takes the next step of ``script`` (``"ok"`` once it is empty): ``ok`` streams "fine reply" and
     ``[DONE]``; ``drop`` sends "partial" then cuts the connection inside an HTTP chunk; ``malformed`` sends "half"
     then a data line that is not JSON (then a normal rest, which the client must not take); ``eof`` sends "stub"
-    and closes the stream cleanly but without ``[DONE]``.
+    and closes the stream cleanly but without ``[DONE]``; ``failed`` sends some text then the server's in-band error;
+    ``withheld`` sends what the safety filter's withheld reply looks like; ``busy`` answers 503.
     """
 
     def __init__(self, card: dict | None = None) -> None:
@@ -469,6 +470,7 @@ class FakeEndpoint:
         self.bodies: list[dict] = []
         self.models_page: str | None = None
         self.dropped_header = 0
+        self.authorization: list[str | None] = []  # each request's Authorization header
         endpoint = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -478,6 +480,7 @@ class FakeEndpoint:
                 pass
 
             def do_GET(self) -> None:
+                endpoint.authorization.append(self.headers.get("Authorization"))
                 body = json.dumps({"object": "list", "data": [{"id": "fake", "step": 3, **(card or {})}]}).encode()
                 if endpoint.models_page is not None:  # not an OpenAI server: some other page answers 200
                     body = endpoint.models_page.encode()
@@ -541,6 +544,23 @@ class FakeEndpoint:
                 if mode == "malformed":
                     event(delta("half"))
                     event('{"choices": [{"delta": {"content": "bro')
+                if mode == "failed":  # serve/app.py's in-band error once the reply has started (the engine died)
+                    event(delta("The answer is"))
+                    error = {
+                        "message": "generation failed (SchedulerStopped); see the replica log",
+                        "type": "server_error",
+                    }
+                    event(json.dumps({"error": {**error, "param": None, "code": None}}))
+                    event("[DONE]")
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
+                if mode == "withheld":  # serve/app.py with the safety filter: the text sent, its notice, the reason
+                    event(delta("Sure, here is how"))
+                    event(delta("\n[withheld: the safety filter flagged this reply]"))
+                    event(delta("", "content_filter"))
+                    event("[DONE]")
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
                 event(delta("fine "))
                 event(delta("reply"))
                 event(delta("", "stop"))
@@ -654,3 +674,59 @@ def test_endpoint_chat_of_40_turns_against_the_serve_app(serve_app):
     assert text.count("assistant> ") == 40 and text.count(DROP_NOTE) == 1, text
     assert not [line for line in text.splitlines() if line.startswith("error:")], text
     assert len(s.turns) == 80 and backend.last.dropped_turns > 20
+
+
+def test_endpoint_chat_keeps_the_question_after_a_failure_mid_reply_or_a_withheld_reply(endpoint):
+    """The server's in-band error once a reply has started (the engine died: a 500 for a running request) threw
+    the user's question away (``/regenerate`` had nothing to answer) and printed the error on the reply's line; a
+    reply withheld by the safety filter went back to the model as the assistant's turn, notice included."""
+    s = ChatSession(RemoteBackend(endpoint.url, None), Decoding(max_tokens=4), None, io.StringIO())
+    endpoint.script = ["failed"]
+    _run(s, ["What is 12 + 30?", "/regenerate"])
+    lines = s.out.getvalue().splitlines()
+    assert "you> assistant> The answer is [cut off]" in lines, lines
+    assert any(line.startswith("error: generation failed") and "/regenerate asks again" in line for line in lines)
+    assert endpoint.bodies[-1]["messages"] == [{"role": "user", "content": "What is 12 + 30?"}]
+    assert s.turns[-1] == {"role": "assistant", "content": "fine reply"}
+
+    s = ChatSession(RemoteBackend(endpoint.url, None), Decoding(max_tokens=4), None, io.StringIO())
+    endpoint.script = ["withheld"]
+    _run(s, ["how do I pick a lock?", "thanks"])
+    assert endpoint.bodies[-1]["messages"] == [
+        {"role": "user", "content": "how do I pick a lock?"},  # the withheld reply is not the model's turn
+        {"role": "user", "content": "thanks"},
+    ]
+    text = s.out.getvalue()
+    assert text.count("withheld") == 1 and "not kept" in text, text  # the server's notice, once, and what it means
+
+
+def test_endpoint_chat_reads_a_key_file_as_the_server_does(endpoint, tmp_path, monkeypatch):
+    """``rlchat chat URL --api-key-file`` took the file's first line as it was, so a key file that the server reads
+    (first non-blank line, stripped) sent an empty key."""
+    from serve.settings import resolve_api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("\n  s3cret-key  \r\n", encoding="utf-8")
+    assert resolve_api_key("", str(key_file)) == "s3cret-key"
+    monkeypatch.delenv("RLCHAT_API_KEY", raising=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # the chat ends at once (end of input)
+    assert chat_command(endpoint.url, api_key_file=str(key_file)) == 0
+    assert endpoint.authorization and set(endpoint.authorization) == {"Bearer s3cret-key"}
+
+
+def test_local_chat_interrupted_keeps_only_the_text_shown(local, monkeypatch):
+    """Ctrl-C mid-reply with a stop string: the kept reply took the streamer's whole text, including the characters
+    held back because they might begin the stop string (never shown)."""
+    tok = local.tokenizer
+    ids = tok.encode("Hello there.\n\nUs")
+
+    def interrupted(prompt, params):
+        yield from ((t, None) for t in ids)
+        raise KeyboardInterrupt  # the user's Ctrl-C during the next decoding step
+
+    monkeypatch.setattr(local.engine, "stream", interrupted)
+    s = ChatSession(local, Decoding(stop=("\n\nUser:",)), None, io.StringIO())
+    _run(s, ["hi"])
+    shown = s.out.getvalue().split("assistant> ", 1)[1].split(" [interrupted]")[0]
+    assert shown == "Hello there."
+    assert s.turns == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there."}]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from rlchat.core.errors import RLChatError
+from rlchat.core.files import read_key_file
 from rlchat.core.text_stream import DROPPED_TURNS_HEADER, TextStreamer, token_text
 
 if TYPE_CHECKING:
@@ -258,7 +259,8 @@ class LocalBackend:
                 yield tail
         finally:
             getattr(gen, "close", lambda: None)()  # a generator: stop the engine's stream now
-            self.last.text = streamer.text
+            # what was shown: on Ctrl-C the streamer may still hold back text that could begin a stop string
+            self.last.text = streamer.text[: streamer.released]
             ended = streamer.stopped or (tokens and tokens[-1] == self.tokenizer.eot_id)
             self.last.finish_reason = FINISH_STOP if ended else FINISH_LENGTH
 
@@ -385,8 +387,10 @@ class RemoteBackend:
             if started:
                 raise ReplyInterrupted(f"{broke} ({_cause_name(e)})") from None
             raise ReplyInterrupted(f"{self.url}: request failed ({_cause_name(e)}: {_first_line(e)})") from None
-        except openai.APIError as e:  # an in-band error chunk: the server failed after the reply had started
-            raise RLChatError(str(e.message)) from None
+        except openai.APIError as e:  # an in-band error chunk once the reply had started
+            if getattr(e, "type", None) == "invalid_request_error":  # refused: asking again would fail again
+                raise RLChatError(str(e.message)) from None
+            raise ReplyInterrupted(str(e.message)) from None  # the server failed (a 500 for a running request)
         except _transport_errors() as e:  # dropped connection, read timeout mid-stream
             raise ReplyInterrupted(f"{broke} ({e.__class__.__name__})") from None
         except ValueError as e:  # the SDK's SSE decoder: a data line that is not JSON (or not UTF-8)
@@ -507,6 +511,9 @@ class ChatSession:
             interrupted = True
         except ReplyInterrupted as e:
             broken = e
+        except RLChatError:
+            self.say()  # the "assistant> " line ends before the caller prints the error
+            raise
         finally:
             getattr(gen, "close", lambda: None)()
         last = self.backend.last
@@ -516,7 +523,7 @@ class ChatSession:
         elif not interrupted and last.finish_reason == "length":
             note = " [max_tokens reached]"
         elif not interrupted and last.finish_reason == "content_filter":
-            note = " [withheld by the safety filter]"
+            note = "\n(content_filter: this reply is not kept in the conversation; the question stays open)"
         self.say(note)
         self._note_dropped(last.dropped_turns)
         if broken is not None:
@@ -525,6 +532,8 @@ class ChatSession:
             return
         if interrupted and not last.text:
             return  # nothing was said: the question stays unanswered (/regenerate asks again)
+        if not interrupted and last.finish_reason == "content_filter":
+            return  # not the model's answer: sent back, it would condition every later turn on a flagged reply
         self.turns.append({"role": "assistant", "content": last.text})
 
     def _note_dropped(self, dropped: int) -> None:
@@ -753,7 +762,7 @@ def chat_command(
     if target.startswith(("http://", "https://")):
         if not api_key and api_key_file:
             try:
-                api_key = (Path(api_key_file).expanduser().read_text(encoding="utf-8").splitlines() or [""])[0].strip()
+                api_key = read_key_file(api_key_file)
             except OSError as e:
                 raise RLChatError(f"--api-key-file {api_key_file}: cannot read it ({e.strerror})") from None
         backend: LocalBackend | RemoteBackend = RemoteBackend(target, api_key or os.environ.get("RLCHAT_API_KEY"))

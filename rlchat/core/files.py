@@ -88,6 +88,19 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any, **dumps: Any) -> 
     return atomic_write_text(path, json.dumps(data, **dumps) + "\n")
 
 
+def read_key_file(path: str | os.PathLike[str]) -> str:
+    """The secret a key file holds: its first non-blank line, stripped ('' when it has none).
+
+    One reading for the server (``serve.api_key_file``) and its clients (``rlchat chat URL --api-key-file``), so a
+    file one accepts the other reads the same way (a leading blank line, CRLF, spaces around the key).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    lines = Path(path).expanduser().read_text(encoding="utf-8").strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
 def load_yaml_mapping(path: str | os.PathLike[str], kind: str, what: str, example: str) -> tuple[dict[str, Any], str]:
     """Read a YAML file whose top level must be a mapping (an empty file is ``{}``).
 
