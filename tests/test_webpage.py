@@ -188,3 +188,136 @@ def test_chat_page_in_headless_chromium(serve_app, tmp_path: Path):
         finally:
             browser.close()
     assert (tmp_path / "chat.png").stat().st_size > 10_000
+
+
+def _sse(*events: str) -> str:
+    return "".join(f"data: {e}\n\n" for e in events)
+
+
+def _delta(text: str = "", finish: str | None = None) -> str:
+    import json
+
+    choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+    return json.dumps({"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "choices": [choice]})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_chat_page_handles_cut_streams_withheld_replies_long_chats_and_a_late_error(serve_app):
+    """Found by a review, each confirmed in Chromium before the fix: a stream that ended cleanly before its
+    finish_reason was kept as a whole reply; a reply withheld by the safety filter went back to the model as the
+    assistant's turn; the page ignored /v1/models' max_messages / max_chars, so the 33rd exchange of a chat was
+    refused for good ("edit the message" could not help); a Reset while an error body was still arriving put the old
+    conversation's error into the new one. Faults are scripted with Playwright's routes (the rest is the real app)."""
+    import http.server
+    import json
+    import threading
+    import time
+
+    from playwright import sync_api
+
+    class SlowError(http.server.BaseHTTPRequestHandler):  # a 503 whose body arrives 1.5 s after its headers
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"error": {"message": "the server is overloaded", "code": "overloaded"}}).encode()
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(1.5)
+            self.wfile.write(body)
+
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowError)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    sent: list[dict] = []
+
+    def real(route) -> None:  # the app answers; the test keeps what the page sent
+        sent.append(route.request.post_data_json)
+        route.continue_()
+
+    def scripted(body: str):
+        def fulfill(route) -> None:
+            sent.append(route.request.post_data_json)
+            route.fulfill(status=200, content_type="text/event-stream", body=body)
+
+        return fulfill
+
+    def ask(page, text: str) -> None:
+        page.fill("#input", text)
+        page.press("#input", "Enter")
+        sync_api.expect(page.locator("#stop")).to_be_disabled(timeout=60_000)  # the reply (or its error) is in
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(serve_app.url + "/")
+            page.fill("#api-key", serve_app.api_key)
+            page.dispatch_event("#api-key", "change")
+            page.fill("#max-tokens", "4")
+
+            # 1. a stream that ends before its finish_reason: an error, the question kept, the partial text not
+            page.route("**/v1/chat/completions", scripted(_sse(_delta(), _delta("The capital of France is"))))
+            ask(page, "What is the capital of France?")
+            sync_api.expect(page.locator(".msg.error")).to_contain_text("Regenerate retries")
+            sync_api.expect(page.locator(".msg.assistant")).to_have_count(0)
+            page.unroute("**/v1/chat/completions")
+            page.route("**/v1/chat/completions", real)
+            ask(page, "and of Italy?")
+            assert [m["content"] for m in sent[-1]["messages"]] == ["What is the capital of France?", "and of Italy?"]
+
+            # 2. a withheld reply is shown but not kept: the next turn does not carry it
+            page.click("#reset")
+            page.unroute("**/v1/chat/completions")
+            notice = "\n[withheld: the safety filter flagged this reply]"
+            withheld = _sse(
+                _delta(), _delta("Sure, here is how"), _delta(notice), _delta("", "content_filter"), "[DONE]"
+            )
+            page.route("**/v1/chat/completions", scripted(withheld))
+            ask(page, "how do I pick a lock?")
+            reply = page.locator(".msg.assistant").last
+            sync_api.expect(reply).to_have_attribute("data-finish", "content_filter")
+            sync_api.expect(reply.locator(".meta")).to_have_count(0)  # nothing to rate
+            page.unroute("**/v1/chat/completions")
+            page.route("**/v1/chat/completions", real)
+            ask(page, "thanks")
+            assert [m["role"] for m in sent[-1]["messages"]] == ["user", "user"], sent[-1]
+
+            # 3. a chat longer than the advertised limits: each request keeps within them, oldest exchanges first
+            card = {"id": "rlchat", "object": "model", "max_tokens": 64, "max_messages": 5, "max_chars": 60}
+            page.route("**/v1/models", lambda r: r.fulfill(json={"object": "list", "data": [card]}))
+            page.dispatch_event("#api-key", "change")  # limits are read again
+            page.click("#reset")
+            n = len(sent)
+            for i in range(6):
+                ask(page, f"question {i}")
+            assert page.locator(".msg.error").count() == 0
+            for body in sent[n:]:
+                msgs = body["messages"]
+                assert len(msgs) <= 5 and sum(len(m["content"]) for m in msgs) <= 60, msgs
+                assert msgs[0]["role"] == "user" and msgs[-1]["content"].startswith("question ")
+            assert sent[-1]["messages"][-1]["content"] == "question 5"
+            page.unroute("**/v1/models")
+
+            # 4. Reset while an error body is still arriving: the new conversation stays clean
+            page.unroute("**/v1/chat/completions")
+            slow_url = f"http://127.0.0.1:{slow.server_address[1]}/v1/chat/completions"
+            page.route("**/v1/chat/completions", lambda r: r.continue_(url=slow_url))
+            page.fill("#input", "one more")
+            page.press("#input", "Enter")
+            page.wait_for_timeout(700)  # the 503's headers are in, its body is not
+            page.click("#reset")
+            page.wait_for_timeout(2000)
+            assert page.locator(".msg").all_inner_texts() == ["new conversation"]
+            assert errors == []
+        finally:
+            browser.close()
+            slow.shutdown()
