@@ -209,6 +209,14 @@ def _node_id() -> str:
         return ""
 
 
+@dataclasses.dataclass
+class _StreamOutcome:
+    """Whether a streamed response was logged and counted yet: once, as a 200, an in-band error or a 499, by its
+    generator or (a client gone before the first event, so the generator never ran) by the response's close."""
+
+    logged: bool = False
+
+
 def _refused_before_start(first: asyncio.Future) -> Exception | None:
     """The failure in a submission's first item (done ``first``) before any token -- its deadline in the queue, a
     failed prefill, a submission that raised -- else None (the reply has begun)."""
@@ -1057,11 +1065,15 @@ class ChatServer:
             if refused is not None:
                 await items.aclose()
                 raise self._failure(refused, cid, t0, stream=True)
-            events = self._stream(req, fmt, messages, prompt, params, job, items, t0, conversation)
+            outcome = _StreamOutcome()
+            events = self._stream(req, fmt, messages, prompt, params, job, items, t0, outcome, conversation)
 
             async def over() -> None:  # however the response ended, even before its generator started
                 self.admission.released(cid)
                 await items.aclose()  # ends the job's rows unless it is done
+                if not outcome.logged:  # the client was gone before the first event: the generator never ran
+                    outcome.logged = True
+                    self._log(cid, CLIENT_CLOSED_REQUEST, t0, stream=True, error="client_disconnected")
 
             return ClosingEventSource(events, ping=15, headers=headers, on_close=over)
 
@@ -1130,6 +1142,7 @@ class ChatServer:
         job: GenerationJob,
         items: SubmittedNow,
         t0: float,
+        outcome: _StreamOutcome,
         conversation: str | None = None,
     ) -> AsyncIterator[dict[str, str]]:
         """SSE events of one streamed completion (OpenAI chunk format, then ``[DONE]``) of ``job``, whose ``items``
@@ -1156,8 +1169,9 @@ class ChatServer:
             def flush(i: int) -> str:
                 return fmt.delta_chunk(i, *choices[i].take())
 
+            arrived = items.first_at  # the first item's arrival, not when this generator got to it (headers, role)
             async for item in items:
-                now = time.perf_counter()
+                now, arrived = (time.perf_counter() if arrived is None else arrived), None
                 n_new = sum(len(t) for t in item.tokens)
                 if n_new or item.done is not None:
                     self.admission.started(cid)
@@ -1187,22 +1201,25 @@ class ChatServer:
             self._note_deadline(job, result)
             reasons = list(result.finish_reasons)
             done = True
+            last: list[str] = []  # the closing chunks, written once the completion is recorded and counted
             finals = []
             for i, c in enumerate(choices):
                 if not c.withheld and c.finish(self.safety):
-                    yield {"data": flush(i)}
+                    last.append(flush(i))
                 if c.withheld:
-                    yield {"data": fmt.delta_chunk(i, ("\n" if c.sent else "") + WITHHELD_NOTICE, [], [])}
+                    last.append(fmt.delta_chunk(i, ("\n" if c.sent else "") + WITHHELD_NOTICE, [], []))
                     reasons[i] = "content_filter"
                 elif c.streamer.stopped:
                     reasons[i] = FINISH_STOP
                 finals.append((i, reasons[i]))
-            yield {"data": fmt.final_chunk(finals)}
+            last.append(fmt.final_chunk(finals))
             n_out = sum(c.count for c in choices)
             if req.include_usage():
                 usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_out, total_tokens=len(prompt) + n_out)
-                yield {"data": fmt.usage_chunk(usage)}
-            yield {"data": "[DONE]"}
+                last.append(fmt.usage_chunk(usage))
+            last.append("[DONE]")
+            # recorded (ratable by its id) and counted before the closing chunks go: a client that closes the
+            # connection once it has its finish_reason, before [DONE], has had its whole reply
             if messages is not None:
                 texts = [None if c.withheld else c.streamer.text for c in choices]
                 self.feedback.remember(cid, self.model_version, messages, texts, conversation)
@@ -1218,6 +1235,9 @@ class ChatServer:
                 first_token_ms=f"{first_token_ms or 0:.0f}",
                 finish=",".join(reasons),
             )
+            outcome.logged = True
+            for data in last:
+                yield {"data": data}
         except Exception as e:  # noqa: BLE001 - the response has started: report in-band, as OpenAI does
             # (a deadline in the queue cannot reach here: the response starts with the job's first item)
             done = True
@@ -1226,6 +1246,7 @@ class ChatServer:
             if not user_error:
                 logger.exception("chat id=%s: generation failed", cid)
             self._log(cid, 400 if user_error else 500, t0, stream=True, error=e.__class__.__name__)
+            outcome.logged = True
             kind = "invalid_request_error" if user_error else "server_error"
             msg = str(e) if user_error else f"generation failed ({e.__class__.__name__}); see the replica log"
             yield {"data": json.dumps(error_body(msg, kind))}
@@ -1237,14 +1258,16 @@ class ChatServer:
             else:  # the client went away: the batch ends this request's rows at its next step
                 job.control.end(range(n))
                 await items.aclose()
-                self._log(
-                    cid,
-                    CLIENT_CLOSED_REQUEST,
-                    t0,
-                    stream=True,
-                    error="client_disconnected",
-                    completion_tokens=sum(c.count for c in choices),
-                )
+                if not outcome.logged:
+                    outcome.logged = True
+                    self._log(
+                        cid,
+                        CLIENT_CLOSED_REQUEST,
+                        t0,
+                        stream=True,
+                        error="client_disconnected",
+                        completion_tokens=sum(c.count for c in choices),
+                    )
 
     def _feedback_client(self, request: Request) -> str:
         """Whom the feedback rate limit counts: the client's address; behind ``serve.ingress: haproxy`` the ingress

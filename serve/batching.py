@@ -496,7 +496,15 @@ class SubmittedNow:
     def __init__(self, items: AsyncIterator[StepItem]) -> None:
         self._items = items
         self._first: asyncio.Future | None = asyncio.ensure_future(items.__anext__())
-        self._first.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved"
+        self._first.add_done_callback(self._arrived)
+        self.first_at: float | None = None
+        """When the first item arrived (``time.perf_counter()``): a stream's time to first token, whenever its
+        response then gets to take it."""
+
+    def _arrived(self, first: asyncio.Future) -> None:
+        self.first_at = time.perf_counter()
+        if not first.cancelled():
+            first.exception()  # retrieved: no "exception was never retrieved"
 
     def __aiter__(self) -> "SubmittedNow":
         return self

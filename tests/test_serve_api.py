@@ -1360,3 +1360,103 @@ def test_the_safety_filter_judges_a_streamed_reply_by_its_finished_text_as_a_pla
             assert s_usage == p["usage"], pattern
 
     asyncio.run(main())
+
+
+def test_a_stream_whose_client_leaves_at_its_end_or_before_its_start_is_counted_and_its_reply_kept(tmp_path):
+    """A streamed reply was recorded (for ratings by id) and counted only after its ``[DONE]`` was written: a client
+    that closed once it had its ``finish_reason`` (the whole reply) left it uncounted in every response metric and
+    unratable (404 by its id). A stream whose client left before its first event was not counted either (its
+    generator never ran)."""
+    import asyncio
+    import re
+
+    from serve.schemas import APIError
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=512)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}
+    route = "/v1/chat/completions"
+
+    async def main() -> None:
+        server = await testing.inprocess_server(
+            ckpt, engine_process=False, feedback_store=f"sqlite:///{tmp_path / 'fb.db'}"
+        )
+        try:
+            # 1. the client leaves as soon as the chunk with finish_reason is on the wire
+            req = testing.post_request(route, body)
+            resp = await server.chat_completions(req)
+            cid = resp.headers["x-rlchat-completion-id"]
+            gone = asyncio.Event()
+
+            async def receive() -> dict:
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict) -> None:
+                if re.search(rb'"finish_reason": ?"', message.get("body", b"")):
+                    gone.set()
+                    await asyncio.sleep(0.05)  # the next write meets a closed connection
+
+            await resp(req.scope, receive, send)
+            assert server.metrics.snapshot()["responses"] == {"200": 1}
+            rated = await server.feedback_route(
+                testing.post_request("/v1/feedback", {"completion_id": cid, "rating": "up"})
+            )
+            assert rated["recorded"] is True, rated
+
+            # 2. the client is gone before the first event is written
+            req = testing.post_request(route, body)
+            resp = await server.chat_completions(req)
+
+            async def left() -> dict:
+                return {"type": "http.disconnect"}
+
+            async def slow(message: dict) -> None:
+                await asyncio.sleep(0.2)  # the disconnect is seen first
+
+            await resp(req.scope, left, slow)
+            await asyncio.sleep(0.2)
+            assert server.metrics.snapshot()["responses"] == {"200": 1, "499": 1}
+            assert server.admission.waiting == {} and server.admission.generating == {}
+        except APIError as e:
+            raise AssertionError(f"{e.status} {e.code}: {e}") from None
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
+
+
+def test_a_streams_time_to_first_token_is_not_its_clients_reading_time(tmp_path):
+    """rlchat_serve_ttft_seconds of a stream was taken when the SSE generator reached its first item, after the
+    response's headers and role chunk were written: a client slow to read them (or a busy event loop) inflated it,
+    though the first token had arrived before the response started."""
+    import asyncio
+    import time
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=512)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+
+    async def main() -> None:
+        server = await testing.inprocess_server(ckpt, engine_process=False)
+        seen: list[float] = []
+        observe = server.metrics.ttft.observe
+        server.metrics.ttft.observe = lambda v, tags=None: (seen.append(v), observe(v, tags))
+        try:
+            req = testing.post_request("/v1/chat/completions", body)
+            t0 = time.perf_counter()
+            resp = await server.chat_completions(req)
+            started = time.perf_counter() - t0  # the response starts once the first item is in
+
+            async def receive() -> dict:
+                await asyncio.Event().wait()
+                return {}
+
+            async def send(message: dict) -> None:
+                if message["type"] == "http.response.start":
+                    await asyncio.sleep(1.0)  # a client (or proxy) slow to take the response
+
+            await resp(req.scope, receive, send)
+            assert len(seen) == 1 and seen[0] <= started + 0.1, (seen, started)
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
