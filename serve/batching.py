@@ -458,8 +458,13 @@ class BatchRun:
     def _run_beam(self, state: _JobState) -> None:
         job = state.job
         try:
-            res = self.engine.generate(
-                [list(job.prompt)] * len(job.seeds), job.params, list(job.seeds), deadline=job.deadline
+            n = len(job.seeds)
+            res = self.engine.generate(  # ends when every choice was ended (its client left), as a sampled job's rows
+                [list(job.prompt)] * n,
+                job.params,
+                list(job.seeds),
+                deadline=job.deadline,
+                stop=lambda: len(job.control.finish) >= n,
             )
         except Exception as e:  # noqa: BLE001 - this job's own failure is its result
             state.error = e

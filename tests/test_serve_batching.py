@@ -889,11 +889,11 @@ def test_a_beam_search_does_not_stall_the_decode_batch(engine, tok, monkeypatch)
     started = threading.Event()
     real_generate = engine.generate
 
-    def slow_generate(prompts, params, seeds=None, deadline=None):
+    def slow_generate(prompts, params, seeds=None, **limits):
         if params.num_beams > 1:
             started.set()
             assert release.wait(60), "the stream never finished while the beam search ran"
-        return real_generate(prompts, params, seeds, deadline)
+        return real_generate(prompts, params, seeds, **limits)
 
     monkeypatch.setattr(engine, "generate", slow_generate)
     beam = GenerationJob(_prompt(tok, "beam"), SamplingParams(max_new_tokens=6, num_beams=3), (1,))
@@ -1085,6 +1085,48 @@ def test_a_beam_search_ends_at_its_deadline(engine, tok, monkeypatch):
     assert isinstance(out, JobOutput), out
     assert time.monotonic() - t0 < 0.9  # 100 slow steps would take over a second
     assert out.finish_reasons == [FINISH_LENGTH] and 0 < len(out.tokens[0]) < 100
+
+
+def test_a_beam_search_whose_client_left_ends_and_frees_the_beam_thread(engine, tok, monkeypatch):
+    """A sampled job's rows end at the next step once its client leaves; a beam search read only its deadline, so
+    an abandoned one ran on to its budget and every later beam search queued behind it on the one beam thread."""
+    real = GenerationEngine._decoder
+
+    def slow_decoder(self):
+        dec = real(self)
+        forward = dec.forward
+
+        def slow(*a, **kw):
+            time.sleep(0.02)
+            return forward(*a, **kw)
+
+        dec.forward = slow
+        return dec
+
+    monkeypatch.setattr(GenerationEngine, "_decoder", slow_decoder)
+    long = GenerationJob(
+        _prompt(tok, "beams"), SamplingParams(max_new_tokens=100, min_new_tokens=100, num_beams=2), (1,)
+    )
+    short = GenerationJob(_prompt(tok, "next"), SamplingParams(max_new_tokens=2, num_beams=2), (2,))
+
+    async def main() -> float:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        try:
+            gone = asyncio.create_task(_collect(batcher, long))
+            await asyncio.sleep(0.2)  # the long search is running
+            long.control.end([0])  # its client went away
+            t0 = time.monotonic()
+            item = await asyncio.wait_for(_collect(batcher, short), 30)
+            assert isinstance(item.done, JobOutput) and len(item.done.tokens[0]) <= 2
+            waited = time.monotonic() - t0
+            left = await asyncio.wait_for(gone, 30)
+            assert len(left.done.tokens[0]) < 100  # ended, not run to its budget
+            return waited
+        finally:
+            batcher.close()
+
+    waited = asyncio.run(main())
+    assert waited < 1.0, f"the next beam search waited {waited:.1f} s (100 slow steps take 2 s)"
 
 
 @pytest.mark.parametrize("budget", [0.0, 10.0])

@@ -344,6 +344,7 @@ class GenerationEngine:
         params: SamplingParams,
         seeds: Sequence[int] | None = None,
         deadline: float | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Decode every prompt to completion.
 
@@ -353,6 +354,8 @@ class GenerationEngine:
             seeds: one seed per prompt (same seed -> same output regardless of the rest of the batch).
             deadline: a ``time.monotonic()`` instant: rows still running after the step that passes it end with
                 ``length`` (a served request's deadline; beam search included, which runs whole).
+            stop: asked after every step, as the deadline: True ends the rows still running (a served request whose
+                client went away: nobody reads the rest).
 
         Returns:
             :class:`GenerationResult` in prompt order.
@@ -360,11 +363,11 @@ class GenerationEngine:
         if not prompts:
             return GenerationResult([], [], [], [])
         if params.num_beams > 1:
-            return _BeamSearch(self, prompts, params, deadline).run()
+            return _BeamSearch(self, prompts, params, deadline, stop).run()
         stream = GenerationStream(self, prompts, params, seeds)
         everyone = np.arange(len(prompts))
         for _ in stream:
-            if deadline is not None and time.monotonic() >= deadline:
+            if (deadline is not None and time.monotonic() >= deadline) or (stop is not None and stop()):
                 stream.finish(everyone, FINISH_LENGTH)
         return stream.result()
 
@@ -1091,8 +1094,9 @@ class _BeamSearch:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         deadline: float | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
-        self.engine, self.params, self.prompts, self.deadline = engine, params, prompts, deadline
+        self.engine, self.params, self.prompts, self.deadline, self.stop = engine, params, prompts, deadline, stop
         engine._check_prompts(prompts, params)
 
     def run(self) -> GenerationResult:
@@ -1203,6 +1207,7 @@ class _BeamSearch:
                     next_score[i * k : (i + 1) * k] = -np.inf
             beam_tokens, beam_lps, tails = new_tokens, new_lps, new_tails  # already in slot order
             late = self.deadline is not None and time.monotonic() >= self.deadline  # ends as at the budget
+            late = late or (self.stop is not None and self.stop())
             if all(s.done for s in states) or step == n - 1 or late:
                 scores = torch.from_numpy(next_score).to(dev).view(b, k)
                 break
