@@ -855,7 +855,7 @@ class ChatServer:
         request; a load balancer probes Serve's proxy (``/-/healthz``, docs/serving.md). Paths and the pid only for
         the operator (see :meth:`_operator`)."""
         ctx = ray_serve.get_replica_context()
-        st = self.stats
+        st = self.models.stats()  # every version's: the request binds none
         operator = self._operator(request)
         dead, stalled = self.models.dead(), self.models.stalled(self.stall_after_s)
         return JSONResponse(status_code=503 if dead or stalled else 200, content={

@@ -154,6 +154,22 @@ class BatchStats:
     """Requests refused: 4xx, and the 503s that shed load or wait for a replacement replica."""
     sizes: dict[int, int] = field(default_factory=dict)
 
+    @classmethod
+    def total(cls, parts: Iterable["BatchStats"]) -> "BatchStats":
+        """The counters of several schedulers as one (a replica serving several model versions)."""
+        out = cls()
+        for p in parts:
+            out.batches += p.batches
+            out.rows += p.rows
+            out.largest = max(out.largest, p.largest)
+            out.requests += p.requests
+            out.streams += p.streams
+            out.errors += p.errors
+            out.refused += p.refused
+            for k, v in p.sizes.items():
+                out.sizes[k] = out.sizes.get(k, 0) + v
+        return out
+
     def add_batch(self, n_rows: int) -> None:
         """Count one decoding step of ``n_rows`` rows."""
         self.batches += 1

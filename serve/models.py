@@ -869,6 +869,14 @@ class ModelSet:
     def draining(self) -> list[ServedVersion]:
         return list(self._draining)
 
+    def stats(self) -> BatchStats:
+        """The replica's scheduler counters: every served and draining version's, a scheduler that two versions
+        share counted once."""
+        from serve.batching import BatchStats
+
+        schedulers = {id(v.scheduler): v.stats for v in [*self.versions.values(), *self._draining]}
+        return BatchStats.total(schedulers.values())
+
     def close_all(self) -> None:
         """Close every version, served or draining (the replica is stopping); blocking, off the event loop."""
         for version in [*self.versions.values(), *self._draining]:

@@ -1062,3 +1062,40 @@ async def _app_del(server: Any) -> None:
     """The app's own ``__del__`` (Serve's ingress wrapper adds the ASGI app's shutdown, which needs Serve)."""
     own = next(c for c in type(server).__mro__ if c.__name__ == "ChatServer" and c is not type(server))
     await own.__del__(server)
+
+
+def test_readyz_stats_count_every_versions_requests(ckpts, no_replica_context):
+    """``/readyz`` ``stats`` (requests, errors, refused, batches) were the default version's scheduler counters: a
+    canary's requests, refusals and failures were missing, so its errors did not show there at all. They are now
+    the replica's, every version's schedulers summed (a scheduler shared by two versions counted once)."""
+    import asyncio
+    import json as jsonlib
+
+    route = "/v1/chat/completions"
+    body = {"model": "canary", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    async def main() -> None:
+        server = await testing.inprocess_server(
+            None,
+            engine_process=False,
+            versions=[
+                {"name": "stable", "checkpoint": str(ckpts["a"]), "weight": 1},
+                {"name": "canary", "checkpoint": str(ckpts["b"]), "weight": 0},
+            ],
+        )
+        try:
+            assert (await server.chat_completions(testing.post_request(route, body))).status_code == 200
+            with pytest.raises(APIError):
+                await server.chat_completions(testing.post_request(route, {**body, "max_tokens": 10**6}))
+            stable = {**body, "model": "stable"}
+            assert (await server.chat_completions(testing.post_request(route, stable))).status_code == 200
+            ready = jsonlib.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
+            st = ready["stats"]
+            assert (st["requests"], st["refused"], st["errors"]) == (2, 1, 0), st
+            steps = sum(v.stats.batches for v in server.models.versions.values())
+            assert st["batches"] == steps >= 2 and sum(st["batch_sizes"].values()) == st["batches"]
+        finally:
+            for v in server.models.versions.values():
+                v.close()
+
+    asyncio.run(main())
