@@ -728,7 +728,9 @@ class ChatServer:
     def _count_failure(self, status: int, code: str | None) -> None:
         """Count a request that got no reply in ``/readyz``'s stats: ``refused`` (4xx, and the 503s that shed load or
         wait for a replacement replica: a healthy replica under overload refuses many) or ``errors`` (the server
-        failed it)."""
+        failed it). A client that left (499) is neither: its response is counted by code alone."""
+        if status == CLIENT_CLOSED_REQUEST:
+            return
         if status < 500 or code in OVERLOAD_CODES:
             self.stats.refused += 1
         else:
@@ -762,7 +764,8 @@ class ChatServer:
         self._count_failure(503 if shed else 400 if user_error else 500, shed)
         if isinstance(err, DeadlineExceeded):
             return self._queue_timeout(cid, t0, stream=stream)
-        if isinstance(err, SchedulerStopped):  # no token was generated: safe to retry, on a replacement replica
+        if isinstance(err, SchedulerStopped):  # nothing was sent (a plain reply, or a stream before its first
+            # token): safe to retry, on a replacement replica
             self._log(cid, 503, t0, stream=stream, error=MODEL_UNAVAILABLE)
             return APIError(
                 503,

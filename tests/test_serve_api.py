@@ -1460,3 +1460,33 @@ def test_a_streams_time_to_first_token_is_not_its_clients_reading_time(tmp_path)
             server.models.default.close()
 
     asyncio.run(main())
+
+
+def test_a_client_gone_mid_body_is_not_counted_as_refused(tmp_path, no_replica_context):
+    """A client that left while sending its body (a 499) was counted in ``/readyz``'s ``refused`` (4xx the server
+    gave), one that left later (also a 499) was not: a client's leaving is neither refused nor an error."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from serve.schemas import APIError
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=512)
+    scope = testing.post_request("/v1/chat/completions", {}).scope
+
+    async def gone() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def main() -> None:
+        server = await testing.inprocess_server(ckpt, engine_process=False)
+        try:
+            with pytest.raises(APIError) as left:
+                await server.chat_completions(Request(scope, gone))
+            assert left.value.status == 499
+            ready = json.loads((await server.readyz(testing.post_request("/readyz", {}))).body)
+            assert ready["load"]["responses"] == {"499": 1}
+            assert (ready["stats"]["refused"], ready["stats"]["errors"]) == (0, 0)
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
