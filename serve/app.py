@@ -1162,6 +1162,7 @@ class ChatServer:
         done = False
         first_token_ms = None
         timer = self.metrics.timer(t0, fmt.model)
+        last: list[str] = []  # the closing chunks (or the in-band error), written once the reply is recorded
 
         try:
             first = fmt.first_chunk(n)
@@ -1204,7 +1205,6 @@ class ChatServer:
             self._note_deadline(job, result)
             reasons = list(result.finish_reasons)
             done = True
-            last: list[str] = []  # the closing chunks, written once the completion is recorded and counted
             finals = []
             for i, c in enumerate(choices):
                 if not c.withheld and c.finish(self.safety):
@@ -1239,8 +1239,6 @@ class ChatServer:
                 finish=",".join(reasons),
             )
             outcome.logged = True
-            for data in last:
-                yield {"data": data}
         except Exception as e:  # noqa: BLE001 - the response has started: report in-band, as OpenAI does
             # (a deadline in the queue cannot reach here: the response starts with the job's first item)
             done = True
@@ -1252,8 +1250,7 @@ class ChatServer:
             outcome.logged = True
             kind = "invalid_request_error" if user_error else "server_error"
             msg = str(e) if user_error else f"generation failed ({e.__class__.__name__}); see the replica log"
-            yield {"data": json.dumps(error_body(msg, kind))}
-            yield {"data": "[DONE]"}
+            last = [json.dumps(error_body(msg, kind)), "[DONE]"]
         finally:
             self.admission.released(cid)
             if done:
@@ -1271,6 +1268,8 @@ class ChatServer:
                         error="client_disconnected",
                         completion_tokens=sum(c.count for c in choices),
                     )
+        for data in last:  # recorded and counted already: a client may close once it has its finish_reason
+            yield {"data": data}
 
     def _feedback_client(self, request: Request) -> str:
         """Whom the feedback rate limit counts: the client's address; behind ``serve.ingress: haproxy`` the ingress
