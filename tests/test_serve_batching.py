@@ -1061,9 +1061,8 @@ def test_submitted_now_queues_the_job_before_anyone_iterates_and_aclose_ends_it(
     asyncio.run(main())
 
 
-def test_a_beam_search_ends_at_its_deadline(engine, tok, monkeypatch):
-    """Beam search runs whole (off the decode batch); an accepted request's deadline must still end it, with
-    ``length`` and the best beam so far, not run it to its budget past the deadline."""
+def _slow_decoders(monkeypatch, seconds: float) -> None:
+    """Every decoder the engine makes from now on sleeps ``seconds`` per forward pass (a bigger model's step)."""
     real = GenerationEngine._decoder
 
     def slow_decoder(self):
@@ -1071,13 +1070,19 @@ def test_a_beam_search_ends_at_its_deadline(engine, tok, monkeypatch):
         forward = dec.forward
 
         def slow(*a, **kw):
-            time.sleep(0.01)
+            time.sleep(seconds)
             return forward(*a, **kw)
 
         dec.forward = slow
         return dec
 
     monkeypatch.setattr(GenerationEngine, "_decoder", slow_decoder)
+
+
+def test_a_beam_search_ends_at_its_deadline(engine, tok, monkeypatch):
+    """Beam search runs whole (off the decode batch); an accepted request's deadline must still end it, with
+    ``length`` and the best beam so far, not run it to its budget past the deadline."""
+    _slow_decoders(monkeypatch, 0.01)
     params = SamplingParams(max_new_tokens=100, min_new_tokens=100, num_beams=2)
     job = GenerationJob(_prompt(tok, "beams"), params, (1,), deadline=time.monotonic() + 0.2)
     t0 = time.monotonic()
@@ -1090,20 +1095,7 @@ def test_a_beam_search_ends_at_its_deadline(engine, tok, monkeypatch):
 def test_a_beam_search_whose_client_left_ends_and_frees_the_beam_thread(engine, tok, monkeypatch):
     """A sampled job's rows end at the next step once its client leaves; a beam search read only its deadline, so
     an abandoned one ran on to its budget and every later beam search queued behind it on the one beam thread."""
-    real = GenerationEngine._decoder
-
-    def slow_decoder(self):
-        dec = real(self)
-        forward = dec.forward
-
-        def slow(*a, **kw):
-            time.sleep(0.02)
-            return forward(*a, **kw)
-
-        dec.forward = slow
-        return dec
-
-    monkeypatch.setattr(GenerationEngine, "_decoder", slow_decoder)
+    _slow_decoders(monkeypatch, 0.02)
     long = GenerationJob(
         _prompt(tok, "beams"), SamplingParams(max_new_tokens=100, min_new_tokens=100, num_beams=2), (1,)
     )

@@ -1011,7 +1011,7 @@ class FeedbackStore:
             Rows deleted per table: ``{"transcripts", "requests", "ratings", "pairs"}``.
         """
         t, q, c = transcripts_table.c, requests_table.c, rated_conversations_table.c
-        maps = ((t.request_id, t.conversation_id), (q.request_id, q.conversation_id), (c.request_id, c.conversation_id))
+        maps = [(x.request_id, x.conversation_id) for x in (t, q, c)]  # completion id -> conversation id
         with self._transaction() as conn:
             # 1. the conversation(s): the id itself, or the conversation a completion id belongs to
             convs = {conversation_id}
