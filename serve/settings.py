@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlchat.config import Config, ServeConfig, load_config, parse_override
+from rlchat.config import Config, ServeConfig, load_config, parse_override, resolve_paths
 from rlchat.core.files import read_key_file
 from rlchat.errors import ConfigError
 from rlchat.feedback_store import default_store_url, resolve_store_url
@@ -111,7 +111,8 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
     cfg = load_config(config_path) if config_path else info.config
     model_name = str(args.pop("model_name", DEFAULT_MODEL_NAME))
     num_cpus = float(args.pop("num_cpus", 1.0))
-    serve_fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    serve_types = {f.name: f.type for f in dataclasses.fields(ServeConfig)}
+    serve_fields = set(serve_types)
     overrides: dict[str, Any] = {}
     for key, value in args.items():
         if value is None:
@@ -123,13 +124,17 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
                 "num_cpus, "
                 f"a serve.* field ({', '.join(sorted(serve_fields))}) or a dotted config key"
             )
-        if isinstance(value, str) and not key.endswith("api_key"):
+        # text (`key=value` of `serve run` or `rlchat serve`) is read as YAML for its numbers, booleans and lists; a
+        # string setting keeps the text as given (YAML would read a host `::` as a mapping, cut `key #1` at the #,
+        # turn a model_version 2024 into a number, an API key 0777 into 511)
+        as_text = dotted.startswith("serve.") and serve_types.get(dotted[len("serve.") :]) == "str"
+        if isinstance(value, str) and not as_text and not key.endswith("api_key"):
             value = parse_override(f"{dotted}={value}")[1]
         overrides[dotted] = value
     if not cfg.serve.feedback_store and "serve.feedback_store" not in overrides and os.environ.get(ENV_FEEDBACK_STORE):
         overrides["serve.feedback_store"] = os.environ[ENV_FEEDBACK_STORE]  # keeps a database password out of YAML
-    if overrides:
-        cfg = cfg.replace(**overrides)
+    if overrides:  # a relative path among them is taken from here, as a config file's are when it loads
+        cfg = resolve_paths(cfg.replace(**overrides))
     cfg = cfg.replace(**{"serve.api_key": resolve_api_key(cfg.serve.api_key, cfg.serve.api_key_file)})
     s = cfg.serve
     if s.max_batch_size < 1:
@@ -195,9 +200,10 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         )
     if s.max_replicas < s.replicas:
         cfg = cfg.replace(**{"serve.max_replicas": s.replicas})
-    feedback = Path(cfg.serve.feedback_path).expanduser()
-    if not feedback.is_absolute():  # replicas run in other working directories: resolve on the driver
-        cfg = cfg.replace(**{"serve.feedback_path": str(Path.cwd() / feedback)})
+    for key in ("feedback_path", "checkpoint_cache"):  # replicas run in other working directories: resolve here
+        value = getattr(cfg.serve, key)
+        if value and not Path(value).expanduser().is_absolute():
+            cfg = cfg.replace(**{f"serve.{key}": str(Path.cwd() / Path(value).expanduser())})
     if cfg.serve.feedback_store:
         store = resolve_store_url(cfg.serve.feedback_store)  # a relative SQLite path: from here, as above
     else:

@@ -923,3 +923,39 @@ def test_killed_replica_is_replaced_and_the_endpoint_answers_again(app):
     assert new["pid"] != old["pid"] and new["replica"] != old["replica"] and new["step"] == 1
     r = _post(app, {"messages": [{"role": "user", "content": "still there?"}], "max_tokens": 4})
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_rlchat_serve_flags_are_taken_as_typed_and_the_configs_ray_address_is_used(ckpt, tmp_path, monkeypatch):
+    """Found by a review: ``rlchat serve``'s typed flags went through the YAML reading meant for ``key=value`` text,
+    so ``--host ::`` was refused (YAML reads a mapping) and ``--api-key-file "key #1"`` lost its end (a YAML
+    comment); the config's ``ray.address`` was ignored (a new local Ray was started instead of joining the
+    cluster, as train and tune do); an IPv6 host made the printed URLs unusable."""
+    import rlchat.distributed.cluster as cluster
+    from rlchat.cli.serve_cmd import endpoint_url, serve_args, serve_command
+
+    key = tmp_path / "key #1"
+    key.write_text("s3cret\n", encoding="utf-8")
+    s = resolve_settings(serve_args(str(ckpt), host="::", api_key_file=str(key))).config.serve
+    assert (s.host, s.api_key) == ("::", "s3cret")
+    typed = resolve_settings(serve_args(str(ckpt), overrides=["serve.model_version=2024", "max_batch_size=4"]))
+    assert (typed.config.serve.model_version, typed.config.serve.max_batch_size) == ("2024", 4)  # str stays str
+    # relative paths given as overrides are taken from here, as the config's are (the replicas run elsewhere)
+    monkeypatch.chdir(tmp_path)
+    paths = resolve_settings(serve_args(str(ckpt), overrides=["reward.model_path=rm", "serve.checkpoint_cache=cache"]))
+    assert paths.config.reward.model_path == str(tmp_path / "rm")
+    assert paths.config.serve.checkpoint_cache == str(tmp_path / "cache")
+    assert endpoint_url("::1", 8123) == "http://[::1]:8123" and endpoint_url("127.0.0.1", 80) == "http://127.0.0.1:80"
+
+    class Joined(Exception):
+        pass
+
+    def init_ray(address, num_cpus=0):
+        raise Joined(address)
+
+    monkeypatch.setattr(cluster, "init_ray", init_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(f"ray:\n  address: auto\nserve:\n  port: {testing.free_port()}\n", encoding="utf-8")
+    with pytest.raises(Joined) as joined:
+        serve_command(checkpoint=str(ckpt), config=str(cfg), blocking=False)
+    assert joined.value.args[0] == "auto"

@@ -47,6 +47,11 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def endpoint_url(host: str, port: int) -> str:
+    """The base URL of ``host:port`` (an IPv6 address in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def key_hints(s: ServeConfig) -> tuple[str, str]:
     """How the start-up hints pass the API key: the curl header and ``rlchat chat``'s flags. They name where the key
     is (its file, or ``RLCHAT_API_KEY``) and never the key itself, which would land in the terminal's scrollback;
@@ -125,6 +130,7 @@ def serve_command(
     )
     settings = resolve_settings(args)
     s = settings.config.serve
+    address = address or settings.config.ray.address or None  # the config's cluster, as train and tune join it
     starts_local = not ray.is_initialized() and (address or os.environ.get("RAY_ADDRESS") or "local") == "local"
     if starts_local:  # Ray Serve reads its ingress switches from the environment of every Ray process it starts
         os.environ.update(ingress_environment(s.ingress))
@@ -147,7 +153,7 @@ def serve_command(
         ray_serve.start(http_options={"host": s.host, "port": s.port})
         app = ChatServer.options(**deployment_options(settings)).bind(settings)
         ray_serve.run(app, name=APP_NAME, route_prefix="/")
-        url = f"http://{s.host}:{s.port}"
+        url = endpoint_url(s.host, s.port)
         warning = exposure_warning(s.host, s.api_key)
         if warning:
             print(f"warning: {warning}", flush=True)
