@@ -135,16 +135,37 @@ def test_rlchat_serve_as_typed_answers_through_haproxy_and_stops_on_ctrl_c(tmp_p
 def test_start_up_hints_name_where_the_key_is_and_never_the_key(tmp_path):
     """`rlchat serve` prints a curl line and an `rlchat chat` line; pasted as printed they must authenticate: with
     --api-key-file they read that file (RLCHAT_API_KEY is unset then), and the key itself is never printed."""
-    from rlchat.cli.serve_cmd import key_hints
+    import subprocess
+
+    from rlchat.cli.serve_cmd import key_hints, serve_args
     from rlchat.core.config import ServeConfig
 
     assert key_hints(ServeConfig(api_key="")) == ("", "")
-    curl, chat = key_hints(ServeConfig(api_key="s3cret", api_key_file="my keys/key.txt"))
-    assert curl == " -H \"Authorization: Bearer $(head -n1 'my keys/key.txt')\"" and "s3cret" not in curl + chat
-    assert chat == " --api-key-file 'my keys/key.txt'"
-    curl, chat = key_hints(ServeConfig(api_key="s3cret"))
+    key = tmp_path / "my keys" / "key.txt"
+    key.parent.mkdir()
+    key.write_text("\n  s3cret \r\n", encoding="utf-8")  # read as the server reads it: the first non-blank line
+    curl, chat = key_hints(ServeConfig(api_key="s3cret", api_key_file=str(key)))
+    assert "s3cret" not in curl + chat and chat == f" --api-key-file '{key}'"
+    header = subprocess.run(["bash", "-c", f"echo {curl.split('-H ', 1)[1]}"], capture_output=True, text=True)
+    assert header.stdout.strip() == "Authorization: Bearer s3cret", header
+    # a key file under ~ is named so that the shell finds it ('~/x' in quotes is not expanded)
+    home = tmp_path / "home"
+    (home / ".rlchat").mkdir(parents=True)
+    (home / ".rlchat" / "key").write_text("s3cret\n", encoding="utf-8")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("HOME", str(home))
+        curl, chat = key_hints(ServeConfig(api_key="s3cret", api_key_file="~/.rlchat/key"))
+        assert str(home / ".rlchat" / "key") in curl and chat == f" --api-key-file {home / '.rlchat' / 'key'}"
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("RLCHAT_API_KEY", "s3cret")
+        curl, chat = key_hints(ServeConfig(api_key="s3cret"))
     # rlchat chat reads RLCHAT_API_KEY itself; "--api-key $RLCHAT_API_KEY" put the key in its argv (ps)
     assert "$RLCHAT_API_KEY" in curl and chat == ""
+    # a key that came from elsewhere than the file (the config's api_key) is not hinted as the file's
+    curl, _ = key_hints(ServeConfig(api_key="other", api_key_file=str(key)))
+    assert "$RLCHAT_API_KEY" not in curl and str(key) not in curl, curl
+    # --api-key-file on the command line wins over a serve.api_key in the config, as flags win over the config
+    assert serve_args("ckpt", api_key_file=str(key))["api_key"] == ""
 
 
 def test_rlchat_serve_refuses_a_port_something_listens_on(tmp_path):

@@ -5,6 +5,7 @@ import os
 import shlex
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve as ray_serve
@@ -12,9 +13,11 @@ from ray import serve as ray_serve
 from rlchat.core.config import ServeConfig
 from rlchat.core.errors import ConfigError
 from rlchat.core.feedback_store import display_url
+from rlchat.core.files import read_key_file
 from serve.app import ChatServer
 from serve.settings import (
     APP_NAME,
+    ENV_API_KEY,
     SHUTDOWN_MARGIN_S,
     active_ingress,
     deployment_options,
@@ -55,13 +58,20 @@ def endpoint_url(host: str, port: int) -> str:
 def key_hints(s: ServeConfig) -> tuple[str, str]:
     """How the start-up hints pass the API key: the curl header and ``rlchat chat``'s flags. They name where the key
     is (its file, or ``RLCHAT_API_KEY``) and never the key itself, which would land in the terminal's scrollback;
-    ``rlchat chat`` reads ``RLCHAT_API_KEY`` itself, so no flag puts the key in its argv (``ps``)."""
+    ``rlchat chat`` reads ``RLCHAT_API_KEY`` itself, so no flag puts the key in its argv (``ps``). The file is named
+    expanded (a quoted ``~`` is not) and read as the server reads it (its first non-blank line)."""
     if not s.api_key:
         return "", ""
     if s.api_key_file:
-        path = shlex.quote(s.api_key_file)
-        return f' -H "Authorization: Bearer $(head -n1 {path})"', f" --api-key-file {path}"
-    return ' -H "Authorization: Bearer $RLCHAT_API_KEY"', ""
+        path = Path(s.api_key_file).expanduser()
+        with contextlib.suppress(OSError):
+            if read_key_file(path) == s.api_key:  # the key is the file's (not a serve.api_key beside it)
+                quoted = shlex.quote(str(path))
+                first_line = f"grep -m1 '[^[:space:]]' {quoted} | tr -d '[:space:]'"
+                return f' -H "Authorization: Bearer $({first_line})"', f" --api-key-file {quoted}"
+    if os.environ.get(ENV_API_KEY) == s.api_key:
+        return f' -H "Authorization: Bearer ${ENV_API_KEY}"', ""
+    return ' -H "Authorization: Bearer <serve.api_key>"', ""
 
 
 def serve_args(
@@ -84,6 +94,8 @@ def serve_args(
         args[key.strip()] = value
     args.update({"checkpoint": checkpoint, "from_run": from_run, "config": config})
     args.update({k: v for k, v in flags.items() if v is not None})
+    if flags.get("api_key_file") and not flags.get("api_key"):
+        args["api_key"] = ""  # the file named on the command line, not a serve.api_key of the config
     return args
 
 
