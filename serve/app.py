@@ -633,11 +633,12 @@ class ChatServer:
                     "invalid_value",
                 )
         try:
+            nucleus = 1.0 if req.top_p is None else req.top_p
             return SamplingParams(
                 max_new_tokens=budget,
                 temperature=1.0 if req.temperature is None else req.temperature,
-                top_k=req.top_k or 0,
-                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=1 if nucleus == 0 else req.top_k or 0,  # top_p 0: a nucleus of the likeliest token alone
+                top_p=nucleus or 1.0,
                 repetition_penalty=req.repetition_penalty or 1.0,
                 stop_strings=req.stop_strings(),
                 num_beams=beams,
@@ -959,7 +960,9 @@ class ChatServer:
             self.admission.admit(cid)
             req, ignored = parse_chat_request(body, strict=self.cfg.strict_requests)
             messages, prompt, params, dropped = self._check_limits(req)
-        fmt = ChatFormat(cid, int(time.time()), self.served.name, self.tokenizer, bool(req.logprobs))
+        fmt = ChatFormat(
+            cid, int(time.time()), self.served.name, self.tokenizer, bool(req.logprobs), req.include_usage()
+        )
         conversation = request.headers.get(CONVERSATION_HEADER)
         with self._released_on_error(cid):
             return await self._respond(req, fmt, messages, prompt, params, dropped, ignored, t0, request, conversation)

@@ -33,11 +33,20 @@ def _compact(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def _chunk(cid: str, created: int, model: str, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+def _chunk(
+    cid: str,
+    created: int,
+    model: str,
+    choices: list[ChunkChoice],
+    usage: Usage | None = None,
+    null_usage: bool = False,
+) -> str:
+    """A chat chunk's JSON; ``usage`` null only with ``null_usage`` (``stream_options.include_usage``: OpenAI then
+    puts ``"usage": null`` in every chunk but the last), else absent."""
     body = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage).model_dump()
     for choice in body["choices"]:  # as OpenAI: a delta carries only the fields it sets; finish_reason stays (null)
         choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-    if usage is None:
+    if usage is None and not null_usage:
         del body["usage"]
     return json.dumps(body, ensure_ascii=False)
 
@@ -49,8 +58,12 @@ class ResponseFormat:
     logprobs)``; the end-of-turn token is not reported (it is never shown as text).
     """
 
-    def __init__(self, cid: str, created: int, model: str, tokenizer: ChatTokenizer, logprobs: bool) -> None:
+    def __init__(
+        self, cid: str, created: int, model: str, tokenizer: ChatTokenizer, logprobs: bool, include_usage: bool = False
+    ) -> None:
         self.cid, self.created, self.model, self.logprobs = cid, created, model, logprobs
+        self.include_usage = include_usage
+        """``stream_options.include_usage``: a usage chunk ends the stream and the others say ``"usage": null``."""
         self.tokenizer = tokenizer
         # a streamed chunk's JSON up to its choice's index, as _chunk / _json write it (pydantic field order)
         cid_json, model_json = json.dumps(cid, ensure_ascii=False), json.dumps(model, ensure_ascii=False)
@@ -181,20 +194,21 @@ class ChatFormat(ResponseFormat):
 
     def first_chunk(self, n: int) -> str | None:
         roles = [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)]
-        return _chunk(self.cid, self.created, self.model, roles)
+        return _chunk(self.cid, self.created, self.model, roles, null_usage=self.include_usage)
 
     def delta_chunk(self, i: int, text: str, tokens: Sequence[int], alts: Sequence[Any]) -> str:
         # written directly, not through the response models (the same JSON once parsed, tests/test_serve_api.py)
         content = json.dumps(text, ensure_ascii=False)
         logprobs = self._logprobs_json(tokens, alts) if self.logprobs else "null"
+        usage = ', "usage": null' if self.include_usage else ""
         return (
             f'{self._head}{i}, "delta": {{"content": {content}}}, "finish_reason": null, "logprobs": {logprobs}}}], '
-            '"system_fingerprint": null}'
+            f'"system_fingerprint": null{usage}}}'
         )
 
     def final_chunk(self, finals: list[tuple[int, str]]) -> str:
         choices = [ChunkChoice(index=i, delta=Delta(), finish_reason=r) for i, r in finals]  # type: ignore[arg-type]
-        return _chunk(self.cid, self.created, self.model, choices)
+        return _chunk(self.cid, self.created, self.model, choices, null_usage=self.include_usage)
 
     def usage_chunk(self, usage: Usage) -> str:
         return _chunk(self.cid, self.created, self.model, [], usage)
@@ -226,7 +240,9 @@ class CompletionFormat(ResponseFormat):
                 if t != eot:
                     out.tokens.append(self._text(t))
                     out.token_logprobs.append(lp)
-                    out.top_logprobs.append({self._text(i): v for i, v in zip(ids, lps)})
+                    top = {self._text(i): v for i, v in zip(ids, lps)}
+                    top.setdefault(self._text(t), lp)  # OpenAI: the sampled token too (up to logprobs + 1 entries)
+                    out.top_logprobs.append(top)
                     out.text_offset.append(offset)
                 offset += len(dec.push(t))
         if choice is not None:

@@ -19,7 +19,7 @@ Validation is done on the parsed JSON in pydantic's strict mode, so a string whe
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -146,6 +146,13 @@ class TextPart(_Lenient):
     text: str
 
 
+class RefusalPart(_Lenient):
+    """An assistant turn's refusal as a content part (as OpenAI's SDK types echo one back); read as its text."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
 class ChatMessage(_Lenient):
     """One message of the conversation. ``developer`` is OpenAI's newer name for ``system``.
 
@@ -154,7 +161,7 @@ class ChatMessage(_Lenient):
     """
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | RefusalPart, Field(discriminator="type")]] | None = None
     name: str | None = None
     refusal: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -168,7 +175,7 @@ class ChatMessage(_Lenient):
             return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text if isinstance(p, TextPart) else p.refusal for p in self.content)
 
     def as_message(self) -> dict[str, str]:
         """``{"role", "content"}`` in rlchat's chat template roles."""
@@ -218,7 +225,7 @@ class SamplingFields(_Lenient):
     model: str | None = None
     """The model to use: the served model's name (``GET /v1/models``); optional."""
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)  # 0 (OpenAI allows it): the likeliest token only
     n: int | None = Field(default=None, ge=1, le=16)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
@@ -573,10 +580,11 @@ def _check_content_parts(messages: Any, field: str) -> None:
         return
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
+        allowed = ("text", "refusal") if isinstance(m, dict) and m.get("role") == "assistant" else ("text",)
         if isinstance(content, list):
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
-                if kind != "text":
+                if kind not in allowed:
                     raise APIError(
                         400,
                         f"{field}[{i}].content[{j}] has type {kind!r}: only text parts are supported "

@@ -1490,3 +1490,61 @@ def test_a_client_gone_mid_body_is_not_counted_as_refused(tmp_path, no_replica_c
             server.models.default.close()
 
     asyncio.run(main())
+
+
+def test_openai_details_sampled_token_in_legacy_top_logprobs_top_p_0_null_usage_and_refusal_parts(tmp_path):
+    """Found by a review against OpenAI's API reference, each a failing check first: legacy completions'
+    ``top_logprobs`` must hold the sampled token too ("up to logprobs+1 elements"); ``top_p: 0`` is valid (the
+    likeliest token only) and was a 400; with ``stream_options.include_usage`` every chunk carries ``"usage": null``
+    but the last; an assistant turn whose content is a ``refusal`` part (as the SDK types allow) was a 400."""
+    import asyncio
+
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", n_positions=512)
+    hi = [{"role": "user", "content": "hi"}]
+
+    async def sse(resp) -> list[dict]:
+        events = []
+        async for chunk in resp.body_iterator:
+            text = chunk if isinstance(chunk, str) else chunk.decode() if isinstance(chunk, bytes) else chunk["data"]
+            for line in text.splitlines():
+                data = line.removeprefix("data: ").strip() if line.startswith("data:") else text.strip()
+                if data and data != "[DONE]" and data.startswith("{"):
+                    events.append(json.loads(data))
+        return events
+
+    async def main() -> None:
+        server = await testing.inprocess_server(ckpt, engine_process=False)
+        try:
+            for k in (0, 2):
+                body = {"prompt": "Once upon a time", "max_tokens": 6, "logprobs": k, "seed": 1}
+                lp = json.loads((await server.completions(testing.post_request("/v1/completions", body))).body)
+                lp = lp["choices"][0]["logprobs"]
+                for tok, tok_lp, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+                    assert top[tok] == tok_lp and len(top) <= k + 1, (k, tok, top)
+
+            greedy = {"messages": hi, "max_tokens": 8, "temperature": 0}
+            zero = {"messages": hi, "max_tokens": 8, "temperature": 1.0, "top_p": 0, "seed": 3}
+            texts = []
+            for body in (greedy, zero):
+                reply = await server.chat_completions(testing.post_request("/v1/chat/completions", body))
+                assert reply.status_code == 200
+                texts.append(json.loads(reply.body)["choices"][0]["message"]["content"])
+            assert texts[0] == texts[1]  # top_p 0: the likeliest token, whatever the temperature
+
+            streamed = {"messages": hi, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+            chunks = await sse(await server.chat_completions(testing.post_request("/v1/chat/completions", streamed)))
+            assert chunks[-1]["usage"]["completion_tokens"] >= 1 and chunks[-1]["choices"] == []
+            assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), chunks
+            plain = {**streamed, "stream_options": None}
+            chunks = await sse(await server.chat_completions(testing.post_request("/v1/chat/completions", plain)))
+            assert not any("usage" in c for c in chunks)
+
+            refused = [*hi, {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]}, *hi]
+            body = {"messages": refused, "max_tokens": 2}
+            assert (
+                await server.chat_completions(testing.post_request("/v1/chat/completions", body))
+            ).status_code == 200
+        finally:
+            server.models.default.close()
+
+    asyncio.run(main())
