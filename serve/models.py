@@ -194,6 +194,15 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / "rlchat-checkpoints"
 
 
+def _cached(entry: Path, keep: int) -> Path | None:
+    """``entry`` when this node's cache holds it (see :func:`_use_and_prune`), else None. It is marked used before
+    it is looked at, so an eviction running meanwhile passes it over as recently used."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        os.utime(entry, (now, now))
+    return _use_and_prune(entry, keep) if (entry / "meta.json").is_file() else None
+
+
 def _use_and_prune(entry: Path, keep: int) -> Path:
     """Mark the cached copy ``entry`` used now, then evict the node cache's least recently used copies beyond
     ``keep`` (0: keep all).
@@ -287,8 +296,8 @@ def fetch_uri(uri: str, cache_dir: str | Path = "", keep: int = 0) -> Path:
             "this node's credentials for that storage"
         ) from e
     final = _cache_entry(cache_dir, f"{uri}\n{json.dumps(version)}")
-    if (final / "meta.json").is_file():
-        return _use_and_prune(final, keep)
+    if (cached := _cached(final, keep)) is not None:
+        return cached
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -335,8 +344,8 @@ def unpack_checkpoint(data: bytes, key: str, cache_dir: str | Path = "", keep: i
     """Unpack a :func:`pack_checkpoint` tar into the node's cache under ``key`` (once per node); its path.
     ``keep``: as for :func:`fetch_uri`."""
     final = _cache_entry(cache_dir, f"shipped:{key}")
-    if (final / "meta.json").is_file():
-        return _use_and_prune(final, keep)
+    if (cached := _cached(final, keep)) is not None:
+        return cached
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -402,7 +411,9 @@ def fetch_checkpoint(spec: VersionSpec, cache_dir: str | Path = "", keep: int = 
         import ray
 
         key = f"{spec.checkpoint}:{spec.shipped.hex()}"
-        return unpack_checkpoint(ray.get(spec.shipped), key, cache_dir, keep)
+        # unpacked on this node already: no pull of the whole pack (none possible once its owner, the driver, is gone)
+        cached = _cached(_cache_entry(cache_dir, f"shipped:{key}"), keep)
+        return cached if cached is not None else unpack_checkpoint(ray.get(spec.shipped), key, cache_dir, keep)
     node = ""
     with contextlib.suppress(Exception):
         import ray

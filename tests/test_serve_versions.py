@@ -191,6 +191,34 @@ def test_shipped_pack_unpacks_where_the_path_is_gone(ckpts, tmp_path):
     assert not cache.exists() or not any(cache.rglob("*partial*")), list(cache.rglob("*"))
 
 
+def test_a_shipped_checkpoint_already_on_the_node_is_not_pulled_again(ckpts, tmp_path, monkeypatch):
+    """A replica pulled the whole shipped pack (up to 2 GiB) from the object store before looking in its node's
+    cache: every replica of a node read it into memory again, and one restarted after the driver had gone
+    (``OwnerDiedError``) failed although its node held the unpacked copy."""
+    import ray
+
+    src = tmp_path / "driver" / "a"
+    shutil.copytree(ckpts["a"], src)
+    packed = pack_checkpoint(src)
+    shutil.rmtree(src)  # not on this node
+
+    class Ref:  # what ray.put returned on the driver
+        def hex(self) -> str:
+            return "cd" * 14
+
+    pulls: list[int] = []
+    monkeypatch.setattr(ray, "get", lambda ref: (pulls.append(1), packed)[1])
+    spec = VersionSpec("a", str(src), shipped=Ref())
+    first = fetch_checkpoint(spec, tmp_path / "cache")
+    assert pulls == [1] and (first / "meta.json").is_file()
+
+    def gone(ref):
+        raise RuntimeError("OwnerDiedError: the owner of this object (the rlchat serve driver) has died")
+
+    monkeypatch.setattr(ray, "get", gone)  # the driver exited; this node's copy is still there
+    assert fetch_checkpoint(spec, tmp_path / "cache") == first
+
+
 def test_the_node_cache_keeps_the_recently_used_copies_and_evicts_the_rest(ckpts, tmp_path):
     """Each deploy of a URI or shipped checkpoint adds a copy on every node (a followed run: one per new best step);
     without eviction the node's disk fills. The ``keep`` most recently used copies stay, and any copy used in the
