@@ -52,7 +52,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,7 +187,8 @@ _CACHE_NAME = re.compile(
     r"(?P<evicting>\.evict-)?(?P<partial>\.)?[0-9a-f]{20}(?(partial)\.partial-\d+-[0-9a-f]{8})(?(evicting)-[0-9a-f]{8})"
 )
 """The names :func:`_cache_entry`, the copy in progress (``.<key>.partial-<pid>-<hex>``) and an eviction
-(``.evict-<key>-<hex>``) give; nothing else in the cache directory is ever touched."""
+(``.evict-<key>-<hex>``) give; nothing else in the cache directory is ever touched (but the fill lock,
+``.rlchat-fill.lock``, :func:`_filling`)."""
 
 
 def default_cache_dir() -> Path:
@@ -248,6 +249,25 @@ def _cache_entry(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir or default_cache_dir()) / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
+@contextlib.contextmanager
+def _filling(cache: Path) -> Iterator[None]:
+    """Hold the node cache's fill lock (an ``flock`` on ``<cache>/.rlchat-fill.lock``): replicas of one node that
+    start together copy a checkpoint once -- the first copies, the others then find it cached -- instead of each
+    downloading the whole of it. Without ``fcntl`` (not Linux / macOS) there is no lock: each copies, as before."""
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(cache / ".rlchat-fill.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _publish(tmp: Path, final: Path) -> Path:
     """Move a fully written ``tmp`` directory to ``final`` (another replica on this node may have won the race)."""
     try:
@@ -298,7 +318,16 @@ def fetch_uri(uri: str, cache_dir: str | Path = "", keep: int = 0) -> Path:
     final = _cache_entry(cache_dir, f"{uri}\n{json.dumps(version)}")
     if (cached := _cached(final, keep)) is not None:
         return cached
-    final.parent.mkdir(parents=True, exist_ok=True)
+    with _filling(final.parent):
+        if (cached := _cached(final, keep)) is not None:  # another replica of this node copied it meanwhile
+            return cached
+        return _copy_uri(uri, filesystem, path, final, keep)
+
+
+def _copy_uri(uri: str, filesystem: Any, path: str, final: Path, keep: int) -> Path:
+    """Copy ``path`` of ``filesystem`` into the node cache's entry ``final`` (written aside, then renamed)."""
+    from pyarrow import fs as pafs
+
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
@@ -346,7 +375,14 @@ def unpack_checkpoint(data: bytes, key: str, cache_dir: str | Path = "", keep: i
     final = _cache_entry(cache_dir, f"shipped:{key}")
     if (cached := _cached(final, keep)) is not None:
         return cached
-    final.parent.mkdir(parents=True, exist_ok=True)
+    with _filling(final.parent):
+        if (cached := _cached(final, keep)) is not None:
+            return cached
+        return _unpack(data, key, final, keep)
+
+
+def _unpack(data: bytes, key: str, final: Path, keep: int) -> Path:
+    """Unpack the tar ``data`` into the node cache's entry ``final`` (written aside, then renamed)."""
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         try:

@@ -191,6 +191,29 @@ def test_shipped_pack_unpacks_where_the_path_is_gone(ckpts, tmp_path):
     assert not cache.exists() or not any(cache.rglob("*partial*")), list(cache.rglob("*"))
 
 
+def test_replicas_starting_together_copy_a_uri_once_per_node(ckpts, tmp_path, monkeypatch):
+    """Replicas of one node that started together each copied the whole checkpoint from its URI (N copies of the
+    download and, meanwhile, of the disk), though the cache is meant to copy it once per node."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pyarrow import fs as pafs
+
+    copies: list[str] = []
+    real_copy = pafs.copy_files
+
+    def slow_copy(*args, **kwargs):
+        copies.append(args[0])
+        time.sleep(0.5)  # a large download
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(pafs, "copy_files", slow_copy)
+    uri = f"file://{ckpts['a']}"
+    with ThreadPoolExecutor(4) as pool:  # four replicas' loader threads (the lock is per open file: as processes)
+        paths = list(pool.map(lambda _: fetch_checkpoint(VersionSpec("a", uri), tmp_path / "cache"), range(4)))
+    assert len(set(paths)) == 1 and (paths[0] / "meta.json").is_file()
+    assert len(copies) == 1, copies
+
+
 def test_a_shipped_checkpoint_already_on_the_node_is_not_pulled_again(ckpts, tmp_path, monkeypatch):
     """A replica pulled the whole shipped pack (up to 2 GiB) from the object store before looking in its node's
     cache: every replica of a node read it into memory again, and one restarted after the driver had gone
@@ -232,7 +255,10 @@ def test_the_node_cache_keeps_the_recently_used_copies_and_evicts_the_rest(ckpts
         shutil.copytree(ckpts["a"], src)
         paths.append(fetch_checkpoint(VersionSpec("v", f"file://{src}"), cache, keep=2))
         os.utime(paths[-1], (hour_ago + i, hour_ago + i))  # used an hour ago, in this order
-    kept = sorted(p.name for p in cache.iterdir())
+    def entries() -> list[str]:  # what the cache holds but its fill lock (a file beside the copies)
+        return sorted(p.name for p in cache.iterdir() if p.name != ".rlchat-fill.lock")
+
+    kept = entries()
     assert kept == sorted(p.name for p in paths[-2:]), kept  # the two most recently used
     # using an older copy again makes it recent: the next fetch evicts the other one
     again = fetch_checkpoint(VersionSpec("v", f"file://{tmp_path}/src3"), cache, keep=2)
@@ -241,12 +267,12 @@ def test_the_node_cache_keeps_the_recently_used_copies_and_evicts_the_rest(ckpts
     src = tmp_path / "src5"
     shutil.copytree(ckpts["a"], src)
     newest = fetch_checkpoint(VersionSpec("v", f"file://{src}"), cache, keep=2)
-    assert sorted(p.name for p in cache.iterdir()) == sorted([paths[3].name, newest.name])
+    assert entries() == sorted([paths[3].name, newest.name])
     # an evicted copy is fetched again when it is asked for
     os.utime(newest, (hour_ago + 11, hour_ago + 11))
     back = fetch_checkpoint(VersionSpec("v", f"file://{tmp_path}/src0"), cache, keep=2)
     assert back == paths[0] and (back / "meta.json").is_file()
-    assert sorted(p.name for p in cache.iterdir()) == sorted([newest.name, back.name])
+    assert entries() == sorted([newest.name, back.name])
     os.utime(newest, (time.time(), time.time()))  # as if another replica had just loaded it
     # a copy used within the grace period stays whatever keep says; a half-written copy goes once it is old
     stale = cache / ".0123456789abcdef0123.partial-1-deadbeef"
