@@ -255,6 +255,7 @@ def test_the_node_cache_keeps_the_recently_used_copies_and_evicts_the_rest(ckpts
         shutil.copytree(ckpts["a"], src)
         paths.append(fetch_checkpoint(VersionSpec("v", f"file://{src}"), cache, keep=2))
         os.utime(paths[-1], (hour_ago + i, hour_ago + i))  # used an hour ago, in this order
+
     def entries() -> list[str]:  # what the cache holds but its fill lock (a file beside the copies)
         return sorted(p.name for p in cache.iterdir() if p.name != ".rlchat-fill.lock")
 
