@@ -153,6 +153,14 @@ def test_cache_grows_in_place_and_survives_replacement() -> None:
     layer.keys, layer.values = layer.keys[:, :, :-2], layer.values[:, :, :-2]
     _append_kv(layer, cols[0], cols[0] + 1)
     torch.testing.assert_close(layer.keys, torch.cat([want[:, :, :-2], cols[0]], 2))
+    # fewer rows and leading columns trimmed (continuous batching's departures): still in place
+    ptr = layer._rlchat_kv[0].data_ptr()  # noqa: SLF001
+    layer.keys, layer.values = layer.keys[:1, :, 2:], layer.values[:1, :, 2:]
+    before = layer.keys.clone()
+    _append_kv(layer, cols[1][:1], cols[1][:1] + 1)
+    assert layer._rlchat_kv[0].data_ptr() == ptr  # noqa: SLF001
+    torch.testing.assert_close(layer.keys, torch.cat([before, cols[1][:1]], 2))
+    torch.testing.assert_close(layer.values[:, :, -1:], cols[1][:1] + 1)
 
 
 def test_a_stream_started_in_train_mode_uses_the_fast_step_and_restores_the_mode() -> None:

@@ -631,6 +631,58 @@ def test_rows_leave_and_the_batch_and_cache_compact(engine, tok):
     assert batch.rows == 1 and batch.cache_length == len(short_prompt) + 2
 
 
+def test_rows_join_and_leave_inside_the_cache_buffers_and_reply_as_alone(engine, tok):
+    """Past the first join, arrivals take spare rows of the fast step's key / value buffers and departures move the
+    last rows into the freed slots: the cache is not copied per arrival or departure (it was twice each, a sixth of a
+    16-row step at a real vocabulary), and every reply is still the one its request gets alone -- a newcomer longer
+    than the running cache (leading columns), one shorter, rows leaving from the middle of the batch."""
+    from rlchat.core.fast_decode import kv_buffers
+
+    batch = DecodeBatch(engine)
+    layer = batch._dec  # noqa: SLF001
+    assert layer.step is not None  # the fast step: the buffers are its own
+    prompts = [_prompt(tok, t) for t in ("one", "two words", "three words here", "four", "a five word prompt")]
+    params = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in (3, 12, 5, 14, 9)]
+    got: dict[int, list[int]] = {}
+    jobs: dict[int, GenerationJob] = {}
+
+    def add(prompt, p, seed) -> None:
+        (h,) = batch.add([prompt], p, [seed])
+        jobs[h] = GenerationJob(prompt, p, (seed,))
+
+    def step() -> None:
+        for out in batch.step():
+            got.setdefault(out.handle, []).append(out.token)
+
+    def buffer() -> int:
+        found = kv_buffers(batch._cache.layers[0])  # noqa: SLF001
+        assert found is not None
+        return found[0].data_ptr()
+
+    add(prompts[0], params[0], 1)
+    step()
+    add(prompts[1], params[1], 2)  # the first join: new buffers with room
+    step()
+    ptr = buffer()
+    for i in (2, 3):  # more joins while row 0 leaves (budget 3) from the batch's front
+        add(prompts[i], params[i], 1 + i)
+        step()
+        assert buffer() == ptr
+    width = batch.cache_length
+    longer = tuple(range(100, 100 + width + 5))  # longer than the running cache: its rows gain leading columns
+    add(longer, SamplingParams(max_new_tokens=6, temperature=1.0), 9)
+    step()
+    assert batch.cache_length == width + 5 and buffer() == ptr  # (the running rows were fed one column first)
+    add(prompts[4], params[4], 5)
+    while batch.rows:
+        step()
+        if batch._cache is not None:  # noqa: SLF001
+            assert buffer() == ptr
+    for h, job in jobs.items():
+        tokens, _, _ = _solo(engine, job)
+        assert got[h] == tokens[0], f"row {h}"
+
+
 def test_a_bad_job_fails_alone(engine, tok):
     good = GenerationJob(_prompt(tok, "fine"), SamplingParams(max_new_tokens=3, temperature=1.0), (1,))
     too_long = GenerationJob(tuple([5] * 200), SamplingParams(max_new_tokens=3), (2,))

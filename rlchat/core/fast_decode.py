@@ -76,36 +76,61 @@ _SPARE_COLUMNS = 64
 """Columns a reallocated buffer gets beyond what it holds (at least; half its length for long caches)."""
 
 
+def kv_buffer_start(t: torch.Tensor, buf: torch.Tensor) -> int | None:
+    """The first column of ``t`` in ``buf`` when ``t`` is the view ``buf[:B, :, s:s + n]`` (any B up to ``buf``'s
+    rows), else None (another tensor, or another kind of view)."""
+    if (
+        t.dtype != buf.dtype
+        or t.stride() != buf.stride()
+        or t.shape[0] > buf.shape[0]
+        or t.shape[1::2] != buf.shape[1::2]
+    ):
+        return None
+    col = buf.stride(2) * buf.element_size()
+    off = t.data_ptr() - buf.data_ptr()
+    if off < 0 or off % col or off // col + t.shape[2] > buf.shape[2]:
+        return None
+    return off // col
+
+
+def kv_buffers(layer: Any) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """``(key buffer, value buffer, first column)`` when a cache layer's keys / values are views
+    ``buf[:B, :, s:s + n]`` of the buffers :func:`_append_kv` keeps on it, else None."""
+    buf = getattr(layer, "_rlchat_kv", None)
+    if buf is None or getattr(layer, "keys", None) is None:
+        return None
+    s = kv_buffer_start(layer.keys, buf[0])
+    if s is None or kv_buffer_start(layer.values, buf[1]) != s:
+        return None
+    return buf[0], buf[1], s
+
+
 def _append_kv(layer: Any, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Append one column (``k``, ``v``: (B, heads, 1, d)) to a ``DynamicCache`` layer; returns its keys, values.
 
-    The layer's tensors are views ``buf[:, :, :n]`` of a (B, heads, capacity, d) buffer kept on the layer; the new
-    column is written at ``n``. When the layer's tensors are not such a view any more (replaced by a merge,
-    compaction, reorder or crop from elsewhere) or the buffer is full, a new buffer with spare columns is made.
+    The layer's tensors are views ``buf[:B, :, s:s + n]`` of a (rows, heads, capacity, d) buffer kept on the layer;
+    the new column is written at ``s + n``. Any such view continues in place: a crop, a trim of leading columns, or
+    fewer rows (continuous batching moves rows inside the buffer rather than copying it, see
+    ``serve.decode_batch``). When the layer's tensors are not such a view (replaced by a merge, compaction, reorder
+    from elsewhere) or the buffer is full, a new buffer with spare columns is made.
     """
     keys, values = layer.keys, layer.values
     b, heads, n, d = keys.shape
-    buf = getattr(layer, "_rlchat_kv", None)
-    if (
-        buf is None
-        or buf[0].shape[2] <= n
-        or keys.data_ptr() != buf[0].data_ptr()
-        or values.data_ptr() != buf[1].data_ptr()
-        or keys.shape[:2] != buf[0].shape[:2]
-        or keys.stride() != buf[0].stride()
-        or values.stride() != buf[1].stride()
-        or keys.dtype != k.dtype
-    ):
+    found = kv_buffers(layer) if keys.dtype == k.dtype else None
+    if found is None or found[2] + n >= found[0].shape[2]:
         cap = n + max(_SPARE_COLUMNS, n // 2)
-        kb = keys.new_empty((b, heads, cap, d), dtype=k.dtype)
-        vb = values.new_empty((b, v.shape[1], cap, v.shape[3]), dtype=v.dtype)
-        kb[:, :, :n] = keys
-        vb[:, :, :n] = values
-        buf = layer._rlchat_kv = (kb, vb)
-    kb, vb = buf
-    kb[:, :, n] = k[:, :, 0]
-    vb[:, :, n] = v[:, :, 0]
-    layer.keys, layer.values = kb[:, :, : n + 1], vb[:, :, : n + 1]
+        rows = b if found is None else found[0].shape[0]  # a full buffer keeps its spare rows
+        kb = keys.new_empty((rows, heads, cap, d), dtype=k.dtype)
+        vb = values.new_empty((rows, v.shape[1], cap, v.shape[3]), dtype=v.dtype)
+        kb[:b, :, :n] = keys
+        vb[:b, :, :n] = values
+        layer._rlchat_kv = (kb, vb)
+        s = 0
+    else:
+        kb, vb, s = found
+    kb[:b, :, s + n] = k[:, :, 0]
+    vb[:b, :, s + n] = v[:, :, 0]
+    layer.keys, layer.values = kb[:b, :, s : s + n + 1], vb[:b, :, s : s + n + 1]
     return layer.keys, layer.values
 
 
