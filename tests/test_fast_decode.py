@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlchat.config import ModelConfig
-from rlchat.core.fast_decode import decode_step_fn
+from rlchat.core.fast_decode import decode_step_fn, prefill_fn
 from rlchat.generation import GenerationEngine, SamplingParams, _left_pad
 from rlchat.model import autocast_context, build_tiny_lm
 from rlchat.tokenizer import ChatTokenizer
@@ -94,17 +94,57 @@ def test_step_under_bf16_autocast_stays_close() -> None:
     torch.testing.assert_close(h, h_ref, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpt2_prefill_matches_hugging_face_and_the_steps_after_it(dtype) -> None:  # noqa: ANN001
+    """The written-out GPT-2 prefill of a left-padded batch: the last position's hidden state and every real
+    column's keys / values are Hugging Face's, padding columns are finite (they stay in the cache, masked), and the
+    steps that follow read either cache alike. In bf16 the projections come from the packed weights where this CPU
+    has bf16 units (the serving engine's case)."""
+    from transformers import DynamicCache
+
+    lm = _tiny("gpt2")
+    if dtype is not None:
+        lm = lm.to(dtype)  # the serving engine stores bf16 weights
+    trunk = lm.base_model
+    prefill, step = prefill_fn(trunk), decode_step_fn(trunk)
+    assert prefill is not None and step is not None
+    ref_cache, mask, pos = _prefilled(trunk, dtype)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    ids, _ = _left_pad(prompts, 0, 0)
+    cache = DynamicCache(config=trunk.config)
+    with torch.no_grad(), autocast_context(dtype, torch.device("cpu")):
+        h = prefill(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache).float()
+        ref_h = trunk(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False
+        ).last_hidden_state[:, -1].float()
+    tol = {"atol": 2e-5, "rtol": 1e-4} if dtype is None else {"atol": 5e-2, "rtol": 5e-2}
+    torch.testing.assert_close(h, ref_h, **tol)
+    real = mask.bool()
+    for a, b in zip(cache.layers, ref_cache.layers):
+        assert a.keys.shape == b.keys.shape and a.keys.dtype == b.keys.dtype
+        assert torch.isfinite(a.keys).all() and torch.isfinite(a.values).all()
+        for mine, ref in ((a.keys, b.keys), (a.values, b.values)):
+            torch.testing.assert_close(mine.transpose(1, 2)[real].float(), ref.transpose(1, 2)[real].float(), **tol)
+    mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+    with torch.no_grad(), autocast_context(dtype, torch.device("cpu")):
+        nxt = torch.tensor([[20], [21], [22]])
+        torch.testing.assert_close(step(nxt, mask, pos, cache).float(), step(nxt, mask, pos, ref_cache).float(), **tol)
+
+
 def test_falls_back_where_it_does_not_mirror_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     lm = _tiny("gpt2")
     assert decode_step_fn(lm.base_model) is not None
     lm.train()
     assert decode_step_fn(lm.base_model) is None  # dropout on: Hugging Face's forward
+    assert prefill_fn(lm.base_model) is None
     lm.eval()
     assert decode_step_fn(_tiny("gpt2", activation_function="swish").base_model) is None
     assert decode_step_fn(_tiny("qwen2", use_sliding_window=True).base_model) is None
     assert decode_step_fn(torch.nn.Linear(2, 2)) is None  # an architecture we do not mirror
+    assert prefill_fn(_tiny("llama").base_model) is None  # Llama-family prompts: Hugging Face's prefill
     monkeypatch.setenv("RLCHAT_FAST_DECODE", "0")
     assert decode_step_fn(lm.base_model) is None
+    assert prefill_fn(lm.base_model) is None
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -208,7 +208,8 @@ def test_chat_page_handles_cut_streams_withheld_replies_long_chats_and_a_late_er
     finish_reason was kept as a whole reply; a reply withheld by the safety filter went back to the model as the
     assistant's turn; the page ignored /v1/models' max_messages / max_chars, so the 33rd exchange of a chat was
     refused for good ("edit the message" could not help); a Reset while an error body was still arriving put the old
-    conversation's error into the new one. Faults are scripted with Playwright's routes (the rest is the real app)."""
+    conversation's error into the new one; an emptied max-tokens field sent ``max_tokens: 0`` (a 400). Faults are
+    scripted with Playwright's routes (the rest is the real app)."""
     import http.server
     import json
     import threading
@@ -317,6 +318,15 @@ def test_chat_page_handles_cut_streams_withheld_replies_long_chats_and_a_late_er
             page.click("#reset")
             page.wait_for_timeout(2000)
             assert page.locator(".msg").all_inner_texts() == ["new conversation"]
+
+            # 5. an emptied max-tokens field leaves the length to the server (it sent max_tokens 0: a 400)
+            page.unroute("**/v1/chat/completions")
+            page.route("**/v1/chat/completions", real)
+            page.fill("#max-tokens", "")
+            ask(page, "and of Spain?")
+            assert "max_tokens" not in sent[-1], sent[-1]
+            assert page.locator(".msg.error").count() == 0
+            sync_api.expect(page.locator(".msg.assistant")).to_have_count(1)
             assert errors == []
         finally:
             browser.close()

@@ -10,8 +10,10 @@ what a 2-core CPU deployment pays per generated token in rollouts (``rlchat.gene
 
 Scope, on purpose:
 
-- **Only the one-token step.** Prefill (many positions, causal + padding masks) stays on the Hugging Face forward,
-  so its masking rules and any architecture quirks stay Hugging Face's.
+- **The one-token step, and GPT-2's prefill.** A prompt's prefill (many positions, causal + padding masks) is
+  Python-light already; it is written out for GPT-2 only (:func:`prefill_fn`) so that a bf16 CPU engine multiplies
+  from its packed weights there too. Llama-family prefill stays on the Hugging Face forward, with its masking rules
+  and any architecture quirks.
 - **The same cache, grown in place.** Keys / values stay in the ``transformers`` ``DynamicCache`` the prefill
   filled (``layers[i].keys / .values``), so everything that reorders, crops or merges caches (beam search,
   continuous batching) is unchanged. ``DynamicCache.update`` appends by ``torch.cat``, which copies the whole cache
@@ -47,6 +49,10 @@ DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Ten
 """``(input_ids (B, 1), mask (B, L), pos (B, 1), cache) -> (B, H)`` last hidden state (after the final norm); the
 cache gains one column per layer (``mask`` already covers it)."""
 
+DecodePrefill = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
+"""``(input_ids (B, T), mask (B, T), pos (B, T), empty cache) -> (B, H)`` hidden state of the last position (after
+the final norm) of left-padded prompts; the cache gets their T columns per layer."""
+
 _TANH_GELU = frozenset({"gelu_new", "gelu_pytorch_tanh", "gelu_fast"})
 
 
@@ -65,10 +71,27 @@ def decode_step_fn(trunk: nn.Module) -> DecodeStep | None:
         return None
     name = type(trunk).__name__
     if name == "GPT2Model":
-        return _gpt2_step(trunk)
+        fns = _gpt2_fns(trunk)
+        return None if fns is None else fns[0]
     if name in ("LlamaModel", "Qwen2Model"):
         return _llama_step(trunk)
     return None
+
+
+def prefill_fn(trunk: nn.Module) -> DecodePrefill | None:
+    """A prefill of prompts into an empty cache for ``trunk``, or None when it must run through Hugging Face (GPT-2
+    only for now; Llama-family prompts are prefilled by Hugging Face's forward).
+
+    Why: on a CPU with bf16 units the serving engine's weights are multiplied from oneDNN-packed copies
+    (:func:`_affine`), but Hugging Face's forward multiplies the plain bf16 weights, which oneDNN re-packs on every
+    call: a 20-token prompt's prefill of 8 x 512 took ~9 ms of ``addmm`` against ~5 ms from the packed copies, on
+    the serving replica's prefill thread for every arrival (and on its generation thread for a burst). The math is
+    the step's: the same projections, norms and scaling; SDPA with a causal + padding mask.
+    """
+    if not fast_decode_enabled() or trunk.training or type(trunk).__name__ != "GPT2Model":
+        return None
+    fns = _gpt2_fns(trunk)
+    return None if fns is None else fns[1]
 
 
 # ----------------------------------------------------------------------------------------------------------- cache
@@ -181,7 +204,8 @@ def _affine(module: nn.Module, conv1d: bool = False) -> Callable[[torch.Tensor],
 
 
 # ----------------------------------------------------------------------------------------------------------- GPT-2
-def _gpt2_step(trunk: nn.Module) -> DecodeStep | None:
+def _gpt2_fns(trunk: nn.Module) -> tuple[DecodeStep, DecodePrefill] | None:
+    """GPT-2's one-token step and prompt prefill over the same snapshot of the weights (None: not mirrored)."""
     cfg = trunk.config
     if getattr(cfg, "add_cross_attention", False) or cfg.activation_function not in (_TANH_GELU | {"gelu", "relu"}):
         return None
@@ -210,6 +234,11 @@ def _gpt2_step(trunk: nn.Module) -> DecodeStep | None:
         )
     shape = (width,)
 
+    def mlp_block(h: torch.Tensor, ln2: tuple, fc: Callable, fc_proj: Callable) -> torch.Tensor:
+        x = fc(F.layer_norm(h, shape, ln2[0], ln2[1], ln2[2]))
+        x = F.relu(x) if act == "relu" else F.gelu(x, approximate=gelu_approx)
+        return h + fc_proj(x)
+
     def step(input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         b = input_ids.shape[0]
         h = F.embedding(input_ids[:, 0], wte) + F.embedding(pos[:, 0], wpe)  # (B, E)
@@ -219,14 +248,30 @@ def _gpt2_step(trunk: nn.Module) -> DecodeStep | None:
             q, k, v = qkv(x).view(b, 3, nh, 1, hd).unbind(1)  # each (B, nh, 1, hd)
             k, v = _append_kv(cache.layers[i], k, v)
             o = _one_query_attention(q, k, v, attn_mask, scale)  # (B, nh, 1, hd)
-            h = proj(o.reshape(b, width)) + h
-            x = F.layer_norm(h, shape, ln2[0], ln2[1], ln2[2])
-            x = fc(x)
-            x = F.relu(x) if act == "relu" else F.gelu(x, approximate=gelu_approx)
-            h = h + fc_proj(x)
+            h = mlp_block(proj(o.reshape(b, width)) + h, ln2, fc, fc_proj)
         return F.layer_norm(h, shape, ln_f[0], ln_f[1], ln_f[2])
 
-    return step
+    def prefill(input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        b, t = input_ids.shape
+        h = (F.embedding(input_ids, wte) + F.embedding(pos, wpe)).view(b * t, width)  # rows: (prompt, position)
+        causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril_()
+        eye = torch.eye(t, dtype=torch.bool, device=h.device)
+        # a real query sees the real columns up to its own; a padding query sees itself only (a row with no column
+        # is nan in SDPA, and the padding columns' keys / values stay in the cache, masked, and must be finite)
+        attn_mask = ((causal & mask[:, None, :].bool()) | eye)[:, None]  # (B, 1, T, T)
+        last = len(layers) - 1
+        for i, (ln1, qkv, proj, ln2, fc, fc_proj, nh, hd, scale) in enumerate(layers):
+            x = F.layer_norm(h, shape, ln1[0], ln1[1], ln1[2])
+            q, k, v = qkv(x).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
+            k, v = cache.update(k.contiguous(), v.contiguous(), i)
+            if i == last:  # the last layer: only the last position's output is needed (its keys / values are in)
+                q, attn_mask, h = q[:, :, -1:], attn_mask[:, :, -1:], h.view(b, t, width)[:, -1]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)  # (B, nh, T', hd)
+            o = o.transpose(1, 2).reshape(h.shape[0], width)
+            h = mlp_block(proj(o) + h, ln2, fc, fc_proj)
+        return F.layer_norm(h, shape, ln_f[0], ln_f[1], ln_f[2])
+
+    return step, prefill
 
 
 # ----------------------------------------------------------------------------------------------------------- Llama

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlchat.core.fast_decode import DecodeStep, decode_step_fn
+from rlchat.core.fast_decode import DecodePrefill, DecodeStep, decode_step_fn, prefill_fn
 from rlchat.core.packed_linear import pack_bf16_weight, packed_linear
 from rlchat.core.weight_stamp import WeightStamp
 from rlchat.errors import ConfigError
@@ -463,6 +463,7 @@ class GenerationEngine:
             bias=b.detach()[: self.vocab_size].float() if b is not None else None,
             transform=self.transform,
             step=decode_step_fn(self.trunk),
+            prefill=prefill_fn(self.trunk),
         )
 
     def _head_t(self, weight: torch.Tensor) -> torch.Tensor:
@@ -536,6 +537,7 @@ class _Decoder:
     bias: torch.Tensor | None
     transform: tuple[float, float]
     step: DecodeStep | None = None  # the one-token step without Hugging Face's module stack (rlchat.fast_decode)
+    prefill: DecodePrefill | None = None  # the same for a prompt into an empty cache (GPT-2)
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         """(B, H) fp32 hidden state of the last input position; ``cache`` is extended in place."""
@@ -543,6 +545,8 @@ class _Decoder:
             # the one-token step decodes after a prefill; a one-token *prompt* (empty cache) is a prefill
             if self.step is not None and input_ids.shape[1] == 1 and cache.get_seq_length() > 0:
                 return self.step(input_ids, mask, pos, cache).float()
+            if self.prefill is not None and cache.get_seq_length() == 0:
+                return self.prefill(input_ids, mask, pos, cache).float()
             out = self.trunk(
                 input_ids=input_ids,
                 attention_mask=mask,
