@@ -106,12 +106,11 @@ from ray import serve as ray_serve
 
 from rlchat.errors import ConfigError, RLChatError
 from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
-from rlchat.text_stream import DROPPED_TURNS_HEADER, TextStreamer
+from rlchat.text_stream import CONVERSATION_HEADER, DROPPED_TURNS_HEADER, TextStreamer
 from rlchat.tokenizer import ContextOverflowError, fit_history
 from serve.admission import Admission
 from serve.asgi import (
     COMPLETION_ID_HEADER,
-    CONVERSATION_HEADER,
     MODEL_UNAVAILABLE,
     OVERLOAD_CODES,
     ClosingEventSource,

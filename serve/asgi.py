@@ -21,7 +21,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlchat.feedback_store import RETRY_AFTER_S
-from rlchat.text_stream import DROPPED_TURNS_HEADER
+from rlchat.text_stream import CONVERSATION_HEADER, DROPPED_TURNS_HEADER
 from serve.models import VERSION_HEADER, VersionScope
 from serve.schemas import (
     IGNORED_FIELDS_HEADER,
@@ -35,8 +35,6 @@ from serve.settings import OVERLOAD_RETRY_AFTER_S
 
 logger = logging.getLogger("ray.serve").getChild("rlchat")
 
-CONVERSATION_HEADER = "X-RLChat-Conversation-Id"
-"""Optional request header grouping a conversation's completions in the store (transcripts, deletion by id)."""
 COMPLETION_ID_HEADER = "X-RLChat-Completion-Id"
 """Response header: the completion's ``id`` (the key of ``/v1/feedback``). ``X-Request-Id`` is Ray Serve's own
 request id (the client's, when it sent one), as OpenAI's ``x-request-id`` is a request id, not the completion's."""

@@ -25,6 +25,15 @@ measured back to back, ~15-20% less throughput for a ~10-25% lower time to first
 load"); it stays as a setting for latency-bound deployments. (On a CPU without bf16 units, fp32, a many-row step is
 compute-bound instead: a 16-row step of 8 x 512 over cl100k costs ~4x a one-row one, see :meth:`DecodeBatch.start`.)
 
+Where the cache lives: with the fast one-token step (:mod:`rlchat.core.fast_decode`) each layer's keys / values
+are views ``buf[:B, :, s:s + n]`` of a buffer with spare rows and columns. A newcomer's cache is written into spare
+rows (:func:`_join_in_place`; leading columns for one longer than the running rows), a departing row's slot is
+filled by a row from the batch's end (:func:`_fill_holes`), and trimming padding moves ``s``: no join or departure
+copies the cache, where concatenating and index-selecting it (then re-buffering it at the next append) took ~5 of a
+~32 ms 16-row step with one arrival and one departure every other step (8 x 512 over cl100k, bf16; bench/README.md,
+"Twentieth session"). A buffer without room is replaced once by a bigger one (:func:`_join_into_new_buffers`). The
+Hugging Face step (other architectures) keeps its own concatenating cache and the copies.
+
 Rows keep their own positions (real tokens only, ``cumsum(mask) - 1`` at prefill, then +1 per step) and their own
 attention mask, exactly as :class:`rlchat.generation.GenerationStream` does for a left-padded batch, so a row's
 logits do not depend on what it is batched with (up to float noise of batched matmuls).
@@ -475,23 +484,21 @@ class DecodeBatch:
 
     def _merge_fresh(self) -> None:
         """3b. The prefilled newcomers' cache, mask and positions appended to the running ones (after the
-        running rows: the batch order of :attr:`_rows`). It copies the whole running cache, so :meth:`step` runs it
-        after handing the newcomers' first tokens over."""
+        running rows: the batch order of :attr:`_rows`). It may copy the whole running cache (a buffer without room,
+        the Hugging Face step), so :meth:`step` runs it after handing the newcomers' first tokens over."""
         parts, self._fresh = self._fresh or [], None
         for p in parts:
             if self._cache is None:
                 self._cache, self._mask, self._pos = p.cache, p.mask, p.pos
                 continue
-            width = max(self._mask.shape[1], p.mask.shape[1])
             old, new = self._mask.shape[1], p.mask.shape[1]
+            width = max(old, new)
             fast = self._dec.step is not None  # the Hugging Face step appends by concatenation anyway
-            if not (
-                fast
-                and (
-                    _join_in_place(self._cache, p.cache, old, new)
-                    or _join_into_new_buffers(self._cache, p.cache, old, new)
-                )
-            ):
+            joined = fast and (
+                _join_in_place(self._cache, p.cache, old, new)
+                or _join_into_new_buffers(self._cache, p.cache, old, new)
+            )
+            if not joined:
                 _merge_kv(self._cache, p.cache, width)
             self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(p.mask, width, 1)], 0)
             self._pos = torch.cat([self._pos, p.pos], 0)

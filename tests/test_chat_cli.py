@@ -471,6 +471,7 @@ class FakeEndpoint:
         self.models_page: str | None = None
         self.dropped_header = 0
         self.authorization: list[str | None] = []  # each request's Authorization header
+        self.conversations: list[str | None] = []  # each completion request's X-RLChat-Conversation-Id
         endpoint = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -498,6 +499,7 @@ class FakeEndpoint:
 
             def _post(self) -> None:
                 endpoint.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                endpoint.conversations.append(self.headers.get("X-RLChat-Conversation-Id"))
                 mode = endpoint.script.pop(0) if endpoint.script else "ok"
                 if mode == "busy":  # the replica's overload refusal
                     body = json.dumps({"error": {"message": "the server is overloaded", "code": "overloaded"}})
@@ -640,6 +642,23 @@ def test_endpoint_client_keeps_within_advertised_limits_and_notes_server_drops()
         assert len(s.turns) == 26  # the session keeps everything
     finally:
         e.close()
+
+
+def test_endpoint_chat_sends_one_conversation_id_per_conversation(endpoint, tmp_path):
+    """``rlchat chat URL`` sent no X-RLChat-Conversation-Id, so the server's store kept each completion as a
+    conversation of its own (``rlchat feedback delete`` of a terminal chat went completion by completion). Every
+    request of a conversation carries one id; ``/reset`` and ``/load`` start another."""
+    s = ChatSession(RemoteBackend(endpoint.url, None), Decoding(max_tokens=4), None, io.StringIO())
+    _run(s, ["one", "two", "/regenerate"])
+    first = endpoint.conversations[0]
+    assert first and len(first) >= 16 and endpoint.conversations == [first] * 3
+    _run(s, ["/reset", "three", "four"])
+    second = endpoint.conversations[3]
+    assert second not in (None, first) and endpoint.conversations[3:] == [second] * 2
+    saved = tmp_path / "chat.json"
+    saved.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+    _run(s, [f"/load {saved}", "five"])
+    assert endpoint.conversations[-1] not in (None, first, second)
 
 
 def test_an_overloaded_endpoint_keeps_the_question_and_a_non_openai_page_is_one_line(endpoint):

@@ -114,9 +114,11 @@ def test_gpt2_prefill_matches_hugging_face_and_the_steps_after_it(dtype) -> None
     cache = DynamicCache(config=trunk.config)
     with torch.no_grad(), autocast_context(dtype, torch.device("cpu")):
         h = prefill(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache).float()
-        ref_h = trunk(
-            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False
-        ).last_hidden_state[:, -1].float()
+        ref_h = (
+            trunk(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+            .last_hidden_state[:, -1]
+            .float()
+        )
     tol = {"atol": 2e-5, "rtol": 1e-4} if dtype is None else {"atol": 5e-2, "rtol": 5e-2}
     torch.testing.assert_close(h, ref_h, **tol)
     real = mask.bool()

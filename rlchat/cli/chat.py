@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from rlchat.core.errors import RLChatError
 from rlchat.core.files import read_key_file
-from rlchat.core.text_stream import DROPPED_TURNS_HEADER, TextStreamer, token_text
+from rlchat.core.text_stream import CONVERSATION_HEADER, DROPPED_TURNS_HEADER, TextStreamer, token_text
 
 if TYPE_CHECKING:
     import torch
@@ -207,6 +208,9 @@ class LocalBackend:
         self.last = Reply()
         self.last_prompt: list[int] = []
 
+    def new_conversation(self) -> None:
+        """Nothing to do: a local chat stores nothing (the endpoint backend starts a new conversation id)."""
+
     def describe(self) -> str:
         c = self.checkpoint
         return f"{c.path} ({c.stage} checkpoint, step {c.step})"
@@ -317,6 +321,13 @@ class RemoteBackend:
             raise RLChatError(f"{self.url}/v1/models: not an OpenAI model list ({_first_line(e)})") from None
         self.info: dict[str, Any] = cards[0].model_dump() if cards else {}
         self.model = str(self.info.get("id") or "rlchat")
+        self.conversation_id = ""
+        self.new_conversation()
+
+    def new_conversation(self) -> None:
+        """A fresh ``X-RLChat-Conversation-Id`` for the requests from here on: the server's store groups a
+        conversation's completions by it (transcripts, ``rlchat feedback delete`` of the whole chat)."""
+        self.conversation_id = uuid.uuid4().hex
 
     def describe(self) -> str:
         step = f", step {self.info['step']}" if self.info.get("step") is not None else ""
@@ -362,6 +373,7 @@ class RemoteBackend:
             kwargs["seed"] = d.seed
         if extra:
             kwargs["extra_body"] = extra
+        kwargs["extra_headers"] = {CONVERSATION_HEADER: self.conversation_id}
         self.last = Reply(dropped_turns=trimmed)
         broke = f"the connection to {self.url} broke mid-reply"
         started = False  # the response began: a connection error now is a reply cut off, not a failed request
@@ -572,6 +584,7 @@ class ChatSession:
         elif name == "/reset":
             self.turns = []
             self.dropped_noted = False
+            self.backend.new_conversation()
             self.say("(new conversation)")
         elif name == "/system":
             if not arg:
@@ -673,6 +686,7 @@ class ChatSession:
         self.system = system[0] if system else self.system
         self.turns = [{"role": m["role"], "content": m["content"]} for m in msgs if m["role"] != "system"]
         self.dropped_noted = False
+        self.backend.new_conversation()
         self.say(f"(loaded {len(self.turns)} messages from {path})")
 
     # ---------------------------------------------------------------------------------------------- the loop

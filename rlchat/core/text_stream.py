@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 DROPPED_TURNS_HEADER = "X-RLChat-Dropped-Turns"
 """Response header: how many whole user+assistant exchanges were left out to fit the model's context."""
+CONVERSATION_HEADER = "X-RLChat-Conversation-Id"
+"""Optional request header grouping a conversation's completions in the store (transcripts, deletion by id); the web
+page and ``rlchat chat URL`` send one per conversation."""
 
 
 class TextStreamer:
