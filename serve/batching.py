@@ -606,6 +606,9 @@ class _Started:
     """None if the first token ended it (its result is out: nothing to add) or a failure after it (``state.error``)."""
 
 
+BEAM_SETTLE_INTERVAL_S = 0.1
+"""How often beam searches waiting for the beam thread are checked for a client that left (deadlines: on time)."""
+
 REPORT_INTERVAL_S = 0.1
 """Longest a step's counts (``BatchStats``, the observer) wait for a post of items (jobs with a delivery interval)."""
 
@@ -1017,6 +1020,22 @@ class Batcher:
             count_step(self.stats, self.observer, *report)
 
     # ---------------------------------------------------------------- beam search (event loop + beam thread)
+    def _settle_waiting_beams(self) -> float:
+        """On the event loop, while a beam search runs: answer the beam searches waiting behind it that are past
+        their deadline (504) or whose client left, as a waiting sampled job is answered; returns the seconds until
+        the next check (the nearest deadline, at most :data:`BEAM_SETTLE_INTERVAL_S`)."""
+        now = time.monotonic()
+        waiting = list(self._beams)
+        self._beams.clear()
+        for w in waiting:
+            item = w.settle(now)
+            if item is None:
+                self._beams.append(w)
+            else:
+                w.queue.put_nowait(item)
+        deadlines = [w.job.deadline - now for w in self._beams if w.job.deadline is not None]
+        return max(min([BEAM_SETTLE_INTERVAL_S, *deadlines]), 0.001)
+
     async def _run_beams(self) -> None:
         """Beam searches one after another on their own thread (the decode batch keeps stepping meanwhile)."""
         loop = asyncio.get_running_loop()
@@ -1026,8 +1045,11 @@ class Batcher:
             if item is None and self._closed:  # the generation thread stopped (e.g. on a device error)
                 item = StepItem([[] for _ in w.job.seeds], SchedulerStopped(THREAD_STOPPED))
             if item is None:
+                running = loop.run_in_executor(self.beam_pool, run_jobs, self.engine, [w.job])
+                while not (await asyncio.wait({running}, timeout=self._settle_waiting_beams()))[0]:
+                    pass
                 try:
-                    out = (await loop.run_in_executor(self.beam_pool, run_jobs, self.engine, [w.job]))[0]
+                    out = running.result()[0]
                 except Exception as e:  # noqa: BLE001 - the thread is gone (shutdown)
                     out = e
                 tokens = out.tokens if isinstance(out, JobOutput) else [[] for _ in w.job.seeds]

@@ -50,9 +50,13 @@ class FakeBackend:
     def __init__(self) -> None:
         self.last = Reply()
         self.calls: list[tuple[list[dict[str, str]], Decoding]] = []
+        self.conversations = 1  # new_conversation() calls (/reset, /load) plus the first
 
     def describe(self) -> str:
         return "fake"
+
+    def new_conversation(self) -> None:
+        self.conversations += 1
 
     def stream(self, messages, d):
         self.calls.append((messages, d))

@@ -1173,6 +1173,41 @@ def test_a_beam_search_whose_client_left_ends_and_frees_the_beam_thread(engine, 
     assert waited < 1.0, f"the next beam search waited {waited:.1f} s (100 slow steps take 2 s)"
 
 
+def test_a_queued_beam_search_meets_its_deadline_and_its_clients_leaving_while_another_runs(engine, tok, monkeypatch):
+    """Beam searches run one at a time; one waiting behind a long one was settled only when its turn came: its
+    deadline's 504 arrived when the running search ended (seconds late), and a waiting search whose client left kept
+    its place until then. Now both are settled while they wait."""
+    _slow_decoders(monkeypatch, 0.02)
+    beams = SamplingParams(max_new_tokens=60, min_new_tokens=60, num_beams=2)
+    running = GenerationJob(_prompt(tok, "beams"), beams, (1,))  # ~60 slow steps: over a second
+    waiting = GenerationJob(_prompt(tok, "next"), beams, (2,), deadline=time.monotonic() + 0.4)
+    gone = GenerationJob(_prompt(tok, "gone"), beams, (3,))
+
+    async def main() -> tuple[float, StepItem, int]:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        try:
+            first = asyncio.create_task(_collect(batcher, running))
+            await asyncio.sleep(0.1)  # the first search is running; the next two wait for the beam thread
+            t0 = time.monotonic()
+            late = asyncio.create_task(_collect(batcher, waiting))
+            left = asyncio.create_task(_collect(batcher, gone))
+            await asyncio.sleep(0.1)
+            gone.control.end([0])  # the third one's client went away while it waited
+            item = await asyncio.wait_for(late, 30)
+            waited = time.monotonic() - t0
+            await asyncio.sleep(0.3)
+            queued = len(batcher._beams)  # noqa: SLF001 - the search whose client left is no longer waiting
+            await asyncio.wait_for(asyncio.gather(first, left), 30)
+            return waited, item, queued
+        finally:
+            batcher.close()
+
+    waited, item, queued = asyncio.run(main())
+    assert isinstance(item.done, DeadlineExceeded)
+    assert waited < 0.9, f"the queued beam search's deadline (0.4 s) was answered after {waited:.1f} s"
+    assert queued == 0
+
+
 @pytest.mark.parametrize("budget", [0.0, 10.0])
 def test_streamed_jobs_share_the_chunk_budget(engine, tok, budget):
     """``serve.stream_chunks_per_s``: streamed jobs are handed their tokens at most every ``streams / budget``
