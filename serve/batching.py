@@ -1022,13 +1022,16 @@ class Batcher:
     # ---------------------------------------------------------------- beam search (event loop + beam thread)
     def _settle_waiting_beams(self) -> float:
         """On the event loop, while a beam search runs: answer the beam searches waiting behind it that are past
-        their deadline (504) or whose client left, as a waiting sampled job is answered; returns the seconds until
-        the next check (the nearest deadline, at most :data:`BEAM_SETTLE_INTERVAL_S`)."""
+        their deadline (:class:`DeadlineExceeded`: the app's 503 ``queue_timeout``), whose client left, or, once the
+        scheduler is closed, every one (:class:`SchedulerStopped`), as waiting sampled jobs are answered; returns the
+        seconds until the next check (the nearest deadline, at most :data:`BEAM_SETTLE_INTERVAL_S`)."""
         now = time.monotonic()
         waiting = list(self._beams)
         self._beams.clear()
         for w in waiting:
             item = w.settle(now)
+            if item is None and self._closed:
+                item = StepItem([[] for _ in w.job.seeds], SchedulerStopped(THREAD_STOPPED))
             if item is None:
                 self._beams.append(w)
             else:
@@ -1045,10 +1048,10 @@ class Batcher:
             if item is None and self._closed:  # the generation thread stopped (e.g. on a device error)
                 item = StepItem([[] for _ in w.job.seeds], SchedulerStopped(THREAD_STOPPED))
             if item is None:
-                running = loop.run_in_executor(self.beam_pool, run_jobs, self.engine, [w.job])
-                while not (await asyncio.wait({running}, timeout=self._settle_waiting_beams()))[0]:
-                    pass
                 try:
+                    running = loop.run_in_executor(self.beam_pool, run_jobs, self.engine, [w.job])
+                    while not (await asyncio.wait({running}, timeout=self._settle_waiting_beams()))[0]:
+                        pass
                     out = running.result()[0]
                 except Exception as e:  # noqa: BLE001 - the thread is gone (shutdown)
                     out = e

@@ -96,9 +96,16 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         )
     versions = _resolve_versions(raw_versions, "versions", str(args.get("model_name", DEFAULT_MODEL_NAME)))
     source = str(ckpt) if ckpt and is_uri(str(ckpt)) else ""
-    # the driver reads the checkpoint's metadata from the node's cache; it evicts nothing there (keep=0): the
-    # replicas, which know the resolved serve.checkpoint_cache_keep, keep that cache
-    cache = str(args.get("checkpoint_cache") or args.get("serve.checkpoint_cache") or "")
+    config_path = args.pop("config", None)
+    config_file = load_config(config_path) if config_path else None
+    # the driver reads the checkpoint's metadata from the node's cache (the one the replicas use: an argument's, else
+    # --config's); it evicts nothing there (keep=0): the replicas, which know serve.checkpoint_cache_keep, do
+    cache = str(
+        args.get("checkpoint_cache")
+        or args.get("serve.checkpoint_cache")
+        or (config_file.serve.checkpoint_cache if config_file is not None else "")
+        or ""
+    )
     if run:
         path = find_best_checkpoint(run)
     elif ckpt:
@@ -107,8 +114,7 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         first = versions[0].checkpoint
         path = fetch_uri(first, cache) if is_uri(first) else Path(first)
     info = read_checkpoint(path, expect_stage=POLICY_STAGES)
-    config_path = args.pop("config", None)
-    cfg = load_config(config_path) if config_path else info.config
+    cfg = config_file if config_file is not None else info.config
     model_name = str(args.pop("model_name", DEFAULT_MODEL_NAME))
     num_cpus = float(args.pop("num_cpus", 1.0))
     serve_types = {f.name: f.type for f in dataclasses.fields(ServeConfig)}

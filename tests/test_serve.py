@@ -441,6 +441,17 @@ def test_rlchat_serve_arguments_resolve_as_typed(ckpt, tmp_path):
     copies = [p for p in cache.iterdir() if p.is_dir()]  # beside the fill lock (a file)
     assert old.is_dir() and len(copies) == 2  # copied there; nothing evicted by the driver
 
+    # serve.checkpoint_cache from --config: the driver's copy goes there too (it went to the default cache, a second
+    # copy of the checkpoint on the head node beside the replicas' one)
+    from rlchat.config import save_config
+
+    cfg_cache = tmp_path / "config_cache"
+    cfg_file = tmp_path / "serve.yaml"
+    save_config(Config().replace(**{"serve.checkpoint_cache": str(cfg_cache)}), cfg_file)
+    s = resolve_settings(serve_args(checkpoint=f"file://{src}", config=str(cfg_file)))
+    assert s.config.serve.checkpoint_cache == str(cfg_cache)
+    assert [p for p in cfg_cache.iterdir() if p.is_dir()], "the driver fetched the URI elsewhere"
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Against the running app

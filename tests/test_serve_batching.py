@@ -1175,8 +1175,8 @@ def test_a_beam_search_whose_client_left_ends_and_frees_the_beam_thread(engine, 
 
 def test_a_queued_beam_search_meets_its_deadline_and_its_clients_leaving_while_another_runs(engine, tok, monkeypatch):
     """Beam searches run one at a time; one waiting behind a long one was settled only when its turn came: its
-    deadline's 504 arrived when the running search ended (seconds late), and a waiting search whose client left kept
-    its place until then. Now both are settled while they wait."""
+    deadline's 503 (``queue_timeout``) arrived when the running search ended (seconds late), and a waiting search
+    whose client left kept its place until then. Now both are settled while they wait."""
     _slow_decoders(monkeypatch, 0.02)
     beams = SamplingParams(max_new_tokens=60, min_new_tokens=60, num_beams=2)
     running = GenerationJob(_prompt(tok, "beams"), beams, (1,))  # ~60 slow steps: over a second
@@ -1206,6 +1206,40 @@ def test_a_queued_beam_search_meets_its_deadline_and_its_clients_leaving_while_a
     assert isinstance(item.done, DeadlineExceeded)
     assert waited < 0.9, f"the queued beam search's deadline (0.4 s) was answered after {waited:.1f} s"
     assert queued == 0
+
+
+def test_a_beam_search_waiting_at_close_gets_the_error_at_once(engine, tok, monkeypatch):
+    """``close()`` answers every waiting job at once; a beam search waiting behind a running one got its
+    SchedulerStopped only when the running one ended (up to its deadline, a minute by default)."""
+    import serve.batching as batching
+
+    release = threading.Event()
+    real = batching.run_jobs
+
+    def held(engine, jobs):  # the running beam search: ends when released
+        release.wait(10)
+        return real(engine, jobs)
+
+    monkeypatch.setattr(batching, "run_jobs", held)
+    beams = SamplingParams(max_new_tokens=2, num_beams=2)
+
+    async def main() -> tuple[float, StepItem]:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_timeout_s=0.0)
+        running = asyncio.create_task(_collect(batcher, GenerationJob(_prompt(tok, "hi"), beams, (1,))))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(_collect(batcher, GenerationJob(_prompt(tok, "hi"), beams, (2,))))
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, batcher.close)
+        asyncio.get_running_loop().call_later(2.0, release.set)  # the running search ends 2 s later
+        item = await asyncio.wait_for(waiting, 15)
+        waited = time.monotonic() - t0
+        await asyncio.wait_for(running, 15)
+        return waited, item
+
+    waited, item = asyncio.run(main())
+    assert isinstance(item.done, SchedulerStopped)
+    assert waited < 0.5, f"answered {waited:.1f} s after close()"
 
 
 @pytest.mark.parametrize("budget", [0.0, 10.0])

@@ -327,6 +327,9 @@ def test_chat_page_handles_cut_streams_withheld_replies_long_chats_and_a_late_er
             assert "max_tokens" not in sent[-1], sent[-1]
             assert page.locator(".msg.error").count() == 0
             sync_api.expect(page.locator(".msg.assistant")).to_have_count(1)
+            page.fill("#max-tokens", "2e1")  # a number field keeps what was typed: 20 (parseInt read 2)
+            ask(page, "and of Portugal?")
+            assert sent[-1]["max_tokens"] == 20, sent[-1]
             assert errors == []
         finally:
             browser.close()
