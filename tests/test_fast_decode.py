@@ -205,6 +205,29 @@ def test_cache_grows_in_place_and_survives_replacement() -> None:
     torch.testing.assert_close(layer.values[:, :, -1:], cols[1][:1] + 1)
 
 
+def test_a_full_buffer_keeps_spare_rows_for_its_live_rows_not_a_past_burst() -> None:
+    """A buffer that fills up is replaced with spare rows for the rows it holds now: it kept every row it ever had,
+    so a batch that shrank after a burst to one long row grew (burst rows x that row's width) -- 71x the live cache
+    in a review's script (a one-row buffer before continuous batching moved rows inside the buffers)."""
+    from rlchat.core.fast_decode import _append_kv
+
+    class Layer:
+        def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+            self.keys, self.values = k, v
+
+    burst = torch.randn(40, 2, 3, 4)
+    layer = Layer(burst.clone(), burst.clone())
+    _append_kv(layer, torch.randn(40, 2, 1, 4), torch.randn(40, 2, 1, 4))
+    assert layer._rlchat_kv[0].shape[0] == 40  # noqa: SLF001
+    layer.keys, layer.values = layer.keys[:1], layer.values[:1]  # the burst left: one row goes on
+    kept = layer.keys.clone()
+    cols = [torch.randn(1, 2, 1, 4) for _ in range(200)]
+    for c in cols:
+        _append_kv(layer, c, c)
+    assert layer._rlchat_kv[0].shape[0] <= 1 + 4  # noqa: SLF001
+    torch.testing.assert_close(layer.keys, torch.cat([kept, *cols], 2))
+
+
 def test_a_stream_started_in_train_mode_uses_the_fast_step_and_restores_the_mode() -> None:
     tok = ChatTokenizer("cl100k_base", 4096)
     torch.manual_seed(0)

@@ -142,7 +142,9 @@ def _append_kv(layer: Any, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
     found = kv_buffers(layer) if keys.dtype == k.dtype else None
     if found is None or found[2] + n >= found[0].shape[2]:
         cap = n + max(_SPARE_COLUMNS, n // 2)
-        rows = b if found is None else found[0].shape[0]  # a full buffer keeps its spare rows
+        # a full buffer keeps spare rows for joins (continuous batching), sized by the rows it holds now, not by a
+        # past burst's (one long row after a burst of 40 would otherwise grow 40 rows' worth of columns)
+        rows = b if found is None else min(found[0].shape[0], b + max(4, b // 2))
         kb = keys.new_empty((rows, heads, cap, d), dtype=k.dtype)
         vb = values.new_empty((rows, v.shape[1], cap, v.shape[3]), dtype=v.dtype)
         kb[:b, :, :n] = keys
