@@ -84,9 +84,10 @@ def prefill_fn(trunk: nn.Module) -> DecodePrefill | None:
 
     Why: on a CPU with bf16 units the serving engine's weights are multiplied from oneDNN-packed copies
     (:func:`_affine`), but Hugging Face's forward multiplies the plain bf16 weights, which oneDNN re-packs on every
-    call: a 20-token prompt's prefill of 8 x 512 took ~9 ms of ``addmm`` against ~5 ms from the packed copies, on
-    the serving replica's prefill thread for every arrival (and on its generation thread for a burst). The math is
-    the step's: the same projections, norms and scaling; SDPA with a causal + padding mask.
+    call: a 10-token prompt's prefill of 8 x 512 over cl100k took 13.4 ms through it against 7.4 ms written out over
+    the packed copies (one thread), on the serving replica's prefill thread for every arrival (and on its generation
+    thread for a burst). The math is the step's: the same projections, norms and scaling; SDPA with a causal +
+    padding mask. In fp32 it matches Hugging Face's forward to ~5e-7 (``tests/test_fast_decode.py``).
     """
     if not fast_decode_enabled() or trunk.training or type(trunk).__name__ != "GPT2Model":
         return None
