@@ -639,8 +639,7 @@ def test_rows_join_and_leave_inside_the_cache_buffers_and_reply_as_alone(engine,
     from rlchat.core.fast_decode import kv_buffers
 
     batch = DecodeBatch(engine)
-    layer = batch._dec  # noqa: SLF001
-    assert layer.step is not None  # the fast step: the buffers are its own
+    assert batch._dec.step is not None  # noqa: SLF001 - the fast step: the buffers are its own
     prompts = [_prompt(tok, t) for t in ("one", "two words", "three words here", "four", "a five word prompt")]
     params = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in (3, 12, 5, 14, 9)]
     got: dict[int, list[int]] = {}
