@@ -2,7 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-# The CPU build of torch on this disk; a bare `torch` requirement may pull a multi-GB CUDA build.
+# torch, pinned; pip takes it from wherever it is pointed (a CPU wheel on CI's disk). On Linux PyPI's default is the
+# multi-GB CUDA build: `make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"` for the CPU one.
 TORCH ?= torch==2.13.0
 
 .PHONY: setup browser postgres demo test test-fast lint bench clean

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from rlchat.config import ServeConfig
+from rlchat.core.config import ServeConfig
 from serve.metrics import REJECT_OVERLOADED, ServeMetrics
 from serve.schemas import APIError
 from serve.settings import OVERLOAD_RETRY_AFTER_S

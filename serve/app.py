@@ -104,10 +104,10 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve as ray_serve
 
-from rlchat.errors import ConfigError, RLChatError
-from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
-from rlchat.text_stream import CONVERSATION_HEADER, DROPPED_TURNS_HEADER, TextStreamer
-from rlchat.tokenizer import ContextOverflowError, fit_history
+from rlchat.core.errors import ConfigError, RLChatError
+from rlchat.core.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
+from rlchat.core.text_stream import CONVERSATION_HEADER, DROPPED_TURNS_HEADER, TextStreamer
+from rlchat.core.tokenizer import ContextOverflowError, fit_history
 from serve.admission import Admission
 from serve.asgi import (
     COMPLETION_ID_HEADER,
@@ -309,7 +309,7 @@ class ChatServer:
         run = self.settings.from_run
         if not run or self.settings.versions or specs[0].shipped is not None:
             return specs  # a shipped copy: this node cannot see the run (the follower cannot either)
-        from rlchat.checkpoint import find_best_checkpoint
+        from rlchat.core.checkpoint import find_best_checkpoint
 
         try:
             best = find_best_checkpoint(run)

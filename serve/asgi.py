@@ -20,8 +20,8 @@ from ray.exceptions import TaskCancelledError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rlchat.feedback_store import RETRY_AFTER_S
-from rlchat.text_stream import CONVERSATION_HEADER, DROPPED_TURNS_HEADER
+from rlchat.core.feedback_store import RETRY_AFTER_S
+from rlchat.core.text_stream import CONVERSATION_HEADER, DROPPED_TURNS_HEADER
 from serve.models import VERSION_HEADER, VersionScope
 from serve.schemas import (
     IGNORED_FIELDS_HEADER,

@@ -33,8 +33,8 @@ from typing import Any, Protocol
 
 import torch
 
-from rlchat.errors import RLChatError
-from rlchat.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
+from rlchat.core.errors import RLChatError
+from rlchat.core.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, SamplingParams
 from serve.decode_batch import DecodeBatch, Prefill, RowStep, StartedRow
 
 logger = logging.getLogger(__name__)

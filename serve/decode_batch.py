@@ -63,9 +63,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlchat.core.errors import ConfigError
 from rlchat.core.fast_decode import kv_buffers
-from rlchat.errors import ConfigError
-from rlchat.generation import (
+from rlchat.core.generation import (
     FINISH_LENGTH,
     FINISH_STOP,
     GenerationEngine,

@@ -427,8 +427,8 @@ async def _serve(conn: Connection, spec: EngineSpec, engine: Any) -> int:
 
 def load_engine(spec: EngineSpec) -> Any:
     """The generation engine of ``spec``'s checkpoint (the same loading as an in-process replica)."""
-    from rlchat.checkpoint import load_policy
-    from rlchat.generation import GenerationEngine
+    from rlchat.core.checkpoint import load_policy
+    from rlchat.core.generation import GenerationEngine
 
     model, tok, _ = load_policy(spec.checkpoint)  # on the CPU: cast there, then moved (for_inference)
     model.eval()

@@ -16,8 +16,8 @@ from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rlchat.config import ServeConfig
-from rlchat.feedback_store import (
+from rlchat.core.config import ServeConfig
+from rlchat.core.feedback_store import (
     RETRY_AFTER_S,
     AlreadyRated,
     FeedbackStore,

@@ -6,8 +6,8 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rlchat.text_stream import token_text
-from rlchat.tokenizer import ChatTokenizer
+from rlchat.core.text_stream import token_text
+from rlchat.core.tokenizer import ChatTokenizer
 from serve.schemas import (
     AssistantMessage,
     ChatCompletion,

@@ -57,14 +57,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlchat.errors import CheckpointError, ConfigError
+from rlchat.core.errors import CheckpointError, ConfigError
 from serve.settings import DEFAULT_MODEL_NAME
 
 if TYPE_CHECKING:
-    from rlchat.checkpoint import Checkpoint
-    from rlchat.config import ServeConfig
-    from rlchat.generation import GenerationEngine
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.checkpoint import Checkpoint
+    from rlchat.core.config import ServeConfig
+    from rlchat.core.generation import GenerationEngine
+    from rlchat.core.tokenizer import ChatTokenizer
     from serve.batching import Batcher, BatchStats, GenerationJob, StepItem
     from serve.metrics import VersionMetrics
 
@@ -656,8 +656,8 @@ def load_version(
     """
     import torch
 
-    from rlchat.checkpoint import POLICY_STAGES, load_policy, read_checkpoint
-    from rlchat.generation import GenerationEngine
+    from rlchat.core.checkpoint import POLICY_STAGES, load_policy, read_checkpoint
+    from rlchat.core.generation import GenerationEngine
     from serve.engine_process import EngineProcess, EngineSpec
     from serve.settings import default_model_version
 
@@ -952,7 +952,7 @@ async def follow_run(
     each try may start an engine process that spends seconds failing, and the cause may pass (memory held by the
     old model, a slow network file system).
     """
-    from rlchat.checkpoint import find_best_checkpoint
+    from rlchat.core.checkpoint import find_best_checkpoint
 
     loop = asyncio.get_running_loop()
     last_error = ""

@@ -1,8 +1,8 @@
 """The optional safety filter of the Serve endpoint (``serve.safety_filter``): the reward library's safety component
 as a yes/no check on reply text, and what a withheld reply shows instead."""
 
-from rlchat.config import RewardConfig
-from rlchat.tokenizer import ChatTokenizer
+from rlchat.core.config import RewardConfig
+from rlchat.core.tokenizer import ChatTokenizer
 
 WITHHELD_NOTICE = "[withheld: the safety filter flagged this reply]"
 SAFETY_HOLDBACK_CHARS = 64
@@ -18,7 +18,7 @@ class SafetyFilter:
     """
 
     def __init__(self, reward: RewardConfig, tokenizer: ChatTokenizer) -> None:
-        from rlchat.rewards import RewardFunction
+        from rlchat.core.rewards import RewardFunction
 
         only_safety = RewardConfig(
             verifiable=0.0,

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlchat.config import Config, ServeConfig, load_config, parse_override, resolve_paths
+from rlchat.core.config import Config, ServeConfig, load_config, parse_override, resolve_paths
+from rlchat.core.errors import ConfigError
+from rlchat.core.feedback_store import default_store_url, resolve_store_url
 from rlchat.core.files import read_key_file
-from rlchat.errors import ConfigError
-from rlchat.feedback_store import default_store_url, resolve_store_url
 
 logger = logging.getLogger("ray.serve").getChild("rlchat")
 
@@ -81,7 +81,7 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
     Raises:
         ConfigError / CheckpointError: no or a bad checkpoint, an unknown key, a bad value.
     """
-    from rlchat.checkpoint import POLICY_STAGES, find_best_checkpoint, read_checkpoint
+    from rlchat.core.checkpoint import POLICY_STAGES, find_best_checkpoint, read_checkpoint
     from serve.models import fetch_uri, is_uri
 
     args = dict(args)
@@ -227,7 +227,7 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
 
 def _resolve_versions(raw: Any, where: str, model_name: str) -> tuple[Any, ...]:
     """Validated version specs, local checkpoints made absolute and checked now (not first on a replica)."""
-    from rlchat.checkpoint import POLICY_STAGES, read_checkpoint
+    from rlchat.core.checkpoint import POLICY_STAGES, read_checkpoint
     from serve.models import VersionSpec, is_uri, parse_versions
 
     if isinstance(raw, str):  # `serve run serve.app:build_app 'versions=[...]'`

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from rlchat.text_stream import TextStreamer
+from rlchat.core.text_stream import TextStreamer
 from serve.safety import SafetyFilter
 
 

@@ -47,10 +47,10 @@ def make_tiny_checkpoint(
     Returns:
         The checkpoint directory.
     """
-    from rlchat.checkpoint import save_checkpoint
-    from rlchat.config import Config
-    from rlchat.model import PolicyValueModel
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.checkpoint import save_checkpoint
+    from rlchat.core.config import Config
+    from rlchat.core.model import PolicyValueModel
+    from rlchat.core.tokenizer import ChatTokenizer
 
     cfg = Config().replace(
         **{

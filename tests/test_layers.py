@@ -2,10 +2,11 @@
 
 The rules are import-linter contracts in ``pyproject.toml`` (``[tool.importlinter]``), also run by ``make lint``:
 the core imports no Ray, Tune, Serve, envs, distributed layer or CLI; envs only the core; serve the core plus
-``rlchat.distributed.cluster``; tune the core and the distributed layer; nothing imports the CLI. Here: they are
-kept on the real tree; a copy of the tree with one forbidden import injected (inside a function, where a
-module-level-only check would miss it) breaks exactly the right contract; the serve contract covers every
-distributed module but cluster; and every old ``rlchat.<module>`` path is the moved module itself.
+``rlchat.distributed.cluster``; tune the core and the distributed layer; nothing imports the CLI; code inside the
+layers never imports an old ``rlchat.<module>`` alias. Here: they are kept on the real tree; a copy of the tree with
+one forbidden import injected (inside a function, where a module-level-only check would miss it) breaks exactly the
+right contract; the serve and new-paths contracts cover every module they must; and every old ``rlchat.<module>``
+path is the moved module itself.
 """
 
 from __future__ import annotations
@@ -80,6 +81,22 @@ def test_the_serve_contract_covers_every_distributed_module_but_cluster() -> Non
     modules = {f"rlchat.distributed.{p.stem}" for p in (ROOT / "rlchat" / "distributed").glob("*.py")}
     modules -= {"rlchat.distributed.__init__", "rlchat.distributed.cluster"}
     assert modules <= set(serve["forbidden_modules"]), sorted(modules - set(serve["forbidden_modules"]))
+
+
+def test_the_new_paths_contract_covers_every_old_module_path() -> None:
+    """Code inside the layers imports moved modules by their new paths: the contract forbids every alias, so a
+    module moved later must be added to it."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]
+    contract = next(c for c in config["contracts"] if c["id"] == "layers-import-the-new-paths")
+    aliases = {
+        f"rlchat.{p.stem}"
+        for layer in ("core", "distributed", "cli")
+        for p in (ROOT / "rlchat" / layer).glob("*.py")
+        if not p.stem.startswith("_") and (ROOT / "rlchat" / p.name).is_file()
+    }
+    assert len(aliases) >= 29
+    assert aliases <= set(contract["forbidden_modules"]), sorted(aliases - set(contract["forbidden_modules"]))
+    assert set(contract["source_modules"]) == {"rlchat.core", "rlchat.distributed", "rlchat.cli", *PACKAGES[1:]}
 
 
 def test_every_old_module_path_is_the_moved_module() -> None:

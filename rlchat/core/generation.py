@@ -54,16 +54,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlchat.core.errors import ConfigError
 from rlchat.core.fast_decode import DecodePrefill, DecodeStep, decode_step_fn, prefill_fn
+from rlchat.core.model import PolicyValueModel, autocast_context, logit_transform, resolve_precision, resolve_trunk
 from rlchat.core.packed_linear import pack_bf16_weight, packed_linear
 from rlchat.core.weight_stamp import WeightStamp
-from rlchat.errors import ConfigError
-from rlchat.model import PolicyValueModel, autocast_context, logit_transform, resolve_precision, resolve_trunk
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rlchat.tokenizer import ChatTokenizer
+    from rlchat.core.tokenizer import ChatTokenizer
 
 DROPPED_TURNS_HEADER = "X-RLChat-Dropped-Turns"
 """Response header: how many whole user+assistant exchanges were left out to fit the model's context."""
