@@ -7,6 +7,7 @@ Skipped, with the reason, only when no Chromium binary is installed.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -146,7 +147,11 @@ def test_chat_page_in_headless_chromium(serve_app, tmp_path: Path):
             page.press("#input", "Enter")
             sync_api.expect(page.locator(".msg.assistant")).to_have_attribute("data-state", "streaming")
             page.click("#stop")  # Stop keeps what arrived -- nothing yet here: no empty reply enters the conversation
-            sync_api.expect(page.locator(".msg.assistant")).to_have_attribute("data-finish", "stopped")
+            stopped = page.locator(".msg.assistant")
+            sync_api.expect(stopped).to_have_attribute("data-finish", "stopped")
+            # ...and the bubble says so rather than staying empty (shown, not part of the conversation)
+            sync_api.expect(stopped.locator(".text")).to_have_text("(stopped before any reply)")
+            sync_api.expect(stopped).to_have_class(re.compile(r"\bunsaid\b"))
             page.fill("#input", "fourth question")
             page.press("#input", "Enter")
             sync_api.expect(page.locator(".msg.assistant").last).to_have_attribute(
