@@ -7,6 +7,7 @@ instance (`make test` runs two test processes, whole modules each: pytest-xdist 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import os
@@ -28,6 +29,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Apps a test deploys without a feedback store would write the default ./feedback.db into the checkout (the
+# replicas' working directory): give them one in a temp dir instead (a test of the default unsets it).
+_FEEDBACK_DIR = tempfile.mkdtemp(prefix="rlchat-tests-feedback-")
+os.environ.setdefault("RLCHAT_FEEDBACK_STORE", f"sqlite:///{_FEEDBACK_DIR}/feedback.db")
+atexit.register(shutil.rmtree, _FEEDBACK_DIR, True)
 
 
 @pytest.fixture(scope="session")

@@ -329,6 +329,7 @@ def test_parse_feedback_request_shapes():
 
 def test_resolve_settings_and_deployment_options(ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RLCHAT_FEEDBACK_STORE", raising=False)  # conftest points the suite's apps at a temp store
     s = resolve_settings(
         {"checkpoint": str(ckpt), "max_batch_size": "4", "max_replicas": "3", "reward.safety_patterns": ["x"]}
     )
