@@ -45,6 +45,8 @@ MODEL_UNAVAILABLE = "model_unavailable"
 OVERLOAD_CODES = ("overloaded", "queue_timeout", MODEL_UNAVAILABLE)
 """``code`` of the 503s that shed load or wait for a replacement replica (``Retry-After``:
 :data:`serve.settings.OVERLOAD_RETRY_AFTER_S`)."""
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+"""``code`` of the statuses Starlette's router answers itself (an unknown route, a wrong method)."""
 
 
 api = FastAPI(
@@ -184,8 +186,11 @@ async def _api_error(_: Request, e: APIError) -> JSONResponse:
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     msg = f"{request.method} {request.url.path}: {e.detail}"
-    code = "not_found" if e.status_code == 404 else None
-    return JSONResponse(error_body(msg, "invalid_request_error", None, code), status_code=e.status_code)
+    code = HTTP_ERROR_CODES.get(e.status_code)
+    # e.headers carries what the status requires, e.g. a 405's ``Allow`` (the routes' methods)
+    return JSONResponse(
+        error_body(msg, "invalid_request_error", None, code), status_code=e.status_code, headers=e.headers
+    )
 
 
 @api.exception_handler(RequestValidationError)
