@@ -137,8 +137,10 @@ def resolve_settings(args: dict[str, Any]) -> AppSettings:
         if isinstance(value, str) and not as_text and not key.endswith("api_key"):
             value = parse_override(f"{dotted}={value}")[1]
         overrides[dotted] = value
-    if not cfg.serve.feedback_store and "serve.feedback_store" not in overrides and os.environ.get(ENV_FEEDBACK_STORE):
-        overrides["serve.feedback_store"] = os.environ[ENV_FEEDBACK_STORE]  # keeps a database password out of YAML
+    # empty (the config's default, or "" as the shipped serve_config.yaml writes it): the environment's store, which
+    # keeps a database password out of YAML, as RLCHAT_API_KEY keeps the key
+    if not overrides.get("serve.feedback_store", cfg.serve.feedback_store) and os.environ.get(ENV_FEEDBACK_STORE):
+        overrides["serve.feedback_store"] = os.environ[ENV_FEEDBACK_STORE]
     if overrides:  # a relative path among them is taken from here, as a config file's are when it loads
         cfg = resolve_paths(cfg.replace(**overrides))
     cfg = cfg.replace(**{"serve.api_key": resolve_api_key(cfg.serve.api_key, cfg.serve.api_key_file)})

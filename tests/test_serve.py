@@ -393,8 +393,15 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config(ckpt, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     from serve.settings import deployment_options, resolve_settings
 
-    opts = deployment_options(resolve_settings({**app_schema.args, "checkpoint": str(ckpt)}))
+    monkeypatch.delenv("RLCHAT_FEEDBACK_STORE", raising=False)  # conftest points the suite's apps at a temp store
+    settings = resolve_settings({**app_schema.args, "checkpoint": str(ckpt)})
+    assert settings.config.serve.feedback_store == f"sqlite:///{tmp_path / 'feedback.db'}"  # laptop default
+    opts = deployment_options(settings)
     assert opts["autoscaling_config"]["max_replicas"] > opts["autoscaling_config"]["min_replicas"] >= 1
+    # the shipped config honours the environment's store, as it does RLCHAT_API_KEY (docs/cluster.md sets both)
+    pg = "postgresql://rlchat:pw@db.internal:5432/rlchat"
+    monkeypatch.setenv("RLCHAT_FEEDBACK_STORE", pg)
+    assert resolve_settings({**app_schema.args, "checkpoint": str(ckpt)}).config.serve.feedback_store == pg
     app = call_user_app_builder_with_args_if_necessary(build_app, {**app_schema.args, "checkpoint": str(ckpt)})
     assert isinstance(app, Application)
 
@@ -612,7 +619,8 @@ def test_error_cases_over_raw_http(app):
     # routes: unknown path, wrong method, auth on models and feedback, open health endpoints
     assert requests.get(app.url + "/v1/nothing", timeout=30).status_code == 404
     r = requests.get(app.url + "/v1/chat/completions", headers=_auth(app), timeout=30)
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in r.headers["Allow"]  # a 405 names the methods the route takes (RFC 9110)
     assert requests.get(app.url + "/v1/models", timeout=30).status_code == 401
     assert _post(app, {"completion_id": "x", "rating": "up"}, "/v1/feedback", headers={}).status_code == 401
     assert requests.get(app.url + "/healthz", timeout=30).json() == {"status": "ok"}
