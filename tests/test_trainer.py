@@ -185,6 +185,23 @@ def test_resume_restores_guardrail_state_rollbacks_and_lowered_lr(tmp_path, monk
     assert calls == [(2, 1), (3, 2)]
 
 
+def test_resuming_a_finished_run_says_so_and_returns_its_last_metrics(tmp_path, capsys):
+    """``rlchat train --resume`` of a run at its last iteration printed ``reward nan``: nothing ran, so no metrics.
+    Now it says the run is complete and returns the last checkpoint's metrics (as ``rlchat sft --resume`` does)."""
+    cfg = _cfg("ppo.iterations=2", "checkpoint.every=1", "ppo.eval_every=0")
+    run, last = train(cfg, tmp_path / "run", quiet=True)
+    before = _lines(run)
+    resumed = _trainer(cfg, run)
+    try:
+        resumed.quiet = False
+        again = resumed.run(resume=True)
+    finally:
+        resumed.shutdown()
+    assert again["rollout/reward_mean"] == pytest.approx(last["rollout/reward_mean"])
+    assert "already complete (2/2 iterations)" in capsys.readouterr().out
+    assert _lines(run) == before  # nothing re-run, nothing rewound
+
+
 @pytest.mark.slow
 def test_overlapped_sampling_is_one_step_off_policy(ray_local, tmp_path):
     cfg = _cfg("ppo.iterations=3", "rollout.num_workers=1", "rollout.overlap=true", "rollout.num_cpus_per_worker=0.5")

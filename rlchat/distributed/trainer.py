@@ -241,7 +241,7 @@ class PPOTrainer:
         (Ray Tune's trainable reports through it)."""
         import ray
 
-        from rlchat.core.checkpoint import CheckpointManager
+        from rlchat.core.checkpoint import CheckpointManager, read_checkpoint
         from rlchat.core.metrics import MetricsWriter, format_progress
         from rlchat.distributed.rank_group import RankGroupRestarted
 
@@ -253,6 +253,10 @@ class PPOTrainer:
         if latest is not None:
             # the checkpoint's own LR scale comes back with the learner's state; its driver state with it
             weights_ref, version, start = self._restore(writer, latest)
+            if start > p.iterations:  # nothing left to run: the run's result is its last checkpoint's metrics
+                self._say(f"the run is already complete ({start - 1}/{p.iterations} iterations): {latest}")
+                writer.close()
+                return {k: v for k, v in read_checkpoint(latest).metrics.items() if isinstance(v, float)}
             self._say(f"resumed from {latest} (iteration {start - 1})")
         else:
             weights_ref, version = self._shared(*self.learner.weights())
