@@ -514,6 +514,21 @@ def test_stats_per_model_version_against_hand_computed_values(store, capsys):
     ]
 
 
+def test_feedback_commands_refuse_a_sqlite_store_that_does_not_exist(tmp_path, capsys):
+    """A misspelled path made ``rlchat feedback stats`` / ``delete`` / ``export`` create an empty store (and its
+    directories) and report nothing to see, exit 0: now exit 2 naming the file and where the server's store is."""
+    missing = tmp_path / "nosuchdir" / "feedbak.db"
+    for argv in (
+        ["feedback", "stats", str(missing)],
+        ["feedback", "delete", f"sqlite:///{missing}", "abc123"],
+        ["feedback", "export", str(missing), "--out", str(tmp_path / "out")],
+    ):
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{missing}: no feedback store" in err and "serve.feedback_store" in err, err
+    assert not missing.parent.exists() and not (tmp_path / "out").exists()
+
+
 def test_export_writes_the_prepared_preference_layout_and_rm_reads_the_store(store, tmp_path, capsys):
     from rlchat.stages import prepare_rm_data
     from rlchat.tokenizer import ChatTokenizer

@@ -22,6 +22,24 @@ from rlchat.core.errors import DataError
 from rlchat.core.feedback_store import FeedbackStore, VersionStats, collect_pairs, display_url, resolve_store_url
 
 
+def existing_store_url(url: str) -> str:
+    """The store's canonical URL, refusing a SQLite file that is not there: reading commands must not create an
+    empty store (and its directories) at a misspelled path and then report nothing in it.
+
+    Raises:
+        DataError: the SQLite file does not exist.
+    """
+    url = resolve_store_url(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///").partition("?")[0])
+        if not path.is_file():
+            raise DataError(
+                f"{path}: no feedback store there (no such file); give the one `rlchat serve` writes "
+                "(serve.feedback_store: by default feedback.db in the directory it ran in) or its postgresql:// URL"
+            )
+    return url
+
+
 def export_feedback(
     url: str,
     out: str | Path,
@@ -54,7 +72,7 @@ def export_feedback(
     cfg = load_config(config)
     if client_text:
         cfg = cfg.replace(**{"rm.feedback_client_text": True})
-    url = resolve_store_url(url)
+    url = existing_store_url(url)
     tok = ChatTokenizer.from_config(cfg.tokenizer)
     collector, name, n = collect_pairs(url, cfg, model_version)
     if not collector.kept:
@@ -120,7 +138,7 @@ def feedback_export_command(
 
 def feedback_stats_command(url: str, json_output: bool = False, **_: Any) -> int:
     """``rlchat feedback stats URL [--json]``."""
-    store = FeedbackStore(url)
+    store = FeedbackStore(existing_store_url(url))
     try:
         rows = store.stats()
     finally:
@@ -134,7 +152,7 @@ def feedback_stats_command(url: str, json_output: bool = False, **_: Any) -> int
 
 def feedback_delete_command(url: str, conversation_id: str, **_: Any) -> int:
     """``rlchat feedback delete URL CONVERSATION_ID``."""
-    store = FeedbackStore(url)
+    store = FeedbackStore(existing_store_url(url))
     try:
         counts = store.delete_conversation(conversation_id)
     finally:
@@ -145,6 +163,7 @@ def feedback_delete_command(url: str, conversation_id: str, **_: Any) -> int:
 
 
 __all__ = [
+    "existing_store_url",
     "export_feedback",
     "feedback_delete_command",
     "feedback_export_command",
