@@ -202,6 +202,17 @@ def test_resuming_a_finished_run_says_so_and_returns_its_last_metrics(tmp_path, 
     assert _lines(run) == before  # nothing re-run, nothing rewound
 
 
+def test_a_missing_init_checkpoint_fails_before_the_run_directory_is_made(tmp_path):
+    """A typo in ``checkpoint.init_from`` was reported only after ``runs/train-*`` (config, logs, an empty
+    checkpoints/) had been made: the failed start left a run behind that looks like a real one."""
+    from rlchat.core.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="sft-typo"):
+        train(_cfg(f"checkpoint.init_from={tmp_path / 'runs' / 'sft-typo' / 'checkpoints' / 'best'}"),
+              tmp_path / "run", quiet=True)  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_overlapped_sampling_is_one_step_off_policy(ray_local, tmp_path):
     cfg = _cfg("ppo.iterations=3", "rollout.num_workers=1", "rollout.overlap=true", "rollout.num_cpus_per_worker=0.5")

@@ -430,8 +430,11 @@ def train(
     on_iteration: Any = None,
 ) -> tuple[Path, dict[str, float]]:
     """Run PPO; returns (run_dir, last iteration's metrics)."""
+    from rlchat.core.checkpoint import POLICY_STAGES, read_checkpoint
     from rlchat.core.metrics import attach_log_file, detach_log_file, make_run_dir, write_run_config
 
+    if cfg.checkpoint.init_from and not resume:  # a typo fails here, before a run directory that looks real is made
+        read_checkpoint(cfg.checkpoint.init_from, expect_stage=POLICY_STAGES)
     path = make_run_dir(str(run_dir) if run_dir else None, "train")
     if not resume:
         write_run_config(path, cfg)
