@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import subprocess
 import sys
 from pathlib import Path
@@ -89,11 +91,50 @@ def test_yaml_errors_name_file_and_line(tmp_path):
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("ppo:\n  clipcoef: 0.1\n")
     with pytest.raises(
-        ConfigError, match=r"unknown.yaml: unknown config key 'ppo.clipcoef' \(given ppo.clipcoef=0.1\)"
+        ConfigError, match=r"unknown.yaml:2: unknown config key 'ppo.clipcoef' \(given ppo.clipcoef=0.1\)"
     ):
         load_config(unknown)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_config_path_typed_outside_the_checkout_points_at_the_checkouts_copy(tmp_path, monkeypatch):
+    """README commands name configs/demo.yaml relative to the repository root; typed in another directory, the
+    error named the missing file and suggested that same path. Now it names the copy that exists."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/demo.yaml")
+    assert str(ROOT / "configs" / "demo.yaml") in str(e.value) and str(tmp_path) in str(e.value), str(e.value)
+
+
+def test_config_errors_blame_the_right_source_with_its_line(tmp_path):
+    """A bad key or value in the file names file:line; one in a command-line override names the override, not
+    the file (which does not contain it); an unclosed bracket is placed where it opened; a tab gets its fix."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ppo:\n  clip_coef: 0.1\n\nsft:\n  epochs: 2\n  epoch: 25\n  lr: abc\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value).startswith(f"{cfg}:6: unknown config key 'sft.epoch'"), str(e.value)
+    cfg.write_text("ppo:\n  clip_coef: 0.1\n\nsft:\n  epochs: two\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(cfg))}:5: sft.epochs='two': expected an integer"):
+        load_config(cfg)
+    cfg.write_text("ppo:\n  clip_coef: 0.1\n")
+    for override, start in (
+        ("sft.epoch=1", "override sft.epoch=1: unknown config key 'sft.epoch'"),
+        ("ppo.iterations=two", "override ppo.iterations=two: ppo.iterations='two': expected an integer"),
+        ("ppo.clip_coef=1.5", "override ppo.clip_coef=1.5: ppo.clip_coef=1.5"),  # in the file too: the override's
+    ):
+        with pytest.raises(ConfigError) as e:
+            load_config(cfg, [override])
+        assert str(e.value).startswith(start) and str(cfg) not in str(e.value), str(e.value)
+    cfg.write_text("ppo:\n  clip_coef: 0.1\nmodel:\n  n_layer: [2\n  n_embd: 64\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert f"{cfg}:4: invalid YAML" in str(e.value) and "line 5" in str(e.value), str(e.value)
+    cfg.write_text("ppo:\n\tclip_coef: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert f"{cfg}:2: invalid YAML" in str(e.value) and "indent with spaces" in str(e.value), str(e.value)
 
 
 def test_every_field_is_documented():
@@ -161,7 +202,7 @@ def test_non_finite_floats_are_refused_naming_key_and_value(key, raw):
 def test_non_finite_floats_in_yaml_and_in_python(tmp_path):
     f = tmp_path / "nan.yaml"
     f.write_text("ppo:\n  ent_coef: .nan\n")
-    with pytest.raises(ConfigError, match=r"nan.yaml: ppo.ent_coef=nan: expected a finite number, found NaN"):
+    with pytest.raises(ConfigError, match=r"nan.yaml:2: ppo.ent_coef=nan: expected a finite number, found NaN"):
         load_config(f)
     from rlchat.config import PPOConfig
 

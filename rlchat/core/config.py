@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from rlchat.core.errors import ConfigError
-from rlchat.core.files import load_yaml_mapping
+from rlchat.core.files import load_yaml_mapping, yaml_key_lines
 
 # --------------------------------------------------------------------------------------------------------------
 # Sections
@@ -504,7 +504,7 @@ class Config:
 def _check(ok: bool, key: str, value: Any, expected: str, fix: str, why: str = "") -> None:
     """Raise ``key=value: expected ... (why); fix`` unless ``ok``."""
     if not ok:
-        raise ConfigError(f"{key}={value!r}: expected {expected}{f' ({why})' if why else ''}; {fix}")
+        raise ConfigError(f"{key}={value!r}: expected {expected}{f' ({why})' if why else ''}; {fix}", key)
 
 
 FEEDBACK_STORE_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "postgres://")
@@ -905,7 +905,8 @@ def _require_finite(key: str, value: float, given: Any = None) -> float:
     shown = value if given is None else given
     raise ConfigError(
         f"{key}={shown!r}: expected a finite number, found {found}{allowed}; non-finite values turn losses and "
-        "thresholds into NaN or make them never trip, so set a finite number"
+        "thresholds into NaN or make them never trip, so set a finite number",
+        key,
     )
 
 
@@ -959,7 +960,7 @@ def _describe(tp: Any) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Convert a YAML-parsed value to the field's type, or raise a ConfigError naming key, value and type."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}={value!r}: expected {_describe(tp)}; fix the value in the YAML file or override")
+    bad = ConfigError(f"{key}={value!r}: expected {_describe(tp)}; fix the value in the YAML file or override", key)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad
@@ -1025,7 +1026,7 @@ def _unknown(key: str, cls: type, given: str) -> ConfigError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=1)
     hint = f"did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" if close else ""
     return ConfigError(
-        f"unknown config key '{key}' (given {given}); valid keys here: {', '.join(names)}. {hint}".strip()
+        f"unknown config key '{key}' (given {given}); valid keys here: {', '.join(names)}. {hint}".strip(), key
     )
 
 
@@ -1155,16 +1156,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         ConfigError: unknown key, bad value, unreadable or invalid YAML (with file and line).
     """
     data: dict[str, Any] = {}
+    text = ""
     if path is not None:
-        data, _ = load_yaml_mapping(path, "config file", "config sections", "configs/demo.yaml")
+        data, text = load_yaml_mapping(path, "config file", "config sections", "configs/demo.yaml")
+    given: dict[str, str] = {}  # dotted key -> the override as the user wrote it
     if isinstance(overrides, list):
-        overrides = dict(parse_override(o) for o in overrides)
+        parsed = [(o, parse_override(o)) for o in overrides]
+        given = {kv[0]: o for o, kv in parsed}
+        overrides = dict(kv for _, kv in parsed)
+    elif overrides:
+        given = {k: f"{k}={v}" for k, v in overrides.items()}
     try:
         return resolve_paths(from_dict(data, overrides))
     except ConfigError as e:
-        if path is not None:
-            raise ConfigError(f"{path}: {e}") from None
-        raise
+        raise _blamed(e, path, text, given) from None
+
+
+def _blamed(e: ConfigError, path: str | Path | None, text: str, given: dict[str, str]) -> ConfigError:
+    """``e`` prefixed with where its key was set: the command-line override that set it (it wins over the file),
+    else ``file:line`` of the key in the YAML file (``file`` alone when the key is not written there)."""
+    key = e.key
+    if path is None:
+        return e  # overrides alone: the message names the key=value already
+    if key is not None:
+        for k, text_given in given.items():
+            # the key itself, a sub-key of a mapping field (reward.plugins.x), or a section an override misnamed
+            if key == k or key.startswith((k + ".", k + "[")) or k.startswith(key + "."):
+                return ConfigError(f"override {text_given}: {e}", key)
+    line = None
+    if key is not None:
+        lines = yaml_key_lines(text)
+        parts = key.split("[", 1)[0].split(".")
+        for n in range(len(parts), 0, -1):  # the key, else the closest enclosing key written in the file
+            line = lines.get(".".join(parts[:n]))
+            if line is not None:
+                break
+    return ConfigError(f"{path}{f':{line}' if line else ''}: {e}", key)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,17 @@ class RLChatError(Exception):
 
 
 class ConfigError(RLChatError, ValueError):
-    """A config key is unknown or a value is invalid."""
+    """A config key is unknown or a value is invalid.
+
+    Args:
+        message: what is wrong, what was expected, the fix.
+        key: the dotted key at fault, where one is (``load_config`` uses it to point at the file's line or at the
+            command-line override that set it).
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class DataError(RLChatError, ValueError):

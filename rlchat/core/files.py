@@ -101,6 +101,10 @@ def read_key_file(path: str | os.PathLike[str]) -> str:
     return lines[0].strip() if lines else ""
 
 
+CHECKOUT = Path(__file__).resolve().parents[2]
+"""The directory holding ``rlchat/`` (a source checkout's root, where ``configs/`` and ``tune/spaces/`` are)."""
+
+
 def load_yaml_mapping(path: str | os.PathLike[str], kind: str, what: str, example: str) -> tuple[dict[str, Any], str]:
     """Read a YAML file whose top level must be a mapping (an empty file is ``{}``).
 
@@ -120,6 +124,12 @@ def load_yaml_mapping(path: str | os.PathLike[str], kind: str, what: str, exampl
     """
     p = Path(path)
     if not p.is_file():
+        checkout = CHECKOUT / p  # README commands name configs/... from the repository root
+        if not p.is_absolute() and checkout.is_file():
+            raise ConfigError(
+                f"{p}: {kind} not found in the current directory ({Path.cwd()}); the repository's copy is "
+                f"{checkout}: pass that path, or run from {CHECKOUT}"
+            )
         raise ConfigError(f"{p}: {kind} not found; pass an existing YAML file, e.g. {example}")
     try:
         text = p.read_text(encoding="utf-8")
@@ -128,12 +138,33 @@ def load_yaml_mapping(path: str | os.PathLike[str], kind: str, what: str, exampl
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(_yaml_error(p, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of {what} at the top level, found {type(data).__name__}")
     return data, text
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """``file:line: invalid YAML (...)`` with the fix. The parser reports where it gave up, which for an unclosed
+    bracket or quote is lines after the mistake: the line where that construct opened comes first then."""
+    problem = str(getattr(e, "problem", None) or e)
+    mark, opened = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    context = getattr(e, "context", None)
+    unclosed = bool(context) and ("flow" in context or "quoted" in context)  # [..], {..}, "..": not block ones
+    if unclosed and opened is not None and mark is not None and opened.line < mark.line:
+        where = f"{path}:{opened.line + 1}"
+        what = context.removeprefix("while parsing ").removeprefix("while scanning ")  # "a flow sequence"
+        detail = f"{what} opened here is not closed: {problem} at line {mark.line + 1}"
+        fix = "close it (a missing ']', '}' or quote)"
+    else:
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        detail = problem
+        fix = "check this line and the one above it (a missing ':' or an unclosed quote)"
+        if "<stream end>" in problem:
+            fix = "something opened above is never closed (a ']', '}' or quote) or a value is missing at the end"
+    if "\t" in problem or "'\\t'" in problem:  # PyYAML shows a tab as '\t'
+        fix = "indent with spaces: YAML does not allow tabs"
+    return f"{where}: invalid YAML ({detail}); {fix}"
 
 
 def yaml_key_lines(text: str) -> dict[str, int]:
