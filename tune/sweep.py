@@ -31,7 +31,7 @@ A sweep directory (default ``runs/tune-<time>``)::
     space.yaml, sweep.json  the space file and the sweep settings (what --resume rebuilds the sweep from)
     tuner/                Ray Tune's experiment (state, per-trial results, the reported checkpoints)
     trials/<trial_id>/    each trial's rlchat run directory (metrics.jsonl, TensorBoard, checkpoints/)
-    stops.json            why the RL stoppers ended trials
+    stops.json            why the RL stoppers ended trials (written once one has)
     results.csv           the results table (also printed), one row per trial
     trials.png            the objective and the training reward vs iteration, one line per trial
     best_config.yaml      the best trial's resolved config (``rlchat train --config best_config.yaml``)
