@@ -24,6 +24,22 @@ def _strict_json(line: str) -> dict:
     return json.loads(line, parse_constant=reject)
 
 
+def test_a_run_dir_inside_a_ray_jobs_uploaded_working_dir_is_warned_about(tmp_path, monkeypatch, capsys):
+    """``ray job submit --working-dir .`` runs the command in Ray's unpacked copy of the checkout, which Ray
+    deletes: a relative --run-dir (or the default runs/...) there lost the run without a word. Now a warning names
+    the directory and the fix; elsewhere nothing is said."""
+    from rlchat.core.files import in_job_working_dir
+
+    job = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    job.mkdir(parents=True)
+    monkeypatch.chdir(job)
+    assert in_job_working_dir("runs/x") and not in_job_working_dir(tmp_path / "shared" / "runs")
+    path = M.make_run_dir("runs/ppo", "train")
+    M.make_run_dir(tmp_path / "shared" / "ppo", "train")
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and str(path) in warned[0] and "absolute path on shared storage" in warned[0], warned
+
+
 def test_make_run_dir_default_names_are_unique_and_laid_out(tmp_path):
     a = M.make_run_dir(None, "sft", root=tmp_path / "runs")
     b = M.make_run_dir(None, "sft", root=tmp_path / "runs")  # same second: gets a -n suffix, never shares

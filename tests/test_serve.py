@@ -406,6 +406,19 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config(ckpt, tmp_path, monkey
     assert isinstance(app, Application)
 
 
+def test_rlchat_serve_warns_of_a_sqlite_store_that_a_node_or_a_job_would_lose(tmp_path):
+    """In a ``ray job submit --working-dir`` job the default ./feedback.db is in Ray's unpacked copy of the
+    checkout, deleted with it: every rating lost without a word. Now a warning; a store elsewhere gets none."""
+    from rlchat.cli.serve_cmd import feedback_store_notes
+
+    job = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    doomed = feedback_store_notes(f"sqlite:///{job / 'feedback.db'}", nodes=1)
+    assert len(doomed) == 1 and doomed[0].startswith("warning:") and "RLCHAT_FEEDBACK_STORE" in doomed[0], doomed
+    assert feedback_store_notes(f"sqlite:///{tmp_path / 'feedback.db'}", nodes=1) == []
+    assert len(feedback_store_notes(f"sqlite:///{tmp_path / 'feedback.db'}", nodes=2)) == 1  # one file per node
+    assert feedback_store_notes("postgresql://u:p@h:5432/db", nodes=3) == []
+
+
 def test_serve_command_needs_a_checkpoint():
     from rlchat.cli.serve_cmd import serve_command
 

@@ -13,7 +13,7 @@ from ray import serve as ray_serve
 from rlchat.core.config import ServeConfig
 from rlchat.core.errors import ConfigError
 from rlchat.core.feedback_store import display_url
-from rlchat.core.files import read_key_file
+from rlchat.core.files import JOB_SCRATCH_NOTE, in_job_working_dir, read_key_file
 from serve.app import ChatServer
 from serve.settings import (
     APP_NAME,
@@ -97,6 +97,26 @@ def serve_args(
     if flags.get("api_key_file") and not flags.get("api_key"):
         args["api_key"] = ""  # the file named on the command line, not a serve.api_key of the config
     return args
+
+
+def feedback_store_notes(url: str, nodes: int) -> list[str]:
+    """What to tell the user about where feedback goes: a SQLite file is one node's (several nodes: each replica
+    writes its own), and one in a Ray job's unpacked working directory is deleted with it."""
+    if not url.startswith("sqlite"):
+        return []
+    notes = []
+    if nodes > 1:
+        notes.append(
+            "note: this Ray cluster has several nodes, and a SQLite feedback store is a file on each replica's "
+            "own node; set serve.feedback_store: postgresql://... (docs/cluster.md)"
+        )
+    path = url.removeprefix("sqlite:///").partition("?")[0]
+    if in_job_working_dir(path):
+        notes.append(
+            f"warning: the feedback store {path} {JOB_SCRATCH_NOTE}; give the replicas RLCHAT_FEEDBACK_STORE "
+            "(the job's env_vars) or serve.feedback_store"
+        )
+    return notes
 
 
 def serve_command(
@@ -198,12 +218,8 @@ def serve_command(
         if s.safety_filter:
             print("  safety filter: on")
         print(f"  feedback store: {display_url(s.feedback_store)}", flush=True)
-        if s.feedback_store.startswith("sqlite") and sum(bool(n.get("Alive")) for n in ray.nodes()) > 1:
-            print(
-                "  note: this Ray cluster has several nodes, and a SQLite feedback store is a file on each replica's "
-                "own node; set serve.feedback_store: postgresql://... (docs/cluster.md)",
-                flush=True,
-            )
+        for note in feedback_store_notes(s.feedback_store, sum(bool(n.get("Alive")) for n in ray.nodes())):
+            print(f"  {note}", flush=True)
         if not blocking:
             return 0
         print("Ctrl-C to stop", flush=True)

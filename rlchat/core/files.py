@@ -101,6 +101,21 @@ def read_key_file(path: str | os.PathLike[str]) -> str:
     return lines[0].strip() if lines else ""
 
 
+JOB_SCRATCH_NOTE = (
+    "is inside the copy of --working-dir that Ray unpacked for this job, which Ray deletes (at the latest when the "
+    "cluster stops): use an absolute path on shared storage (docs/cluster.md)"
+)
+"""What :func:`in_job_working_dir` paths are warned with."""
+
+
+def in_job_working_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` lies in a Ray job's unpacked working directory
+    (``<ray temp>/session_*/runtime_resources/working_dir_files/_ray_pkg_*``), where ``ray job submit
+    --working-dir`` runs the command: a relative path typed in such a job names a directory that is deleted."""
+    parts = Path(path).expanduser().resolve().parts
+    return any(a == "runtime_resources" and b == "working_dir_files" for a, b in zip(parts, parts[1:]))
+
+
 CHECKOUT = Path(__file__).resolve().parents[2]
 """The directory holding ``rlchat/`` (a source checkout's root, where ``configs/`` and ``tune/spaces/`` are)."""
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlchat.core import ppo as _ppo
 from rlchat.core.errors import RLChatError
-from rlchat.core.files import atomic_write_text
+from rlchat.core.files import JOB_SCRATCH_NOTE, atomic_write_text, in_job_working_dir
 
 if TYPE_CHECKING:
     from rlchat.core.config import Config
@@ -177,6 +177,10 @@ def make_run_dir(run_dir: str | Path | None, stage: str, root: str | Path = "run
                 path = base.with_name(f"{base.name}-{n}")
     for sub in RUN_SUBDIRS:
         (path / sub).mkdir(exist_ok=True)
+    if in_job_working_dir(path):  # on the terminal (the job's log), not only in the logs of a doomed directory
+        from rlchat.core.console import console
+
+        print(f"warning: run directory {path} {JOB_SCRATCH_NOTE}", file=console(), flush=True)
     from rlchat.core.console import attach_run_dir
 
     attach_run_dir(path)
