@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Apps a test deploys without a feedback store would write the default ./feedback.db into the checkout (the
 # replicas' working directory): give them one in a temp dir instead (a test of the default unsets it).
 _FEEDBACK_DIR = tempfile.mkdtemp(prefix="rlchat-tests-feedback-")
-os.environ.setdefault("RLCHAT_FEEDBACK_STORE", f"sqlite:///{_FEEDBACK_DIR}/feedback.db")
+os.environ["RLCHAT_FEEDBACK_STORE"] = f"sqlite:///{_FEEDBACK_DIR}/feedback.db"  # never a user's real database
 atexit.register(shutil.rmtree, _FEEDBACK_DIR, True)
 
 

@@ -129,11 +129,36 @@ def test_config_errors_blame_the_right_source_with_its_line(tmp_path):
     cfg.write_text("ppo:\n  clip_coef: 0.1\nmodel:\n  n_layer: [2\n  n_embd: 64\n")
     with pytest.raises(ConfigError) as e:
         load_config(cfg)
-    assert f"{cfg}:4: invalid YAML" in str(e.value) and "line 5" in str(e.value), str(e.value)
+    assert f"{cfg}:5: invalid YAML" in str(e.value) and "line 4" in str(e.value), str(e.value)
     cfg.write_text("ppo:\n\tclip_coef: 0.1\n")
     with pytest.raises(ConfigError) as e:
         load_config(cfg)
     assert f"{cfg}:2: invalid YAML" in str(e.value) and "indent with spaces" in str(e.value), str(e.value)
+    # a missing comma inside a closed multi-line list is not an unclosed bracket: the line where it is missing
+    cfg.write_text('reward:\n  safety_patterns: [\n    "a",\n    "b"\n    "c",\n  ]\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert f"{cfg}:5: invalid YAML" in str(e.value) and "line 2" in str(e.value), str(e.value)
+    # an error without a line mark (a control character) still names its line
+    cfg.write_text("ppo:\n  clip_coef: 0.1\x07\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(cfg))}:2: invalid YAML"):
+        load_config(cfg)
+    # a renamed key (ppo.kl_target -> ppo.adaptive_kl_target) is blamed where it was written, under its old name
+    cfg.write_text("ppo:\n  iterations: 2\n\n  kl_target: abc\n")
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value).startswith(f"{cfg}:4: "), str(e.value)
+    cfg.write_text("ppo:\n  iterations: 2\n")
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError) as e:
+        load_config(cfg, ["ppo.kl_target=abc"])
+    assert str(e.value).startswith("override ppo.kl_target=abc: "), str(e.value)
+    # a section set to a non-mapping: in the file, its line; by an override, the override
+    cfg.write_text("sft:\n  epochs: 2\nppo: 5\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(cfg))}:3: ppo=5: expected a mapping"):
+        load_config(cfg)
+    cfg.write_text("sft:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"^override ppo=5: ppo=5: expected a mapping"):
+        load_config(cfg, ["ppo=5"])
 
 
 def test_every_field_is_documented():

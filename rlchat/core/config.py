@@ -1032,7 +1032,10 @@ def _unknown(key: str, cls: type, given: str) -> ConfigError:
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}={data!r}: expected a mapping of keys to values")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'}={data!r}: expected a mapping of keys to values",
+            prefix.rstrip(".") or None,
+        )
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -1180,12 +1183,16 @@ def _blamed(e: ConfigError, path: str | Path | None, text: str, given: dict[str,
         return e  # overrides alone: the message names the key=value already
     if key is not None:
         for k, text_given in given.items():
+            k = RENAMED_KEYS.get(k, k)  # the error names the new key
             # the key itself, a sub-key of a mapping field (reward.plugins.x), or a section an override misnamed
             if key == k or key.startswith((k + ".", k + "[")) or k.startswith(key + "."):
                 return ConfigError(f"override {text_given}: {e}", key)
     line = None
     if key is not None:
         lines = yaml_key_lines(text)
+        for old, new in RENAMED_KEYS.items():  # written under its old name
+            if old in lines and new not in lines:
+                lines[new] = lines[old]
         parts = key.split("[", 1)[0].split(".")
         for n in range(len(parts), 0, -1):  # the key, else the closest enclosing key written in the file
             line = lines.get(".".join(parts[:n]))

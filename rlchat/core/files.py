@@ -153,33 +153,41 @@ def load_yaml_mapping(path: str | os.PathLike[str], kind: str, what: str, exampl
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(_yaml_error(p, e)) from None
+        raise ConfigError(_yaml_error(p, e, text)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of {what} at the top level, found {type(data).__name__}")
     return data, text
 
 
-def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
-    """``file:line: invalid YAML (...)`` with the fix. The parser reports where it gave up, which for an unclosed
-    bracket or quote is lines after the mistake: the line where that construct opened comes first then."""
+def _yaml_error(path: Path, e: yaml.YAMLError, text: str) -> str:
+    """``file:line: invalid YAML (...)`` with the fix. The parser reports where it gave up; for a bracket or quote
+    left open to the end of the file that is the last line, so the line where it opened is given instead."""
     problem = str(getattr(e, "problem", None) or e)
     mark, opened = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
-    context = getattr(e, "context", None)
-    unclosed = bool(context) and ("flow" in context or "quoted" in context)  # [..], {..}, "..": not block ones
-    if unclosed and opened is not None and mark is not None and opened.line < mark.line:
-        where = f"{path}:{opened.line + 1}"
-        what = context.removeprefix("while parsing ").removeprefix("while scanning ")  # "a flow sequence"
-        detail = f"{what} opened here is not closed: {problem} at line {mark.line + 1}"
-        fix = "close it (a missing ']', '}' or quote)"
+    context = getattr(e, "context", None) or ""
+    if mark is not None:
+        line: int | None = mark.line + 1
+    elif isinstance(getattr(e, "position", None), int):  # a ReaderError (a control character): no mark
+        line = text[: e.position].count("\n") + 1  # type: ignore[attr-defined]
     else:
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        detail = problem
-        fix = "check this line and the one above it (a missing ':' or an unclosed quote)"
-        if "<stream end>" in problem:
-            fix = "something opened above is never closed (a ']', '}' or quote) or a value is missing at the end"
+        line = None
+    fix = "check this line and the one above it (a missing ':' or an unclosed quote)"
+    detail = problem
+    # inside [...], {...} or a quoted string that opened on an earlier line
+    inside = ("flow" in context or "quoted" in context) and opened is not None and line and opened.line + 1 < line
+    if inside:
+        what = context.removeprefix("while parsing ").removeprefix("while scanning ")  # "a flow sequence"
+        if "end of stream" in problem or "<stream end>" in problem:
+            line, detail = opened.line + 1, f"{what} opened here is not closed: {problem}"
+            fix = "close it (a missing ']', '}' or quote)"
+        else:
+            detail = f"{problem}, inside {what} opened at line {opened.line + 1}"
+            fix = "a ',' is missing before this, or that bracket is not closed"
+    elif "<stream end>" in problem:
+        fix = "something opened above is never closed (a ']', '}' or quote) or a value is missing at the end"
     if "\t" in problem or "'\\t'" in problem:  # PyYAML shows a tab as '\t'
         fix = "indent with spaces: YAML does not allow tabs"
-    return f"{where}: invalid YAML ({detail}); {fix}"
+    return f"{path}{f':{line}' if line else ''}: invalid YAML ({detail}); {fix}"
 
 
 def yaml_key_lines(text: str) -> dict[str, int]:
