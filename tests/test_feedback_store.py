@@ -605,6 +605,19 @@ def test_transcripts_retention_scrubbing_and_deleting_a_conversation(store_url):
     store.close()
 
 
+def test_deleting_an_id_that_matches_nothing_says_so_and_exits_1(store_url, capsys):
+    """A deletion request with a mistyped id must not look done: "deleted ...: 0 transcripts" with exit 0 told a
+    user (or a privacy script) that a conversation was gone when nothing had matched."""
+    store = FeedbackStore(store_url)
+    store.record_request("r0", model_version="v", n_choices=1, conversation_id="conv-a", messages=PROMPT)
+    store.close()
+    assert cli_main(["feedback", "delete", store_url, "conv-typo"]) == 1
+    err = capsys.readouterr().err
+    assert "conv-typo" in err and "nothing" in err and "deleted" not in err.replace("nothing deleted", "")
+    assert cli_main(["feedback", "delete", store_url, "conv-a"]) == 0  # a real id still works, exit 0
+    assert "deleted conversation 'conv-a'" in capsys.readouterr().out
+
+
 def test_request_rows_past_their_retention_are_deleted_and_still_counted_in_stats(store_url):
     """A serving replica writes a request row and a reply digest per completion (~460 bytes with their indexes on
     SQLite: ~2 GB a day at 50 requests/s). Past ``serve.request_retention_days`` they are deleted; ``stats`` still

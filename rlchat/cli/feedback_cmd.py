@@ -14,6 +14,7 @@ model version's requests, thumbs-up rate with its 95% Wilson interval and usable
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,14 @@ def feedback_delete_command(url: str, conversation_id: str, **_: Any) -> int:
         counts = store.delete_conversation(conversation_id)
     finally:
         store.close()
+    if not any(counts.values()):  # a mistyped id must not read as a deletion done (a privacy request, a script)
+        print(
+            f"error: no conversation or completion with id {conversation_id!r} in {store.display_url}; nothing "
+            "deleted. Give the X-RLChat-Conversation-Id the client sent, or a completion id (chatcmpl-... / cmpl-..., "
+            "the response's X-RLChat-Completion-Id)",
+            file=sys.stderr,
+        )
+        return 1
     done = ", ".join(f"{n} {table}" for table, n in counts.items())
     print(f"deleted conversation {conversation_id!r} from {store.display_url}: {done}")
     return 0
