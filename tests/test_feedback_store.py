@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from rlchat.cli import main as cli_main
 from rlchat.config import Config
 from rlchat.data import load_records as load_data_records
-from rlchat.errors import ConfigError
+from rlchat.errors import ConfigError, DataError
 from rlchat.feedback_store import (
     RETRY_AFTER_S,
     SCHEMA_VERSION,
@@ -566,6 +566,25 @@ def test_export_writes_the_prepared_preference_layout_and_rm_reads_the_store(sto
     assert (counts["train"], counts["val"]) == (base["train"] + 27, base["val"] + 3)
     _, trusted = prepare_rm_data(cfg.replace(**{"rm.feedback": [store.url]}), tok, 64)
     assert (trusted["train"], trusted["val"]) == (base["train"], base["val"])
+
+
+def test_rm_feedback_naming_a_missing_sqlite_file_is_refused_not_created(tmp_path, monkeypatch):
+    """``rm.feedback=[feedbak.db]`` (a typo) made an empty store at that path and trained on no feedback with only a
+    log line; reading a store for training must not create one."""
+    from rlchat.stages import prepare_rm_data
+    from rlchat.tokenizer import ChatTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prefs.jsonl").write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": "go away"}) + "\n"
+    )
+    cfg = Config().replace(**{"data.preferences": "prefs.jsonl", "rm.feedback": ["runs/feedbak.db"]})
+    tok = ChatTokenizer.from_config(cfg.tokenizer)
+    with pytest.raises(DataError, match=r"feedbak\.db: no feedback store there"):
+        prepare_rm_data(cfg, tok, 64)
+    with pytest.raises(DataError, match="no feedback store there"):
+        load_records("sqlite:///runs/feedbak.db", "train", cfg)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_transcripts_retention_scrubbing_and_deleting_a_conversation(store_url):

@@ -20,25 +20,14 @@ from typing import Any
 
 from rlchat.core.config import load_config
 from rlchat.core.errors import DataError
-from rlchat.core.feedback_store import FeedbackStore, VersionStats, collect_pairs, display_url, resolve_store_url
-
-
-def existing_store_url(url: str) -> str:
-    """The store's canonical URL, refusing a SQLite file that is not there: reading commands must not create an
-    empty store (and its directories) at a misspelled path and then report nothing in it.
-
-    Raises:
-        DataError: the SQLite file does not exist.
-    """
-    url = resolve_store_url(url)
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///").partition("?")[0])
-        if not path.is_file():
-            raise DataError(
-                f"{path}: no feedback store there (no such file); give the one `rlchat serve` writes "
-                "(serve.feedback_store: by default feedback.db in the directory it ran in) or its postgresql:// URL"
-            )
-    return url
+from rlchat.core.feedback_store import (
+    FeedbackStore,
+    VersionStats,
+    collect_pairs,
+    display_url,
+    existing_store_url,
+    resolve_store_url,
+)
 
 
 def export_feedback(

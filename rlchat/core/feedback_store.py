@@ -165,6 +165,25 @@ def default_store_url(feedback_path: str | Path) -> str:
     return resolve_store_url(str(Path(feedback_path).expanduser().parent / DEFAULT_SQLITE_NAME))
 
 
+def existing_store_url(url: str) -> str:
+    """The store's canonical URL, refusing a SQLite file that is not there: readers (``rlchat feedback stats`` /
+    ``export`` / ``delete``, ``rm.feedback`` for training) must not create an empty store (and its directories) at a
+    misspelled path and then report, or train on, nothing from it.
+
+    Raises:
+        DataError: the SQLite file does not exist.
+    """
+    url = resolve_store_url(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///").partition("?")[0])
+        if not path.is_file():
+            raise DataError(
+                f"{path}: no feedback store there (no such file); give the one `rlchat serve` writes "
+                "(serve.feedback_store: by default feedback.db in the directory it ran in) or its postgresql:// URL"
+            )
+    return url
+
+
 def display_url(url: str) -> str:
     """The URL with its password hidden (for logs and printed tables)."""
     return sa.engine.make_url(url).render_as_string(hide_password=True)
@@ -1199,7 +1218,7 @@ def load_records(url: str, split: str = "train", cfg: Config | None = None) -> l
     cfg = cfg or Config()
     if split not in ("train", "val", "all"):
         raise DataError(f"split {split!r}: expected train, val or all")
-    collector, name, n = collect_pairs(url, cfg)
+    collector, name, n = collect_pairs(existing_store_url(url), cfg)
     if n == 0:
         logger.warning("%s: no preference pairs yet", name)
     train, val = split_rows(collector.kept, cfg.data.val_fraction, cfg.seed)
@@ -1217,6 +1236,7 @@ __all__ = [
     "StoreUnavailable",
     "VersionStats",
     "check_preference",
+    "existing_store_url",
     "collect_pairs",
     "default_store_url",
     "display_url",
