@@ -207,17 +207,46 @@ async def _internal_error(request: Request, e: Exception) -> JSONResponse:
     )
 
 
+DONE_EVENT = b"data: [DONE]"
+"""The stream's last SSE event (OpenAI's), as it starts on the wire."""
+
+
 class ClosingEventSource(EventSourceResponse):
-    """An SSE response that runs ``on_close`` once it is over, however it ended. A stream's generator gives its
-    place back in its ``finally``, but one that never started (the client gone before the first event was sent)
-    never runs it: the place stayed taken until the stale sweep."""
+    """An SSE response that runs ``on_close`` once it is over, however it ended, and sends its ``[DONE]`` event
+    together with the end of the body.
+
+    ``on_close``: a stream's generator gives its place back in its ``finally``, but one that never started (the
+    client gone before the first event was sent) never runs it: the place stayed taken until the stale sweep.
+
+    ``[DONE]`` with the end: OpenAI's synchronous SDK closes the connection as soon as it has read ``[DONE]``.
+    ``sse_starlette`` ends the body with a message of its own, which through Serve's proxy is a Ray message and a
+    write of its own, so the chunked terminator often came after that close: the proxy logged the client as
+    disconnected and cancelled a finished request (23% of the requests of 16 streaming clients), and the connection
+    could not be reused. Held back until the end's message, ``[DONE]`` goes in the same message, so in one write.
+    """
 
     def __init__(self, *args: Any, on_close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        held: dict[str, Any] | None = None  # the [DONE] event, until the message that ends the body
+
+        async def send_done_with_end(message: dict[str, Any]) -> None:
+            nonlocal held
+            if message["type"] == "http.response.body":
+                if held is not None:
+                    done, held = held, None
+                    if not message.get("more_body", False) and not message.get("body"):
+                        await send({**done, "more_body": False})
+                        return
+                    await send(done)  # something came after [DONE] (not ours): everything in order
+                if message.get("more_body", False) and message.get("body", b"").startswith(DONE_EVENT):
+                    held = message
+                    return
+            await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_done_with_end)
         finally:
             await self._on_close()
