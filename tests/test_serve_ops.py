@@ -437,7 +437,8 @@ def test_a_stream_sends_its_done_event_and_the_end_of_the_body_in_one_message():
             closed.append(True)
 
         await ClosingEventSource(gen(), on_close=on_close)({"type": "http", "method": "GET"}, receive, send)
-        return [(m.get("body", b""), m.get("more_body", False)) for m in sent if m["type"] == "http.response.body"], closed
+        bodies = [m for m in sent if m["type"] == "http.response.body"]
+        return [(m.get("body", b""), m.get("more_body", False)) for m in bodies], closed
 
     body, closed = asyncio.run(run([{"data": "{}"}, {"data": "[DONE]"}]))
     assert body == [(b"data: {}\r\n\r\n", True), (b"data: [DONE]\r\n\r\n", False)] and closed == [True]
