@@ -236,11 +236,14 @@ class ClosingEventSource(EventSourceResponse):
             nonlocal held
             if message["type"] == "http.response.body":
                 if held is not None:
+                    if message.get("more_body", False) and message.get("body", b"").startswith(b":"):
+                        await send(message)  # a keep-alive ping (a comment clients ignore) goes first
+                        return
                     done, held = held, None
                     if not message.get("more_body", False) and not message.get("body"):
                         await send({**done, "more_body": False})
                         return
-                    await send(done)  # something came after [DONE] (not ours): everything in order
+                    await send(done)  # an event came after [DONE] (not ours): everything in order
                 if message.get("more_body", False) and message.get("body", b"").startswith(DONE_EVENT):
                     held = message
                     return

@@ -582,9 +582,21 @@ def test_rm_feedback_naming_a_missing_sqlite_file_is_refused_not_created(tmp_pat
     tok = ChatTokenizer.from_config(cfg.tokenizer)
     with pytest.raises(DataError, match=r"feedbak\.db: no feedback store there"):
         prepare_rm_data(cfg, tok, 64)
+    from rlchat.stages import run_rm
+
+    with pytest.raises(DataError, match=r"feedbak\.db: no feedback store there"):  # before any run directory
+        run_rm(cfg, run_dir="rm_run", quiet=True, use_ray=False)
+    assert not (tmp_path / "rm_run").exists()
     with pytest.raises(DataError, match="no feedback store there"):
         load_records("sqlite:///runs/feedbak.db", "train", cfg)
     assert not (tmp_path / "runs").exists()
+    # a URL's percent-encoded path is the file SQLAlchemy opens ("my dir"), not the literal "my%20dir"
+    (tmp_path / "my dir").mkdir()
+    spaced = FeedbackStore(f"sqlite:///{tmp_path / 'my dir' / 'fb.db'}")
+    spaced.record_request("r0", model_version="v", n_choices=1)
+    spaced.close()
+    assert (tmp_path / "my dir" / "fb.db").is_file()
+    assert load_records(f"sqlite:///{tmp_path / 'my%20dir' / 'fb.db'}", "train", cfg) == []
 
 
 def test_transcripts_retention_scrubbing_and_deleting_a_conversation(store_url):

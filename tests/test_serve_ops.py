@@ -444,8 +444,11 @@ def test_a_stream_sends_its_done_event_and_the_end_of_the_body_in_one_message():
     assert body == [(b"data: {}\r\n\r\n", True), (b"data: [DONE]\r\n\r\n", False)] and closed == [True]
     body, _ = asyncio.run(run([{"data": "{}"}]))  # a stream without [DONE] (an error) still ends the body
     assert body == [(b"data: {}\r\n\r\n", True), (b"", False)]
-    body, _ = asyncio.run(run([{"data": "[DONE]"}, {"data": "late"}]))  # held only while nothing follows it
+    body, _ = asyncio.run(run([{"data": "[DONE]"}, {"data": "late"}]))  # held only while no event follows it
     assert body == [(b"data: [DONE]\r\n\r\n", True), (b"data: late\r\n\r\n", True), (b"", False)]
+    # a keep-alive ping (an SSE comment, which clients ignore) that lands between them goes first
+    body, _ = asyncio.run(run([{"data": "{}"}, {"data": "[DONE]"}, b": ping\r\n\r\n"]))
+    assert body == [(b"data: {}\r\n\r\n", True), (b": ping\r\n\r\n", True), (b"data: [DONE]\r\n\r\n", False)]
 
 
 def _total(samples: dict, name: str, **labels: str) -> float:

@@ -175,7 +175,7 @@ def existing_store_url(url: str) -> str:
     """
     url = resolve_store_url(url)
     if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///").partition("?")[0])
+        path = Path(sa.engine.make_url(url).database or "")  # the file SQLAlchemy opens (percent-decoded)
         if not path.is_file():
             raise DataError(
                 f"{path}: no feedback store there (no such file); give the one `rlchat serve` writes "
@@ -1211,6 +1211,7 @@ def load_records(url: str, split: str = "train", cfg: Config | None = None) -> l
 
     Raises:
         StoreUnavailable: the database cannot be reached.
+        DataError: a SQLite file that is not there (:func:`existing_store_url`), or a bad split.
     """
     from rlchat.core.config import Config
     from rlchat.core.data import Record, split_rows

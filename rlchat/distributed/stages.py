@@ -1012,6 +1012,12 @@ def run_stage(
 
     if stage not in STAGE_NAMES:
         raise ConfigError(f"stage={stage!r}: expected one of {', '.join(STAGE_NAMES)}")
+    if stage == "rm":  # a mistyped store: said now, not after a run directory and minutes of policy samples
+        from rlchat.core.feedback_store import existing_store_url, is_store_url
+
+        for source in cfg.rm.feedback:
+            if is_store_url(source):
+                existing_store_url(source)
     t_start = time.perf_counter()
     say = (lambda *a: None) if quiet else print
     path = make_run_dir(run_dir, stage)
