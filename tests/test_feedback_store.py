@@ -626,8 +626,16 @@ def test_transcripts_retention_scrubbing_and_deleting_a_conversation(store_url):
     assert [r["request_id"] for r in store.rows("transcripts")] == ["r2", "r3"]
     assert len(store.rows("requests")) == 4  # the request counts (no text) stay
 
-    # delete by conversation id: its transcripts, requests, ratings and the pair built from its rating
-    assert store.delete_conversation("conv-a") == {"transcripts": 1, "requests": 2, "ratings": 2, "pairs": 1}
+    # delete by conversation id: its transcripts, requests, reply digests, ratings and the pair built from its rating
+    assert {r["request_id"] for r in store.rows("replies")} == {"r0", "r1", "r2", "r3"}
+    assert store.delete_conversation("conv-a") == {
+        "transcripts": 1,
+        "requests": 2,
+        "replies": 2,
+        "ratings": 2,
+        "pairs": 1,
+    }
+    assert {r["request_id"] for r in store.rows("replies")} == {"r0", "r3"}  # no digest of its replies is left
     assert [r["request_id"] for r in store.rows("transcripts")] == ["r3"]
     # ... or, from the CLI, by the id of one of its completions (a conversation without a client-sent id)
     assert cli_main(["feedback", "delete", store.url, "r3"]) == 0

@@ -1024,10 +1024,10 @@ class FeedbackStore:
 
     def delete_conversation(self, conversation_id: str) -> dict[str, int]:
         """Delete one conversation: its transcripts and request rows (by conversation id, or by the id of one of
-        its completions), the ratings of its completions and the pairs that use them.
+        its completions), the digests of its replies, the ratings of its completions and the pairs that use them.
 
         Returns:
-            Rows deleted per table: ``{"transcripts", "requests", "ratings", "pairs"}``.
+            Rows deleted per table: ``{"transcripts", "requests", "replies", "ratings", "pairs"}``.
         """
         t, q, c = transcripts_table.c, requests_table.c, rated_conversations_table.c
         maps = [(x.request_id, x.conversation_id) for x in (t, q, c)]  # completion id -> conversation id
@@ -1045,6 +1045,7 @@ class FeedbackStore:
             counts = {
                 "transcripts": conn.execute(sa.delete(transcripts_table).where(t.conversation_id.in_(convs))).rowcount,
                 "requests": conn.execute(sa.delete(requests_table).where(q.conversation_id.in_(convs))).rowcount,
+                "replies": conn.execute(sa.delete(replies_table).where(replies_table.c.request_id.in_(ids))).rowcount,
                 "ratings": conn.execute(sa.delete(ratings_table).where(ratings_table.c.request_id.in_(ids))).rowcount,
                 "pairs": conn.execute(
                     sa.delete(pairs_table).where(
@@ -1074,9 +1075,10 @@ class FeedbackStore:
         ]
 
     def rows(self, table: str) -> list[dict[str, Any]]:
-        """Every row of one table (``requests``, ``transcripts``, ``ratings``, ``pairs``), oldest first."""
+        """Every row of one table (``requests``, ``transcripts``, ``replies``, ``ratings``, ``pairs``), oldest
+        first."""
         tables = {"requests": requests_table, "transcripts": transcripts_table, "ratings": ratings_table}
-        tables["pairs"] = pairs_table
+        tables["replies"], tables["pairs"] = replies_table, pairs_table
         if table not in tables:
             raise ConfigError(f"table {table!r}: expected one of {', '.join(tables)}")
         with self._transaction() as conn:
