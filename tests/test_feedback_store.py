@@ -737,7 +737,8 @@ def test_deleting_a_conversation_after_its_request_rows_were_pruned_still_delete
     store.add_rating("c1", 0, "up", other, "7", model_version="v", client_text=False)
     assert store.prune(now)["requests"] == 4 and store.rows("requests") == []
 
-    assert store.delete_conversation("conv-a") == {"transcripts": 0, "requests": 0, "ratings": 2, "pairs": 1}
+    deleted = store.delete_conversation("conv-a")  # its reply digests went with its request rows
+    assert deleted == {"transcripts": 0, "requests": 0, "replies": 0, "ratings": 2, "pairs": 1}
     assert sorted(r["request_id"] for r in store.rows("ratings")) == ["b1", "c1"] and store.rows("pairs") == []
     # a conversation without a client-sent id is deleted by the id of one of its completions, as before pruning
     assert store.delete_conversation("c1")["ratings"] == 1
